@@ -1,0 +1,48 @@
+# dicom_ai: the two commands a new user needs are `make demo` and `make test`.
+#
+# The virtual environment is created on first use. torch is installed only when the
+# environment cannot import one already, so on a GPU host either pre-install a CUDA
+# torch into $(VENV) or run `make test VENV_ARGS=--system-site-packages` to reuse the
+# system's; TORCH_SPEC picks the release (this machine has the CPU build of 2.13.0 on disk).
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_ARGS ?=
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEBS := dcmtk dicom3tools pixelmed-apps orthanc
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.PHONY: all test demo debs venv bench viewer-check clean
+
+all: test
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_ARGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Debian packages of the real peers and validators the tests run against.
+debs:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: venv debs
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv debs
+	$(PY) -m dicom_ai.demo --out demo-out
+
+bench: venv debs
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache

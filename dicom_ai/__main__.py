@@ -1,0 +1,3 @@
+from dicom_ai.cli import main
+
+raise SystemExit(main())
