@@ -1,0 +1,387 @@
+"""The durable job store: instances, studies, jobs, result outbox and deliveries (SQLite, WAL).
+
+States::
+
+    study     open -> closed        (a job covers every instance; a late instance re-opens it)
+    job       queued -> running -> done | failed        queued -> cancelled (late instance
+              before the worker started it); done jobs whose study got a newer job end as
+              superseded (no deliveries are made for them)
+    delivery  pending -> done | failed | superseded
+
+The interface the node uses is small on purpose (record_instance, close_ready_studies,
+claim_job, complete_job, fail_job, due_deliveries, mark_sent, delivery_attempt_failed, ...)
+and the SQL is plain, so the store can move to PostgreSQL for a multi-host site without a
+rewrite of its callers. Every write is one transaction (BEGIN IMMEDIATE); the database runs
+in WAL mode with ``synchronous=FULL`` so a committed row survives power loss.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+#: The four standard screening views (laterality, view).
+STANDARD_VIEWS = frozenset({("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    state TEXT NOT NULL,
+    last_received REAL NOT NULL,
+    UNIQUE (study_uid, calling_ae)
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_id INTEGER NOT NULL REFERENCES studies(id),
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    laterality TEXT NOT NULL,
+    view TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_id);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    study_id INTEGER NOT NULL REFERENCES studies(id),
+    state TEXT NOT NULL,
+    instance_uids TEXT NOT NULL,
+    result_uids TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    claim_token TEXT,
+    error TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS outbox (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (job_id, sop_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    ae_title TEXT NOT NULL,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    error TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, next_attempt);
+CREATE TABLE IF NOT EXISTS sent (
+    delivery_id INTEGER NOT NULL REFERENCES deliveries(id),
+    sop_instance_uid TEXT NOT NULL,
+    sent REAL NOT NULL,
+    PRIMARY KEY (delivery_id, sop_instance_uid)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Instance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    laterality: str
+    view: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    study_id: int
+    study_uid: str
+    calling_ae: str
+    instances: list[Instance]
+    result_uids: str
+    attempts: int
+    claim_token: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    job_id: int
+    ae_title: str
+    host: str
+    port: int
+    attempts: int
+    #: (sop_instance_uid, sop_class_uid, path) of outbox objects not yet acknowledged.
+    pending: list[tuple[str, str, str]]
+
+
+class JobStore:
+    """One SQLite database file; safe to use from several threads and processes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._conn().executescript(_SCHEMA)
+
+    # -- connection handling -------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def find_instance(self, sop_instance_uid: str) -> str | None:
+        """The spool path of an already recorded instance, or None."""
+        row = self._conn().execute("SELECT path FROM instances WHERE sop_instance_uid = ?",
+                                   (sop_instance_uid,)).fetchone()
+        return row["path"] if row else None
+
+    def record_instance(self, *, study_uid: str, calling_ae: str, instance: Instance, size: int,
+                        now: float | None = None) -> bool:
+        """Record a received instance; returns False when the SOP Instance UID was already known.
+
+        A new instance (re-)opens its study and cancels a job of that study that no worker has
+        started yet, since that job no longer covers the whole study.
+        """
+        now = time.time() if now is None else now
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?",
+                          (instance.sop_instance_uid,)).fetchone():
+                return False
+            db.execute("INSERT INTO studies (study_uid, calling_ae, state, last_received) VALUES (?, ?, 'open', ?) "
+                       "ON CONFLICT (study_uid, calling_ae) DO UPDATE SET state = 'open', last_received = ?",
+                       (study_uid, calling_ae, now, now))
+            study_id = db.execute("SELECT id FROM studies WHERE study_uid = ? AND calling_ae = ?",
+                                  (study_uid, calling_ae)).fetchone()["id"]
+            db.execute("INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (instance.sop_instance_uid, study_id, instance.sop_class_uid, instance.transfer_syntax,
+                        instance.laterality, instance.view, instance.path, size, now))
+            db.execute("UPDATE jobs SET state = 'cancelled', error = 'a later instance arrived before processing "
+                       "started', updated = ? WHERE study_id = ? AND state = 'queued'", (now, study_id))
+        return True
+
+    # -- study assembly ------------------------------------------------------------------
+
+    def close_ready_studies(self, grace_seconds: float, idle_seconds: float,
+                            make_result_uids: Callable[[list[str]], str], now: float | None = None) -> list[int]:
+        """Turn every complete open study into a queued job; returns the new job ids.
+
+        Complete = the four standard views are present and nothing arrived for ``grace_seconds``,
+        or nothing arrived for ``idle_seconds``. ``make_result_uids`` gets the study's SOP
+        Instance UIDs and returns the JSON of the result UIDs, fixed here for the job's life.
+        Pending deliveries of earlier jobs of the study are superseded by the new job.
+        """
+        now = time.time() if now is None else now
+        conn = self._conn()
+        candidates = conn.execute("SELECT id, last_received FROM studies WHERE state = 'open' AND last_received <= ?",
+                                  (now - min(grace_seconds, idle_seconds),)).fetchall()
+        created = []
+        for study in candidates:
+            rows = conn.execute("SELECT sop_instance_uid, laterality, view FROM instances WHERE study_id = ? "
+                                "ORDER BY received, sop_instance_uid", (study["id"],)).fetchall()
+            views = {(r["laterality"], r["view"]) for r in rows}
+            quiet = now - study["last_received"]
+            if not (quiet >= idle_seconds or (STANDARD_VIEWS <= views and quiet >= grace_seconds)):
+                continue
+            uids = [r["sop_instance_uid"] for r in rows]
+            result_uids = make_result_uids(uids)
+            with self._write() as db:
+                # Re-check inside the transaction: an instance may have arrived meanwhile.
+                cur = db.execute("SELECT state, last_received FROM studies WHERE id = ?", (study["id"],)).fetchone()
+                if cur["state"] != "open" or cur["last_received"] != study["last_received"]:
+                    continue
+                db.execute("UPDATE studies SET state = 'closed' WHERE id = ?", (study["id"],))
+                db.execute("UPDATE deliveries SET state = 'superseded', error = 'a newer job covers the study', "
+                           "updated = ? WHERE state = 'pending' AND job_id IN (SELECT id FROM jobs WHERE study_id = ?)",
+                           (now, study["id"]))
+                job_id = db.execute("INSERT INTO jobs (study_id, state, instance_uids, result_uids, created, updated) "
+                                    "VALUES (?, 'queued', ?, ?, ?, ?)",
+                                    (study["id"], json.dumps(uids), result_uids, now, now)).lastrowid
+            created.append(int(job_id))
+        return created
+
+    # -- jobs (worker side) ----------------------------------------------------------------
+
+    def claim_job(self) -> Job | None:
+        """Take the oldest queued job and mark it running under a fresh claim token."""
+        token = uuid.uuid4().hex
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1").fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state = 'running', claim_token = ?, attempts = attempts + 1, updated = ? "
+                       "WHERE id = ?", (token, now, row["id"]))
+        return self.job(row["id"])
+
+    def job(self, job_id: int) -> Job:
+        conn = self._conn()
+        row = conn.execute("SELECT j.*, s.study_uid, s.calling_ae FROM jobs j JOIN studies s ON s.id = j.study_id "
+                           "WHERE j.id = ?", (job_id,)).fetchone()
+        uids = json.loads(row["instance_uids"])
+        by_uid = {r["sop_instance_uid"]: r for r in conn.execute(
+            f"SELECT * FROM instances WHERE sop_instance_uid IN ({','.join('?' * len(uids))})", uids)}
+        instances = [Instance(u, by_uid[u]["sop_class_uid"], by_uid[u]["transfer_syntax"], by_uid[u]["laterality"],
+                              by_uid[u]["view"], by_uid[u]["path"]) for u in uids]
+        return Job(id=row["id"], study_id=row["study_id"], study_uid=row["study_uid"], calling_ae=row["calling_ae"],
+                   instances=instances, result_uids=row["result_uids"], attempts=row["attempts"],
+                   claim_token=row["claim_token"] or "")
+
+    def complete_job(self, job: Job, outputs: Sequence[tuple[str, str, str]],
+                     destinations: Sequence[tuple[str, str, int]], note: str | None = None) -> str:
+        """Record the job's outbox objects ``(sop_instance_uid, sop_class_uid, path)`` and queue one
+        delivery per destination ``(ae_title, host, port)``, atomically. ``note`` (e.g. images
+        skipped) is kept in the job's error column for ``status``.
+
+        Returns the job's final state: ``done``, ``superseded`` (a newer job of the study exists;
+        nothing is queued), or ``stale`` (the claim was lost, e.g. after a node restart).
+        """
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT state, claim_token FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            if row["state"] != "running" or row["claim_token"] != job.claim_token:
+                return "stale"
+            newer = db.execute("SELECT 1 FROM jobs WHERE study_id = ? AND id > ? AND state != 'cancelled'",
+                               (job.study_id, job.id)).fetchone()
+            state = "superseded" if newer else "done"
+            db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?)",
+                           [(job.id, uid, cls, path) for uid, cls, path in outputs])
+            db.execute("UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?", (state, note, now, job.id))
+            if state == "done":
+                db.executemany("INSERT INTO deliveries (job_id, ae_title, host, port, state, next_attempt, created, "
+                               "updated) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                               [(job.id, ae, host, port, now, now, now) for ae, host, port in destinations])
+        return state
+
+    def fail_job(self, job: Job, error: str, max_attempts: int) -> str:
+        """Record a failed attempt: re-queue it, or mark it failed after ``max_attempts``."""
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT state, claim_token, attempts FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            if row["state"] != "running" or row["claim_token"] != job.claim_token:
+                return "stale"
+            state = "failed" if row["attempts"] >= max_attempts else "queued"
+            db.execute("UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?",
+                       (state, error[:2000], now, job.id))
+        return state
+
+    def recover(self, max_job_attempts: int) -> dict[str, int]:
+        """At node start: re-queue jobs a previous run left running (or fail them after too
+        many attempts) and make every pending delivery due now."""
+        now = time.time()
+        with self._write() as db:
+            failed = db.execute("UPDATE jobs SET state = 'failed', error = 'the worker stopped during processing on "
+                                "every attempt', updated = ? WHERE state = 'running' AND attempts >= ?",
+                                (now, max_job_attempts)).rowcount
+            requeued = db.execute("UPDATE jobs SET state = 'queued', updated = ? WHERE state = 'running'",
+                                  (now,)).rowcount
+            due = db.execute("UPDATE deliveries SET next_attempt = ? WHERE state = 'pending'", (now,)).rowcount
+        return {"jobs_requeued": requeued, "jobs_failed": failed, "deliveries_pending": due}
+
+    # -- deliveries ----------------------------------------------------------------------
+
+    def due_deliveries(self, now: float | None = None) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, oldest first."""
+        now = time.time() if now is None else now
+        conn = self._conn()
+        out = []
+        for d in conn.execute("SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt <= ? ORDER BY id",
+                              (now,)).fetchall():
+            pending = [(r["sop_instance_uid"], r["sop_class_uid"], r["path"]) for r in conn.execute(
+                "SELECT o.* FROM outbox o WHERE o.job_id = ? AND o.sop_instance_uid NOT IN "
+                "(SELECT sop_instance_uid FROM sent WHERE delivery_id = ?) ORDER BY o.path", (d["job_id"], d["id"]))]
+            out.append(Delivery(d["id"], d["job_id"], d["ae_title"], d["host"], d["port"], d["attempts"], pending))
+        return out
+
+    def mark_sent(self, delivery_id: int, sop_instance_uid: str) -> None:
+        """The destination acknowledged one object."""
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO sent VALUES (?, ?, ?)", (delivery_id, sop_instance_uid, time.time()))
+
+    def delivery_done(self, delivery_id: int) -> None:
+        with self._write() as db:
+            db.execute("UPDATE deliveries SET state = 'done', error = NULL, attempts = attempts + 1, updated = ? "
+                       "WHERE id = ? AND state = 'pending'", (time.time(), delivery_id))
+
+    def delivery_attempt_failed(self, delivery_id: int, error: str, max_attempts: int,
+                                delay_for: Callable[[int], float]) -> str:
+        """Count a failed attempt; schedule the next one after ``delay_for(attempts)`` seconds
+        or mark the delivery failed once ``max_attempts`` are used. Returns the new state."""
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT attempts, state FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+            if row["state"] != "pending":
+                return row["state"]
+            attempts = row["attempts"] + 1
+            state = "failed" if attempts >= max_attempts else "pending"
+            db.execute("UPDATE deliveries SET attempts = ?, state = ?, error = ?, next_attempt = ?, updated = ? "
+                       "WHERE id = ?", (attempts, state, error[:2000], now + delay_for(attempts), now, delivery_id))
+        return state
+
+    def retry_failed(self) -> dict[str, int]:
+        """Re-queue failed deliveries (attempt count reset) and failed jobs."""
+        now = time.time()
+        with self._write() as db:
+            d = db.execute("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt = ?, updated = ? "
+                           "WHERE state = 'failed'", (now, now)).rowcount
+            j = db.execute("UPDATE jobs SET state = 'queued', attempts = 0, updated = ? WHERE state = 'failed'",
+                           (now,)).rowcount
+        return {"deliveries": d, "jobs": j}
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, list[dict]]:
+        """Studies, jobs and deliveries with their states and errors (UIDs and AE titles only)."""
+        conn = self._conn()
+        studies = [dict(r) for r in conn.execute(
+            "SELECT s.id, s.study_uid, s.calling_ae, s.state, s.last_received, COUNT(i.sop_instance_uid) AS instances "
+            "FROM studies s LEFT JOIN instances i ON i.study_id = s.id GROUP BY s.id ORDER BY s.id")]
+        jobs = [dict(r) for r in conn.execute(
+            "SELECT j.id, s.study_uid, s.calling_ae, j.state, j.attempts, j.error, j.created, j.updated, "
+            "(SELECT COUNT(*) FROM outbox o WHERE o.job_id = j.id) AS results "
+            "FROM jobs j JOIN studies s ON s.id = j.study_id ORDER BY j.id")]
+        deliveries = [dict(r) for r in conn.execute(
+            "SELECT d.id, d.job_id, d.ae_title, d.host, d.port, d.state, d.attempts, d.error, d.next_attempt, "
+            "(SELECT COUNT(*) FROM sent x WHERE x.delivery_id = d.id) AS sent, "
+            "(SELECT COUNT(*) FROM outbox o WHERE o.job_id = d.job_id) AS total "
+            "FROM deliveries d ORDER BY d.id")]
+        return {"studies": studies, "jobs": jobs, "deliveries": deliveries}

@@ -1,0 +1,134 @@
+"""The node: Storage SCP + study assembly + inference worker process + result delivery.
+
+Crash safety rests on three rules: a C-STORE is acknowledged only once the instance is
+durable and recorded; a job's result UIDs are fixed when the job is created, so re-running it
+reproduces the same objects; a delivery records each acknowledged object. On start the node
+re-queues jobs left running and makes pending deliveries due, so killing it at any moment
+(SIGKILL included) and starting it again ends with every accepted study processed and each
+result object stored once at its destination.
+
+Late instances: an instance that arrives after its study became a job re-opens the study.
+If that job has not started it is cancelled; otherwise it runs to completion. When the study
+is complete again, a new job covers all its instances, with new result UIDs (a new series);
+undelivered results of the earlier job are superseded and not sent. Results already sent
+stay at the PACS; the newer series supersedes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dicom_ai import logs
+from dicom_ai.config import NodeConfig
+from dicom_ai.delivery import DeliveryAgent, DeliveryThread
+from dicom_ai.jobstore import JobStore
+from dicom_ai.scp import StorageSCP
+
+
+def make_result_uids(source_sop_uids: list[str]) -> str:
+    """JSON of the result UIDs of a new job (see dicom_ai.results.ResultUIDs)."""
+    from dicom_ai.results import ResultUIDs
+
+    return ResultUIDs.generate(source_sop_uids).to_json()
+
+
+class Node:
+    """Runs until :meth:`stop` (SIGTERM/SIGINT in :func:`serve`)."""
+
+    def __init__(self, config: NodeConfig, poll_seconds: float = 0.2):
+        self.config = config
+        self.poll_seconds = poll_seconds
+        self.storage = config.storage_dir
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(self.storage / "jobs.sqlite")
+        self.scp = StorageSCP(config, self.store)
+        self.delivery = DeliveryThread(DeliveryAgent(config, self.store), poll_seconds)
+        self.worker: subprocess.Popen | None = None
+        self._worker_restarts: list[float] = []
+        self._stopping = threading.Event()
+
+    def start(self) -> int:
+        """Recover, then start the SCP, the worker and delivery; returns the SCP port."""
+        recovered = self.store.recover(self.config.pipeline.max_job_attempts)
+        logs.event("node_recovered", **recovered)
+        config_json = self.storage / "node-config.json"
+        tmp = config_json.with_suffix(".tmp")
+        tmp.write_text(self.config.to_json())
+        os.replace(tmp, config_json)
+        self._config_json = config_json
+        port = self.scp.start()
+        self._start_worker()
+        self.delivery.start()
+        logs.event("node_started", ae_title=self.config.node.ae_title, port=port, storage=str(self.storage))
+        return port
+
+    def run(self) -> None:
+        """The assembly loop: close complete studies, keep the worker alive."""
+        while not self._stopping.is_set():
+            try:
+                for job_id in self.store.close_ready_studies(self.config.study.grace_seconds,
+                                                             self.config.study.idle_seconds, make_result_uids):
+                    logs.event("job_queued", job_id=job_id)
+            except Exception as exc:
+                logs.event("assembly_error", level="ERROR", error=f"{type(exc).__name__}: {exc}")
+            self._check_worker()
+            self._stopping.wait(self.poll_seconds)
+        self._shutdown()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    # -- the worker process --------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        self.worker = subprocess.Popen([sys.executable, "-m", "dicom_ai.worker", "--config-json",
+                                        str(self._config_json), "--parent-pid", str(os.getpid())])
+        logs.event("worker_spawned", worker_pid=self.worker.pid)
+
+    def _check_worker(self) -> None:
+        if self.worker is None or self.worker.poll() is None:
+            return
+        code = self.worker.returncode
+        now = time.monotonic()
+        self._worker_restarts = [t for t in self._worker_restarts if now - t < 60] + [now]
+        logs.event("worker_exited", level="ERROR", returncode=code, restarts_last_minute=len(self._worker_restarts))
+        if len(self._worker_restarts) > 5:
+            time.sleep(5)  # a worker that cannot start: do not spin; the log says why
+        # The job it was running is re-queued (or failed after too many attempts).
+        self.store.recover(self.config.pipeline.max_job_attempts)
+        self._start_worker()
+
+    def _shutdown(self) -> None:
+        logs.event("node_stopping")
+        self.scp.stop()
+        self.delivery.stopping.set()
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
+            try:
+                self.worker.wait(15)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+        self.delivery.join(35)
+        logs.event("node_stopped")
+
+
+def serve(config: NodeConfig) -> int:
+    """Run a node in the foreground until SIGTERM or SIGINT."""
+    logs.configure("node", config.logging.level, config.log_file)
+    node = Node(config)
+    signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    signal.signal(signal.SIGINT, lambda *_: node.stop())
+    node.start()
+    node.run()
+    return 0
+
+
+def status_json(storage: Path) -> str:
+    return json.dumps(JobStore(storage / "jobs.sqlite").status(), indent=2)

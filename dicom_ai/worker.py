@@ -1,0 +1,188 @@
+"""The inference worker: a process of its own that turns queued jobs into result objects.
+
+For each job it reads the study's spooled instances, runs the configured pipeline, hands the
+findings to the result writers (:mod:`dicom_ai.results`), writes every result object into
+the durable outbox ``<storage>/outbox/job-<id>/`` (temporary file, fsync, rename, directory
+fsync) and then, in one job-store transaction, records the outbox and queues one delivery per
+destination. The result UIDs come from the job (fixed when it was created), so a job that is
+run again after a crash writes byte-for-byte the same objects under the same UIDs.
+
+An image the pipeline cannot decode is skipped and named in the job's note; the rest of the
+study is processed. The worker exits when the node that started it is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pydicom
+
+from dicom_ai import logs
+from dicom_ai.config import NodeConfig
+from dicom_ai.jobstore import Job, JobStore
+
+PipelineFactory = Callable[[Sequence[str], str], object]
+
+
+def load_pipeline(config: NodeConfig):
+    """The configured pipeline: ``pipeline.factory`` if set, else the model bundles."""
+    if config.pipeline.factory:
+        module, _, name = config.pipeline.factory.partition(":")
+        factory = importlib.import_module(module)
+        for part in name.split("."):
+            factory = getattr(factory, part)
+        return factory(config.pipeline.models, config.pipeline.device)
+    from dicom_ai.pipeline import Pipeline
+
+    return Pipeline.from_bundles(config.pipeline.models, config.pipeline.device)
+
+
+def destinations_for(config: NodeConfig, calling_ae: str) -> list[tuple[str, str, int]]:
+    """Where a study's results go: the peer that sent it (if configured) and the extra destinations."""
+    out = []
+    origin = config.peer(calling_ae)
+    if origin is not None:
+        out.append((origin.ae_title, origin.host, origin.port))
+    out += [(d.ae_title, d.host, d.port) for d in config.destinations]
+    return out
+
+
+def run_pipeline(pipeline, sources: list[pydicom.Dataset]) -> tuple[list, list, list[str]]:
+    """Findings for every image the pipeline can handle; returns (sources, findings, skipped notes)."""
+    try:
+        return sources, list(pipeline.run(sources)), []
+    except Exception:
+        if len(sources) == 1:
+            raise
+    kept, findings, skipped = [], [], []
+    for ds in sources:  # find the image(s) that broke the study run
+        try:
+            findings += list(pipeline.run([ds]))
+            kept.append(ds)
+        except Exception as exc:
+            skipped.append(f"{ds.SOPInstanceUID}: {exc}")
+    if not kept:
+        raise RuntimeError("no image of the study could be processed: " + "; ".join(skipped))
+    return kept, findings, skipped
+
+
+def process_job(job: Job, pipeline, storage: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
+    """Run one job; returns its outbox entries ``(sop_instance_uid, sop_class_uid, path)`` and notes."""
+    from dicom_ai.results import ResultUIDs, build_results, write_previews
+
+    sources = [pydicom.dcmread(i.path) for i in job.instances]
+    sources, findings, notes = run_pipeline(pipeline, sources)
+    uids = ResultUIDs.from_json(job.result_uids)
+    datasets = build_results(sources, findings, uids)
+    outbox = storage / "outbox" / f"job-{job.id}"
+    outbox.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for ds in datasets:
+        target = outbox / f"{ds.SOPInstanceUID}.dcm"
+        tmp = target.with_suffix(".tmp")
+        ds.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        entries.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(target)))
+    _fsync_dir(outbox)
+    _fsync_dir(outbox.parent)
+    try:
+        write_previews(sources, findings, storage / "previews" / f"job-{job.id}")
+    except Exception as exc:  # previews are a convenience for IT, never a reason to fail a job
+        notes.append(f"previews not written: {exc}")
+    return entries, notes
+
+
+def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float = 0.2) -> None:
+    """Claim and run jobs until the parent process is gone (or SIGTERM)."""
+    store = JobStore(config.storage_dir / "jobs.sqlite")
+    stopping = False
+
+    def _stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    started = time.monotonic()
+    try:
+        pipeline = load_pipeline(config)
+    except Exception as exc:
+        # Jobs stay queued; the node restarts the worker, and the log says what to fix.
+        logs.event("pipeline_load_failed", level="ERROR", error=f"{type(exc).__name__}: {exc}",
+                   factory=config.pipeline.factory or "bundles", models=",".join(config.pipeline.models))
+        time.sleep(5)
+        raise SystemExit(3) from None
+    logs.event("worker_started", factory=config.pipeline.factory or "bundles",
+               models=",".join(config.pipeline.models), device=config.pipeline.device,
+               load_seconds=round(time.monotonic() - started, 1))
+    while not stopping:
+        if parent_pid is not None and os.getppid() != parent_pid:
+            logs.event("worker_orphaned", level="WARNING")
+            return
+        job = store.claim_job()
+        if job is None:
+            time.sleep(poll_seconds)
+            continue
+        started = time.monotonic()
+        logs.event("job_started", job_id=job.id, study_instance_uid=job.study_uid, calling_ae=job.calling_ae,
+                   images=len(job.instances), attempt=job.attempts)
+        try:
+            entries, notes = process_job(job, pipeline, config.storage_dir)
+        except Exception as exc:
+            state = store.fail_job(job, f"{type(exc).__name__}: {exc}", config.pipeline.max_job_attempts)
+            logs.event("job_failed", level="ERROR", job_id=job.id, study_instance_uid=job.study_uid, state=state,
+                       error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc(limit=3)[-800:])
+            continue
+        destinations = destinations_for(config, job.calling_ae)
+        state = store.complete_job(job, entries, destinations, note="; ".join(notes) or None)
+        logs.event("job_finished", job_id=job.id, study_instance_uid=job.study_uid, state=state,
+                   results=len(entries), destinations=",".join(d[0] for d in destinations) or "none",
+                   seconds=round(time.monotonic() - started, 2), notes="; ".join(notes)[:500])
+        if not destinations:
+            logs.event("no_destination", level="WARNING", job_id=job.id, calling_ae=job.calling_ae,
+                       hint="the caller is not a configured peer and no [[destinations]] are set")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the node dies, so no orphan keeps working."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the getppid() check in serve() still ends the worker
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="dicom_ai inference worker (started by the node)")
+    parser.add_argument("--config-json", required=True, help="the node's effective configuration (JSON)")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    if os.getppid() != args.parent_pid:
+        return 1
+    config = NodeConfig.from_json(Path(args.config_json).read_text())
+    logs.configure("worker", config.logging.level, config.log_file)
+    serve(config, parent_pid=args.parent_pid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Shared helpers of the node tests: peers (dcmtk, Orthanc), node processes, small MG studies.
+
+Everything listens on 127.0.0.1 on ports the OS hands out, and every process started here
+is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicom_ai.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+PYTHON = sys.executable
+MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
+PATIENT_NAME = "Secret^Patientname"
+PATIENT_ID = "PID-77123-SECRET"
+ACCESSION = "ACC-99887-SECRET"
+
+_ORIENTATION = {("L", "CC"): ["A", "R"], ("R", "CC"): ["P", "L"], ("L", "MLO"): ["A", "F"], ("R", "MLO"): ["P", "F"]}
+_VIEW_CODE = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_mg(laterality: str, view: str, study_uid: str, series_uid: str, number: int,
+            shape: tuple[int, int] = (96, 64), seed: int = 0) -> Dataset:
+    """A small dciodvfy-clean MG For Presentation image (recipe of dicom-tooling.md 2.1)."""
+    rng = np.random.default_rng(seed + number)
+    rows, cols = shape
+    r, c = np.mgrid[0:rows, 0:cols]
+    x = c if laterality == "L" else cols - 1 - c
+    breast = (r - rows / 2) ** 2 + (x * 1.3) ** 2 < (0.45 * rows) ** 2
+    img = np.where(breast, 2400 + rng.normal(0, 120, shape), 80).clip(0, 4095).astype(np.uint16)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = MG_PRESENTATION
+    sop_uid = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID, ds.SOPInstanceUID = MG_PRESENTATION, sop_uid
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = PATIENT_NAME, PATIENT_ID, "19600101", "F"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20260101", "120000", "1", ACCESSION
+    ds.ReferringPhysicianName = ""
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MG", 1, number
+    ds.Manufacturer = "TEST"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
+    ds.ContentDate, ds.ContentTime, ds.AcquisitionDateTime = "20260101", "120000", "20260101120000"
+    ds.PatientOrientation = _ORIENTATION[(laterality, view)]
+    ds.ImageLaterality, ds.ViewPosition = laterality, view
+    code, meaning = _VIEW_CODE[view]
+    vc = Dataset()
+    vc.CodeValue, vc.CodingSchemeDesignator, vc.CodeMeaning = code, "SCT", meaning
+    vc.ViewModifierCodeSequence = []
+    ds.ViewCodeSequence = [vc]
+    ar = Dataset()
+    ar.CodeValue, ar.CodingSchemeDesignator, ar.CodeMeaning = "76752008", "SCT", "Breast"
+    ds.AnatomicRegionSequence = [ar]
+    ds.BodyPartExamined = ds.OrganExposed = "BREAST"
+    ds.BreastImplantPresent, ds.BurnedInAnnotation, ds.LossyImageCompression = "NO", "NO", "00"
+    ds.PixelIntensityRelationship, ds.PixelIntensityRelationshipSign = "LOG", 1
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, 1, "US"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.DetectorType = "DIRECT"
+    ds.ImagerPixelSpacing = ds.PixelSpacing = [0.1, 0.1]
+    ds.PixelSpacingCalibrationType = "GEOMETRY"
+    ds.PositionerType = "MAMMOGRAPHIC"
+    ds.DistanceSourceToDetector, ds.DistanceSourceToPatient = 660, 620
+    ds.EstimatedRadiographicMagnificationFactor = 660 / 620
+    ds.PositionerPrimaryAngle = 0 if view == "CC" else 45
+    ds.KVP, ds.ExposureTime, ds.XRayTubeCurrent, ds.Exposure = 28, 1000, 100, 100
+    ds.AnodeTargetMaterial, ds.BodyPartThickness = "TUNGSTEN", 50
+    ds.AcquisitionContextSequence = []
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = img.tobytes()
+    return ds
+
+
+def write_study(folder: Path, shape: tuple[int, int] = (96, 64), views=None, study_uid: str | None = None,
+                seed: int = 0) -> list[Path]:
+    """Write a four-view (or ``views``) study as MG files; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    views = views or [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
+    paths = []
+    for i, (lat, view) in enumerate(views, start=1):
+        ds = make_mg(lat, view, study_uid, series_uid, i, shape=shape, seed=seed)
+        p = folder / f"{lat}{view}-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+# -- the stand-in pipeline the node's worker loads in tests ---------------------------------
+
+class StandInPipeline:
+    """Deterministic findings without a network: a disc where the image is brightest.
+
+    ``DICOM_AI_TEST_INFER_SECONDS`` makes each study take that long (to kill the node
+    during inference).
+    """
+
+    identity = ModelIdentity(name="stand-in", version="0.0")
+
+    def run(self, datasets):
+        from dicom_ai.findings import ImageFindings
+
+        delay = float(os.environ.get("DICOM_AI_TEST_INFER_SECONDS", "0"))
+        if delay:
+            marker = os.environ.get("DICOM_AI_TEST_INFER_MARKER")
+            if marker:
+                Path(marker).write_text(str(os.getpid()))
+            time.sleep(delay)
+        out = []
+        for ds in datasets:
+            # Decoding here (not torch) keeps the worker start fast; it still exercises every
+            # transfer syntax's decoder.
+            pixels = ds.pixel_array.astype(np.float32)
+            rows, cols = pixels.shape
+            r, c = np.mgrid[0:rows, 0:cols]
+            cy, cx = np.unravel_index(int(np.argmax(pixels)), pixels.shape)
+            prob = np.where((r - cy) ** 2 + (c - cx) ** 2 < (min(rows, cols) // 8) ** 2, 0.9, 0.05)
+            f = ImageFindings(sop_instance_uid=str(ds.SOPInstanceUID))
+            f.add(ModelOutput(maps=[ProbabilityMap("malignant_lesion", prob.astype(np.float32), 0.5, self.identity)],
+                              scores=[ImageScore("malignant", 0.8, self.identity)]))
+            out.append(f)
+        return out
+
+
+def stand_in_pipeline(models, device):
+    return StandInPipeline()
+
+
+# -- processes --------------------------------------------------------------------------------
+
+class Proc:
+    """A started program we stop by PID."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
+        self.args = args
+        self.log = log
+        self._fh = open(log, "ab")
+        self.popen = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                      start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+        if self.alive():
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._fh.close()
+
+    def kill(self) -> None:
+        """SIGKILL the process (and its worker, which dies with its parent)."""
+        self.stop(signal.SIGKILL)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    def ok():
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+    wait_for(ok, timeout, f"port {port} to listen")
+
+
+def start_storescp(folder: Path, ae_title: str = "PACS", port: int | None = None,
+                   extra: list[str] | None = None) -> tuple[Proc, int]:
+    """dcmtk's storescp as the PACS receiving results into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    proc = Proc(["storescp", "-v", "--aetitle", ae_title, "--output-directory", str(folder), "+xa", "-fe", ".dcm",
+                 *(extra or []), str(port)], folder.parent / f"storescp-{ae_title}-{port}.log")
+    wait_port(port)
+    return proc, port
+
+
+def write_node_config(path: Path, storage: Path, port: int, peers: list[tuple[str, int]], **sections) -> Path:
+    """A node.toml for tests: stand-in pipeline, short timings; ``sections`` override keys."""
+    cfg = {
+        "node": {"ae_title": "AINODE", "bind_address": "127.0.0.1", "port": port, "storage": str(storage),
+                 "reserve_free_mb": 1},
+        "study": {"grace_seconds": 0.5, "idle_seconds": 3.0},
+        "pipeline": {"factory": "node_harness:stand_in_pipeline", "device": "cpu"},
+        "retry": {"max_attempts": 5, "initial_delay_seconds": 0.5, "max_delay_seconds": 2.0},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(section, {}).update(values)
+        else:
+            cfg[section] = values
+    lines = []
+    for section in ("node", "study", "pipeline", "retry", "logging"):
+        if section in cfg:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in cfg[section].items()]
+    for ae, p in peers:
+        lines += ["[[peers]]", f'ae_title = "{ae}"', 'host = "127.0.0.1"', f"port = {p}"]
+    for ae, p in cfg.get("destinations", []):
+        lines += ["[[destinations]]", f'ae_title = "{ae}"', 'host = "127.0.0.1"', f"port = {p}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def node_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def start_node(config: Path, port: int, log: Path, env: dict | None = None) -> Proc:
+    proc = Proc([PYTHON, "-m", "dicom_ai", "serve", "--config", str(config)], log, env=env or node_env(),
+                cwd=REPO)
+    try:
+        wait_port(port, timeout=60)
+    except AssertionError:
+        proc.stop()
+        raise AssertionError(f"node did not start; log:\n{log.read_text()[-3000:]}")
+    return proc
+
+
+def store_status(storage: Path) -> dict:
+    """States straight from the job store (read-only)."""
+    conn = sqlite3.connect(f"file:{storage / 'jobs.sqlite'}?mode=ro", uri=True, timeout=10)
+    conn.row_factory = sqlite3.Row
+    try:
+        return {t: [dict(r) for r in conn.execute(f"SELECT * FROM {t}")]
+                for t in ("studies", "instances", "jobs", "deliveries", "outbox", "sent")}
+    finally:
+        conn.close()
+
+
+def storescu(port: int, files: list[Path], calling: str = "PACS", called: str = "AINODE",
+             extra: list[str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", "-v", "-aet", calling, "-aec", called, *(extra or []), "127.0.0.1", str(port),
+                           *map(str, files)], capture_output=True, text=True, timeout=timeout)
+
+
+def received(folder: Path) -> list[pydicom.Dataset]:
+    """Data sets (headers only) a storescp wrote into ``folder``."""
+    return [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(folder.glob("*.dcm"))]
+
+
+# -- Orthanc ------------------------------------------------------------------------------------
+
+class Orthanc:
+    """A throw-away Orthanc (no plugins) with the node registered as modality ``ainode``."""
+
+    def __init__(self, folder: Path, node_port: int, node_ae: str = "AINODE", ae_title: str = "ORTHANC"):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.http = free_port()
+        self.dicom = free_port()
+        self.ae_title = ae_title
+        cfg = {"Name": "NODE-TEST", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+               "Plugins": [], "HttpServerEnabled": True, "HttpPort": self.http, "RemoteAccessAllowed": False,
+               "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomAet": ae_title,
+               "DicomPort": self.dicom, "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True,
+               "DicomAlwaysAllowStore": True, "DicomCheckModalityHost": False,
+               "DicomModalities": {"ainode": {"AET": node_ae, "Host": "127.0.0.1", "Port": node_port}},
+               "StableAge": 1, "SaveJobs": False}
+        (folder / "orthanc.json").write_text(json.dumps(cfg))
+        self.proc = Proc(["Orthanc", f"--logdir={folder}", str(folder / "orthanc.json")], folder / "orthanc.stdout")
+        wait_for(lambda: self._ping(), 30, "Orthanc HTTP")
+
+    def _ping(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body) -> object:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        self.proc.stop()
