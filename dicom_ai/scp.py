@@ -34,7 +34,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, _config, evt, transport
 from pynetdicom.sop_class import Verification
 
 from dicom_ai import logs
@@ -113,6 +113,7 @@ class StorageSCP:
         # pynetdicom streams each received data set into a temporary file; putting that in
         # the storage file system makes the final rename atomic and saves a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        transport.AssociationSocket.recv = _read_exactly
         tempfile.tempdir = str(self.incoming)
         ae = AE(ae_title=self.config.node.ae_title)
         ae.maximum_associations = self.config.node.max_associations
@@ -295,6 +296,27 @@ def _view_of(ds: pydicom.Dataset) -> str:
 def _laterality_of(ds: pydicom.Dataset) -> str:
     value = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).upper()
     return value if value in ("L", "R") else ""
+
+
+def _read_exactly(self, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` reading straight into one buffer.
+
+    pynetdicom 3.0 reads PDUs 4 KiB at a time and appends each piece to a bytearray, which
+    costs a fifth of the receive time for a 17 MB mammogram; this reads the same bytes with
+    ``recv_into`` and returns the same type, so every caller sees the same behaviour.
+    """
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    nr_read = 0
+    while nr_read < nr_bytes:
+        got = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+        if not got:  # connection closed: return what was read, as pynetdicom does
+            view.release()
+            del buf[nr_read:]
+            return buf
+        nr_read += got
+    view.release()
+    return buf
 
 
 def _fsync_dir(path: Path) -> None:

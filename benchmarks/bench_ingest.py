@@ -1,0 +1,142 @@
+"""C-STORE receive throughput of the node vs dcmtk's storescp, four full-size MG images.
+
+Both receivers run on loopback in the same run; dcmtk's ``storescu`` sends the same four
+uncompressed 3328 x 2560 x 16-bit images (17 MB each) over one association to each of them
+in turn (A B A B ...), with fresh SOP Instance UIDs every round so the node really stores
+every image (it answers a known UID without storing it again). Wall time is measured around
+storescu. ``ratio`` = node throughput / storescp throughput, median over the paired rounds.
+
+Settings: both receivers offer the same maximum PDU (128 KiB, dcmtk's own cap for sending);
+storescp writes files without fsync, while the node fsyncs the file and its directory and
+commits a job-store row before answering Success: the comparison is against a receiver
+doing less durable work. Peak memory is the node process's VmHWM (the receiving process;
+the worker process is idle during the benchmark).
+
+Writes benchmarks/results/ingest.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+from pydicom.uid import generate_uid  # noqa: E402
+
+from node_harness import (Proc, free_port, make_mg, node_env, start_node, storescu,  # noqa: E402
+                          wait_port, write_node_config)
+
+ROUNDS = 5
+SHAPE = (3328, 2560)
+PDU = 131072
+
+
+def _rss_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=REPO / "benchmarks"))
+    procs: list[Proc] = []
+    try:
+        views = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
+        templates = [make_mg(lat, view, generate_uid(), generate_uid(), i + 1, shape=SHAPE, seed=i)
+                     for i, (lat, view) in enumerate(views)]
+        nbytes = 0
+        rounds = []
+        for r in range(ROUNDS):
+            paths = {}
+            for target in ("storescp", "node"):
+                folder = work / f"send-{r}-{target}"
+                folder.mkdir()
+                study = generate_uid()
+                files = []
+                for ds in templates:
+                    ds.StudyInstanceUID = study
+                    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                    p = folder / f"{ds.SOPInstanceUID}.dcm"
+                    ds.save_as(p, enforce_file_format=True)
+                    files.append(p)
+                paths[target] = files
+            rounds.append(paths)
+        nbytes = sum(p.stat().st_size for p in rounds[0]["node"])
+
+        scp_port = free_port()
+        (work / "storescp-in").mkdir()
+        storescp = Proc(["storescp", "--aetitle", "STORESCP", "--output-directory", str(work / "storescp-in"),
+                         "--max-pdu", str(PDU), str(scp_port)], work / "storescp.log")
+        procs.append(storescp)
+        wait_port(scp_port)
+        node_port = free_port()
+        cfg = write_node_config(work / "node.toml", work / "node-storage", node_port, [("BENCH", 1)],
+                                node={"max_pdu_size": PDU},
+                                study={"grace_seconds": 3600.0, "idle_seconds": 7200.0})
+        node = start_node(cfg, node_port, work / "node.log", env=node_env())
+        procs.append(node)
+        baseline_rss = _rss_kib(node.pid, "VmRSS")
+
+        times = {"storescp": [], "node": []}
+        for r, paths in enumerate(rounds):
+            for target, port, called in (("storescp", scp_port, "STORESCP"), ("node", node_port, "AINODE")):
+                t0 = time.perf_counter()
+                res = storescu(port, paths[target], calling="BENCH", called=called)
+                dt = time.perf_counter() - t0
+                ok = res.returncode == 0 and res.stderr.count("Received Store Response (Success)") == 4
+                if not ok:
+                    raise SystemExit(f"{target} round {r}: storescu failed:\n{res.stderr[-2000:]}")
+                times[target].append(dt)
+        peak_rss = _rss_kib(node.pid, "VmHWM")
+        stored = len(list((work / "node-storage" / "spool").rglob("*.dcm")))
+        if stored != 4 * ROUNDS:
+            raise SystemExit(f"node stored {stored} files, expected {4 * ROUNDS}")
+
+        ratios = [s / n for s, n in zip(times["storescp"], times["node"])]
+        mb = nbytes / 1e6
+        result = {
+            "benchmark": "ingest",
+            "what": "C-STORE receive of 4 uncompressed full-size MG images over one association (storescu sender)",
+            "image_shape": list(SHAPE), "bytes_per_study": nbytes, "rounds": ROUNDS, "max_pdu": PDU,
+            "seconds": {k: [round(v, 4) for v in vs] for k, vs in times.items()},
+            "median_seconds": {k: round(statistics.median(vs), 4) for k, vs in times.items()},
+            "median_mb_per_s": {k: round(mb / statistics.median(vs), 1) for k, vs in times.items()},
+            "ratio_node_over_storescp": round(statistics.median(ratios), 3),
+            "ratios_per_round": [round(x, 3) for x in ratios],
+            "target_ratio": 1.0,
+            "node_peak_rss_mib": round(peak_rss / 1024, 1),
+            "node_rss_before_receiving_mib": round(baseline_rss / 1024, 1),
+            "node_durability": "fsync file + rename + fsync directory + SQLite WAL commit (synchronous=FULL)",
+            "storescp_durability": "plain write, no fsync",
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        out = REPO / "benchmarks" / "results" / "ingest.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{'receiver':<10} {'median s':>9} {'MB/s':>8}")
+        for k in ("storescp", "node"):
+            print(f"{k:<10} {result['median_seconds'][k]:>9.3f} {result['median_mb_per_s'][k]:>8.1f}")
+        print(f"ratio node/storescp (median of {ROUNDS} paired rounds): {result['ratio_node_over_storescp']:.3f} "
+              f"(target >= 1.0)")
+        print(f"node peak RSS while receiving: {result['node_peak_rss_mib']} MiB "
+              f"(before: {result['node_rss_before_receiving_mib']} MiB)")
+        print(f"wrote {out}")
+        return 0
+    finally:
+        for p in procs:
+            p.stop()
+        if "--keep" not in sys.argv:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
