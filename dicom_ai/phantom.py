@@ -165,9 +165,9 @@ def _outline(rng: np.random.Generator, field_h: float, view: str, depth: float, 
     harmonics = np.array([(k, rng.normal(0, 0.025 / k), rng.uniform(0, 2 * np.pi)) for k in range(2, 6)])
     if view == "CC":
         center = field_h * rng.uniform(0.46, 0.54)
-        up = min(scale * rng.uniform(0.85, 1.05), center + 8)
-        down = min(scale * rng.uniform(0.85, 1.05), field_h - center + 8)
-        return _Outline(center, depth, up, down, rng.uniform(1.9, 2.3), harmonics, rng.uniform(-0.06, 0.06))
+        up = min(scale * rng.uniform(0.9, 1.1), center + 30)
+        down = min(scale * rng.uniform(0.9, 1.1), field_h - center + 30)
+        return _Outline(center, depth, up, down, rng.uniform(1.35, 1.75), harmonics, rng.uniform(-0.06, 0.06))
     center = field_h * rng.uniform(0.50, 0.60)
     up = center + rng.uniform(25, 60)  # the axillary tail leaves the top of the image
     down = min(field_h - center - rng.uniform(3, 25), scale * 1.1)
@@ -186,8 +186,8 @@ def _outline(rng: np.random.Generator, field_h: float, view: str, depth: float, 
 
 
 def _new_breast(rng: np.random.Generator, laterality: str, field_h: float, field_w: float) -> _Breast:
-    depth_cc = rng.uniform(0.38, 0.62) * field_w
-    scale = rng.uniform(0.34, 0.47) * field_h
+    depth_cc = rng.uniform(0.36, 0.58) * field_w
+    scale = rng.uniform(0.40, 0.55) * field_h
     cc = _outline(rng, field_h, "CC", depth_cc, scale)
     mlo = _outline(rng, field_h, "MLO", min(depth_cc * rng.uniform(1.05, 1.2), 0.8 * field_w), scale)
     return _Breast(laterality, cc, mlo, rng.uniform(35, 70), [])
@@ -298,27 +298,40 @@ def _findings_for(rng: np.random.Generator, breast: _Breast, kind: str) -> list[
 # --------------------------------------------------------------------------- rendering
 
 
-def _power_law_field(rng: np.random.Generator, shape: tuple[int, int], spacing: float, beta: float,
-                     f_low: float = 1 / 80.0, f_high_pass: float | None = None) -> np.ndarray:
-    """Zero-mean, unit-variance Gaussian field with power spectrum ~ 1/f^beta (f in cycles/mm).
-
-    Generated directly in the frequency domain (one inverse real FFT), float32.
-    """
-    rows, cols = shape
-    fy = np.fft.fftfreq(rows, d=spacing).astype(np.float32)[:, None]
-    fx = np.fft.rfftfreq(cols, d=spacing).astype(np.float32)[None, :]
+def _spectrum(rng: np.random.Generator, fy: np.ndarray, fx: np.ndarray, beta: float, f_low: float,
+              f_high_pass: float | None, f_low_pass: float | None) -> np.ndarray:
+    """Random half-plane spectrum with amplitude ~ f^(-beta/2), optionally band-limited (Gaussian edges)."""
     f2 = fy * fy + fx * fx
-    amp = (f2 + f_low * f_low) ** np.float32(-beta / 4.0)
+    amp = (f2 + np.float32(f_low * f_low)) ** np.float32(-beta / 4.0)
     if f_high_pass is not None:
         amp = amp * (1.0 - np.exp(-f2 / np.float32(f_high_pass**2)))
-    spec = (rng.standard_normal((rows, cols // 2 + 1), dtype=np.float32)
-            + 1j * rng.standard_normal((rows, cols // 2 + 1), dtype=np.float32)).astype(np.complex64)
+    if f_low_pass is not None:
+        amp = amp * np.exp(-f2 / np.float32(f_low_pass**2))
+    spec = (rng.standard_normal(amp.shape, dtype=np.float32)
+            + 1j * rng.standard_normal(amp.shape, dtype=np.float32)).astype(np.complex64)
     spec *= amp
     spec[0, 0] = 0
-    out = np.fft.irfft2(spec, s=shape).astype(np.float32)
-    out -= out.mean()
-    out /= max(float(out.std()), 1e-12)
-    return out
+    return spec
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    a -= a.mean()
+    a /= max(float(a.std()), 1e-12)
+    return a
+
+
+def _power_law_field(rng: np.random.Generator, shape: tuple[int, int], spacing: float, beta: float,
+                     f_low: float = 1 / 80.0, f_high_pass: float | None = None,
+                     f_low_pass: float | None = None) -> np.ndarray:
+    """Zero-mean, unit-variance Gaussian field with power spectrum ~ 1/f^beta (f in cycles/mm).
+
+    Generated directly in the frequency domain (one inverse real FFT), float32. ``f_low`` rolls
+    the spectrum off below that frequency; the pass arguments band-limit it.
+    """
+    fy = np.fft.fftfreq(shape[0], d=spacing).astype(np.float32)[:, None]
+    fx = np.fft.rfftfreq(shape[1], d=spacing).astype(np.float32)[None, :]
+    spec = _spectrum(rng, fy, fx, beta, f_low, f_high_pass, f_low_pass)
+    return _unit(np.fft.irfft2(spec, s=shape).astype(np.float32))
 
 
 def _smoothstep(x: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -475,8 +488,9 @@ def _grid(shape: tuple[int, int], field_h: float, field_w: float) -> tuple[np.nd
     return y[:, None], x[None, :]
 
 
-def _radial_field(rng: np.random.Generator, shape: tuple[int, int], spacing: float, beta: float,
-                  distance: np.ndarray, angle: np.ndarray, stretch: float = 3.0) -> np.ndarray:
+def _radial_field(rng: np.random.Generator, spacing: float, beta: float, distance: np.ndarray,
+                  angle: np.ndarray, stretch: float = 3.0, f_high_pass: float | None = None,
+                  f_low_pass: float | None = None) -> np.ndarray:
     """A power-law field whose structures run radially from the nipple (ducts, fibrous strands).
 
     Generated anisotropic (elongated ``stretch`` times along the radius) on a polar canvas
@@ -489,14 +503,9 @@ def _radial_field(rng: np.random.Generator, shape: tuple[int, int], spacing: flo
     n_u = int(math.ceil(float(distance.max()) / spacing)) + 2
     n_v = int(math.ceil(2 * math.pi * arc / spacing)) + 2
     fv = np.fft.fftfreq(n_v, d=spacing).astype(np.float32)[:, None]
-    fu = np.fft.rfftfreq(n_u, d=spacing).astype(np.float32)[None, :]
-    f_low = np.float32(1 / 80.0)
-    amp = (fv * fv + (stretch * fu) ** 2 + f_low * f_low) ** np.float32(-beta / 4.0)
-    spec = (rng.standard_normal(amp.shape, dtype=np.float32)
-            + 1j * rng.standard_normal(amp.shape, dtype=np.float32)).astype(np.complex64) * amp
-    spec[0, 0] = 0
-    canvas = np.fft.irfft2(spec, s=(n_v, n_u)).astype(np.float32)
-    canvas = (canvas - canvas.mean()) / max(float(canvas.std()), 1e-12)
+    fu = np.fft.rfftfreq(n_u, d=spacing).astype(np.float32)[None, :] * np.float32(stretch)
+    spec = _spectrum(rng, fv, fu, beta, 1 / 80.0, f_high_pass, f_low_pass)
+    canvas = _unit(np.fft.irfft2(spec, s=(n_v, n_u)).astype(np.float32))
     gx = (distance / np.float32(n_u * spacing)) * 2 - 1
     gy = (angle * np.float32(arc) + np.float32(math.pi * arc)) / np.float32(n_v * spacing) * 2 - 1
     grid = torch.from_numpy(np.stack(np.broadcast_arrays(gx, gy), -1).astype(np.float32))[None]
@@ -555,9 +564,12 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
     ang = np.arctan2(wy - np.float32(nr), np.float32(nc) - wx)
     thick = np.sqrt(np.clip(1 - (1 - np.clip(edge / np.float32(breast.thickness / 2), 0, 1)) ** 2, 0, 1))
     n_iso = _power_law_field(rng, wshape, wsp, beta)
-    n_rad = _radial_field(rng, wshape, wsp, beta, nip_d, ang)
+    n_rad = _radial_field(rng, wsp, beta, nip_d, ang, stretch=3.0)
     n1 = 0.8 * n_iso + 0.5 * n_rad
-    n2 = _power_law_field(rng, wshape, wsp, beta, f_high_pass=1 / 12.0)
+    # Fat lobules with bright septa: zero crossings of a one-octave band around 1/9 mm^-1.
+    n2 = _power_law_field(rng, wshape, wsp, beta, f_high_pass=1 / 12.0, f_low_pass=1 / 5.0)
+    # Fibrous strands and ducts converging on the nipple.
+    n3 = _radial_field(rng, wsp, beta, nip_d, ang + np.float32(0.12) * n_iso, stretch=4.0, f_high_pass=1 / 8.0, f_low_pass=1 / 3.0)
     frac = DENSITY_FRACTION[density]
     inside_w = edge > 0
     sample = n1[::5, ::5][inside_w[::5, ::5]]
@@ -567,23 +579,30 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
         thr = float(np.quantile(sample, q_level))
     else:
         thr = 0.0
-    gland = envelope / (1.0 + np.exp(np.clip(-(n1 - np.float32(thr)) / np.float32(0.3), -60, 60)))
-    ridge = np.exp(-(n2 / np.float32(0.2)) ** 2) * _smoothstep(edge, 1.0, 6.0)
+    gland = envelope / (1.0 + np.exp(np.clip(-(n1 - np.float32(thr)) / np.float32(0.45), -60, 60)))
+    inner = _smoothstep(edge, 1.0, 6.0)
+    # Lines fade in and out along their length, as real ligaments and ducts do.
+    septa = np.exp(-(n2 / np.float32(0.13)) ** 2) * inner * _smoothstep(n_rad, -1.0, 1.0)
+    lobules = _smoothstep(n2, -0.8, 1.8) * inner
+    strands = (np.exp(-(n3 / np.float32(0.15)) ** 2) * inner * _smoothstep(nip_d, 3.0, 15.0)
+               * _smoothstep(n_iso, -0.8, 1.2))
     tissue = thick ** np.float32(0.35)
     muscle = None
     if pect_l is not None:
         pect = up(pect_l, wshape)
         muscle = 1.0 - _smoothstep(pect, 0.97, 1.03)
     if for_presentation:
-        rim = np.exp(-np.maximum(edge, 0) / np.float32(4.0))
-        img = (0.10 + 0.08 * tissue + 0.12 * rim + 0.58 * gland * tissue
-               + 0.10 * ridge * (1 - gland) * tissue + 0.03 * n1 * tissue)
+        rim = np.exp(-np.maximum(edge, 0) / np.float32(7.0))
+        fat = 1 - gland
+        img = (0.13 + 0.08 * tissue + 0.24 * rim + 0.55 * gland * tissue
+               + (0.12 * septa + 0.22 * strands - 0.13 * lobules + 0.05 * n1) * fat * tissue
+               + 0.08 * strands * gland * tissue)
         if muscle is not None:
             w, h, q = outline.pectoral
             level = 0.52 + 0.03 * n_iso + 0.12 * np.clip(1 - wy / np.float32(h), 0, 1) + 0.08 * np.clip(1 - pect, 0, 1)
             img = img * (1 - muscle) + level * muscle
     else:
-        mu = 0.35 + 0.25 * gland + 0.05 * ridge
+        mu = 0.35 + 0.25 * gland + 0.06 * septa + 0.05 * strands
         if muscle is not None:
             mu = mu * (1 - muscle) + 0.62 * muscle
         img = thick * mu * 0.9 + 0.05
@@ -671,7 +690,7 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
     for key in masks:
         masks[key] &= inside
 
-    noise_sigma = np.float32(0.005 * math.sqrt(FULL_SPACING_MM / spacing) if for_presentation else 0.003)
+    noise_sigma = np.float32((0.02 if for_presentation else 0.008) * FULL_SPACING_MM / spacing)
     noise = rng.standard_normal(shape, dtype=np.float32) * noise_sigma
     background = np.float32(0.02 if for_presentation else 0.01)
     img += noise
