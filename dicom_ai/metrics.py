@@ -188,26 +188,41 @@ def pr_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     return average_precision(scores, labels)
 
 
-def pixel_average_precision(probs: Iterable[np.ndarray], truths: Iterable[np.ndarray], bins: int = 1000) -> float:
-    """Pixel-level AP pooled over all pixels of all images, probabilities quantised to ``bins`` bins.
+class PixelPrecisionRecall:
+    """Streaming pixel-level precision/recall: add images one by one, then read AP.
 
-    Bin ``k`` holds p in [k/bins, (k+1)/bins) (p = 1 in the last bin); pixels of one bin are tied.
+    Probabilities are quantised into ``bins`` equal bins: bin ``k`` holds p in
+    [k/bins, (k+1)/bins) (p = 1 falls in the last bin); pixels of one bin are tied.
     """
-    pos = np.zeros(bins, dtype=np.int64)
-    neg = np.zeros(bins, dtype=np.int64)
-    for prob, truth in zip(probs, truths):
+
+    def __init__(self, bins: int = 1000):
+        self.bins = bins
+        self.pos = np.zeros(bins, dtype=np.int64)
+        self.neg = np.zeros(bins, dtype=np.int64)
+
+    def add(self, prob: np.ndarray, truth: np.ndarray) -> None:
         p = np.asarray(prob, dtype=np.float32)
         g = _bool(truth, 0.5)
         if p.shape != g.shape:
             raise ValueError(f"prediction shape {p.shape} differs from ground truth shape {g.shape}")
-        idx = np.clip((p * bins).astype(np.int64), 0, bins - 1).ravel()
+        idx = np.clip((p * self.bins).astype(np.int64), 0, self.bins - 1).ravel()
         gi = g.ravel()
-        pos += np.bincount(idx[gi], minlength=bins)
-        neg += np.bincount(idx[~gi], minlength=bins)
-    keep = (pos + neg)[::-1] > 0
-    tp = np.cumsum(pos[::-1])[keep].astype(np.float64)
-    fp = np.cumsum(neg[::-1])[keep].astype(np.float64)
-    return _pr_from_counts(tp, fp, int(pos.sum()))
+        self.pos += np.bincount(idx[gi], minlength=self.bins)
+        self.neg += np.bincount(idx[~gi], minlength=self.bins)
+
+    def average_precision(self) -> float:
+        keep = (self.pos + self.neg)[::-1] > 0
+        tp = np.cumsum(self.pos[::-1])[keep].astype(np.float64)
+        fp = np.cumsum(self.neg[::-1])[keep].astype(np.float64)
+        return _pr_from_counts(tp, fp, int(self.pos.sum()))
+
+
+def pixel_average_precision(probs: Iterable[np.ndarray], truths: Iterable[np.ndarray], bins: int = 1000) -> float:
+    """Pixel-level AP pooled over all pixels of all images (see ``PixelPrecisionRecall``)."""
+    acc = PixelPrecisionRecall(bins)
+    for prob, truth in zip(probs, truths):
+        acc.add(prob, truth)
+    return acc.average_precision()
 
 
 # --------------------------------------------------------------------------- bootstrap, breast level

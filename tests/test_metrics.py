@@ -98,3 +98,40 @@ def test_detections_from_map():
     assert len(dets) == 2
     assert dets[0] == pytest.approx((0.9, 1.5, 1.5))
     assert dets[1] == pytest.approx((0.7, 7.5, 7.0))
+
+
+def test_evaluate_report_on_phantom_truth(tmp_path):
+    """Perfect maps give Dice 1; scores equal to the labels give AUC 1; the report and plots exist."""
+    import json
+
+    from dicom_ai.datasets import Sample
+    from dicom_ai.evaluate import Prediction, evaluate, write_report
+    from dicom_ai.phantom import generate_study
+    from dicom_ai.preprocess import read_mammogram
+
+    pairs = []
+    for seed in (2, 5, 3):  # 2 and 5 hold malignant findings, 3 is normal
+        st = generate_study(seed, shape=(104, 80), normal=seed == 3)
+        for im in st.images:
+            sample = Sample(read_mammogram(im.dataset), im.masks, im.labels, im.view, im.laterality, f"s{seed}")
+            m = im.masks
+            maps = {"malignant_lesion": (m["mass_malignant"] | m["cluster_malignant"]).astype(np.float32),
+                    "benign_lesion": np.zeros(im.breast_mask.shape, np.float32),
+                    "calcification_cluster": (m["cluster_benign"] | m["cluster_malignant"]) * np.float32(0.9)}
+            scores = {"malignant": float(im.labels["malignant"]), "benign": 0.5}
+            pairs.append((sample, Prediction(maps, scores)))
+    ev = evaluate(iter(pairs), bootstrap=50, progress=False, examples=2)
+    assert ev.n_images == 12
+    mal = ev.segmentation["malignant_lesion"]
+    assert mal.n_images > 0 and mal.mean_dice == 1.0 and mal.pooled_dice == 1.0 and ev.pixel_ap["malignant_lesion"] == 1.0
+    assert ev.segmentation["benign_lesion"].mean_dice == 0.0 or ev.segmentation["benign_lesion"].n_images == 0
+    assert ev.classification["malignant (image)"]["ROC AUC"].value == 1.0
+    assert ev.classification["benign (image)"]["ROC AUC"].value == 0.5
+    if ev.froc.n_regions:
+        assert ev.froc.sensitivity_at[0.25] == 1.0
+    path = write_report(ev, tmp_path / "report")
+    text = path.read_text()
+    assert "| malignant_lesion |" in text and "ROC AUC" in text
+    for name in ("roc.png", "dice.png", "overlays.png", "froc.png", "metrics.json"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["n_images"] == 12
