@@ -31,6 +31,7 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     device = "auto"                 # auto | cpu | cuda:N
     factory = ""                    # optional "module:callable" returning an object with .run()
     max_job_attempts = 3
+    previews = true                 # PNG overlays per image in <storage>/previews/ for IT checks
 
     [retry]
     max_attempts = 8                # delivery attempts before a delivery is marked failed
@@ -97,6 +98,7 @@ class PipelineSection:
     device: str = "auto"
     factory: str = ""
     max_job_attempts: int = 3
+    previews: bool = True
 
 
 @dataclass

@@ -29,13 +29,12 @@ from dicom_ai import logs
 from dicom_ai.config import NodeConfig
 from dicom_ai.delivery import DeliveryAgent, DeliveryThread
 from dicom_ai.jobstore import JobStore
+from dicom_ai.results import ResultUIDs
 from dicom_ai.scp import StorageSCP
 
 
 def make_result_uids(source_sop_uids: list[str]) -> str:
-    """JSON of the result UIDs of a new job (see dicom_ai.results.ResultUIDs)."""
-    from dicom_ai.results import ResultUIDs
-
+    """JSON of the result UIDs of a new job, fixed for the job's life."""
     return ResultUIDs.generate(source_sop_uids).to_json()
 
 
@@ -115,6 +114,7 @@ class Node:
                 self.worker.wait(15)
             except subprocess.TimeoutExpired:
                 self.worker.kill()
+            logs.event("worker_stopped", returncode=self.worker.wait())
         self.delivery.join(35)
         logs.event("node_stopped")
 
@@ -127,7 +127,9 @@ def serve(config: NodeConfig) -> int:
     signal.signal(signal.SIGINT, lambda *_: node.stop())
     node.start()
     node.run()
-    return 0
+    sys.stderr.flush()
+    # Everything is committed and fsynced; skip the slow interpreter teardown.
+    os._exit(0)
 
 
 def status_json(storage: Path) -> str:

@@ -75,7 +75,7 @@ def run_pipeline(pipeline, sources: list[pydicom.Dataset]) -> tuple[list, list, 
     return kept, findings, skipped
 
 
-def process_job(job: Job, pipeline, storage: Path) -> tuple[list[tuple[str, str, str]], list[str]]:
+def process_job(job: Job, pipeline, storage: Path, previews: bool = True) -> tuple[list[tuple[str, str, str]], list[str]]:
     """Run one job; returns its outbox entries ``(sop_instance_uid, sop_class_uid, path)`` and notes."""
     from dicom_ai.results import ResultUIDs, build_results, write_previews
 
@@ -96,10 +96,11 @@ def process_job(job: Job, pipeline, storage: Path) -> tuple[list[tuple[str, str,
         entries.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(target)))
     _fsync_dir(outbox)
     _fsync_dir(outbox.parent)
-    try:
-        write_previews(sources, findings, storage / "previews" / f"job-{job.id}")
-    except Exception as exc:  # previews are a convenience for IT, never a reason to fail a job
-        notes.append(f"previews not written: {exc}")
+    if previews:
+        try:
+            write_previews(sources, findings, storage / "previews" / f"job-{job.id}")
+        except Exception as exc:  # previews are a convenience for IT, never a reason to fail a job
+            notes.append(f"previews not written: {exc}")
     return entries, notes
 
 
@@ -116,6 +117,11 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
     started = time.monotonic()
     try:
         pipeline = load_pipeline(config)
+        # Import the result writers (and torch, which the previews use) now rather than
+        # during the first job.
+        import dicom_ai.results  # noqa: F401
+        if config.pipeline.previews:
+            import dicom_ai.preprocess  # noqa: F401
     except Exception as exc:
         # Jobs stay queued; the node restarts the worker, and the log says what to fix.
         logs.event("pipeline_load_failed", level="ERROR", error=f"{type(exc).__name__}: {exc}",
@@ -137,7 +143,7 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
         logs.event("job_started", job_id=job.id, study_instance_uid=job.study_uid, calling_ae=job.calling_ae,
                    images=len(job.instances), attempt=job.attempts)
         try:
-            entries, notes = process_job(job, pipeline, config.storage_dir)
+            entries, notes = process_job(job, pipeline, config.storage_dir, config.pipeline.previews)
         except Exception as exc:
             state = store.fail_job(job, f"{type(exc).__name__}: {exc}", config.pipeline.max_job_attempts)
             logs.event("job_failed", level="ERROR", job_id=job.id, study_instance_uid=job.study_uid, state=state,
@@ -181,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     config = NodeConfig.from_json(Path(args.config_json).read_text())
     logs.configure("worker", config.logging.level, config.log_file)
     serve(config, parent_pid=args.parent_pid)
-    return 0
+    logs.event("worker_exiting")
+    # Everything is committed and fsynced; skip the interpreter teardown (seconds with
+    # highdicom/SimpleITK loaded) so the node stops promptly.
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ def write_node_config(path: Path, storage: Path, port: int, peers: list[tuple[st
         "node": {"ae_title": "AINODE", "bind_address": "127.0.0.1", "port": port, "storage": str(storage),
                  "reserve_free_mb": 1},
         "study": {"grace_seconds": 0.5, "idle_seconds": 3.0},
-        "pipeline": {"factory": "node_harness:stand_in_pipeline", "device": "cpu"},
+        "pipeline": {"factory": "node_harness:stand_in_pipeline", "device": "cpu", "previews": False},
         "retry": {"max_attempts": 5, "initial_delay_seconds": 0.5, "max_delay_seconds": 2.0},
     }
     for section, values in sections.items():
@@ -325,3 +325,23 @@ class Orthanc:
 
     def stop(self) -> None:
         self.proc.stop()
+
+
+def delivered_uids(pacs_folder: Path, study_uid: str | None = None) -> list[str]:
+    """SOP Instance UIDs of the result objects (not MG) a storescp PACS holds."""
+    return sorted(str(ds.SOPInstanceUID) for ds in received(pacs_folder)
+                  if ds.Modality != "MG" and (study_uid is None or ds.StudyInstanceUID == study_uid))
+
+
+def wait_delivered(storage: Path, jobs: int, timeout: float = 60) -> dict:
+    """Wait until ``jobs`` jobs are done and all their deliveries are done; returns the store."""
+    def done():
+        s = store_status(storage)
+        finished = [j for j in s["jobs"] if j["state"] == "done"]
+        ds = [d for d in s["deliveries"] if d["job_id"] in {j["id"] for j in finished}]
+        return s if len(finished) >= jobs and ds and all(d["state"] == "done" for d in ds) else None
+    return wait_for(done, timeout, f"{jobs} job(s) processed and delivered", interval=0.2)
+
+
+def outbox_uids(status: dict, job_id: int) -> list[str]:
+    return sorted(o["sop_instance_uid"] for o in status["outbox"] if o["job_id"] == job_id)

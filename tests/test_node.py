@@ -1,0 +1,144 @@
+"""The whole node as a process, with dcmtk as the sending modality/PACS and storescp receiving results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless
+
+from node_harness import (ACCESSION, PATIENT_ID, PATIENT_NAME, PYTHON, REPO, delivered_uids, free_port, node_env,
+                          outbox_uids, received, start_node, start_storescp, store_status, storescu, wait_delivered,
+                          wait_for, write_node_config, write_study)
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "dicom_ai", *args], capture_output=True, text=True, timeout=60,
+                          env=env or node_env(), cwd=REPO)
+
+
+def test_four_view_studies_uncompressed_and_jpeg2000_come_back_to_the_pacs(tmp_path):
+    pacs, pacs_port = start_storescp(tmp_path / "pacs", "PACS")
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("PACS", pacs_port)],
+                            pipeline={"previews": True})
+    node = start_node(cfg, port, tmp_path / "node.log")
+    try:
+        echo = subprocess.run(["echoscu", "-aet", "PACS", "-aec", "AINODE", "127.0.0.1", str(port)],
+                              capture_output=True, text=True, timeout=30)
+        assert echo.returncode == 0, echo.stderr
+        assert "success" in _cli("echo", f"PACS@127.0.0.1:{pacs_port}", "--ae-title", "AINODE").stdout
+
+        plain = write_study(tmp_path / "plain", seed=1)
+        sent = storescu(port, plain)
+        assert sent.returncode == 0 and sent.stderr.count("(Success)") == 4, sent.stderr
+        j2k = []
+        for path in write_study(tmp_path / "j2k", seed=2):
+            ds = pydicom.dcmread(path)
+            ds.compress(JPEG2000Lossless)
+            ds.save_as(path, enforce_file_format=True)
+            j2k.append(path)
+        sent = storescu(port, j2k, extra=["-R", "-xv"])
+        assert sent.returncode == 0 and sent.stderr.count("(Success)") == 4, sent.stderr
+
+        status = wait_delivered(tmp_path / "storage", jobs=2)
+        for files, job in zip((plain, j2k), sorted(status["jobs"], key=lambda j: j["id"])):
+            study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+            assert len(json.loads(job["instance_uids"])) == 4
+            expected = outbox_uids(status, job["id"])
+            assert len(expected) >= 2  # at least one SEG and the SR
+            assert delivered_uids(tmp_path / "pacs", study_uid) == expected
+        for job in status["jobs"]:  # one preview per image for IT quality checks
+            assert len(list((tmp_path / "storage" / "previews" / f"job-{job['id']}").glob("*.png"))) == 4
+        results = [ds for ds in received(tmp_path / "pacs")]
+        assert {ds.Modality for ds in results} >= {"SEG", "SR"}
+        assert len({ds.SeriesInstanceUID for ds in results if ds.Modality == "SEG"}) == 2  # one per study
+
+        shown = _cli("status", "--config", str(cfg))
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.count(" done ") >= 4  # 2 jobs + 2 deliveries
+        for secret in (PATIENT_NAME, PATIENT_ID, ACCESSION, "Secret"):
+            assert secret not in shown.stdout
+    finally:
+        node.stop()
+        pacs.stop()
+    log = (tmp_path / "node.log").read_text() + (tmp_path / "storage" / "logs" / "node.log").read_text()
+    assert "job_finished" in log and "delivery_done" in log
+    for secret in (PATIENT_NAME, PATIENT_ID, ACCESSION, "19600101", "Secret"):
+        assert secret not in log
+
+
+def test_incomplete_study_after_idle_time_and_a_late_image_supersedes_in_a_new_series(tmp_path):
+    pacs, pacs_port = start_storescp(tmp_path / "pacs", "PACS")
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("PACS", pacs_port)],
+                            study={"grace_seconds": 0.5, "idle_seconds": 2.0})
+    node = start_node(cfg, port, tmp_path / "node.log")
+    try:
+        files = write_study(tmp_path / "study", views=[("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"),
+                                                       ("L", "CC")])
+        study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+        # Three views only (one breast has no MLO): processed after the idle time, not rejected.
+        assert storescu(port, files[:3]).returncode == 0
+        first = wait_delivered(tmp_path / "storage", jobs=1)
+        job1 = first["jobs"][0]
+        assert len(json.loads(job1["instance_uids"])) == 3
+        # The late R-MLO plus an extra (repeated) L-CC view: one new job for the whole study.
+        assert storescu(port, files[3:]).returncode == 0
+        second = wait_delivered(tmp_path / "storage", jobs=2)
+        job2 = [j for j in second["jobs"] if j["id"] != job1["id"]][0]
+        assert len(json.loads(job2["instance_uids"])) == 5
+        assert [j["state"] for j in second["jobs"]] == ["done", "done"]
+        at_pacs = [ds for ds in received(tmp_path / "pacs") if ds.StudyInstanceUID == study_uid]
+        by_job = {j["id"]: set(outbox_uids(second, j["id"])) for j in second["jobs"]}
+        assert {str(ds.SOPInstanceUID) for ds in at_pacs} == by_job[job1["id"]] | by_job[job2["id"]]
+        series = {j: {str(ds.SeriesInstanceUID) for ds in at_pacs if str(ds.SOPInstanceUID) in uids}
+                  for j, uids in by_job.items()}
+        assert not (series[job1["id"]] & series[job2["id"]])  # the newer results are a new series
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def test_pacs_down_then_back_and_failed_delivery_retried_from_the_cli(tmp_path):
+    pacs_port = free_port()
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("PACS", pacs_port)],
+                            retry={"max_attempts": 4, "initial_delay_seconds": 0.3, "max_delay_seconds": 1.0})
+    node = start_node(cfg, port, tmp_path / "node.log")
+    pacs = None
+    try:
+        # 1. The PACS is down when the results are ready and comes back within the retries.
+        first = write_study(tmp_path / "one", seed=1)
+        assert storescu(port, first).returncode == 0
+        wait_for(lambda: any(d["attempts"] >= 1 and d["error"] for d in store_status(tmp_path / "storage")[
+            "deliveries"]), 30, "a failed delivery attempt")
+        pacs, _ = start_storescp(tmp_path / "pacs", "PACS", port=pacs_port)
+        status = wait_delivered(tmp_path / "storage", jobs=1)
+        assert delivered_uids(tmp_path / "pacs") == outbox_uids(status, status["jobs"][0]["id"])
+        pacs.stop()
+
+        # 2. Down for longer than the retries: failed and visible, then `dicom-ai retry`.
+        second = write_study(tmp_path / "two", seed=2)
+        assert storescu(port, second).returncode == 0
+        wait_for(lambda: any(d["state"] == "failed" for d in store_status(tmp_path / "storage")["deliveries"]),
+                 60, "the delivery to be marked failed")
+        shown = _cli("status", "--config", str(cfg))
+        assert shown.returncode == 1  # something failed
+        assert "failed" in shown.stdout and "could not connect" in shown.stdout, shown.stdout
+        pacs, _ = start_storescp(tmp_path / "pacs", "PACS", port=pacs_port)
+        retried = _cli("retry", "--config", str(cfg))
+        assert "re-queued 1 failed deliveries" in retried.stdout, retried.stdout + retried.stderr
+        status = wait_delivered(tmp_path / "storage", jobs=2)
+        study2 = pydicom.dcmread(second[0]).StudyInstanceUID
+        job2 = max(j["id"] for j in status["jobs"])
+        assert delivered_uids(tmp_path / "pacs", study2) == outbox_uids(status, job2)
+        assert _cli("status", "--config", str(cfg)).returncode == 0
+    finally:
+        node.stop()
+        if pacs is not None:
+            pacs.stop()
