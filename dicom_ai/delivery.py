@@ -83,8 +83,8 @@ class DeliveryAgent:
                 return "association rejected by the destination (check its AE title and that it knows this node)"
             return "could not connect or association aborted (destination down or unreachable)"
         try:
-            for uid, _, path in d.pending:
-                status = assoc.send_c_store(Path(path))
+            for msg_id, (uid, _, path) in enumerate(d.pending, start=1):
+                status = assoc.send_c_store(Path(path), msg_id=msg_id)
                 if not _ok(status):
                     code = f"0x{int(status.Status):04X}" if "Status" in status else "no response"
                     comment = str(status.get("ErrorComment", ""))
