@@ -1,0 +1,52 @@
+"""Orthanc as the PACS: it sends a study to the node and gets the results back into the same study."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless
+
+from node_harness import (Orthanc, free_port, outbox_uids, start_node, wait_delivered, write_node_config,
+                          write_study)
+
+pytestmark = pytest.mark.slow
+
+
+def test_orthanc_sends_a_study_and_finds_the_results_in_it(tmp_path):
+    port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=port)
+    node = None
+    try:
+        cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("ORTHANC", orthanc.dicom)])
+        node = start_node(cfg, port, tmp_path / "node.log")
+        assert orthanc.post("/modalities/ainode/echo", {}) == {}
+
+        files = write_study(tmp_path / "study", seed=3)
+        study_ids = set()
+        for path in files:  # JPEG 2000, as many archives keep mammograms
+            ds = pydicom.dcmread(path)
+            ds.compress(JPEG2000Lossless)
+            ds.save_as(path, enforce_file_format=True)
+            study_ids.add(orthanc.post("/instances", path.read_bytes())["ParentStudy"])
+        assert len(study_ids) == 1
+        study = study_ids.pop()
+
+        job = orthanc.post("/modalities/ainode/store", {"Resources": [study], "Synchronous": True})
+        assert job["InstancesCount"] == 4 and job["FailedInstancesCount"] == 0, job
+
+        status = wait_delivered(tmp_path / "storage", jobs=1)
+        results = outbox_uids(status, status["jobs"][0]["id"])
+        series = orthanc.get(f"/studies/{study}/series?expand")
+        modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
+        assert "MG" in modalities and "SEG" in modalities and "SR" in modalities, modalities
+        instances = orthanc.get(f"/studies/{study}/instances?expand")
+        uids = sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in instances
+                      if i["MainDicomTags"]["SOPInstanceUID"] in set(results))
+        assert uids == results  # every result object, in the study it belongs to
+        assert len(instances) == 4 + len(results)
+        result_id = next(i["ID"] for i in instances if i["MainDicomTags"]["SOPInstanceUID"] == results[0])
+        assert orthanc.get(f"/instances/{result_id}/metadata?expand")["RemoteAET"] == "AINODE"
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
