@@ -1,0 +1,122 @@
+"""The job store's rules: study completion, late instances, claims, supersession, retries."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dicom_ai.jobstore import Instance, JobStore
+
+VIEWS = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
+
+
+@pytest.fixture
+def store(tmp_path):
+    return JobStore(tmp_path / "jobs.sqlite")
+
+
+def _receive(store, study, views, t, caller="PACS", prefix="1.2.3"):
+    for i, (lat, view) in enumerate(views):
+        uid = f"{prefix}.{study}.{lat}{view}.{i}"
+        store.record_instance(study_uid=study, calling_ae=caller, size=10, now=t,
+                              instance=Instance(uid, "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.1.2.1", lat, view,
+                                                f"/spool/{uid}.dcm"))
+
+
+def _uids(uids):
+    return json.dumps({"sources": uids})
+
+
+def test_four_views_wait_for_the_grace_period_others_for_the_idle_time(store):
+    _receive(store, "S4", VIEWS, t=100.0)
+    _receive(store, "S3", VIEWS[:3], t=100.0)
+    assert store.close_ready_studies(2.0, 10.0, _uids, now=101.0) == []
+    assert len(store.close_ready_studies(2.0, 10.0, _uids, now=102.5)) == 1  # four views + grace
+    assert len(store.close_ready_studies(2.0, 10.0, _uids, now=110.5)) == 1  # three views after idle
+    assert store.close_ready_studies(2.0, 10.0, _uids, now=500.0) == []
+    jobs = store.status()["jobs"]
+    assert sorted(j["study_uid"] for j in jobs) == ["S3", "S4"]
+
+
+def test_same_study_from_two_callers_is_two_studies(store):
+    _receive(store, "S", VIEWS[:2], t=0.0, caller="PACS_A", prefix="1.1")
+    _receive(store, "S", VIEWS[:2], t=0.0, caller="PACS_B", prefix="1.2")
+    assert len(store.close_ready_studies(1.0, 5.0, _uids, now=10.0)) == 2
+
+
+def test_repeated_sop_instance_uid_is_not_recorded_twice(store):
+    _receive(store, "S", VIEWS, t=0.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    _receive(store, "S", VIEWS, t=20.0)  # the PACS sends the same images again
+    assert store.close_ready_studies(1.0, 5.0, _uids, now=100.0) == []  # no new work
+    assert store.status()["studies"][0]["instances"] == 4
+
+
+def test_late_instance_cancels_an_unstarted_job_and_the_new_job_covers_everything(store):
+    _receive(store, "S", VIEWS[:3], t=0.0)
+    first = store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    _receive(store, "S", VIEWS[3:], t=11.0)
+    second = store.close_ready_studies(1.0, 5.0, _uids, now=13.0)
+    states = {j["id"]: j["state"] for j in store.status()["jobs"]}
+    assert states == {first[0]: "cancelled", second[0]: "queued"}
+    job = store.claim_job()
+    assert job.id == second[0] and len(job.instances) == 4
+
+
+def test_late_instance_after_processing_supersedes_pending_results(store):
+    _receive(store, "S", VIEWS[:3], t=0.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    job1 = store.claim_job()
+    assert store.complete_job(job1, [("9.1", "1.2.840.10008.5.1.4.1.1.66.4", "/o/9.1.dcm")],
+                              [("PACS", "h", 104)]) == "done"
+    _receive(store, "S", VIEWS[3:], t=20.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=30.0)
+    deliveries = store.status()["deliveries"]
+    assert [d["state"] for d in deliveries] == ["superseded"]  # the old results are not sent
+    job2 = store.claim_job()
+    assert len(job2.instances) == 4 and job2.result_uids != "" and job2.id != job1.id
+
+
+def test_a_job_finishing_after_a_newer_one_exists_is_superseded(store):
+    _receive(store, "S", VIEWS[:3], t=0.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    running = store.claim_job()
+    _receive(store, "S", VIEWS[3:], t=11.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=20.0)
+    assert store.complete_job(running, [("9.1", "x", "/o/9.1.dcm")], [("PACS", "h", 104)]) == "superseded"
+    assert store.status()["deliveries"] == []
+
+
+def test_claims_recovery_and_failure_limits(store):
+    _receive(store, "S", VIEWS, t=0.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    job = store.claim_job()
+    assert store.claim_job() is None  # one job, already claimed
+    assert store.recover(max_job_attempts=3)["jobs_requeued"] == 1  # the node restarted
+    again = store.claim_job()
+    assert again.id == job.id and again.attempts == 2
+    assert store.complete_job(job, [], []) == "stale"  # the first claim is void
+    assert store.fail_job(again, "boom", max_attempts=3) == "queued"
+    third = store.claim_job()
+    assert store.fail_job(third, "boom", max_attempts=3) == "failed"
+    assert store.retry_failed() == {"deliveries": 0, "jobs": 1}
+
+
+def test_delivery_retries_back_off_then_fail_and_retry_requeues(store):
+    _receive(store, "S", VIEWS, t=0.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    job = store.claim_job()
+    store.complete_job(job, [("9.1", "c", "/o/1.dcm"), ("9.2", "c", "/o/2.dcm")], [("PACS", "h", 104)])
+    (d,) = store.due_deliveries()
+    store.mark_sent(d.id, "9.1")
+    (d,) = store.due_deliveries()
+    assert [p[0] for p in d.pending] == ["9.2"]  # only the unacknowledged object is resent
+    assert store.delivery_attempt_failed(d.id, "down", 2, lambda n: 3600.0) == "pending"
+    assert store.due_deliveries() == []  # backing off
+    assert store.delivery_attempt_failed(d.id, "down", 2, lambda n: 3600.0) == "failed"
+    assert store.retry_failed()["deliveries"] == 1
+    (d,) = store.due_deliveries()
+    store.mark_sent(d.id, "9.2")
+    store.delivery_done(d.id)
+    assert store.status()["deliveries"][0]["state"] == "done"
