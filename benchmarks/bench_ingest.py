@@ -18,6 +18,7 @@ Writes benchmarks/results/ingest.json and prints a table.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -34,7 +35,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from node_harness import (Proc, free_port, make_mg, node_env, start_node, storescu,  # noqa: E402
                           wait_port, write_node_config)
 
-ROUNDS = 5
+ROUNDS = 7
 SHAPE = (3328, 2560)
 PDU = 131072
 
@@ -44,6 +45,12 @@ def _rss_kib(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -87,16 +94,22 @@ def main() -> int:
         baseline_rss = _rss_kib(node.pid, "VmRSS")
 
         times = {"storescp": [], "node": []}
+        cpu = {"storescp": 0.0, "node": 0.0}
+        pids = {"storescp": storescp.pid, "node": node.pid}
+        load_before = os.getloadavg()[0]
         for r, paths in enumerate(rounds):
             for target, port, called in (("storescp", scp_port, "STORESCP"), ("node", node_port, "AINODE")):
+                c0 = _cpu_seconds(pids[target])
                 t0 = time.perf_counter()
                 res = storescu(port, paths[target], calling="BENCH", called=called)
                 dt = time.perf_counter() - t0
+                cpu[target] += _cpu_seconds(pids[target]) - c0
                 ok = res.returncode == 0 and res.stderr.count("Received Store Response (Success)") == 4
                 if not ok:
                     raise SystemExit(f"{target} round {r}: storescu failed:\n{res.stderr[-2000:]}")
                 times[target].append(dt)
         peak_rss = _rss_kib(node.pid, "VmHWM")
+        storescp_peak_rss = _rss_kib(storescp.pid, "VmHWM")
         stored = len(list((work / "node-storage" / "spool").rglob("*.dcm")))
         if stored != 4 * ROUNDS:
             raise SystemExit(f"node stored {stored} files, expected {4 * ROUNDS}")
@@ -115,6 +128,10 @@ def main() -> int:
             "target_ratio": 1.0,
             "node_peak_rss_mib": round(peak_rss / 1024, 1),
             "node_rss_before_receiving_mib": round(baseline_rss / 1024, 1),
+            "storescp_peak_rss_mib": round(storescp_peak_rss / 1024, 1),
+            "receiver_cpu_seconds_per_study": {k: round(v / ROUNDS, 3) for k, v in cpu.items()},
+            "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+            "cpu_cores": os.cpu_count(),
             "node_durability": "fsync file + rename + fsync directory + SQLite WAL commit (synchronous=FULL)",
             "storescp_durability": "plain write, no fsync",
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -127,8 +144,12 @@ def main() -> int:
             print(f"{k:<10} {result['median_seconds'][k]:>9.3f} {result['median_mb_per_s'][k]:>8.1f}")
         print(f"ratio node/storescp (median of {ROUNDS} paired rounds): {result['ratio_node_over_storescp']:.3f} "
               f"(target >= 1.0)")
-        print(f"node peak RSS while receiving: {result['node_peak_rss_mib']} MiB "
-              f"(before: {result['node_rss_before_receiving_mib']} MiB)")
+        print(f"receiver CPU s per study: node {result['receiver_cpu_seconds_per_study']['node']}, "
+              f"storescp {result['receiver_cpu_seconds_per_study']['storescp']}")
+        print(f"peak RSS: node {result['node_peak_rss_mib']} MiB (before receiving: "
+              f"{result['node_rss_before_receiving_mib']} MiB), storescp {result['storescp_peak_rss_mib']} MiB")
+        print(f"machine load average (1 min) before/after: {result['load_average_1min']['before']}/"
+              f"{result['load_average_1min']['after']} on {os.cpu_count()} cores")
         print(f"wrote {out}")
         return 0
     finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -127,7 +128,8 @@ class StorageSCP:
         ae.add_supported_context(Verification, list(VERIFICATION_TRANSFER_SYNTAXES))
         for uid in SUPPORTED_SOP_CLASSES:
             ae.add_supported_context(uid, list(SUPPORTED_TRANSFER_SYNTAXES))
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo),
+        handlers = [(evt.EVT_CONN_OPEN, self._on_connection), (evt.EVT_C_STORE, self._on_store),
+                    (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_ABORTED, self._on_aborted)]
         self.server = ae.start_server((self.config.node.bind_address, self.config.node.port), block=False,
@@ -144,6 +146,12 @@ class StorageSCP:
             self.server = None
 
     # -- event handlers ------------------------------------------------------------------
+
+    def _on_connection(self, event: evt.Event) -> None:
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
+        if sock is not None:
+            # Responses are small PDUs: send them at once rather than after a delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_echo(self, event: evt.Event) -> int:
         logs.event("echo", calling_ae=event.assoc.requestor.ae_title, address=event.assoc.requestor.address)
