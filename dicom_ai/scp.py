@@ -267,7 +267,7 @@ def _read_and_check(path: Path, sop_class: str, sop_uid: str, ts: str) -> pydico
 
 def _check_pixel_data(ds: pydicom.Dataset, ts: str) -> None:
     """Structural check without decoding: native length, or encapsulation and codec marker."""
-    elem = ds.get_item("PixelData")
+    elem = ds.get_item("PixelData", keep_deferred=True)  # do not read 17 MB to learn its length
     rows, cols = int(ds.Rows), int(ds.Columns)
     spp, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
