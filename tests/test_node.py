@@ -142,3 +142,14 @@ def test_pacs_down_then_back_and_failed_delivery_retried_from_the_cli(tmp_path):
         node.stop()
         if pacs is not None:
             pacs.stop()
+
+
+def test_infer_runs_the_pipeline_offline(tmp_path):
+    files = write_study(tmp_path / "study", views=[("L", "CC"), ("R", "CC")])
+    cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", 11112, [])
+    done = _cli("infer", *map(str, files), "--out", str(tmp_path / "out"), "--config", str(cfg))
+    assert done.returncode == 0, done.stderr
+    written = [pydicom.dcmread(p) for p in sorted((tmp_path / "out").glob("*.dcm"))]
+    assert sorted(ds.Modality for ds in written) == ["SEG", "SEG", "SR"]
+    assert {ds.StudyInstanceUID for ds in written} == {pydicom.dcmread(files[0]).StudyInstanceUID}
+    assert len(list((tmp_path / "out" / "previews").glob("*.png"))) == 2

@@ -218,3 +218,20 @@ def test_log_has_no_patient_data(scp, tmp_path, capfd):
     assert "instance_received" in text
     for secret in (PATIENT_NAME, PATIENT_ID, ACCESSION, "19600101", "Secret"):
         assert secret not in text
+
+
+def test_any_caller_is_accepted_only_when_configured(tmp_path):
+    saved = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, transport.AssociationSocket.recv)
+    port = free_port()
+    cfg = load_config(None, {"node.ae_title": "AINODE", "node.port": port, "node.storage": str(tmp_path / "st"),
+                             "node.reserve_free_mb": 1, "node.allow_any_caller": True})
+    server = StorageSCP(cfg, JobStore(cfg.storage_dir / "jobs.sqlite"))
+    server.start()
+    try:
+        assert echoscu(port, calling="ANYBODY").returncode == 0
+        files = write_study(tmp_path / "in", views=[("R", "CC")])
+        assert _responses(storescu(port, files, calling="MODALITY7")) == ["(Success)"]
+        assert server.store.status()["studies"][0]["calling_ae"] == "MODALITY7"
+    finally:
+        server.stop()
+        tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, transport.AssociationSocket.recv = saved
