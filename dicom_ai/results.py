@@ -192,7 +192,7 @@ def build_results(
 
         out.append(build_mammography_cad_sr(
             image_results, series_instance_uid=uids.cad_series, sop_instance_uid=uids.cad_instance,
-            series_number=options.cad_series_number, instance_number=1, device_uid=options.device_uid,
+            series_number=options.cad_series_number, instance_number=1,
             series_description=options.cad_series_description,
             max_regions_per_segment=options.max_regions_per_segment, **common))
     return out

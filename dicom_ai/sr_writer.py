@@ -1,24 +1,30 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) for one study, built with highdicom.
 
-Content, in this order under Imaging Measurements:
+Content of Imaging Measurements, all TID 1410 planar ROI groups (see "why" below):
 
-1. Per source image and model, one image-level group (TID 1501) per image score, with the
-   image as Source image for measurement group: "Probability of cancer" (DCM 111047) for the
-   malignant score, "Certainty of Finding" (DCM 111012) with finding type benign mass for the
-   benign score; values in percent (0-100), as the mammography CAD concepts are defined.
-2. Per detected region (``dicom_ai.regions``), one planar ROI group (TID 1410): the region as
-   a closed SCOORD POLYLINE on the source image (pixel coordinates, (column, row), origin at
-   the top-left corner of the top-left pixel), finding type and finding site (breast with
-   laterality), area in mm2 (see ``dicom_ai.regions.area_spacing`` for the spacing used) whose
-   Source of Measurement is the SEG frame of its segment (frame N = segment N), and the
+1. Per SEG segment (every (finding, model) map of every image, empty ones included), a group
+   referencing the segmentation frame (Referenced Segmentation Frame; frame N = segment N),
+   with finding type, finding site (breast with laterality), the segment's total area in mm2,
+   and the model's image-level scores for that image: "Probability of cancer" (DCM 111047) for
+   the malignant score on the model's malignant-lesion segment, "Certainty of Finding" (DCM
+   111012) for the benign score on its benign-lesion segment, in percent (0-100), as the
+   mammography CAD concepts are defined. A model whose score has no segment of that finding
+   reports it on its first segment of the image.
+2. Per detected region (``dicom_ai.regions``), a group with the region as a closed SCOORD
+   POLYLINE on the source image (pixel coordinates, (column, row), origin at the top-left
+   corner of the top-left pixel), finding type and site, area in mm2 (spacing rules in
+   ``dicom_ai.regions``) whose Source of Measurement is the SEG frame of its segment, and the
    maximum and mean probability inside the region (derivation SCT Maximum / Mean) with the
-   model's algorithm identification.
-3. Per non-empty SEG segment, one planar ROI group referencing the segmentation frame (TID
-   1410 Referenced Segmentation Frame) with the segment's total area. Its Tracking Unique
-   Identifier is the segment's, so the region groups of (2) and the segment group are tied
-   by their tracking identifier text "<image> <finding> (<model>)".
-4. Per breast, a summary group over that breast's images: maximum malignant and benign scores.
-5. One study summary group: maximum scores over both breasts.
+   model's algorithm identification. Tracking identifier "<image> <finding> (<model>) region k"
+   ties it to the segment group "<image> <finding> (<model>) segment n".
+3. Per breast and for the study, per model and score, the maximum over the images (derivation
+   Maximum), as a group referencing the segment of the image where the maximum occurred.
+
+Why only TID 1410 groups: PixelMed's TID 1500 validator decides per Imaging Measurements
+container, not per group, whether to check groups as TID 1410 or TID 1501; once one group has a
+segmentation reference, every group must have an image region or one. Anchoring image, breast
+and study scores on a segment keeps PixelMed error-free and still says which image a score
+belongs to.
 
 Validator-driven details (shared/research/dicom-tooling.md): procedure reported is SCT
 363679005 "Imaging procedure" (CID 100), and Referenced Segment Number is removed from IMAGE
@@ -82,34 +88,33 @@ def _percent(value: float) -> float:
     return round(100.0 * float(value), 2)
 
 
-def _score_group(name: str, scores: list[ImageScore], sources: Sequence[pydicom.Dataset], laterality: str,
-                 label: str, tracking_uid: str, derivation: object = None) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    fc = finding_codes(SCORE_FINDING[name])
-    # The images go on each measurement (TID 300 "Source of Measurement"), not on the group:
-    # PixelMed's TID 1500 check reads a group with images as a TID 1410 planar ROI group and
-    # then requires an image region.
-    refs = [hd.sr.SourceImageForMeasurement(ds.SOPClassUID, ds.SOPInstanceUID) for ds in sources]
-    measurements = [
-        hd.sr.Measurement(name=fc.probability, value=_percent(s.value), unit=PERCENT,
-                          derivation=derivation, algorithm_id=_algorithm(s.model), referenced_images=refs)
-        for s in scores
-    ]
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=label[:64]),
-        finding_type=fc.sr_finding,
-        finding_sites=_site(laterality),
-        measurements=measurements,
-    )
+def _score_measurement(score: ImageScore, refs: list, derivation: object = None) -> hd.sr.Measurement:
+    fc = finding_codes(SCORE_FINDING[score.name])
+    return hd.sr.Measurement(name=fc.probability, value=_percent(score.value), unit=PERCENT,
+                             derivation=derivation, algorithm_id=_algorithm(score.model),
+                             referenced_images=refs or None)
 
 
-def _max_scores(results: Sequence[ImageResult], name: str) -> list[ImageScore]:
-    """Per model, the highest score of ``name`` over the images of ``results``."""
-    best: dict[ModelIdentity, ImageScore] = {}
-    for r in results:
-        for s in r.findings.scores:
-            if s.name == name and (s.model not in best or s.value > best[s.model].value):
-                best[s.model] = s
-    return [best[m] for m in sorted(best, key=lambda m: (m.name, m.version))]
+def _anchor(result: ImageResult, score: ImageScore) -> Segment | None:
+    """The segment an image-level score is reported with: the same model's segment of the
+    score's finding (malignant -> malignant lesion), else that model's first segment."""
+    own = [s for s in result.segments if s.map.model == score.model]
+    for s in own:
+        if s.map.finding == SCORE_FINDING[score.name]:
+            return s
+    return own[0] if own else None
+
+
+def _segment_reference(result: ImageResult, segment: Segment) -> hd.sr.ReferencedSegmentationFrame:
+    seg, src = result.segmentation, result.source
+    return hd.sr.ReferencedSegmentationFrame(
+        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
+        frame_number=segment.number, segment_number=segment.number,
+        source_image=hd.sr.SourceImageForSegmentation(src.SOPClassUID, src.SOPInstanceUID))
+
+
+def _track(result: ImageResult, segment: Segment) -> str:
+    return f"{_image_name(result.source)} {finding_codes(segment.map.finding).label.lower()} ({segment.map.model.name})"
 
 
 def build_measurement_report(
@@ -139,28 +144,38 @@ def build_measurement_report(
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=device_uid, name=f"{model_name} {software_version}: {versions}"[:64],
             manufacturer_name=manufacturer, model_name=model_name, serial_number=device_serial_number))
-    groups: list = []
     root = sop_instance_uid
+    region_groups: list = []
+    segment_groups: list = []
+    other_groups: list = []
     for r in results:
         src = r.source
-        name = _image_name(src)
         lat = str(src.get("ImageLaterality", ""))
-        for score_name in ("malignant", "benign"):
-            for model in models:
-                scores = [s for s in r.findings.scores if s.name == score_name and s.model == model]
-                if scores:
-                    groups.append(_score_group(
-                        score_name, scores, [src], lat, f"{name} {score_name} score ({model.name})",
-                        _uid(root, src.SOPInstanceUID, "score", score_name, model.name, model.version)))
         seg = r.segmentation
+        anchored: dict[int, list[ImageScore]] = {}
+        for score in r.findings.scores:
+            anchor = _anchor(r, score) if seg is not None else None
+            if anchor is None:
+                # A model with scores but no map on this image: a TID 1501 group. (PixelMed
+                # 2022 then checks every group as TID 1410 and reports errors; the shipped
+                # models all produce maps, so this does not occur with them.)
+                other_groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=_uid(root, src.SOPInstanceUID, "score", score.name, score.model.name, score.model.version),
+                        identifier=f"{_image_name(src)} {score.name} score ({score.model.name})"[:64]),
+                    finding_type=finding_codes(SCORE_FINDING[score.name]).sr_finding, finding_sites=_site(lat),
+                    measurements=[_score_measurement(score, [hd.sr.SourceImageForMeasurement(
+                        src.SOPClassUID, src.SOPInstanceUID)])]))
+            else:
+                anchored.setdefault(anchor.number, []).append(score)
         for segment in r.segments:
             fc = finding_codes(segment.map.finding)
             model = segment.map.model
-            track = f"{name} {fc.label.lower()} ({model.name})"
+            track = _track(r, segment)
             seg_ref = (hd.sr.SourceImageForMeasurement(seg.SOPClassUID, seg.SOPInstanceUID, [segment.number])
                        if seg is not None else None)
             regions = sorted(segment.regions.regions, key=lambda g: -g.max_probability)[:max_regions_per_segment]
-            for k, region in enumerate(sorted(regions, key=lambda g: g.index), start=1):
+            for region in sorted(regions, key=lambda g: g.index):
                 prob = fc.probability
                 measurements = [
                     hd.sr.Measurement(name=codes.SCT.Area, value=round(region.area_mm2, 3), unit=SQUARE_MM,
@@ -170,7 +185,7 @@ def build_measurement_report(
                     hd.sr.Measurement(name=prob, value=_percent(region.mean_probability), unit=PERCENT,
                                       derivation=codes.SCT.Mean, algorithm_id=_algorithm(model)),
                 ]
-                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                region_groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=hd.sr.TrackingIdentifier(
                         uid=_uid(root, src.SOPInstanceUID, "region", segment.number, region.index),
                         identifier=f"{track} region {region.index}"[:64]),
@@ -182,41 +197,25 @@ def build_measurement_report(
                     finding_sites=_site(lat),
                     measurements=measurements,
                 ))
-            if seg is not None and segment.regions.regions:
-                total = sum(g.area_mm2 for g in segment.regions.regions)
-                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=_uid(root, src.SOPInstanceUID, "segment", segment.number),
-                        identifier=f"{track} segment {segment.number}"[:64]),
-                    referenced_segment=hd.sr.ReferencedSegmentationFrame(
-                        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
-                        frame_number=segment.number, segment_number=segment.number,
-                        source_image=hd.sr.SourceImageForSegmentation(src.SOPClassUID, src.SOPInstanceUID)),
-                    finding_type=fc.sr_finding,
-                    finding_sites=_site(lat),
-                    measurements=[hd.sr.Measurement(name=codes.SCT.Area, value=round(total, 3), unit=SQUARE_MM)],
-                ))
-    sides = {"L": "Left breast", "R": "Right breast"}
-    for lat, side_name in sides.items():
-        side = [r for r in results if str(r.source.get("ImageLaterality", "")) == lat]
-        if not side:
-            continue
-        for score_name in ("malignant", "benign"):
-            best = _max_scores(side, score_name)
-            if best:
-                groups.append(_score_group(
-                    score_name, best, [r.source for r in side], lat, f"{side_name} {score_name} score (max)",
-                    _uid(root, "breast", lat, score_name), derivation=codes.SCT.Maximum))
-    for score_name in ("malignant", "benign"):
-        best = _max_scores(results, score_name)
-        if best:
-            groups.append(_score_group(
-                score_name, best, [r.source for r in results], "B", f"Study {score_name} score (max)",
-                _uid(root, "study", score_name), derivation=codes.SCT.Maximum))
+            if seg is None:
+                continue
+            total = sum(g.area_mm2 for g in segment.regions.regions)
+            measurements = [hd.sr.Measurement(name=codes.SCT.Area, value=round(total, 3), unit=SQUARE_MM)]
+            measurements += [_score_measurement(sc, []) for sc in anchored.get(segment.number, [])]
+            segment_groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=_uid(root, src.SOPInstanceUID, "segment", segment.number),
+                    identifier=f"{track} segment {segment.number}"[:64]),
+                referenced_segment=_segment_reference(r, segment),
+                finding_type=fc.sr_finding,
+                finding_sites=_site(lat),
+                measurements=measurements,
+            ))
+    summary_groups = _summaries(results, root)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=groups,
+        imaging_measurements=segment_groups + region_groups + summary_groups + other_groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
     evidence = [r.source for r in results] + [r.segmentation for r in results if r.segmentation is not None]
@@ -233,6 +232,39 @@ def build_measurement_report(
         sr.SeriesDate, sr.SeriesTime = content_datetime
         sr.ContentDate, sr.ContentTime = content_datetime
     return sr
+
+
+def _summaries(results: Sequence[ImageResult], root: str) -> list:
+    """Breast- and study-level maxima of each model's image scores.
+
+    Each is a planar ROI group anchored on the segment of the image where the maximum
+    occurred (TID 1410 needs an image region or segmentation reference), with finding site
+    the breast (laterality L, R, or B for the study) and derivation Maximum.
+    """
+    groups = []
+    scopes = [(lat, f"{name} breast", [r for r in results if str(r.source.get("ImageLaterality", "")) == lat])
+              for lat, name in (("L", "Left"), ("R", "Right"))]
+    scopes.append(("B", "Study", list(results)))
+    for lat, scope_name, scope in scopes:
+        candidates = [(score, r) for r in scope if r.segmentation is not None for score in r.findings.scores]
+        keys = sorted({(sc.name, sc.model) for sc, _ in candidates},
+                      key=lambda k: (k[0] != "malignant", k[1].name, k[1].version))
+        for name, model in keys:
+            score, r = max(((sc, rr) for sc, rr in candidates if sc.name == name and sc.model == model),
+                           key=lambda t: t[0].value)
+            anchor = _anchor(r, score)
+            if anchor is None:
+                continue
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=_uid(root, "summary", lat, name, model.name, model.version),
+                    identifier=f"{scope_name} {name} score ({model.name}), max over images"[:64]),
+                referenced_segment=_segment_reference(r, anchor),
+                finding_type=finding_codes(SCORE_FINDING[name]).sr_finding,
+                finding_sites=_site(lat),
+                measurements=[_score_measurement(score, [], derivation=codes.SCT.Maximum)],
+            ))
+    return groups
 
 
 def strip_segment_numbers(ds: pydicom.Dataset) -> None:
