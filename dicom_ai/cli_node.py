@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("infer", help="run the pipeline offline on DICOM files and write the results")
     p.add_argument("files", nargs="+", type=Path, help="MG DICOM files of one study")
-    p.add_argument("--out", type=Path, required=True, help="folder for the SEG/SR objects and previews")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the SEG/SR objects and (pipeline.previews) PNG previews")
     p.add_argument("--config", type=Path, help="node.toml whose [pipeline] to use")
     p.add_argument("--device", help="auto, cpu or cuda:N")
     p.set_defaults(handler=_infer)
@@ -140,8 +141,9 @@ def _infer(args: argparse.Namespace) -> int:
         path = args.out / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         print(f"wrote {path}")
-    for path in write_previews(sources, findings, args.out / "previews"):
-        print(f"wrote {path}")
+    if config.pipeline.previews:
+        for path in write_previews(sources, findings, args.out / "previews"):
+            print(f"wrote {path}")
     return 0
 
 
