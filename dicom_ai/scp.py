@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -69,6 +70,7 @@ OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Rows", "Columns", "BitsAllocated",
              "SamplesPerPixel", "PhotometricInterpretation")
 # First bytes of the first fragment for each encapsulated transfer syntax.
@@ -254,6 +256,10 @@ def _read_and_check(path: Path, sop_class: str, sop_uid: str, ts: str) -> pydico
         raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data")
     if missing:
         raise Rejected(DOES_NOT_MATCH_SOP_CLASS, f"missing {missing[0]}")
+    for name, uid in (("SOP Instance UID", ds_uid), ("Study Instance UID", str(ds.StudyInstanceUID))):
+        # The UIDs name spool files and folders: only a valid UID may get that far.
+        if len(uid) > 64 or not _UID_RE.fullmatch(uid):
+            raise Rejected(DOES_NOT_MATCH_SOP_CLASS, f"invalid {name}")
     if modality != "MG":
         raise Rejected(DOES_NOT_MATCH_SOP_CLASS, f"Modality is {modality or 'empty'}, not MG")
     try:

@@ -105,7 +105,7 @@ def test_kill_during_inference_reruns_the_job_with_the_same_uids(tmp_path):
 
 def test_kill_during_send_resumes_without_duplicates(tmp_path):
     # A slow PACS (1 s per object) so the kill lands between acknowledged objects.
-    pacs, pacs_port = start_storescp(tmp_path / "pacs", "PACS", extra=["--sleep-during", "1"])
+    pacs, pacs_port = start_storescp(tmp_path / "pacs", "PACS", extra=["--sleep-after", "1"])
     port = free_port()
     cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("PACS", pacs_port)])
     node = start_node(cfg, port, tmp_path / "node1.log")

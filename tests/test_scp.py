@@ -116,15 +116,18 @@ def test_broken_data_sets_get_failure_statuses_and_the_scp_keeps_serving(scp, tm
     not_mg = make_mg("R", "CC", study, series, 3)
     not_mg.Modality = "CT"
     not_mg.save_as(tmp_path / "notmg.dcm", enforce_file_format=True)
+    traversal = make_mg("R", "CC", "../../../escape", series, 5)
+    traversal.save_as(tmp_path / "traversal.dcm", enforce_file_format=True)
     good = make_mg("R", "MLO", study, series, 4)
     good.save_as(tmp_path / "good.dcm", enforce_file_format=True)
-    result = storescu(scp.port, [tmp_path / n for n in ("nopix.dcm", "short.dcm", "notmg.dcm", "good.dcm")],
-                      extra=["--no-halt"])
+    names = ("nopix.dcm", "short.dcm", "notmg.dcm", "traversal.dcm", "good.dcm")
+    result = storescu(scp.port, [tmp_path / n for n in names], extra=["--no-halt"])
     statuses = _responses(result)
-    assert len(statuses) == 4, result.stderr
-    assert statuses[:3] == ["(Error: DataSetDoesNotMatchSOPClass)", "(Error: CannotUnderstand)",
-                            "(Error: DataSetDoesNotMatchSOPClass)"]
-    assert statuses[3] == "(Success)"
+    assert len(statuses) == 5, result.stderr
+    assert statuses[:4] == ["(Error: DataSetDoesNotMatchSOPClass)", "(Error: CannotUnderstand)",
+                            "(Error: DataSetDoesNotMatchSOPClass)", "(Error: DataSetDoesNotMatchSOPClass)"]
+    assert statuses[4] == "(Success)"
+    assert not (scp.storage.parent / "escape").exists()
     assert [p.stem for p in scp.spool.rglob("*.dcm")] == [str(good.SOPInstanceUID)]
     assert echoscu(scp.port).returncode == 0
 
