@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 import SimpleITK as sitk
-from PIL import Image, ImageDraw
+from matplotlib.path import Path as MplPath
 
 __all__ = [
     "Spacing",
@@ -220,18 +220,28 @@ def simplify_polygon(points: np.ndarray, tolerance: float) -> np.ndarray:
 
 
 def polygon_pixels(polygon_rc: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels (on a grid of ``shape``) covered by a polygon given as ``(row, column)`` pixel centres.
+    """Pixels of a grid of ``shape`` whose centres lie inside or on a polygon.
 
-    Rasterised with PIL (outline included), which is how the writers check that a
-    simplified contour stays inside its region.
+    The polygon is given as ``(row, column)`` pixel-centre coordinates (the centre of pixel
+    ``[r, c]`` is ``(r, c)`` here). This is the containment the writers guarantee: no pixel
+    outside the region has its centre enclosed by, or on, the region's contour.
     """
-    img = Image.new("1", (shape[1], shape[0]), 0)
-    xy = [(float(c), float(r)) for r, c in polygon_rc]
-    if len(xy) == 1:
-        img.putpixel((int(xy[0][0]), int(xy[0][1])), 1)
-    else:
-        ImageDraw.Draw(img).polygon(xy, fill=1, outline=1)
-    return np.array(img, dtype=bool)
+    pts = np.asarray(polygon_rc, dtype=np.float64)
+    out = np.zeros(shape, dtype=bool)
+    if len(pts) < 3:
+        idx = np.rint(pts).astype(int)
+        out[idx[:, 0], idx[:, 1]] = True
+        return out
+    r0, c0 = np.maximum(np.floor(pts.min(axis=0)).astype(int), 0)
+    r1, c1 = np.minimum(np.ceil(pts.max(axis=0)).astype(int) + 1, shape)
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    centres = np.column_stack([xx.ravel(), yy.ravel()]).astype(np.float64)
+    path = MplPath(pts[:, ::-1])
+    # matplotlib's sign of ``radius`` depends on the polygon's orientation; the union of both
+    # signs includes centres lying on an edge.
+    inside = path.contains_points(centres, radius=1e-6) | path.contains_points(centres, radius=-1e-6)
+    out[r0:r1, c0:c1] = inside.reshape(yy.shape)
+    return out
 
 
 def _contour_for(mask: np.ndarray, tolerance: float, max_points: int) -> tuple[np.ndarray, np.ndarray]:

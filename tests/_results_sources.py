@@ -139,3 +139,95 @@ def make_study(photometric: str = "MONOCHROME2", for_processing: bool = False,
         sources.append(ds)
         findings.append(make_findings(ds, lesion=(lat == "L"), seed=i))
     return sources, findings
+
+
+# --- Built results, cached per test process, and checks shared by the writer tests ---------
+
+import functools  # noqa: E402
+import io  # noqa: E402
+
+import highdicom as hd  # noqa: E402
+from matplotlib.path import Path as _Path  # noqa: E402
+
+VARIANTS = [("MONOCHROME2", False), ("MONOCHROME1", False), ("MONOCHROME2", True), ("MONOCHROME1", True)]
+
+
+@functools.lru_cache(maxsize=None)
+def built(photometric: str = "MONOCHROME2", for_processing: bool = False, cad_sr: bool = True,
+          segmentation_type: str = "BINARY", compression: str = "none"):
+    """(sources, findings, uids, datasets) of one synthetic study, built once per process."""
+    from dicom_ai.results import ResultOptions, ResultUIDs, build_results
+
+    sources, findings = make_study(photometric, for_processing)
+    uids = ResultUIDs.generate([str(d.SOPInstanceUID) for d in sources])
+    options = ResultOptions(cad_sr=cad_sr, segmentation_type=segmentation_type, compression=compression)
+    return sources, findings, uids, build_results(sources, findings, uids, options)
+
+
+def roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """Write to bytes and read back (what a receiver sees)."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
+def seg_masks(seg_ds: pydicom.Dataset, source_uid: str) -> np.ndarray:
+    """(segments, rows, cols) masks of a SEG read back with highdicom."""
+    buf = io.BytesIO()
+    seg_ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    seg = hd.seg.segread(buf)
+    numbers = list(range(1, seg.number_of_segments + 1))
+    arr = seg.get_pixels_by_source_instance(source_sop_instance_uids=[source_uid], segment_numbers=numbers)
+    return np.moveaxis(arr[0], -1, 0)
+
+
+def _items(ds, path=()):
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _items(item)
+
+
+def _name(item) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeValue) if seq else ""
+
+
+def sr_regions(sr: pydicom.Dataset) -> list[dict]:
+    """Planar ROI groups with a SCOORD region: contour, source UID, SEG UID, frame, area."""
+    out = []
+    for group in _items(sr):
+        if _name(group) != "125007":
+            continue
+        children = list(group.get("ContentSequence", []))
+        scoords = [c for c in children if c.ValueType == "SCOORD" and _name(c) == "111030"]
+        if not scoords:
+            continue
+        sc = scoords[0]
+        src = sc.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        area = next(c for c in children if c.ValueType == "NUM" and _name(c) == "42798000")
+        ref = next(c for c in area.ContentSequence if c.ValueType == "IMAGE").ReferencedSOPSequence[0]
+        out.append({"contour": np.asarray(sc.GraphicData, dtype=float).reshape(-1, 2), "source": src,
+                    "graphic_type": sc.GraphicType,
+                    "seg": ref.ReferencedSOPInstanceUID, "frame": int(ref.ReferencedFrameNumber),
+                    "area": float(area.MeasuredValueSequence[0].NumericValue),
+                    "tracking": next(str(c.TextValue) for c in children if _name(c) == "112039")})
+    return out
+
+
+def contour_inside(contour: np.ndarray, mask: np.ndarray) -> tuple[bool, int]:
+    """Is a closed SCOORD polyline (column, row) inside ``mask``?
+
+    Every vertex must lie on a mask pixel, and every pixel whose centre lies strictly
+    inside the polygon must be a mask pixel. Returns (ok, pixels strictly inside).
+    """
+    cols, rows = contour[:, 0], contour[:, 1]
+    if not mask[np.floor(rows).astype(int), np.floor(cols).astype(int)].all():
+        return False, 0
+    r0, r1 = int(np.floor(rows.min())), min(int(np.ceil(rows.max())) + 1, mask.shape[0])
+    c0, c1 = int(np.floor(cols.min())), min(int(np.ceil(cols.max())) + 1, mask.shape[1])
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    centres = np.column_stack([xx.ravel() + 0.5, yy.ravel() + 0.5])
+    inside = _Path(contour).contains_points(centres).reshape(yy.shape)
+    return bool(not (inside & ~mask[r0:r1, c0:c1]).any()), int(inside.sum())

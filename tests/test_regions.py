@@ -1,0 +1,96 @@
+"""dicom_ai.regions: spacing rules for areas, components, minimum size, contours inside regions."""
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicom_ai.regions import RegionError, Spacing, area_spacing, find_regions, polygon_pixels, trace_contour
+
+from _results_sources import contour_inside
+
+
+def _ds(**kw):
+    ds = pydicom.Dataset()
+    for k, v in kw.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def test_spacing_rules():
+    # Calibrated Pixel Spacing wins.
+    s = area_spacing(_ds(PixelSpacing=[0.09, 0.08], ImagerPixelSpacing=[0.1, 0.1], PixelSpacingCalibrationType="GEOMETRY",
+                         EstimatedRadiographicMagnificationFactor=1.1))
+    assert (s.row_mm, s.column_mm, s.basis) == (0.09, 0.08, "calibrated")
+    # Imager Pixel Spacing corrected by ERMF (uncalibrated Pixel Spacing is ignored).
+    s = area_spacing(_ds(PixelSpacing=[0.1, 0.1], ImagerPixelSpacing=[0.1, 0.1], EstimatedRadiographicMagnificationFactor=1.25))
+    assert s.basis == "ermf" and s.row_mm == pytest.approx(0.08) and s.pixel_area_mm2 == pytest.approx(0.0064)
+    # Detector plane when there is no magnification factor.
+    assert area_spacing(_ds(ImagerPixelSpacing=[0.07, 0.07])).basis == "detector"
+    assert area_spacing(_ds(PixelSpacing=[0.2, 0.2])).basis == "uncalibrated"
+    with pytest.raises(RegionError, match="Imager Pixel Spacing"):
+        area_spacing(_ds(Rows=10))
+
+
+def test_trace_contour_of_square_and_single_pixel():
+    m = np.zeros((6, 6), bool)
+    m[1:4, 2:5] = True
+    pts = trace_contour(m)
+    assert {tuple(p) for p in pts} == {(1, 2), (1, 3), (1, 4), (2, 4), (3, 4), (3, 3), (3, 2), (2, 2)}
+    assert len(pts) == 8
+    one = np.zeros((3, 3), bool)
+    one[1, 1] = True
+    assert trace_contour(one).tolist() == [[1, 1]]
+
+
+def test_components_area_min_size_and_holes():
+    sp = Spacing(0.1, 0.2, "detector")  # 0.02 mm2 per pixel
+    p = np.zeros((60, 60), np.float32)
+    p[5:25, 5:25] = 0.9          # 400 px = 8 mm2, with a hole
+    p[12:16, 12:16] = 0.1        # 16 px hole: filled
+    p[40:42, 40:42] = 0.8        # 4 px = 0.08 mm2: dropped at min 0.1 mm2
+    p[40:50, 5:10] = 0.6         # 50 px = 1 mm2
+    rs = find_regions(p, 0.5, sp, min_area_mm2=0.1)
+    assert [r.pixel_count for r in rs.regions] == [400, 50]
+    assert rs.regions[0].area_mm2 == pytest.approx(8.0)
+    assert rs.regions[1].max_probability == pytest.approx(0.6)
+    big = rs.regions[0]
+    assert big.mean_probability == pytest.approx((384 * 0.9 + 16 * 0.1) / 400, rel=1e-5)
+    assert rs.mask.sum() == 450 and not rs.mask[40, 40]
+    for r in rs.regions:
+        assert r.contour[0].tolist() == r.contour[-1].tolist()  # closed polyline
+        assert contour_inside(r.contour, rs.mask)[0]
+
+
+def test_nothing_above_threshold():
+    rs = find_regions(np.full((10, 10), 0.2, np.float32), 0.5, Spacing(0.1, 0.1, "detector"))
+    assert rs.regions == [] and not rs.mask.any()
+
+
+def test_contours_stay_inside_irregular_regions_and_are_simplified():
+    rng = np.random.default_rng(7)
+    import SimpleITK as sitk
+
+    sp = Spacing(0.1, 0.1, "detector")
+    checked = 0
+    for _ in range(8):
+        noise = sitk.GetImageFromArray(rng.random((120, 120)).astype(np.float32))
+        q = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(noise, 3.0))
+        q = (q - q.min()) / (q.max() - q.min())
+        rs = find_regions(q, 0.6, sp, max_points=24)
+        for r in rs.regions:
+            ok, n_inside = contour_inside(r.contour, rs.mask)
+            assert ok
+            raster = polygon_pixels(np.column_stack([r.contour[:-1, 1] - 0.5, r.contour[:-1, 0] - 0.5]), rs.mask.shape)
+            assert not (raster & ~rs.mask).any()
+            checked += 1
+    assert checked > 10
+
+
+def test_smooth_disk_contour_is_short_and_tight():
+    yy, xx = np.mgrid[:300, :300]
+    p = ((yy - 150) ** 2 + (xx - 150) ** 2 <= 100 ** 2).astype(np.float32)
+    rs = find_regions(p, 0.5, Spacing(0.1, 0.1, "detector"), max_points=64)
+    (r,) = rs.regions
+    assert len(r.contour) - 1 <= 64
+    ok, n_inside = contour_inside(r.contour, rs.mask)
+    assert ok and n_inside > 0.95 * r.pixel_count  # polygon covers the disk up to its rim
