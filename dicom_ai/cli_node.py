@@ -121,7 +121,7 @@ def _infer(args: argparse.Namespace) -> int:
     import pydicom
 
     from dicom_ai.results import ResultUIDs, build_results, write_previews
-    from dicom_ai.worker import load_pipeline, run_pipeline
+    from dicom_ai.worker import load_pipeline, result_options, run_pipeline
 
     config = _load(args, **{"pipeline.device": args.device})
     sources = []
@@ -137,7 +137,7 @@ def _infer(args: argparse.Namespace) -> int:
         print(f"skipped {note}", file=sys.stderr)
     uids = ResultUIDs.generate([str(ds.SOPInstanceUID) for ds in sources])
     args.out.mkdir(parents=True, exist_ok=True)
-    for ds in build_results(sources, findings, uids):
+    for ds in build_results(sources, findings, uids, options=result_options(config)):
         path = args.out / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         print(f"wrote {path}")

@@ -33,6 +33,11 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     max_job_attempts = 3
     previews = true                 # PNG overlays per image in <storage>/previews/ for IT checks
 
+    [results]                       # what the result objects look like (dicom_ai.results)
+    segmentation_type = "BINARY"    # BINARY | FRACTIONAL
+    compression = "none"            # none | jpeg2000 | rle | jpegls (the last two FRACTIONAL only)
+    cad_sr = false                  # also send a Mammography CAD SR
+
     [retry]
     max_attempts = 8                # delivery attempts before a delivery is marked failed
     initial_delay_seconds = 10
@@ -102,6 +107,13 @@ class PipelineSection:
 
 
 @dataclass
+class ResultsSection:
+    segmentation_type: str = "BINARY"
+    compression: str = "none"
+    cad_sr: bool = False
+
+
+@dataclass
 class RetrySection:
     max_attempts: int = 8
     initial_delay_seconds: float = 10.0
@@ -128,6 +140,7 @@ class NodeConfig:
     destinations: list[RemoteNode] = field(default_factory=list)
     study: StudySection = field(default_factory=StudySection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
+    results: ResultsSection = field(default_factory=ResultsSection)
     retry: RetrySection = field(default_factory=RetrySection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -155,7 +168,7 @@ class NodeConfig:
 
 
 _SECTIONS = {"node": NodeSection, "study": StudySection, "pipeline": PipelineSection,
-             "retry": RetrySection, "logging": LoggingSection}
+             "results": ResultsSection, "retry": RetrySection, "logging": LoggingSection}
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -328,6 +341,14 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(f"pipeline.factory must look like 'package.module:callable', got {p.factory!r}")
     if p.max_job_attempts < 1:
         raise ConfigError(f"pipeline.max_job_attempts must be at least 1, got {p.max_job_attempts}")
+    res = cfg.results
+    res.segmentation_type = res.segmentation_type.upper()
+    if res.segmentation_type not in ("BINARY", "FRACTIONAL"):
+        raise ConfigError(f"results.segmentation_type must be BINARY or FRACTIONAL, got {res.segmentation_type!r}")
+    if res.compression not in ("none", "jpeg2000", "rle", "jpegls"):
+        raise ConfigError(f"results.compression must be none, jpeg2000, rle or jpegls, got {res.compression!r}")
+    if res.compression in ("rle", "jpegls") and res.segmentation_type != "FRACTIONAL":
+        raise ConfigError(f"results.compression = {res.compression!r} needs results.segmentation_type = FRACTIONAL")
     r = cfg.retry
     if r.max_attempts < 1:
         raise ConfigError(f"retry.max_attempts must be at least 1, got {r.max_attempts}")

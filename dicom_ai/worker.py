@@ -75,14 +75,23 @@ def run_pipeline(pipeline, sources: list[pydicom.Dataset]) -> tuple[list, list, 
     return kept, findings, skipped
 
 
-def process_job(job: Job, pipeline, storage: Path, previews: bool = True) -> tuple[list[tuple[str, str, str]], list[str]]:
+def result_options(config: NodeConfig):
+    """The result writers' options from the ``[results]`` section."""
+    from dicom_ai.results import ResultOptions
+
+    r = config.results
+    return ResultOptions(segmentation_type=r.segmentation_type, compression=r.compression, cad_sr=r.cad_sr)
+
+
+def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str, str, str]], list[str]]:
     """Run one job; returns its outbox entries ``(sop_instance_uid, sop_class_uid, path)`` and notes."""
     from dicom_ai.results import ResultUIDs, build_results, write_previews
 
+    storage = config.storage_dir
     sources = [pydicom.dcmread(i.path) for i in job.instances]
     sources, findings, notes = run_pipeline(pipeline, sources)
     uids = ResultUIDs.from_json(job.result_uids)
-    datasets = build_results(sources, findings, uids)
+    datasets = build_results(sources, findings, uids, options=result_options(config))
     outbox = storage / "outbox" / f"job-{job.id}"
     outbox.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -96,7 +105,7 @@ def process_job(job: Job, pipeline, storage: Path, previews: bool = True) -> tup
         entries.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(target)))
     _fsync_dir(outbox)
     _fsync_dir(outbox.parent)
-    if previews:
+    if config.pipeline.previews:
         try:
             write_previews(sources, findings, storage / "previews" / f"job-{job.id}")
         except Exception as exc:  # previews are a convenience for IT, never a reason to fail a job
@@ -143,7 +152,7 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
         logs.event("job_started", job_id=job.id, study_instance_uid=job.study_uid, calling_ae=job.calling_ae,
                    images=len(job.instances), attempt=job.attempts)
         try:
-            entries, notes = process_job(job, pipeline, config.storage_dir, config.pipeline.previews)
+            entries, notes = process_job(job, pipeline, config)
         except Exception as exc:
             state = store.fail_job(job, f"{type(exc).__name__}: {exc}", config.pipeline.max_job_attempts)
             logs.event("job_failed", level="ERROR", job_id=job.id, study_instance_uid=job.study_uid, state=state,

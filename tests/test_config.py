@@ -105,6 +105,8 @@ def test_duplicate_ae_title_is_named(tmp_path):
     ("[pipeline]\nmodels = []\n", "pipeline.models"),
     ("[retry]\nmax_attempts = 0\n", "retry.max_attempts"),
     ("[logging]\nlevel = 'LOUD'\n", "logging.level"),
+    ("[results]\nsegmentation_type = 'LABELMAP'\n", "results.segmentation_type"),
+    ("[results]\ncompression = 'rle'\n", "results.compression"),
     ("[node\n", "not valid TOML"),
 ])
 def test_other_bad_values_are_named(tmp_path, text, fragment):

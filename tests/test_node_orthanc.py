@@ -17,7 +17,9 @@ def test_orthanc_sends_a_study_and_finds_the_results_in_it(tmp_path):
     orthanc = Orthanc(tmp_path / "orthanc", node_port=port)
     node = None
     try:
-        cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("ORTHANC", orthanc.dicom)])
+        # Results JPEG 2000 compressed, with a Mammography CAD SR: what a site may configure.
+        cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("ORTHANC", orthanc.dicom)],
+                                results={"compression": "jpeg2000", "cad_sr": True})
         node = start_node(cfg, port, tmp_path / "node.log")
         assert orthanc.post("/modalities/ainode/echo", {}) == {}
 
@@ -38,14 +40,16 @@ def test_orthanc_sends_a_study_and_finds_the_results_in_it(tmp_path):
         results = outbox_uids(status, status["jobs"][0]["id"])
         series = orthanc.get(f"/studies/{study}/series?expand")
         modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
-        assert "MG" in modalities and "SEG" in modalities and "SR" in modalities, modalities
+        assert "MG" in modalities and "SEG" in modalities and modalities.count("SR") == 2, modalities
         instances = orthanc.get(f"/studies/{study}/instances?expand")
         uids = sorted(i["MainDicomTags"]["SOPInstanceUID"] for i in instances
                       if i["MainDicomTags"]["SOPInstanceUID"] in set(results))
         assert uids == results  # every result object, in the study it belongs to
         assert len(instances) == 4 + len(results)
-        result_id = next(i["ID"] for i in instances if i["MainDicomTags"]["SOPInstanceUID"] == results[0])
-        assert orthanc.get(f"/instances/{result_id}/metadata?expand")["RemoteAET"] == "AINODE"
+        seg_series = next(s for s in series if s["MainDicomTags"]["Modality"] == "SEG")
+        meta = orthanc.get(f"/instances/{seg_series['Instances'][0]}/metadata?expand")
+        assert meta["RemoteAET"] == "AINODE"
+        assert meta["TransferSyntax"] == "1.2.840.10008.1.2.4.90"  # sent as written, JPEG 2000 lossless
     finally:
         if node is not None:
             node.stop()
