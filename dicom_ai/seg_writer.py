@@ -138,10 +138,12 @@ def build_segmentation(
                 f"map {s.map.finding} of model {s.map.model.name} has shape {s.map.probability.shape}, "
                 f"but the source image is {shape} (Rows, Columns); maps must be on the stored source grid")
     segmentation_type = segmentation_type.upper()
+    # highdicom reads a 3-D array as (frames, rows, columns) of segment labels; one source
+    # frame with n segments must be (1, rows, columns, n).
     if segmentation_type == "BINARY":
-        pixels = np.stack([s.regions.mask for s in segments]).astype(np.uint8)
+        pixels = np.stack([s.regions.mask for s in segments], axis=-1)[None].astype(np.uint8)
     elif segmentation_type == "FRACTIONAL":
-        pixels = np.stack([np.clip(s.map.probability, 0.0, 1.0) for s in segments]).astype(np.float32)
+        pixels = np.stack([np.clip(s.map.probability, 0.0, 1.0) for s in segments], axis=-1)[None].astype(np.float32)
     else:
         raise SegWriterError(f"segmentation type must be BINARY or FRACTIONAL, got {segmentation_type!r}")
     occurrences: dict[str, int] = {}
