@@ -114,6 +114,9 @@ class Job:
     result_uids: str
     attempts: int
     claim_token: str
+    #: Earlier jobs of the same study that produced (or may produce) results: 0 for the
+    #: first, 1 for the first superseding job, ...
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -262,9 +265,11 @@ class JobStore:
             f"SELECT * FROM instances WHERE sop_instance_uid IN ({','.join('?' * len(uids))})", uids)}
         instances = [Instance(u, by_uid[u]["sop_class_uid"], by_uid[u]["transfer_syntax"], by_uid[u]["laterality"],
                               by_uid[u]["view"], by_uid[u]["path"]) for u in uids]
+        revision = conn.execute("SELECT COUNT(*) FROM jobs WHERE study_id = ? AND id < ? AND state != 'cancelled'",
+                                (row["study_id"], job_id)).fetchone()[0]
         return Job(id=row["id"], study_id=row["study_id"], study_uid=row["study_uid"], calling_ae=row["calling_ae"],
                    instances=instances, result_uids=row["result_uids"], attempts=row["attempts"],
-                   claim_token=row["claim_token"] or "")
+                   claim_token=row["claim_token"] or "", revision=int(revision))
 
     def complete_job(self, job: Job, outputs: Sequence[tuple[str, str, str]],
                      destinations: Sequence[tuple[str, str, int]], note: str | None = None) -> str:

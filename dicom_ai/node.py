@@ -9,9 +9,10 @@ result object stored once at its destination.
 
 Late instances: an instance that arrives after its study became a job re-opens the study.
 If that job has not started it is cancelled; otherwise it runs to completion. When the study
-is complete again, a new job covers all its instances, with new result UIDs (a new series);
-undelivered results of the earlier job are superseded and not sent. Results already sent
-stay at the PACS; the newer series supersedes them.
+is complete again, a new job covers all its instances, with new result UIDs (new series,
+series numbers 10 higher per revision: SEG 9011, SR 9012 after 9001, 9002); undelivered
+results of the earlier job are superseded and not sent. Results already sent stay at the
+PACS; the newer series supersede them.
 """
 
 from __future__ import annotations

@@ -75,12 +75,19 @@ def run_pipeline(pipeline, sources: list[pydicom.Dataset]) -> tuple[list, list, 
     return kept, findings, skipped
 
 
-def result_options(config: NodeConfig):
-    """The result writers' options from the ``[results]`` section."""
+def result_options(config: NodeConfig, revision: int = 0):
+    """The result writers' options from the ``[results]`` section.
+
+    Results of a superseding job (``revision`` > 0, after late images) get series numbers
+    10 higher per revision, so viewers list the newest results last.
+    """
     from dicom_ai.results import ResultOptions
 
-    r = config.results
-    return ResultOptions(segmentation_type=r.segmentation_type, compression=r.compression, cad_sr=r.cad_sr)
+    r, base, step = config.results, ResultOptions(), 10 * revision
+    return ResultOptions(segmentation_type=r.segmentation_type, compression=r.compression, cad_sr=r.cad_sr,
+                         seg_series_number=base.seg_series_number + step,
+                         sr_series_number=base.sr_series_number + step,
+                         cad_series_number=base.cad_series_number + step)
 
 
 def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str, str, str]], list[str]]:
@@ -91,7 +98,7 @@ def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str,
     sources = [pydicom.dcmread(i.path) for i in job.instances]
     sources, findings, notes = run_pipeline(pipeline, sources)
     uids = ResultUIDs.from_json(job.result_uids)
-    datasets = build_results(sources, findings, uids, options=result_options(config))
+    datasets = build_results(sources, findings, uids, options=result_options(config, job.revision))
     outbox = storage / "outbox" / f"job-{job.id}"
     outbox.mkdir(parents=True, exist_ok=True)
     entries = []

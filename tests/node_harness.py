@@ -337,6 +337,9 @@ def wait_delivered(storage: Path, jobs: int, timeout: float = 60) -> dict:
     """Wait until ``jobs`` jobs are done and all their deliveries are done; returns the store."""
     def done():
         s = store_status(storage)
+        failed = [j for j in s["jobs"] if j["state"] == "failed"]
+        if failed:
+            raise AssertionError(f"job {failed[0]['id']} failed: {failed[0]['error']}")
         finished = [j for j in s["jobs"] if j["state"] == "done"]
         ds = [d for d in s["deliveries"] if d["job_id"] in {j["id"] for j in finished}]
         return s if len(finished) >= jobs and ds and all(d["state"] == "done" for d in ds) else None

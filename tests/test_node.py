@@ -99,6 +99,9 @@ def test_incomplete_study_after_idle_time_and_a_late_image_supersedes_in_a_new_s
         series = {j: {str(ds.SeriesInstanceUID) for ds in at_pacs if str(ds.SOPInstanceUID) in uids}
                   for j, uids in by_job.items()}
         assert not (series[job1["id"]] & series[job2["id"]])  # the newer results are a new series
+        numbers = {j: {int(ds.SeriesNumber) for ds in at_pacs if str(ds.SOPInstanceUID) in uids}
+                   for j, uids in by_job.items()}
+        assert min(numbers[job2["id"]]) > max(numbers[job1["id"]])  # listed after the superseded ones
     finally:
         node.stop()
         pacs.stop()
