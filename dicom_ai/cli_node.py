@@ -91,6 +91,8 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    for n in status["notices"]:
+        print(f"PROBLEM ({n['key']}, {_when(n['updated'])}): {n['message']}")
     print(f"STUDIES ({len(status['studies'])})")
     for s in status["studies"]:
         print(f"  {s['id']:>4}  {s['state']:<7} {s['instances']:>3} img  from {s['calling_ae']:<16} "
@@ -108,7 +110,7 @@ def _status(args: argparse.Namespace) -> int:
               f"to {d['ae_title']}@{d['host']}:{d['port']}  attempts {d['attempts']}{nxt}{err}")
     failed = sum(d["state"] == "failed" for d in status["deliveries"]) + sum(j["state"] == "failed"
                                                                              for j in status["jobs"])
-    return 1 if failed else 0
+    return 1 if failed or status["notices"] else 0
 
 
 def _retry(args: argparse.Namespace) -> int:

@@ -85,6 +85,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, next_attempt);
+CREATE TABLE IF NOT EXISTS notices (
+    key TEXT PRIMARY KEY,
+    message TEXT NOT NULL,
+    updated REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS sent (
     delivery_id INTEGER NOT NULL REFERENCES deliveries(id),
     sop_instance_uid TEXT NOT NULL,
@@ -374,6 +379,15 @@ class JobStore:
 
     # -- status --------------------------------------------------------------------------
 
+    def set_notice(self, key: str, message: str | None) -> None:
+        """Record (or clear, with None) a node-wide problem that ``status`` shows, e.g. a
+        pipeline that cannot load."""
+        with self._write() as db:
+            if message is None:
+                db.execute("DELETE FROM notices WHERE key = ?", (key,))
+            else:
+                db.execute("INSERT OR REPLACE INTO notices VALUES (?, ?, ?)", (key, message[:2000], time.time()))
+
     def status(self) -> dict[str, list[dict]]:
         """Studies, jobs and deliveries with their states and errors (UIDs and AE titles only)."""
         conn = self._conn()
@@ -389,4 +403,5 @@ class JobStore:
             "(SELECT COUNT(*) FROM sent x WHERE x.delivery_id = d.id) AS sent, "
             "(SELECT COUNT(*) FROM outbox o WHERE o.job_id = d.job_id) AS total "
             "FROM deliveries d ORDER BY d.id")]
-        return {"studies": studies, "jobs": jobs, "deliveries": deliveries}
+        notices = [dict(r) for r in conn.execute("SELECT * FROM notices ORDER BY key")]
+        return {"notices": notices, "studies": studies, "jobs": jobs, "deliveries": deliveries}

@@ -36,6 +36,9 @@ def configure(proc: str, level: str = "INFO", path: Path | None = None, stream=s
     _proc = proc
     _level = logging.getLevelName(level.upper())
     _stream = stream
+    if _file is not None:
+        _file.close()
+        _file = None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         _file = open(path, "a", buffering=1, encoding="utf-8")

@@ -139,11 +139,13 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
         if config.pipeline.previews:
             import dicom_ai.preprocess  # noqa: F401
     except Exception as exc:
-        # Jobs stay queued; the node restarts the worker, and the log says what to fix.
+        # Jobs stay queued; the node restarts the worker; the log and `status` say what to fix.
         logs.event("pipeline_load_failed", level="ERROR", error=f"{type(exc).__name__}: {exc}",
                    factory=config.pipeline.factory or "bundles", models=",".join(config.pipeline.models))
+        store.set_notice("worker", f"the model pipeline cannot be loaded, jobs wait: {type(exc).__name__}: {exc}")
         time.sleep(5)
         raise SystemExit(3) from None
+    store.set_notice("worker", None)
     logs.event("worker_started", factory=config.pipeline.factory or "bundles",
                models=",".join(config.pipeline.models), device=config.pipeline.device,
                load_seconds=round(time.monotonic() - started, 1))

@@ -269,7 +269,7 @@ def store_status(storage: Path) -> dict:
     conn.row_factory = sqlite3.Row
     try:
         return {t: [dict(r) for r in conn.execute(f"SELECT * FROM {t}")]
-                for t in ("studies", "instances", "jobs", "deliveries", "outbox", "sent")}
+                for t in ("studies", "instances", "jobs", "deliveries", "outbox", "sent", "notices")}
     finally:
         conn.close()
 

@@ -156,3 +156,20 @@ def test_infer_runs_the_pipeline_offline(tmp_path):
     assert sorted(ds.Modality for ds in written) == ["SEG", "SEG", "SR"]
     assert {ds.StudyInstanceUID for ds in written} == {pydicom.dcmread(files[0]).StudyInstanceUID}
     assert not (tmp_path / "out" / "previews").exists()  # pipeline.previews = false in this config
+
+
+def test_a_pipeline_that_cannot_load_is_shown_by_status_and_jobs_wait(tmp_path):
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("PACS", 1)],
+                            pipeline={"factory": "node_harness:no_such_pipeline"})
+    node = start_node(cfg, port, tmp_path / "node.log")
+    try:
+        assert storescu(port, write_study(tmp_path / "study")).returncode == 0  # receiving goes on
+        wait_for(lambda: (lambda s: s["notices"] and s["jobs"])(store_status(tmp_path / "storage")), 60,
+                 "the worker's notice and the queued job")
+        shown = _cli("status", "--config", str(cfg))
+        assert shown.returncode == 1
+        assert "PROBLEM (worker" in shown.stdout and "no_such_pipeline" in shown.stdout, shown.stdout
+        assert [j["state"] for j in store_status(tmp_path / "storage")["jobs"]] == ["queued"]
+    finally:
+        node.stop()

@@ -215,8 +215,11 @@ def test_log_has_no_patient_data(scp, tmp_path, capfd):
 
     log = tmp_path / "scp.log"
     logs.configure("scp", "INFO", log)
-    files = write_study(tmp_path / "in", views=[("L", "CC")])
-    assert storescu(scp.port, files).returncode == 0
+    try:
+        files = write_study(tmp_path / "in", views=[("L", "CC")])
+        assert storescu(scp.port, files).returncode == 0
+    finally:
+        logs.configure("node", "INFO", None)
     text = log.read_text()
     assert "instance_received" in text
     for secret in (PATIENT_NAME, PATIENT_ID, ACCESSION, "19600101", "Secret"):
