@@ -341,8 +341,12 @@ def _lines(field: np.ndarray, spacing: float, half_width_mm: float | np.ndarray)
     lines keep their width (no sub-pixel, aliased stretches where the field is steep).
     """
     gy, gx = np.gradient(field, np.float32(spacing))
-    distance = np.abs(field) / np.maximum(np.sqrt(gx * gx + gy * gy), np.float32(1e-3))
-    return np.exp(-((distance / np.maximum(half_width_mm, spacing * 0.7)) ** 2)).astype(np.float32)
+    grad = np.sqrt(gx * gx + gy * gy)
+    distance = np.abs(field) / np.maximum(grad, np.float32(1e-3))
+    # Crossings where the field is flat wander (contour-map loops); let them fade out.
+    typical = float(np.median(grad[::7, ::7])) + 1e-6
+    strength = _smoothstep(grad / np.float32(typical), 0.6, 1.6)
+    return (np.exp(-((distance / np.maximum(half_width_mm, spacing * 0.7)) ** 2)) * strength).astype(np.float32)
 
 
 def _smoothstep(x: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -367,7 +371,7 @@ def _render_mass(f: Finding, center: tuple[float, float], spacing: float, shape:
     elif f.shape == "lobulated":
         aspect, harm, blur = srng.uniform(0.65, 0.9), 0.06, 0.2
     elif f.shape == "irregular":
-        aspect, harm, blur = srng.uniform(0.6, 1.0), 0.16, 0.9
+        aspect, harm, blur = srng.uniform(0.6, 1.0), 0.16, 0.6
     else:  # spiculated
         aspect, harm, blur = srng.uniform(0.75, 1.0), 0.09, 0.6
     ks = np.arange(2, 9)
@@ -377,8 +381,8 @@ def _render_mass(f: Finding, center: tuple[float, float], spacing: float, shape:
     phases = srng.uniform(0, 2 * np.pi, size=ks.size)
     n_spic = int(srng.integers(10, 26)) if f.shape == "spiculated" else 0
     spic_ang = srng.uniform(0, 2 * np.pi, size=n_spic)
-    spic_len = R * srng.uniform(0.8, 2.2, size=n_spic)
-    spic_w = srng.uniform(0.25, 0.6, size=n_spic)
+    spic_len = R * srng.uniform(1.0, 2.5, size=n_spic)
+    spic_w = srng.uniform(0.35, 0.8, size=n_spic)
     angle = rng.uniform(0, 2 * np.pi)  # per-view rotation: a different projection of the same mass
 
     reach = R * (1 + 4 * abs(harm)) + (spic_len.max(initial=0) + R) + 3 * blur + 1
@@ -414,7 +418,7 @@ def _render_mass(f: Finding, center: tuple[float, float], spacing: float, shape:
         tt = np.clip(t / L, 0, 1)
         width = w * (1 - 0.8 * tt) + 0.5 * spacing
         line = np.exp(-(d / width) ** 2) * (1 - tt) * ((t > 0) & (t < L))
-        density = np.maximum(density, 0.7 * line)
+        density = np.maximum(density, 0.9 * line)
     return (slice(ra, rb), slice(ca, cb)), density.astype(np.float32), mask
 
 
@@ -477,7 +481,8 @@ def _cluster_region(mask: np.ndarray, centers_px: np.ndarray, margin_px: float) 
         inside = np.ones_like(region)
         for i in range(len(hull)):
             a, b = hull[i], hull[(i + 1) % len(hull)]
-            inside &= (b[0] - a[0]) * (cc - a[1]) - (b[1] - a[1]) * (rr - a[0]) <= 0
+            # Counter-clockwise hull: interior points lie left of every edge (cross product >= 0).
+            inside &= (b[0] - a[0]) * (cc - a[1]) - (b[1] - a[1]) * (rr - a[0]) >= 0
         region |= inside
         # Grow by the margin: distance to each hull edge.
         for i in range(len(hull)):
@@ -598,7 +603,7 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
     # Lines fade in and out along their length, as real ligaments and ducts do.
     septa = _lines(n2, wsp, 0.3) * inner * _smoothstep(n_rad, -1.0, 1.0)
     lobules = _smoothstep(n2, -0.8, 1.8) * inner
-    strands = (_lines(n3, wsp, 0.18 + 0.12 * _smoothstep(n_rad, -1.0, 1.0)) * inner
+    strands = (_lines(n3, wsp, 0.25 + 0.2 * _smoothstep(n_rad, -1.0, 1.0)) * inner
                * _smoothstep(nip_d, 5.0, 35.0) * _smoothstep(n_iso, 0.0, 1.5))
     tissue = thick ** np.float32(0.35)
     muscle = None
@@ -612,7 +617,7 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
         mottle = np.tanh(n2) * np.float32(0.5) + np.float32(0.5)
         img = (0.13 + 0.08 * tissue + 0.24 * rim
                + gland * tissue * (0.45 + 0.14 * mottle - 0.08 * lobules + 0.10 * strands)
-               + (0.07 * septa + 0.22 * strands - 0.13 * lobules + 0.05 * n1) * fat * tissue)
+               + (0.04 * septa + 0.16 * strands - 0.13 * lobules + 0.05 * n1) * fat * tissue)
         if muscle is not None:
             w, h, q = outline.pectoral
             level = 0.52 + 0.03 * n_iso + 0.12 * np.clip(1 - wy / np.float32(h), 0, 1) + 0.08 * np.clip(1 - pect, 0, 1)
@@ -663,7 +668,7 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
             if res is None:
                 continue
             window, dens, m = res
-            img[window] += (0.20 if f.malignant else 0.16) * gain * dens
+            img[window] += (0.26 if f.malignant else 0.22) * gain * dens
             masks["mass_" + suffix][window] |= m
             area = int(m.sum())
         elif f.kind == "macrocalcification":

@@ -74,3 +74,27 @@ def test_normal_study_has_no_findings():
     for im in st.images:
         assert not any(m.any() for m in im.masks.values())
         assert im.labels == {"benign": False, "malignant": False}
+
+
+def test_cluster_regions_are_filled_and_hold_their_specks():
+    from dicom_ai.metrics import label_regions
+
+    seen = 0
+    for seed in range(40, 60):
+        st = generate_study(seed, shape=SHAPE, normal=False)
+        for im in st.images:
+            for cls in ("benign", "malignant"):
+                cluster, calc = im.masks["cluster_" + cls], im.masks["calcification_" + cls]
+                if not cluster.any():
+                    continue
+                seen += 1
+                labels = label_regions(cluster)
+                for region in range(1, labels.max() + 1):
+                    rr, cc = np.nonzero(labels == region)
+                    assert labels[int(round(rr.mean())), int(round(cc.mean()))] == region  # filled, not a ring
+                # Specks of a cluster lie inside its region (isolated macrocalcifications have none).
+                if not any(f["kind"] == "macrocalcification" for f in im.findings):
+                    assert (calc & ~cluster).sum() == 0
+        if seen >= 4:
+            break
+    assert seen >= 4
