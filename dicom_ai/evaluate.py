@@ -274,7 +274,10 @@ def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai eva
                   "| sensitivity | " + " | ".join(_fmt(v) for v in f.sensitivity_at.values())
                   + f" | {_fmt(f.mean_sensitivity)} |", "", "![FROC](froc.png)", ""]
         fig, ax = plt.subplots(figsize=(4.5, 3.5))
-        ax.step(f.fp_per_image, f.sensitivity, where="post")
+        # The curve holds its last sensitivity beyond the last operating point.
+        right = max(4.5, float(f.fp_per_image[-1]) * 1.1)
+        ax.step(np.r_[f.fp_per_image, right], np.r_[f.sensitivity, f.sensitivity[-1]], where="post")
+        ax.set_xlim(0, right)
         for r, v in f.sensitivity_at.items():
             ax.plot([r], [v], "o", color="C1")
         ax.set_xscale("symlog", linthresh=0.25)
