@@ -197,6 +197,12 @@ def _label(ds) -> str:
     return f"{ds.SeriesDescription} (..{ds.SOPInstanceUID[-6:]})"
 
 
+def _seg_source(seg) -> str:
+    """SOP Instance UID of the image a (single-image) SEG was derived from."""
+    fg = seg.PerFrameFunctionalGroupsSequence[0]
+    return str(fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+
+
 def _image_visible(png: Path, canvas: dict) -> float:
     """Fraction of the viewport canvas that is not black: the mammogram is on screen."""
     img = np.asarray(Image.open(png).convert("L"), dtype=np.uint8)
@@ -216,15 +222,19 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
 
     study = fixtures.make_study(seed=seed, shape=shape, writer=writer)
     stripped = 0 if keep_voi_function else strip_linear_voi_function(study.images)
-    segs = list(study.segs)
+    segs, srs = list(study.segs), list(study.srs)
+    experiment_uids = set()
     if experiments:
-        segs += [fixtures.with_plane_orientation(s, f"{s.SeriesDescription} + PlaneOrientation (experiment)")
-                 for s in study.segs[:1]]
+        extra_segs = [fixtures.with_plane_orientation(s) for s in study.segs]
+        extra_srs = [fixtures.sr_geometry_groups_only(s) for s in study.srs]
+        experiment_uids = {d.SOPInstanceUID for d in extra_segs + extra_srs}
+        segs += extra_segs
+        srs += extra_srs
     files = {"images": [], "results": []}
     dicom_dir = out / "dicom"
     shutil.rmtree(dicom_dir, ignore_errors=True)
     dicom_dir.mkdir()
-    for group, datasets in (("images", study.images), ("results", [*study.srs, *segs])):
+    for group, datasets in (("images", study.images), ("results", [*srs, *segs])):
         for ds in datasets:
             p = dicom_dir / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
             ds.save_as(p, enforce_file_format=True)
@@ -236,7 +246,7 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
 
     # Probe points per image: samples along each SR contour, then SEG samples inside each
     # thresholded map and in a ring around it. drive.mjs projects them to screen pixels.
-    contours = {}
+    contours = {}  # the node's SR regions (an experiment variant keeps the same ones)
     for sr in study.srs:
         for sop, items in fixtures.sr_contours(sr).items():
             contours.setdefault(sop, []).extend(items)
@@ -283,53 +293,64 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
             orthanc.upload(p)
         after = drive({**base_plan, "phase": "after", "timeoutMs": int(timeout_s * 2000),
                        "sr": [{"uid": d.SeriesInstanceUID, "sop": d.SOPInstanceUID, "label": _label(d)}
-                              for d in study.srs],
-                       "seg": [{"uid": d.SeriesInstanceUID, "sop": d.SOPInstanceUID, "label": _label(d)}
-                               for d in segs]}, timeout_s * 2 + 30)
+                              for d in srs],
+                       "seg": [{"uid": d.SeriesInstanceUID, "sop": d.SOPInstanceUID, "label": _label(d),
+                                "source": _seg_source(d)} for d in segs]}, timeout_s * 2 + 30)
     report["before"], report["after"] = before, after
 
     for entry in after["opened"]:
         sop = entry.get("viewport", {}).get("sopInstanceUID")
         lay, proj = layout.get(sop), entry.get("probes")
+        label = entry["description"]
+        errors = " ".join(entry["errors"])
+        if entry.get("reachable") is False:
+            check(f"{entry['kind']} '{label}' listed in the study browser", False,
+                  "OHIF builds one display set per SEG series from its last instance only" if entry["kind"] == "SEG"
+                  else entry["errors"][:1])
+            continue
         if entry["kind"] == "SR":
             anns = entry.get("annotations") or []
-            check("SR regions loaded as annotations", len(anns) == n_regions and not entry["errors"],
-                  f"{len(anns)} annotations in OHIF ({sorted({a['toolName'] for a in anns if a['toolName']})}), "
-                  f"{n_regions} regions in the SR; errors {entry['errors'][:3]}")
-            if not (lay and proj and entry.get("screenshotHidden")):
-                check("SR contour drawn", False, f"nothing to compare on image {sop}")
+            report.setdefault("srs", {})[label] = {"drawn": entry.get("drawn"), "annotations": len(anns),
+                                                   "ohif_errors": entry["errors"][:3]}
+            check(f"SR '{label}' loads: one annotation per SR region", entry.get("loaded") and len(anns) == n_regions
+                  and not entry["errors"], f"{len(anns)} annotations in OHIF, {n_regions} regions in the SR; "
+                  f"drawn elements {entry.get('drawn')}; errors {[e[:200] for e in entry['errors'][:2]]}")
+            if not (lay and proj and entry.get("screenshotHidden") and anns):
                 continue
             changed = _changed(out / entry["screenshot"], out / entry["screenshotHidden"])
             for name, start, n in lay["contours"]:
                 hits = sum(_hit(changed, proj[start + k], 3) for k in range(n))
-                check(f"SR contour drawn: {name}", hits / n >= MIN_COVERAGE,
+                check(f"SR '{label}' contour drawn: {name}", hits / n >= MIN_COVERAGE,
                       f"{hits}/{n} contour samples have drawn pixels within 3 px ({entry['screenshot']})")
         else:
-            desc = entry["description"]
-            errors = " ".join(entry["errors"])
             ds = next(d for d in segs if d.SOPInstanceUID == entry["sopInstanceUID"])
             has_po = "PlaneOrientationSequence" in ds.SharedFunctionalGroupsSequence[0] or any(
                 "PlaneOrientationSequence" in fg for fg in ds.PerFrameFunctionalGroupsSequence)
-            seg_reports[desc]["plane_orientation"] = has_po
-            seg_reports[desc]["loaded_in_ohif"] = bool(entry.get("loaded"))
-            seg_reports[desc]["ohif_errors"] = entry["errors"][:3]
+            seg_reports[label].update(plane_orientation=has_po, loaded_in_ohif=bool(entry.get("loaded")),
+                                      ohif_errors=[e[:300] for e in entry["errors"][:2]])
             if not has_po:
-                check(f"SEG '{desc}' without Plane Orientation: OHIF {OHIF_VERSION} refuses it as documented",
+                check(f"SEG '{label}' without Plane Orientation: OHIF {OHIF_VERSION} refuses it as documented",
                       not entry.get("loaded") and SEG_ORIENTATION_ERROR in errors,
-                      f"loaded={entry.get('loaded')}, errors: {errors[:300]}")
+                      f"loaded={entry.get('loaded')}, errors: {errors[:160]}")
                 continue
-            check(f"SEG '{desc}' loads", entry.get("loaded") and not entry["errors"],
-                  f"segmentations {entry.get('segmentations')}, errors {entry['errors'][:3]}")
+            check(f"SEG '{label}' loads", entry.get("loaded") and not entry["errors"],
+                  f"segmentations {entry.get('segmentations')}, errors {[e[:200] for e in entry['errors'][:2]]}")
+            tries = entry.get("attempts", [])
+            seg_reports[label]["attempts"] = tries
+            check(f"SEG '{label}' shown on its source image", sop == _seg_source(ds),
+                  f"{len(tries)} opening(s); shown on {[t['shownSOPInstanceUID'][-6:] for t in tries]}, "
+                  f"source ..{_seg_source(ds)[-6:]}")
             if not (lay and proj and entry.get("screenshotHidden")):
-                check(f"SEG '{desc}' drawn", False, f"nothing to compare on image {sop}")
                 continue
             changed = _changed(out / entry["screenshot"], out / entry["screenshotHidden"])
             for finding, s_in, n_in, s_out, n_out in lay["seg"]:
                 inside = sum(_hit(changed, proj[s_in + k], 0) for k in range(n_in)) / max(n_in, 1)
                 outside = sum(_hit(changed, proj[s_out + k], 0) for k in range(n_out)) / max(n_out, 1)
-                check(f"SEG '{desc}' drawn on its mask: {finding}",
+                check(f"SEG '{label}' drawn on its mask: {finding}",
                       inside >= MIN_COVERAGE and outside <= MAX_OUTSIDE_CHANGED,
                       f"{inside:.0%} of pixels inside the mask changed, {outside:.0%} around it ({entry['screenshot']})")
+    for c in report["checks"]:
+        c["experiment"] = "(experiment)" in c["name"]
     report["seconds"] = {"install": round(t_install, 1), "total": round(time.monotonic() - t0, 1)}
     return report
 

@@ -2,7 +2,7 @@
 //
 // Usage: node drive.mjs plan.json   (plan written by check_viewer.py)
 // plan: {nodeModules, chromium, baseUrl, studyUID, outDir, timeoutMs, phase: "before"|"after",
-//        sr: [{uid, sop, label}...], seg: [{uid, sop, label}...], probes: {SOPInstanceUID: [[column, row]...]}}
+//        sr: [{uid, sop, label}...], seg: [{uid, sop, source, label}...], probes: {SOPInstanceUID: [[column, row]...]}}
 // Writes <outDir>/<phase>.json with, per opened series: screenshots (with the results drawn and
 // with them hidden, same viewport state), the viewport canvas rectangle, the projection of
 // probe points from image pixel coordinates to page pixels, OHIF's measurements/segmentations,
@@ -70,7 +70,7 @@ async function displaySetId(page, series) {
     const sets = window.services.displaySetService.getActiveDisplaySets().filter(x => x.SeriesInstanceUID === uid);
     const ds = sets.find(x => x.SOPInstanceUID === sop
       || (x.instances || []).some(i => i.SOPInstanceUID === sop)
-      || (x.instance && x.instance.SOPInstanceUID === sop)) || (sets.length === 1 ? sets[0] : null);
+      || (x.instance && x.instance.SOPInstanceUID === sop));
     return ds ? ds.displaySetInstanceUID : null;
   }, series);
 }
@@ -134,28 +134,60 @@ function takeErrors() {
   return e;
 }
 
+// Drawn SVG elements (annotations) in the active viewport's overlay layer.
+async function svgDrawn(page) {
+  return page.evaluate(() => {
+    const { viewportGridService, cornerstoneViewportService } = window.services;
+    const vp = cornerstoneViewportService.getCornerstoneViewport(viewportGridService.getActiveViewportId());
+    const svg = vp && vp.element.querySelector('svg.svg-layer');
+    return svg ? svg.querySelectorAll('path, polyline, polygon, ellipse, circle, text, line').length : 0;
+  });
+}
+
 async function openSR(page, series, index) {
   const entry = { kind: 'SR', description: series.label, seriesInstanceUID: series.uid, sopInstanceUID: series.sop, errors: [] };
   result.opened.push(entry);
   await openStudy(page);
   takeErrors();
   const id = await displaySetId(page, series);
-  if (!id) { entry.errors.push(`no display set for instance ${series.sop} of series ${series.uid}`); return; }
+  entry.reachable = Boolean(id);
+  if (!id) { entry.errors.push(`OHIF lists no display set for instance ${series.sop} of series ${series.uid}`); return; }
   await page.dblclick(`#thumbnail-${id}`);
-  await page.waitForFunction(() => window.services.measurementService.getMeasurements().length > 0, null,
-    { timeout: 20000 }).catch(() => entry.errors.push('no measurement appeared within 20 s'));
+  const loaded = await page.waitForFunction(() => window.cornerstoneTools.annotation.state.getAllAnnotations()
+    .some(a => a.metadata && a.metadata.toolName === 'DICOMSRDisplay'), null, { timeout: 20000 })
+    .then(() => true).catch(() => false);
+  entry.loaded = loaded;
+  if (!loaded) entry.errors.push('no SR annotation appeared within 20 s');
   await waitForImage(page);
-  await page.mouse.move(5, 880);  // no hover highlight on the drawing
-  await page.waitForTimeout(500);
+  await page.mouse.move(5, 880);  // away from the image: no hover highlight
+  await page.waitForTimeout(1500);
+  // OHIF 3.13 sometimes shows the SR image before it draws the annotations; record whether a
+  // radiologist sees them at once, after moving the mouse over the image, or only after a re-render.
+  entry.drawn = { asOpened: await svgDrawn(page) };
+  entry.screenshotAsOpened = `sr_${index}_as_opened.png`;
+  await page.screenshot({ path: path.join(plan.outDir, entry.screenshotAsOpened) });
+  if (!entry.drawn.asOpened) {
+    const c = (await viewportState(page)).canvas;
+    await page.mouse.move(c.left + c.width / 2, c.top + c.height / 2, { steps: 8 });
+    await page.mouse.move(5, 880, { steps: 8 });
+    await page.waitForTimeout(1000);
+    entry.drawn.afterHover = await svgDrawn(page);
+    if (!entry.drawn.afterHover) {
+      await page.evaluate(() => {
+        const { viewportGridService, cornerstoneViewportService } = window.services;
+        cornerstoneViewportService.getCornerstoneViewport(viewportGridService.getActiveViewportId()).render();
+      });
+      await page.waitForTimeout(1000);
+      entry.drawn.afterRender = await svgDrawn(page);
+    }
+  }
   entry.viewport = await viewportState(page);
-  entry.measurements = await page.evaluate(() => window.services.measurementService.getMeasurements().map(m => ({
-    label: m.label, toolName: m.toolName, referenceSOPInstanceUID: m.SOPInstanceUID || null,
-    displayText: m.displayText || null, points: (m.points || []).length })));
   // What cornerstone draws: the annotations of the SR viewport, with their text and points.
-  entry.annotations = await page.evaluate(() => window.cornerstoneTools.annotation.state.getAllAnnotations().map(a => ({
-    toolName: a.metadata && a.metadata.toolName, referencedImageId: a.metadata && a.metadata.referencedImageId,
-    label: a.data && a.data.label, text: a.data && a.data.labelText || null,
-    points: ((a.data && a.data.handles && a.data.handles.points) || (a.data && a.data.contour && a.data.contour.polyline) || []).length })));
+  entry.annotations = await page.evaluate(() => window.cornerstoneTools.annotation.state.getAllAnnotations()
+    .filter(a => a.metadata && a.metadata.toolName === 'DICOMSRDisplay').map(a => ({
+      referencedImageId: a.metadata.referencedImageId || null,
+      trackingIdentifier: (a.data && a.data.TrackingIdentifier) || null,
+      label: (a.data && a.data.label) || null })));
   entry.screenshot = `sr_${index}.png`;
   await page.screenshot({ path: path.join(plan.outDir, entry.screenshot) });
   await setAnnotationsVisible(page, false);
@@ -168,30 +200,38 @@ async function openSR(page, series, index) {
 }
 
 async function openSEG(page, series, index) {
-  const entry = { kind: 'SEG', description: series.label, seriesInstanceUID: series.uid, sopInstanceUID: series.sop, errors: [] };
+  const entry = { kind: 'SEG', description: series.label, seriesInstanceUID: series.uid, sopInstanceUID: series.sop,
+                  sourceSOPInstanceUID: series.source || null, errors: [], attempts: [] };
   result.opened.push(entry);
-  await openStudy(page);
-  takeErrors();
-  const id = await displaySetId(page, series);
-  if (!id) { entry.errors.push(`no display set for instance ${series.sop} of series ${series.uid}`); return; }
-  await page.dblclick(`#thumbnail-${id}`);
-  // OHIF loads the SEG, previews it and asks whether to open it; a radiologist says Yes.
-  const loaded = await page.waitForFunction(() => window.services.segmentationService.getSegmentations().length > 0,
-    null, { timeout: 20000 }).then(() => true).catch(() => false);
-  const yes = page.getByRole('button', { name: 'Yes', exact: true });
-  if (await yes.count()) await yes.first().click().catch(() => {});
-  await waitForImage(page);
-  await page.mouse.move(5, 880);
-  await page.waitForTimeout(1500);
-  entry.loaded = loaded;
-  entry.viewport = await viewportState(page);
+  // OHIF 3.13 sometimes attaches a SEG to the first view of its source series instead of the
+  // view it references (when the MG views of one series are separate display sets and the SEG
+  // display set is made first); the radiologist then sees no overlay and reopens. Two tries.
+  for (let attempt = 0; attempt < 2; attempt++) {
+    await openStudy(page);
+    takeErrors();
+    const id = await displaySetId(page, series);
+    entry.reachable = Boolean(id);
+    if (!id) { entry.errors.push(`OHIF lists no display set for instance ${series.sop} of series ${series.uid}`); return; }
+    await page.dblclick(`#thumbnail-${id}`);
+    // OHIF loads the SEG, previews it and asks whether to open it; a radiologist says Yes.
+    const loaded = await page.waitForFunction(() => window.services.segmentationService.getSegmentations().length > 0,
+      null, { timeout: 20000 }).then(() => true).catch(() => false);
+    const yes = page.getByRole('button', { name: 'Yes', exact: true });
+    entry.confirmed = await yes.first().waitFor({ state: 'visible', timeout: loaded ? 8000 : 1000 })
+      .then(() => yes.first().click()).then(() => true).catch(() => false);
+    await waitForImage(page);
+    await page.mouse.move(5, 880);
+    await page.waitForTimeout(2000);
+    entry.loaded = loaded;
+    entry.viewport = await viewportState(page);
+    entry.attempts.push({ loaded, shownSOPInstanceUID: entry.viewport.sopInstanceUID });
+    if (!loaded || !series.source || entry.viewport.sopInstanceUID === series.source) break;
+  }
   entry.segmentations = await page.evaluate(() => window.services.segmentationService.getSegmentations().map(s => ({
     label: s.label, segments: Object.values(s.segments || {}).filter(Boolean).map(x => x.label) })));
-  entry.notifications = await page.evaluate(() => Array.from(document.querySelectorAll('[data-sonner-toast], .sonner-toast, [role="status"]'))
-    .map(n => n.innerText.trim()).filter(Boolean));
   entry.screenshot = `seg_${index}.png`;
   await page.screenshot({ path: path.join(plan.outDir, entry.screenshot) });
-  if (loaded) {
+  if (entry.loaded) {
     await setSegmentationsVisible(page, false);
     entry.screenshotHidden = `seg_${index}_hidden.png`;
     await page.screenshot({ path: path.join(plan.outDir, entry.screenshotHidden) });
@@ -213,7 +253,8 @@ try {
   });
   const page = context.pages()[0] || await context.newPage();
   page.on('console', async msg => {
-    if (msg.type() !== 'error') return;
+    // OHIF reports a crashed view through its error boundary at debug level.
+    if (msg.type() !== 'error' && !/Error Boundary/.test(msg.text())) return;
     let text = msg.text();
     for (const arg of msg.args()) {
       const stack = await arg.evaluate(e => (e && e.stack) || null).catch(() => null);

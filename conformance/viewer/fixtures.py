@@ -192,16 +192,40 @@ def make_study(seed: int = 2, shape=(832, 640), writer: str = "auto", cad_sr: bo
     return study
 
 
-def with_plane_orientation(seg: pydicom.Dataset, series_description: str) -> pydicom.Dataset:
-    """A copy of ``seg`` with the Plane Orientation (Patient) that OHIF 3.13 needs.
+def _copy_as_new_series(ds: pydicom.Dataset, suffix: str, number_offset: int) -> pydicom.Dataset:
+    out = copy.deepcopy(ds)
+    out.SeriesInstanceUID, out.SOPInstanceUID = generate_uid(), generate_uid()
+    if "file_meta" in dir(out) and out.file_meta is not None:
+        out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    out.SeriesDescription = f"{ds.get('SeriesDescription', '')} {suffix}".strip()[:64]
+    out.SeriesNumber = int(ds.get("SeriesNumber") or 0) + number_offset
+    return out
+
+
+def sr_geometry_groups_only(sr: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of ``sr`` (new series) keeping only Measurement Groups that carry a SCOORD.
+
+    Experiment only: OHIF 3.13 stops drawing an SR at the first Measurement Group without
+    spatial coordinates (segment references, image and breast scores), see viewer.md.
+    """
+    out = _copy_as_new_series(sr, "geometry only (experiment)", 60)
+    for item in out.ContentSequence:
+        if item.get("ValueType") == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeValue == "126010":
+            item.ContentSequence = [
+                g for g in item.get("ContentSequence", [])
+                if any(c.get("ValueType") in ("SCOORD", "SCOORD3D") or any(
+                    cc.get("ValueType") in ("SCOORD", "SCOORD3D") for cc in c.get("ContentSequence", []))
+                    for c in g.get("ContentSequence", []))]
+    return out
+
+
+def with_plane_orientation(seg: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of ``seg`` (its own new series) with the Plane Orientation (Patient) OHIF 3.13 needs.
 
     Experiment only (see conformance/viewer.md): PS3.3 Table A.51-2 allows this functional
     group only when the SEG has a patient-relative Frame of Reference, which an MG has not.
     """
-    out = copy.deepcopy(seg)
-    out.SeriesInstanceUID, out.SOPInstanceUID = generate_uid(), generate_uid()
-    out.SeriesDescription = series_description
-    out.SeriesNumber = int(seg.SeriesNumber) + 50
+    out = _copy_as_new_series(seg, "+ PlaneOrientation (experiment)", 50)
     item = Dataset()
     item.ImageOrientationPatient = CORNERSTONE_DEFAULT_IOP
     out.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [item]

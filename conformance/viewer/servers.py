@@ -122,6 +122,12 @@ class Orthanc:
         self.stop()
 
 
+# OHIF 3.13.2 with lazy study loading makes the SEG display sets before the MG ones and then
+# attaches every SEG to the first MG view of the referenced series (a series holding several
+# views is split into one display set per image for MG): see conformance/viewer.md.
+LAZY = False
+
+
 def ohif_config(data_source_name: str = "orthanc") -> str:
     """OHIF's ``app-config.js``: one DICOMweb source on our own origin (the proxy below)."""
     root = DICOMWEB_ROOT.rstrip("/")
@@ -132,7 +138,7 @@ def ohif_config(data_source_name: str = "orthanc") -> str:
             "friendlyName": "Orthanc (viewer check)", "name": "orthanc",
             "wadoUriRoot": root, "qidoRoot": root, "wadoRoot": root,
             "qidoSupportsIncludeField": False, "imageRendering": "wadors",
-            "thumbnailRendering": "wadors", "enableStudyLazyLoad": True,
+            "thumbnailRendering": "wadors", "enableStudyLazyLoad": LAZY,
             "supportsFuzzyMatching": False, "supportsWildcard": True,
             "omitQuotationForMultipartRequest": True,
             "bulkDataURI": {"enabled": True},
