@@ -44,5 +44,25 @@ demo: venv debs
 bench: venv debs
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
+# OHIF (npm @ohif/app) over Orthanc DICOMweb in headless Debian Chromium: are the node's
+# SEG and SR findings visible on the mammogram? Installs chromium, nodejs/npm and the npm
+# packages (into build/viewer) when missing; screenshots and report.json in build/viewer/out.
+VIEWER_DEBS := chromium chromium-driver orthanc-dicomweb
+viewer-check: venv debs
+	@missing=""; for p in $(VIEWER_DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	$(PY) conformance/viewer/check_viewer.py --out build/viewer/out
+
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
+
+# The shipped discriminative U-Net bundle (models/dunet), trained on phantoms by the
+# project's own commands; about 15 minutes on two busy CPU cores.
+DUNET_ARGS ?= --train-seeds 0:60 --lr 2e-3 --no-progress
+dunet-bundle: venv
+	nice $(PY) -m dicom_ai train dunet-pretrain $(DUNET_ARGS) --epochs 3 --out build/dunet/pretrain.safetensors
+	nice $(PY) -m dicom_ai train dunet-seg $(DUNET_ARGS) --epochs 12 --test-seeds 100000:100024 --init build/dunet/pretrain.safetensors --out models/dunet
