@@ -68,6 +68,11 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args, **{"node.ae_title": args.ae_title, "node.port": args.port, "node.bind_address": args.bind,
                             "node.storage": args.storage, "peers": args.peer,
                             "node.allow_any_caller": args.allow_any_caller, "pipeline.device": args.device})
+    if not config.peers and not config.node.allow_any_caller:
+        print("dicom-ai: configuration error: no [[peers]] are configured and node.allow_any_caller is false, "
+              "so every association would be refused; add a peer (--peer AE@HOST:PORT) or --allow-any-caller",
+              file=sys.stderr)
+        return 2
     return serve(config)
 
 

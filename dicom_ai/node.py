@@ -140,11 +140,18 @@ def _limit_malloc_arenas(arenas: int = 1) -> None:
 def serve(config: NodeConfig) -> int:
     """Run a node in the foreground until SIGTERM or SIGINT."""
     _limit_malloc_arenas()
-    logs.configure("node", config.logging.level, config.log_file)
-    node = Node(config)
-    signal.signal(signal.SIGTERM, lambda *_: node.stop())
-    signal.signal(signal.SIGINT, lambda *_: node.stop())
-    node.start()
+    try:
+        config.storage_dir.mkdir(parents=True, exist_ok=True)
+        logs.configure("node", config.logging.level, config.log_file)
+        node = Node(config)
+        signal.signal(signal.SIGTERM, lambda *_: node.stop())
+        signal.signal(signal.SIGINT, lambda *_: node.stop())
+        node.start()
+    except OSError as exc:
+        where = f"{config.node.bind_address}:{config.node.port}" if exc.errno in (98, 99, 13) else config.storage_dir
+        print(f"dicom-ai: cannot start the node ({where}): {exc.strerror or exc}", file=sys.stderr)
+        logs.event("node_start_failed", level="ERROR", error=str(exc))
+        return 2
     node.run()
     sys.stderr.flush()
     # Everything is committed and fsynced; skip the slow interpreter teardown.

@@ -123,7 +123,9 @@ class StorageSCP:
         ae.maximum_pdu_size = self.config.node.max_pdu_size
         ae.require_called_aet = True
         if not self.config.node.allow_any_caller:
-            ae.require_calling_aet = [p.ae_title for p in self.config.peers] or ["\\no peers configured\\"]
+            if not self.config.peers:
+                raise ValueError("no peers are configured and allow_any_caller is false: nobody could send")
+            ae.require_calling_aet = [p.ae_title for p in self.config.peers]
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         ae.network_timeout = 60

@@ -146,3 +146,8 @@ def test_serve_refuses_a_bad_file_before_starting(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "configuration error" in err and "node.port" in err
     assert not (tmp_path / "dicom-ai-storage").exists()
+
+
+def test_serve_refuses_to_start_when_nobody_could_send(tmp_path, capsys):
+    assert main(["serve", "--storage", str(tmp_path / "st"), "--port", "0"]) == 2
+    assert "no [[peers]]" in capsys.readouterr().err
