@@ -544,6 +544,8 @@ class MicrocalcModel:
                 h, w = min(seg_tile, rows - tr), min(seg_tile, cols - tc)
                 prob[tr:tr + h, tc:tc + w] = pt[:h, :w]
         prob[~fired] = 0.0
+        if mask is not None:
+            prob[~mask] = 0.0
         visited = len(tiles) * seg_tile * seg_tile / float(rows * cols)
         return prob, min(visited, 1.0)
 

@@ -106,28 +106,31 @@ def extract_patches(image: np.ndarray, mc_mask: np.ndarray, breast: np.ndarray,
         "periphery": within[half] & ~within[8],
         "far": breast & ~within[half],
     }
-    padded_img = np.pad(image.astype(np.float32), half)
-    padded_mask = np.pad(mc_mask, half)
     centres = []
     for name in STRATA:
         idx = np.flatnonzero(pools[name] & breast if name != "far" else pools[name])
         n = min(per_stratum.get(name, 0), len(idx))
         if n:
             centres.append(rng.choice(idx, size=n, replace=False))
-    if not centres:
-        empty = np.zeros((0, CACHE_PATCH, CACHE_PATCH), dtype=np.float32)
-        return PatchSet(empty, empty.astype(bool), np.zeros(0, dtype=np.int64))
-    flat = np.concatenate(centres)
-    rr, cc = np.divmod(flat, image.shape[1])
+    flat = np.concatenate(centres) if centres else np.zeros(0, dtype=np.int64)
+    return cut_patches(image, mc_mask, flat, source)
+
+
+def cut_patches(image: np.ndarray, mc_mask: np.ndarray, centres: np.ndarray, source: int = 0) -> PatchSet:
+    """49 px patches (and MC masks) centred on flat pixel indices ``centres``; zero outside."""
+    half = CACHE_PATCH // 2
+    padded_img = np.pad(image.astype(np.float32), half)
+    padded_mask = np.pad(mc_mask, half)
+    rr, cc = np.divmod(np.asarray(centres, dtype=np.int64), image.shape[1])
     win = np.arange(CACHE_PATCH)
     rows = rr[:, None, None] + win[None, :, None]
     cols = cc[:, None, None] + win[None, None, :]
-    return PatchSet(padded_img[rows, cols], padded_mask[rows, cols], np.full(len(flat), source, dtype=np.int64))
+    return PatchSet(padded_img[rows, cols], padded_mask[rows, cols], np.full(len(rr), source, dtype=np.int64))
 
 
-def phantom_image_patches(img, rng: np.random.Generator, spacing_mm: float = 0.05,
-                          per_stratum: dict[str, int] | None = None, source: int = 0) -> PatchSet:
-    """Patches of one PhantomImage, decoded and resampled exactly as the node does."""
+def working_grid(img, spacing_mm: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A PhantomImage's breast box on the 0.05 mm grid, decoded as the node does:
+    (image [0, 1], MC mask, breast mask)."""
     from dicom_ai.preprocess import read_mammogram, resize
 
     mg = read_mammogram(img.dataset)
@@ -139,7 +142,67 @@ def phantom_image_patches(img, rng: np.random.Generator, spacing_mm: float = 0.0
     image = resize(mg.pixels[r0:r1, c0:c1], shape)
     mc_w = resize(mc[r0:r1, c0:c1].astype(np.float32), shape, mode="nearest") > 0.5
     br_w = resize(breast[r0:r1, c0:c1].astype(np.float32), shape, mode="nearest") > 0.5
+    return image, mc_w, br_w
+
+
+def phantom_image_patches(img, rng: np.random.Generator, spacing_mm: float = 0.05,
+                          per_stratum: dict[str, int] | None = None, source: int = 0) -> PatchSet:
+    """Patches of one PhantomImage, decoded and resampled exactly as the node does."""
+    image, mc_w, br_w = working_grid(img, spacing_mm)
     return extract_patches(image, mc_w, br_w, rng, per_stratum, source)
+
+
+def mine_hard_negatives(detector, segmentator, seeds: list[int], shape: tuple[int, int] = (3328, 2560),
+                        per_image: int = 300, seed: int = 0, progress: bool = True) -> tuple[PatchSet, PatchSet]:
+    """False positives of a first-round cascade on whole training images.
+
+    Detector: grid points where it fires on a C4 patch. Segmentator: pixels inside the
+    fired area, not MC, where it says MC (tested on a random sample of such pixels).
+    Returns (detector hard negatives, segmentator hard negatives), at most ``per_image``
+    of each per image.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from dicom_ai.findings import ModelIdentity
+    from dicom_ai.microcalc import C4, MicrocalcModel, box_any, patch_classes
+    from dicom_ai.phantom import generate_study
+
+    rng = np.random.default_rng(seed)
+    model = MicrocalcModel(detector, segmentator, ModelIdentity("mining", "0"))
+    cfg, s, half = model.config, model.config.detector_stride, model.config.patch_size // 2
+    det_sets, seg_sets = [], []
+    for study_seed in tqdm(seeds, desc="mining hard negatives", disable=not progress):
+        study = generate_study(study_seed, shape=shape)
+        for k, img in enumerate(study.images):
+            image, mc, breast = working_grid(img, cfg.pixel_spacing_mm)
+            det = model.detector_map(image, breast)
+            grid_breast = breast[::s, ::s][:det.shape[0], :det.shape[1]]
+            grid_class = patch_classes(mc, cfg.patch_size)[::s, ::s][:det.shape[0], :det.shape[1]]
+            fired = (det >= cfg.detector_threshold) & grid_breast
+            hard = np.flatnonzero(fired & (grid_class == C4))
+            if len(hard):
+                pick = rng.choice(hard, size=min(per_image, len(hard)), replace=False)
+                gi, gj = np.divmod(pick, det.shape[1])
+                det_sets.append(cut_patches(image, mc, gi * s * image.shape[1] + gj * s, study_seed * 10 + k))
+            # Pixels the Segmentator would visit: within half a patch of a fired grid point.
+            fired_px = np.zeros(image.shape, dtype=bool)
+            fired_px[::s, ::s][:fired.shape[0], :fired.shape[1]] = fired
+            fired_px = box_any(fired_px, half) & breast & ~mc
+            cand = np.flatnonzero(fired_px)
+            if len(cand):
+                cand = rng.choice(cand, size=min(20 * per_image, len(cand)), replace=False)
+                patches = cut_patches(image, mc, cand, study_seed * 10 + k)
+                x = torch.from_numpy(patches.crop(cfg.patch_size)[0].copy())[:, None]
+                with torch.no_grad():
+                    p = torch.cat([torch.softmax(segmentator(x[i:i + 512]), 1)[:, 1]
+                                   for i in range(0, len(x), 512)]).numpy()
+                wrong = np.flatnonzero(p >= cfg.calcification_threshold)[:per_image]
+                if len(wrong):
+                    seg_sets.append(PatchSet(patches.images[wrong], patches.masks[wrong], patches.source[wrong]))
+    empty = PatchSet(np.zeros((0, CACHE_PATCH, CACHE_PATCH), np.float32),
+                     np.zeros((0, CACHE_PATCH, CACHE_PATCH), bool), np.zeros(0, np.int64))
+    return (PatchSet.concat(det_sets) if det_sets else empty, PatchSet.concat(seg_sets) if seg_sets else empty)
 
 
 def phantom_patches(seed: int, cache_dir: Path, shape: tuple[int, int] = (3328, 2560),
@@ -229,10 +292,13 @@ def augment(batch, generator):
 
 def train_network(config, role: str, patches: PatchSet, steps: int = 1000, batch: int = 64,
                   lr: float = 1e-3, seed: int = 0, checkpoint: Path | None = None,
-                  progress: bool = True, desc: str | None = None):
+                  progress: bool = True, desc: str | None = None, init=None,
+                  hard: PatchSet | None = None, hard_share: float = 0.25):
     """Train one network for ``role`` on class-balanced batches; returns (net, losses).
 
-    ``checkpoint`` (optional) receives the weights as safetensors every 200 steps and at the end.
+    ``init`` (a PatchCNN) continues from its weights. ``hard`` adds mined hard negatives,
+    which fill ``hard_share`` of every batch. ``checkpoint`` (optional) receives the weights
+    as safetensors every 200 steps and at the end.
     """
     import torch
     import torch.nn.functional as F
@@ -245,17 +311,27 @@ def train_network(config, role: str, patches: PatchSet, steps: int = 1000, batch
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     net = PatchCNN(config)
+    if init is not None:
+        net.load_state_dict(init.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05)
     images, _ = patches.crop(config.patch_size)
     classes = patches.classes(config.patch_size)
     targets = torch.from_numpy(role_targets(classes, role).astype(np.int64))
+    n_hard = int(round(batch * hard_share)) if hard is not None and len(hard) else 0
+    if n_hard:
+        hard_images, _ = hard.crop(config.patch_size)
+        images = np.concatenate([images, hard_images])
+        targets = torch.cat([targets, torch.from_numpy(role_targets(hard.classes(config.patch_size), role).astype(np.int64))])
     images_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     losses = []
     net.train()
     bar = tqdm(range(steps), desc=desc or f"{role} {config.patch_size}px {config.padding}", disable=not progress)
     for step in bar:
-        idx = torch.from_numpy(balanced_indices(classes, role, batch, rng))
+        idx = balanced_indices(classes, role, batch - n_hard, rng)
+        if n_hard:
+            idx = np.concatenate([idx, len(classes) + rng.integers(0, len(hard), n_hard)])
+        idx = torch.from_numpy(idx)
         x = augment(images_t[idx][:, None], gen)
         loss = F.cross_entropy(net(x), targets[idx])
         opt.zero_grad()
@@ -344,7 +420,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default="build/microcalc", help="folder for the cached .npy patches")
     p.add_argument("--patch-size", type=int, default=49, choices=(29, 39, 49))
     p.add_argument("--padding", default="valid", choices=("valid", "same"))
-    p.add_argument("--steps", type=int, default=1500, help="optimisation steps per network")
+    p.add_argument("--steps", type=int, default=500, help="first-round optimisation steps per network")
+    p.add_argument("--mine-studies", type=int, default=6,
+                   help="training studies (the first N) on which first-round false positives are mined")
+    p.add_argument("--hard-steps", type=int, default=300,
+                   help="second-round steps per network with a quarter of each batch mined hard negatives (0: none)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -374,9 +454,25 @@ def _run(args: argparse.Namespace) -> int:
     print(f"training patches: {len(train)} ({counts}); held-out patches: {len(val)}")
     nets, metrics, history = {}, {}, {}
     for k, role in enumerate(("detector", "segmentator")):
-        net, losses = train_network(config, role, train, steps=args.steps, batch=args.batch, lr=args.lr,
-                                    seed=args.seed + k, checkpoint=cache / "checkpoints" / f"{role}.safetensors")
-        nets[role] = net
+        nets[role], history[role] = train_network(
+            config, role, train, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed + k,
+            checkpoint=cache / "checkpoints" / f"{role}.safetensors")
+    mined = {"detector": 0, "segmentator": 0}
+    if args.hard_steps > 0 and args.mine_studies > 0:
+        split = len(train_seeds) - args.normal_studies if args.cluster_studies > 0 else len(train_seeds)
+        mine_seeds = (train_seeds[split:] + train_seeds[:split])[:args.mine_studies]  # normal studies first
+        hard = dict(zip(("detector", "segmentator"),
+                        mine_hard_negatives(nets["detector"], nets["segmentator"], mine_seeds, seed=args.seed)))
+        for k, role in enumerate(("detector", "segmentator")):
+            mined[role] = len(hard[role])
+            print(f"{role}: {len(hard[role])} mined hard negatives from studies {mine_seeds}")
+            nets[role], more = train_network(
+                config, role, train, steps=args.hard_steps, batch=args.batch, lr=args.lr / 3, seed=args.seed + 10 + k,
+                init=nets[role], hard=hard[role], checkpoint=cache / "checkpoints" / f"{role}.safetensors",
+                desc=f"{role} with hard negatives")
+            history[role] = history[role] + more
+    for role in ("detector", "segmentator"):
+        net, losses = nets[role], history[role]
         metrics[f"{role}_patch"] = evaluate_patches(net, role, val)
         history[role] = {"first_100_mean_loss": float(np.mean(losses[:100])),
                          "last_100_mean_loss": float(np.mean(losses[-100:]))}
@@ -402,7 +498,8 @@ def _run(args: argparse.Namespace) -> int:
                 f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
                 if k not in ("handler", "command", "model")),
             "seed": args.seed, "steps_per_network": args.steps, "batch": args.batch, "lr": args.lr,
-            "patches": {"train": len(train), "train_classes": counts},
+            "patches": {"train": len(train), "train_classes": counts, "mined_hard_negatives": mined},
+            "hard_negative_steps_per_network": args.hard_steps,
             "loss": history, "wall_time_s": round(time.time() - t0, 1),
         },
         "metrics": {"held_out_seeds": args.val_seeds, **metrics},
