@@ -334,21 +334,6 @@ def _power_law_field(rng: np.random.Generator, shape: tuple[int, int], spacing: 
     return _unit(np.fft.irfft2(spec, s=shape).astype(np.float32))
 
 
-def _lines(field: np.ndarray, spacing: float, half_width_mm: float | np.ndarray) -> np.ndarray:
-    """Bright lines of a given half-width (mm) along the zero crossings of a smooth field.
-
-    The field divided by its gradient magnitude is the distance to the crossing, so the
-    lines keep their width (no sub-pixel, aliased stretches where the field is steep).
-    """
-    gy, gx = np.gradient(field, np.float32(spacing))
-    grad = np.sqrt(gx * gx + gy * gy)
-    distance = np.abs(field) / np.maximum(grad, np.float32(1e-3))
-    # Crossings where the field is flat wander (contour-map loops); let them fade out.
-    typical = float(np.median(grad[::7, ::7])) + 1e-6
-    strength = _smoothstep(grad / np.float32(typical), 0.6, 1.6)
-    return (np.exp(-((distance / np.maximum(half_width_mm, spacing * 0.7)) ** 2)) * strength).astype(np.float32)
-
-
 def _smoothstep(x: np.ndarray, a: float, b: float) -> np.ndarray:
     t = np.clip((x - a) / (b - a), 0.0, 1.0)
     return t * t * (3 - 2 * t)
@@ -583,12 +568,14 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
     # Smooth (beta = 3) gland field: a 0.5 mm canvas is enough and 10x cheaper.
     n_rad = _radial_field(rng, max(wsp, 0.5), beta, nip_d, ang, stretch=3.0)
     n1 = 0.8 * n_iso + 0.5 * n_rad
-    # Fat lobules with bright septa: zero crossings of a one-octave band around 1/9 mm^-1.
-    n2 = _power_law_field(rng, wshape, wsp, beta, f_high_pass=1 / 12.0, f_low_pass=1 / 5.0)
-    # Fibrous strands and ducts converging on the nipple.
-    # Curved, not ruler-straight: the angle is warped by the smooth (0.5 mm canvas) gland field.
-    n3 = _radial_field(rng, wsp, beta, nip_d, ang + np.float32(0.07) * n_rad, stretch=10.0, f_high_pass=1 / 10.0,
-                       f_low_pass=1 / 5.0)
+    # Fat lobules: the high parts of a one-octave band around 1/10 mm^-1.
+    n2 = _power_law_field(rng, wshape, wsp, beta, f_high_pass=1 / 15.0, f_low_pass=1 / 6.0)
+    # Fibrous strands and ducts converging on the nipple: the peaks of a field stretched 12x
+    # along the radius give streaks about 0.5-1 mm wide and 5-15 mm long that fade in and out,
+    # curved by a gentle warp of the angle (nothing finer than 40 mm, so the map never folds).
+    warp = up(_power_law_field(rng, lshape, field_h / lshape[0], beta, f_low_pass=1 / 40.0), wshape)
+    n3 = _radial_field(rng, wsp, beta, nip_d, ang + np.float32(0.08) * warp, stretch=12.0, f_high_pass=1 / 4.0,
+                       f_low_pass=1 / 1.5)
     frac = DENSITY_FRACTION[density]
     inside_w = edge > 0
     sample = n1[::5, ::5][inside_w[::5, ::5]]
@@ -601,10 +588,8 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
     gland = envelope / (1.0 + np.exp(np.clip(-(n1 - np.float32(thr)) / np.float32(0.8), -60, 60)))
     inner = _smoothstep(edge, 1.0, 6.0)
     # Lines fade in and out along their length, as real ligaments and ducts do.
-    septa = _lines(n2, wsp, 0.3) * inner * _smoothstep(n_rad, -1.0, 1.0)
     lobules = _smoothstep(n2, -0.8, 1.8) * inner
-    strands = (_lines(n3, wsp, 0.25 + 0.2 * _smoothstep(n_rad, -1.0, 1.0)) * inner
-               * _smoothstep(nip_d, 5.0, 35.0) * _smoothstep(n_iso, 0.0, 1.5))
+    strands = _smoothstep(n3, 1.1, 2.6) * inner * _smoothstep(nip_d, 5.0, 30.0)
     tissue = thick ** np.float32(0.35)
     muscle = None
     if pect_l is not None:
@@ -617,7 +602,7 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
         mottle = np.tanh(n2) * np.float32(0.5) + np.float32(0.5)
         img = (0.13 + 0.08 * tissue + 0.24 * rim
                + gland * tissue * (0.45 + 0.14 * mottle - 0.08 * lobules + 0.10 * strands)
-               + (0.04 * septa + 0.16 * strands - 0.13 * lobules + 0.05 * n1) * fat * tissue)
+               + (0.18 * strands - 0.10 * lobules + 0.05 * n1) * fat * tissue)
         if muscle is not None:
             w, h, q = outline.pectoral
             level = 0.52 + 0.03 * n_iso + 0.12 * np.clip(1 - wy / np.float32(h), 0, 1) + 0.08 * np.clip(1 - pect, 0, 1)
@@ -629,7 +614,7 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
         knee = np.float32(0.72)
         img = np.where(img > knee, knee + np.float32(0.24) * np.tanh((img - knee) / np.float32(0.24)), img)
     else:
-        mu = 0.35 + 0.25 * gland + 0.06 * septa + 0.05 * strands
+        mu = 0.35 + 0.25 * gland + 0.06 * strands
         if muscle is not None:
             mu = mu * (1 - muscle) + 0.62 * muscle
         img = thick * mu * 0.9 + 0.05
