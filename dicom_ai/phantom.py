@@ -530,6 +530,10 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
     field_h, field_w = rows * spacing, cols * spacing
     wf = max(1, int(round(0.14 / spacing)))
     wshape = (-(-rows // wf), -(-cols // wf))
+    if spacing > 0.25:
+        # Coarse grids render the tissue twice as fine and area-average it down, as a detector
+        # pixel integrates: thin strands then blur instead of aliasing into jagged lines.
+        wshape = (2 * rows, 2 * cols)
     wsp = field_h / wshape[0]
     lf = max(1, int(round(0.5 / spacing)))
     lshape = (-(-rows // lf), -(-cols // lf))
@@ -589,7 +593,7 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
     inner = _smoothstep(edge, 1.0, 6.0)
     # Lines fade in and out along their length, as real ligaments and ducts do.
     lobules = _smoothstep(n2, -0.8, 1.8) * inner
-    strands = _smoothstep(n3, 1.1, 2.6) * inner * _smoothstep(nip_d, 5.0, 30.0)
+    strands = _smoothstep(n3, 1.1, 2.6) * inner * _smoothstep(nip_d, 10.0, 45.0)
     tissue = thick ** np.float32(0.35)
     muscle = None
     if pect_l is not None:
