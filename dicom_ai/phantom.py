@@ -539,7 +539,7 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
     lshape = (-(-rows // lf), -(-cols // lf))
 
     def up(a: np.ndarray, target: tuple[int, int]) -> np.ndarray:
-        a = np.ascontiguousarray(np.broadcast_to(a, lshape), dtype=np.float32)
+        a = np.array(np.broadcast_to(a, lshape), dtype=np.float32)  # writable copy for torch
         return a if a.shape == tuple(target) else resize(a, target)
 
     # Geometry on the coarse grid.

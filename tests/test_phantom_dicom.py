@@ -76,3 +76,21 @@ def test_bad_arguments_are_clear_errors():
         generate_study(1, shape=SHAPE, photometric="RGB")
     with pytest.raises(ValueError, match="presentation intent"):
         generate_study(1, shape=SHAPE, presentation="FOR VIEWING")
+
+
+def test_cli_phantom_and_preview(tmp_path):
+    from dicom_ai.cli import main
+
+    assert main(["phantom", "--out", str(tmp_path / "out"), "--count", "2", "--seed", "3", "--size", "104x80",
+                 "--transfer-syntax", "rle", "--density", "b"]) == 0
+    manifests = sorted((tmp_path / "out").rglob("manifest.json"))
+    assert [m.parent.name for m in manifests] == ["phantom_000003", "phantom_000004"]
+    assert json.loads(manifests[0].read_text())["density"] == "b"
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.fromarray((np.arange(64 * 48).reshape(64, 48) * 20).astype(np.uint16)).save(real / "x_L_CC.png")
+    out = tmp_path / "preview.png"
+    assert main(["preview", "--out", str(out), "--real", str(real), "--size", "104x80", "--height", "96",
+                 "--crop", "32"]) == 0
+    sheet = np.asarray(Image.open(out))
+    assert sheet.ndim == 2 and sheet.shape[0] >= 2 * 96 and sheet.max() > 0
