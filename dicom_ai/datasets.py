@@ -81,11 +81,6 @@ def _empty_masks(shape: tuple[int, int]) -> dict[str, np.ndarray]:
     return {k: np.zeros(shape, dtype=bool) for k in MASK_KEYS}
 
 
-def _labels_from_masks(masks: dict[str, np.ndarray]) -> dict[str, bool]:
-    return {"benign": any(masks[k].any() for k in MASK_KEYS if k.endswith("benign")),
-            "malignant": any(masks[k].any() for k in MASK_KEYS if k.endswith("malignant"))}
-
-
 def _read(path: Path, laterality: str = "", view: str = "") -> Mammogram:
     """Decode a mammogram; laterality/view from the data set's index override the header."""
     ds = pydicom.dcmread(str(path))

@@ -14,8 +14,10 @@ Model (all lengths in mm at the detector plane):
 * Fibroglandular tissue: a Gaussian random field with a power-law spectrum 1/f^beta
   (beta = 3 by default, as measured on real mammograms), soft-thresholded to the glandular
   fraction of the BI-RADS density category (a: fatty ... d: extremely dense), inside an
-  envelope that leaves subcutaneous and retro-mammary fat; a band-passed second field gives a
-  web of thin trabecular lines (Cooper's ligaments); a few ducts converge on the nipple.
+  envelope that leaves subcutaneous and retro-mammary fat, with mottle inside; a band-passed
+  second field gives dark fat lobules; a third field, generated on a polar canvas around the
+  nipple and stretched along the radius, gives fibrous strands/ducts converging on the nipple.
+  Presentation processing adds unsharp masking (~3 mm) and a soft highlight shoulder.
 * Findings are placed in 3-D breast coordinates (depth behind the nipple, lateral, superior)
   and projected into CC (rows ~ lateral) and MLO (rows ~ superior and lateral at 45 degrees),
   so each appears in both views of its breast at consistent depth and size.
@@ -149,7 +151,7 @@ class _Outline:
         if self.pectoral is None:
             return False
         w, h, q = self.pectoral
-        return (max(col_mm - 0, 0) / (w + margin)) ** q + row_mm / (h + margin) < 1.0
+        return (max(col_mm, 0.0) / (w + margin)) ** q + row_mm / (h + margin) < 1.0
 
 
 @dataclass
@@ -383,7 +385,6 @@ def _render_mass(f: Finding, center: tuple[float, float], spacing: float, shape:
     u = u / aspect
     r = np.sqrt(u * u + v * v)
     phi = np.arctan2(u, v)
-    boundary = np.full_like(phi, R)
     pert = np.ones_like(phi)
     for k, a, p in zip(ks, amps, phases):
         pert += a * np.cos(k * phi + p)

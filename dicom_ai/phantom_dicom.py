@@ -50,7 +50,7 @@ from pydicom.uid import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dicom_ai.phantom import PhantomImage, PhantomStudy
+    from dicom_ai.phantom import PhantomStudy
 
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
