@@ -13,7 +13,9 @@ Malignant-lesion mask (the seed combines mass and calcification masks): ``mass_m
 calcification_malignant``; the cluster outline ``cluster_malignant`` is a region annotation
 around the specks, not lesion pixels, and is left out. On the reduced grids used here a
 calcification covers a fraction of a model pixel, so a model pixel is a lesion pixel when a
-mass covers at least half of it or any malignant calcification falls in it.
+mass covers at least half of it or malignant calcifications cover more than
+``calcification_cover`` of it (default 0.001, i.e. any speck; 0.5 treats them like masses,
+which at coarse grids drops them).
 """
 
 from __future__ import annotations
@@ -102,19 +104,24 @@ def _phantom_version() -> str:
     return hashlib.sha256(Path(phantom.__file__).read_bytes()).hexdigest()[:12]
 
 
+_STUDY_KEYS = ("images", "mass_cover", "calcification_cover", "breasts", "benign", "malignant")
+
+
 def _study_arrays(seed: int, phantom_shape: tuple[int, int], input_shape: tuple[int, int]) -> dict[str, np.ndarray]:
     from dicom_ai.phantom import generate_study
 
     study = generate_study(seed, shape=phantom_shape)
-    out: dict[str, list] = {k: [] for k in ("images", "lesions", "breasts", "benign", "malignant")}
+    out: dict[str, list] = {k: [] for k in _STUDY_KEYS}
     for im in study.images:
         # The same decoding and geometry as at inference, from the DICOM data set.
         mammogram = read_mammogram(im.dataset)
         geo, image, breast = model_grid(mammogram, input_shape)
-        mass = geo.forward(im.masks["mass_malignant"].astype(np.float32)) >= 0.5
-        calc = geo.forward(im.masks["calcification_malignant"].astype(np.float32)) > 1e-3
+        # Fraction of each model pixel the lesion covers (antialiased bilinear ~ area average).
+        mass = geo.forward(im.masks["mass_malignant"].astype(np.float32))
+        calc = geo.forward(im.masks["calcification_malignant"].astype(np.float32))
         out["images"].append(image)
-        out["lesions"].append(mass | calc)
+        out["mass_cover"].append(mass.astype(np.float16))
+        out["calcification_cover"].append(calc.astype(np.float16))
         out["breasts"].append(breast)
         out["benign"].append(im.labels["benign"])
         out["malignant"].append(im.labels["malignant"])
@@ -122,7 +129,8 @@ def _study_arrays(seed: int, phantom_shape: tuple[int, int], input_shape: tuple[
 
 
 def phantom_image_set(seeds: Sequence[int], input_shape: tuple[int, int], phantom_shape: tuple[int, int],
-                      cache_dir: Path | str | None = CACHE_DIR, progress: bool = False) -> ImageSet:
+                      cache_dir: Path | str | None = CACHE_DIR, progress: bool = False,
+                      calcification_cover: float = 1e-3) -> ImageSet:
     """The four views of each phantom study ``seeds`` on the model grid, cached per study.
 
     ``phantom_shape`` is the stored (rows, columns) of the generated images; the cache key
@@ -130,14 +138,14 @@ def phantom_image_set(seeds: Sequence[int], input_shape: tuple[int, int], phanto
     """
     folder = None
     if cache_dir is not None:
-        key = f"p{phantom_shape[0]}x{phantom_shape[1]}-m{input_shape[0]}x{input_shape[1]}-{_phantom_version()}"
+        key = f"p{phantom_shape[0]}x{phantom_shape[1]}-m{input_shape[0]}x{input_shape[1]}-{_phantom_version()}-v2"
         folder = Path(cache_dir) / key
         folder.mkdir(parents=True, exist_ok=True)
     parts = []
     for seed in tqdm(list(seeds), desc="phantom studies", disable=not progress, leave=False):
         arrays = None
         if folder is not None:
-            files = {k: folder / f"{seed}_{k}.npy" for k in ("images", "lesions", "breasts", "benign", "malignant")}
+            files = {k: folder / f"{seed}_{k}.npy" for k in _STUDY_KEYS}
             if all(f.is_file() for f in files.values()):
                 arrays = {k: np.load(f, allow_pickle=False) for k, f in files.items()}
         if arrays is None:
@@ -145,8 +153,10 @@ def phantom_image_set(seeds: Sequence[int], input_shape: tuple[int, int], phanto
             if folder is not None:
                 for k, f in files.items():
                     np.save(f, arrays[k], allow_pickle=False)
+        lesions = (arrays["mass_cover"] >= 0.5) | (arrays["calcification_cover"] > calcification_cover)
         views = ("L-CC", "L-MLO", "R-CC", "R-MLO")
-        parts.append(ImageSet(source=[f"{seed}:{v}" for v in views], **arrays))
+        parts.append(ImageSet(arrays["images"], lesions, arrays["breasts"], arrays["benign"], arrays["malignant"],
+                              source=[f"{seed}:{v}" for v in views]))
     return ImageSet.concatenate(parts)
 
 
