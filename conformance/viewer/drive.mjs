@@ -128,6 +128,17 @@ async function setSegmentationsVisible(page, visible) {
   await page.waitForTimeout(800);
 }
 
+// Poll a page condition, giving up early when the page has reported an error meanwhile.
+async function waitUnlessError(page, fn, timeoutMs) {
+  const until = Date.now() + timeoutMs;
+  while (Date.now() < until) {
+    if (await page.evaluate(fn).catch(() => false)) return true;
+    if (errorsSinceMark.length) { await page.waitForTimeout(1000); return Boolean(await page.evaluate(fn).catch(() => false)); }
+    await page.waitForTimeout(250);
+  }
+  return false;
+}
+
 function takeErrors() {
   const e = errorsSinceMark;
   errorsSinceMark = [];
@@ -153,11 +164,15 @@ async function openSR(page, series, index) {
   entry.reachable = Boolean(id);
   if (!id) { entry.errors.push(`OHIF lists no display set for instance ${series.sop} of series ${series.uid}`); return; }
   await page.dblclick(`#thumbnail-${id}`);
-  const loaded = await page.waitForFunction(() => window.cornerstoneTools.annotation.state.getAllAnnotations()
-    .some(a => a.metadata && a.metadata.toolName === 'DICOMSRDisplay'), null, { timeout: 20000 })
-    .then(() => true).catch(() => false);
+  const loaded = await waitUnlessError(page, () => window.cornerstoneTools.annotation.state.getAllAnnotations()
+    .some(a => a.metadata && a.metadata.toolName === 'DICOMSRDisplay'), 20000);
   entry.loaded = loaded;
-  if (!loaded) entry.errors.push('no SR annotation appeared within 20 s');
+  if (!loaded) {
+    entry.errors.push('no SR annotation appeared', ...takeErrors());
+    entry.screenshot = `sr_${index}_failed.png`;
+    await page.screenshot({ path: path.join(plan.outDir, entry.screenshot) });
+    return;
+  }
   await waitForImage(page);
   await page.mouse.move(5, 880);  // away from the image: no hover highlight
   await page.waitForTimeout(1500);
@@ -214,14 +229,13 @@ async function openSEG(page, series, index) {
     if (!id) { entry.errors.push(`OHIF lists no display set for instance ${series.sop} of series ${series.uid}`); return; }
     await page.dblclick(`#thumbnail-${id}`);
     // OHIF loads the SEG, previews it and asks whether to open it; a radiologist says Yes.
-    const loaded = await page.waitForFunction(() => window.services.segmentationService.getSegmentations().length > 0,
-      null, { timeout: 20000 }).then(() => true).catch(() => false);
+    const loaded = await waitUnlessError(page, () => window.services.segmentationService.getSegmentations().length > 0, 20000);
     const yes = page.getByRole('button', { name: 'Yes', exact: true });
     entry.confirmed = await yes.first().waitFor({ state: 'visible', timeout: loaded ? 8000 : 1000 })
       .then(() => yes.first().click()).then(() => true).catch(() => false);
-    await waitForImage(page);
+    if (loaded) await waitForImage(page);
     await page.mouse.move(5, 880);
-    await page.waitForTimeout(2000);
+    await page.waitForTimeout(loaded ? 2000 : 500);
     entry.loaded = loaded;
     entry.viewport = await viewportState(page);
     entry.attempts.push({ loaded, shownSOPInstanceUID: entry.viewport.sopInstanceUID });
