@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from dicom_ai import metrics
 from dicom_ai.dunet import DiscriminativeUNet, DUNetConfig, model_grid
 from dicom_ai.genesis import GenesisConfig, distort
 from dicom_ai.preprocess import read_mammogram
@@ -270,15 +271,15 @@ def _predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch
 def dice_scores(probability: np.ndarray, lesion: np.ndarray, threshold: float = 0.5) -> dict[str, np.ndarray]:
     """Per-image hard Dice (map binarised at ``threshold``) and soft Dice, arrays (N,) each.
 
-    Images with an empty ``lesion`` get NaN: they are excluded from the Dice means.
+    Uses ``dicom_ai.metrics``; images with an empty ``lesion`` get NaN, so they are excluded
+    from the Dice means (their false-positive area is reported separately).
     """
-    p = probability.reshape(len(probability), -1).astype(np.float64)
-    g = lesion.reshape(len(lesion), -1).astype(np.float64)
-    b = (p >= threshold).astype(np.float64)
-    gsum = g.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        hard = np.where(gsum > 0, 2 * (b * g).sum(1) / (b.sum(1) + gsum), np.nan)
-        soft = np.where(gsum > 0, 2 * (p * g).sum(1) / (p.sum(1) + gsum), np.nan)
+    hard = np.full(len(probability), np.nan)
+    soft = np.full(len(probability), np.nan)
+    for i, (p, g) in enumerate(zip(probability, lesion)):
+        if g.any():
+            hard[i] = metrics.dice(p, g, threshold)
+            soft[i] = metrics.soft_dice(p, g)
     return {"dice": hard, "soft_dice": soft}
 
 
