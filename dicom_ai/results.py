@@ -195,7 +195,25 @@ def build_results(
             series_number=options.cad_series_number, instance_number=1,
             series_description=options.cad_series_description,
             max_regions_per_segment=options.max_regions_per_segment, **common))
+    for ds in out:
+        _pin_creation(ds, uids.created)
     return out
+
+
+def _pin_creation(ds: pydicom.Dataset, created: str) -> None:
+    """Replace the values highdicom takes from the clock or a random source with ones derived
+    from the job, so a rebuild is identical: Instance Creation Date/Time, highdicom's own
+    Contribution DateTime, and the SEG Dimension Organization UID."""
+    ds.InstanceCreationDate, ds.InstanceCreationTime = created[:8], created[8:14]
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("ManufacturerModelName") == "highdicom":
+            item.ContributionDateTime = created
+    if "DimensionOrganizationSequence" in ds:
+        uid = generate_uid(entropy_srcs=[ds.SOPInstanceUID, "dimension organization"])
+        for item in ds.DimensionOrganizationSequence:
+            item.DimensionOrganizationUID = uid
+        for item in ds.get("DimensionIndexSequence", []):
+            item.DimensionOrganizationUID = uid
 
 
 def write_previews(

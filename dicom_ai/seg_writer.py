@@ -179,6 +179,15 @@ def build_segmentation(
         seg.PatientOrientation = source.PatientOrientation
     else:
         seg.PatientOrientation = ""
+    # highdicom 0.28 copies Pixel Spacing into a Pixel Measures item without Slice Thickness
+    # when the source has Pixel Spacing, and its own reader then rejects the SEG. Without a
+    # Frame of Reference the macro is not required (dciodvfy agrees), and the spacing is the
+    # source image's anyway, so it is left out.
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    if "FrameOfReferenceUID" not in seg and "PixelMeasuresSequence" in shared:
+        pm = shared.PixelMeasuresSequence[0]
+        if "SliceThickness" not in pm:
+            del shared.PixelMeasuresSequence
     if content_datetime is not None:
         seg.SeriesDate, seg.SeriesTime = content_datetime
         seg.ContentDate, seg.ContentTime = content_datetime

@@ -71,6 +71,8 @@ def make_mg(laterality: str = "L", view: str = "CC", shape: tuple[int, int] = (2
         ds.WindowCenter, ds.WindowWidth = 2048, 4096
     ds.DetectorType = "DIRECT"
     ds.ImagerPixelSpacing = [0.1, 0.1]
+    if for_processing:  # both spacing conventions are covered: Imager Pixel Spacing only, and both
+        ds.PixelSpacing, ds.PixelSpacingCalibrationType = [0.094, 0.094], "GEOMETRY"
     ds.PositionerType = "MAMMOGRAPHIC"
     ds.DistanceSourceToDetector, ds.DistanceSourceToPatient = 660, 620
     ds.EstimatedRadiographicMagnificationFactor = f"{660 / 620:.6f}"
@@ -231,3 +233,43 @@ def contour_inside(contour: np.ndarray, mask: np.ndarray) -> tuple[bool, int]:
     centres = np.column_stack([xx.ravel() + 0.5, yy.ravel() + 0.5])
     inside = _Path(contour).contains_points(centres).reshape(yy.shape)
     return bool(not (inside & ~mask[r0:r1, c0:c1]).any()), int(inside.sum())
+
+
+@functools.lru_cache(maxsize=None)
+def built_small(cad_sr: bool = True):
+    """A two-image study (L CC with findings, R CC without), no single calcifications: the
+    smallest study that has every kind of SR content, for the slow PixelMed runs."""
+    from dicom_ai.results import ResultOptions, ResultUIDs, build_results
+
+    study = generate_uid()
+    sources, findings = [], []
+    for i, lat in enumerate(("L", "R")):
+        ds = make_mg(lat, "CC", (192, 144), "MONOCHROME1", True, study, seed=i)
+        ds.InstanceNumber = i + 1
+        f = make_findings(ds, lesion=(lat == "L"), seed=i)
+        f.maps = [m for m in f.maps if m.finding != "calcification"]
+        sources.append(ds)
+        findings.append(f)
+    uids = ResultUIDs.generate([str(d.SOPInstanceUID) for d in sources])
+    return sources, findings, uids, build_results(sources, findings, uids, ResultOptions(cad_sr=cad_sr))
+
+
+@functools.lru_cache(maxsize=None)
+def pixelmed_reports(tmp_dir: str) -> dict:
+    """PixelMed DicomSRValidator on the small study's TID 1500 SR and CAD SR, run in parallel
+    (each run costs ~11 s of CPU, mostly JVM start and XSLT compilation)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from pathlib import Path
+
+    from dicom_ai.validate import pixelmed_sr
+
+    sources, findings, uids, datasets = built_small()
+    paths = {}
+    for ds in datasets:
+        if ds.Modality == "SR":
+            kind = "cad" if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.50" else "tid1500"
+            paths[kind] = Path(tmp_dir) / f"{kind}.dcm"
+            ds.save_as(paths[kind], enforce_file_format=True)
+    with ThreadPoolExecutor(2) as pool:
+        futures = {k: pool.submit(pixelmed_sr, p) for k, p in paths.items()}
+        return {k: f.result() for k, f in futures.items()}

@@ -1,0 +1,101 @@
+"""TID 1500 SR: dciodvfy for all source kinds, contours inside their SEG segments, PixelMed, dcmqi."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dicom_ai.results import analyse_image
+from dicom_ai.validate import dciodvfy, tid1500reader
+
+from _results_sources import (VARIANTS, _items, _name, built, built_small, contour_inside, pixelmed_reports, roundtrip,
+                              seg_masks, sr_regions)
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def _sr(datasets):
+    (sr,) = [d for d in datasets if d.SOPClassUID == COMPREHENSIVE_3D_SR]
+    return sr
+
+
+@pytest.mark.parametrize("photometric,for_processing", VARIANTS)
+def test_sr_valid_and_contours_inside_segments(tmp_path, photometric, for_processing):
+    sources, findings, uids, datasets = built(photometric, for_processing)
+    sr = _sr(datasets)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    report = dciodvfy(path)
+    assert report.ok, report.output
+    segs = {d.SOPInstanceUID: d for d in datasets if d.Modality == "SEG"}
+    regions = sr_regions(roundtrip(sr))
+    expected = sum(len(s.regions.regions) for src, f in zip(sources, findings) for s in analyse_image(src, f))
+    assert len(regions) == expected > 0
+    for reg in regions:
+        seg = segs[reg["seg"]]
+        src_uid = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+        assert src_uid == reg["source"]  # the contour's image is the SEG's source image
+        mask = seg_masks(seg, src_uid)[reg["frame"] - 1].astype(bool)
+        ok, _ = contour_inside(reg["contour"], mask)
+        assert ok, reg["tracking"]
+        assert reg["graphic_type"] == "POLYLINE" and np.array_equal(reg["contour"][0], reg["contour"][-1])
+        assert 3 < len(reg["contour"]) <= 129 or reg["area"] < 1.0
+
+
+def test_sr_content():
+    sources, findings, uids, datasets = built()
+    sr = roundtrip(_sr(datasets))
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    items = list(_items(sr))
+    # Device observer: the node and the model versions.
+    name = next(str(i.TextValue) for i in items if _name(i) == "121013")
+    assert "glam 1.0.0" in name and "dunet 0.3.1" in name and "microcalc 2.0" in name
+    assert next(i for i in items if _name(i) == "121005").ConceptCodeSequence[0].CodeValue == "121007"  # Device
+    tracking = [str(i.TextValue) for i in items if _name(i) == "112039"]
+    uids_ = [str(i.UID) for i in items if _name(i) == "112040"]
+    assert len(set(uids_)) == len(uids_) == len(tracking)
+    # Image-level scores on the model's segment group, breast and study summaries.
+    assert "L CC malignant lesion (glam) segment 2" in tracking
+    assert "Left breast malignant score (glam), max over images" in tracking
+    assert "Right breast benign score (glam), max over images" in tracking
+    assert "Study malignant score (glam), max over images" in tracking
+    probs = [i for i in items if _name(i) == "111047"]
+    values = {float(i.MeasuredValueSequence[0].NumericValue) for i in probs}
+    assert 83.0 in values and 4.0 in values  # image scores in percent
+    units = {i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for i in probs}
+    assert units == {"%"}
+    areas = [i for i in items if _name(i) == "42798000"]
+    assert {a.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for a in areas} == {"mm2"}
+    # Evidence lists every source and every SEG.
+    refs = {r.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+            for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    assert refs == {d.SOPInstanceUID for d in sources} | {d.SOPInstanceUID for d in datasets if d.Modality == "SEG"}
+
+
+def test_sr_areas_use_magnification_corrected_spacing():
+    sources, findings, uids, datasets = built()
+    regions = sr_regions(roundtrip(_sr(datasets)))
+    src = sources[0]
+    segments = analyse_image(src, findings[0])
+    px_area = (0.1 / float(src.EstimatedRadiographicMagnificationFactor)) ** 2
+    first = segments[0].regions.regions[0]
+    match = [r for r in regions if r["source"] == src.SOPInstanceUID and r["frame"] == 1]
+    assert match[0]["area"] == pytest.approx(first.pixel_count * px_area, rel=1e-3)
+
+
+def test_sr_pixelmed_and_dcmqi(tmp_path, tmp_path_factory):
+    """The slow validators, once, on a small study: PixelMed DicomSRValidator (no errors) and
+    dcmqi tid1500reader."""
+    sources, findings, uids, datasets = built_small()
+    pm = pixelmed_reports(str(tmp_path_factory.getbasetemp()))["tid1500"]
+    assert "Found Root Template TID_1500" in pm.output
+    assert pm.ok, "\n".join(pm.errors[:5])
+    path = tmp_path / "sr.dcm"
+    sr = _sr(datasets)
+    sr.save_as(path, enforce_file_format=True)
+    out = tmp_path / "sr.json"
+    report = tid1500reader(path, out)
+    assert report.ok, report.output
+    groups = json.loads(out.read_text())["Measurements"]
+    assert len(groups) >= len(sr_regions(roundtrip(sr))) > 0
+    assert any(m["quantity"]["CodeValue"] == "42798000" for g in groups for m in g["measurementItems"])
