@@ -96,6 +96,38 @@ def ensure_cache(cache: Path) -> tuple[Path, Path]:
     return dist, modules
 
 
+# The one-statement change to cornerstone's SEG loader (in OHIF 3.13.2's bundle) that makes a
+# standard SEG of a projection image load: PS3.3 A.51.5.1 says a SEG without a Frame of Reference
+# is pixel-for-pixel on its source image, so it has the source's orientation. Used only with
+# --patched-ohif, to show where the fix belongs; the default check runs OHIF as published.
+_PATCH_ANCHOR = ("  const validOrientations = Segmentation_4X_getValidOrientations(ImageOrientationPatient);\n"
+                 "  const segMetadata = Segmentation_4X_getSegmentMetadata(multiframe, SeriesInstanceUID);\n")
+_PATCH_INSERT = ("  const validOrientations = Segmentation_4X_getValidOrientations(ImageOrientationPatient);\n"
+                 "  /* dicom_ai viewer check: SEG without Frame of Reference lies on its source images */\n"
+                 "  if (!multiframe.FrameOfReferenceUID && !multiframe.SharedFunctionalGroupsSequence.PlaneOrientationSequence\n"
+                 "      && !(multiframe.PerFrameFunctionalGroupsSequence[0] || {}).PlaneOrientationSequence) {\n"
+                 "    multiframe.SharedFunctionalGroupsSequence.PlaneOrientationSequence = { ImageOrientationPatient };\n"
+                 "  }\n"
+                 "  const segMetadata = Segmentation_4X_getSegmentMetadata(multiframe, SeriesInstanceUID);\n")
+
+
+def patched_dist(dist: Path) -> Path:
+    """A copy of OHIF's dist (hard links) with the SEG loader change above; built once."""
+    target = dist.parent.parent / f"{dist.parent.name}-patched" / "dist"
+    if (target / "PATCHED").is_file():
+        return target
+    shutil.rmtree(target.parent, ignore_errors=True)
+    shutil.copytree(dist, target, copy_function=os.link)
+    hits = [p for p in target.glob("*.js") if _PATCH_ANCHOR in p.read_text(errors="ignore")]
+    if len(hits) != 1:
+        raise CheckError(f"cannot patch OHIF {OHIF_VERSION}: anchor found in {len(hits)} bundles")
+    text = hits[0].read_text()
+    hits[0].unlink()  # break the hard link before writing
+    hits[0].write_text(text.replace(_PATCH_ANCHOR, _PATCH_INSERT, 1))
+    (target / "PATCHED").write_text(hits[0].name + "\n")
+    return target
+
+
 # ---------------------------------------------------------------- browser
 
 def drive(plan: dict, timeout_s: float) -> dict:
@@ -212,12 +244,15 @@ def _image_visible(png: Path, canvas: dict) -> float:
 
 
 def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer: str,
-              experiments: bool, timeout_s: float, keep_voi_function: bool = False) -> dict:
+              experiments: bool, timeout_s: float, keep_voi_function: bool = False,
+              patched: bool = False) -> dict:
     from dicom_ai.validate import dciodvfy
 
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     dist, modules = ensure_cache(cache)
+    if patched:
+        dist = patched_dist(dist)
     t_install = time.monotonic() - t0
 
     study = fixtures.make_study(seed=seed, shape=shape, writer=writer)
@@ -268,7 +303,7 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
             layout[f.sop_instance_uid] = lay
     n_regions = sum(len(v) for v in contours.values())
 
-    report: dict = {"ohif": OHIF_VERSION, "playwright_core": PLAYWRIGHT_VERSION, "writer": study.writer,
+    report: dict = {"ohif": OHIF_VERSION + (" + SEG-orientation patch" if patched else ""), "playwright_core": PLAYWRIGHT_VERSION, "writer": study.writer,
                     "seed": seed, "shape": list(shape), "voi_lut_function_removed_from_images": stripped,
                     "segs": seg_reports, "checks": [], "ok": True}
 
@@ -328,7 +363,7 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
                 "PlaneOrientationSequence" in fg for fg in ds.PerFrameFunctionalGroupsSequence)
             seg_reports[label].update(plane_orientation=has_po, loaded_in_ohif=bool(entry.get("loaded")),
                                       ohif_errors=[e[:300] for e in entry["errors"][:2]])
-            if not has_po:
+            if not has_po and not patched:
                 check(f"SEG '{label}' without Plane Orientation: OHIF {OHIF_VERSION} refuses it as documented",
                       not entry.get("loaded") and SEG_ORIENTATION_ERROR in errors,
                       f"loaded={entry.get('loaded')}, errors: {errors[:160]}")
@@ -368,13 +403,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-experiments", dest="experiments", action="store_false",
                     help="skip the SEG variant with Plane Orientation (Patient)")
     ap.add_argument("--timeout", type=float, default=150, help="seconds per browser phase")
+    ap.add_argument("--patched-ohif", action="store_true",
+                    help="run OHIF with the one-statement SEG loader fix (see _PATCH_INSERT) instead of as published")
     ap.add_argument("--keep-voi-lut-function", action="store_true",
                     help="upload the images with VOI LUT Function as generated (OHIF 3.13.2 then shows no image)")
     args = ap.parse_args(argv)
     rows, cols = (int(v) for v in args.shape.lower().split("x"))
     try:
         report = run_check(args.out.resolve(), args.cache.resolve(), args.seed, (rows, cols), args.writer,
-                           args.experiments, args.timeout, args.keep_voi_lut_function)
+                           args.experiments, args.timeout, args.keep_voi_lut_function, args.patched_ohif)
     except (CheckError, FileNotFoundError, subprocess.CalledProcessError, TimeoutError) as e:
         print(f"viewer check could not run: {e}", file=sys.stderr)
         return 2
