@@ -35,31 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dicom_ai.bundle import load_bundle  # noqa: E402
+from dicom_ai.metrics import froc, segmentation_summary  # noqa: E402
 from dicom_ai.microcalc import MicrocalcModel, sliding_window_logits  # noqa: E402
 from dicom_ai.phantom import generate_study  # noqa: E402
 from dicom_ai.preprocess import read_mammogram, resize  # noqa: E402
 from dicom_ai.train_microcalc import microcalcification_mask  # noqa: E402
 
-FP_RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
-
-
 def _labels(mask: np.ndarray) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
-
-
-def froc(candidates: list[tuple[float, int, int]], n_gt: int, n_images: int) -> dict:
-    """``candidates``: (score, image index, ground-truth cluster id or -1). Sensitivity at
-    each FP rate is the best reached without exceeding that many FPs per image."""
-    points = [(0.0, 0.0, 1.0)]
-    for t in sorted({c[0] for c in candidates}, reverse=True):
-        kept = [c for c in candidates if c[0] >= t]
-        hit = {(c[1], c[2]) for c in kept if c[2] >= 0}
-        fp = sum(1 for c in kept if c[2] < 0)
-        points.append((fp / n_images, len(hit) / max(n_gt, 1), t))
-    at = {str(r): max(s for f, s, _ in points if f <= r) for r in FP_RATES}
-    return {"sensitivity_at_fp_per_image": at, "mean_sensitivity": float(np.mean(list(at.values()))),
-            "curve": [{"fp_per_image": f, "sensitivity": s, "threshold": t} for f, s, t in points],
-            "ground_truth_clusters": n_gt, "images": n_images}
 
 
 def speed_on_crop(model: MicrocalcModel, image: np.ndarray, centre: tuple[int, int], side: int = 96) -> dict:
@@ -100,9 +83,8 @@ def main() -> int:
     model = MicrocalcModel.from_bundle(bundle, "cpu")
     thr = model.calcification_threshold
 
-    per_image, candidates, n_gt_clusters = [], [], 0
+    per_image, detections, truth_clusters, preds, truths = [], [], [], [], []
     tp = fp = fn = tn = 0
-    soft_num = soft_den = 0.0
     crop_speed = None
     seeds = [int(s) for s in args.seeds.split(",")]
     for seed in seeds:
@@ -110,7 +92,6 @@ def main() -> int:
         study = generate_study(seed, shape=(3328, 2560))
         t_gen = time.perf_counter() - t_gen
         for img in study.images:
-            index = len(per_image)
             mg = read_mammogram(img.dataset)
             gt = microcalcification_mask(img.masks, mg.spacing_mm[0])
             breast = np.asarray(img.breast_mask, dtype=bool)
@@ -121,24 +102,22 @@ def main() -> int:
             i_tp, i_fp, i_fn = int(np.sum(pred & g)), int(np.sum(pred & ~g)), int(np.sum(~pred & g))
             tp, fp, fn = tp + i_tp, fp + i_fp, fn + i_fn
             tn += int(np.sum(~pred & ~g & breast))
-            soft_num += 2 * float(np.sum(prob[g]))
-            soft_den += float(np.sum(prob[breast])) + float(g.sum())
+            # Breast bounding box only, to keep the maps of all images in memory.
+            rb, cb = np.flatnonzero(breast.any(1)), np.flatnonzero(breast.any(0))
+            box = (slice(rb[0], rb[-1] + 1), slice(cb[0], cb[-1] + 1))
+            preds.append(np.where(breast, prob, 0.0)[box].astype(np.float32))
+            truths.append(g[box])
             # Calcification (object) level.
             gt_lab, pred_lab = _labels(g), _labels(pred)
             n_gt_obj = int(gt_lab.max())
             hit_obj = len(np.unique(gt_lab[pred & (gt_lab > 0)]))
             n_pred_obj = int(pred_lab.max())
             fp_obj = n_pred_obj - len(np.unique(pred_lab[g & (pred_lab > 0)]))
-            # Clusters.
-            cl_gt = _labels(img.masks["cluster_benign"] | img.masks["cluster_malignant"])
-            offset = n_gt_clusters
-            n_img_clusters = int(cl_gt.max())
-            n_gt_clusters += n_img_clusters
-            rows, cols = cl_gt.shape
-            for cl in res.clusters:
-                rr, cc = int(round(cl.centroid[0])), int(round(cl.centroid[1]))
-                gid = int(cl_gt[rr, cc]) if 0 <= rr < rows and 0 <= cc < cols else 0
-                candidates.append((cl.score, index, offset + gid - 1 if gid > 0 else -1))
+            # Clusters: (score, row, column) per predicted cluster vs the truth cluster regions.
+            cl_truth = img.masks["cluster_benign"] | img.masks["cluster_malignant"]
+            truth_clusters.append(cl_truth)
+            detections.append([(c.score, c.centroid[0], c.centroid[1]) for c in res.clusters])
+            n_img_clusters = int(_labels(cl_truth).max())
             per_image.append({
                 "seed": seed, "view": f"{img.laterality}-{img.view}", "gt_calcification_px": int(g.sum()),
                 "dice": (2 * i_tp / (2 * i_tp + i_fp + i_fn)) if g.any() else None,
@@ -150,28 +129,29 @@ def main() -> int:
                 "segmentator_fraction": round(res.detector_fraction, 4), "phantom_generation_s": round(t_gen, 1),
             })
             print(json.dumps(per_image[-1]), flush=True)
-            if crop_speed is None and g.any():
+            if crop_speed is None and (g.any() or seed == seeds[-1]):
                 # The crop is centred on a calcification, on the 0.05 mm working grid.
                 r_idx, c_idx = np.flatnonzero(breast.any(1)), np.flatnonzero(breast.any(0))
                 r0, c0 = r_idx[0], c_idx[0]
                 shape = res.timings_s["working_shape"]
                 work = resize(mg.pixels[r0:r_idx[-1] + 1, c0:c_idx[-1] + 1], tuple(shape))
-                gr, gc = np.argwhere(g)[0]
+                gr, gc = np.argwhere(g)[0] if g.any() else np.argwhere(breast).mean(0).astype(int)
                 f = mg.spacing_mm[0] / model.config.pixel_spacing_mm
                 crop_speed = speed_on_crop(model, work, (int((gr - r0) * f), int((gc - c0) * f)))
 
-    dice_values = [im["dice"] for im in per_image if im["dice"] is not None]
+    seg = segmentation_summary(preds, truths, threshold=thr)
+    froc_result = froc(detections, truth_clusters)
     n_images = len(per_image)
     work_px = float(np.mean([np.prod(im["seconds"]["working_shape"]) for im in per_image]))
     seg_fraction = float(np.mean([im["segmentator_fraction"] for im in per_image]))
     det = crop_speed["detector"]
-    seg = crop_speed["segmentator"]
+    seg_speed = crop_speed["segmentator"]
     det_positions = work_px / model.config.detector_stride**2
     extrapolated = {
         "working_grid_pixels_mean": work_px,
-        "dense_cascade_s": det_positions * det["dense_s_per_position"] + seg_fraction * work_px * seg["dense_s_per_position"],
-        "naive_cascade_s": det_positions * det["naive_s_per_position"] + seg_fraction * work_px * seg["naive_s_per_position"],
-        "naive_segmentator_every_pixel_s": work_px * seg["naive_s_per_position"],
+        "dense_cascade_s": det_positions * det["dense_s_per_position"] + seg_fraction * work_px * seg_speed["dense_s_per_position"],
+        "naive_cascade_s": det_positions * det["naive_s_per_position"] + seg_fraction * work_px * seg_speed["naive_s_per_position"],
+        "naive_segmentator_every_pixel_s": work_px * seg_speed["naive_s_per_position"],
     }
     measured = [im["seconds"]["total"] for im in per_image]
     result = {
@@ -181,15 +161,20 @@ def main() -> int:
         "held_out_seeds": seeds, "images": n_images, "image_shape": [3328, 2560], "spacing_mm": 0.07,
         "device": "cpu: no GPU is lent to this task", "cpu": platform.processor() or platform.machine(),
         "torch_threads": args.threads, "calcification_threshold": thr,
-        "pixel": {"dice_mean_over_images_with_calcifications": float(np.mean(dice_values)) if dice_values else None,
-                  "images_with_calcifications": len(dice_values),
-                  "dice_pooled": 2 * tp / max(2 * tp + fp + fn, 1), "soft_dice_pooled": soft_num / max(soft_den, 1e-9),
-                  "sensitivity": tp / max(tp + fn, 1), "specificity": tn / max(tn + fp, 1),
-                  "false_positive_px_per_image": fp / n_images},
+        "pixel": {"dice_mean_over_images_with_calcifications": seg.mean_dice, "iou_mean": seg.mean_iou,
+                  "soft_dice_mean": seg.mean_soft_dice, "images_with_calcifications": seg.n_images,
+                  "dice_pooled": seg.pooled_dice, "sensitivity": tp / max(tp + fn, 1),
+                  "specificity": tn / max(tn + fp, 1), "false_positive_px_per_image": fp / n_images,
+                  "false_positive_px_per_image_without_calcifications": seg.false_positive_area_px,
+                  "convention": "dicom_ai.metrics.segmentation_summary on the source grid, breast pixels"},
         "calcification_level": {
             "sensitivity": sum(im["gt_calcifications_hit"] for im in per_image) / max(sum(im["gt_calcifications"] for im in per_image), 1),
             "false_positives_per_image": sum(im["false_positive_calcifications"] for im in per_image) / n_images},
-        "cluster_froc": froc(candidates, n_gt_clusters, n_images),
+        "cluster_froc": {"sensitivity_at_fp_per_image": {str(k): v for k, v in froc_result.sensitivity_at.items()},
+                         "mean_sensitivity": froc_result.mean_sensitivity, "ground_truth_clusters": froc_result.n_regions,
+                         "images": froc_result.n_images, "fp_per_image": froc_result.fp_per_image.tolist(),
+                         "sensitivity": froc_result.sensitivity.tolist(),
+                         "convention": "dicom_ai.metrics.froc: TP when the cluster centroid lies in a truth cluster region"},
         "speed": {"whole_image_dense_cascade_s": {"mean": float(np.mean(measured)), "max": float(np.max(measured))},
                   "crop": crop_speed, "extrapolated_full_image": extrapolated,
                   "note": "shared 2-core CPU under load from other jobs; times vary with that load"},
@@ -199,7 +184,7 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
     px, fr = result["pixel"], result["cluster_froc"]
-    print(f"\npixel: Dice {px['dice_mean_over_images_with_calcifications']} (pooled {px['dice_pooled']:.3f}), "
+    print(f"\npixel: Dice {px['dice_mean_over_images_with_calcifications']:.3f} (pooled {px['dice_pooled']:.3f}), "
           f"sensitivity {px['sensitivity']:.3f}, specificity {px['specificity']:.6f}")
     print("cluster FROC sensitivity at FP/image: " + ", ".join(
         f"{k}: {v:.2f}" for k, v in fr["sensitivity_at_fp_per_image"].items()) + f" (GT clusters {fr['ground_truth_clusters']})")
