@@ -11,6 +11,7 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     max_associations = 10
     max_pdu_size = 1048576          # bytes; 0 = unlimited
     reserve_free_mb = 512           # refuse C-STORE (Out of Resources) below this free space
+    retention_days = 30.0           # delete finished studies' files after this; 0 = keep forever
 
     [[peers]]                       # may send studies; results go back to the sender
     ae_title = "PACS"
@@ -89,6 +90,7 @@ class NodeSection:
     max_associations: int = 10
     max_pdu_size: int = 1048576
     reserve_free_mb: int = 512
+    retention_days: float = 30.0
 
 
 @dataclass
@@ -319,6 +321,8 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(f"node.max_associations must be at least 1, got {n.max_associations}")
     if n.max_pdu_size != 0 and n.max_pdu_size < 4096:
         raise ConfigError(f"node.max_pdu_size must be 0 (unlimited) or at least 4096, got {n.max_pdu_size}")
+    if n.retention_days < 0:
+        raise ConfigError(f"node.retention_days must not be negative (0 keeps everything), got {n.retention_days}")
     if n.reserve_free_mb < 0:
         raise ConfigError(f"node.reserve_free_mb must not be negative, got {n.reserve_free_mb}")
     seen: dict[str, str] = {n.ae_title: "node.ae_title"}

@@ -377,6 +377,42 @@ class JobStore:
                            (now,)).rowcount
         return {"deliveries": d, "jobs": j}
 
+    # -- retention -----------------------------------------------------------------------
+
+    def purge_finished(self, older_than: float) -> list[tuple[int, list[str], list[str]]]:
+        """Forget studies that are finished and quiet since ``older_than`` (epoch seconds).
+
+        Finished = closed, no job queued or running, no delivery pending; quiet = nothing
+        received, processed or sent since ``older_than``. Returns, per
+        purged study, its job ids, spool paths and outbox paths, for the caller to delete
+        the files; the rows are gone when this returns. A study sent again later is then
+        processed as a new one.
+        """
+        conn = self._conn()
+        studies = [r["id"] for r in conn.execute(
+            "SELECT s.id FROM studies s WHERE s.state = 'closed' AND s.last_received < ? "
+            "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_id = s.id AND j.state IN ('queued', 'running')) "
+            "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_id = s.id AND j.updated >= ?) "
+            "AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON j.id = d.job_id "
+            "                WHERE j.study_id = s.id AND (d.state = 'pending' OR d.updated >= ?))",
+            (older_than, older_than, older_than))]
+        purged = []
+        for study_id in studies:
+            with self._write() as db:
+                jobs = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE study_id = ?", (study_id,))]
+                spool = [r["path"] for r in db.execute("SELECT path FROM instances WHERE study_id = ?", (study_id,))]
+                marks = ",".join("?" * len(jobs))
+                outbox = [r["path"] for r in db.execute(f"SELECT path FROM outbox WHERE job_id IN ({marks})", jobs)]
+                db.execute(f"DELETE FROM sent WHERE delivery_id IN (SELECT id FROM deliveries WHERE job_id IN ({marks}))",
+                           jobs)
+                db.execute(f"DELETE FROM deliveries WHERE job_id IN ({marks})", jobs)
+                db.execute(f"DELETE FROM outbox WHERE job_id IN ({marks})", jobs)
+                db.execute("DELETE FROM jobs WHERE study_id = ?", (study_id,))
+                db.execute("DELETE FROM instances WHERE study_id = ?", (study_id,))
+                db.execute("DELETE FROM studies WHERE id = ?", (study_id,))
+            purged.append((study_id, [str(j) for j in jobs], spool + outbox))
+        return purged
+
     # -- status --------------------------------------------------------------------------
 
     def set_notice(self, key: str, message: str | None) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,6 +58,7 @@ class Node:
         self.worker: subprocess.Popen | None = None
         self._worker_restarts: list[float] = []
         self._stopping = threading.Event()
+        self._next_purge = 0.0
 
     def start(self) -> int:
         """Recover, then start the SCP, the worker and delivery; returns the SCP port."""
@@ -83,11 +85,29 @@ class Node:
             except Exception as exc:
                 logs.event("assembly_error", level="ERROR", error=f"{type(exc).__name__}: {exc}")
             self._check_worker()
+            self._purge()
             self._stopping.wait(self.poll_seconds)
         self._shutdown()
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _purge(self) -> None:
+        """Every minute (or half the retention time): delete finished studies' files."""
+        days = self.config.node.retention_days
+        if days <= 0 or time.monotonic() < self._next_purge:
+            return
+        self._next_purge = time.monotonic() + min(60.0, days * 86400.0 / 2)
+        try:
+            for study_id, jobs, paths in self.store.purge_finished(time.time() - days * 86400.0):
+                for path in paths:
+                    Path(path).unlink(missing_ok=True)
+                for job in jobs:
+                    for folder in (self.storage / "outbox" / f"job-{job}", self.storage / "previews" / f"job-{job}"):
+                        shutil.rmtree(folder, ignore_errors=True)
+                logs.event("study_purged", study_id=study_id, files=len(paths), retention_days=days)
+        except Exception as exc:  # retention must never stop the node
+            logs.event("purge_error", level="ERROR", error=f"{type(exc).__name__}: {exc}")
 
     # -- the worker process --------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -120,3 +121,24 @@ def test_delivery_retries_back_off_then_fail_and_retry_requeues(store):
     store.mark_sent(d.id, "9.2")
     store.delivery_done(d.id)
     assert store.status()["deliveries"][0]["state"] == "done"
+
+
+def test_only_finished_quiet_studies_are_purged(store):
+    _receive(store, "DONE", VIEWS, t=0.0)
+    _receive(store, "PENDING", VIEWS, t=0.0, prefix="1.9")
+    _receive(store, "RECENT", VIEWS, t=time.time() + 100, prefix="1.8")
+    store.close_ready_studies(1.0, 5.0, _uids, now=time.time() + 200)
+    for _ in range(3):
+        job = store.claim_job()
+        store.complete_job(job, [(f"9.{job.id}", "c", f"/o/{job.id}.dcm")], [("PACS", "h", 104)])
+    for d in store.due_deliveries():
+        if d.job_id != 2:  # the PENDING study's results are not delivered yet
+            store.mark_sent(d.id, d.pending[0][0])
+            store.delivery_done(d.id)
+    assert store.purge_finished(older_than=500.0) == []  # just processed and delivered: not quiet
+    purged = store.purge_finished(older_than=time.time() + 1)
+    assert len(purged) == 1
+    study_id, jobs, paths = purged[0]
+    assert jobs == ["1"] and "/o/1.dcm" in paths and len(paths) == 5
+    assert sorted(s["study_uid"] for s in store.status()["studies"]) == ["PENDING", "RECENT"]
+    assert store.find_instance("1.2.3.DONE.LCC.0") is None

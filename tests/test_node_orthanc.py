@@ -6,8 +6,8 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless
 
-from node_harness import (Orthanc, free_port, outbox_uids, start_node, wait_delivered, write_node_config,
-                          write_study)
+from node_harness import (Orthanc, free_port, outbox_uids, start_node, store_status, wait_delivered, wait_for,
+                          write_node_config, write_study)
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +19,8 @@ def test_orthanc_sends_a_study_and_finds_the_results_in_it(tmp_path):
     try:
         # Results JPEG 2000 compressed, with a Mammography CAD SR: what a site may configure.
         cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("ORTHANC", orthanc.dicom)],
-                                results={"compression": "jpeg2000", "cad_sr": True})
+                                results={"compression": "jpeg2000", "cad_sr": True},
+                                node={"retention_days": 3.0 / 86400})  # forget it 3 s after delivery
         node = start_node(cfg, port, tmp_path / "node.log")
         assert orthanc.post("/modalities/ainode/echo", {}) == {}
 
@@ -50,6 +51,11 @@ def test_orthanc_sends_a_study_and_finds_the_results_in_it(tmp_path):
         meta = orthanc.get(f"/instances/{seg_series['Instances'][0]}/metadata?expand")
         assert meta["RemoteAET"] == "AINODE"
         assert meta["TransferSyntax"] == "1.2.840.10008.1.2.4.90"  # sent as written, JPEG 2000 lossless
+
+        # Retention: once delivered and quiet for retention_days, the node forgets the study.
+        storage = tmp_path / "storage"
+        wait_for(lambda: not store_status(storage)["studies"] and not list((storage / "spool").rglob("*.dcm"))
+                 and not list((storage / "outbox").rglob("*.dcm")), 30, "the finished study to be purged")
     finally:
         if node is not None:
             node.stop()
