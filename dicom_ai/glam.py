@@ -46,6 +46,7 @@ __all__ = [
     "glam_input",
     "standardise",
     "GlamModel",
+    "GlamPrediction",
 ]
 
 CLASSES: tuple[str, str] = ("benign", "malignant")
@@ -532,8 +533,10 @@ class GlamModel:
     def __init__(self, network: Glam, identity: ModelIdentity, thresholds: dict[str, float],
                  device: torch.device | str = "cpu"):
         self.device = torch.device(device)
-        # Channels-last suits oneDNN on CPU and cuDNN on GPU alike.
-        self.network = network.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.network = network.to(self.device).eval()
+        if self.device.type == "cuda":
+            # CPU stays contiguous: channels-last backward corrupted the heap on torch 2.13 CPU.
+            self.network = self.network.to(memory_format=torch.channels_last)
         self.config = network.config
         self.identity = identity
         self.thresholds = thresholds
@@ -553,26 +556,50 @@ class GlamModel:
         thresholds = {k: float(v) for k, v in bundle.manifest["thresholds"].items()}
         return cls(network, bundle.identity, thresholds, device)
 
-    def run(self, mammogram: Mammogram) -> tuple[np.ndarray, np.ndarray, np.ndarray, Geometry, GlamOutput]:
-        """Fused (2, H, W) and upsampled global (2, H, W) maps on the input grid, scores (2,)."""
+    def run(self, mammogram: Mammogram) -> "GlamPrediction":
+        """Everything GLAM computes for one view, on the network's input grid."""
         x, geometry = glam_input(mammogram, self.config)
-        t = torch.from_numpy(x)[None, None].to(self.device).contiguous(memory_format=torch.channels_last)
+        t = torch.from_numpy(x)[None, None].to(self.device)
+        if self.device.type == "cuda":
+            t = t.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):
             out = self.network(t)
             fused = fuse(out, self.config)
             global_up = F.interpolate(out.global_.saliency, size=self.config.input_shape, mode="nearest")
-        return (fused[0].float().cpu().numpy(), global_up[0].float().cpu().numpy(),
-                out.prediction[0].float().cpu().numpy(), geometry, out)
+        return GlamPrediction(fused=fused[0].float().cpu().numpy(), global_map=global_up[0].float().cpu().numpy(),
+                              scores=out.prediction[0].float().cpu().numpy(),
+                              local_scores=out.local_prediction[0].float().cpu().numpy(),
+                              patch_corners=out.patch_corners[0].cpu().numpy(), geometry=geometry)
+
+    def to_output(self, prediction: "GlamPrediction") -> ModelOutput:
+        """The fused maps mapped back onto the source grid, and the image-level scores."""
+        maps = []
+        for channel, finding in ((0, "benign_lesion"), (1, "malignant_lesion")):
+            prob = np.clip(prediction.geometry.inverse(prediction.fused[channel], mode="bilinear", fill=0.0), 0, 1)
+            maps.append(ProbabilityMap(finding=finding, probability=prob.astype(np.float32),
+                                       threshold=self.thresholds.get(finding, 0.5), model=self.identity))
+        scores = [ImageScore(name=name, value=float(np.clip(prediction.scores[i], 0.0, 1.0)), model=self.identity)
+                  for i, name in enumerate(CLASSES)]
+        return ModelOutput(maps=maps, scores=scores)
 
     def predict(self, mammogram: Mammogram) -> ModelOutput:
         """Benign and malignant lesion maps on the source grid, and image-level scores."""
-        fused, _, scores, geometry, _ = self.run(mammogram)
-        maps = []
-        for channel, finding in ((0, "benign_lesion"), (1, "malignant_lesion")):
-            prob = np.clip(geometry.inverse(fused[channel], mode="bilinear", fill=0.0), 0.0, 1.0)
-            maps.append(ProbabilityMap(finding=finding, probability=prob.astype(np.float32),
-                                       threshold=self.thresholds.get(finding, 0.5), model=self.identity))
-        out_scores = [ImageScore(name=name, value=float(np.clip(scores[i], 0.0, 1.0)), model=self.identity)
-                      for i, name in enumerate(CLASSES)]
-        return ModelOutput(maps=maps, scores=out_scores)
+        return self.to_output(self.run(mammogram))
+
+
+@dataclass
+class GlamPrediction:
+    """One view's GLAM results on the input grid, with the geometry that maps them back.
+
+    ``fused`` and ``global_map`` are (2, *input_shape) probabilities (benign, malignant);
+    ``scores`` the global image-level prediction and ``local_scores`` the local one (2,);
+    ``patch_corners`` (K, 2) the selected patches' upper-left input pixels.
+    """
+
+    fused: np.ndarray
+    global_map: np.ndarray
+    scores: np.ndarray
+    local_scores: np.ndarray
+    patch_corners: np.ndarray
+    geometry: Geometry

@@ -264,18 +264,6 @@ def load_checkpoint(path: Path):
 # --------------------------------------------------------------------------- evaluation
 
 
-def roc_auc(scores, labels) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties counted half); NaN with one class only."""
-    import numpy as np
-
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
-
-
 def predict_images(net, data: GlamData, config, device, batch_size: int = 8, maps: bool = False):
     """Image-level global and local predictions (N, 2) and optionally fused/global input-grid maps."""
     import numpy as np
@@ -309,8 +297,9 @@ def predict_images(net, data: GlamData, config, device, batch_size: int = 8, map
 def _to_device(x, device):
     import torch
 
-    # Channels-last is faster for these convolutions on CUDA and on oneDNN CPUs alike.
-    return x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    x = x.to(device, non_blocking=True)
+    # CPU stays contiguous: channels-last backward corrupted the heap on torch 2.13 CPU.
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
 def _autocast(device):
@@ -335,8 +324,12 @@ def train(net, data: GlamData, config, *, stages: list[tuple[str, int]], batch_s
     import torch
     from tqdm import tqdm
 
+    from dicom_ai.metrics import roc_auc
+
     loss_fn = loss_fn or (lambda stage, n, x, y: stage_loss(stage, n, x, y, config, beta))
-    net.to(device).to(memory_format=torch.channels_last)
+    net.to(device)
+    if device.type == "cuda":
+        net.to(memory_format=torch.channels_last)
     history: list[dict] = []
     done = (-1, -1)  # (stage index, last completed epoch) of the checkpoint
     model_sd = opt_sd = None
@@ -418,6 +411,7 @@ def calibrate_thresholds(net, val: GlamData, config, device) -> tuple[dict, dict
     import numpy as np
 
     from dicom_ai.glam import glam_geometry
+    from dicom_ai.metrics import dice
 
     pred = predict_images(net, val, config, device, maps=True)
     thresholds, dice = {}, {}
@@ -431,17 +425,11 @@ def calibrate_thresholds(net, val: GlamData, config, device) -> tuple[dict, dict
                .forward(val.lesions[i, c].astype(np.float32), mode="nearest") > 0.5 for i in rows]
         scores = []
         for t in grid:
-            d = [_dice(pred["fused_maps"][i, c] >= t, gt) for i, gt in zip(rows, gts)]
+            d = [dice(pred["fused_maps"][i, c], gt, threshold=float(t)) for i, gt in zip(rows, gts)]
             scores.append(float(np.mean(d)))
         best = int(np.argmax(scores))
         thresholds[finding], dice[finding] = float(grid[best]), round(scores[best], 4)
     return thresholds, dice
-
-
-def _dice(pred, gt) -> float:
-    inter = float((pred & gt).sum())
-    total = float(pred.sum() + gt.sum())
-    return 1.0 if total == 0 else 2 * inter / total
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -450,6 +438,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from dicom_ai.bundle import save_bundle
     from dicom_ai.glam import CONFIGS, CamClassifier, Glam
+    from dicom_ai.metrics import roc_auc
     from dicom_ai.pipeline import resolve_device
 
     torch.set_num_threads(max(1, args.threads))
