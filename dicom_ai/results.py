@@ -42,7 +42,9 @@ class ResultUIDs:
 
     ``seg_instances`` maps source SOP Instance UID -> SEG SOP Instance UID. A source missing
     from it (an image that arrived after the job was created) gets a UID derived from
-    ``seg_series`` and its own UID, so it is stable too. ``created`` is ``YYYYMMDDHHMMSS``
+    ``seg_series`` and its own UID, so it is stable too. Each SEG is in a series of its own
+    (OHIF 3.13 shows only the newest instance of a SEG series): :meth:`seg_series_for` derives
+    that series' UID from ``seg_series`` and the source image. ``created`` is ``YYYYMMDDHHMMSS``
     (UTC) and is written as Series/Content Date and Time of every result object.
     """
 
@@ -66,6 +68,10 @@ class ResultUIDs:
         """SEG SOP Instance UID for a source image."""
         uid = self.seg_instances.get(str(source_sop_uid))
         return uid or generate_uid(entropy_srcs=[self.seg_series, str(source_sop_uid)])
+
+    def seg_series_for(self, source_sop_uid: str) -> str:
+        """Series Instance UID of the SEG of one source image."""
+        return generate_uid(entropy_srcs=[self.seg_series, "series", str(source_sop_uid)])
 
     @property
     def content_datetime(self) -> tuple[str, str]:
@@ -174,10 +180,11 @@ def build_results(
         segments = analyse_image(ds, f, options)
         seg = None
         if segments:
+            view = " ".join(str(ds.get(k, "")) for k in ("ImageLaterality", "ViewPosition")).strip()
             seg = build_segmentation(
-                ds, segments, series_instance_uid=uids.seg_series,
+                ds, segments, series_instance_uid=uids.seg_series_for(str(ds.SOPInstanceUID)),
                 sop_instance_uid=uids.seg_instance(str(ds.SOPInstanceUID)), series_number=options.seg_series_number,
-                instance_number=len(out) + 1, series_description=options.seg_series_description,
+                instance_number=1, series_description=f"{options.seg_series_description} {view}".strip()[:64],
                 segmentation_type=options.segmentation_type, compression=options.compression, **common)
             out.append(seg)
         image_results.append(ImageResult(ds, f, segments, seg))

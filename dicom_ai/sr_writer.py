@@ -1,30 +1,23 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) for one study, built with highdicom.
 
-Content of Imaging Measurements, all TID 1410 planar ROI groups (see "why" below):
+Content:
 
-1. Per SEG segment (every (finding, model) map of every image, empty ones included), a group
-   referencing the segmentation frame (Referenced Segmentation Frame; frame N = segment N),
-   with finding type, finding site (breast with laterality), the segment's total area in mm2,
-   and the model's image-level scores for that image: "Probability of cancer" (DCM 111047) for
-   the malignant score on the model's malignant-lesion segment, "Certainty of Finding" (DCM
-   111012) for the benign score on its benign-lesion segment, in percent (0-100), as the
-   mammography CAD concepts are defined. A model whose score has no segment of that finding
-   reports it on its first segment of the image.
-2. Per detected region (``dicom_ai.regions``), a group with the region as a closed SCOORD
-   POLYLINE on the source image (pixel coordinates, (column, row), origin at the top-left
-   corner of the top-left pixel), finding type and site, area in mm2 (spacing rules in
-   ``dicom_ai.regions``) whose Source of Measurement is the SEG frame of its segment, and the
-   maximum and mean probability inside the region (derivation SCT Maximum / Mean) with the
-   model's algorithm identification. Tracking identifier "<image> <finding> (<model>) region k"
-   ties it to the segment group "<image> <finding> (<model>) segment n".
-3. Per breast and for the study, per model and score, the maximum over the images (derivation
-   Maximum), as a group referencing the segment of the image where the maximum occurred.
+* Imaging Measurements: per detected region (``dicom_ai.regions``), one TID 1410 planar ROI
+  group: the region as a closed SCOORD POLYLINE on the source image (pixel coordinates,
+  (column, row), origin at the top-left corner of the top-left pixel), finding type and finding
+  site (breast with laterality), area in mm2 (spacing rules in ``dicom_ai.regions``) whose
+  Source of Measurement is the SEG frame of its segment (frame N = segment N: the reference to
+  the segment the region came from), and the maximum and mean probability inside the region
+  (derivation SCT Maximum / Mean; "Probability of cancer" for malignant lesions, "Certainty of
+  Finding" otherwise, in percent) with the model's algorithm identification. Tracking
+  identifier "<image> <finding> (<model>) region k".
+* Qualitative Evaluations (TID 1500 row 12), TEXT items: each image's scores per model, a line
+  per SEG segment (regions, total area, threshold, segment number, or "no region above
+  threshold"), and per breast and for the study the maximum of each model's scores.
 
-Why only TID 1410 groups: PixelMed's TID 1500 validator decides per Imaging Measurements
-container, not per group, whether to check groups as TID 1410 or TID 1501; once one group has a
-segmentation reference, every group must have an image region or one. Anchoring image, breast
-and study scores on a segment keeps PixelMed error-free and still says which image a score
-belongs to.
+Only groups with a SCOORD are in Imaging Measurements: OHIF 3.13 stops displaying the whole
+report when a group has none (conformance/viewer.md), and PixelMed's TID 1500 check decides
+per container, not per group, which group template applies.
 
 Validator-driven details (shared/research/dicom-tooling.md): procedure reported is SCT
 363679005 "Imaging procedure" (CID 100), and Referenced Segment Number is removed from IMAGE
@@ -88,29 +81,23 @@ def _percent(value: float) -> float:
     return round(100.0 * float(value), 2)
 
 
-def _score_measurement(score: ImageScore, refs: list, derivation: object = None) -> hd.sr.Measurement:
-    fc = finding_codes(SCORE_FINDING[score.name])
-    return hd.sr.Measurement(name=fc.probability, value=_percent(score.value), unit=PERCENT,
-                             derivation=derivation, algorithm_id=_algorithm(score.model),
-                             referenced_images=refs or None)
+def _concept(item: pydicom.Dataset) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeValue) if seq else ""
 
 
-def _anchor(result: ImageResult, score: ImageScore) -> Segment | None:
-    """The segment an image-level score is reported with: the same model's segment of the
-    score's finding (malignant -> malignant lesion), else that model's first segment."""
-    own = [s for s in result.segments if s.map.model == score.model]
-    for s in own:
-        if s.map.finding == SCORE_FINDING[score.name]:
-            return s
-    return own[0] if own else None
+def _placeholder_group() -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="placeholder"))
 
 
-def _segment_reference(result: ImageResult, segment: Segment) -> hd.sr.ReferencedSegmentationFrame:
-    seg, src = result.segmentation, result.source
-    return hd.sr.ReferencedSegmentationFrame(
-        sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID,
-        frame_number=segment.number, segment_number=segment.number,
-        source_image=hd.sr.SourceImageForSegmentation(src.SOPClassUID, src.SOPInstanceUID))
+def _max_scores(results: Sequence[ImageResult], name: str) -> list[ImageScore]:
+    """Per model, the highest score of ``name`` over the images of ``results``."""
+    best: dict[ModelIdentity, ImageScore] = {}
+    for r in results:
+        for s in r.findings.scores:
+            if s.name == name and (s.model not in best or s.value > best[s.model].value):
+                best[s.model] = s
+    return [best[m] for m in sorted(best, key=lambda m: (m.name, m.version))]
 
 
 def _track(result: ImageResult, segment: Segment) -> str:
@@ -146,28 +133,9 @@ def build_measurement_report(
             manufacturer_name=manufacturer, model_name=model_name, serial_number=device_serial_number))
     root = sop_instance_uid
     region_groups: list = []
-    segment_groups: list = []
-    other_groups: list = []
     for r in results:
-        src = r.source
+        src, seg = r.source, r.segmentation
         lat = str(src.get("ImageLaterality", ""))
-        seg = r.segmentation
-        anchored: dict[int, list[ImageScore]] = {}
-        for score in r.findings.scores:
-            anchor = _anchor(r, score) if seg is not None else None
-            if anchor is None:
-                # A model with scores but no map on this image: a TID 1501 group. (PixelMed
-                # 2022 then checks every group as TID 1410 and reports errors; the shipped
-                # models all produce maps, so this does not occur with them.)
-                other_groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=_uid(root, src.SOPInstanceUID, "score", score.name, score.model.name, score.model.version),
-                        identifier=f"{_image_name(src)} {score.name} score ({score.model.name})"[:64]),
-                    finding_type=finding_codes(SCORE_FINDING[score.name]).sr_finding, finding_sites=_site(lat),
-                    measurements=[_score_measurement(score, [hd.sr.SourceImageForMeasurement(
-                        src.SOPClassUID, src.SOPInstanceUID)])]))
-            else:
-                anchored.setdefault(anchor.number, []).append(score)
         for segment in r.segments:
             fc = finding_codes(segment.map.finding)
             model = segment.map.model
@@ -197,27 +165,20 @@ def build_measurement_report(
                     finding_sites=_site(lat),
                     measurements=measurements,
                 ))
-            if seg is None:
-                continue
-            total = sum(g.area_mm2 for g in segment.regions.regions)
-            measurements = [hd.sr.Measurement(name=codes.SCT.Area, value=round(total, 3), unit=SQUARE_MM)]
-            measurements += [_score_measurement(sc, []) for sc in anchored.get(segment.number, [])]
-            segment_groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=_uid(root, src.SOPInstanceUID, "segment", segment.number),
-                    identifier=f"{track} segment {segment.number}"[:64]),
-                referenced_segment=_segment_reference(r, segment),
-                finding_type=fc.sr_finding,
-                finding_sites=_site(lat),
-                measurements=measurements,
-            ))
-    summary_groups = _summaries(results, root)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=segment_groups + region_groups + summary_groups + other_groups,
+        imaging_measurements=region_groups or [_placeholder_group()],
         title=codes.DCM.ImagingMeasurementReport,
     )
+    if not region_groups:
+        # No region in the study: TID 1500 then carries Qualitative Evaluations only (rows 6
+        # and 12 are "at least one of"); highdicom insists on a group, so its placeholder goes.
+        items = report[0].ContentSequence
+        report[0].ContentSequence = [i for i in items if _concept(i) != "126010"]
+    evaluations = _qualitative_evaluations(results)
+    if evaluations:
+        report[0].ContentSequence.append(evaluations)
     evidence = [r.source for r in results] + [r.segmentation for r in results if r.segmentation is not None]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report[0], series_instance_uid=series_instance_uid,
@@ -234,37 +195,49 @@ def build_measurement_report(
     return sr
 
 
-def _summaries(results: Sequence[ImageResult], root: str) -> list:
-    """Breast- and study-level maxima of each model's image scores.
+_QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+_FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
 
-    Each is a planar ROI group anchored on the segment of the image where the maximum
-    occurred (TID 1410 needs an image region or segmentation reference), with finding site
-    the breast (laterality L, R, or B for the study) and derivation Maximum.
+
+def _score_text(scope: str, score: ImageScore, note: str = "") -> hd.sr.TextContentItem:
+    fc = finding_codes(SCORE_FINDING[score.name])
+    text = f"{scope}: {score.name} score {_percent(score.value):g} %{note} ({score.model.name} {score.model.version})"
+    return hd.sr.TextContentItem(name=fc.probability, value=text[:1024], relationship_type="CONTAINS")
+
+
+def _qualitative_evaluations(results: Sequence[ImageResult]) -> hd.sr.ContainerContentItem | None:
+    """TID 1500 row 12: image-, breast- and study-level scores and a per-segment summary as TEXT.
+
+    Why not measurement groups: OHIF 3.13 stops displaying a report when a group of Imaging
+    Measurements has no SCOORD (conformance/viewer.md), and PixelMed's TID 1500 check wants
+    every group to have an image region once one has a segmentation reference. TEXT items
+    keep the numbers readable in every SR viewer; the per-region values stay NUMs.
     """
-    groups = []
-    scopes = [(lat, f"{name} breast", [r for r in results if str(r.source.get("ImageLaterality", "")) == lat])
-              for lat, name in (("L", "Left"), ("R", "Right"))]
-    scopes.append(("B", "Study", list(results)))
-    for lat, scope_name, scope in scopes:
-        candidates = [(score, r) for r in scope if r.segmentation is not None for score in r.findings.scores]
-        keys = sorted({(sc.name, sc.model) for sc, _ in candidates},
-                      key=lambda k: (k[0] != "malignant", k[1].name, k[1].version))
-        for name, model in keys:
-            score, r = max(((sc, rr) for sc, rr in candidates if sc.name == name and sc.model == model),
-                           key=lambda t: t[0].value)
-            anchor = _anchor(r, score)
-            if anchor is None:
-                continue
-            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=_uid(root, "summary", lat, name, model.name, model.version),
-                    identifier=f"{scope_name} {name} score ({model.name}), max over images"[:64]),
-                referenced_segment=_segment_reference(r, anchor),
-                finding_type=finding_codes(SCORE_FINDING[name]).sr_finding,
-                finding_sites=_site(lat),
-                measurements=[_score_measurement(score, [], derivation=codes.SCT.Maximum)],
-            ))
-    return groups
+    items: list = []
+    for r in results:
+        name = _image_name(r.source)
+        for score in sorted(r.findings.scores, key=lambda s: (s.name != "malignant", s.model.name)):
+            items.append(_score_text(name, score))
+        for segment in r.segments:
+            n = len(segment.regions.regions)
+            area = sum(g.area_mm2 for g in segment.regions.regions)
+            where = f"SEG segment {segment.number}" if r.segmentation is not None else "no SEG"
+            text = (f"{_track(r, segment)}: {n} region{'s' if n != 1 else ''}, {area:.2f} mm2 at threshold "
+                    f"{segment.map.threshold:g} ({where})" if n else
+                    f"{_track(r, segment)}: no region above threshold {segment.map.threshold:g} ({where})")
+            items.append(hd.sr.TextContentItem(name=_FINDING, value=text, relationship_type="CONTAINS"))
+    scopes = [(f"{side} breast", [r for r in results if str(r.source.get("ImageLaterality", "")) == lat])
+              for lat, side in (("L", "Left"), ("R", "Right"))]
+    scopes.append(("Study", list(results)))
+    for scope_name, scope in scopes:
+        for name in ("malignant", "benign"):
+            for score in _max_scores(scope, name):
+                items.append(_score_text(scope_name, score, " (maximum over its images)"))
+    if not items:
+        return None
+    container = hd.sr.ContainerContentItem(name=_QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
+    container.ContentSequence = items
+    return container
 
 
 def strip_segment_numbers(ds: pydicom.Dataset) -> None:

@@ -33,6 +33,9 @@ def test_idempotent_resend():
     for a, b in zip(first, again):  # the whole objects, not only their UIDs
         assert roundtrip(a) == roundtrip(b)
     assert {d.SOPInstanceUID for d in first if d.Modality == "SEG"} == set(uids.seg_instances.values())
+    seg_series = [d.SeriesInstanceUID for d in first if d.Modality == "SEG"]
+    assert len(set(seg_series)) == len(sources)  # one series per SEG (OHIF lists one SEG per series)
+    assert seg_series == [uids.seg_series_for(s.SOPInstanceUID) for s in sources]
     sr = [d for d in first if d.Modality == "SR"]
     assert sr[0].SOPInstanceUID == uids.sr_instance and sr[1].SOPInstanceUID == uids.cad_instance
 

@@ -54,16 +54,24 @@ def test_sr_content():
     tracking = [str(i.TextValue) for i in items if _name(i) == "112039"]
     uids_ = [str(i.UID) for i in items if _name(i) == "112040"]
     assert len(set(uids_)) == len(uids_) == len(tracking)
-    # Image-level scores on the model's segment group, breast and study summaries.
-    assert "L CC malignant lesion (glam) segment 2" in tracking
-    assert "Left breast malignant score (glam), max over images" in tracking
-    assert "Right breast benign score (glam), max over images" in tracking
-    assert "Study malignant score (glam), max over images" in tracking
-    probs = [i for i in items if _name(i) == "111047"]
-    values = {float(i.MeasuredValueSequence[0].NumericValue) for i in probs}
-    assert 83.0 in values and 4.0 in values  # image scores in percent
-    units = {i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for i in probs}
-    assert units == {"%"}
+    assert "L CC malignant lesion (glam) region 1" in tracking
+    # Every measurement group has a SCOORD (OHIF 3.13 stops on a group without one).
+    measurements = next(i for i in sr.ContentSequence if _name(i) == "126010")
+    for group in measurements.ContentSequence:
+        assert any(c.ValueType == "SCOORD" for c in group.ContentSequence)
+    # Image, breast and study scores, and a line per segment, in Qualitative Evaluations.
+    evaluations = next(i for i in sr.ContentSequence if _name(i) == "C0034375")
+    texts = [str(i.TextValue) for i in evaluations.ContentSequence]
+    assert "L CC: malignant score 83 % (glam 1.0.0)" in texts
+    assert "R MLO: benign score 2 % (glam 1.0.0)" in texts
+    assert "Left breast: malignant score 83 % (maximum over its images) (glam 1.0.0)" in texts
+    assert "Right breast: malignant score 4 % (maximum over its images) (glam 1.0.0)" in texts
+    assert "Study: benign score 41 % (maximum over its images) (glam 1.0.0)" in texts
+    assert any(t.startswith("L CC malignant lesion (glam): 1 region, ") and t.endswith("(SEG segment 2)")
+               for t in texts)
+    assert "R CC benign lesion (glam): no region above threshold 0.5 (SEG segment 3)" in texts
+    probs = [i for i in items if _name(i) == "111047" and i.ValueType == "NUM"]
+    assert probs and {i.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for i in probs} == {"%"}
     areas = [i for i in items if _name(i) == "42798000"]
     assert {a.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue for a in areas} == {"mm2"}
     # Evidence lists every source and every SEG.
@@ -90,6 +98,7 @@ def test_sr_pixelmed_and_dcmqi(tmp_path, tmp_path_factory):
     pm = pixelmed_reports(str(tmp_path_factory.getbasetemp()))["tid1500"]
     assert "Found Root Template TID_1500" in pm.output
     assert pm.ok, "\n".join(pm.errors[:5])
+    assert not pm.warnings, "\n".join(pm.warnings[:5])
     path = tmp_path / "sr.dcm"
     sr = _sr(datasets)
     sr.save_as(path, enforce_file_format=True)
@@ -99,3 +108,20 @@ def test_sr_pixelmed_and_dcmqi(tmp_path, tmp_path_factory):
     groups = json.loads(out.read_text())["Measurements"]
     assert len(groups) >= len(sr_regions(roundtrip(sr))) > 0
     assert any(m["quantity"]["CodeValue"] == "42798000" for g in groups for m in g["measurementItems"])
+
+
+def test_study_without_regions(tmp_path):
+    """A normal study: no region anywhere, so no Imaging Measurements; scores still reported."""
+    from dicom_ai.results import ResultUIDs, build_results
+
+    from _results_sources import make_findings, make_study
+
+    sources, _ = make_study()
+    findings = [make_findings(s, lesion=False) for s in sources]
+    sr = build_results(sources, findings, ResultUIDs.generate([s.SOPInstanceUID for s in sources]))[-1]
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert dciodvfy(tmp_path / "sr.dcm").ok
+    back = roundtrip(sr)
+    assert not any(_name(i) == "126010" for i in back.ContentSequence)
+    texts = [str(i.TextValue) for i in next(i for i in back.ContentSequence if _name(i) == "C0034375").ContentSequence]
+    assert "Study: malignant score 4 % (maximum over its images) (glam 1.0.0)" in texts
