@@ -43,14 +43,18 @@ def test_node_seg_has_no_plane_orientation(study):
 
 @needs_dciodvfy
 def test_plane_orientation_variant_passes_dciodvfy(study, tmp_path):
-    """dciodvfy does not flag the Plane Orientation that PS3.3 A.51-2 forbids without a FoR."""
-    variant = fixtures.with_plane_orientation(study.segs[0])
+    """dciodvfy does not flag the plane geometry that PS3.3 A.51-2 forbids without a FoR."""
+    seg = study.segs[0]
+    source_uid = seg.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+    source = next(ds for ds in study.images if ds.SOPInstanceUID == source_uid)
+    variant = fixtures.with_plane_orientation(seg, source)
     path = tmp_path / "seg_po.dcm"
     variant.save_as(path, enforce_file_format=True)
     report = dciodvfy(path)
     assert report.errors == []
     iop = variant.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
     assert [float(v) for v in iop] == fixtures.CORNERSTONE_DEFAULT_IOP
+    assert "PixelMeasuresSequence" in variant.SharedFunctionalGroupsSequence[0]
 
 
 def test_geometry_only_sr_keeps_every_region(study):

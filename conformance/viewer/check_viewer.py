@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom.dataset import Dataset
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -96,35 +97,51 @@ def ensure_cache(cache: Path) -> tuple[Path, Path]:
     return dist, modules
 
 
-# The one-statement change to cornerstone's SEG loader (in OHIF 3.13.2's bundle) that makes a
-# standard SEG of a projection image load: PS3.3 A.51.5.1 says a SEG without a Frame of Reference
-# is pixel-for-pixel on its source image, so it has the source's orientation. Used only with
-# --patched-ohif, to show where the fix belongs; the default check runs OHIF as published.
-_PATCH_ANCHOR = ("  const validOrientations = Segmentation_4X_getValidOrientations(ImageOrientationPatient);\n"
-                 "  const segMetadata = Segmentation_4X_getSegmentMetadata(multiframe, SeriesInstanceUID);\n")
-_PATCH_INSERT = ("  const validOrientations = Segmentation_4X_getValidOrientations(ImageOrientationPatient);\n"
-                 "  /* dicom_ai viewer check: SEG without Frame of Reference lies on its source images */\n"
-                 "  if (!multiframe.FrameOfReferenceUID && !multiframe.SharedFunctionalGroupsSequence.PlaneOrientationSequence\n"
-                 "      && !(multiframe.PerFrameFunctionalGroupsSequence[0] || {}).PlaneOrientationSequence) {\n"
-                 "    multiframe.SharedFunctionalGroupsSequence.PlaneOrientationSequence = { ImageOrientationPatient };\n"
-                 "  }\n"
-                 "  const segMetadata = Segmentation_4X_getSegmentMetadata(multiframe, SeriesInstanceUID);\n")
+# The two small changes to OHIF 3.13.2's bundles that make a standard SEG of a projection image
+# (no Frame of Reference, so no plane geometry) load and display; used only with --patched-ohif,
+# to show where the fix belongs. The default check runs OHIF as published.
+# 1. cornerstone's SEG loader: PS3.3 A.51.5.1 says such a SEG is pixel-for-pixel on its source
+#    image, so give it the source's orientation instead of reading a missing Plane Orientation.
+# 2. OHIF's SEG viewport: read Slice Thickness/Spacing Between Slices from Pixel Measures only
+#    when there is one.
+_PATCHES = [
+    ("  const validOrientations = Segmentation_4X_getValidOrientations(ImageOrientationPatient);\n"
+     "  const segMetadata = Segmentation_4X_getSegmentMetadata(multiframe, SeriesInstanceUID);\n",
+     "  const validOrientations = Segmentation_4X_getValidOrientations(ImageOrientationPatient);\n"
+     "  /* dicom_ai viewer check: SEG without Frame of Reference lies on its source images */\n"
+     "  if (!multiframe.FrameOfReferenceUID && !multiframe.SharedFunctionalGroupsSequence.PlaneOrientationSequence\n"
+     "      && !(multiframe.PerFrameFunctionalGroupsSequence[0] || {}).PlaneOrientationSequence) {\n"
+     "    multiframe.SharedFunctionalGroupsSequence.PlaneOrientationSequence = { ImageOrientationPatient };\n"
+     "  }\n"
+     "  const segMetadata = Segmentation_4X_getSegmentMetadata(multiframe, SeriesInstanceUID);\n"),
+    ("  const {\n    PixelMeasuresSequence\n  } = SharedFunctionalGroup;\n"
+     "  const PixelMeasures = Array.isArray(PixelMeasuresSequence) ? PixelMeasuresSequence[0] : PixelMeasuresSequence;\n"
+     "  const {\n    SpacingBetweenSlices,\n    SliceThickness\n  } = PixelMeasures;\n"
+     "  const image0 = referencedDisplaySet.images[0];\n",
+     "  const {\n    PixelMeasuresSequence\n  } = SharedFunctionalGroup || {};\n"
+     "  const PixelMeasures = (Array.isArray(PixelMeasuresSequence) ? PixelMeasuresSequence[0] : PixelMeasuresSequence) || {};\n"
+     "  const {\n    SpacingBetweenSlices,\n    SliceThickness\n  } = PixelMeasures;\n"
+     "  const image0 = referencedDisplaySet.images[0];\n"),
+]
 
 
 def patched_dist(dist: Path) -> Path:
-    """A copy of OHIF's dist (hard links) with the SEG loader change above; built once."""
+    """A copy of OHIF's dist (hard links) with the changes in ``_PATCHES``; built once."""
     target = dist.parent.parent / f"{dist.parent.name}-patched" / "dist"
-    if (target / "PATCHED").is_file():
+    if (target / "PATCHED").is_file() and (target / "PATCHED").read_text().count("\n") == len(_PATCHES):
         return target
     shutil.rmtree(target.parent, ignore_errors=True)
     shutil.copytree(dist, target, copy_function=os.link)
-    hits = [p for p in target.glob("*.js") if _PATCH_ANCHOR in p.read_text(errors="ignore")]
-    if len(hits) != 1:
-        raise CheckError(f"cannot patch OHIF {OHIF_VERSION}: anchor found in {len(hits)} bundles")
-    text = hits[0].read_text()
-    hits[0].unlink()  # break the hard link before writing
-    hits[0].write_text(text.replace(_PATCH_ANCHOR, _PATCH_INSERT, 1))
-    (target / "PATCHED").write_text(hits[0].name + "\n")
+    done = []
+    for anchor, replacement in _PATCHES:
+        hits = [p for p in target.glob("*.js") if anchor in p.read_text(errors="ignore")]
+        if len(hits) != 1:
+            raise CheckError(f"cannot patch OHIF {OHIF_VERSION}: anchor found in {len(hits)} bundles")
+        text = hits[0].read_text()
+        hits[0].unlink()  # break the hard link before writing
+        hits[0].write_text(text.replace(anchor, replacement, 1))
+        done.append(hits[0].name)
+    (target / "PATCHED").write_text("".join(f"{name}\n" for name in done))
     return target
 
 
@@ -258,13 +275,10 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
     study = fixtures.make_study(seed=seed, shape=shape, writer=writer)
     stripped = 0 if keep_voi_function else strip_linear_voi_function(study.images)
     segs, srs = list(study.segs), list(study.srs)
-    experiment_uids = set()
     if experiments:
-        extra_segs = [fixtures.with_plane_orientation(s) for s in study.segs]
-        extra_srs = [fixtures.sr_geometry_groups_only(s) for s in study.srs]
-        experiment_uids = {d.SOPInstanceUID for d in extra_segs + extra_srs}
-        segs += extra_segs
-        srs += extra_srs
+        sources = {ds.SOPInstanceUID: ds for ds in study.images}
+        segs += [fixtures.with_plane_orientation(s, sources[_seg_source(s)]) for s in study.segs]
+        srs += [fixtures.sr_geometry_groups_only(s) for s in study.srs]
     files = {"images": [], "results": []}
     dicom_dir = out / "dicom"
     shutil.rmtree(dicom_dir, ignore_errors=True)
@@ -303,13 +317,16 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
             layout[f.sop_instance_uid] = lay
     n_regions = sum(len(v) for v in contours.values())
 
-    report: dict = {"ohif": OHIF_VERSION + (" + SEG-orientation patch" if patched else ""), "playwright_core": PLAYWRIGHT_VERSION, "writer": study.writer,
-                    "seed": seed, "shape": list(shape), "voi_lut_function_removed_from_images": stripped,
+    report: dict = {"ohif": OHIF_VERSION + (" + SEG geometry patches" if patched else ""),
+                    "playwright_core": PLAYWRIGHT_VERSION, "writer": study.writer, "seed": seed, "shape": list(shape), "voi_lut_function_removed_from_images": stripped,
                     "segs": seg_reports, "checks": [], "ok": True}
 
     def check(name: str, ok: bool, detail: str) -> None:
         report["checks"].append({"name": name, "ok": bool(ok), "detail": detail})
         report["ok"] &= bool(ok)
+
+    for label, rep in seg_reports.items():  # the variants too: viewer.md says they stay clean
+        check(f"SEG '{label}' passes dciodvfy", not rep["dciodvfy_errors"], f"{rep['dciodvfy_errors'][:3]}")
 
     with servers.Orthanc() as orthanc, servers.OhifServer(dist, orthanc.url) as web:
         base_plan = {"nodeModules": str(modules), "chromium": CHROMIUM, "baseUrl": web.url,
@@ -359,14 +376,21 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
                       f"{hits}/{n} contour samples have drawn pixels within 3 px ({entry['screenshot']})")
         else:
             ds = next(d for d in segs if d.SOPInstanceUID == entry["sopInstanceUID"])
-            has_po = "PlaneOrientationSequence" in ds.SharedFunctionalGroupsSequence[0] or any(
+            shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else Dataset()
+            has_po = "PlaneOrientationSequence" in shared or any(
                 "PlaneOrientationSequence" in fg for fg in ds.PerFrameFunctionalGroupsSequence)
-            seg_reports[label].update(plane_orientation=has_po, loaded_in_ohif=bool(entry.get("loaded")),
+            has_pm = "PixelMeasuresSequence" in shared
+            seg_reports[label].update(plane_orientation=has_po, pixel_measures=has_pm,
+                                      loaded_in_ohif=bool(entry.get("loaded")),
                                       ohif_errors=[e[:300] for e in entry["errors"][:2]])
-            if not has_po and not patched:
-                check(f"SEG '{label}' without Plane Orientation: OHIF {OHIF_VERSION} refuses it as documented",
-                      not entry.get("loaded") and SEG_ORIENTATION_ERROR in errors,
-                      f"loaded={entry.get('loaded')}, errors: {errors[:160]}")
+            if not (has_po and has_pm) and not patched:
+                # OHIF 3.13.2 as published: the SEG viewport crashes without shared Pixel Measures,
+                # the loader without Plane Orientation (conformance/viewer.md, SEG point 2).
+                expected = "PixelMeasuresSequence" if not has_pm else SEG_ORIENTATION_ERROR
+                check(f"SEG '{label}' without {'Pixel Measures' if not has_pm else 'Plane Orientation'}: "
+                      f"OHIF {OHIF_VERSION} refuses it as documented",
+                      not entry.get("loaded") and expected in errors,
+                      f"loaded={entry.get('loaded')}, errors: {errors[:200]}")
                 continue
             check(f"SEG '{label}' loads", entry.get("loaded") and not entry["errors"],
                   f"segmentations {entry.get('segmentations')}, errors {[e[:200] for e in entry['errors'][:2]]}")
@@ -404,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the SEG variant with Plane Orientation (Patient)")
     ap.add_argument("--timeout", type=float, default=150, help="seconds per browser phase")
     ap.add_argument("--patched-ohif", action="store_true",
-                    help="run OHIF with the one-statement SEG loader fix (see _PATCH_INSERT) instead of as published")
+                    help="run OHIF with the SEG loader/viewport fixes in _PATCHES instead of as published")
     ap.add_argument("--keep-voi-lut-function", action="store_true",
                     help="upload the images with VOI LUT Function as generated (OHIF 3.13.2 then shows no image)")
     args = ap.parse_args(argv)

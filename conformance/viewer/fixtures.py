@@ -219,14 +219,24 @@ def sr_geometry_groups_only(sr: pydicom.Dataset) -> pydicom.Dataset:
     return out
 
 
-def with_plane_orientation(seg: pydicom.Dataset) -> pydicom.Dataset:
-    """A copy of ``seg`` (its own new series) with the Plane Orientation (Patient) OHIF 3.13 needs.
+def with_plane_orientation(seg: pydicom.Dataset, source: pydicom.Dataset) -> pydicom.Dataset:
+    """A copy of ``seg`` (its own new series) with the plane geometry OHIF 3.13 needs.
 
-    Experiment only (see conformance/viewer.md): PS3.3 Table A.51-2 allows this functional
-    group only when the SEG has a patient-relative Frame of Reference, which an MG has not.
+    Adds Plane Orientation (Patient) = :data:`CORNERSTONE_DEFAULT_IOP` to the shared functional
+    groups, and Pixel Measures (Pixel Spacing of ``source``) when the SEG has none. Experiment
+    only (see conformance/viewer.md): PS3.3 Table A.51-2 allows both functional groups only when
+    the SEG has a patient-relative Frame of Reference, which an MG has not.
     """
-    out = _copy_as_new_series(seg, "+ PlaneOrientation (experiment)", 50)
+    out = _copy_as_new_series(seg, "+ PlaneOrientation/PixelMeasures (experiment)", 50)
+    if not out.get("SharedFunctionalGroupsSequence"):
+        out.SharedFunctionalGroupsSequence = [Dataset()]
+    shared = out.SharedFunctionalGroupsSequence[0]
+    if "PixelMeasuresSequence" not in shared:
+        spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+        pm = Dataset()
+        pm.PixelSpacing = [float(v) for v in spacing]
+        shared.PixelMeasuresSequence = [pm]
     item = Dataset()
     item.ImageOrientationPatient = CORNERSTONE_DEFAULT_IOP
-    out.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = [item]
+    shared.PlaneOrientationSequence = [item]
     return out
