@@ -170,3 +170,11 @@ def test_bundle_round_trip_and_predict(tmp_path):
         assert 0.0 <= m.probability.min() and m.probability.max() <= 1.0
     np.testing.assert_array_equal(out.maps[0].probability, model.predict(mg).maps[0].probability)
     assert out.maps[1].threshold == 0.6
+
+
+def test_shipped_bundle_loads():
+    bundle = load_bundle("microcalc")
+    model = MicrocalcModel.from_bundle(bundle, "cpu")
+    assert bundle.manifest["intended_use"] == INTENDED_USE
+    assert model.config.patch_size == 49 and model.config.padding == "valid"
+    assert set(bundle.manifest["thresholds"]) == {"calcification", "calcification_cluster"}
