@@ -135,12 +135,13 @@ def patched_dist(dist: Path) -> Path:
     done = []
     for anchor, replacement in _PATCHES:
         hits = [p for p in target.glob("*.js") if anchor in p.read_text(errors="ignore")]
-        if len(hits) != 1:
-            raise CheckError(f"cannot patch OHIF {OHIF_VERSION}: anchor found in {len(hits)} bundles")
-        text = hits[0].read_text()
-        hits[0].unlink()  # break the hard link before writing
-        hits[0].write_text(text.replace(anchor, replacement, 1))
-        done.append(hits[0].name)
+        if not hits:  # another OHIF build: the patch does not apply
+            raise CheckError(f"cannot patch OHIF {OHIF_VERSION}: anchor not found in any bundle")
+        for hit in hits:  # webpack copied some modules into more than one chunk
+            text = hit.read_text()
+            hit.unlink()  # break the hard link before writing
+            hit.write_text(text.replace(anchor, replacement))
+        done.append(" ".join(h.name for h in hits))
     (target / "PATCHED").write_text("".join(f"{name}\n" for name in done))
     return target
 
