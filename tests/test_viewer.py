@@ -75,7 +75,7 @@ def test_geometry_only_sr_keeps_every_region(study):
 def test_findings_visible_in_ohif(tmp_path):
     import check_viewer
 
-    rc = check_viewer.main(["--out", str(tmp_path), "--no-experiments"])
+    rc = check_viewer.main(["--out", str(tmp_path), "--no-experiments", "--timeout", "240"])
     assert rc != 2, "the viewer check could not run (see stderr for what is missing)"
     report = json.loads((tmp_path / "report.json").read_text())
     failed = [f"{c['name']}: {c['detail'][:200]}" for c in report["checks"] if not c["ok"]]
