@@ -20,6 +20,10 @@ C-STORE statuses
       required attribute missing, SOP Class or Modality not mammography.
     * ``0xC000`` Error: Cannot Understand: the data set or its Pixel Data cannot be parsed.
     Failure responses carry an Error Comment saying why.
+
+The data set is kept exactly as received (same transfer syntax, every element including
+private ones); nothing is coerced. pynetdicom streams it to a temporary file in
+``<storage>/incoming`` while it arrives, so memory stays flat for large images.
 """
 
 from __future__ import annotations
