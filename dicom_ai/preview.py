@@ -34,8 +34,9 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def render_preview(source: pydicom.Dataset, segments: Sequence[Segment], scores: Sequence[ImageScore] = (),
-                   max_side: int = 1024) -> Image.Image:
-    """An RGB PIL image of ``source`` with segment outlines, SR contours and labels."""
+                   max_side: int = 1024, max_labels: int = 12) -> Image.Image:
+    """An RGB PIL image of ``source`` with segment outlines, SR contours and labels (at most
+    ``max_labels``, the most probable regions)."""
     gray = normalise_intensities(source)
     rows, cols = gray.shape
     scale = min(1.0, max_side / max(rows, cols))
@@ -57,19 +58,37 @@ def render_preview(source: pydicom.Dataset, segments: Sequence[Segment], scores:
             rgb[edge] = colours[-1]
     img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    line = 15 if max(size) >= 600 else 11
+    try:
+        font = ImageFont.load_default(size=line - 2)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        font = ImageFont.load_default()
+    labelled: list[tuple[float, str, tuple[int, int, int], list[tuple[float, float]]]] = []
     for s, colour in zip(segments, colours):
         label = finding_codes(s.map.finding).label
         for region in s.regions.regions:
             pts = [(float(x) * scale, float(y) * scale) for x, y in region.contour]
             if len(pts) > 1:
                 draw.line(pts, fill=(255, 255, 255), width=1)
-            x0, y0 = min(p[0] for p in pts), min(p[1] for p in pts)
             text = f"{label} ({s.map.model.name}) #{region.index} {100 * region.max_probability:.0f}%"
-            draw.text((x0, max(0.0, y0 - 11)), text, fill=colour, font=font)
+            labelled.append((region.max_probability, text, colour, pts))
+    # Labels of the most probable regions first, each moved down until it overlaps no other.
+    taken: list[tuple[float, float, float, float]] = [(0, 0, size[0], line + 2)]
+    for _, text, colour, pts in sorted(labelled, key=lambda t: -t[0])[:max_labels]:
+        x0 = min(p[0] for p in pts)
+        y = max(float(line + 2), min(p[1] for p in pts) - line)
+        w = draw.textlength(text, font=font)
+        x0 = max(0.0, min(x0, size[0] - w))
+        for _ in range(40):
+            box = (x0, y, x0 + w, y + line - 1)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                break
+            y += line
+        taken.append(box)
+        draw.text((x0, y), text, fill=colour, font=font)
     lat = str(source.get("ImageLaterality", "?"))
     view = str(source.get("ViewPosition", ""))
     header = f"{lat} {view}  " + "  ".join(f"{s.name} {100 * s.value:.0f}% ({s.model.name})" for s in scores)
-    draw.rectangle([0, 0, size[0], 13], fill=(0, 0, 0))
+    draw.rectangle([0, 0, size[0], line + 1], fill=(0, 0, 0))
     draw.text((2, 1), header + "  [AI preview, not for diagnosis]", fill=(255, 255, 255), font=font)
     return img

@@ -35,7 +35,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicom_ai.codes import BREAST, LATERALITY, PERCENT, SQUARE_MM, algorithm_family, finding_codes
+from dicom_ai.codes import BREAST, LATERALITY, PERCENT, SQUARE_MM, finding_codes
 from dicom_ai.findings import ImageFindings, ImageScore, ModelIdentity
 from dicom_ai.seg_writer import Segment
 
