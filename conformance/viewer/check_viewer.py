@@ -263,7 +263,7 @@ def _image_visible(png: Path, canvas: dict) -> float:
 
 def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer: str,
               experiments: bool, timeout_s: float, keep_voi_function: bool = False,
-              patched: bool = False) -> dict:
+              patched: bool = False, cad_sr: bool = False) -> dict:
     from dicom_ai.validate import dciodvfy
 
     t0 = time.monotonic()
@@ -273,7 +273,7 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
         dist = patched_dist(dist)
     t_install = time.monotonic() - t0
 
-    study = fixtures.make_study(seed=seed, shape=shape, writer=writer)
+    study = fixtures.make_study(seed=seed, shape=shape, writer=writer, cad_sr=cad_sr)
     stripped = 0 if keep_voi_function else strip_linear_voi_function(study.images)
     segs, srs = list(study.segs), list(study.srs)
     if experiments:
@@ -284,7 +284,8 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
     dicom_dir = out / "dicom"
     shutil.rmtree(dicom_dir, ignore_errors=True)
     dicom_dir.mkdir()
-    for group, datasets in (("images", study.images), ("results", [*srs, *segs])):
+    cad = list(study.other_srs)  # Mammography CAD SR: opened and recorded, nothing asserted
+    for group, datasets in (("images", study.images), ("results", [*srs, *cad, *segs])):
         for ds in datasets:
             p = dicom_dir / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
             ds.save_as(p, enforce_file_format=True)
@@ -346,7 +347,7 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
             orthanc.upload(p)
         after = drive({**base_plan, "phase": "after", "timeoutMs": int(timeout_s * 2000),
                        "sr": [{"uid": d.SeriesInstanceUID, "sop": d.SOPInstanceUID, "label": _label(d)}
-                              for d in srs],
+                              for d in [*srs, *cad]],
                        "seg": [{"uid": d.SeriesInstanceUID, "sop": d.SOPInstanceUID, "label": _label(d),
                                 "source": _seg_source(d)} for d in segs]}, timeout_s * 2 + 30)
     report["before"], report["after"] = before, after
@@ -360,6 +361,11 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
             check(f"{entry['kind']} '{label}' listed in the study browser", False,
                   "OHIF builds one display set per SEG series from its last instance only" if entry["kind"] == "SEG"
                   else entry["errors"][:1])
+            continue
+        if entry["kind"] == "SR" and entry["sopInstanceUID"] in {d.SOPInstanceUID for d in cad}:
+            report.setdefault("cad_sr", {})[label] = {
+                "listed": entry.get("reachable"), "annotations": len(entry.get("annotations") or []),
+                "screenshot": entry.get("screenshot"), "ohif_errors": [e[:300] for e in entry["errors"][:3]]}
             continue
         if entry["kind"] == "SR":
             anns = entry.get("annotations") or []
@@ -430,13 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=150, help="seconds per browser phase")
     ap.add_argument("--patched-ohif", action="store_true",
                     help="run OHIF with the SEG loader/viewport fixes in _PATCHES instead of as published")
+    ap.add_argument("--cad-sr", action="store_true",
+                    help="also send the Mammography CAD SR and record what OHIF shows for it (not asserted)")
     ap.add_argument("--keep-voi-lut-function", action="store_true",
                     help="upload the images with VOI LUT Function as generated (OHIF 3.13.2 then shows no image)")
     args = ap.parse_args(argv)
     rows, cols = (int(v) for v in args.shape.lower().split("x"))
     try:
         report = run_check(args.out.resolve(), args.cache.resolve(), args.seed, (rows, cols), args.writer,
-                           args.experiments, args.timeout, args.keep_voi_lut_function, args.patched_ohif)
+                           args.experiments, args.timeout, args.keep_voi_lut_function, args.patched_ohif,
+                           args.cad_sr)
     except (CheckError, FileNotFoundError, subprocess.CalledProcessError, TimeoutError) as e:
         print(f"viewer check could not run: {e}", file=sys.stderr)
         return 2
@@ -445,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['seconds']['total']} s; screenshots in {args.out}")
     for c in report["checks"]:
         print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}")
+    for label, info in report.get("cad_sr", {}).items():
+        print(f"  info CAD SR '{label}': {info}")
     return 0 if report["ok"] else 1
 
 
