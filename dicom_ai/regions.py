@@ -269,6 +269,29 @@ def _contour_for(mask: np.ndarray, tolerance: float, max_points: int) -> tuple[n
     return filled, best
 
 
+def _cross(o: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    return float((a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0]))
+
+
+def _small_region_outline(centres: np.ndarray, r: float = 0.4) -> np.ndarray:
+    """Outline of a region of one or two pixels (whose trace is a point or a segment): the
+    convex hull of small diamonds around the pixel centres, so the POLYLINE has an area and
+    every vertex still lies inside a region pixel."""
+    pts = np.unique(np.vstack([centres + d for d in ((r, 0), (0, r), (-r, 0), (0, -r))]), axis=0)
+    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
+
+    def half(points):
+        out: list = []
+        for p in points:
+            while len(out) >= 2 and _cross(out[-2], out[-1], p) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+
+    lower, upper = half(pts), half(pts[::-1])
+    return np.asarray(lower[:-1] + upper[:-1])
+
+
 def find_regions(
     probability: np.ndarray,
     threshold: float,
@@ -308,6 +331,8 @@ def find_regions(
         out[box[0]:box[1], box[2]:box[3]] |= filled
         vals = prob[box[0]:box[1], box[2]:box[3]][filled]
         contour = np.column_stack([poly[:, 1] + box[2] + 0.5, poly[:, 0] + box[0] + 0.5])
+        if len(np.unique(contour, axis=0)) < 3:
+            contour = _small_region_outline(contour)
         contour = np.vstack([contour, contour[:1]])
         regions.append(Region(
             index=len(regions) + 1, bbox=box, mask=filled, pixel_count=int(filled.sum()),

@@ -94,3 +94,14 @@ def test_smooth_disk_contour_is_short_and_tight():
     assert len(r.contour) - 1 <= 64
     ok, n_inside = contour_inside(r.contour, rs.mask)
     assert ok and n_inside > 0.95 * r.pixel_count  # polygon covers the disk up to its rim
+
+
+def test_one_and_two_pixel_regions_get_an_outline_with_area():
+    p = np.zeros((20, 20), np.float32)
+    p[5, 5] = p[10, 10] = p[10, 11] = p[15, 3] = p[16, 4] = 0.9
+    rs = find_regions(p, 0.5, Spacing(0.1, 0.1, "detector"))
+    assert sorted(r.pixel_count for r in rs.regions) == [1, 2, 2]
+    for r in rs.regions:
+        assert len(np.unique(r.contour, axis=0)) >= 4  # a polygon, not a point or a segment
+        ok, enclosed = contour_inside(r.contour, rs.mask)
+        assert ok and enclosed == r.pixel_count

@@ -39,7 +39,7 @@ def test_sr_valid_and_contours_inside_segments(tmp_path, photometric, for_proces
         ok, _ = contour_inside(reg["contour"], mask)
         assert ok, reg["tracking"]
         assert reg["graphic_type"] == "POLYLINE" and np.array_equal(reg["contour"][0], reg["contour"][-1])
-        assert 3 < len(reg["contour"]) <= 129 or reg["area"] < 1.0
+        assert 4 <= len(reg["contour"]) <= 129 and len(np.unique(reg["contour"], axis=0)) >= 3
 
 
 def test_sr_content():
