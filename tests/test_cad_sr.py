@@ -60,3 +60,19 @@ def test_cad_sr_pixelmed(tmp_path_factory):
     assert "Found Root Template TID_4000" in pm.output
     assert pm.ok, "\n".join(pm.errors[:5])
     assert built_small()[3][-1].SOPClassUID == MAMMOGRAPHY_CAD_SR
+
+
+def test_cad_sr_of_a_normal_study(tmp_path):
+    from dicom_ai.results import ResultOptions, ResultUIDs, build_results
+
+    from _results_sources import make_findings, make_study
+
+    sources, _ = make_study()
+    findings = [make_findings(s, lesion=False) for s in sources]
+    cad = build_results(sources, findings, ResultUIDs.generate([s.SOPInstanceUID for s in sources]),
+                        ResultOptions(cad_sr=True))[-1]
+    cad.save_as(tmp_path / "cad.dcm", enforce_file_format=True)
+    assert dciodvfy(tmp_path / "cad.dcm").ok and dsrdump(tmp_path / "cad.dcm").ok
+    summary = next(i for i in cad.ContentSequence if _name(i) == "111017")
+    assert summary.ConceptCodeSequence[0].CodeValue == "111241"  # without findings
+    assert "ContentSequence" not in summary
