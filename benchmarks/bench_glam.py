@@ -341,19 +341,21 @@ def main(argv=None) -> int:
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_path = RESULTS / "glam.json"
-    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+
+    def update(key: str, value) -> dict:
+        # Re-read first: the sections may run as separate invocations.
+        result = json.loads(out_path.read_text()) if out_path.is_file() else {}
+        result[key] = value
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
     if not args.skip_quality:
-        result["quality"] = quality(args.bundle, Path(args.cam))
-        out_path.write_text(json.dumps(result, indent=2) + "\n")
+        update("quality", quality(args.bundle, Path(args.cam)))
     if not args.skip_overlays:
-        if REAL.is_dir():
-            result["real_images"] = overlays(args.bundle)
-        else:
-            result["real_images"] = f"{REAL} not found; overlays skipped"
-        out_path.write_text(json.dumps(result, indent=2) + "\n")
+        update("real_images", overlays(args.bundle) if REAL.is_dir() else f"{REAL} not found; overlays skipped")
     if not args.skip_speed:
-        result["speed"] = speed(args.threads)
-        out_path.write_text(json.dumps(result, indent=2) + "\n")
+        update("speed", speed(args.threads))
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {}
     _print_table(result)
     print(f"wrote {out_path}")
     return 0

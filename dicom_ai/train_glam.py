@@ -414,12 +414,12 @@ def calibrate_thresholds(net, val: GlamData, config, device) -> tuple[dict, dict
     from dicom_ai.metrics import dice
 
     pred = predict_images(net, val, config, device, maps=True)
-    thresholds, dice = {}, {}
+    thresholds, best_dice = {}, {}
     grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
     for c, finding in ((0, "benign_lesion"), (1, "malignant_lesion")):
         rows = [i for i in range(len(val)) if val.lesions[i, c].any()]
         if not rows:
-            thresholds[finding], dice[finding] = 0.5, float("nan")
+            thresholds[finding], best_dice[finding] = 0.5, float("nan")
             continue
         gts = [glam_geometry(val.mammograms[i], config, mask=val.breast_masks[i])
                .forward(val.lesions[i, c].astype(np.float32), mode="nearest") > 0.5 for i in rows]
@@ -428,8 +428,8 @@ def calibrate_thresholds(net, val: GlamData, config, device) -> tuple[dict, dict
             d = [dice(pred["fused_maps"][i, c], gt, threshold=float(t)) for i, gt in zip(rows, gts)]
             scores.append(float(np.mean(d)))
         best = int(np.argmax(scores))
-        thresholds[finding], dice[finding] = float(grid[best]), round(scores[best], 4)
-    return thresholds, dice
+        thresholds[finding], best_dice[finding] = float(grid[best]), round(scores[best], 4)
+    return thresholds, best_dice
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -518,7 +518,8 @@ def _run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "stages": {s: e for s, e in stages},
             "batch_size": args.batch_size, "lr": args.lr, "beta_l1": args.beta,
-            "device": str(device), "threads": args.threads, "wall_minutes": minutes,
+            "device": str(device), "threads": args.threads,
+            "epoch_minutes_total": round(sum(h["seconds"] for h in history) / 60, 1),
             "history": history,
         },
         "metrics": metrics,
