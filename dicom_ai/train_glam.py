@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # numpy and torch are imported by the handlers, so `dicom-ai 
 _FULL_SIZE = (3328, 2560)
 _FULL_SPACING_MM = 0.07
 STAGES = ("global", "local", "joint")
+#: Below this validation Dice the calibrated operating point is not used (see calibrate_thresholds).
+MIN_CALIBRATION_DICE = 0.05
 INTENDED_USE = "research / demonstration, trained on synthetic phantoms, not for clinical use"
 
 
@@ -406,7 +408,8 @@ def calibrate_thresholds(net, val: GlamData, config, device) -> tuple[dict, dict
     """Operating points maximising mean Dice of the fused maps on the validation ground truth.
 
     Dice is computed on the network's input grid over validation images that contain a
-    lesion of the class. Returns ({finding: threshold}, {finding: validation Dice}).
+    lesion of the class; when even the best Dice is below MIN_CALIBRATION_DICE the threshold
+    stays 0.5. Returns ({finding: threshold}, {finding: best validation Dice}).
     """
     import numpy as np
 
@@ -429,6 +432,10 @@ def calibrate_thresholds(net, val: GlamData, config, device) -> tuple[dict, dict
             scores.append(float(np.mean(d)))
         best = int(np.argmax(scores))
         thresholds[finding], best_dice[finding] = float(grid[best]), round(scores[best], 4)
+        if scores[best] < MIN_CALIBRATION_DICE:
+            # An uninformative map's "best" point is a low threshold that marks the whole
+            # window as lesion; keep the conventional 0.5 (only confident patch regions).
+            thresholds[finding] = 0.5
     return thresholds, best_dice
 
 
