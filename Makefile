@@ -61,8 +61,8 @@ clean:
 	rm -rf $(VENV) demo-out .pytest_cache
 
 # The shipped discriminative U-Net bundle (models/dunet), trained on phantoms by the
-# project's own commands; about 15 minutes on two busy CPU cores.
-DUNET_ARGS ?= --train-seeds 0:60 --lr 2e-3 --no-progress
+# project's own commands at 128x96 input; about 15 minutes on two busy CPU cores.
+DUNET_ARGS ?= --train-seeds 0:60 --input-shape 128x96 --lr 2e-3 --no-progress
 dunet-bundle: venv
-	nice $(PY) -m dicom_ai train dunet-pretrain $(DUNET_ARGS) --epochs 3 --out build/dunet/pretrain.safetensors
-	nice $(PY) -m dicom_ai train dunet-seg $(DUNET_ARGS) --epochs 12 --test-seeds 100000:100024 --init build/dunet/pretrain.safetensors --out models/dunet
+	nice $(PY) -m dicom_ai train dunet-pretrain $(DUNET_ARGS) --epochs 2 --out build/dunet/pretrain.safetensors
+	nice $(PY) -m dicom_ai train dunet-seg $(DUNET_ARGS) --epochs 8 --test-seeds 100000:100024 --init build/dunet/pretrain.safetensors --out models/dunet

@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{spec} failed:\n{proc.stderr[-3000:]}")
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
+            images = ", ".join(f"{p['read_s'] + p['predict_s']:.1f}" for p in r["per_image"])
             print(f"{spec:7s} input {r['input_shape']}: {r['study_s']:.1f} s per four-view study "
-                  f"({', '.join(f'{p['read_s'] + p['predict_s']:.1f}' for p in r['per_image'])} s per image), "
+                  f"({images} s per image), "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB ({r['peak_rss_above_loaded_model_mib']:.0f} MiB above the "
                   f"loaded model)", flush=True)
     result = {
@@ -121,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(time.time() - started, 1),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "dunet_inference.json").write_text(json.dumps(result, indent=2) + "\n")
+    path = RESULTS / "dunet_inference.json"
+    if path.is_file() and set(args.configs) != set(CONFIGS):
+        # A partial run (--configs) keeps the other configurations' earlier results.
+        earlier = json.loads(path.read_text()).get("results", [])
+        result["results"] = [r for r in earlier if r["config"] not in args.configs] + results
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS / 'dunet_inference.json'}")
     return 0
 

@@ -7,14 +7,15 @@ epochs. Dice is per image on the model grid (map >= 0.5), averaged over the held
 images that contain a malignant lesion (mass_malignant | calcification_malignant).
 
 Reduced scale (stated in the JSON): the paper trains a wide U-Net at 1536 x 1536 on INbreast
-for many epochs; here the compact U-Net (widths 8..64) sees 128 x 96 inputs (about 1.6 mm
+for many epochs; here the compact U-Net (widths 8..64) sees 128 x 96 inputs (at most 1.8 mm
 per pixel, where calcifications are sub-pixel), on a few dozen phantom images, for a few
 epochs, on two shared CPU cores. Every row gets the same data, epochs, learning rate, seed
 and initial weights (scratch rows) or pretrained weights (pretrained rows).
 
 Writes benchmarks/results/dunet_table1.json, restoration examples after stage 1
-(dunet_restoration.png) and input / reconstruction / difference / mask grids after stage 2
-(dunet_reconstruction.png), and prints the table.
+(dunet_restoration.png) and input / reconstruction / output / mask grids after stage 2 for
+the pre-trained rows (dunet_reconstruction_discriminative.png, _supervised.png), and prints
+the table. The seeds run in parallel processes (one torch thread each).
 
     .venv/bin/python benchmarks/bench_dunet_table1.py [--seeds 0 1 2] [--seg-epochs 20]
 """
@@ -68,10 +69,10 @@ def _data(args):
     return pre_data, seg_data, test, lesion_free_test
 
 
-def run_seed(seed: int, args: argparse.Namespace) -> dict:
+def run_seed(seed: int, args: argparse.Namespace, data: tuple) -> dict:
     """Stage 1 once, then the four rows of Table 1 from the same initial weights, for one seed."""
     torch.set_num_threads(args.threads)
-    pre_data, seg_data, test, lesion_free_test = _data(args)
+    pre_data, seg_data, test, lesion_free_test = data
     config = DUNetConfig.compact(input_shape=tuple(args.input_shape))
     seed_everything(seed)
     backbone = DiscriminativeUNet(config)
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-studies", type=int, default=60, help="phantom seeds 0..N-1 for training")
     ap.add_argument("--test-studies", type=int, default=24, help="phantom seeds 100000.. held out")
     ap.add_argument("--max-benign", type=int, default=24, help="benign empty-target images in stage 2")
-    ap.add_argument("--pretrain-epochs", type=int, default=4)
-    ap.add_argument("--seg-epochs", type=int, default=16)
+    ap.add_argument("--pretrain-epochs", type=int, default=3)
+    ap.add_argument("--seg-epochs", type=int, default=15)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per seed process")
     ap.add_argument("--parallel", type=int, default=3, help="seeds run in parallel processes")
@@ -126,15 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     config = DUNetConfig.compact(input_shape=tuple(args.input_shape))
-    # Build (or load) the cached data once before the workers start.
-    pre_data, seg_data, test, lesion_free_test = _data(args)
+    # Build (or load) the cached data once; the workers get these arrays, not the cache.
+    data = _data(args)
+    pre_data, seg_data, test, lesion_free_test = data
     n_malignant = int(seg_data.lesions.any(axis=(1, 2)).sum())
     print(f"data: {len(pre_data)} stage-1 images, {n_malignant} malignant + {len(seg_data) - n_malignant} "
           f"benign stage-2 images, {len(test)} test images with lesions ({time.time() - started:.0f} s)", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, args.parallel), mp_context=ctx) as pool:
-        per_seed = list(pool.map(run_seed, args.seeds, [args] * len(args.seeds)))
+        per_seed = list(pool.map(run_seed, args.seeds, [args] * len(args.seeds), [data] * len(args.seeds)))
     runs = {name: [r["runs"][name] for r in per_seed] for name, _, _ in ROWS}
     pretrain_runs = [r["pretraining"] for r in per_seed]
 
