@@ -265,3 +265,15 @@ def test_top_k_score():
     p[0, 0, 0, :2] = 1.0
     assert float(top_k_score(p, 0.02)[0]) == pytest.approx(1.0)
     assert float(top_k_score(p, 0.04)[0]) == pytest.approx(0.5)
+
+
+def test_shipped_bundle_loads_and_predicts():
+    bundle = load_bundle("dunet")
+    assert "not for clinical use" in bundle.manifest["intended_use"]
+    assert "synthetic phantoms" in bundle.manifest["intended_use"]
+    assert bundle.manifest["training"]["lesion_mask"] == "mass_malignant | calcification_malignant"
+    model = DUNetModel.from_bundle(bundle, "cpu")
+    img = _half_disc(rows=200, cols=150)
+    out = model.predict(mammogram_from_array(img, laterality="L", view="MLO"))
+    assert out.maps[0].probability.shape == img.shape
+    assert np.isfinite(out.maps[0].probability).all() and 0.0 <= out.scores[0].value <= 1.0
