@@ -86,7 +86,7 @@ def run_seed(seed: int, args: argparse.Namespace, data: tuple) -> dict:
     pretrained_state = {k: v.clone() for k, v in backbone.state_dict().items()}
     if seed == args.seeds[0]:
         restoration_grid(backbone, lesion_free_test if len(lesion_free_test) else pre_data,
-                         RESULTS / "dunet_restoration.png")
+                         args.results / "dunet_restoration.png")
     runs = {}
     for name, head, pretrained in ROWS:
         net = DiscriminativeUNet(DUNetConfig.from_dict(dict(config.to_dict(), head=head)))
@@ -106,7 +106,7 @@ def run_seed(seed: int, args: argparse.Namespace, data: tuple) -> dict:
               f"({run['seconds']:.0f} s)", flush=True)
         if seed == args.seeds[0] and pretrained:
             tag = "discriminative" if head == "subtraction" else "supervised"
-            reconstruction_grid(net, test, RESULTS / f"dunet_reconstruction_{tag}.png", name)
+            reconstruction_grid(net, test, args.results / f"dunet_reconstruction_{tag}.png", name)
     return {"runs": runs, "pretraining": pretraining}
 
 
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per seed process")
     ap.add_argument("--parallel", type=int, default=3, help="seeds run in parallel processes")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder for the JSON and PNG files")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     n_malignant = int(seg_data.lesions.any(axis=(1, 2)).sum())
     print(f"data: {len(pre_data)} stage-1 images, {n_malignant} malignant + {len(seg_data) - n_malignant} "
           f"benign stage-2 images, {len(test)} test images with lesions ({time.time() - started:.0f} s)", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=max(1, args.parallel), mp_context=ctx) as pool:
         per_seed = list(pool.map(run_seed, args.seeds, [args] * len(args.seeds), [data] * len(args.seeds)))
@@ -181,14 +182,13 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": args.threads, "load_average_at_end": os.getloadavg(), "gpu": "none lent to this task"},
         "seconds": round(time.time() - started, 1),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "dunet_table1.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.results / "dunet_table1.json").write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(f"{'method':34s} {'DICE_max':>15s} {'DICE_avg(10)':>15s}   paper max/avg")
     for row in table:
         print(f"{row['method']:34s} {row['dice_max_mean']:.3f} ± {row['dice_max_std']:.3f}   "
               f"{row['dice_avg_mean']:.3f} ± {row['dice_avg_std']:.3f}   {row['paper_dice_max']:.2f}/{row['paper_dice_avg']:.2f}")
-    print(f"wrote {RESULTS / 'dunet_table1.json'} in {result['seconds']:.0f} s")
+    print(f"wrote {args.results / 'dunet_table1.json'} in {result['seconds']:.0f} s")
     return 0
 
 
