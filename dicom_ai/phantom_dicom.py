@@ -193,9 +193,12 @@ def mg_dataset(
     ds.DetectorID = "PHDET"
     ds.DetectorActiveShape = "RECTANGLE"
     ds.ImagerPixelSpacing = [f"{spacing_mm:.6g}", f"{spacing_mm:.6g}"]
-    ds.PixelSpacing = [f"{spacing_mm:.6g}", f"{spacing_mm:.6g}"]
+    # GEOMETRY calibration means corrected for geometric magnification, so Pixel Spacing
+    # is the detector spacing divided by SID/SOD (the breast's mid-plane).
+    breast_spacing = spacing_mm * sod / sid
+    ds.PixelSpacing = [f"{breast_spacing:.6g}", f"{breast_spacing:.6g}"]
     ds.PixelSpacingCalibrationType = "GEOMETRY"
-    ds.PixelSpacingCalibrationDescription = "Detector plane, no magnification correction"
+    ds.PixelSpacingCalibrationDescription = "Magnification corrected at SID/SOD"
     ds.PositionerType = "MAMMOGRAPHIC"
     ds.PositionerPrimaryAngle = _ANGLE[(laterality, view)]
     ds.PositionerSecondaryAngle = 0
