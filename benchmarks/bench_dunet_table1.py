@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-shape", type=int, nargs=2, default=[128, 96])
     ap.add_argument("--phantom-shape", type=int, nargs=2, default=[416, 320])
     ap.add_argument("--train-studies", type=int, default=60, help="phantom seeds 0..N-1 for training")
-    ap.add_argument("--test-studies", type=int, default=24, help="phantom seeds 100000.. held out")
+    ap.add_argument("--test-studies", type=int, default=48, help="phantom seeds 100000.. held out")
     ap.add_argument("--max-benign", type=int, default=24, help="benign empty-target images in stage 2")
     ap.add_argument("--pretrain-epochs", type=int, default=3)
     ap.add_argument("--seg-epochs", type=int, default=15)
