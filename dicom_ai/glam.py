@@ -584,8 +584,16 @@ class GlamModel:
         return ModelOutput(maps=maps, scores=scores)
 
     def predict(self, mammogram: Mammogram) -> ModelOutput:
-        """Benign and malignant lesion maps on the source grid, and image-level scores."""
-        return self.to_output(self.run(mammogram))
+        """Benign and malignant lesion maps on the source grid, and image-level scores.
+
+        The maps are zeroed outside the breast mask: a lesion cannot lie in the background,
+        and the weakly supervised maps otherwise put regions there (patch edges).
+        """
+        output = self.to_output(self.run(mammogram))
+        inside = breast_mask(mammogram.pixels)
+        for m in output.maps:
+            m.probability = np.where(inside, m.probability, 0.0).astype(np.float32)
+        return output
 
 
 @dataclass

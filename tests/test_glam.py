@@ -168,6 +168,8 @@ def test_glam_model_predicts_maps_on_the_source_grid():
     for m in out.maps:
         assert m.probability.shape == img.shape and m.probability.dtype == np.float32
         assert 0 <= m.probability.min() and m.probability.max() <= 1
+        # Nothing in the background: the breast is the bright half-ellipse.
+        assert m.probability[img < 0.3].max() == 0.0
     assert {s.name for s in out.scores} == {"benign", "malignant"}
     assert all(0 <= s.value <= 1 for s in out.scores)
     assert [m.threshold for m in out.maps] == [0.3, 0.4]
