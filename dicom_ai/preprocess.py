@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from dicom_ai.views import laterality_of, view_of
+
 __all__ = [
     "Mammogram",
     "Geometry",
@@ -116,22 +118,6 @@ def _percentile_stretch(x: np.ndarray) -> np.ndarray:
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-def _view_of(ds: pydicom.Dataset) -> str:
-    codes = {"399162004": "CC", "399368009": "MLO", "399260004": "ML", "399352003": "LM",
-             "399192008": "XCCL", "399101009": "XCCM"}
-    seq = ds.get("ViewCodeSequence")
-    if seq:
-        code = str(seq[0].get("CodeValue", ""))
-        if code in codes:
-            return codes[code]
-    return str(ds.get("ViewPosition", "")).upper()
-
-
-def _laterality_of(ds: pydicom.Dataset) -> str:
-    value = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).upper()
-    return value if value in ("L", "R") else ""
-
-
 def _faces_left(ds: pydicom.Dataset, pixels: np.ndarray, laterality: str) -> bool:
     """Decide the nipple direction from Patient Orientation, then laterality, then content."""
     orientation = ds.get("PatientOrientation")
@@ -181,11 +167,11 @@ def read_mammogram(source: pydicom.Dataset | str) -> Mammogram:
         raise PreprocessError(f"cannot decode Pixel Data (transfer syntax {ts}): {exc}") from exc
     pixels = normalise_intensities(ds, stored)
     spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing") or (0.1, 0.1)
-    laterality = _laterality_of(ds)
+    laterality = laterality_of(ds)
     return Mammogram(
         pixels=pixels,
         laterality=laterality,
-        view=_view_of(ds),
+        view=view_of(ds),
         spacing_mm=(float(spacing[0]), float(spacing[1])),
         faces_left=_faces_left(ds, pixels, laterality),
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),

@@ -46,6 +46,7 @@ from pynetdicom.sop_class import Verification
 from dicom_ai import logs
 from dicom_ai.config import NodeConfig
 from dicom_ai.jobstore import Instance, JobStore
+from dicom_ai.views import laterality_of, view_of
 
 #: Storage SOP classes the node accepts (UID -> name as in PS3.4 Annex B).
 SUPPORTED_SOP_CLASSES: dict[str, str] = {
@@ -230,7 +231,7 @@ class StorageSCP:
                 _fsync_dir(self.spool)
             size = target.stat().st_size
             instance = Instance(sop_instance_uid=sop_uid, sop_class_uid=sop_class, transfer_syntax=ts,
-                                laterality=_laterality_of(ds), view=_view_of(ds), path=str(target))
+                                laterality=laterality_of(ds), view=view_of(ds), path=str(target))
             new = self.store.record_instance(study_uid=study_uid, calling_ae=calling_ae, instance=instance,
                                              size=size)
         except OSError as exc:
@@ -296,26 +297,6 @@ def _check_pixel_data(ds: pydicom.Dataset, ts: str) -> None:
     length = elem.length if getattr(elem, "value", None) is None else len(ds.PixelData)
     if length < expected:
         raise Rejected(CANNOT_UNDERSTAND, f"Pixel Data has {length} bytes, expected {expected}")
-
-
-# SNOMED view codes (ViewCodeSequence) -> view; the same table as dicom_ai.preprocess, kept
-# here so the receiving process does not import torch.
-_VIEW_CODES = {"399162004": "CC", "399368009": "MLO", "399260004": "ML", "399352003": "LM",
-               "399192008": "XCCL", "399101009": "XCCM"}
-
-
-def _view_of(ds: pydicom.Dataset) -> str:
-    seq = ds.get("ViewCodeSequence")
-    if seq:
-        code = str(seq[0].get("CodeValue", ""))
-        if code in _VIEW_CODES:
-            return _VIEW_CODES[code]
-    return str(ds.get("ViewPosition", "")).upper()
-
-
-def _laterality_of(ds: pydicom.Dataset) -> str:
-    value = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).upper()
-    return value if value in ("L", "R") else ""
 
 
 def _read_exactly(self, nr_bytes: int) -> bytearray:
