@@ -16,8 +16,6 @@ from dicom_ai.dunet_training import (ImageSet, evaluate_segmentation, load_check
 from dicom_ai.pipeline import model_from_bundle
 from dicom_ai.preprocess import mammogram_from_array
 
-# One thread: on a shared, busy CPU, OpenMP threads spinning at barriers cost far more than they gain.
-torch.set_num_threads(1)
 
 TINY = DUNetConfig.compact(input_shape=(32, 32), channels=(4, 8, 8, 16), top_levels_without_skip=2)
 

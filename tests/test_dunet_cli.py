@@ -3,14 +3,11 @@
 import json
 
 import numpy as np
-import torch
 
 from dicom_ai.bundle import load_bundle
 from dicom_ai.cli import main
 from dicom_ai.pipeline import Pipeline
 from dicom_ai.phantom import generate_study
-
-torch.set_num_threads(1)
 
 
 def test_pretrain_then_segmentation_writes_a_bundle_the_pipeline_runs(tmp_path):

@@ -11,15 +11,6 @@ from dicom_ai.glam import (CONFIGS, CamClassifier, Glam, GlamConfig, GlamModel, 
 from dicom_ai.preprocess import mammogram_from_array
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared CPU a second one mostly waits (5-10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 #: A miniature of the same structure, for fast tests.
 TINY = GlamConfig(name="tiny", input_shape=(192, 128), pixel_spacing_mm=0.5,
                   global_channels=(4, 4, 8, 8, 8), patch_size=32, train_num_patches=2,

@@ -12,15 +12,6 @@ from dicom_ai.preprocess import mammogram_from_array
 from dicom_ai.train_glam import GlamData, make_batch, stage_loss, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: on a shared CPU a second one mostly waits (5-10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = GlamConfig(name="tiny", input_shape=(96, 64), pixel_spacing_mm=0.5,
                   global_channels=(4, 4, 8, 8, 8), patch_size=16, train_num_patches=2,
                   local_channels=(4, 4, 4, 4), local_blocks=(1, 1, 1, 1), crop_noise_px=3,

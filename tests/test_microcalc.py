@@ -12,7 +12,6 @@ from dicom_ai.pipeline import model_from_bundle
 from dicom_ai.preprocess import mammogram_from_array
 from dicom_ai.train_microcalc import (INTENDED_USE, PatchSet, extract_patches, train_network)
 
-torch.set_num_threads(1)  # fastest when the CPU is shared
 
 
 def synthetic_image(rng, shape=(200, 200), n_dots=12):
