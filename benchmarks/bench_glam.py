@@ -71,7 +71,7 @@ def cam_maps(net: CamClassifier, data: GlamData, config):
     net.eval()
     with torch.inference_mode():
         for i, m in enumerate(data.mammograms):
-            x, geo = glam_input(m, config, mask=data.breast_masks[i])
+            x, _, geo = glam_input(m, config, mask=data.breast_masks[i])
             pred, cam = net(torch.from_numpy(x)[None, None])
             up = torch.nn.functional.interpolate(torch.sigmoid(cam), size=config.input_shape, mode="bilinear",
                                                  align_corners=False)[0].numpy()

@@ -38,6 +38,7 @@ __all__ = [
     "GlamOutput",
     "CamClassifier",
     "top_t_pool",
+    "mask_to_grid",
     "select_patches",
     "crop_patches",
     "fuse",
@@ -202,6 +203,17 @@ def top_t_pool(maps: torch.Tensor, t: float) -> torch.Tensor:
     return flat.topk(k, dim=-1).values.mean(dim=-1)
 
 
+def mask_to_grid(mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    """An input-grid breast mask (N, 1, H, W) as a {0, 1} float mask on a coarser map grid.
+
+    A map cell is breast when any part of its footprint is: a lesion at the skin line must
+    stay selectable. ``None`` (no mask known) stays ``None``.
+    """
+    if mask is None:
+        return None
+    return (F.adaptive_max_pool2d(mask.float(), shape) > 0).float()
+
+
 @dataclass
 class GlobalOutput:
     """The global module's maps (N, 2, *cam_shape), all probabilities, and prediction (N, 2)."""
@@ -253,12 +265,21 @@ class GlobalNetwork(nn.Module):
         feats[-1] = F.relu(self.final_bn(feats[-1]))
         return feats
 
-    def forward(self, x: torch.Tensor) -> GlobalOutput:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> GlobalOutput:
+        """``x`` (N, 1, H, W) standardised; ``mask`` (N, 1, H, W) breast mask or None.
+
+        With a mask, the saliency maps are zero outside the breast, so top-t% pooling, the
+        L1 term and patch selection only see breast: the background of a standardised
+        window is flat and would otherwise attract the pooled positions.
+        """
         feats = self.features(x)
         size = feats[2].shape[-2:]
         s1 = torch.sigmoid(self.saliency1(feats[2]))
         s2 = torch.sigmoid(F.interpolate(self.saliency2(feats[3]), size=size, mode="nearest"))
         s3 = torch.sigmoid(F.interpolate(self.saliency3(feats[4]), size=size, mode="nearest"))
+        inside = mask_to_grid(mask, tuple(size))
+        if inside is not None:
+            s1, s2, s3 = s1 * inside, s2 * inside, s3 * inside
         w1, w2, w3 = self.config.saliency_weights
         saliency = w1 * s1 + w2 * s2 + w3 * s3
         t = self.config.top_t_global
@@ -345,13 +366,15 @@ class GlamOutput:
     """What :class:`Glam` returns for a batch of N images with k patches each.
 
     ``patch_corners`` are input pixels (N, k, 2); ``patch_maps`` (N, k, 2, P/4, P/4);
-    ``local_prediction`` (N, 2) is top-t% pooled over all patches of an image.
+    ``local_prediction`` (N, 2) is top-t% pooled over all patches of an image; ``mask`` the
+    input-grid breast mask (N, 1, H, W) the network was given, or None.
     """
 
     global_: GlobalOutput
     patch_corners: torch.Tensor
     patch_maps: torch.Tensor
     local_prediction: torch.Tensor
+    mask: torch.Tensor | None = None
 
     @property
     def prediction(self) -> torch.Tensor:
@@ -369,24 +392,28 @@ class Glam(nn.Module):
         self.local_net = LocalNetwork(config)
 
     def forward(self, x: torch.Tensor, num_patches: int | None = None,
-                global_output: GlobalOutput | None = None) -> GlamOutput:
-        """``x``: (N, 1, *input_shape) standardised images. ``num_patches`` defaults to K."""
+                global_output: GlobalOutput | None = None, mask: torch.Tensor | None = None) -> GlamOutput:
+        """``x``: (N, 1, *input_shape) standardised images; ``mask`` the same-shape breast mask
+        (or None: the whole window counts). ``num_patches`` defaults to K."""
         cfg = self.config
         k = cfg.num_patches if num_patches is None else num_patches
-        g = self.global_net(x) if global_output is None else global_output
+        g = self.global_net(x, mask) if global_output is None else global_output
         corners = _corners_to_input(select_patches(g.saliency, k, cfg.patch_window), cfg)
         patches = crop_patches(x, corners, cfg.patch_size)
         maps = self.local_net(patches)
+        if mask is not None:
+            maps = maps * mask_to_grid(crop_patches(mask, corners, cfg.patch_size), tuple(maps.shape[-2:]))
         maps = maps.reshape(x.shape[0], k, *maps.shape[1:])
         local_pred = top_t_pool(maps.transpose(1, 2), cfg.top_t_local)
-        return GlamOutput(global_=g, patch_corners=corners, patch_maps=maps, local_prediction=local_pred)
+        return GlamOutput(global_=g, patch_corners=corners, patch_maps=maps, local_prediction=local_pred, mask=mask)
 
 
 def fuse(output: GlamOutput, config: GlamConfig) -> torch.Tensor:
     """The final map (N, 2, *input_shape): (pasted patch maps + upsampled global map) / 2.
 
     Patch maps are upsampled (nearest) to the patch size and pasted into a zero canvas, a
-    later patch overwriting an earlier one; outside the patches the result is S_g / 2.
+    later patch overwriting an earlier one; outside the patches the result is S_g / 2. With
+    a breast mask, pixels outside it are 0 (the coarse maps' edge cells straddle the skin).
     """
     n = output.patch_maps.shape[0]
     h, w = config.input_shape
@@ -397,7 +424,8 @@ def fuse(output: GlamOutput, config: GlamConfig) -> torch.Tensor:
             canvas[b, :, r:r + p, c:c + p] = F.interpolate(output.patch_maps[b, j][None], size=(p, p),
                                                           mode="nearest")[0]
     global_up = F.interpolate(output.global_.saliency, size=(h, w), mode="nearest")
-    return (canvas + global_up) / 2
+    fused = (canvas + global_up) / 2
+    return fused if output.mask is None else fused * output.mask.to(fused.dtype)
 
 
 class CamClassifier(nn.Module):
@@ -518,10 +546,17 @@ def glam_input(
     config: GlamConfig,
     mask: np.ndarray | None = None,
     rng: np.random.Generator | None = None,
-) -> tuple[np.ndarray, Geometry]:
-    """The standardised network input (``input_shape``, float32) and its geometry."""
+) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """The standardised network input and breast mask (both ``input_shape``) and the geometry.
+
+    ``mask`` is the source image's breast mask (computed when None); the returned mask is
+    it carried through the same window, as the network's ``mask`` argument.
+    """
+    if mask is None:
+        mask = breast_mask(mammogram.pixels)
     geometry = glam_geometry(mammogram, config, mask=mask, rng=rng)
-    return standardise(geometry.forward(mammogram.pixels)), geometry
+    window_mask = geometry.forward(mask.astype(np.float32), mode="nearest") > 0.5
+    return standardise(geometry.forward(mammogram.pixels)), window_mask, geometry
 
 
 # --------------------------------------------------------------------------- inference
@@ -556,15 +591,18 @@ class GlamModel:
         thresholds = {k: float(v) for k, v in bundle.manifest["thresholds"].items()}
         return cls(network, bundle.identity, thresholds, device)
 
-    def run(self, mammogram: Mammogram) -> "GlamPrediction":
-        """Everything GLAM computes for one view, on the network's input grid."""
-        x, geometry = glam_input(mammogram, self.config)
+    def run(self, mammogram: Mammogram, mask: np.ndarray | None = None) -> "GlamPrediction":
+        """Everything GLAM computes for one view, on the network's input grid.
+
+        ``mask`` is the source image's breast mask, computed when None."""
+        x, window_mask, geometry = glam_input(mammogram, self.config, mask=mask)
         t = torch.from_numpy(x)[None, None].to(self.device)
+        m = torch.from_numpy(window_mask)[None, None].to(self.device)
         if self.device.type == "cuda":
             t = t.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                     enabled=self.device.type == "cuda"):
-            out = self.network(t)
+            out = self.network(t, mask=m)
             fused = fuse(out, self.config)
             global_up = F.interpolate(out.global_.saliency, size=self.config.input_shape, mode="nearest")
         return GlamPrediction(fused=fused[0].float().cpu().numpy(), global_map=global_up[0].float().cpu().numpy(),
@@ -589,8 +627,8 @@ class GlamModel:
         The maps are zeroed outside the breast mask: a lesion cannot lie in the background,
         and the weakly supervised maps otherwise put regions there (patch edges).
         """
-        output = self.to_output(self.run(mammogram))
         inside = breast_mask(mammogram.pixels)
+        output = self.to_output(self.run(mammogram, mask=inside))
         for m in output.maps:
             m.probability = np.where(inside, m.probability, 0.0).astype(np.float32)
         return output

@@ -62,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight of the L1 sparsity term (mean |saliency| over pixels and classes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes generating phantom studies (the data do not depend on it)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: on a shared CPU a second thread mostly waits)")
     p.add_argument("--checkpoint-dir", default="build/glam-checkpoints")
@@ -97,41 +99,19 @@ def phantom_shape_for(config) -> tuple[int, int]:
     return int(round(_FULL_SIZE[0] * f)), int(round(_FULL_SIZE[1] * f))
 
 
-def load_phantoms(first_seed: int, n_studies: int, shape: tuple[int, int], cache: str | Path | None,
-                  progress: bool = True) -> GlamData:
-    """Generate (or read from ``cache``) ``n_studies`` phantom studies as :class:`GlamData`.
-
-    The cache holds .npy arrays (pixels as float16 after dicom_ai.preprocess.read_mammogram,
-    breast masks, labels, lesion masks) and a JSON of view metadata; nothing executable.
-    """
+def _phantom_views(seeds: range, shape: tuple[int, int]) -> tuple[list, list, list, list, list]:
+    """Generate the studies of ``seeds``; per view: pixels, breast mask, labels, lesions, metadata."""
     import numpy as np
 
-    from dicom_ai.preprocess import breast_mask, mammogram_from_array, read_mammogram
-
-    folder = None
-    if cache is not None:
-        folder = Path(cache) / f"phantom-{shape[0]}x{shape[1]}-seed{first_seed}-n{n_studies}"
-        if (folder / "meta.json").is_file():
-            meta = json.loads((folder / "meta.json").read_text())
-            pixels = np.load(folder / "pixels.npy")
-            masks = np.load(folder / "breast.npy")
-            mammograms = [mammogram_from_array(pixels[i].astype(np.float32), m["laterality"], m["view"],
-                                               tuple(m["spacing_mm"]), m["faces_left"])
-                          for i, m in enumerate(meta["views"])]
-            return GlamData(mammograms, list(masks), np.load(folder / "labels.npy"),
-                            np.load(folder / "lesions.npy"))
-
-    from tqdm import tqdm
-
     from dicom_ai.phantom import generate_study
+    from dicom_ai.preprocess import breast_mask, read_mammogram
 
-    mammograms, masks, labels, lesions, meta = [], [], [], [], []
-    for seed in tqdm(range(first_seed, first_seed + n_studies), desc=f"phantoms {shape[0]}x{shape[1]}",
-                     disable=not progress, file=sys.stderr):
+    pixels, masks, labels, lesions, meta = [], [], [], [], []
+    for seed in seeds:
         study = generate_study(seed, shape=tuple(shape))
         for img in study.images:
             m = read_mammogram(img.dataset)
-            mammograms.append(m)
+            pixels.append(m.pixels.astype(np.float16))
             masks.append(breast_mask(m.pixels))
             labels.append([float(img.labels["benign"]), float(img.labels["malignant"])])
             gt = img.masks
@@ -139,15 +119,78 @@ def load_phantoms(first_seed: int, n_studies: int, shape: tuple[int, int], cache
                                      gt["mass_malignant"] | gt["cluster_malignant"]]))
             meta.append({"seed": seed, "laterality": m.laterality, "view": m.view,
                          "spacing_mm": list(m.spacing_mm), "faces_left": bool(m.faces_left)})
-    data = GlamData(mammograms, masks, np.asarray(labels, dtype=np.float32), np.asarray(lesions, dtype=bool))
-    if folder is not None:
+    return pixels, masks, labels, lesions, meta
+
+
+def _generator_version() -> str:
+    """Short hash of the code that makes a cached phantom view, so a changed generator is never
+    served stale arrays from the cache."""
+    import hashlib
+
+    import dicom_ai
+
+    digest = hashlib.sha256()
+    for name in ("phantom.py", "phantom_dicom.py", "preprocess.py"):
+        digest.update((Path(dicom_ai.__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def load_phantoms(first_seed: int, n_studies: int, shape: tuple[int, int], cache: str | Path | None,
+                  progress: bool = True, workers: int = 1) -> GlamData:
+    """Generate (or read from ``cache``) ``n_studies`` phantom studies as :class:`GlamData`.
+
+    The cache holds .npy arrays (pixels as float16 after dicom_ai.preprocess.read_mammogram,
+    breast masks, labels, lesion masks) and a JSON of view metadata; nothing executable.
+    ``workers`` processes generate disjoint seed ranges; the result does not depend on it.
+    """
+    import numpy as np
+
+    folder = None
+    if cache is not None:
+        folder = Path(cache) / f"phantom-{shape[0]}x{shape[1]}-seed{first_seed}-n{n_studies}-{_generator_version()}"
+    if folder is None or not (folder / "meta.json").is_file():
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        from tqdm import tqdm
+
+        step = 10
+        chunks = [range(s, min(s + step, first_seed + n_studies)) for s in range(first_seed, first_seed + n_studies, step)]
+        parts = []
+        with tqdm(total=n_studies, desc=f"phantoms {shape[0]}x{shape[1]}", disable=not progress,
+                  file=sys.stderr) as bar:
+            if workers <= 1:
+                for chunk in chunks:
+                    parts.append(_phantom_views(chunk, shape))
+                    bar.update(len(chunk))
+            else:
+                # spawn, not fork: a forked child of a process that has used torch can deadlock.
+                with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    for chunk, part in zip(chunks, pool.map(_phantom_views, chunks, [shape] * len(chunks))):
+                        parts.append(part)
+                        bar.update(len(chunk))
+        pixels, masks, labels, lesions, meta = ([x for part in parts for x in part[k]] for k in range(5))
+        arrays = {"pixels": np.stack(pixels), "breast": np.stack(masks),
+                  "labels": np.asarray(labels, dtype=np.float32), "lesions": np.asarray(lesions, dtype=bool)}
+        if folder is None:
+            return _glam_data(arrays, meta)
         folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / "pixels.npy", np.stack([m.pixels for m in mammograms]).astype(np.float16))
-        np.save(folder / "breast.npy", np.stack(masks))
-        np.save(folder / "labels.npy", data.labels)
-        np.save(folder / "lesions.npy", data.lesions)
+        for name, array in arrays.items():
+            np.save(folder / f"{name}.npy", array)
         (folder / "meta.json").write_text(json.dumps({"views": meta}, indent=1))
-    return data
+    meta = json.loads((folder / "meta.json").read_text())["views"]
+    arrays = {name: np.load(folder / f"{name}.npy") for name in ("pixels", "breast", "labels", "lesions")}
+    return _glam_data(arrays, meta)
+
+
+def _glam_data(arrays: dict, meta: list) -> GlamData:
+    import numpy as np
+
+    from dicom_ai.preprocess import mammogram_from_array
+
+    mammograms = [mammogram_from_array(arrays["pixels"][i].astype(np.float32), m["laterality"], m["view"],
+                                       tuple(m["spacing_mm"]), m["faces_left"]) for i, m in enumerate(meta)]
+    return GlamData(mammograms, list(arrays["breast"]), arrays["labels"], arrays["lesions"])
 
 
 def load_phantom_folder(path: str | Path) -> GlamData:
@@ -172,16 +215,20 @@ def load_phantom_folder(path: str | Path) -> GlamData:
 
 
 def make_batch(data: GlamData, indices, config, rng=None):
-    """(x (B, 1, H, W), y (B, 2)) tensors; ``rng`` switches on the window noise augmentation."""
+    """(x (B, 1, H, W) float, breast mask (B, 1, H, W) bool, y (B, 2)) tensors.
+
+    ``rng`` switches on the window noise augmentation.
+    """
     import numpy as np
     import torch
 
     from dicom_ai.glam import glam_input
 
-    xs = [glam_input(data.mammograms[i], config, mask=data.breast_masks[i], rng=rng)[0] for i in indices]
-    x = torch.from_numpy(np.stack(xs))[:, None]
+    inputs = [glam_input(data.mammograms[i], config, mask=data.breast_masks[i], rng=rng) for i in indices]
+    x = torch.from_numpy(np.stack([item[0] for item in inputs]))[:, None]
+    m = torch.from_numpy(np.stack([item[1] for item in inputs]))[:, None]
     y = torch.from_numpy(data.labels[list(indices)])
-    return x, y
+    return x, m, y
 
 
 # --------------------------------------------------------------------------- losses
@@ -194,10 +241,10 @@ def bce(pred, target):
     return F.binary_cross_entropy(pred.float().clamp(1e-6, 1 - 1e-6), target.float())
 
 
-def stage_loss(stage: str, net, x, y, config, beta: float):
-    """Loss of one batch in ``stage``; returns (total, {name: float})."""
+def stage_loss(stage: str, net, x, mask, y, config, beta: float):
+    """Loss of one batch in ``stage`` (``mask``: breast mask or None); returns (total, {name: float})."""
     if stage == "global":
-        g = net.global_net(x)
+        g = net.global_net(x, mask)
         cls, sparsity = bce(g.prediction, y), g.saliency.float().abs().mean()
         total = cls + beta * sparsity
         return total, {"bce_g": cls.item(), "l1_g": sparsity.item()}
@@ -205,12 +252,12 @@ def stage_loss(stage: str, net, x, y, config, beta: float):
 
     if stage == "local":
         with torch.no_grad():
-            g = net.global_net(x)
-        out = net(x, num_patches=config.train_num_patches, global_output=g)
+            g = net.global_net(x, mask)
+        out = net(x, num_patches=config.train_num_patches, global_output=g, mask=mask)
         cls, sparsity = bce(out.local_prediction, y), out.patch_maps.float().abs().mean()
         total = cls + beta * sparsity
         return total, {"bce_l": cls.item(), "l1_l": sparsity.item()}
-    out = net(x, num_patches=config.train_num_patches)
+    out = net(x, num_patches=config.train_num_patches, mask=mask)
     g = out.global_
     cls_g, l1_g = bce(g.prediction, y), g.saliency.float().abs().mean()
     cls_l, l1_l = bce(out.local_prediction, y), out.patch_maps.float().abs().mean()
@@ -279,10 +326,10 @@ def predict_images(net, data: GlamData, config, device, batch_size: int = 8, map
     with torch.inference_mode():
         for start in range(0, len(data), batch_size):
             idx = range(start, min(start + batch_size, len(data)))
-            x, _ = make_batch(data, idx, config)
-            x = _to_device(x, device)
+            x, mask, _ = make_batch(data, idx, config)
+            x, mask = _to_device(x, device), mask.to(device)
             with _autocast(device):
-                out = net(x)
+                out = net(x, mask=mask)
                 if maps:
                     fused_maps.append(fuse(out, config).float().cpu().numpy())
                     global_maps.append(F.interpolate(out.global_.saliency, size=config.input_shape,
@@ -318,7 +365,7 @@ def train(net, data: GlamData, config, *, stages: list[tuple[str, int]], batch_s
           val: GlamData | None = None, progress: bool = True, loss_fn=None) -> list[dict]:
     """Run the training ``stages`` ([(name, epochs)]); returns the per-epoch history.
 
-    ``loss_fn(stage, net, x, y)`` defaults to :func:`stage_loss`; the CAM baseline passes its
+    ``loss_fn(stage, net, x, mask, y)`` defaults to :func:`stage_loss`; the CAM baseline passes its
     own. With ``checkpoint`` a checkpoint is written after every epoch; with ``resume`` the
     run continues after the last completed epoch.
     """
@@ -328,7 +375,7 @@ def train(net, data: GlamData, config, *, stages: list[tuple[str, int]], batch_s
 
     from dicom_ai.metrics import roc_auc
 
-    loss_fn = loss_fn or (lambda stage, n, x, y: stage_loss(stage, n, x, y, config, beta))
+    loss_fn = loss_fn or (lambda stage, n, x, mask, y: stage_loss(stage, n, x, mask, y, config, beta))
     net.to(device)
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
@@ -361,10 +408,10 @@ def train(net, data: GlamData, config, *, stages: list[tuple[str, int]], batch_s
             t0 = time.time()
             bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress, file=sys.stderr)
             for idx in bar:
-                x, y = make_batch(data, idx, config, rng=rng)
-                x, y = _to_device(x, device), y.to(device)
+                x, mask, y = make_batch(data, idx, config, rng=rng)
+                x, mask, y = _to_device(x, device), mask.to(device), y.to(device)
                 with _autocast(device):
-                    loss, parts = loss_fn(stage, net, x, y)
+                    loss, parts = loss_fn(stage, net, x, mask, y)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
@@ -457,9 +504,10 @@ def _run(args: argparse.Namespace) -> int:
         val = None
         data_note = f"phantom folder {args.phantom_dir} ({len(data)} images)"
     else:
-        data = load_phantoms(args.first_seed, args.train_studies, shape, args.cache)
+        data = load_phantoms(args.first_seed, args.train_studies, shape, args.cache, workers=args.workers)
         val_seed = args.first_seed + args.train_studies
-        val = load_phantoms(val_seed, args.val_studies, shape, args.cache) if args.val_studies > 0 else None
+        val = (load_phantoms(val_seed, args.val_studies, shape, args.cache, workers=args.workers)
+               if args.val_studies > 0 else None)
         data_note = (f"{args.train_studies} generated phantom studies ({len(data)} views), seeds "
                      f"{args.first_seed}-{args.first_seed + args.train_studies - 1}, shape {shape[0]}x{shape[1]}; "
                      f"validation {args.val_studies} studies from seed {val_seed}")
@@ -473,7 +521,7 @@ def _run(args: argparse.Namespace) -> int:
         history = train(net, data, config, stages=[("cam", args.epochs_global)], batch_size=args.batch_size,
                         lr=args.lr, beta=0.0, seed=args.seed, device=device,
                         checkpoint=ckpt_dir / f"cam-{config.name}.safetensors", resume=args.resume,
-                        loss_fn=lambda stage, n, x, y: cam_loss(n, x, y, 0.0))
+                        loss_fn=lambda stage, n, x, mask, y: cam_loss(n, x, y, 0.0))
         from safetensors.torch import save_file
 
         out = Path(args.out)

@@ -7,7 +7,7 @@ import torch
 from dicom_ai.bundle import Bundle
 from dicom_ai.findings import ModelIdentity
 from dicom_ai.glam import (CONFIGS, CamClassifier, Glam, GlamConfig, GlamModel, fuse, glam_geometry,
-                           glam_input, optimal_window, select_patches, top_t_pool)
+                           glam_input, mask_to_grid, optimal_window, select_patches, top_t_pool)
 from dicom_ai.preprocess import mammogram_from_array
 
 
@@ -94,6 +94,33 @@ def test_patch_selection_on_a_hand_made_saliency_map():
     assert select_patches(s2, 1, (4, 4))[0, 0].tolist() == [20, 12]
 
 
+def test_background_is_never_pooled_selected_or_drawn():
+    torch.manual_seed(0)
+    cfg = TINY
+    net = Glam(cfg).eval()
+    x = torch.randn(1, 1, *cfg.input_shape)
+    mask = torch.zeros(1, 1, *cfg.input_shape, dtype=torch.bool)
+    mask[..., :, :70] = True  # breast: the chest-wall side only, not on a map-cell boundary
+    # A bright background corner that an unmasked network may well prefer.
+    x[..., :40, -40:] = 8.0
+    with torch.no_grad():
+        out = net(x, num_patches=2, mask=mask)
+        fused = fuse(out, cfg)
+    inside = mask_to_grid(mask, cfg.cam_shape)[0, 0].bool()
+    g = out.global_
+    for m in (g.s1, g.s2, g.s3, g.saliency):
+        assert float(m[0][:, ~inside].abs().max()) == 0.0
+    # The pooled prediction is the mean of in-breast values only.
+    k = max(1, round(cfg.top_t_global * inside.numel()))
+    expected = torch.stack([g.s1, g.s2, g.s3])[:, 0][..., inside].topk(k, dim=-1).values.mean(-1).mean(0)
+    assert torch.allclose(g.prediction[0], expected, atol=1e-6)
+    # Every selected patch overlaps the breast; nothing is drawn outside it.
+    for r, c in out.patch_corners[0].tolist():
+        assert mask[0, 0, r:r + cfg.patch_size, c:c + cfg.patch_size].any()
+    assert float(fused[0][:, ~mask[0, 0]].abs().max()) == 0.0
+    assert float(fused[0][:, mask[0, 0]].max()) > 0.0
+
+
 def test_optimal_window_holds_most_breast_and_keeps_chest_wall():
     mask = np.zeros((100, 80), dtype=bool)
     mask[30:70, 0:25] = True
@@ -122,7 +149,8 @@ def test_right_breast_mask_round_trips_to_the_same_source_pixels(augment):
     m = mammogram_from_array(img, laterality="R", view="CC", spacing_mm=(0.4, 0.4))
     assert m.faces_left
     rng = np.random.default_rng(1) if augment else None
-    x, geo = glam_input(m, TINY, rng=rng)
+    x, window_mask, geo = glam_input(m, TINY, rng=rng)
+    assert window_mask.shape == TINY.input_shape and window_mask.dtype == bool
     assert x.shape == TINY.input_shape
     assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3
     assert geo.flip

@@ -48,15 +48,15 @@ def test_a_few_steps_reduce_the_loss(stage):
     torch.manual_seed(0)
     net = Glam(TINY)
     data = _toy_data()
-    x, y = make_batch(data, range(len(data)), TINY)
+    x, mask, y = make_batch(data, range(len(data)), TINY)
     params = net.local_net.parameters() if stage == "local" else net.parameters()
     opt = torch.optim.Adam(params, lr=3e-3)
     net.train()
     if stage == "local":
         net.global_net.eval()
     losses = []
-    for _ in range(8):
-        loss, parts = stage_loss(stage, net, x, y, TINY, beta=0.1)
+    for _ in range(12):
+        loss, parts = stage_loss(stage, net, x, mask, y, TINY, beta=0.1)
         assert all(np.isfinite(v) for v in parts.values())
         opt.zero_grad()
         loss.backward()
