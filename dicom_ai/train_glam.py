@@ -47,17 +47,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="models/glam", help="bundle folder to write (default: models/glam)")
     p.add_argument("--phantom-dir", default=None,
                    help="read studies from a phantom folder (dicom_ai.datasets) instead of generating them")
-    p.add_argument("--train-studies", type=int, default=100, help="generated training studies (4 views each)")
-    p.add_argument("--val-studies", type=int, default=15, help="generated validation studies")
+    p.add_argument("--train-studies", type=int, default=1200, help="generated training studies (4 views each)")
+    p.add_argument("--val-studies", type=int, default=50, help="generated validation studies")
     p.add_argument("--first-seed", type=int, default=10_000, help="phantom seed of the first training study")
     p.add_argument("--shape", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
                    help="phantom image shape (default: a full-size breast at the config's pixel spacing)")
     p.add_argument("--cache", default="build/glam-cache", help="folder for cached preprocessed phantoms")
-    p.add_argument("--epochs-global", type=int, default=16)
-    p.add_argument("--epochs-local", type=int, default=5)
-    p.add_argument("--epochs-joint", type=int, default=3, help="0 skips joint fine-tuning")
+    p.add_argument("--epochs-global", type=int, default=12)
+    p.add_argument("--epochs-local", type=int, default=2)
+    p.add_argument("--epochs-joint", type=int, default=1, help="0 skips joint fine-tuning")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, all stages")
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="Adam learning rate, all stages (1e-3 stalls at the label prior on the phantoms)")
     p.add_argument("--beta", type=float, default=0.1,
                    help="weight of the L1 sparsity term (mean |saliency| over pixels and classes)")
     p.add_argument("--seed", type=int, default=0)
