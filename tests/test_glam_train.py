@@ -131,3 +131,21 @@ def test_cli_registers_train_glam():
 
     args = build_parser().parse_args(["train", "glam", "--epochs-global", "1", "--seed", "7"])
     assert args.epochs_global == 1 and args.seed == 7 and callable(args.handler)
+
+
+def test_phantom_data_do_not_depend_on_the_number_of_workers():
+    from dicom_ai.train_glam import load_phantoms
+
+    one = load_phantoms(321, 2, (148, 114), None, progress=False, workers=1)
+    two = load_phantoms(321, 2, (148, 114), None, progress=False, workers=2)
+    assert len(one) == len(two) == 8
+    assert np.array_equal(one.labels, two.labels) and np.array_equal(one.lesions, two.lesions)
+    assert all(np.array_equal(a.pixels, b.pixels) for a, b in zip(one.mammograms, two.mammograms))
+
+
+def test_phantom_cache_is_keyed_by_the_generator_code(tmp_path):
+    from dicom_ai.train_glam import _generator_version, load_phantoms
+
+    load_phantoms(321, 1, (148, 114), tmp_path, progress=False)
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.endswith(_generator_version())
