@@ -149,38 +149,39 @@ def load_phantoms(first_seed: int, n_studies: int, shape: tuple[int, int], cache
     folder = None
     if cache is not None:
         folder = Path(cache) / f"phantom-{shape[0]}x{shape[1]}-seed{first_seed}-n{n_studies}-{_generator_version()}"
-    if folder is None or not (folder / "meta.json").is_file():
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        from tqdm import tqdm
-
-        step = 10
-        chunks = [range(s, min(s + step, first_seed + n_studies)) for s in range(first_seed, first_seed + n_studies, step)]
-        parts = []
-        with tqdm(total=n_studies, desc=f"phantoms {shape[0]}x{shape[1]}", disable=not progress,
-                  file=sys.stderr) as bar:
-            if workers <= 1:
-                for chunk in chunks:
-                    parts.append(_phantom_views(chunk, shape))
-                    bar.update(len(chunk))
-            else:
-                # spawn, not fork: a forked child of a process that has used torch can deadlock.
-                with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    for chunk, part in zip(chunks, pool.map(_phantom_views, chunks, [shape] * len(chunks))):
-                        parts.append(part)
-                        bar.update(len(chunk))
-        pixels, masks, labels, lesions, meta = ([x for part in parts for x in part[k]] for k in range(5))
-        arrays = {"pixels": np.stack(pixels), "breast": np.stack(masks),
-                  "labels": np.asarray(labels, dtype=np.float32), "lesions": np.asarray(lesions, dtype=bool)}
-        if folder is None:
+        if (folder / "meta.json").is_file():
+            meta = json.loads((folder / "meta.json").read_text())["views"]
+            arrays = {name: np.load(folder / f"{name}.npy") for name in ("pixels", "breast", "labels", "lesions")}
             return _glam_data(arrays, meta)
+
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    step = 10
+    chunks = [range(s, min(s + step, first_seed + n_studies)) for s in range(first_seed, first_seed + n_studies, step)]
+    parts = []
+    with tqdm(total=n_studies, desc=f"phantoms {shape[0]}x{shape[1]}", disable=not progress, file=sys.stderr) as bar:
+        if workers <= 1:
+            for chunk in chunks:
+                parts.append(_phantom_views(chunk, shape))
+                bar.update(len(chunk))
+        else:
+            # spawn, not fork: a forked child of a process that has used torch can deadlock.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for chunk, part in zip(chunks, pool.map(_phantom_views, chunks, [shape] * len(chunks))):
+                    parts.append(part)
+                    bar.update(len(chunk))
+    pixels, masks, labels, lesions, meta = ([x for part in parts for x in part[k]] for k in range(5))
+    arrays = {"pixels": np.stack(pixels), "breast": np.stack(masks),
+              "labels": np.asarray(labels, dtype=np.float32), "lesions": np.asarray(lesions, dtype=bool)}
+    if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in arrays.items():
             np.save(folder / f"{name}.npy", array)
+        # meta.json last: its presence marks a complete cache folder.
         (folder / "meta.json").write_text(json.dumps({"views": meta}, indent=1))
-    meta = json.loads((folder / "meta.json").read_text())["views"]
-    arrays = {name: np.load(folder / f"{name}.npy") for name in ("pixels", "breast", "labels", "lesions")}
     return _glam_data(arrays, meta)
 
 
