@@ -39,7 +39,7 @@ test: venv debs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: venv debs
-	$(PY) -m dicom_ai.demo --out demo-out
+	$(PY) -m dicom_ai.cli.demo --out demo-out
 
 bench: venv debs
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -48,10 +48,10 @@ def _child(spec: str, folder: str, threads: int) -> dict:
     import pydicom
     import torch
 
-    from dicom_ai.bundle import load_bundle
-    from dicom_ai.dunet import DiscriminativeUNet, DUNetConfig, DUNetModel
-    from dicom_ai.findings import ModelIdentity
-    from dicom_ai.preprocess import read_mammogram
+    from dicom_ai.networks.bundle import load_bundle
+    from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig, DUNetModel
+    from dicom_ai.core.findings import ModelIdentity
+    from dicom_ai.imaging import read_mammogram
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(args.child, args.folder, args.threads)))
         return 0
 
-    from dicom_ai.phantom import generate_study
+    from dicom_ai.data.phantom import generate_study
 
     started = time.time()
     with tempfile.TemporaryDirectory() as folder:

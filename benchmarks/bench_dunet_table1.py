@@ -35,10 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicom_ai.dunet import DiscriminativeUNet, DUNetConfig
-from dicom_ai.dunet_training import (evaluate_segmentation, phantom_image_set, predict_probability, pretrain,
-                                     seed_everything, train_segmentation)
-from dicom_ai.genesis import GenesisConfig, distort
+from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig
+from dicom_ai.training.dunet import evaluate_segmentation, phantom_image_set, predict_probability, pretrain, seed_everything, train_segmentation
+from dicom_ai.training.genesis import GenesisConfig, distort
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROWS = (

@@ -38,10 +38,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicom_ai.bundle import load_bundle  # noqa: E402
-from dicom_ai.glam import CONFIGS, CamClassifier, Glam, GlamModel, glam_input  # noqa: E402
-from dicom_ai.metrics import bootstrap_ci, dice, roc_auc, soft_dice  # noqa: E402
-from dicom_ai.train_glam import GlamData, load_phantoms  # noqa: E402
+from dicom_ai.networks.bundle import load_bundle  # noqa: E402
+from dicom_ai.networks.glam import CONFIGS, CamClassifier, Glam, GlamModel, glam_input  # noqa: E402
+from dicom_ai.data.metrics import bootstrap_ci, dice, roc_auc, soft_dice  # noqa: E402
+from dicom_ai.training.glam import GlamData, load_phantoms  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 REAL = Path(os.environ.get("DICOM_AI_REAL_DIR", ROOT.parent / "shared" / "data" / "real"))
@@ -202,14 +202,14 @@ def _conv_macs(net: torch.nn.Module, x: torch.Tensor) -> float:
 
 def speed_child(config_name: str, threads: int) -> dict:
     """Time one full-size four-view study; runs in its own process so peak RSS is its own."""
-    from dicom_ai.phantom import FULL_SHAPE, generate_study
-    from dicom_ai.preprocess import read_mammogram
+    from dicom_ai.data.phantom import FULL_SHAPE, generate_study
+    from dicom_ai.imaging import read_mammogram
 
     torch.set_num_threads(threads)
     cache = ROOT / "build" / "glam-fullsize-study.npz"
     if cache.is_file():
         z = np.load(cache)
-        from dicom_ai.preprocess import mammogram_from_array
+        from dicom_ai.imaging import mammogram_from_array
 
         mammograms = [mammogram_from_array(z[f"p{i}"].astype(np.float32), str(z["lat"][i]), str(z["view"][i]),
                                            (0.07, 0.07)) for i in range(4)]
@@ -223,7 +223,7 @@ def speed_child(config_name: str, threads: int) -> dict:
     else:  # untrained weights: the cost does not depend on their values
         torch.manual_seed(0)
         net = Glam(CONFIGS[config_name])
-        from dicom_ai.findings import ModelIdentity
+        from dicom_ai.core.findings import ModelIdentity
 
         model = GlamModel(net, ModelIdentity("glam-paper-untrained", "0"), {}, "cpu")
     cfg = model.config
@@ -270,7 +270,7 @@ def overlays(bundle_dir: str) -> list[dict]:
     """The bundle on the real CC images; small PNGs with benign/malignant maps and patches."""
     from PIL import Image
 
-    from dicom_ai.preprocess import mammogram_from_array
+    from dicom_ai.imaging import mammogram_from_array
 
     torch.set_num_threads(1)
     model = GlamModel.from_bundle(load_bundle(bundle_dir), "cpu")

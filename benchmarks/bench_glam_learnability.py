@@ -32,9 +32,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicom_ai.glam import CONFIGS, GlobalNetwork, glam_geometry  # noqa: E402
-from dicom_ai.metrics import roc_auc  # noqa: E402
-from dicom_ai.train_glam import GlamData, load_phantoms, make_batch  # noqa: E402
+from dicom_ai.networks.glam import CONFIGS, GlobalNetwork, glam_geometry  # noqa: E402
+from dicom_ai.data.metrics import roc_auc  # noqa: E402
+from dicom_ai.training.glam import GlamData, load_phantoms, make_batch  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "build" / "glam-cache"

@@ -34,12 +34,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicom_ai.bundle import load_bundle  # noqa: E402
-from dicom_ai.metrics import froc, segmentation_summary  # noqa: E402
-from dicom_ai.microcalc import MicrocalcModel, sliding_window_logits  # noqa: E402
-from dicom_ai.phantom import generate_study  # noqa: E402
-from dicom_ai.preprocess import read_mammogram, resize  # noqa: E402
-from dicom_ai.train_microcalc import microcalcification_mask  # noqa: E402
+from dicom_ai.networks.bundle import load_bundle  # noqa: E402
+from dicom_ai.data.metrics import froc, segmentation_summary  # noqa: E402
+from dicom_ai.networks.microcalc import MicrocalcModel, sliding_window_logits  # noqa: E402
+from dicom_ai.data.phantom import generate_study  # noqa: E402
+from dicom_ai.imaging import read_mammogram, resize  # noqa: E402
+from dicom_ai.training.microcalc import microcalcification_mask  # noqa: E402
 
 def _labels(mask: np.ndarray) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))

@@ -36,8 +36,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dicom_ai.phantom import generate_study  # noqa: E402
-from dicom_ai.phantom_dicom import write_study  # noqa: E402
+from dicom_ai.data.phantom import generate_study  # noqa: E402
+from dicom_ai.data.phantom_folder import write_study  # noqa: E402
 
 ROI = 256
 BAND = (0.15, 1.0)
@@ -131,7 +131,7 @@ def lesion_stats(studies) -> dict:
 def real_reference(folder: Path) -> dict | None:
     from PIL import Image
 
-    from dicom_ai.preprocess import breast_mask
+    from dicom_ai.imaging import breast_mask
 
     files = sorted(folder.glob("*.png")) if folder.is_dir() else []
     betas = []

@@ -21,9 +21,11 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicom_ai.findings import ImageFindings, ImageScore, ModelIdentity, ProbabilityMap  # noqa: E402
-from dicom_ai.phantom import generate_study  # noqa: E402
-from dicom_ai.results import ResultOptions, ResultUIDs, build_results  # noqa: E402
+from dicom_ai.core.findings import ImageFindings, ImageScore, ModelIdentity, ProbabilityMap  # noqa: E402
+from dicom_ai.data.phantom import generate_study  # noqa: E402
+from dicom_ai.core.options import ResultOptions
+from dicom_ai.core.uids import ResultUIDs
+from dicom_ai.results import build_results  # noqa: E402
 
 SHAPE = (3328, 2560)
 
@@ -59,7 +61,7 @@ def main() -> None:
                                       ("FRACTIONAL", "rle"), ("FRACTIONAL", "jpegls"), ("FRACTIONAL", "jpeg2000")]:
             t0 = time.perf_counter()
             out = build_results([ds], [f], uids, ResultOptions(segmentation_type=seg_type, compression=compression,
-                                                               cad_sr=True))
+                                                               cad_sr=True)).datasets
             total = time.perf_counter() - t0
             sizes = {}
             for d in out:

@@ -13,7 +13,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_ai.findings import ImageFindings, ImageScore, ModelIdentity, ProbabilityMap
+from dicom_ai.core.findings import ImageFindings, ImageScore, ModelIdentity, ProbabilityMap
 
 MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 MG_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
@@ -158,12 +158,14 @@ VARIANTS = [("MONOCHROME2", False), ("MONOCHROME1", False), ("MONOCHROME2", True
 def built(photometric: str = "MONOCHROME2", for_processing: bool = False, cad_sr: bool = True,
           segmentation_type: str = "BINARY", compression: str = "none"):
     """(sources, findings, uids, datasets) of one synthetic study, built once per process."""
-    from dicom_ai.results import ResultOptions, ResultUIDs, build_results
+    from dicom_ai.core.options import ResultOptions
+    from dicom_ai.core.uids import ResultUIDs
+    from dicom_ai.results import build_results
 
     sources, findings = make_study(photometric, for_processing)
     uids = ResultUIDs.generate([str(d.SOPInstanceUID) for d in sources])
     options = ResultOptions(cad_sr=cad_sr, segmentation_type=segmentation_type, compression=compression)
-    return sources, findings, uids, build_results(sources, findings, uids, options)
+    return sources, findings, uids, build_results(sources, findings, uids, options).datasets
 
 
 def roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:
@@ -239,7 +241,9 @@ def contour_inside(contour: np.ndarray, mask: np.ndarray) -> tuple[bool, int]:
 def built_small(cad_sr: bool = True):
     """A two-image study (L CC with findings, R CC without), no single calcifications: the
     smallest study that has every kind of SR content, for the slow PixelMed runs."""
-    from dicom_ai.results import ResultOptions, ResultUIDs, build_results
+    from dicom_ai.core.options import ResultOptions
+    from dicom_ai.core.uids import ResultUIDs
+    from dicom_ai.results import build_results
 
     study = generate_uid()
     sources, findings = [], []
@@ -251,7 +255,7 @@ def built_small(cad_sr: bool = True):
         sources.append(ds)
         findings.append(f)
     uids = ResultUIDs.generate([str(d.SOPInstanceUID) for d in sources])
-    return sources, findings, uids, build_results(sources, findings, uids, ResultOptions(cad_sr=cad_sr))
+    return sources, findings, uids, build_results(sources, findings, uids, ResultOptions(cad_sr=cad_sr)).datasets
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,7 +265,7 @@ def pixelmed_reports(tmp_dir: str) -> dict:
     from concurrent.futures import ThreadPoolExecutor
     from pathlib import Path
 
-    from dicom_ai.validate import pixelmed_sr
+    from conformance.validators import pixelmed_sr
 
     sources, findings, uids, datasets = built_small()
     paths = {}

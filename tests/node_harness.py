@@ -22,7 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_ai.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
+from dicom_ai.core.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -121,21 +121,21 @@ def write_study(folder: Path, shape: tuple[int, int] = (96, 64), views=None, stu
 class StandInPipeline:
     """Deterministic findings without a network: a disc where the image is brightest.
 
-    ``DICOM_AI_TEST_INFER_SECONDS`` makes each study take that long (to kill the node
-    during inference).
+    ``DICOM_AI_TEST_INFER_SECONDS`` makes each four-view study take that long, a quarter per
+    image (the worker runs the pipeline image by image), to kill the node during inference.
     """
 
     identity = ModelIdentity(name="stand-in", version="0.0")
 
     def run(self, datasets):
-        from dicom_ai.findings import ImageFindings
+        from dicom_ai.core.findings import ImageFindings
 
         delay = float(os.environ.get("DICOM_AI_TEST_INFER_SECONDS", "0"))
         if delay:
             marker = os.environ.get("DICOM_AI_TEST_INFER_MARKER")
             if marker:
                 Path(marker).write_text(str(os.getpid()))
-            time.sleep(delay)
+            time.sleep(delay * len(datasets) / 4)
         out = []
         for ds in datasets:
             # Decoding here (not torch) keeps the worker start fast; it still exercises every

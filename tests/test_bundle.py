@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from dicom_ai.bundle import BundleError, load_bundle, save_bundle
+from dicom_ai.networks.bundle import BundleError, load_bundle, save_bundle
 
 MANIFEST = {"name": "toy", "version": "0.0.1", "architecture": {"kind": "toy"}, "input": {},
             "thresholds": {"malignant_lesion": 0.5}, "intended_use": "test", "training": {}}

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from dicom_ai.cad_sr import MAMMOGRAPHY_CAD_SR
+from dicom_ai.results.cad_sr import MAMMOGRAPHY_CAD_SR
 from dicom_ai.results import analyse_image
-from dicom_ai.validate import dciodvfy, dsrdump
+from conformance.validators import dciodvfy, dsrdump
 
 from _results_sources import VARIANTS, _items, _name, built, built_small, pixelmed_reports, roundtrip
 
@@ -63,14 +63,16 @@ def test_cad_sr_pixelmed(tmp_path_factory):
 
 
 def test_cad_sr_of_a_normal_study(tmp_path):
-    from dicom_ai.results import ResultOptions, ResultUIDs, build_results
+    from dicom_ai.core.options import ResultOptions
+    from dicom_ai.core.uids import ResultUIDs
+    from dicom_ai.results import build_results
 
     from _results_sources import make_findings, make_study
 
     sources, _ = make_study()
     findings = [make_findings(s, lesion=False) for s in sources]
     cad = build_results(sources, findings, ResultUIDs.generate([s.SOPInstanceUID for s in sources]),
-                        ResultOptions(cad_sr=True))[-1]
+                        ResultOptions(cad_sr=True)).datasets[-1]
     cad.save_as(tmp_path / "cad.dcm", enforce_file_format=True)
     assert dciodvfy(tmp_path / "cad.dcm").ok and dsrdump(tmp_path / "cad.dcm").ok
     summary = next(i for i in cad.ContentSequence if _name(i) == "111017")

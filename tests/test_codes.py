@@ -3,8 +3,9 @@
 import pytest
 from pydicom.sr._concepts_dict import concepts
 
-from dicom_ai.codes import BREAST_SIDE, FINDINGS, LATERALITY, VIEW, algorithm_family, display_rgb, finding_codes
-from dicom_ai.findings import FINDING_KEYS
+from dicom_ai.results.codes import BREAST_SIDE, FINDINGS, LATERALITY, algorithm_family, display_rgb, finding_codes
+from dicom_ai.core.views import VIEW_CODES as VIEW
+from dicom_ai.core.findings import FINDING_KEYS
 
 
 def _meanings(code):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dicom_ai.cli import main
-from dicom_ai.config import ConfigError, NodeConfig, load_config, parse_remote
+from dicom_ai.node.config import ConfigError, NodeConfig, load_config, parse_remote
 
 GOOD = """
 [node]

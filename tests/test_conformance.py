@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 from pynetdicom import AE, _config, build_context, transport
 
-from dicom_ai.config import load_config
-from dicom_ai.jobstore import JobStore
-from dicom_ai.results import ResultOptions, ResultUIDs, build_results
-from dicom_ai.scp import SUPPORTED_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES, VERIFICATION_TRANSFER_SYNTAXES, StorageSCP
+from dicom_ai.node.config import load_config
+from dicom_ai.node.jobstore import JobStore
+from dicom_ai.core.options import ResultOptions
+from dicom_ai.core.uids import ResultUIDs
+from dicom_ai.results import build_results
+from dicom_ai.node.scp import SUPPORTED_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES, VERIFICATION_TRANSFER_SYNTAXES, StorageSCP
 
 from _results_sources import built_small
 from node_harness import free_port
@@ -85,7 +87,7 @@ def test_scu_tables_equal_what_the_writers_produce():
     for seg_type, compression in [("BINARY", "none"), ("BINARY", "jpeg2000"), ("FRACTIONAL", "rle"),
                                   ("FRACTIONAL", "jpegls")]:
         out = build_results(sources, findings, uids_, ResultOptions(segmentation_type=seg_type,
-                                                                    compression=compression, cad_sr=True))
+                                                                    compression=compression, cad_sr=True)).datasets
         produced |= {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in out}
     assert {sop for sop, _ in produced} == uids("scu-sop-classes")
     listed = set()

@@ -6,9 +6,10 @@ import plistlib
 import numpy as np
 import pytest
 
-from dicom_ai.datasets import MASK_KEYS, DatasetError, open_dataset
-from dicom_ai.phantom import generate_study
-from dicom_ai.phantom_dicom import mg_dataset, write_study
+from dicom_ai.data.datasets import MASK_KEYS, DatasetError, open_dataset
+from dicom_ai.data.phantom import generate_study
+from dicom_ai.data.mg import mg_dataset
+from dicom_ai.data.phantom_folder import write_study
 
 ROWS, COLS = 64, 48
 

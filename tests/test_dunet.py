@@ -7,14 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from dicom_ai.bundle import load_bundle, save_bundle
-from dicom_ai.dunet import (DiscriminativeUNet, DUNetConfig, DUNetModel, ResidualBlock, SeparableConv2d,
-                            top_k_score)
-from dicom_ai.dunet_training import (ImageSet, evaluate_segmentation, load_checkpoint, masked_mse, pretrain,
-                                     save_checkpoint, seed_everything, segmentation_loss, soft_dice_loss,
-                                     train_segmentation)
-from dicom_ai.pipeline import model_from_bundle
-from dicom_ai.preprocess import mammogram_from_array
+from dicom_ai.networks.bundle import load_bundle, save_bundle
+from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig, DUNetModel, ResidualBlock, SeparableConv2d, top_k_score
+from dicom_ai.training.dunet import ImageSet, evaluate_segmentation, load_checkpoint, masked_mse, pretrain, save_checkpoint, seed_everything, segmentation_loss, soft_dice_loss, train_segmentation
+from dicom_ai.networks.pipeline import model_from_bundle
+from dicom_ai.imaging import mammogram_from_array
 
 
 TINY = DUNetConfig.compact(input_shape=(32, 32), channels=(4, 8, 8, 16), top_levels_without_skip=2)
@@ -242,7 +239,7 @@ def test_map_lands_on_the_source_pixels(faces_left):
 
 
 def _identity():
-    from dicom_ai.findings import ModelIdentity
+    from dicom_ai.core.findings import ModelIdentity
 
     return ModelIdentity("dunet-test", "0")
 

@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 
-from dicom_ai.bundle import load_bundle
+from dicom_ai.networks.bundle import load_bundle
 from dicom_ai.cli import main
-from dicom_ai.pipeline import Pipeline
-from dicom_ai.phantom import generate_study
+from dicom_ai.networks.pipeline import Pipeline
+from dicom_ai.data.phantom import generate_study
 
 
 def test_pretrain_then_segmentation_writes_a_bundle_the_pipeline_runs(tmp_path):

@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from dicom_ai.genesis import GenesisConfig, distort, flip, gamma_transform, inpaint, outpaint, random_shape
+from dicom_ai.training.genesis import GenesisConfig, distort, flip, gamma_transform, inpaint, outpaint, random_shape
 
 
 def _breast(rows=96, cols=72):

@@ -4,11 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_ai.bundle import Bundle
-from dicom_ai.findings import ModelIdentity
-from dicom_ai.glam import (CONFIGS, CamClassifier, Glam, GlamConfig, GlamModel, fuse, glam_geometry,
-                           glam_input, mask_to_grid, optimal_window, select_patches, top_t_pool)
-from dicom_ai.preprocess import mammogram_from_array
+from dicom_ai.networks.bundle import Bundle
+from dicom_ai.core.findings import ModelIdentity
+from dicom_ai.networks.glam import CONFIGS, CamClassifier, Glam, GlamConfig, GlamModel, fuse, glam_geometry, glam_input, mask_to_grid, optimal_window, select_patches, top_t_pool
+from dicom_ai.imaging import mammogram_from_array
 
 
 #: A miniature of the same structure, for fast tests.

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_ai.bundle import load_bundle, save_bundle
-from dicom_ai.glam import Glam, GlamConfig, GlamModel
-from dicom_ai.preprocess import mammogram_from_array
-from dicom_ai.train_glam import GlamData, make_batch, stage_loss, train
+from dicom_ai.networks.bundle import load_bundle, save_bundle
+from dicom_ai.networks.glam import Glam, GlamConfig, GlamModel
+from dicom_ai.imaging import mammogram_from_array
+from dicom_ai.training.glam import GlamData, make_batch, stage_loss, train
 
 
 TINY = GlamConfig(name="tiny", input_shape=(96, 64), pixel_spacing_mm=0.5,
@@ -134,7 +134,7 @@ def test_cli_registers_train_glam():
 
 
 def test_phantom_data_do_not_depend_on_the_number_of_workers():
-    from dicom_ai.train_glam import load_phantoms
+    from dicom_ai.training.glam import load_phantoms
 
     one = load_phantoms(321, 2, (148, 114), None, progress=False, workers=1)
     two = load_phantoms(321, 2, (148, 114), None, progress=False, workers=2)
@@ -144,7 +144,7 @@ def test_phantom_data_do_not_depend_on_the_number_of_workers():
 
 
 def test_phantom_cache_is_keyed_by_the_generator_code(tmp_path):
-    from dicom_ai.train_glam import _generator_version, load_phantoms
+    from dicom_ai.training.glam import _generator_version, load_phantoms
 
     load_phantoms(321, 1, (148, 114), tmp_path, progress=False)
     (folder,) = tmp_path.iterdir()

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from dicom_ai import metrics as M
+from dicom_ai.data import metrics as M
 
 
 def test_dice_iou_soft_dice():
@@ -104,10 +104,10 @@ def test_evaluate_report_on_phantom_truth(tmp_path):
     """Perfect maps give Dice 1; scores equal to the labels give AUC 1; the report and plots exist."""
     import json
 
-    from dicom_ai.datasets import Sample
-    from dicom_ai.evaluate import Prediction, evaluate, write_report
-    from dicom_ai.phantom import generate_study
-    from dicom_ai.preprocess import read_mammogram
+    from dicom_ai.data.datasets import Sample
+    from dicom_ai.data.evaluate import Prediction, evaluate, write_report
+    from dicom_ai.data.phantom import generate_study
+    from dicom_ai.imaging import read_mammogram
 
     pairs = []
     for seed in (2, 5, 3):  # 2 and 5 hold malignant findings, 3 is normal

@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_ai.bundle import load_bundle, save_bundle
-from dicom_ai.findings import ModelIdentity
-from dicom_ai.microcalc import (C1, C2, C3, C4, MicrocalcConfig, MicrocalcModel, PatchCNN,
-                                group_clusters, patch_class, patch_classes, sliding_window_logits)
-from dicom_ai.pipeline import model_from_bundle
-from dicom_ai.preprocess import mammogram_from_array
-from dicom_ai.train_microcalc import (INTENDED_USE, PatchSet, extract_patches, train_network)
+from dicom_ai.networks.bundle import load_bundle, save_bundle
+from dicom_ai.core.findings import ModelIdentity
+from dicom_ai.networks.microcalc import C1, C2, C3, C4, MicrocalcConfig, MicrocalcModel, PatchCNN, group_clusters, patch_class, patch_classes, sliding_window_logits
+from dicom_ai.networks.pipeline import model_from_bundle
+from dicom_ai.imaging import mammogram_from_array
+from dicom_ai.training.microcalc import INTENDED_USE, PatchSet, extract_patches, train_network
 
 
 

@@ -33,8 +33,8 @@ def test_four_view_studies_uncompressed_and_jpeg2000_come_back_to_the_pacs(tmp_p
         assert "success" in _cli("echo", f"PACS@127.0.0.1:{pacs_port}", "--ae-title", "AINODE").stdout
 
         # Four-view phantom studies, one uncompressed and one JPEG 2000 lossless.
-        from dicom_ai.phantom import generate_study
-        from dicom_ai.phantom_dicom import write_study as write_phantom
+        from dicom_ai.data.phantom import generate_study
+        from dicom_ai.data.phantom_folder import write_study as write_phantom
 
         studies = [generate_study(seed, shape=(208, 160)) for seed in (1, 2)]
         write_phantom(studies[0], tmp_path / "plain", transfer_syntax="explicit")
@@ -185,10 +185,10 @@ def test_a_pipeline_that_cannot_load_is_shown_by_status_and_jobs_wait(tmp_path):
 def test_worker_writes_a_durable_outbox_and_previews(tmp_path):
     """One job through the worker in-process: outbox files under the fixed UIDs, one preview PNG
     per image, and re-running the job reproduces the same objects."""
-    from dicom_ai.config import load_config
-    from dicom_ai.jobstore import Instance, JobStore
-    from dicom_ai.node import make_result_uids
-    from dicom_ai.worker import process_job
+    from dicom_ai.node.config import load_config
+    from dicom_ai.node.jobstore import Instance, JobStore
+    from dicom_ai.node.supervisor import make_result_uids
+    from dicom_ai.node.worker import process_job
     from node_harness import StandInPipeline
 
     cfg = load_config(None, {"node.storage": str(tmp_path / "storage"), "pipeline.previews": True})

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dicom_ai.jobstore import Instance, JobStore
+from dicom_ai.node.jobstore import Instance, JobStore
 
 VIEWS = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dicom_ai.phantom import MASK_KEYS, generate_study
-from dicom_ai.preprocess import breast_mask, read_mammogram
+from dicom_ai.data.phantom import MASK_KEYS, generate_study
+from dicom_ai.imaging import breast_mask, read_mammogram
 
 SHAPE = (208, 160)
 
@@ -77,7 +77,7 @@ def test_normal_study_has_no_findings():
 
 
 def test_cluster_regions_are_filled_and_hold_their_specks():
-    from dicom_ai.metrics import label_regions
+    from dicom_ai.data.metrics import label_regions
 
     seen = 0
     for seed in range(40, 60):

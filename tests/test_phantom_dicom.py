@@ -7,10 +7,11 @@ import pydicom
 import pytest
 from PIL import Image
 
-from dicom_ai.phantom import generate_study
-from dicom_ai.phantom_dicom import MG_FOR_PRESENTATION, MG_FOR_PROCESSING, write_study
-from dicom_ai.preprocess import read_mammogram
-from dicom_ai.validate import dciodvfy
+from dicom_ai.data.phantom import generate_study
+from dicom_ai.data.mg import MG_FOR_PRESENTATION, MG_FOR_PROCESSING
+from dicom_ai.data.phantom_folder import write_study
+from dicom_ai.imaging import read_mammogram
+from conformance.validators import dciodvfy
 
 SHAPE = (160, 128)
 

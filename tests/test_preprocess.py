@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_ai.preprocess import breast_mask, geometry_for, mammogram_from_array, normalise_intensities
+from dicom_ai.imaging import breast_mask, geometry_for, mammogram_from_array, normalise_intensities
 
 
 def _half_disc(rows=200, cols=160, faces_left=False):

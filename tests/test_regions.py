@@ -4,7 +4,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_ai.regions import RegionError, Spacing, area_spacing, find_regions, polygon_pixels, trace_contour
+from dicom_ai.results.regions import RegionError, Spacing, area_spacing, find_regions, polygon_pixels, trace_contour
 
 from _results_sources import contour_inside
 

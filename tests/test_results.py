@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dicom_ai.findings import ImageFindings, ImageScore, ModelIdentity, ProbabilityMap
-from dicom_ai.results import ResultError, ResultOptions, ResultUIDs, build_results, write_previews
-from dicom_ai.validate import dciodvfy
+from dicom_ai.core.findings import ImageFindings, ImageScore, ModelIdentity, ProbabilityMap
+from dicom_ai.core.errors import ResultError
+from dicom_ai.core.options import ResultOptions
+from dicom_ai.core.uids import ResultUIDs
+from dicom_ai.results import build_results
+from conformance.validators import dciodvfy
 
 from _results_sources import built, contour_inside, make_study, roundtrip, seg_masks, sr_regions
 
@@ -28,7 +31,7 @@ def test_uids_json_roundtrip_and_derived():
 
 def test_idempotent_resend():
     sources, findings, uids, first = built()
-    again = build_results(sources, findings, ResultUIDs.from_json(uids.to_json()), ResultOptions(cad_sr=True))
+    again = build_results(sources, findings, ResultUIDs.from_json(uids.to_json()), ResultOptions(cad_sr=True)).datasets
     assert [_uids_of(d) for d in again] == [_uids_of(d) for d in first]
     for a, b in zip(first, again):  # the whole objects, not only their UIDs
         assert roundtrip(a) == roundtrip(b)
@@ -45,10 +48,10 @@ def test_options_series_and_equipment():
     opts = ResultOptions()
     assert [d.SeriesNumber for d in datasets] == [opts.seg_series_number] * 4 + [opts.sr_series_number,
                                                                                opts.cad_series_number]
-    assert {d.Manufacturer for d in datasets} == {opts.manufacturer}
+    assert {d.Manufacturer for d in datasets} == {opts.equipment.manufacturer}
     assert all(d.StudyInstanceUID == sources[0].StudyInstanceUID for d in datasets)
     assert all(d.PatientID == sources[0].PatientID for d in datasets)
-    assert [d for d in build_results(sources, findings, uids) if d.Modality == "SR"][-1].SOPClassUID.endswith("88.34")
+    assert [d for d in build_results(sources, findings, uids).datasets if d.Modality == "SR"][-1].SOPClassUID.endswith("88.34")
 
 
 def test_input_errors():
@@ -65,13 +68,13 @@ def test_input_errors():
         build_results([], [], uids)
     # An image without maps: no SEG, but the SR is still written with its scores.
     bare = ImageFindings(sources[0].SOPInstanceUID, scores=[ImageScore("malignant", 0.2, ModelIdentity("m", "1"))])
-    out = build_results(sources[:1], [bare], uids)
+    out = build_results(sources[:1], [bare], uids).datasets
     assert [d.Modality for d in out] == ["SR"]
 
 
 def test_previews(tmp_path):
     sources, findings, uids, datasets = built()
-    paths = write_previews(sources, findings, tmp_path / "previews")
+    paths = build_results(sources, findings, uids).write_previews(tmp_path / "previews")
     assert [p.name for p in paths] == [f"{d.SOPInstanceUID}.png" for d in sources]
     img = np.asarray(Image.open(paths[0]).convert("RGB"))
     assert img.shape[:2] == (int(sources[0].Rows), int(sources[0].Columns))
@@ -84,7 +87,7 @@ def test_previews(tmp_path):
 def test_phantom_study_end_to_end(tmp_path):
     """Maps made from the phantom's ground truth (a perfect model) on a MONOCHROME1 For
     Processing study: every object validates and the SR contours follow the lesions."""
-    from dicom_ai.phantom import generate_study
+    from dicom_ai.data.phantom import generate_study
 
     study = generate_study(11, shape=(416, 320), photometric="MONOCHROME1", presentation="FOR PROCESSING", normal=False)
     model = ModelIdentity("truth", "1")
@@ -99,7 +102,7 @@ def test_phantom_study_end_to_end(tmp_path):
         sources.append(im.dataset)
         findings.append(f)
     uids = ResultUIDs.generate([d.SOPInstanceUID for d in sources])
-    out = build_results(sources, findings, uids, ResultOptions(cad_sr=True))
+    out = build_results(sources, findings, uids, ResultOptions(cad_sr=True)).datasets
     for i, ds in enumerate(out):
         path = tmp_path / f"{i}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -16,9 +16,9 @@ import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless, generate_uid
 from pynetdicom import _config, transport
 
-from dicom_ai.config import load_config
-from dicom_ai.jobstore import JobStore
-from dicom_ai.scp import SUPPORTED_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES, StorageSCP
+from dicom_ai.node.config import load_config
+from dicom_ai.node.jobstore import JobStore
+from dicom_ai.node.scp import SUPPORTED_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES, StorageSCP
 from node_harness import ACCESSION, PATIENT_ID, PATIENT_NAME, free_port, make_mg, storescu, write_study
 
 
@@ -152,7 +152,7 @@ def test_out_of_resources_below_reserve_and_on_disk_full(scp, tmp_path, monkeypa
     def full(src, dst):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("dicom_ai.scp.os.rename", full)
+    monkeypatch.setattr("dicom_ai.node.scp.os.rename", full)
     refused = storescu(scp.port, files[1:])
     assert _responses(refused) == ["(Refused: OutOfResources)"], refused.stderr
     assert not list(scp.spool.rglob("*.dcm"))
@@ -211,7 +211,7 @@ def test_every_claimed_transfer_syntax_is_accepted_and_decodes(scp, tmp_path):
 
 
 def test_log_has_no_patient_data(scp, tmp_path, capfd):
-    from dicom_ai import logs
+    from dicom_ai.node import logs
 
     log = tmp_path / "scp.log"
     logs.configure("scp", "INFO", log)

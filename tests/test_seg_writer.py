@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
-from dicom_ai.results import ResultOptions, analyse_image
-from dicom_ai.seg_writer import SegWriterError, build_segmentation
-from dicom_ai.validate import dciodvfy
+from dicom_ai.core.options import Equipment, ResultOptions
+from dicom_ai.results import analyse_image
+from dicom_ai.core.errors import SegWriterError
+from dicom_ai.results.seg import build_segmentation
+from conformance.validators import dciodvfy
 
 from _results_sources import VARIANTS, built, make_findings, make_mg, roundtrip, seg_masks
 
@@ -67,7 +69,7 @@ def test_fractional_and_compression(tmp_path):
     f = make_findings(src)
     segments = analyse_image(src, f)
     common = dict(series_instance_uid="1.2.3", sop_instance_uid="1.2.3.4", series_number=9001, instance_number=1,
-                  manufacturer="t", model_name="t", software_version="1", device_serial_number="1")
+                  equipment=Equipment(manufacturer="t", model_name="t", software_version="1", device_serial_number="1"))
     sizes = {}
     for seg_type, compression in [("BINARY", "none"), ("BINARY", "jpeg2000"), ("FRACTIONAL", "none"),
                                   ("FRACTIONAL", "jpegls")]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dicom_ai.results import analyse_image
-from dicom_ai.validate import dciodvfy, tid1500reader
+from conformance.validators import dciodvfy, tid1500reader
 
 from _results_sources import (VARIANTS, _items, _name, built, built_small, contour_inside, pixelmed_reports, roundtrip,
                               seg_masks, sr_regions)
@@ -112,13 +112,14 @@ def test_sr_pixelmed_and_dcmqi(tmp_path, tmp_path_factory):
 
 def test_study_without_regions(tmp_path):
     """A normal study: no region anywhere, so no Imaging Measurements; scores still reported."""
-    from dicom_ai.results import ResultUIDs, build_results
+    from dicom_ai.core.uids import ResultUIDs
+    from dicom_ai.results import build_results
 
     from _results_sources import make_findings, make_study
 
     sources, _ = make_study()
     findings = [make_findings(s, lesion=False) for s in sources]
-    sr = build_results(sources, findings, ResultUIDs.generate([s.SOPInstanceUID for s in sources]))[-1]
+    sr = build_results(sources, findings, ResultUIDs.generate([s.SOPInstanceUID for s in sources])).datasets[-1]
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     assert dciodvfy(tmp_path / "sr.dcm").ok
     back = roundtrip(sr)

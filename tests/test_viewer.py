@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "conformance" / "viewer"))
 
 import fixtures  # noqa: E402
 
-from dicom_ai.validate import dciodvfy  # noqa: E402
+from conformance.validators import dciodvfy  # noqa: E402
 
 needs_dciodvfy = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools not installed (make debs)")
 

@@ -264,7 +264,7 @@ def _image_visible(png: Path, canvas: dict) -> float:
 def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer: str,
               experiments: bool, timeout_s: float, keep_voi_function: bool = False,
               patched: bool = False, cad_sr: bool = False) -> dict:
-    from dicom_ai.validate import dciodvfy
+    from conformance.validators import dciodvfy
 
     t0 = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_ai.findings import ImageFindings, ImageScore, ModelIdentity, ProbabilityMap
-from dicom_ai.phantom import generate_study
-from dicom_ai.regions import Region, area_spacing, find_regions
+from dicom_ai.core.findings import ImageFindings, ImageScore, ModelIdentity, ProbabilityMap
+from dicom_ai.data.phantom import generate_study
+from dicom_ai.results.regions import Region, area_spacing, find_regions
 
 GROUND_TRUTH_MODEL = ModelIdentity(name="phantom-ground-truth", version="1")
 THRESHOLD = 0.5
@@ -84,7 +84,7 @@ def _recipe_results(images: list[pydicom.Dataset], findings: list[ImageFindings]
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    from dicom_ai.codes import finding_codes
+    from dicom_ai.results.codes import finding_codes
 
     algo = hd.AlgorithmIdentificationSequence(name=GROUND_TRUTH_MODEL.name, version=GROUND_TRUTH_MODEL.version,
                                               family=codes.cid7162.ArtificialIntelligence)
@@ -138,11 +138,13 @@ def _recipe_results(images: list[pydicom.Dataset], findings: list[ImageFindings]
 def _node_results(images, findings, cad_sr: bool) -> list[pydicom.Dataset] | None:
     """The node's own writers with their default options, or None while they are not in the tree."""
     try:
-        from dicom_ai.results import ResultOptions, ResultUIDs, build_results
+        from dicom_ai.core.options import ResultOptions
+        from dicom_ai.core.uids import ResultUIDs
+        from dicom_ai.results import build_results
     except ImportError:
         return None
     uids = ResultUIDs.generate([ds.SOPInstanceUID for ds in images])
-    return build_results(images, findings, uids, ResultOptions(cad_sr=cad_sr))
+    return build_results(images, findings, uids, ResultOptions(cad_sr=cad_sr)).datasets
 
 
 def sr_contours(sr: pydicom.Dataset) -> dict[str, list[tuple[str, np.ndarray]]]:

@@ -1,0 +1,43 @@
+"""cli: the ``dicom-ai`` command, every sub-command of it, and ``make demo``.
+
+Owns argument parsing and what each sub-command prints: ``serve``, ``status``, ``retry``,
+``infer``, ``echo`` (:mod:`~dicom_ai.cli.node`), ``phantom``, ``preview``, ``evaluate``
+(:mod:`~dicom_ai.cli.data`), ``train glam | dunet-pretrain | dunet-seg | microcalc``
+(:mod:`~dicom_ai.cli.train`) and the demo (:mod:`~dicom_ai.cli.demo`).
+
+May import: every other part. Handlers import what they need when they run, so that
+``dicom-ai --help`` is fast and ``dicom-ai serve`` (the receiving process) never loads torch;
+this is the only place in the package where imports are made inside functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dicom_ai import __version__
+from dicom_ai.cli import data, node, train
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dicom-ai`` argument parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(prog="dicom-ai", description="The ``dicom-ai`` command.")
+    parser.add_argument("--version", action="version", version=f"dicom-ai {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    data.register(sub)
+    node.register(sub)
+    train.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""`dicom-ai serve | status | retry | infer | echo`: running and operating the node."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the node's subcommands."""
+    p = subparsers.add_parser("serve", help="run the DICOM node (SCP, worker, delivery)")
+    p.add_argument("--config", type=Path, help="node.toml (every key has a default)")
+    p.add_argument("--ae-title", help="the node's AE title (node.ae_title)")
+    p.add_argument("--port", type=int, help="TCP port to listen on (node.port)")
+    p.add_argument("--bind", help="address to listen on (node.bind_address)")
+    p.add_argument("--storage", help="storage directory (node.storage)")
+    p.add_argument("--peer", action="append", metavar="AE@HOST:PORT",
+                   help="a peer that may send studies and gets their results (repeatable)")
+    p.add_argument("--allow-any-caller", action="store_true", default=None,
+                   help="accept associations from any calling AE title")
+    p.add_argument("--device", help="auto, cpu or cuda:N (pipeline.device)")
+    p.set_defaults(handler=_serve)
+
+    p = subparsers.add_parser("status", help="studies, jobs and deliveries with their states (no patient data)")
+    _storage_args(p)
+    p.add_argument("--json", action="store_true", help="print the job store's state as JSON")
+    p.set_defaults(handler=_status)
+
+    p = subparsers.add_parser("retry", help="re-queue failed deliveries and failed jobs")
+    _storage_args(p)
+    p.set_defaults(handler=_retry)
+
+    p = subparsers.add_parser("infer", help="run the pipeline offline on DICOM files and write the results")
+    p.add_argument("files", nargs="+", type=Path, help="MG DICOM files of one study")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the SEG/SR objects and (pipeline.previews) PNG previews")
+    p.add_argument("--config", type=Path, help="node.toml whose [pipeline] to use")
+    p.add_argument("--device", help="auto, cpu or cuda:N")
+    p.set_defaults(handler=_infer)
+
+    p = subparsers.add_parser("echo", help="C-ECHO a peer: AE@HOST:PORT")
+    p.add_argument("peer", metavar="AE@HOST:PORT")
+    p.add_argument("--ae-title", default="DICOM_AI", help="calling AE title (default DICOM_AI)")
+    p.set_defaults(handler=_echo)
+
+
+def _storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="node.toml (to find the storage directory)")
+    p.add_argument("--storage", help="storage directory (overrides the file)")
+
+
+def _load(args: argparse.Namespace, **overrides):
+    from dicom_ai.node.config import ConfigError, load_config
+
+    try:
+        return load_config(getattr(args, "config", None), overrides)
+    except ConfigError as exc:
+        print(f"dicom-ai: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dicom_ai.node.supervisor import serve
+
+    config = _load(args, **{"node.ae_title": args.ae_title, "node.port": args.port, "node.bind_address": args.bind,
+                            "node.storage": args.storage, "peers": args.peer,
+                            "node.allow_any_caller": args.allow_any_caller, "pipeline.device": args.device})
+    if not config.peers and not config.node.allow_any_caller:
+        print("dicom-ai: configuration error: no [[peers]] are configured and node.allow_any_caller is false, "
+              "so every association would be refused; add a peer (--peer AE@HOST:PORT) or --allow-any-caller",
+              file=sys.stderr)
+        return 2
+    return serve(config)
+
+
+def _open_store(args: argparse.Namespace):
+    from dicom_ai.node.jobstore import JobStore
+
+    config = _load(args, **{"node.storage": args.storage})
+    db = config.layout.jobstore
+    if not db.exists():
+        print(f"dicom-ai: no job store at {db}; is --storage/--config right?", file=sys.stderr)
+        raise SystemExit(2)
+    return JobStore(db)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = _open_store(args).status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    for n in status["notices"]:
+        print(f"PROBLEM ({n['key']}, {_when(n['updated'])}): {n['message']}")
+    print(f"STUDIES ({len(status['studies'])})")
+    for s in status["studies"]:
+        print(f"  {s['id']:>4}  {s['state']:<7} {s['instances']:>3} img  from {s['calling_ae']:<16} "
+              f"{s['study_uid']}  last {_when(s['last_received'])}")
+    print(f"JOBS ({len(status['jobs'])})")
+    for j in status["jobs"]:
+        note = f"  ! {j['error']}" if j["error"] else ""
+        print(f"  {j['id']:>4}  {j['state']:<10} attempts {j['attempts']}  results {j['results']:>2}  "
+              f"{j['study_uid']}{note}")
+    print(f"DELIVERIES ({len(status['deliveries'])})")
+    for d in status["deliveries"]:
+        nxt = f"  next {_when(d['next_attempt'])}" if d["state"] == "pending" else ""
+        err = f"  ! {d['error']}" if d["error"] else ""
+        print(f"  {d['id']:>4}  job {d['job_id']:>4}  {d['state']:<10} {d['sent']}/{d['total']} sent  "
+              f"to {d['ae_title']}@{d['host']}:{d['port']}  attempts {d['attempts']}{nxt}{err}")
+    failed = sum(d["state"] == "failed" for d in status["deliveries"]) + sum(j["state"] == "failed"
+                                                                             for j in status["jobs"])
+    return 1 if failed or status["notices"] else 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    counts = _open_store(args).retry_failed()
+    print(f"re-queued {counts['deliveries']} failed deliveries and {counts['jobs']} failed jobs")
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    import pydicom
+
+    from dicom_ai.core.uids import ResultUIDs
+    from dicom_ai.node.worker import load_pipeline, result_options, run_pipeline
+    from dicom_ai.results import build_results
+
+    config = _load(args, **{"pipeline.device": args.device})
+    sources = []
+    for f in args.files:
+        try:
+            sources.append(pydicom.dcmread(f))
+        except Exception as exc:
+            print(f"dicom-ai: cannot read {f}: {exc}", file=sys.stderr)
+            return 2
+    pipeline = load_pipeline(config)
+    sources, findings, notes = run_pipeline(pipeline, sources)
+    for note in notes:
+        print(f"skipped {note}", file=sys.stderr)
+    uids = ResultUIDs.generate([str(ds.SOPInstanceUID) for ds in sources])
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = build_results(sources, findings, uids, options=result_options(config))
+    for ds in results.datasets:
+        path = args.out / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        print(f"wrote {path}")
+    if config.pipeline.previews:
+        for path in results.write_previews(args.out / "previews"):
+            print(f"wrote {path}")
+    return 0
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    from dicom_ai.node.config import ConfigError, parse_remote
+
+    try:
+        peer = parse_remote(args.peer, "peer")
+    except ConfigError as exc:
+        print(f"dicom-ai: {exc}", file=sys.stderr)
+        return 2
+    ae = AE(ae_title=args.ae_title)
+    ae.acse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
+        print(f"echo {peer}: FAILED ({peer.ae_title} {why})")
+        return 1
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = int(status.Status) if "Status" in status else None
+    if code == 0:
+        print(f"echo {peer}: success")
+        return 0
+    print(f"echo {peer}: FAILED (status {code if code is None else hex(code)})")
+    return 1

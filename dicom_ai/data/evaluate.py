@@ -1,0 +1,350 @@
+"""Score model output against ground truth and write a report (Markdown + PNG plots + JSON).
+
+Model output is what the pipeline produces (:class:`dicom_ai.findings.ImageFindings`) or the
+same content as a :class:`Prediction`. Ground truth comes from :mod:`dicom_ai.datasets`.
+Finding maps are scored against these ground-truth unions:
+
+=======================  ==========================================================
+map (findings key)       ground truth
+=======================  ==========================================================
+malignant_lesion         mass_malignant | cluster_malignant
+benign_lesion            mass_benign | cluster_benign
+calcification            calcification_benign | calcification_malignant
+calcification_cluster    cluster_benign | cluster_malignant
+=======================  ==========================================================
+
+Image scores ``malignant``/``benign`` are scored against the image labels, and at breast level
+(mean of the breast's images). FROC uses the ``calcification_cluster`` map (or, without one,
+the ``calcification`` map): candidates are connected components of ``p >= 0.1`` scored by
+their maximum, against the connected cluster regions. Conventions of every metric are in
+:mod:`dicom_ai.metrics`.
+
+Prediction files for ``dicom-ai evaluate --predictions DIR``: one ``<SOPInstanceUID>.npz`` per
+image, holding float arrays named by findings key on the stored grid of the image, optional
+scalars ``score_malignant``/``score_benign``, and optional ``threshold_<key>`` scalars (default
+0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from dicom_ai.data import metrics as M
+from dicom_ai.data.datasets import Sample
+
+TRUTH_FOR_FINDING = {
+    "malignant_lesion": ("mass_malignant", "cluster_malignant"),
+    "benign_lesion": ("mass_benign", "cluster_benign"),
+    "calcification": ("calcification_benign", "calcification_malignant"),
+    "calcification_cluster": ("cluster_benign", "cluster_malignant"),
+}
+FROC_CANDIDATE_THRESHOLD = 0.1
+_THUMB_ROWS = 256
+
+
+@dataclass
+class Prediction:
+    """One image's model output: maps {findings key: probability on the stored grid}, scores, thresholds."""
+
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_findings(cls, findings) -> "Prediction":
+        """Merge an ImageFindings: maps of the same key are combined by maximum, scores by mean."""
+        pred = cls()
+        for m in findings.maps:
+            prev = pred.maps.get(m.finding)
+            pred.maps[m.finding] = m.probability if prev is None else np.maximum(prev, m.probability)
+            pred.thresholds.setdefault(m.finding, float(m.threshold))
+        by_name: dict[str, list[float]] = {}
+        for s in findings.scores:
+            by_name.setdefault(s.name, []).append(float(s.value))
+        pred.scores = {k: float(np.mean(v)) for k, v in by_name.items()}
+        return pred
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Prediction":
+        """Read a ``<SOPInstanceUID>.npz`` prediction file (format in the module docstring)."""
+        pred = cls()
+        with np.load(path, allow_pickle=False) as z:
+            for name in z.files:
+                if name.startswith("score_"):
+                    pred.scores[name[6:]] = float(z[name])
+                elif name.startswith("threshold_"):
+                    pred.thresholds[name[10:]] = float(z[name])
+                elif name in TRUTH_FOR_FINDING:
+                    pred.maps[name] = np.asarray(z[name], dtype=np.float32)
+        return pred
+
+
+@dataclass
+class _Example:
+    title: str
+    image: np.ndarray
+    truth: np.ndarray
+    pred: np.ndarray
+    dice: float
+
+
+@dataclass
+class Evaluation:
+    """Everything the report shows; ``summary()`` is its JSON form."""
+
+    n_images: int = 0
+    studies: set = field(default_factory=set)
+    segmentation: dict[str, M.SegmentationSummary] = field(default_factory=dict)
+    pixel_ap: dict[str, float] = field(default_factory=dict)
+    classification: dict[str, dict[str, M.Interval]] = field(default_factory=dict)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    froc: M.FrocResult | None = None
+    examples: list[_Example] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        def num(v: float) -> float | None:
+            return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
+
+        seg = {k: {"n_images": s.n_images, "mean_dice": num(s.mean_dice), "mean_iou": num(s.mean_iou),
+                   "mean_soft_dice": num(s.mean_soft_dice), "pooled_dice": num(s.pooled_dice),
+                   "pixel_ap": num(self.pixel_ap.get(k)), "false_positive_area_px": num(s.false_positive_area_px),
+                   "n_negative_images": s.n_negative_images} for k, s in self.segmentation.items()}
+        cls = {k: {m: {"value": num(iv.value), "ci95": [num(iv.low), num(iv.high)]} for m, iv in v.items()}
+               for k, v in self.classification.items()}
+        froc = None
+        if self.froc is not None:
+            froc = {"sensitivity_at": {str(k): num(v) for k, v in self.froc.sensitivity_at.items()},
+                    "mean_sensitivity": num(self.froc.mean_sensitivity), "n_regions": self.froc.n_regions,
+                    "n_images": self.froc.n_images}
+        return {"n_images": self.n_images, "n_studies": len(self.studies), "segmentation": seg,
+                "classification": cls, "froc": froc}
+
+
+def _thumb(a: np.ndarray) -> np.ndarray:
+    from dicom_ai.imaging import resize
+
+    rows = min(_THUMB_ROWS, a.shape[0])
+    cols = max(1, int(round(a.shape[1] * rows / a.shape[0])))
+    return resize(np.asarray(a, dtype=np.float32), (rows, cols))
+
+
+def evaluate(pairs: Iterable[tuple[Sample, Prediction]], bootstrap: int = 2000, examples: int = 8,
+             progress: bool = True, total: int | None = None) -> Evaluation:
+    """Score (sample, prediction) pairs; streams, so only thumbnails of ``examples`` images are kept."""
+    from tqdm import tqdm
+
+    ev = Evaluation()
+    seg_lists: dict[str, tuple[list, list, list, list]] = {}  # dice, iou, soft, fp-area
+    pooled: dict[str, list[int]] = {}
+    pixel: dict[str, M.PixelPrecisionRecall] = {}
+    score_lists = {"malignant": [], "benign": []}
+    label_lists = {"malignant": [], "benign": []}
+    key_lists = {"malignant": [], "benign": []}
+    froc_dets, froc_truth = [], []
+    froc_used = False
+    for sample, pred in tqdm(pairs, desc="evaluating", unit="image", total=total, disable=not progress):
+        ev.n_images += 1
+        ev.studies.add(sample.study)
+        for name in ("malignant", "benign"):
+            if name in pred.scores:
+                key_lists[name].append((sample.study, sample.laterality))
+                score_lists[name].append(float(pred.scores[name]))
+                label_lists[name].append(bool(sample.labels.get(name, False)))
+        best_example = None
+        for finding, truth_keys in TRUTH_FOR_FINDING.items():
+            if finding not in pred.maps:
+                continue
+            prob = np.asarray(pred.maps[finding], dtype=np.float32)
+            truth = np.zeros(sample.image.shape, dtype=bool)
+            for k in truth_keys:
+                truth |= sample.masks[k]
+            if prob.shape != truth.shape:
+                raise ValueError(f"{sample.source}: {finding} map shape {prob.shape} differs from the image {truth.shape}")
+            thr = pred.thresholds.get(finding, 0.5)
+            binary = prob >= thr
+            lists = seg_lists.setdefault(finding, ([], [], [], []))
+            counts = pooled.setdefault(finding, [0, 0])
+            counts[0] += int(np.logical_and(binary, truth).sum())
+            counts[1] += int(binary.sum()) + int(truth.sum())
+            if truth.any():
+                d = M.dice(binary, truth)
+                lists[0].append(d)
+                lists[1].append(M.iou(binary, truth))
+                lists[2].append(M.soft_dice(prob, truth))
+                if best_example is None and finding in ("malignant_lesion", "benign_lesion", "calcification_cluster"):
+                    best_example = (finding, prob, truth, d)
+            else:
+                lists[3].append(float(binary.sum()))
+            pixel.setdefault(finding, M.PixelPrecisionRecall()).add(prob, truth)
+        froc_map = pred.maps.get("calcification_cluster", pred.maps.get("calcification"))
+        if froc_map is not None:
+            froc_used = True
+            froc_dets.append(M.detections_from_map(froc_map, FROC_CANDIDATE_THRESHOLD))
+            froc_truth.append(M.label_regions(sample.masks["cluster_benign"] | sample.masks["cluster_malignant"]))
+        if len(ev.examples) < examples and best_example is not None:
+            finding, prob, truth, d = best_example
+            title = f"{sample.laterality}-{sample.view} {finding} Dice {d:.2f}"
+            ev.examples.append(_Example(title, _thumb(sample.image.pixels), _thumb(truth.astype(np.float32)) > 0.5,
+                                        _thumb(prob), d))
+    for finding, (d, i, s, fp) in seg_lists.items():
+        inter, total_px = pooled[finding]
+        mean = (lambda v: float(np.mean(v)) if v else float("nan"))
+        ev.segmentation[finding] = M.SegmentationSummary(
+            mean(d), mean(i), mean(s), float("nan") if total_px == 0 else 2 * inter / total_px, len(d), d,
+            mean(fp) if fp else 0.0, len(fp))
+        ev.pixel_ap[finding] = pixel[finding].average_precision()
+    for name in ("malignant", "benign"):
+        s, y = np.array(score_lists[name]), np.array(label_lists[name], dtype=bool)
+        if s.size == 0:
+            continue
+        _, bs, by = M.breast_level(key_lists[name], s, y)
+        for level, (ss, yy) in (("image", (s, y)), ("breast", (bs, by))):
+            ev.classification[f"{name} ({level})"] = {
+                "ROC AUC": M.bootstrap_ci(M.roc_auc, ss, yy, n=bootstrap),
+                "PR AUC": M.bootstrap_ci(M.average_precision, ss, yy, n=bootstrap),
+            }
+            if yy.any() and not yy.all():
+                fpr, tpr, _ = M.roc_curve(ss, yy)
+                ev.curves[f"{name} ({level})"] = (fpr, tpr)
+    if froc_used:
+        ev.froc = M.froc(froc_dets, froc_truth)
+    return ev
+
+
+def _fmt(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai evaluation") -> Path:
+    """Write report.md, metrics.json and the plots (roc.png, froc.png, dice.png, overlays.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", f"{ev.n_images} images from {len(ev.studies)} studies.", ""]
+    if ev.classification:
+        lines += ["## Classification (bootstrap 95% CI)", "", "| score (level) | ROC AUC | PR AUC |", "|---|---|---|"]
+        for k, v in ev.classification.items():
+            lines.append(f"| {k} | {v['ROC AUC']} | {v['PR AUC']} |")
+        lines += ["", "![ROC](roc.png)", ""]
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        for k, (fpr, tpr) in ev.curves.items():
+            ax.step(fpr, tpr, where="post", label=f"{k} AUC {ev.classification[k]['ROC AUC'].value:.3f}")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC", xlim=(0, 1), ylim=(0, 1.02))
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "roc.png", dpi=110)
+        plt.close(fig)
+    if ev.segmentation:
+        lines += ["## Segmentation", "",
+                  "Dice/IoU/soft Dice per image, averaged over images whose ground truth contains the class; "
+                  "pooled Dice over all pixels; pixel AP pooled; FP area = mean predicted pixels on images "
+                  "without the class.", "",
+                  "| map | images | Dice | IoU | soft Dice | pooled Dice | pixel AP | FP area (px) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k, s in ev.segmentation.items():
+            lines.append(f"| {k} | {s.n_images} | {_fmt(s.mean_dice)} | {_fmt(s.mean_iou)} | {_fmt(s.mean_soft_dice)} "
+                         f"| {_fmt(s.pooled_dice)} | {_fmt(ev.pixel_ap.get(k))} | {s.false_positive_area_px:.1f} |")
+        lines += ["", "![Dice distribution](dice.png)", ""]
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        data = [(k, s.per_image_dice) for k, s in ev.segmentation.items() if s.per_image_dice]
+        if data:
+            ax.hist([d for _, d in data], bins=np.linspace(0, 1, 21), label=[k for k, _ in data])
+            ax.legend(fontsize=7)
+        ax.set(xlabel="Dice per image", ylabel="images", title="Dice distribution")
+        fig.tight_layout()
+        fig.savefig(out / "dice.png", dpi=110)
+        plt.close(fig)
+    if ev.froc is not None:
+        f = ev.froc
+        lines += ["## FROC (calcification clusters)", "",
+                  f"{f.n_regions} clusters in {f.n_images} images.", "",
+                  "| FP/image | " + " | ".join(f"{r:g}" for r in f.sensitivity_at) + " | mean |",
+                  "|---" * (len(f.sensitivity_at) + 2) + "|",
+                  "| sensitivity | " + " | ".join(_fmt(v) for v in f.sensitivity_at.values())
+                  + f" | {_fmt(f.mean_sensitivity)} |", "", "![FROC](froc.png)", ""]
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        # The curve holds its last sensitivity beyond the last operating point.
+        right = max(4.5, float(f.fp_per_image[-1]) * 1.1)
+        ax.step(np.r_[f.fp_per_image, right], np.r_[f.sensitivity, f.sensitivity[-1]], where="post")
+        ax.set_xlim(0, right)
+        for r, v in f.sensitivity_at.items():
+            ax.plot([r], [v], "o", color="C1")
+        ax.set_xscale("symlog", linthresh=0.25)
+        ax.set(xlabel="false positives per image", ylabel="sensitivity", title="FROC", ylim=(0, 1.02))
+        fig.tight_layout()
+        fig.savefig(out / "froc.png", dpi=110)
+        plt.close(fig)
+    if ev.examples:
+        n = len(ev.examples)
+        cols = min(4, n)
+        rows = int(math.ceil(n / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.2 * rows), squeeze=False)
+        for ax in axes.ravel():
+            ax.axis("off")
+        for ax, ex in zip(axes.ravel(), ev.examples):
+            ax.imshow(ex.image, cmap="gray", vmin=0, vmax=1)
+            ax.imshow(np.ma.masked_less(ex.pred, 0.05), cmap="magma", alpha=0.5, vmin=0, vmax=1)
+            if ex.truth.any():
+                ax.contour(ex.truth.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
+            ax.set_title(ex.title, fontsize=7)
+        fig.suptitle("ground truth (green contour) and predicted probability (colour)", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "overlays.png", dpi=110)
+        plt.close(fig)
+        lines += ["## Examples", "", "![overlays](overlays.png)", ""]
+    (out / "metrics.json").write_text(json.dumps(ev.summary(), indent=1))
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_evaluation(args) -> int:
+    """The ``dicom-ai evaluate`` handler."""
+    import sys
+
+    import pydicom
+
+    from dicom_ai.data.datasets import DatasetError, open_dataset
+
+    try:
+        data = open_dataset(args.format, args.truth)
+    except DatasetError as exc:
+        print(f"dicom-ai evaluate: {exc}", file=sys.stderr)
+        return 2
+    n = len(data) if args.limit is None else min(args.limit, len(data))
+    if args.predictions is None and not args.bundle:
+        print("dicom-ai evaluate: give --predictions DIR or at least one --bundle", file=sys.stderr)
+        return 2
+    pipeline = None
+    if args.bundle:
+        from dicom_ai.networks.pipeline import Pipeline
+
+        pipeline = Pipeline.from_bundles(args.bundle, device=args.device)
+
+    def pairs():
+        for i in range(n):
+            sample = data[i]
+            if pipeline is not None:
+                findings = pipeline.run([pydicom.dcmread(sample.source)])[0]
+                yield sample, Prediction.from_findings(findings)
+            else:
+                path = Path(args.predictions) / f"{sample.image.sop_instance_uid}.npz"
+                if not path.is_file():
+                    raise FileNotFoundError(f"no prediction file {path} for image {sample.source}")
+                yield sample, Prediction.load(path)
+
+    ev = evaluate(pairs(), bootstrap=args.bootstrap, total=n)
+    path = write_report(ev, args.out)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,115 @@
+"""Model bundles: a manifest (JSON) and weights (safetensors) in one folder under models/.
+
+Loading never executes code from a file: the manifest is JSON and the weights are
+safetensors, whose format holds tensors only. The manifest records the weights' SHA-256,
+which is checked on load so a truncated or swapped file is refused.
+
+Manifest keys (all required unless noted):
+
+``name``, ``version``          identity written into every SEG/SR the model contributes to
+``family``                     (optional) algorithm family, default "Artificial Intelligence"
+``architecture``               ``{"kind": "glam" | "dunet" | "microcalc", ...config...}``
+``input``                      what the model expects (views, pixel spacing, intensity handling)
+``thresholds``                 ``{finding_key: operating point in (0, 1)}``
+``intended_use``               free text; research bundles say they are not for clinical use
+``training``                   data, command, seed, epochs
+``metrics``                    (optional) held-out results
+``weights``                    file name of the safetensors file, ``weights_sha256`` its digest
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dicom_ai.core.errors import BundleError
+from dicom_ai.core.findings import ModelIdentity
+
+REQUIRED_KEYS = ("name", "version", "architecture", "input", "thresholds", "intended_use",
+                 "training", "weights", "weights_sha256")
+
+#: Where the shipped bundles live (the repository's models/ folder).
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: its folder, its manifest and its tensors (on CPU)."""
+
+    path: Path
+    manifest: dict
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity(name=self.manifest["name"], version=str(self.manifest["version"]),
+                             family=self.manifest.get("family", "Artificial Intelligence"))
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest["architecture"]["kind"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_bundle_dir(name_or_path: str | os.PathLike) -> Path:
+    """A bundle folder from a path, or from a name under the shipped models/ folder."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    shipped = MODELS_DIR / str(name_or_path)
+    if shipped.is_dir():
+        return shipped
+    raise BundleError(f"model bundle {name_or_path!s} not found (looked at {path} and {shipped})")
+
+
+def load_bundle(name_or_path: str | os.PathLike) -> Bundle:
+    """Read a bundle's manifest and weights, checking completeness and the weights' digest."""
+    path = resolve_bundle_dir(name_or_path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from exc
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{manifest_path} lacks required keys: {', '.join(missing)}")
+    weights = path / manifest["weights"]
+    if weights.suffix != ".safetensors":
+        raise BundleError(f"weights must be a .safetensors file, manifest names {weights.name}")
+    if not weights.is_file():
+        raise BundleError(f"weights file {weights} is missing")
+    actual = _sha256(weights)
+    if actual != manifest["weights_sha256"]:
+        raise BundleError(f"{weights} has SHA-256 {actual}, manifest says {manifest['weights_sha256']}")
+    return Bundle(path=path, manifest=manifest, state_dict=load_file(str(weights), device="cpu"))
+
+
+def save_bundle(path: str | os.PathLike, manifest: dict, state_dict: dict[str, torch.Tensor],
+                weights_name: str = "weights.safetensors") -> Path:
+    """Write a bundle folder; fills in ``weights`` and ``weights_sha256`` of the manifest."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = path / weights_name
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(weights))
+    manifest = dict(manifest, weights=weights_name, weights_sha256=_sha256(weights))
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"manifest lacks required keys: {', '.join(missing)}")
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return path

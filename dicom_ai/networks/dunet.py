@@ -1,0 +1,313 @@
+"""The discriminative U-Net of Tardy & Mateus (MIDL 2020) and its inference wrapper.
+
+A U-Net modified for full mammograms: depthwise-separable convolutions, a short residual
+skip around every block, no long (encoder -> decoder) skips at the top resolution levels,
+instance normalisation and leaky ReLU. The same backbone ``f`` serves three purposes:
+
+* stage 1, restoration: ``f(T(x)) ~ x`` for a Models-Genesis distortion ``T``;
+* stage 2, discriminative segmentation: ``s = x - f(x)`` (the parameter-free subtraction
+  layer), trained towards the malignancy mask ``M``; ``f(x)`` is then a "reconstructed"
+  image whose difference from the input is the finding, which is what makes it explainable;
+* the comparison baseline, the standard head: ``p = sigmoid(f(x))``.
+
+Image convention: the network sees the breast crop in canonical orientation (chest wall at
+column 0, see ``dicom_ai.preprocess``), resized to ``DUNetConfig.input_shape``, intensities
+in [0, 1] with dense tissue bright.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dicom_ai.core.errors import BundleError, ModelError
+from dicom_ai.core.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
+from dicom_ai.imaging import Geometry, Mammogram, geometry_for
+
+__all__ = [
+    "DUNetConfig",
+    "SeparableConv2d",
+    "ResidualBlock",
+    "UNet",
+    "DiscriminativeUNet",
+    "DUNetModel",
+    "HEADS",
+    "top_k_score",
+    "model_grid",
+]
+
+#: Output heads: ``subtraction`` is the paper's method, ``sigmoid`` the standard baseline.
+HEADS: tuple[str, ...] = ("subtraction", "sigmoid")
+
+
+@dataclass(frozen=True)
+class DUNetConfig:
+    """Hyper-parameters of the network and of its input.
+
+    ``channels[i]`` is the width at resolution level ``i`` (level 0 = input resolution;
+    each further level halves rows and columns). ``top_levels_without_skip`` is how many of
+    the highest-resolution levels have no long skip, so the restoration task cannot be
+    solved by copying the input through a top skip. ``input_shape`` (rows, columns) must be
+    divisible by ``2 ** (len(channels) - 1)``.
+    """
+
+    input_shape: tuple[int, int] = (1536, 1536)
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256, 256)
+    top_levels_without_skip: int = 2
+    negative_slope: float = 0.01
+    head: str = "subtraction"
+    #: Fraction of model-grid pixels averaged (the highest ones) into the image-level score.
+    score_top_fraction: float = 0.005
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ModelError(f"head must be one of {HEADS}, got {self.head!r}")
+        if len(self.channels) < 2:
+            raise ModelError("the U-Net needs at least two resolution levels")
+        if not 0 <= self.top_levels_without_skip <= len(self.channels) - 1:
+            raise ModelError(f"top_levels_without_skip must lie in [0, {len(self.channels) - 1}]")
+        step = 2 ** (len(self.channels) - 1)
+        if self.input_shape[0] % step or self.input_shape[1] % step:
+            raise ModelError(f"input_shape {self.input_shape} must be divisible by {step} "
+                             f"for {len(self.channels)} resolution levels")
+
+    @classmethod
+    def paper(cls, **overrides: object) -> "DUNetConfig":
+        """The paper's input size (1536 x 1536); depth and widths are our choice (models.md 2.1)."""
+        return dataclasses.replace(cls(), **overrides)
+
+    @classmethod
+    def compact(cls, **overrides: object) -> "DUNetConfig":
+        """A CPU-trainable configuration: 256 x 192 input (rows x columns), five levels, widths 8..64."""
+        base = cls(input_shape=(256, 192), channels=(8, 16, 32, 64, 64), top_levels_without_skip=2)
+        return dataclasses.replace(base, **overrides)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form for a bundle manifest's ``architecture`` entry."""
+        d = dataclasses.asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DUNetConfig":
+        """Inverse of :meth:`to_dict`; unknown keys (such as ``kind``) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "input_shape" in kwargs:
+            kwargs["input_shape"] = tuple(int(v) for v in kwargs["input_shape"])
+        if "channels" in kwargs:
+            kwargs["channels"] = tuple(int(v) for v in kwargs["channels"])
+        return cls(**kwargs)
+
+
+class SeparableConv2d(nn.Module):
+    """Depthwise 3x3 convolution (one filter per channel) followed by a pointwise 1x1."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.depthwise = nn.Conv2d(in_channels, in_channels, 3, stride=stride, padding=1,
+                                   groups=in_channels, bias=False)
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+class ResidualBlock(nn.Module):
+    """(separable conv -> InstanceNorm -> LeakyReLU) x 2 with a short residual skip.
+
+    The first convolution carries the stride (2 on the encoder's way down). The skip is the
+    identity when shape is kept, else a strided 1x1 projection.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, negative_slope: float = 0.01):
+        super().__init__()
+        self.conv1 = SeparableConv2d(in_channels, out_channels, stride)
+        self.norm1 = nn.InstanceNorm2d(out_channels, affine=True)
+        self.conv2 = SeparableConv2d(out_channels, out_channels)
+        self.norm2 = nn.InstanceNorm2d(out_channels, affine=True)
+        self.act = nn.LeakyReLU(negative_slope)
+        if in_channels != out_channels or stride != 1:
+            self.shortcut: nn.Module = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return self.act(y + self.shortcut(x))
+
+
+class UNet(nn.Module):
+    """The backbone ``f``: (N, 1, H, W) -> (N, 1, H, W), linear output.
+
+    Encoder level ``i`` produces ``channels[i]`` features at 1/2**i resolution. The decoder
+    upsamples (bilinear x2) and, at the levels that keep a long skip, concatenates the
+    encoder features before its block; ``has_long_skip[i]`` says which levels do.
+    """
+
+    def __init__(self, config: DUNetConfig):
+        super().__init__()
+        ch = config.channels
+        slope = config.negative_slope
+        self.has_long_skip = tuple(i >= config.top_levels_without_skip for i in range(len(ch) - 1))
+        self.encoder = nn.ModuleList([ResidualBlock(1, ch[0], 1, slope)])
+        for i in range(1, len(ch)):
+            self.encoder.append(ResidualBlock(ch[i - 1], ch[i], 2, slope))
+        # decoder[i] produces level i from level i + 1 (and the level-i skip when kept).
+        self.decoder = nn.ModuleList(
+            ResidualBlock(ch[i + 1] + (ch[i] if self.has_long_skip[i] else 0), ch[i], 1, slope)
+            for i in range(len(ch) - 1)
+        )
+        self.out = nn.Conv2d(ch[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = []
+        h = x
+        for block in self.encoder:
+            h = block(h)
+            features.append(h)
+        h = features[-1]
+        for i in range(len(self.decoder) - 1, -1, -1):
+            h = F.interpolate(h, size=features[i].shape[-2:], mode="bilinear", align_corners=False)
+            if self.has_long_skip[i]:
+                h = torch.cat([h, features[i]], dim=1)
+            h = self.decoder[i](h)
+        return self.out(h)
+
+
+class DiscriminativeUNet(nn.Module):
+    """The backbone with one of the two heads of :data:`HEADS`.
+
+    ``forward`` returns the raw head output: ``x - f(x)`` for ``subtraction`` (a signed
+    difference image, trained towards the 0/1 mask), the logit ``f(x)`` for ``sigmoid``.
+    :meth:`probability` turns it into a [0, 1] map; :meth:`reconstruct` is ``f(x)``.
+    """
+
+    def __init__(self, config: DUNetConfig):
+        super().__init__()
+        self.config = config
+        self.unet = UNet(config)
+
+    @property
+    def head(self) -> str:
+        return self.config.head
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``f(x)``: the restored image after stage 1, the "lesion-free" image after stage 2."""
+        return self.unet(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.unet(x)
+        return x - f if self.head == "subtraction" else f
+
+    def probability(self, output: torch.Tensor) -> torch.Tensor:
+        """Head output -> malignancy probability in [0, 1].
+
+        The subtraction output is clipped to [0, 1] (it is trained towards the mask itself);
+        the standard head applies the sigmoid to its logit.
+        """
+        return output.clamp(0.0, 1.0) if self.head == "subtraction" else torch.sigmoid(output)
+
+
+def top_k_score(probability: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Mean of the highest ``fraction`` of pixels of each map in a (N, 1, H, W) batch -> (N,)."""
+    flat = probability.flatten(1)
+    k = max(1, int(round(fraction * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def model_grid(mammogram: Mammogram, input_shape: tuple[int, int]) -> tuple[Geometry, np.ndarray, np.ndarray]:
+    """The network's view of a mammogram: geometry, image and breast mask on the model grid.
+
+    The breast crop is taken in canonical orientation and grown to the aspect of
+    ``input_shape`` (see ``preprocess.geometry_for``); training and inference both use this
+    function so that they see identical inputs.
+    """
+    mask = mammogram.breast_mask
+    geo = geometry_for(mammogram, input_shape, mask=mask)
+    image = np.clip(geo.forward(mammogram.pixels), 0.0, 1.0).astype(np.float32)
+    model_mask = geo.forward(mask.astype(np.float32)) > 0.5
+    return geo, image, model_mask
+
+
+class DUNetModel:
+    """The servable model: a bundle's network plus the geometry to and from the source grid.
+
+    ``predict`` returns the ``malignant_lesion`` map on the stored source grid (zero outside
+    the breast crop) and the image-level ``malignant`` score, defined as the mean of the
+    highest ``score_top_fraction`` (default 0.5 %) of the model-grid probability map. The
+    score is a ranking value, not a calibrated probability.
+    """
+
+    def __init__(self, network: DiscriminativeUNet, identity: ModelIdentity, threshold: float = 0.5,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.network = network.to(self.device).eval()
+        self.identity = identity
+        self.threshold = float(threshold)
+
+    @property
+    def config(self) -> DUNetConfig:
+        return self.network.config
+
+    @classmethod
+    def from_bundle(cls, bundle, device: torch.device | str = "cpu") -> "DUNetModel":
+        """Build from a loaded :class:`dicom_ai.bundle.Bundle` of ``architecture.kind == "dunet"``."""
+        if bundle.kind != "dunet":
+            raise ModelError(f"bundle {bundle.path} is a {bundle.kind!r} bundle, not a 'dunet' bundle")
+        config = DUNetConfig.from_dict(bundle.manifest["architecture"])
+        network = DiscriminativeUNet(config)
+        try:
+            network.load_state_dict(bundle.state_dict, strict=True)
+        except RuntimeError as exc:
+            raise ModelError(f"weights of bundle {bundle.path} do not match its architecture "
+                             f"{config}: {exc}") from exc
+        threshold = float(bundle.manifest["thresholds"].get("malignant_lesion", 0.5))
+        return cls(network, bundle.identity, threshold, device)
+
+    @torch.no_grad()
+    def run(self, mammogram: Mammogram) -> dict[str, np.ndarray | float | Geometry]:
+        """All intermediate arrays on the model grid: input, reconstruction, probability, score."""
+        geo, image, _ = model_grid(mammogram, self.config.input_shape)
+        x = torch.from_numpy(image).to(self.device)[None, None]
+        reconstruction = self.network.reconstruct(x)
+        output = x - reconstruction if self.network.head == "subtraction" else reconstruction
+        prob = self.network.probability(output)
+        score = float(top_k_score(prob, self.config.score_top_fraction)[0])
+        return {
+            "geometry": geo,
+            "input": x[0, 0].cpu().numpy(),
+            "reconstruction": reconstruction[0, 0].cpu().numpy(),
+            "probability": prob[0, 0].cpu().numpy(),
+            "score": min(max(score, 0.0), 1.0),
+        }
+
+    def predict(self, mammogram: Mammogram) -> ModelOutput:
+        """Malignancy map on the source grid and the image-level malignant score."""
+        result = self.run(mammogram)
+        return self._output(result)
+
+    def predict_with_reconstruction(self, mammogram: Mammogram) -> tuple[ModelOutput, np.ndarray]:
+        """As :meth:`predict`, plus ``f(x)`` mapped onto the source grid for display.
+
+        The reconstruction is in the network's [0, 1] intensity scale, in the source's stored
+        orientation, zero outside the breast crop.
+        """
+        result = self.run(mammogram)
+        geo: Geometry = result["geometry"]  # type: ignore[assignment]
+        return self._output(result), geo.inverse(result["reconstruction"])  # type: ignore[arg-type]
+
+    def _output(self, result: dict) -> ModelOutput:
+        geo: Geometry = result["geometry"]
+        source = np.clip(geo.inverse(result["probability"]), 0.0, 1.0).astype(np.float32)
+        return ModelOutput(
+            maps=[ProbabilityMap("malignant_lesion", source, self.threshold, self.identity)],
+            scores=[ImageScore("malignant", float(result["score"]), self.identity)],
+        )

@@ -1,0 +1,576 @@
+"""Microcalcification Detector and Segmentator CNNs (Valvano et al., arXiv 1809.03788).
+
+Two small patch CNNs work at the method's pixel size of 0.05 mm:
+
+* the **Detector** says whether a patch contains a microcalcification (MC) anywhere
+  (positive = patch classes C1, C2, C3; negative = C4);
+* the **Segmentator** says whether the *central pixel* of a patch is MC
+  (positive = C1; negative = C2, C3, C4 -- C2/C3 are the hard negatives near MCs).
+
+Patch taxonomy, for a patch of ``P`` pixels centred on pixel ``c`` (windows are square):
+
+* C1 -- ``c`` is an MC pixel;
+* C2 -- ``c`` is not MC, but an MC pixel lies in the central window of half-size
+  ``near = P // 6`` pixels (8 px = 0.4 mm for P = 49);
+* C3 -- an MC pixel lies in the patch but outside the central window;
+* C4 -- no MC pixel in the patch.
+
+Both networks are plain CNNs (conv-conv-pool, conv-conv-pool, conv) whose fully
+connected head is written as convolutions (an ``F x F`` convolution, then ``1 x 1``), so they
+run on regions of any size. Dense inference replaces the max-pools after the output stride
+by stride-1 pools and dilates every later layer ("a trous"), which gives, for the "valid"
+variant, *exactly* the output of visiting every patch one by one, at a fraction of the cost.
+The "same" variant zero-pads every convolution at the *patch* border during training; run
+densely, that padding happens only at the region border, so its dense output approximates
+(does not equal) patch-by-patch inference -- ``bench_microcalc_image.py`` measures the gap.
+
+Whole-image inference (:class:`MicrocalcModel`): crop to the breast, resample to 0.05 mm,
+run the Detector densely at an output stride of 4 px (0.2 mm), run the Segmentator at
+stride 1 only on tiles where the Detector fired, group calcifications into clusters
+(>= 3 within linking distance 5 mm, i.e. about 1 cm^2), and map the maps back onto the
+stored source grid.
+
+Coordinates are ``(row, column)`` pixels; sizes in the config are in working-grid pixels
+(0.05 mm) unless the name ends in ``_mm``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dicom_ai.core.errors import BundleError, ModelError
+from dicom_ai.core.findings import ModelIdentity, ModelOutput, ProbabilityMap
+from dicom_ai.imaging import Mammogram, resize
+
+__all__ = [
+    "MicrocalcConfig",
+    "PatchCNN",
+    "Cluster",
+    "MicrocalcResult",
+    "MicrocalcModel",
+    "patch_classes",
+    "patch_class",
+    "role_targets",
+    "group_clusters",
+    "sliding_window_logits",
+]
+
+#: Patch classes of the taxonomy.
+C1, C2, C3, C4 = 1, 2, 3, 4
+ROLES = ("detector", "segmentator")
+
+
+@dataclass(frozen=True)
+class MicrocalcConfig:
+    """Hyper-parameters of both networks and of the whole-image cascade.
+
+    ``patch_size`` is odd (29, 39 or 49 in the paper); ``padding`` is ``"same"`` or
+    ``"valid"``. Inputs are [0, 1] intensities, standardised by the fixed ``input_mean`` and
+    ``input_std`` (a per-patch standardisation would break dense inference). ``widths`` are the channels of the three convolution stages, ``fc_units``
+    the width of the fully connected layer (an ``F x F`` convolution). The Detector runs at
+    ``detector_stride`` output stride (a power of two up to 4).
+    """
+
+    patch_size: int = 49
+    padding: str = "valid"
+    widths: tuple[int, int, int] = (8, 16, 32)
+    fc_units: int = 64
+    dropout: float = 0.5
+    input_mean: float = 0.5
+    input_std: float = 0.25
+    pixel_spacing_mm: float = 0.05
+    detector_stride: int = 4
+    detector_threshold: float = 0.5
+    calcification_threshold: float = 0.5
+    min_calcification_px: int = 3
+    cluster_link_mm: float = 5.0
+    cluster_min_count: int = 3
+    cluster_margin_mm: float = 0.5
+    cluster_threshold: float = 0.5
+    tile: int = 512
+
+    def __post_init__(self) -> None:
+        if self.patch_size % 2 != 1 or self.patch_size < 15:
+            raise ModelError(f"patch_size must be odd and >= 15, got {self.patch_size}")
+        if self.padding not in ("same", "valid"):
+            raise ModelError(f"padding must be 'same' or 'valid', got {self.padding!r}")
+        if self.detector_stride not in (1, 2, 4):
+            raise ModelError(f"detector_stride must be 1, 2 or 4, got {self.detector_stride}")
+        if self.head_size < 1:
+            raise ModelError(f"patch_size {self.patch_size} is too small for 'valid' convolutions")
+
+    @property
+    def near(self) -> int:
+        """Half-size of the central window that separates C2 from C3, in pixels."""
+        return self.patch_size // 6
+
+    @property
+    def head_size(self) -> int:
+        """Side of the feature map the fully connected layer sees (its kernel size)."""
+        size = self.patch_size
+        shrink = 0 if self.padding == "same" else 2
+        for op in _PLAN:
+            size = size - shrink if op == "conv" else size // 2
+        return size
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MicrocalcConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "widths" in kwargs:
+            kwargs["widths"] = tuple(int(w) for w in kwargs["widths"])
+        return cls(**kwargs)
+
+
+# The body, in order; each "conv" is a 3x3 convolution followed by ReLU.
+_PLAN = ("conv", "conv", "pool", "conv", "conv", "pool", "conv")
+_NUM_POOLS = _PLAN.count("pool")
+
+
+class PatchCNN(nn.Module):
+    """A patch classifier (2 logits) whose head is convolutional, so it also runs densely.
+
+    ``forward`` takes patches ``(N, 1, P, P)`` and returns logits ``(N, 2)``;
+    :meth:`dense_logits` takes a region ``(N, 1, H, W)`` and returns the logits of every
+    patch whose top-left corner lies on the ``stride`` grid.
+    """
+
+    def __init__(self, config: MicrocalcConfig):
+        super().__init__()
+        self.config = config
+        w0, w1, w2 = config.widths
+        channels = [(1, w0), (w0, w0), (w0, w1), (w1, w1), (w1, w2)]
+        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 3) for cin, cout in channels)
+        self.fc = nn.Conv2d(w2, config.fc_units, config.head_size)
+        self.out = nn.Conv2d(config.fc_units, 2, 1)
+        self.drop = nn.Dropout(config.dropout)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        p = self.config.patch_size
+        if patches.shape[-2:] != (p, p):
+            raise ModelError(f"expected {p}x{p} patches, got {tuple(patches.shape[-2:])}")
+        return self.dense_logits(patches, stride=2**_NUM_POOLS)[:, :, 0, 0]
+
+    def dense_logits(self, region: torch.Tensor, stride: int = 1) -> torch.Tensor:
+        """Logits ``(N, 2, (H-P)//stride+1, (W-P)//stride+1)``; entry (i, j) is the patch at
+        top-left ``(i*stride, j*stride)`` of ``region``."""
+        p = self.config.patch_size
+        if stride not in (1, 2, 4) or stride > 2**_NUM_POOLS:
+            raise ModelError(f"stride must be 1, 2 or 4, got {stride}")
+        rows, cols = region.shape[-2:]
+        if rows < p or cols < p:
+            raise ModelError(f"region {rows}x{cols} is smaller than one {p}x{p} patch")
+        same = self.config.padding == "same"
+        # A fixed pointwise affine map keeps dense and patch-wise results identical.
+        x = (region - self.config.input_mean) / self.config.input_std
+        dilation, reached, convs = 1, 1, iter(self.convs)
+        for op in _PLAN:
+            if op == "conv":
+                conv = next(convs)
+                x = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=dilation if same else 0,
+                                    dilation=dilation))
+            elif reached < stride:
+                x = F.max_pool2d(x, 2, 2)
+                reached *= 2
+            else:
+                # Stride-1 pooling keeps every offset; later layers dilate to skip the same
+                # pixels the strided network would have dropped, so results are identical.
+                x = F.max_pool2d(x, 2, stride=1, dilation=dilation)
+                dilation *= 2
+        x = F.relu(F.conv2d(x, self.fc.weight, self.fc.bias, dilation=dilation))
+        x = self.out(self.drop(x))
+        n_r, n_c = (rows - p) // stride + 1, (cols - p) // stride + 1
+        return x[:, :, :n_r, :n_c]
+
+
+def sliding_window_logits(net: PatchCNN, region: torch.Tensor, stride: int = 1,
+                          batch: int = 1024) -> torch.Tensor:
+    """The naive reference: cut every patch out and classify it on its own.
+
+    Same output layout as :meth:`PatchCNN.dense_logits`; used by the tests and the speed
+    benchmark, never by the node.
+    """
+    p = net.config.patch_size
+    n, _, rows, cols = region.shape
+    n_r, n_c = (rows - p) // stride + 1, (cols - p) // stride + 1
+    out = torch.empty(n, 2, n_r, n_c, dtype=region.dtype)
+    for b in range(n):
+        patches = F.unfold(region[b:b + 1], p, stride=stride)[0].T.reshape(-1, 1, p, p)
+        logits = torch.cat([net(patches[i:i + batch]) for i in range(0, len(patches), batch)])
+        out[b] = logits.T.reshape(2, n_r, n_c)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Patch taxonomy
+
+
+def box_any(mask: np.ndarray, half: int) -> np.ndarray:
+    """Whether any pixel of the (2*half+1)^2 window centred on each pixel of a boolean mask
+    is set (outside the array counts as unset). Separable, and only computed around set pixels."""
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros_like(mask)
+    if half == 0 or not mask.any():
+        return mask.copy()
+    r_idx, c_idx = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    r0, r1 = max(r_idx[0] - half, 0), min(r_idx[-1] + half + 1, mask.shape[0])
+    c0, c1 = max(c_idx[0] - half, 0), min(c_idx[-1] + half + 1, mask.shape[1])
+    m = torch.from_numpy(mask[r0:r1, c0:c1].astype(np.float32))[None, None]
+    k = 2 * half + 1
+    with torch.no_grad():
+        m = F.max_pool2d(F.pad(m, (half, half, 0, 0)), (1, k), stride=1)
+        m = F.max_pool2d(F.pad(m, (0, 0, half, half)), (k, 1), stride=1)
+    out[r0:r1, c0:c1] = m[0, 0].numpy() > 0
+    return out
+
+
+def patch_classes(mask: np.ndarray, patch_size: int, near: int | None = None) -> np.ndarray:
+    """Class (1..4 = C1..C4) of the patch centred on every pixel of an MC ``mask``.
+
+    ``mask`` is a boolean (rows, cols) MC mask; outside the image counts as no MC.
+    ``near`` defaults to ``patch_size // 6``. Returns uint8 (rows, cols).
+    """
+    if patch_size % 2 != 1:
+        raise ModelError(f"patch_size must be odd, got {patch_size}")
+    near = patch_size // 6 if near is None else near
+    any_near = box_any(mask, near)
+    any_patch = box_any(mask, patch_size // 2)
+    centre = np.asarray(mask, dtype=bool)
+    classes = np.full(centre.shape, C4, dtype=np.uint8)
+    classes[any_patch] = C3
+    classes[any_near] = C2
+    classes[centre] = C1
+    return classes
+
+
+def patch_class(mask_patch: np.ndarray, near: int | None = None) -> int:
+    """Class (1..4) of one square, odd-sized patch from its MC mask."""
+    size = mask_patch.shape[0]
+    if mask_patch.shape != (size, size) or size % 2 != 1:
+        raise ModelError(f"expected a square patch of odd size, got shape {mask_patch.shape}")
+    return int(patch_classes(mask_patch, size, near)[size // 2, size // 2])
+
+
+def role_targets(classes: np.ndarray | torch.Tensor, role: str):
+    """Binary targets for a role: Detector C1-C3 -> 1, Segmentator C1 -> 1."""
+    if role == "detector":
+        return classes <= C3
+    if role == "segmentator":
+        return classes == C1
+    raise ModelError(f"role must be one of {ROLES}, got {role!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Clusters
+
+
+@dataclass
+class Cluster:
+    """A group of >= 3 calcifications.
+
+    ``polygon`` is the convex hull (with a margin) as ``(row, col)`` vertices in source-grid
+    pixels; ``centroid`` likewise. ``score`` is the mean of the three highest calcification
+    probabilities in the cluster.
+    """
+
+    centroid: tuple[float, float]
+    score: float
+    count: int
+    polygon: np.ndarray
+
+
+def _components(binary: np.ndarray, probability: np.ndarray, min_px: int):
+    """Connected components: (centroid rc, peak probability, pixel coords) per component."""
+    image = sitk.GetImageFromArray(binary.astype(np.uint8))
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image, True))
+    count = int(labels.max())
+    if count == 0:
+        return []
+    flat = labels.ravel()
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(1, count + 2))
+    cols = labels.shape[1]
+    comps = []
+    for k in range(count):
+        idx = order[bounds[k]:bounds[k + 1]]
+        if len(idx) < min_px:
+            continue
+        rr, cc = np.divmod(idx, cols)
+        comps.append(((float(rr.mean()), float(cc.mean())), float(probability.ravel()[idx].max()),
+                      np.stack([rr, cc], axis=1)))
+    return comps
+
+
+def _convex_hull(points: np.ndarray) -> np.ndarray:
+    """Monotone-chain convex hull of (n, 2) points, counter-clockwise, no repeats."""
+    pts = np.unique(points, axis=0)
+    if len(pts) < 3:
+        return pts
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+    lower, upper = [], []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in pts[::-1]:
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
+
+
+def group_clusters(centroids_mm: np.ndarray, min_count: int = 3, link_mm: float = 5.0) -> list[np.ndarray]:
+    """Single-linkage groups of calcifications: indices of each group of >= ``min_count``
+    calcifications whose chain of neighbours is at most ``link_mm`` apart.
+
+    ``centroids_mm`` is (n, 2) in millimetres. A 5 mm link keeps three calcifications of a
+    group within about 1 cm^2, the usual cluster definition.
+    """
+    n = len(centroids_mm)
+    if n < min_count:
+        return []
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    pts = np.asarray(centroids_mm, dtype=np.float64)
+    for i in range(n - 1):
+        d = np.hypot(*(pts[i + 1:] - pts[i]).T)
+        for j in np.flatnonzero(d <= link_mm) + i + 1:
+            a, b = find(i), find(int(j))
+            if a != b:
+                parent[b] = a
+    roots = np.array([find(i) for i in range(n)])
+    groups = [np.flatnonzero(roots == r) for r in np.unique(roots)]
+    return [g for g in groups if len(g) >= min_count]
+
+
+def fill_polygon(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Boolean mask of the pixels whose centres lie inside a (row, col) polygon."""
+    from matplotlib.path import Path
+
+    mask = np.zeros(shape, dtype=bool)
+    if len(polygon) < 3:
+        return mask
+    r0 = max(int(np.floor(polygon[:, 0].min())), 0)
+    r1 = min(int(np.ceil(polygon[:, 0].max())) + 1, shape[0])
+    c0 = max(int(np.floor(polygon[:, 1].min())), 0)
+    c1 = min(int(np.ceil(polygon[:, 1].max())) + 1, shape[1])
+    if r1 <= r0 or c1 <= c0:
+        return mask
+    rr, cc = np.mgrid[r0:r1, c0:c1]
+    inside = Path(polygon).contains_points(np.stack([rr.ravel(), cc.ravel()], axis=1))
+    mask[r0:r1, c0:c1] = inside.reshape(rr.shape)
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-image model
+
+
+@dataclass
+class MicrocalcResult:
+    """Everything the cascade produced for one image, on the stored source grid."""
+
+    calcification: np.ndarray
+    cluster_map: np.ndarray
+    clusters: list[Cluster]
+    timings_s: dict = field(default_factory=dict)
+    detector_fraction: float = 0.0
+
+
+class MicrocalcModel:
+    """The Detector -> Segmentator cascade behind the node's model interface."""
+
+    def __init__(self, detector: PatchCNN, segmentator: PatchCNN, identity: ModelIdentity,
+                 thresholds: dict | None = None, device: torch.device | str = "cpu"):
+        if detector.config != segmentator.config:
+            raise ModelError("Detector and Segmentator must share one MicrocalcConfig")
+        self.config = detector.config
+        self.device = torch.device(device)
+        self.detector = detector.to(self.device).eval()
+        self.segmentator = segmentator.to(self.device).eval()
+        self.identity = identity
+        thresholds = thresholds or {}
+        self.calcification_threshold = float(thresholds.get("calcification", self.config.calcification_threshold))
+        self.cluster_threshold = float(thresholds.get("calcification_cluster", self.config.cluster_threshold))
+
+    @classmethod
+    def from_bundle(cls, bundle, device: torch.device | str = "cpu") -> "MicrocalcModel":
+        """Build from a :class:`dicom_ai.bundle.Bundle` whose state dict holds ``detector.*``
+        and ``segmentator.*`` tensors."""
+        config = MicrocalcConfig.from_dict(bundle.manifest["architecture"])
+        nets = {}
+        for role in ROLES:
+            net = PatchCNN(config)
+            prefix = role + "."
+            sd = {k[len(prefix):]: v for k, v in bundle.state_dict.items() if k.startswith(prefix)}
+            missing, unexpected = net.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ModelError(f"bundle {bundle.path}: {role} weights do not match the architecture "
+                                 f"(missing {missing}, unexpected {unexpected})")
+            nets[role] = net
+        return cls(nets["detector"], nets["segmentator"], bundle.identity,
+                   bundle.manifest.get("thresholds"), device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Both networks' tensors under ``detector.`` and ``segmentator.`` prefixes."""
+        sd = {f"detector.{k}": v for k, v in self.detector.state_dict().items()}
+        sd.update({f"segmentator.{k}": v for k, v in self.segmentator.state_dict().items()})
+        return sd
+
+    # -- the node interface ------------------------------------------------------------------
+
+    def predict(self, mammogram: Mammogram) -> ModelOutput:
+        """'calcification' probability and 'calcification_cluster' score maps on the source grid."""
+        result = self.analyse(mammogram)
+        return ModelOutput(maps=[
+            ProbabilityMap("calcification", result.calcification, self.calcification_threshold, self.identity),
+            ProbabilityMap("calcification_cluster", result.cluster_map, self.cluster_threshold, self.identity),
+        ])
+
+    def analyse(self, mammogram: Mammogram, mask: np.ndarray | None = None) -> MicrocalcResult:
+        """Run the cascade on one image and return maps, clusters and timings.
+
+        ``mask`` is the breast mask on the source grid (computed when None).
+        """
+        cfg = self.config
+        t0 = time.perf_counter()
+        rows, cols = mammogram.shape
+        if mask is None:
+            mask = mammogram.breast_mask
+        prob_src = np.zeros((rows, cols), dtype=np.float32)
+        cluster_src = np.zeros((rows, cols), dtype=np.float32)
+        if not mask.any():
+            return MicrocalcResult(prob_src, cluster_src, [], {"total": time.perf_counter() - t0})
+        r_idx, c_idx = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        r0, r1, c0, c1 = int(r_idx[0]), int(r_idx[-1]) + 1, int(c_idx[0]), int(c_idx[-1]) + 1
+        sr, sc = (float(s) for s in mammogram.spacing_mm)
+        work_shape = (max(1, round((r1 - r0) * sr / cfg.pixel_spacing_mm)),
+                      max(1, round((c1 - c0) * sc / cfg.pixel_spacing_mm)))
+        image = resize(mammogram.pixels[r0:r1, c0:c1], work_shape)
+        work_mask = resize(mask[r0:r1, c0:c1].astype(np.float32), work_shape, mode="nearest") > 0.5
+        t1 = time.perf_counter()
+        prob, fired = self.dense_cascade(image, work_mask)
+        t2 = time.perf_counter()
+        # Nearest keeps the networks' own values; an antialiased shrink would dilute
+        # 2-pixel calcifications below the operating point.
+        prob_src[r0:r1, c0:c1] = resize(prob, (r1 - r0, c1 - c0), mode="nearest")
+        clusters = self._clusters(prob, (sr, sc), (r0, c0))
+        for cl in sorted(clusters, key=lambda c: c.score):
+            inside = fill_polygon(cl.polygon, (rows, cols))
+            cluster_src[inside] = np.maximum(cluster_src[inside], cl.score)
+        t3 = time.perf_counter()
+        return MicrocalcResult(prob_src, cluster_src, clusters,
+                               {"resample": t1 - t0, "cascade": t2 - t1, "clusters": t3 - t2,
+                                "total": t3 - t0, "working_shape": list(work_shape)},
+                               detector_fraction=fired)
+
+    # -- the dense cascade on the 0.05 mm working grid ------------------------------------------
+
+    @torch.no_grad()
+    def detector_map(self, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Detector probability on the stride grid: entry (i, j) is the patch centred on pixel
+        ``(i*stride, j*stride)`` of ``image``. Tiles without breast pixels are skipped (0)."""
+        cfg, s, half = self.config, self.config.detector_stride, self.config.patch_size // 2
+        rows, cols = image.shape
+        n_r, n_c = -(-rows // s), -(-cols // s)
+        out = np.zeros((n_r, n_c), dtype=np.float32)
+        tile = cfg.tile - cfg.tile % s
+        padded = np.pad(image, ((half, half + tile), (half, half + tile)))
+        for tr in range(0, rows, tile):
+            for tc in range(0, cols, tile):
+                if mask is not None and not mask[tr:tr + tile, tc:tc + tile].any():
+                    continue
+                region = padded[tr:tr + tile + 2 * half, tc:tc + tile + 2 * half]
+                x = torch.from_numpy(np.ascontiguousarray(region))[None, None].to(self.device)
+                p = torch.softmax(self.detector.dense_logits(x, stride=s), 1)[0, 1].cpu().numpy()
+                i0, j0 = tr // s, tc // s
+                h, w = min(p.shape[0], n_r - i0), min(p.shape[1], n_c - j0)
+                out[i0:i0 + h, j0:j0 + w] = p[:h, :w]
+        return out
+
+    @torch.no_grad()
+    def dense_cascade(self, image: np.ndarray, mask: np.ndarray | None = None,
+                      seg_tile: int = 64) -> tuple[np.ndarray, float]:
+        """MC probability per pixel of ``image`` (0.05 mm grid), and the fraction of the
+        image the Segmentator had to visit.
+
+        The Segmentator runs on ``seg_tile``-pixel tiles that overlap a patch where the
+        Detector fired; every other pixel is 0.
+        """
+        cfg, s, half = self.config, self.config.detector_stride, self.config.patch_size // 2
+        rows, cols = image.shape
+        det = self.detector_map(image, mask)
+        if mask is not None:
+            grid_mask = mask[::s, ::s][:det.shape[0], :det.shape[1]]
+            det = np.where(grid_mask, det, 0.0)
+        fired = np.zeros((rows, cols), dtype=bool)
+        for i, j in zip(*np.nonzero(det >= cfg.detector_threshold)):
+            r, c = i * s, j * s
+            fired[max(r - half, 0):r + half + 1, max(c - half, 0):c + half + 1] = True
+        prob = np.zeros((rows, cols), dtype=np.float32)
+        padded = np.pad(image, ((half, half + seg_tile), (half, half + seg_tile)))
+        tiles = [(tr, tc) for tr in range(0, rows, seg_tile) for tc in range(0, cols, seg_tile)
+                 if fired[tr:tr + seg_tile, tc:tc + seg_tile].any()]
+        batch = 16
+        for k in range(0, len(tiles), batch):
+            chunk = tiles[k:k + batch]
+            x = np.stack([padded[tr:tr + seg_tile + 2 * half, tc:tc + seg_tile + 2 * half] for tr, tc in chunk])
+            x = torch.from_numpy(x)[:, None].to(self.device)
+            p = torch.softmax(self.segmentator.dense_logits(x, stride=1), 1)[:, 1].cpu().numpy()
+            for (tr, tc), pt in zip(chunk, p):
+                h, w = min(seg_tile, rows - tr), min(seg_tile, cols - tc)
+                prob[tr:tr + h, tc:tc + w] = pt[:h, :w]
+        prob[~fired] = 0.0
+        if mask is not None:
+            prob[~mask] = 0.0
+        visited = len(tiles) * seg_tile * seg_tile / float(rows * cols)
+        return prob, min(visited, 1.0)
+
+    def _clusters(self, prob: np.ndarray, spacing: tuple[float, float], origin: tuple[int, int]) -> list[Cluster]:
+        """Clusters from a working-grid probability map, with polygons on the source grid."""
+        cfg = self.config
+        comps = _components(prob >= self.calcification_threshold, prob, cfg.min_calcification_px)
+        if len(comps) < cfg.cluster_min_count:
+            return []
+        px = cfg.pixel_spacing_mm
+        centroids_mm = np.array([c[0] for c in comps]) * px
+        scale = np.array([px / spacing[0], px / spacing[1]])  # working px -> source px
+        offset = np.array(origin, dtype=np.float64)
+        clusters = []
+        for group in group_clusters(centroids_mm, cfg.cluster_min_count, cfg.cluster_link_mm):
+            peaks = np.sort([comps[g][1] for g in group])[::-1]
+            pts = np.concatenate([comps[g][2] for g in group]).astype(np.float64)
+            margin = cfg.cluster_margin_mm / px + 0.5
+            ring = np.stack([np.cos(np.linspace(0, 2 * math.pi, 16, endpoint=False)),
+                             np.sin(np.linspace(0, 2 * math.pi, 16, endpoint=False))], 1) * margin
+            hull = _convex_hull(pts)
+            polygon = _convex_hull((hull[:, None, :] + ring[None]).reshape(-1, 2))
+            centroid = np.mean([comps[g][0] for g in group], axis=0)
+            clusters.append(Cluster(centroid=tuple(centroid * scale + offset),
+                                    score=float(np.mean(peaks[:3])), count=len(group),
+                                    polygon=polygon * scale + offset))
+        return clusters

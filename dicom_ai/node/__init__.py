@@ -1,0 +1,31 @@
+"""node: the DICOM node itself, what radiology IT installs, configures and watches.
+
+Owns the configuration (:mod:`~dicom_ai.node.config`, ``node.toml``), the storage layout and
+durable writes (:mod:`~dicom_ai.node.storage`), the job store (:mod:`~dicom_ai.node.jobstore`,
+SQLite), the Storage SCP (:mod:`~dicom_ai.node.scp`), result delivery with retries
+(:mod:`~dicom_ai.node.delivery`), the supervisor that assembles studies into jobs and keeps the
+worker alive (:mod:`~dicom_ai.node.supervisor`), the inference worker process
+(:mod:`~dicom_ai.node.worker`) and the structured logs (:mod:`~dicom_ai.node.logs`).
+
+May import: :mod:`dicom_ai.core`, and in the worker only :mod:`dicom_ai.networks` and
+:mod:`dicom_ai.results`; pynetdicom, pydicom, sqlite3. The receiving process (supervisor, SCP,
+job store, delivery) must not import torch, highdicom or the writers, so it stays small and
+starts fast: this ``__init__`` therefore does not import :mod:`~dicom_ai.node.worker`, which
+runs as its own process (``python -m dicom_ai.node.worker``).
+"""
+
+from dicom_ai.node.config import NodeConfig, RemoteNode, load_config, parse_remote
+from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
+from dicom_ai.node.jobstore import STANDARD_VIEWS, Delivery, Instance, Job, JobStore
+from dicom_ai.node.scp import SUPPORTED_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES, StorageSCP
+from dicom_ai.node.storage import StorageLayout, fsync_dir, write_durably
+from dicom_ai.node.supervisor import Node, make_result_uids, serve
+
+__all__ = [
+    "NodeConfig", "RemoteNode", "load_config", "parse_remote",
+    "StorageLayout", "fsync_dir", "write_durably",
+    "JobStore", "Instance", "Job", "Delivery", "STANDARD_VIEWS",
+    "StorageSCP", "SUPPORTED_SOP_CLASSES", "SUPPORTED_TRANSFER_SYNTAXES",
+    "DeliveryAgent", "DeliveryThread",
+    "Node", "serve", "make_result_uids",
+]

@@ -1,0 +1,374 @@
+"""Node configuration: a TOML file with a default for every key, overridden by CLI flags.
+
+Example ``node.toml`` (every key shown with its default, except peers/destinations)::
+
+    [node]
+    ae_title = "DICOM_AI"
+    bind_address = "127.0.0.1"     # "0.0.0.0" to listen on every interface
+    port = 11112
+    storage = "dicom-ai-storage"   # spool, job store, outbox, previews, logs
+    allow_any_caller = false        # true: accept associations from any calling AE title
+    max_associations = 10
+    max_pdu_size = 1048576          # bytes; 0 = unlimited
+    reserve_free_mb = 512           # refuse C-STORE (Out of Resources) below this free space
+    retention_days = 30.0           # delete finished studies' files after this; 0 = keep forever
+
+    [[peers]]                       # may send studies; results go back to the sender
+    ae_title = "PACS"
+    host = "10.0.0.5"
+    port = 104
+
+    [[destinations]]                # optional extra result destinations
+    ae_title = "ARCHIVE"
+    host = "10.0.0.6"
+    port = 104
+
+    [study]
+    grace_seconds = 10              # wait after the fourth standard view
+    idle_seconds = 120              # otherwise: a study is complete after this quiet time
+
+    [pipeline]
+    models = ["glam", "dunet", "microcalc"]
+    device = "auto"                 # auto | cpu | cuda:N
+    factory = ""                    # optional "module:callable" returning an object with .run()
+    max_job_attempts = 3
+    previews = true                 # PNG overlays per image in <storage>/previews/ for IT checks
+
+    [results]                       # what the result objects look like (dicom_ai.results)
+    segmentation_type = "BINARY"    # BINARY | FRACTIONAL
+    compression = "none"            # none | jpeg2000 | rle | jpegls (the last two FRACTIONAL only)
+    cad_sr = false                  # also send a Mammography CAD SR
+
+    [retry]
+    max_attempts = 8                # delivery attempts before a delivery is marked failed
+    initial_delay_seconds = 10
+    max_delay_seconds = 600
+    backoff_factor = 2.0
+
+    [logging]
+    level = "INFO"
+    file = ""                       # default: <storage>/logs/node.log
+
+Every error names the offending key (``peers[1].port``) so the file can be fixed before the
+node starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicom_ai.core.device import DEVICE_SPELLINGS, check_device_spec
+from dicom_ai.core.errors import ConfigError, DeviceError
+from dicom_ai.core.options import COMPRESSIONS, SEGMENTATION_TYPES, encoding_problem
+from dicom_ai.node.storage import StorageLayout
+
+
+@dataclass(frozen=True)
+class RemoteNode:
+    """A DICOM application entity the node talks to."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+@dataclass
+class NodeSection:
+    ae_title: str = "DICOM_AI"
+    bind_address: str = "127.0.0.1"
+    port: int = 11112
+    storage: str = "dicom-ai-storage"
+    allow_any_caller: bool = False
+    max_associations: int = 10
+    max_pdu_size: int = 1048576
+    reserve_free_mb: int = 512
+    retention_days: float = 30.0
+
+
+@dataclass
+class StudySection:
+    grace_seconds: float = 10.0
+    idle_seconds: float = 120.0
+
+
+@dataclass
+class PipelineSection:
+    models: list[str] = field(default_factory=lambda: ["glam", "dunet", "microcalc"])
+    device: str = "auto"
+    factory: str = ""
+    max_job_attempts: int = 3
+    previews: bool = True
+
+
+@dataclass
+class ResultsSection:
+    segmentation_type: str = "BINARY"
+    compression: str = "none"
+    cad_sr: bool = False
+
+
+@dataclass
+class RetrySection:
+    max_attempts: int = 8
+    initial_delay_seconds: float = 10.0
+    max_delay_seconds: float = 600.0
+    backoff_factor: float = 2.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return min(self.max_delay_seconds, self.initial_delay_seconds * self.backoff_factor ** (attempt - 1))
+
+
+@dataclass
+class LoggingSection:
+    level: str = "INFO"
+    file: str = ""
+
+
+@dataclass
+class NodeConfig:
+    """The whole configuration; ``storage_dir`` and friends are derived paths."""
+
+    node: NodeSection = field(default_factory=NodeSection)
+    peers: list[RemoteNode] = field(default_factory=list)
+    destinations: list[RemoteNode] = field(default_factory=list)
+    study: StudySection = field(default_factory=StudySection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    results: ResultsSection = field(default_factory=ResultsSection)
+    retry: RetrySection = field(default_factory=RetrySection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+    @property
+    def storage_dir(self) -> Path:
+        return Path(self.node.storage).resolve()
+
+    @property
+    def layout(self) -> StorageLayout:
+        """Every folder and file under ``node.storage``."""
+        return StorageLayout(self.storage_dir)
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.logging.file).resolve() if self.logging.file else self.layout.default_log_file
+
+    def peer(self, ae_title: str) -> RemoteNode | None:
+        """The configured peer with this AE title, if any."""
+        for p in self.peers:
+            if p.ae_title == ae_title:
+                return p
+        return None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "NodeConfig":
+        return from_mapping(json.loads(text))
+
+
+_SECTIONS = {"node": NodeSection, "study": StudySection, "pipeline": PipelineSection,
+             "results": ResultsSection, "retry": RetrySection, "logging": LoggingSection}
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Read ``path`` (TOML; None = defaults only), apply ``overrides`` and validate.
+
+    ``overrides`` maps dotted keys (``node.port``) to values; the key ``peers`` takes a list
+    of ``AE@HOST:PORT`` strings that replace file peers of the same AE title and add the rest.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {p} is not valid TOML: {exc}") from None
+        base = p.resolve().parent
+        storage = data.get("node", {}).get("storage") if isinstance(data.get("node"), dict) else None
+        if isinstance(storage, str) and not Path(storage).is_absolute():
+            data["node"]["storage"] = str(base / storage)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "peers":
+            flag_peers = [parse_remote(v, "--peer") for v in value]
+            names = {p.ae_title for p in flag_peers}
+            kept = [p for p in data.get("peers", []) if not (isinstance(p, dict) and p.get("ae_title") in names)]
+            data["peers"] = kept + [dataclasses.asdict(p) for p in flag_peers]
+            continue
+        section, _, name = key.partition(".")
+        data.setdefault(section, {})[name] = value
+    return from_mapping(data)
+
+
+def from_mapping(data: dict[str, Any]) -> NodeConfig:
+    """Validate a parsed TOML mapping into a NodeConfig (raises ConfigError naming the key)."""
+    if not isinstance(data, dict):
+        raise ConfigError("configuration must be a table of sections")
+    cfg = NodeConfig()
+    for section, value in data.items():
+        if section in ("peers", "destinations"):
+            if not isinstance(value, list):
+                raise ConfigError(f"{section!r} must be an array of tables ([[{section}]])")
+            setattr(cfg, section, [_remote(item, f"{section}[{i}]") for i, item in enumerate(value)])
+        elif section in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{section!r} must be a table ([{section}])")
+            setattr(cfg, section, _section(_SECTIONS[section], value, section))
+        else:
+            raise ConfigError(f"unknown section or key {section!r}; known: "
+                              f"{', '.join(sorted([*_SECTIONS, 'peers', 'destinations']))}")
+    _check(cfg)
+    return cfg
+
+
+def parse_remote(text: str, key: str = "peer") -> RemoteNode:
+    """Parse ``AE@HOST:PORT`` (as given to ``--peer`` and ``dicom-ai echo``)."""
+    m = re.fullmatch(r"(?P<ae>[^@]+)@(?P<host>[^:]+):(?P<port>[^:]+)", text.strip())
+    if not m:
+        raise ConfigError(f"{key} {text!r} must look like AE_TITLE@HOST:PORT, e.g. PACS@10.0.0.5:104")
+    return _remote({"ae_title": m["ae"], "host": m["host"], "port": m["port"]}, f"{key} {text!r}",
+                   port_from_text=True)
+
+
+def _remote(item: Any, key: str, port_from_text: bool = False) -> RemoteNode:
+    if not isinstance(item, dict):
+        raise ConfigError(f"{key} must be a table with ae_title, host and port")
+    unknown = set(item) - {"ae_title", "host", "port"}
+    if unknown:
+        raise ConfigError(f"unknown key {key}.{sorted(unknown)[0]}; known: ae_title, host, port")
+    for name in ("ae_title", "host", "port"):
+        if name not in item:
+            raise ConfigError(f"{key}.{name} is missing")
+    port = item["port"]
+    if port_from_text and isinstance(port, str) and port.isdigit():
+        port = int(port)
+    return RemoteNode(ae_title=_ae(item["ae_title"], f"{key}.ae_title"),
+                      host=_host(item["host"], f"{key}.host"), port=_port(port, f"{key}.port"))
+
+
+def _section(cls: type, values: dict[str, Any], section: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    obj = cls()
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(f"unknown key {section}.{name}; known keys in [{section}]: {', '.join(fields)}")
+        default = getattr(obj, name)
+        setattr(obj, name, _typed(value, default, f"{section}.{name}"))
+    return obj
+
+
+def _typed(value: Any, default: Any, key: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be a whole number, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key} must be a list of non-empty strings, got {value!r}")
+        return list(value)
+    raise ConfigError(f"{key}: unsupported value {value!r}")
+
+
+def _ae(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
+        raise ConfigError(f"{key} must be an AE title of 1 to 16 printable ASCII characters "
+                          f"without backslash, got {value!r}")
+    return value.strip()
+
+
+def _host(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value.strip() or any(c.isspace() for c in value):
+        raise ConfigError(f"{key} must be a host name or IP address, got {value!r}")
+    return value
+
+
+def _port(value: Any, key: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not (0 if allow_zero else 1) <= value <= 65535:
+        raise ConfigError(f"{key} must be a TCP port number between 1 and 65535, got {value!r}")
+    return value
+
+
+def _check(cfg: NodeConfig) -> None:
+    n = cfg.node
+    n.ae_title = _ae(n.ae_title, "node.ae_title")
+    # 0 lets the OS pick a free port (tests); the chosen port is logged at start-up.
+    _port(n.port, "node.port", allow_zero=True)
+    _host(n.bind_address, "node.bind_address")
+    if not n.storage.strip():
+        raise ConfigError("node.storage must name a directory")
+    if n.max_associations < 1:
+        raise ConfigError(f"node.max_associations must be at least 1, got {n.max_associations}")
+    if n.max_pdu_size != 0 and n.max_pdu_size < 4096:
+        raise ConfigError(f"node.max_pdu_size must be 0 (unlimited) or at least 4096, got {n.max_pdu_size}")
+    if n.retention_days < 0:
+        raise ConfigError(f"node.retention_days must not be negative (0 keeps everything), got {n.retention_days}")
+    if n.reserve_free_mb < 0:
+        raise ConfigError(f"node.reserve_free_mb must not be negative, got {n.reserve_free_mb}")
+    seen: dict[str, str] = {n.ae_title: "node.ae_title"}
+    for section in ("peers", "destinations"):
+        for i, remote in enumerate(getattr(cfg, section)):
+            key = f"{section}[{i}].ae_title"
+            if remote.ae_title in seen:
+                raise ConfigError(f"duplicate AE title {remote.ae_title!r}: {key} repeats {seen[remote.ae_title]}")
+            seen[remote.ae_title] = key
+    s = cfg.study
+    if s.grace_seconds < 0 or s.idle_seconds <= 0:
+        raise ConfigError("study.grace_seconds must be >= 0 and study.idle_seconds > 0, got "
+                          f"{s.grace_seconds} and {s.idle_seconds}")
+    p = cfg.pipeline
+    if not p.models and not p.factory:
+        raise ConfigError("pipeline.models is empty and pipeline.factory is not set: nothing to run")
+    try:
+        check_device_spec(p.device)
+    except DeviceError:
+        raise ConfigError(f"pipeline.device must be {DEVICE_SPELLINGS}, got {p.device!r}") from None
+    if p.factory and not re.fullmatch(r"[\w.]+:[\w.]+", p.factory):
+        raise ConfigError(f"pipeline.factory must look like 'package.module:callable', got {p.factory!r}")
+    if p.max_job_attempts < 1:
+        raise ConfigError(f"pipeline.max_job_attempts must be at least 1, got {p.max_job_attempts}")
+    res = cfg.results
+    res.segmentation_type = res.segmentation_type.upper()
+    if res.segmentation_type not in SEGMENTATION_TYPES:
+        raise ConfigError(f"results.segmentation_type must be {' or '.join(SEGMENTATION_TYPES)}, "
+                          f"got {res.segmentation_type!r}")
+    if res.compression not in COMPRESSIONS:
+        raise ConfigError(f"results.compression must be one of {', '.join(COMPRESSIONS)}, got {res.compression!r}")
+    problem = encoding_problem(res.segmentation_type, res.compression)
+    if problem is not None:
+        raise ConfigError(f"results.compression = {res.compression!r} with results.segmentation_type = "
+                          f"{res.segmentation_type}: {problem}")
+    r = cfg.retry
+    if r.max_attempts < 1:
+        raise ConfigError(f"retry.max_attempts must be at least 1, got {r.max_attempts}")
+    if r.initial_delay_seconds < 0 or r.max_delay_seconds < r.initial_delay_seconds or r.backoff_factor < 1:
+        raise ConfigError("retry: need 0 <= initial_delay_seconds <= max_delay_seconds and backoff_factor >= 1")
+    cfg.logging.level = cfg.logging.level.upper()
+    if cfg.logging.level not in _LEVELS:
+        raise ConfigError(f"logging.level must be one of {', '.join(_LEVELS)}, got {cfg.logging.level!r}")

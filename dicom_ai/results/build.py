@@ -1,0 +1,168 @@
+"""From model findings to the DICOM objects the node sends back: SEG per image, SR per study.
+
+The one entry point::
+
+    from dicom_ai.core import ResultUIDs, ResultOptions
+    from dicom_ai.results import build_results
+    uids = ResultUIDs.generate(source_sop_uids)        # at job creation; store uids.to_json()
+    results = build_results(sources, findings, uids, options=ResultOptions())
+    results.datasets                                   # SEGs, then the SR, then the CAD SR
+    results.write_previews(out_dir)                    # PNG per image for IT quality checks
+
+Regions are found once per image (:func:`analyse_image`) and every writer and the preview
+read that one analysis.
+
+Idempotency: every UID and every date/time written comes from ``ResultUIDs`` (the tracking
+UIDs inside the SR derive from the SR's SOP Instance UID), so the same inputs with the same
+``ResultUIDs`` give the same UIDs, and a resend after a restart replaces rather than duplicates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from dicom_ai.core.errors import ResultError
+from dicom_ai.core.findings import ImageFindings
+from dicom_ai.core.options import ResultOptions
+from dicom_ai.core.uids import ResultUIDs
+from dicom_ai.core.views import image_name
+from dicom_ai.results.cad_sr import build_mammography_cad_sr
+from dicom_ai.results.preview import render_preview
+from dicom_ai.results.regions import DEFAULT_MIN_AREA_MM2, area_spacing, find_regions
+from dicom_ai.results.seg import build_segmentation
+from dicom_ai.results.tid1500 import build_measurement_report
+from dicom_ai.results.types import ImageResult, Segment, order_maps
+
+__all__ = ["StudyResults", "analyse_image", "build_results"]
+
+
+@dataclass
+class StudyResults:
+    """What :func:`build_results` made of one study.
+
+    ``images`` holds one :class:`~dicom_ai.results.types.ImageResult` per source image, in
+    source order (its segments and regions, and its SEG or None); ``datasets`` the objects
+    to send: one SEG per image that has maps, then the TID 1500 SR, then the CAD SR if enabled.
+    """
+
+    images: list[ImageResult]
+    datasets: list[pydicom.Dataset]
+
+    def write_previews(self, out_dir: str | Path) -> list[Path]:
+        """One PNG per source image (segment outlines, SR contours, labels); returns the paths."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for image in self.images:
+            path = out / f"{image.source.SOPInstanceUID}.png"
+            render_preview(image.source, image.segments, image.findings.scores).save(path)
+            paths.append(path)
+        return paths
+
+
+def analyse_image(source: pydicom.Dataset, findings: ImageFindings, options: ResultOptions = ResultOptions()) -> list[Segment]:
+    """Segments (numbered, with their regions) of one image, in SEG order."""
+    spacing = area_spacing(source)
+    shape = (int(source.Rows), int(source.Columns))
+    segments = []
+    for number, m in enumerate(order_maps(list(findings.maps)), start=1):
+        if m.probability.shape != shape:
+            raise ResultError(
+                f"map {m.finding} of model {m.model.name} has shape {m.probability.shape} but image "
+                f"{findings.sop_instance_uid} is {shape}; maps must be on the stored source grid")
+        min_area = options.min_area_mm2.get(m.finding, DEFAULT_MIN_AREA_MM2[m.finding])
+        regions = find_regions(m.probability, m.threshold, spacing, min_area,
+                               max_points=options.max_contour_points)
+        segments.append(Segment(number, m, regions))
+    return segments
+
+
+def _pair(sources: Sequence[pydicom.Dataset], findings: Sequence[ImageFindings]) -> list[tuple[pydicom.Dataset, ImageFindings]]:
+    by_uid = {}
+    for f in findings:
+        if f.sop_instance_uid in by_uid:
+            raise ResultError(f"two findings objects for image {f.sop_instance_uid}")
+        by_uid[f.sop_instance_uid] = f
+    uids = {str(ds.SOPInstanceUID) for ds in sources}
+    unknown = sorted(set(by_uid) - uids)
+    if unknown:
+        raise ResultError(f"findings for image(s) not among the sources: {unknown}")
+    if len({str(ds.StudyInstanceUID) for ds in sources}) > 1:
+        raise ResultError("sources belong to more than one study; build results per study")
+    return [(ds, by_uid.get(str(ds.SOPInstanceUID), ImageFindings(str(ds.SOPInstanceUID)))) for ds in sources]
+
+
+def build_results(
+    sources: Sequence[pydicom.Dataset],
+    findings: Sequence[ImageFindings],
+    uids: ResultUIDs,
+    options: ResultOptions = ResultOptions(),
+) -> StudyResults:
+    """SEG per source image that has maps, then the TID 1500 SR, then the CAD SR if enabled.
+
+    Parameters
+    ----------
+    sources
+        The study's MG images (one study).
+    findings
+        One entry per image that was analysed, matched by SOP Instance UID; maps are on each
+        image's stored pixel grid. An image without maps gets no SEG (a SEG needs at least one
+        segment) but is still evidence in the SR.
+    uids
+        The job's result UIDs and creation time; every UID and date written comes from it.
+    options
+        Segmentation type, compression, equipment, series numbers and region limits.
+    """
+    if not sources:
+        raise ResultError("no source images")
+    images = [ImageResult(ds, f, analyse_image(ds, f, options)) for ds, f in _pair(sources, findings)]
+    equipment = options.equipment
+    out: list[pydicom.Dataset] = []
+    for image in images:
+        if not image.segments:
+            continue
+        ds = image.source
+        image.segmentation = build_segmentation(
+            ds, image.segments, series_instance_uid=uids.seg_series_for(str(ds.SOPInstanceUID)),
+            sop_instance_uid=uids.seg_instance(str(ds.SOPInstanceUID)), series_number=options.seg_series_number,
+            instance_number=1, series_description=f"{options.seg_series_description} {image_name(ds)}".strip()[:64],
+            segmentation_type=options.segmentation_type, compression=options.compression, equipment=equipment)
+        out.append(image.segmentation)
+    out.append(build_measurement_report(
+        images, series_instance_uid=uids.sr_series, sop_instance_uid=uids.sr_instance,
+        series_number=options.sr_series_number, instance_number=1, equipment=equipment,
+        series_description=options.sr_series_description,
+        max_regions_per_segment=options.max_regions_per_segment))
+    if options.cad_sr:
+        out.append(build_mammography_cad_sr(
+            images, series_instance_uid=uids.cad_series, sop_instance_uid=uids.cad_instance,
+            series_number=options.cad_series_number, instance_number=1, equipment=equipment,
+            series_description=options.cad_series_description,
+            max_regions_per_segment=options.max_regions_per_segment))
+    for ds in out:
+        _pin_creation(ds, uids.created)
+    return StudyResults(images=images, datasets=out)
+
+
+def _pin_creation(ds: pydicom.Dataset, created: str) -> None:
+    """Replace the values highdicom takes from the clock or a random source with ones derived
+    from the job, so a rebuild is identical: Series, Content and Instance Creation Date/Time,
+    highdicom's own Contribution DateTime, and the SEG Dimension Organization UID."""
+    date, time = created[:8], created[8:14]
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if item.get("ManufacturerModelName") == "highdicom":
+            item.ContributionDateTime = created
+    if "DimensionOrganizationSequence" in ds:
+        uid = generate_uid(entropy_srcs=[ds.SOPInstanceUID, "dimension organization"])
+        for item in ds.DimensionOrganizationSequence:
+            item.DimensionOrganizationUID = uid
+        for item in ds.get("DimensionIndexSequence", []):
+            item.DimensionOrganizationUID = uid

@@ -1,0 +1,93 @@
+"""Preview PNG of one mammogram with its AI findings, for IT quality checks (not for diagnosis).
+
+The image is shown as the models saw it (dense tissue bright, :func:`dicom_ai.imaging.normalise_intensities`),
+downscaled to at most ``max_side`` pixels. Each segment's outline is drawn as a thin band of its
+recommended display colour; each region's SR contour (the SCOORD polyline) is drawn as a white
+line over it, with a label ``<finding> (<model>) #k <max probability>%``. A header lists the
+image and its image-level scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageDraw, ImageFont
+
+from dicom_ai.core.findings import ImageScore
+from dicom_ai.core.views import image_name
+from dicom_ai.imaging.intensity import normalise_intensities
+from dicom_ai.results.codes import display_rgb, finding_codes
+from dicom_ai.results.types import Segment
+
+__all__ = ["render_preview"]
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    m = mask
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    return m & ~inner
+
+
+def render_preview(source: pydicom.Dataset, segments: Sequence[Segment], scores: Sequence[ImageScore] = (),
+                   max_side: int = 1024, max_labels: int = 12) -> Image.Image:
+    """An RGB PIL image of ``source`` with segment outlines, SR contours and labels (at most
+    ``max_labels``, the most probable regions)."""
+    gray = normalise_intensities(source)
+    rows, cols = gray.shape
+    scale = min(1.0, max_side / max(rows, cols))
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    base = Image.fromarray((gray * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
+    rgb = np.array(base.convert("RGB"))
+    occurrences: dict[str, int] = {}
+    colours = []
+    for s in segments:
+        n = occurrences.get(s.map.finding, 0)
+        occurrences[s.map.finding] = n + 1
+        colours.append(display_rgb(s.map.finding, n))
+        if s.regions.mask.any():
+            small = np.array(Image.fromarray(s.regions.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+            edge = _outline(small)
+            # Thicken by one pixel so the outline survives the PNG viewer's scaling.
+            edge[1:, :] |= edge[:-1, :].copy()
+            edge[:, 1:] |= edge[:, :-1].copy()
+            rgb[edge] = colours[-1]
+    img = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(img)
+    line = 15 if max(size) >= 600 else 11
+    try:
+        font = ImageFont.load_default(size=line - 2)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        font = ImageFont.load_default()
+    labelled: list[tuple[float, str, tuple[int, int, int], list[tuple[float, float]]]] = []
+    for s, colour in zip(segments, colours):
+        label = finding_codes(s.map.finding).label
+        for region in s.regions.regions:
+            pts = [(float(x) * scale, float(y) * scale) for x, y in region.contour]
+            if len(pts) > 1:
+                draw.line(pts, fill=(255, 255, 255), width=1)
+            text = f"{label} ({s.map.model.name}) #{region.index} {100 * region.max_probability:.0f}%"
+            labelled.append((region.max_probability, text, colour, pts))
+    # Labels of the most probable regions first, each moved down until it overlaps no other.
+    taken: list[tuple[float, float, float, float]] = [(0, 0, size[0], line + 2)]
+    for _, text, colour, pts in sorted(labelled, key=lambda t: -t[0])[:max_labels]:
+        x0 = min(p[0] for p in pts)
+        y = max(float(line + 2), min(p[1] for p in pts) - line)
+        w = draw.textlength(text, font=font)
+        x0 = max(0.0, min(x0, size[0] - w))
+        for _ in range(40):
+            box = (x0, y, x0 + w, y + line - 1)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+                break
+            y += line
+        taken.append(box)
+        draw.text((x0, y), text, fill=colour, font=font)
+    header = f"{image_name(source)}  " + "  ".join(f"{s.name} {100 * s.value:.0f}% ({s.model.name})" for s in scores)
+    draw.rectangle([0, 0, size[0], line + 1], fill=(0, 0, 0))
+    draw.text((2, 1), header + "  [AI preview, not for diagnosis]", fill=(255, 255, 255), font=font)
+    return img

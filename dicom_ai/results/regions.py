@@ -1,0 +1,349 @@
+"""Regions of a probability map: threshold, connected components, contours, areas in mm2.
+
+Coordinates: masks and maps are ``(rows, columns)`` on the stored grid of the source image.
+Contours are returned in DICOM SCOORD image coordinates, ``(column, row)`` as floats with
+(0.0, 0.0) at the top-left corner of the top-left pixel, so the centre of pixel ``[r, c]`` is
+``(c + 0.5, r + 0.5)`` (PS3.3 C.18.6.1.2). A contour is a closed POLYLINE (first point
+repeated last) through the centres of boundary pixels of the region, so every vertex and every
+pixel enclosed by it belongs to the region.
+
+Pixel spacing (which spacing an area in mm2 is computed with) follows PS3.3 10.7.1.3 for
+projection radiography, the same order cornerstone.js (and so OHIF) uses:
+
+1. Pixel Spacing (0028,0030) when Pixel Spacing Calibration Type (0028,0A02) is present: the
+   modality has calibrated it to the patient (GEOMETRY or FIDUCIAL); use it as is.
+2. Imager Pixel Spacing (0018,1164) divided by Estimated Radiographic Magnification Factor
+   (0018,1114) when both are present: the spacing estimated at the breast rather than at the
+   detector. For contact mammography ERMF is about 1.05-1.10, i.e. detector-plane areas would
+   overstate breast areas by 10-20 %.
+3. Imager Pixel Spacing alone: detector-plane spacing (basis ``detector``).
+4. Pixel Spacing alone (uncalibrated, meaning unknown): used, basis ``uncalibrated``.
+
+The basis is kept in :class:`Spacing` so the writers can state it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+from matplotlib.path import Path as MplPath
+
+from dicom_ai.core.errors import RegionError
+
+__all__ = [
+    "Spacing",
+    "Region",
+    "RegionSet",
+    "area_spacing",
+    "find_regions",
+    "trace_contour",
+    "simplify_polygon",
+    "polygon_pixels",
+    "DEFAULT_MIN_AREA_MM2",
+]
+
+#: Minimum region area per finding key, in mm2 (at the area spacing). Lesion maps below
+#: ~2 mm diameter are noise for the lesion models; single calcifications are 0.1-1 mm across.
+DEFAULT_MIN_AREA_MM2: dict[str, float] = {
+    "malignant_lesion": 3.0,
+    "benign_lesion": 3.0,
+    "calcification": 0.03,
+    "calcification_cluster": 3.0,
+}
+
+
+@dataclass(frozen=True)
+class Spacing:
+    """Row and column spacing in mm used for areas, and which attribute it came from.
+
+    ``basis`` is one of ``calibrated`` (Pixel Spacing with a calibration type), ``ermf``
+    (Imager Pixel Spacing / ERMF), ``detector`` (Imager Pixel Spacing) or ``uncalibrated``
+    (Pixel Spacing without calibration type).
+    """
+
+    row_mm: float
+    column_mm: float
+    basis: str
+
+    @property
+    def pixel_area_mm2(self) -> float:
+        return self.row_mm * self.column_mm
+
+
+def _pair(value: object) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    try:
+        row, col = (float(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    if row <= 0 or col <= 0:
+        return None
+    return row, col
+
+
+def area_spacing(ds: pydicom.Dataset) -> Spacing:
+    """The spacing areas are computed with for source image ``ds`` (rules in the module doc)."""
+    pixel = _pair(ds.get("PixelSpacing"))
+    imager = _pair(ds.get("ImagerPixelSpacing"))
+    if pixel and ds.get("PixelSpacingCalibrationType"):
+        return Spacing(pixel[0], pixel[1], "calibrated")
+    if imager:
+        try:
+            ermf = float(ds.get("EstimatedRadiographicMagnificationFactor") or 0)
+        except (TypeError, ValueError):
+            ermf = 0.0
+        if ermf >= 1.0:
+            return Spacing(imager[0] / ermf, imager[1] / ermf, "ermf")
+        return Spacing(imager[0], imager[1], "detector")
+    if pixel:
+        return Spacing(pixel[0], pixel[1], "uncalibrated")
+    raise RegionError(
+        "source image has neither Imager Pixel Spacing (0018,1164) nor Pixel Spacing (0028,0030); "
+        "areas in mm2 cannot be computed. Configure the modality to send Imager Pixel Spacing."
+    )
+
+
+@dataclass
+class Region:
+    """One connected region of a thresholded map.
+
+    ``bbox`` is half-open ``(r0, r1, c0, c1)``; ``mask`` is the region on that box (holes
+    filled). ``contour`` is the closed SCOORD polyline ``(N, 2)`` in ``(column, row)``.
+    """
+
+    index: int
+    bbox: tuple[int, int, int, int]
+    mask: np.ndarray
+    pixel_count: int
+    area_mm2: float
+    max_probability: float
+    mean_probability: float
+    contour: np.ndarray
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Centre of mass in SCOORD ``(column, row)``."""
+        rr, cc = np.nonzero(self.mask)
+        return float(cc.mean() + self.bbox[2] + 0.5), float(rr.mean() + self.bbox[0] + 0.5)
+
+
+@dataclass
+class RegionSet:
+    """All regions of one map, largest first, and their union on the full grid."""
+
+    mask: np.ndarray
+    regions: list[Region]
+    spacing: Spacing
+
+
+# 8-neighbourhood, clockwise in image coordinates (rows grow downwards), starting West.
+_RING = ((0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1))
+_RING_INDEX = {d: i for i, d in enumerate(_RING)}
+
+
+def trace_contour(mask: np.ndarray) -> np.ndarray:
+    """Outer boundary of the single 8-connected component in ``mask`` (Moore tracing).
+
+    Returns ``(N, 2)`` integer ``(row, column)`` boundary pixels in clockwise order (on screen),
+    not closed. ``mask`` must hold exactly one 8-connected component.
+    """
+    padded = np.pad(np.asarray(mask, dtype=bool), 1)
+    nz = np.flatnonzero(padded)
+    if nz.size == 0:
+        raise RegionError("cannot trace an empty mask")
+    start = divmod(int(nz[0]), padded.shape[1])
+    # The pixel West of the first pixel in raster order is background: begin the sweep there.
+    back = 0
+    cur = start
+    points = [start]
+    second = None
+    limit = 4 * padded.size + 8
+    for _ in range(limit):
+        for k in range(1, 9):
+            d = (back + k) % 8
+            nxt = (cur[0] + _RING[d][0], cur[1] + _RING[d][1])
+            if padded[nxt]:
+                break
+        else:
+            break  # isolated pixel
+        prev_bg = (cur[0] + _RING[(d - 1) % 8][0], cur[1] + _RING[(d - 1) % 8][1])
+        if cur == start and second is not None and nxt == second:
+            break
+        if second is None:
+            second = nxt
+        cur = nxt
+        back = _RING_INDEX[(prev_bg[0] - cur[0], prev_bg[1] - cur[1])]
+        points.append(cur)
+    if len(points) > 1 and points[-1] == start:
+        points.pop()
+    return np.asarray(points, dtype=np.int64) - 1
+
+
+def simplify_polygon(points: np.ndarray, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker simplification of a closed polygon ``(N, 2)``; returns it unclosed.
+
+    Keeps the first point and the point farthest from it as anchors, so the ring is split
+    into two open chains.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    n = len(pts)
+    if n <= 4:
+        return pts
+    far = int(np.argmax(((pts - pts[0]) ** 2).sum(axis=1)))
+    keep = np.zeros(n + 1, dtype=bool)
+    ring = np.vstack([pts, pts[:1]])
+    keep[[0, far, n]] = True
+    stack = [(0, far), (far, n)]
+    while stack:
+        a, b = stack.pop()
+        if b - a < 2:
+            continue
+        seg = ring[b] - ring[a]
+        rel = ring[a + 1:b] - ring[a]
+        length = float(np.hypot(*seg))
+        if length == 0.0:
+            dist = np.hypot(rel[:, 0], rel[:, 1])
+        else:
+            dist = np.abs(seg[0] * rel[:, 1] - seg[1] * rel[:, 0]) / length
+        i = int(np.argmax(dist))
+        if dist[i] > tolerance:
+            m = a + 1 + i
+            keep[m] = True
+            stack.extend([(a, m), (m, b)])
+    return ring[keep][:-1]
+
+
+def polygon_pixels(polygon_rc: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels of a grid of ``shape`` whose centres lie inside or on a polygon.
+
+    The polygon is given as ``(row, column)`` pixel-centre coordinates (the centre of pixel
+    ``[r, c]`` is ``(r, c)`` here). This is the containment the writers guarantee: no pixel
+    outside the region has its centre enclosed by, or on, the region's contour.
+    """
+    pts = np.asarray(polygon_rc, dtype=np.float64)
+    out = np.zeros(shape, dtype=bool)
+    if len(pts) < 3:
+        idx = np.rint(pts).astype(int)
+        out[idx[:, 0], idx[:, 1]] = True
+        return out
+    r0, c0 = np.maximum(np.floor(pts.min(axis=0)).astype(int), 0)
+    r1, c1 = np.minimum(np.ceil(pts.max(axis=0)).astype(int) + 1, shape)
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    centres = np.column_stack([xx.ravel(), yy.ravel()]).astype(np.float64)
+    path = MplPath(pts[:, ::-1])
+    # matplotlib's sign of ``radius`` depends on the polygon's orientation; the union of both
+    # signs includes centres lying on an edge.
+    inside = path.contains_points(centres, radius=1e-6) | path.contains_points(centres, radius=-1e-6)
+    out[r0:r1, c0:c1] = inside.reshape(yy.shape)
+    return out
+
+
+def _contour_for(mask: np.ndarray, tolerance: float, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Trace, fill and simplify one component; returns (filled mask, polygon in (row, col))."""
+    raw = trace_contour(mask)
+    filled = mask | polygon_pixels(raw, mask.shape)
+    best = raw.astype(np.float64)
+    if len(raw) <= 4:
+        return filled, best
+    # Search the tolerance: loosen while the polygon has too many points, tighten when it
+    # leaves the region; a bounded number of steps keeps the cost predictable.
+    tol, lo, hi = tolerance, 0.0, None
+    for _ in range(10):
+        cand = simplify_polygon(raw, tol)
+        if len(cand) >= 3 and not (polygon_pixels(cand, mask.shape) & ~filled).any():
+            best, lo = cand, tol
+            if len(cand) <= max_points:
+                break
+            tol = tol * 2.0 if hi is None else (tol + hi) / 2.0
+        else:
+            hi = tol
+            tol = (lo + tol) / 2.0
+            if tol < 0.25:
+                break
+    return filled, best
+
+
+def _cross(o: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    return float((a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0]))
+
+
+def _small_region_outline(centres: np.ndarray, r: float = 0.4) -> np.ndarray:
+    """Outline of a region of one or two pixels (whose trace is a point or a segment): the
+    convex hull of small diamonds around the pixel centres, so the POLYLINE has an area and
+    every vertex still lies inside a region pixel."""
+    pts = np.unique(np.vstack([centres + d for d in ((r, 0), (0, r), (-r, 0), (0, -r))]), axis=0)
+    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
+
+    def half(points):
+        out: list = []
+        for p in points:
+            while len(out) >= 2 and _cross(out[-2], out[-1], p) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+
+    lower, upper = half(pts), half(pts[::-1])
+    return np.asarray(lower[:-1] + upper[:-1])
+
+
+def find_regions(
+    probability: np.ndarray,
+    threshold: float,
+    spacing: Spacing,
+    min_area_mm2: float = 0.0,
+    tolerance_px: float = 1.0,
+    max_points: int = 128,
+) -> RegionSet:
+    """Threshold ``probability`` at ``threshold`` (>=), split into 8-connected regions.
+
+    Regions smaller than ``min_area_mm2`` are dropped; holes inside a region are filled (a
+    lesion contour has no holes, and the SEG then equals the union of the SR contours'
+    regions). Contours are simplified by Douglas-Peucker with ``tolerance_px`` (pixels),
+    loosened until at most ``max_points`` vertices, but never so far that the polygon
+    leaves its region. Regions are returned largest first.
+    """
+    prob = np.asarray(probability, dtype=np.float32)
+    if prob.ndim != 2:
+        raise RegionError(f"probability map must be 2-D, got shape {prob.shape}")
+    binary = (prob >= threshold).astype(np.uint8)
+    out = np.zeros(prob.shape, dtype=bool)
+    if not binary.any():
+        return RegionSet(out, [], spacing)
+    min_pixels = max(1, int(np.ceil(min_area_mm2 / spacing.pixel_area_mm2 - 1e-9)))
+    labels_img = sitk.ConnectedComponent(sitk.GetImageFromArray(binary), True)
+    labels_img = sitk.RelabelComponent(labels_img, minimumObjectSize=min_pixels, sortByObjectSize=True)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(labels_img)
+    labels = sitk.GetArrayViewFromImage(labels_img)
+    regions: list[Region] = []
+    for lab in stats.GetLabels():
+        c0, r0, w, h = stats.GetBoundingBox(lab)
+        box = (r0, r0 + h, c0, c0 + w)
+        comp = labels[box[0]:box[1], box[2]:box[3]] == lab
+        filled, poly = _contour_for(comp, tolerance_px, max_points)
+        # Holes were filled, so other (smaller) components inside this one are absorbed.
+        out[box[0]:box[1], box[2]:box[3]] |= filled
+        vals = prob[box[0]:box[1], box[2]:box[3]][filled]
+        contour = np.column_stack([poly[:, 1] + box[2] + 0.5, poly[:, 0] + box[0] + 0.5])
+        if len(np.unique(contour, axis=0)) < 3:
+            contour = _small_region_outline(contour)
+        contour = np.vstack([contour, contour[:1]])
+        regions.append(Region(
+            index=len(regions) + 1, bbox=box, mask=filled, pixel_count=int(filled.sum()),
+            area_mm2=float(filled.sum()) * spacing.pixel_area_mm2,
+            max_probability=float(vals.max()), mean_probability=float(vals.mean()), contour=contour))
+    # Drop components swallowed by an earlier region's hole filling.
+    kept: list[Region] = []
+    covered = np.zeros(prob.shape, dtype=bool)
+    for reg in regions:
+        r0, r1, c0, c1 = reg.bbox
+        if (covered[r0:r1, c0:c1] & reg.mask).all():
+            continue
+        covered[r0:r1, c0:c1] |= reg.mask
+        reg.index = len(kept) + 1
+        kept.append(reg)
+    return RegionSet(out, kept, spacing)

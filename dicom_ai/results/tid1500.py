@@ -1,0 +1,244 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) for one study, built with highdicom.
+
+Content:
+
+* Imaging Measurements: per detected region (``dicom_ai.regions``), one TID 1410 planar ROI
+  group: the region as a closed SCOORD POLYLINE on the source image (pixel coordinates,
+  (column, row), origin at the top-left corner of the top-left pixel), finding type and finding
+  site (breast with laterality), area in mm2 (spacing rules in ``dicom_ai.regions``) whose
+  Source of Measurement is the SEG frame of its segment (frame N = segment N: the reference to
+  the segment the region came from), and the maximum and mean probability inside the region
+  (derivation SCT Maximum / Mean; "Probability of cancer" for malignant lesions, "Certainty of
+  Finding" otherwise, in percent) with the model's algorithm identification. Tracking
+  identifier "<image> <finding> (<model>) region k".
+* Qualitative Evaluations (TID 1500 row 12), TEXT items: each image's scores per model, a line
+  per SEG segment (regions, total area, threshold, segment number, or "no region above
+  threshold"), and per breast and for the study the maximum of each model's scores.
+
+Only groups with a SCOORD are in Imaging Measurements: OHIF 3.13 stops displaying the whole
+report when a group has none (conformance/viewer.md), and PixelMed's TID 1500 check decides
+per container, not per group, which group template applies.
+
+Validator-driven details (shared/research/dicom-tooling.md): procedure reported is SCT
+363679005 "Imaging procedure" (CID 100), and Referenced Segment Number is removed from IMAGE
+items that carry Referenced Frame Number (dciodvfy rejects both together).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from dicom_ai.core.errors import ResultError
+from dicom_ai.core.findings import ImageScore, ModelIdentity
+from dicom_ai.core.options import Equipment
+from dicom_ai.core.views import image_name
+from dicom_ai.results.codes import BREAST, LATERALITY, PERCENT, SQUARE_MM, finding_codes
+from dicom_ai.results.types import ImageResult, Segment
+
+__all__ = ["build_measurement_report", "strip_segment_numbers", "SCORE_FINDING"]
+
+#: Which finding's codes describe an image-level score.
+SCORE_FINDING = {"malignant": "malignant_lesion", "benign": "benign_lesion"}
+
+
+def _site(laterality: str) -> list[hd.sr.FindingSite]:
+    lat = LATERALITY.get(laterality)
+    return [hd.sr.FindingSite(anatomic_location=BREAST, laterality=lat)]
+
+
+def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+
+
+def _uid(root: str, *parts: object) -> str:
+    """A UID derived from ``root`` and ``parts`` (the same inputs give the same UID)."""
+    return generate_uid(entropy_srcs=[root, *map(str, parts)])
+
+
+def _percent(value: float) -> float:
+    return round(100.0 * float(value), 2)
+
+
+def _concept(item: pydicom.Dataset) -> str:
+    seq = item.get("ConceptNameCodeSequence")
+    return str(seq[0].CodeValue) if seq else ""
+
+
+def _placeholder_group() -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    return hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier="placeholder"))
+
+
+def _max_scores(results: Sequence[ImageResult], name: str) -> list[ImageScore]:
+    """Per model, the highest score of ``name`` over the images of ``results``."""
+    best: dict[ModelIdentity, ImageScore] = {}
+    for r in results:
+        for s in r.findings.scores:
+            if s.name == name and (s.model not in best or s.value > best[s.model].value):
+                best[s.model] = s
+    return [best[m] for m in sorted(best, key=lambda m: (m.name, m.version))]
+
+
+def _track(result: ImageResult, segment: Segment) -> str:
+    return f"{image_name(result.source)} {finding_codes(segment.map.finding).label.lower()} ({segment.map.model.name})"
+
+
+def build_measurement_report(
+    results: Sequence[ImageResult],
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    equipment: Equipment,
+    series_description: str = "AI findings (SR)",
+    max_regions_per_segment: int = 20,
+) -> hd.sr.Comprehensive3DSR:
+    """The study's TID 1500 report. Tracking UIDs derive from ``sop_instance_uid``.
+
+    Parameters
+    ----------
+    results
+        One entry per source image of the study, with its analysed segments and its SEG.
+    series_instance_uid, sop_instance_uid, series_number, instance_number
+        Identity of the SR (from the job's :class:`~dicom_ai.core.uids.ResultUIDs`).
+    equipment
+        The device written into the General Equipment module and the observer context.
+    series_description
+        Series Description.
+    max_regions_per_segment
+        At most this many regions per segment are reported, the most probable first.
+    """
+    if not results:
+        raise ResultError("a measurement report needs at least one source image")
+    models = sorted({m.model for r in results for m in r.findings.maps}
+                    | {s.model for r in results for s in r.findings.scores}, key=lambda m: (m.name, m.version))
+    versions = ", ".join(f"{m.name} {m.version}" for m in models)
+    manufacturer, model_name, software_version = equipment.manufacturer, equipment.model_name, equipment.software_version
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=equipment.device_uid, name=f"{model_name} {software_version}: {versions}"[:64],
+            manufacturer_name=manufacturer, model_name=model_name, serial_number=equipment.device_serial_number))
+    root = sop_instance_uid
+    region_groups: list = []
+    for r in results:
+        src, seg = r.source, r.segmentation
+        lat = str(src.get("ImageLaterality", ""))
+        for segment in r.segments:
+            fc = finding_codes(segment.map.finding)
+            model = segment.map.model
+            track = _track(r, segment)
+            seg_ref = (hd.sr.SourceImageForMeasurement(seg.SOPClassUID, seg.SOPInstanceUID, [segment.number])
+                       if seg is not None else None)
+            regions = sorted(segment.regions.regions, key=lambda g: -g.max_probability)[:max_regions_per_segment]
+            for region in sorted(regions, key=lambda g: g.index):
+                prob = fc.probability
+                measurements = [
+                    hd.sr.Measurement(name=codes.SCT.Area, value=round(region.area_mm2, 3), unit=SQUARE_MM,
+                                      referenced_images=[seg_ref] if seg_ref else None),
+                    hd.sr.Measurement(name=prob, value=_percent(region.max_probability), unit=PERCENT,
+                                      derivation=codes.SCT.Maximum, algorithm_id=_algorithm(model)),
+                    hd.sr.Measurement(name=prob, value=_percent(region.mean_probability), unit=PERCENT,
+                                      derivation=codes.SCT.Mean, algorithm_id=_algorithm(model)),
+                ]
+                region_groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=_uid(root, src.SOPInstanceUID, "region", segment.number, region.index),
+                        identifier=f"{track} region {region.index}"[:64]),
+                    referenced_region=hd.sr.ImageRegion(
+                        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                        graphic_data=np.asarray(region.contour, dtype=np.float32),
+                        source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID)),
+                    finding_type=fc.sr_finding,
+                    finding_sites=_site(lat),
+                    measurements=measurements,
+                ))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=region_groups or [_placeholder_group()],
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    if not region_groups:
+        # No region in the study: TID 1500 then carries Qualitative Evaluations only (rows 6
+        # and 12 are "at least one of"); highdicom insists on a group, so its placeholder goes.
+        items = report[0].ContentSequence
+        report[0].ContentSequence = [i for i in items if _concept(i) != "126010"]
+    evaluations = _qualitative_evaluations(results)
+    if evaluations:
+        report[0].ContentSequence.append(evaluations)
+    evidence = [r.source for r in results] + [r.segmentation for r in results if r.segmentation is not None]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence, content=report[0], series_instance_uid=series_instance_uid,
+        series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=instance_number,
+        manufacturer=manufacturer, is_complete=True, is_final=False, is_verified=False,
+        series_description=series_description,
+        manufacturer_model_name=model_name, software_versions=software_version,
+        device_serial_number=equipment.device_serial_number,
+    )
+    strip_segment_numbers(sr)
+    return sr
+
+
+_QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+_FINDING = hd.sr.CodedConcept("121071", "DCM", "Finding")
+
+
+def _score_text(scope: str, score: ImageScore, note: str = "") -> hd.sr.TextContentItem:
+    fc = finding_codes(SCORE_FINDING[score.name])
+    text = f"{scope}: {score.name} score {_percent(score.value):g} %{note} ({score.model.name} {score.model.version})"
+    return hd.sr.TextContentItem(name=fc.probability, value=text[:1024], relationship_type="CONTAINS")
+
+
+def _qualitative_evaluations(results: Sequence[ImageResult]) -> hd.sr.ContainerContentItem | None:
+    """TID 1500 row 12: image-, breast- and study-level scores and a per-segment summary as TEXT.
+
+    Why not measurement groups: OHIF 3.13 stops displaying a report when a group of Imaging
+    Measurements has no SCOORD (conformance/viewer.md), and PixelMed's TID 1500 check wants
+    every group to have an image region once one has a segmentation reference. TEXT items
+    keep the numbers readable in every SR viewer; the per-region values stay NUMs.
+    """
+    items: list = []
+    for r in results:
+        name = image_name(r.source)
+        for score in sorted(r.findings.scores, key=lambda s: (s.name != "malignant", s.model.name)):
+            items.append(_score_text(name, score))
+        for segment in r.segments:
+            n = len(segment.regions.regions)
+            area = sum(g.area_mm2 for g in segment.regions.regions)
+            where = f"SEG segment {segment.number}" if r.segmentation is not None else "no SEG"
+            text = (f"{_track(r, segment)}: {n} region{'s' if n != 1 else ''}, {area:.2f} mm2 at threshold "
+                    f"{segment.map.threshold:g} ({where})" if n else
+                    f"{_track(r, segment)}: no region above threshold {segment.map.threshold:g} ({where})")
+            items.append(hd.sr.TextContentItem(name=_FINDING, value=text, relationship_type="CONTAINS"))
+    scopes = [(f"{side} breast", [r for r in results if str(r.source.get("ImageLaterality", "")) == lat])
+              for lat, side in (("L", "Left"), ("R", "Right"))]
+    scopes.append(("Study", list(results)))
+    for scope_name, scope in scopes:
+        for name in ("malignant", "benign"):
+            for score in _max_scores(scope, name):
+                items.append(_score_text(scope_name, score, " (maximum over its images)"))
+    if not items:
+        return None
+    container = hd.sr.ContainerContentItem(name=_QUALITATIVE_EVALUATIONS, relationship_type="CONTAINS")
+    container.ContentSequence = items
+    return container
+
+
+def strip_segment_numbers(ds: pydicom.Dataset) -> None:
+    """Remove Referenced Segment Number where Referenced Frame Number is present.
+
+    dciodvfy (Image Reference Macro rules in PS3.3 Table 10-3) forbids both in one
+    Referenced SOP Sequence item; the frame number alone identifies the segment here,
+    because each SEG has exactly one frame per segment, frame N holding segment N.
+    """
+    for item in ds.get("ContentSequence", []):
+        for ref in item.get("ReferencedSOPSequence", []):
+            if "ReferencedFrameNumber" in ref and "ReferencedSegmentNumber" in ref:
+                del ref.ReferencedSegmentNumber
+        strip_segment_numbers(item)

@@ -1,0 +1,68 @@
+"""The result objects of a fixed job are byte-identical to those of the package before its
+re-layout (tests/data/golden_results.json was written by the flat pre-layout package).
+
+The job: phantom study seed 3 at 416x320, written as DICOM and read back, the three shipped
+bundles on the CPU, fixed result UIDs and creation time; BINARY SEGs with a CAD SR, FRACTIONAL
+JPEG 2000 SEGs, and the preview PNGs. Any change in decoding, preprocessing, the networks,
+region analysis or the writers changes a digest. The digests hold for the library versions
+recorded beside them (highdicom writes its own version into every object; other releases of
+torch or numpy may round differently): with other versions the test is skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import io
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_ai.core.options import ResultOptions
+from dicom_ai.core.uids import ResultUIDs
+from dicom_ai.data import generate_study, write_study
+from dicom_ai.networks import Pipeline
+from dicom_ai.node.worker import run_pipeline
+from dicom_ai.results import build_results
+
+GOLDEN = Path(__file__).parent / "data" / "golden_results.json"
+ROOT = "1.2.826.0.1.3680043.8.498."
+
+
+def _fixed_uids(sources: list[pydicom.Dataset]) -> ResultUIDs:
+    return ResultUIDs(seg_series=ROOT + "100",
+                      seg_instances={str(ds.SOPInstanceUID): f"{ROOT}101.{i}" for i, ds in enumerate(sources)},
+                      sr_series=ROOT + "102", sr_instance=ROOT + "103", cad_series=ROOT + "104",
+                      cad_instance=ROOT + "105", created="20261201120000")
+
+
+def job_digests(work: Path) -> dict[str, str]:
+    """SHA-256 of every object (and preview) the fixed job writes."""
+    write_study(generate_study(3, shape=(416, 320)), work / "study")
+    sources = [pydicom.dcmread(p) for p in sorted((work / "study").glob("*.dcm"))]
+    sources, findings, notes = run_pipeline(Pipeline.from_bundles(["glam", "dunet", "microcalc"], "cpu"), sources)
+    assert notes == []
+    uids = _fixed_uids(sources)
+    digests = {}
+    variants = {"binary": ResultOptions(cad_sr=True),
+                "fractional-j2k": ResultOptions(segmentation_type="FRACTIONAL", compression="jpeg2000",
+                                                seg_series_number=9011)}
+    for name, options in variants.items():
+        for ds in build_results(sources, findings, uids, options=options).datasets:
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            digests[f"{name}/{ds.Modality}-{ds.SOPInstanceUID}.dcm"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    for path in build_results(sources, findings, uids).write_previews(work / "previews"):
+        digests[f"previews/{path.name}"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+@pytest.mark.slow
+def test_fixed_job_is_byte_identical_to_the_pre_layout_package(tmp_path):
+    golden = json.loads(GOLDEN.read_text())
+    installed = {name: md.version(name) for name in golden["versions"]}
+    if installed != golden["versions"]:
+        pytest.skip(f"golden digests were made with {golden['versions']}, installed are {installed}")
+    assert job_digests(tmp_path) == golden["sha256"]
