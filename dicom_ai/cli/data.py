@@ -198,6 +198,23 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from dicom_ai.data.evaluate import run_evaluation
+    from dicom_ai.core.errors import DatasetError
+    from dicom_ai.data.datasets import open_dataset
+    from dicom_ai.data.evaluate import evaluate, predict, write_report
+    from dicom_ai.networks import Pipeline
 
-    return run_evaluation(args)
+    try:
+        data = open_dataset(args.format, args.truth)
+    except DatasetError as exc:
+        print(f"dicom-ai evaluate: {exc}", file=sys.stderr)
+        return 2
+    n = len(data) if args.limit is None else min(args.limit, len(data))
+    if args.predictions is None and not args.bundle:
+        print("dicom-ai evaluate: give --predictions DIR or at least one --bundle", file=sys.stderr)
+        return 2
+    pipeline = Pipeline.from_bundles(args.bundle, device=args.device) if args.bundle else None
+    samples = (data[i] for i in range(n))
+    pairs = predict(samples, pipeline=pipeline, predictions=None if pipeline is not None else args.predictions)
+    path = write_report(evaluate(pairs, bootstrap=args.bootstrap, total=n), args.out)
+    print(f"wrote {path}")
+    return 0

@@ -42,6 +42,7 @@ from typing import Iterator
 
 import numpy as np
 import pydicom
+from PIL import Image, ImageDraw
 
 from dicom_ai.core.errors import DatasetError
 from dicom_ai.data.phantom_folder import read_manifest
@@ -118,8 +119,6 @@ class PhantomDataset(_Dataset):
                                              "findings": entry.get("findings", [])}))
 
     def __getitem__(self, index: int) -> Sample:
-        from PIL import Image
-
         rec = self.records[index]
         image = _read(rec.path)
         masks = {}
@@ -147,8 +146,6 @@ def _inbreast_class(birads: str) -> str:
 
 def _fill_polygon(mask: np.ndarray, points_rc: np.ndarray) -> None:
     """Fill a polygon (rows, cols in pixels) into ``mask`` (even-odd rule), plus its vertices."""
-    from PIL import Image, ImageDraw
-
     if len(points_rc) == 0:
         return
     rows, cols = mask.shape

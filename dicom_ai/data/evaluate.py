@@ -31,12 +31,17 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import pydicom
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
 from dicom_ai.data import metrics as M
-from dicom_ai.data.datasets import Sample
+from dicom_ai.data.sample import Sample
+from dicom_ai.imaging import resize
+from dicom_ai.networks import Pipeline
 
 TRUTH_FOR_FINDING = {
     "malignant_lesion": ("mass_malignant", "cluster_malignant"),
@@ -126,9 +131,14 @@ class Evaluation:
                 "classification": cls, "froc": froc}
 
 
-def _thumb(a: np.ndarray) -> np.ndarray:
-    from dicom_ai.imaging import resize
+def _subplots(rows: int = 1, cols: int = 1, figsize: tuple[float, float] = (4.5, 4.5), squeeze: bool = True):
+    """Figure and axes from matplotlib's object API: no pyplot state, no global backend switch."""
+    fig = Figure(figsize=figsize)
+    axes = fig.subplots(rows, cols, squeeze=squeeze)
+    return fig, axes
 
+
+def _thumb(a: np.ndarray) -> np.ndarray:
     rows = min(_THUMB_ROWS, a.shape[0])
     cols = max(1, int(round(a.shape[1] * rows / a.shape[0])))
     return resize(np.asarray(a, dtype=np.float32), (rows, cols))
@@ -137,8 +147,6 @@ def _thumb(a: np.ndarray) -> np.ndarray:
 def evaluate(pairs: Iterable[tuple[Sample, Prediction]], bootstrap: int = 2000, examples: int = 8,
              progress: bool = True, total: int | None = None) -> Evaluation:
     """Score (sample, prediction) pairs; streams, so only thumbnails of ``examples`` images are kept."""
-    from tqdm import tqdm
-
     ev = Evaluation()
     seg_lists: dict[str, tuple[list, list, list, list]] = {}  # dice, iou, soft, fp-area
     pooled: dict[str, list[int]] = {}
@@ -223,10 +231,6 @@ def _fmt(v: float) -> str:
 
 def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai evaluation") -> Path:
     """Write report.md, metrics.json and the plots (roc.png, froc.png, dice.png, overlays.png)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +240,7 @@ def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai eva
         for k, v in ev.classification.items():
             lines.append(f"| {k} | {v['ROC AUC']} | {v['PR AUC']} |")
         lines += ["", "![ROC](roc.png)", ""]
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        fig, ax = _subplots(figsize=(4.5, 4.5))
         for k, (fpr, tpr) in ev.curves.items():
             ax.step(fpr, tpr, where="post", label=f"{k} AUC {ev.classification[k]['ROC AUC'].value:.3f}")
         ax.plot([0, 1], [0, 1], ":", color="grey")
@@ -244,7 +248,6 @@ def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai eva
         ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         fig.savefig(out / "roc.png", dpi=110)
-        plt.close(fig)
     if ev.segmentation:
         lines += ["## Segmentation", "",
                   "Dice/IoU/soft Dice per image, averaged over images whose ground truth contains the class; "
@@ -256,7 +259,7 @@ def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai eva
             lines.append(f"| {k} | {s.n_images} | {_fmt(s.mean_dice)} | {_fmt(s.mean_iou)} | {_fmt(s.mean_soft_dice)} "
                          f"| {_fmt(s.pooled_dice)} | {_fmt(ev.pixel_ap.get(k))} | {s.false_positive_area_px:.1f} |")
         lines += ["", "![Dice distribution](dice.png)", ""]
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        fig, ax = _subplots(figsize=(5.5, 3.5))
         data = [(k, s.per_image_dice) for k, s in ev.segmentation.items() if s.per_image_dice]
         if data:
             ax.hist([d for _, d in data], bins=np.linspace(0, 1, 21), label=[k for k, _ in data])
@@ -264,7 +267,6 @@ def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai eva
         ax.set(xlabel="Dice per image", ylabel="images", title="Dice distribution")
         fig.tight_layout()
         fig.savefig(out / "dice.png", dpi=110)
-        plt.close(fig)
     if ev.froc is not None:
         f = ev.froc
         lines += ["## FROC (calcification clusters)", "",
@@ -273,7 +275,7 @@ def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai eva
                   "|---" * (len(f.sensitivity_at) + 2) + "|",
                   "| sensitivity | " + " | ".join(_fmt(v) for v in f.sensitivity_at.values())
                   + f" | {_fmt(f.mean_sensitivity)} |", "", "![FROC](froc.png)", ""]
-        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        fig, ax = _subplots(figsize=(4.5, 3.5))
         # The curve holds its last sensitivity beyond the last operating point.
         right = max(4.5, float(f.fp_per_image[-1]) * 1.1)
         ax.step(np.r_[f.fp_per_image, right], np.r_[f.sensitivity, f.sensitivity[-1]], where="post")
@@ -284,12 +286,11 @@ def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai eva
         ax.set(xlabel="false positives per image", ylabel="sensitivity", title="FROC", ylim=(0, 1.02))
         fig.tight_layout()
         fig.savefig(out / "froc.png", dpi=110)
-        plt.close(fig)
     if ev.examples:
         n = len(ev.examples)
         cols = min(4, n)
         rows = int(math.ceil(n / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 3.2 * rows), squeeze=False)
+        fig, axes = _subplots(rows, cols, figsize=(2.6 * cols, 3.2 * rows), squeeze=False)
         for ax in axes.ravel():
             ax.axis("off")
         for ax, ex in zip(axes.ravel(), ev.examples):
@@ -301,7 +302,6 @@ def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai eva
         fig.suptitle("ground truth (green contour) and predicted probability (colour)", fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "overlays.png", dpi=110)
-        plt.close(fig)
         lines += ["## Examples", "", "![overlays](overlays.png)", ""]
     (out / "metrics.json").write_text(json.dumps(ev.summary(), indent=1))
     path = out / "report.md"
@@ -309,42 +309,21 @@ def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai eva
     return path
 
 
-def run_evaluation(args) -> int:
-    """The ``dicom-ai evaluate`` handler."""
-    import sys
+def predict(samples: Iterable[Sample], pipeline: Pipeline | None = None,
+            predictions: str | Path | None = None) -> Iterator[tuple[Sample, Prediction]]:
+    """Pair each sample with a prediction: ``pipeline`` run on its DICOM file, or the
+    ``<predictions>/<SOPInstanceUID>.npz`` written earlier (see :meth:`Prediction.load`).
 
-    import pydicom
-
-    from dicom_ai.data.datasets import DatasetError, open_dataset
-
-    try:
-        data = open_dataset(args.format, args.truth)
-    except DatasetError as exc:
-        print(f"dicom-ai evaluate: {exc}", file=sys.stderr)
-        return 2
-    n = len(data) if args.limit is None else min(args.limit, len(data))
-    if args.predictions is None and not args.bundle:
-        print("dicom-ai evaluate: give --predictions DIR or at least one --bundle", file=sys.stderr)
-        return 2
-    pipeline = None
-    if args.bundle:
-        from dicom_ai.networks.pipeline import Pipeline
-
-        pipeline = Pipeline.from_bundles(args.bundle, device=args.device)
-
-    def pairs():
-        for i in range(n):
-            sample = data[i]
-            if pipeline is not None:
-                findings = pipeline.run([pydicom.dcmread(sample.source)])[0]
-                yield sample, Prediction.from_findings(findings)
-            else:
-                path = Path(args.predictions) / f"{sample.image.sop_instance_uid}.npz"
-                if not path.is_file():
-                    raise FileNotFoundError(f"no prediction file {path} for image {sample.source}")
-                yield sample, Prediction.load(path)
-
-    ev = evaluate(pairs(), bootstrap=args.bootstrap, total=n)
-    path = write_report(ev, args.out)
-    print(f"wrote {path}")
-    return 0
+    Exactly one of ``pipeline`` and ``predictions`` must be given. Streams: one image at a time.
+    """
+    if (pipeline is None) == (predictions is None):
+        raise ValueError("give exactly one of pipeline and predictions")
+    for sample in samples:
+        if pipeline is not None:
+            findings = pipeline.run([pydicom.dcmread(sample.source)])[0]
+            yield sample, Prediction.from_findings(findings)
+        else:
+            path = Path(predictions) / f"{sample.image.sop_instance_uid}.npz"
+            if not path.is_file():
+                raise FileNotFoundError(f"no prediction file {path} for image {sample.source}")
+            yield sample, Prediction.load(path)

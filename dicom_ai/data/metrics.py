@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
 FROC_RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -298,8 +299,6 @@ class FrocResult:
 
 def label_regions(mask: np.ndarray) -> np.ndarray:
     """Connected components (8-connected) of a boolean mask as an int32 label map, 0 = background."""
-    import SimpleITK as sitk
-
     mask = np.asarray(mask, dtype=np.uint8)
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)

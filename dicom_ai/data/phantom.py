@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
+import torch
+import torch.nn.functional as F
 
 from dicom_ai.data.mg import mg_dataset
 from dicom_ai.data.sample import MASK_KEYS
@@ -497,9 +499,6 @@ def _radial_field(rng: np.random.Generator, spacing: float, beta: float, distanc
     Generated anisotropic (elongated ``stretch`` times along the radius) on a polar canvas
     (distance from the nipple x arc length at 90 mm), then sampled at each pixel.
     """
-    import torch
-    import torch.nn.functional as F
-
     arc = 90.0
     n_u = int(math.ceil(float(distance.max()) / spacing)) + 2
     n_v = int(math.ceil(2 * math.pi * arc / spacing)) + 2
