@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dicom_ai.core.options import Equipment, ResultOptions
-from dicom_ai.results import analyse_image
+from dicom_ai.results import ObjectIdentity, analyse_image
 from dicom_ai.core.errors import SegWriterError
 from dicom_ai.results.seg import build_segmentation
 from conformance.validators import dciodvfy
@@ -68,7 +68,8 @@ def test_fractional_and_compression(tmp_path):
     src = make_mg("L", "CC", (256, 192))
     f = make_findings(src)
     segments = analyse_image(src, f)
-    common = dict(series_instance_uid="1.2.3", sop_instance_uid="1.2.3.4", series_number=9001, instance_number=1,
+    common = dict(identity=ObjectIdentity(series_instance_uid="1.2.3", sop_instance_uid="1.2.3.4", series_number=9001,
+                                          series_description="AI findings (SEG)", instance_number=1),
                   equipment=Equipment(manufacturer="t", model_name="t", software_version="1", device_serial_number="1"))
     sizes = {}
     for seg_type, compression in [("BINARY", "none"), ("BINARY", "jpeg2000"), ("FRACTIONAL", "none"),

@@ -18,11 +18,11 @@ from dicom_ai.results.preview import render_preview
 from dicom_ai.results.regions import DEFAULT_MIN_AREA_MM2, Region, RegionSet, Spacing, area_spacing, find_regions
 from dicom_ai.results.seg import build_segmentation, transfer_syntax_for
 from dicom_ai.results.tid1500 import build_measurement_report
-from dicom_ai.results.types import ImageResult, Segment, order_maps
+from dicom_ai.results.types import ImageResult, ObjectIdentity, Segment, order_maps
 
 __all__ = [
     "build_results", "StudyResults", "analyse_image",
-    "ImageResult", "Segment", "order_maps",
+    "ImageResult", "ObjectIdentity", "Segment", "order_maps",
     "Spacing", "Region", "RegionSet", "area_spacing", "find_regions", "DEFAULT_MIN_AREA_MM2",
     "build_segmentation", "transfer_syntax_for", "build_measurement_report",
     "build_mammography_cad_sr", "MAMMOGRAPHY_CAD_SR", "render_preview",

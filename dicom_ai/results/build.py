@@ -36,7 +36,7 @@ from dicom_ai.results.preview import render_preview
 from dicom_ai.results.regions import DEFAULT_MIN_AREA_MM2, area_spacing, find_regions
 from dicom_ai.results.seg import build_segmentation
 from dicom_ai.results.tid1500 import build_measurement_report
-from dicom_ai.results.types import ImageResult, Segment, order_maps
+from dicom_ai.results.types import ImageResult, ObjectIdentity, Segment, order_maps
 
 __all__ = ["StudyResults", "analyse_image", "build_results"]
 
@@ -127,23 +127,21 @@ def build_results(
         if not image.segments:
             continue
         ds = image.source
-        image.segmentation = build_segmentation(
-            ds, image.segments, series_instance_uid=uids.seg_series_for(str(ds.SOPInstanceUID)),
-            sop_instance_uid=uids.seg_instance(str(ds.SOPInstanceUID)), series_number=options.seg_series_number,
-            instance_number=1, series_description=f"{options.seg_series_description} {image_name(ds)}".strip()[:64],
-            segmentation_type=options.segmentation_type, compression=options.compression, equipment=equipment)
+        identity = ObjectIdentity(uids.seg_series_for(str(ds.SOPInstanceUID)), uids.seg_instance(str(ds.SOPInstanceUID)),
+                                  options.seg_series_number,
+                                  f"{options.seg_series_description} {image_name(ds)}".strip()[:64])
+        image.segmentation = build_segmentation(ds, image.segments, identity, equipment,
+                                                segmentation_type=options.segmentation_type,
+                                                compression=options.compression)
         out.append(image.segmentation)
-    out.append(build_measurement_report(
-        images, series_instance_uid=uids.sr_series, sop_instance_uid=uids.sr_instance,
-        series_number=options.sr_series_number, instance_number=1, equipment=equipment,
-        series_description=options.sr_series_description,
-        max_regions_per_segment=options.max_regions_per_segment))
+    sr = ObjectIdentity(uids.sr_series, uids.sr_instance, options.sr_series_number, options.sr_series_description)
+    out.append(build_measurement_report(images, sr, equipment,
+                                        max_regions_per_segment=options.max_regions_per_segment))
     if options.cad_sr:
-        out.append(build_mammography_cad_sr(
-            images, series_instance_uid=uids.cad_series, sop_instance_uid=uids.cad_instance,
-            series_number=options.cad_series_number, instance_number=1, equipment=equipment,
-            series_description=options.cad_series_description,
-            max_regions_per_segment=options.max_regions_per_segment))
+        cad = ObjectIdentity(uids.cad_series, uids.cad_instance, options.cad_series_number,
+                             options.cad_series_description)
+        out.append(build_mammography_cad_sr(images, cad, equipment,
+                                            max_regions_per_segment=options.max_regions_per_segment))
     for ds in out:
         _pin_creation(ds, uids.created)
     return StudyResults(images=images, datasets=out)

@@ -57,7 +57,7 @@ from dicom_ai.core.findings import ModelIdentity
 from dicom_ai.core.options import Equipment
 from dicom_ai.core.views import VIEW_CODES, view_of
 from dicom_ai.results.codes import BREAST_SIDE, PERCENT, finding_codes
-from dicom_ai.results.types import ImageResult
+from dicom_ai.results.types import ImageResult, ObjectIdentity
 
 __all__ = ["MAMMOGRAPHY_CAD_SR", "build_mammography_cad_sr"]
 
@@ -168,13 +168,9 @@ def _scoord(name: Code, graphic_type: str, data: np.ndarray, source: pydicom.Dat
 
 def build_mammography_cad_sr(
     results: Sequence[ImageResult],
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int,
-    instance_number: int,
+    identity: ObjectIdentity,
     equipment: Equipment,
-    series_description: str = "AI CAD marks (Mammography CAD SR)",
+    *,
     max_regions_per_segment: int = 20,
 ) -> hd.sr.ComprehensiveSR:
     """The study's Mammography CAD SR, one Single Image Finding per region of the TID 1500 SR.
@@ -183,12 +179,10 @@ def build_mammography_cad_sr(
     ----------
     results
         One entry per source image of the study, with its analysed segments.
-    series_instance_uid, sop_instance_uid, series_number, instance_number
-        Identity of the CAD SR (from the job's :class:`~dicom_ai.core.uids.ResultUIDs`).
+    identity
+        Series and instance of the CAD SR.
     equipment
         The device written into the General Equipment module.
-    series_description
-        Series Description.
     max_regions_per_segment
         At most this many regions per segment are reported, the most probable first.
 
@@ -248,10 +242,11 @@ def build_mammography_cad_sr(
 
     _children(root, [*language, library, summary, detections, analyses])
     sr = hd.sr.ComprehensiveSR(
-        evidence=[r.source for r in results], content=root, series_instance_uid=series_instance_uid,
-        series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=instance_number,
+        evidence=[r.source for r in results], content=root, series_instance_uid=identity.series_instance_uid,
+        series_number=identity.series_number, sop_instance_uid=identity.sop_instance_uid,
+        instance_number=identity.instance_number,
         manufacturer=equipment.manufacturer, is_complete=True, is_final=False, is_verified=False,
-        series_description=series_description, manufacturer_model_name=equipment.model_name,
+        series_description=identity.series_description, manufacturer_model_name=equipment.model_name,
         software_versions=equipment.software_version, device_serial_number=equipment.device_serial_number,
     )
     sr.SOPClassUID = MAMMOGRAPHY_CAD_SR

@@ -26,7 +26,7 @@ import pydicom
 from dicom_ai.core.errors import SegWriterError
 from dicom_ai.core.options import COMPRESSIONS, Equipment, encoding_problem
 from dicom_ai.results.codes import BREAST, algorithm_family, display_rgb, finding_codes
-from dicom_ai.results.types import Segment
+from dicom_ai.results.types import ObjectIdentity, Segment
 
 __all__ = ["build_segmentation", "transfer_syntax_for"]
 
@@ -64,13 +64,9 @@ def _description(segment: Segment, occurrence: int) -> hd.seg.SegmentDescription
 def build_segmentation(
     source: pydicom.Dataset,
     segments: list[Segment],
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int,
-    instance_number: int,
+    identity: ObjectIdentity,
     equipment: Equipment,
-    series_description: str = "AI findings (SEG)",
+    *,
     segmentation_type: str = "BINARY",
     compression: str = "none",
 ) -> hd.seg.Segmentation:
@@ -83,12 +79,10 @@ def build_segmentation(
         ``(Rows, Columns)``.
     segments
         The segments, numbered 1..n in order (frame N holds segment N).
-    series_instance_uid, sop_instance_uid, series_number, instance_number
-        Identity of the SEG (from the job's :class:`~dicom_ai.core.uids.ResultUIDs`).
+    identity
+        Series and instance of the SEG (Series Description at most 64 characters).
     equipment
         The device written into the General Equipment module.
-    series_description
-        Series Description (at most 64 characters).
     segmentation_type
         ``BINARY`` (the thresholded, region-filtered masks) or ``FRACTIONAL`` (probability
         quantised to 0..255).
@@ -129,10 +123,10 @@ def build_segmentation(
         pixel_array=pixels,
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
-        series_instance_uid=series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=instance_number,
+        series_instance_uid=identity.series_instance_uid,
+        series_number=identity.series_number,
+        sop_instance_uid=identity.sop_instance_uid,
+        instance_number=identity.instance_number,
         manufacturer=equipment.manufacturer,
         manufacturer_model_name=equipment.model_name,
         software_versions=equipment.software_version,
@@ -140,7 +134,7 @@ def build_segmentation(
         max_fractional_value=255,
         content_label="AI_FINDINGS",
         content_description=f"AI {findings}"[:64],
-        series_description=series_description,
+        series_description=identity.series_description,
         transfer_syntax_uid=transfer_syntax_for(segmentation_type, compression),
         omit_empty_frames=False,
     )

@@ -38,7 +38,7 @@ from dicom_ai.core.findings import ImageScore, ModelIdentity
 from dicom_ai.core.options import Equipment
 from dicom_ai.core.views import image_name
 from dicom_ai.results.codes import BREAST, LATERALITY, PERCENT, SQUARE_MM, finding_codes
-from dicom_ai.results.types import ImageResult, Segment
+from dicom_ai.results.types import ImageResult, ObjectIdentity, Segment
 
 __all__ = ["build_measurement_report", "strip_segment_numbers", "SCORE_FINDING"]
 
@@ -89,27 +89,21 @@ def _track(result: ImageResult, segment: Segment) -> str:
 
 def build_measurement_report(
     results: Sequence[ImageResult],
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int,
-    instance_number: int,
+    identity: ObjectIdentity,
     equipment: Equipment,
-    series_description: str = "AI findings (SR)",
+    *,
     max_regions_per_segment: int = 20,
 ) -> hd.sr.Comprehensive3DSR:
-    """The study's TID 1500 report. Tracking UIDs derive from ``sop_instance_uid``.
+    """The study's TID 1500 report. Tracking UIDs derive from the SR's SOP Instance UID.
 
     Parameters
     ----------
     results
         One entry per source image of the study, with its analysed segments and its SEG.
-    series_instance_uid, sop_instance_uid, series_number, instance_number
-        Identity of the SR (from the job's :class:`~dicom_ai.core.uids.ResultUIDs`).
+    identity
+        Series and instance of the SR.
     equipment
         The device written into the General Equipment module and the observer context.
-    series_description
-        Series Description.
     max_regions_per_segment
         At most this many regions per segment are reported, the most probable first.
     """
@@ -124,7 +118,7 @@ def build_measurement_report(
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=equipment.device_uid, name=f"{model_name} {software_version}: {versions}"[:64],
             manufacturer_name=manufacturer, model_name=model_name, serial_number=equipment.device_serial_number))
-    root = sop_instance_uid
+    root = identity.sop_instance_uid
     region_groups: list = []
     for r in results:
         src, seg = r.source, r.segmentation
@@ -174,10 +168,11 @@ def build_measurement_report(
         report[0].ContentSequence.append(evaluations)
     evidence = [r.source for r in results] + [r.segmentation for r in results if r.segmentation is not None]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report[0], series_instance_uid=series_instance_uid,
-        series_number=series_number, sop_instance_uid=sop_instance_uid, instance_number=instance_number,
+        evidence=evidence, content=report[0], series_instance_uid=identity.series_instance_uid,
+        series_number=identity.series_number, sop_instance_uid=identity.sop_instance_uid,
+        instance_number=identity.instance_number,
         manufacturer=manufacturer, is_complete=True, is_final=False, is_verified=False,
-        series_description=series_description,
+        series_description=identity.series_description,
         manufacturer_model_name=model_name, software_versions=software_version,
         device_serial_number=equipment.device_serial_number,
     )

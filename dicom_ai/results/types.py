@@ -14,7 +14,22 @@ from dicom_ai.core.findings import FINDING_KEYS, ImageFindings, ProbabilityMap
 from dicom_ai.results.codes import finding_codes
 from dicom_ai.results.regions import RegionSet
 
-__all__ = ["Segment", "ImageResult", "order_maps"]
+__all__ = ["ObjectIdentity", "Segment", "ImageResult", "order_maps"]
+
+
+@dataclass(frozen=True)
+class ObjectIdentity:
+    """Where one result object sits: its series and instance UIDs and numbers, its series text.
+
+    The UIDs come from the job's :class:`~dicom_ai.core.uids.ResultUIDs`, so a rebuild of the
+    same job gives the same identity.
+    """
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    series_number: int
+    series_description: str
+    instance_number: int = 1
 
 
 @dataclass
