@@ -66,7 +66,23 @@ class StudyResults:
 
 
 def analyse_image(source: pydicom.Dataset, findings: ImageFindings, options: ResultOptions = ResultOptions()) -> list[Segment]:
-    """Segments (numbered, with their regions) of one image, in SEG order."""
+    """Segments (numbered, with their regions) of one image, in SEG order.
+
+    Parameters
+    ----------
+    source
+        The MG image; its Rows and Columns are the grid every map must be on, and its
+        spacing attributes give the area of a pixel (:func:`~dicom_ai.results.regions.area_spacing`).
+    findings
+        The image's maps and scores.
+    options
+        Per finding key minimum region area (mm2) and the contour point limit.
+
+    Returns
+    -------
+    list of Segment
+        Numbered 1..n in segment order (:func:`~dicom_ai.results.types.order_maps`), one per map.
+    """
     spacing = area_spacing(source)
     shape = (int(source.Rows), int(source.Columns))
     segments = []

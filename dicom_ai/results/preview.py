@@ -36,8 +36,21 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 def render_preview(source: pydicom.Dataset, segments: Sequence[Segment], scores: Sequence[ImageScore] = (),
                    max_side: int = 1024, max_labels: int = 12) -> Image.Image:
-    """An RGB PIL image of ``source`` with segment outlines, SR contours and labels (at most
-    ``max_labels``, the most probable regions)."""
+    """An RGB PIL image of ``source`` with segment outlines, SR contours and labels.
+
+    Parameters
+    ----------
+    source
+        The MG image, shown as the models saw it (dense tissue bright).
+    segments
+        Its analysed segments; regions' contours are SCOORD ``(column, row)`` on the stored grid.
+    scores
+        Image-level scores listed in the header line.
+    max_side
+        The longer side of the PNG in pixels (the image is only ever shrunk).
+    max_labels
+        At most this many region labels, the most probable regions first.
+    """
     gray = normalise_intensities(source)
     rows, cols = gray.shape
     scale = min(1.0, max_side / max(rows, cols))

@@ -300,6 +300,21 @@ def find_regions(
 ) -> RegionSet:
     """Threshold ``probability`` at ``threshold`` (>=), split into 8-connected regions.
 
+    Parameters
+    ----------
+    probability
+        ``(rows, columns)`` map on the stored source grid, values in [0, 1].
+    threshold
+        Operating point; pixels ``>= threshold`` are foreground.
+    spacing
+        Row and column spacing (mm) the areas are computed with.
+    min_area_mm2
+        Regions smaller than this area (mm2) are dropped.
+    tolerance_px
+        Douglas-Peucker tolerance of the contours, in pixels.
+    max_points
+        Contours are loosened until they have at most this many vertices.
+
     Regions smaller than ``min_area_mm2`` are dropped; holes inside a region are filled (a
     lesion contour has no holes, and the SEG then equals the union of the SR contours'
     regions). Contours are simplified by Douglas-Peucker with ``tolerance_px`` (pixels),
