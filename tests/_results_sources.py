@@ -2,7 +2,7 @@
 
 Minimal dciodvfy-clean Digital Mammography X-Ray images (the recipe of
 shared/research/dicom-tooling.md section 2.1), For Presentation or For Processing, MONOCHROME1
-or MONOCHROME2, with synthetic probability maps. The phantom (dicom_ai.phantom) is used where
+or MONOCHROME2, with synthetic probability maps. The phantom (dicom_ai.data.phantom) is used where
 realism matters; these keep the writer tests fast and independent of it.
 """
 

@@ -1,4 +1,4 @@
-"""dicom_ai.codes: every finding key has standard concepts, consistent with pydicom's tables."""
+"""dicom_ai.results.codes: every finding key has standard concepts, consistent with pydicom's tables."""
 
 import pytest
 from pydicom.sr._concepts_dict import concepts

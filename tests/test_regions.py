@@ -1,4 +1,4 @@
-"""dicom_ai.regions: spacing rules for areas, components, minimum size, contours inside regions."""
+"""dicom_ai.results.regions: spacing rules for areas, components, minimum size, contours inside regions."""
 
 import numpy as np
 import pydicom

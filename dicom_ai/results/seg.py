@@ -6,7 +6,7 @@ Built with highdicom from the source MG image. What this module adds for mammogr
   orientation and one frame per segment. Patient Orientation (General Image, type 2C) is
   copied from the source; series Laterality is *not* set (dciodvfy rejects it in a SEG series
   whose images are not all of one side; the side is in the referenced MG image).
-* BINARY segments are the thresholded maps after region filtering (``dicom_ai.regions``:
+* BINARY segments are the thresholded maps after region filtering (:mod:`dicom_ai.results.regions`:
   threshold at the bundle's operating point, components under the minimum area removed,
   holes filled), so a BINARY segment is exactly the union of the regions the SR reports.
   FRACTIONAL segments carry the raw probability, quantised to 0..255 (PROBABILITY type).

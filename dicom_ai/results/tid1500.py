@@ -2,10 +2,10 @@
 
 Content:
 
-* Imaging Measurements: per detected region (``dicom_ai.regions``), one TID 1410 planar ROI
+* Imaging Measurements: per detected region (:mod:`dicom_ai.results.regions`), one TID 1410 planar ROI
   group: the region as a closed SCOORD POLYLINE on the source image (pixel coordinates,
   (column, row), origin at the top-left corner of the top-left pixel), finding type and finding
-  site (breast with laterality), area in mm2 (spacing rules in ``dicom_ai.regions``) whose
+  site (breast with laterality), area in mm2 (spacing rules in :mod:`dicom_ai.results.regions`) whose
   Source of Measurement is the SEG frame of its segment (frame N = segment N: the reference to
   the segment the region came from), and the maximum and mean probability inside the region
   (derivation SCT Maximum / Mean; "Probability of cancer" for malignant lesions, "Certainty of
