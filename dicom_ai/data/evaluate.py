@@ -146,7 +146,40 @@ def _thumb(a: np.ndarray) -> np.ndarray:
 
 def evaluate(pairs: Iterable[tuple[Sample, Prediction]], bootstrap: int = 2000, examples: int = 8,
              progress: bool = True, total: int | None = None) -> Evaluation:
-    """Score (sample, prediction) pairs; streams, so only thumbnails of ``examples`` images are kept."""
+    """Score (sample, prediction) pairs; streams, so only thumbnails of ``examples`` images are kept.
+
+    Parameters
+    ----------
+    pairs
+        ``(sample, prediction)`` per image, e.g. from :func:`predict`. Every map of a
+        prediction must be ``(rows, columns)`` on the stored pixel grid of its sample's image
+        (the grid of ``sample.masks``), with probabilities in [0, 1]; it is binarised at its
+        ``thresholds`` entry (default 0.5, inclusive). Maps not in ``TRUTH_FOR_FINDING``
+        and scores other than ``malignant``/``benign`` are ignored.
+    bootstrap
+        Number of bootstrap resamples behind each classification confidence interval
+        (:func:`~dicom_ai.data.metrics.bootstrap_ci`, 95 % percentile interval).
+    examples
+        At most this many images keep a thumbnail (256 rows at most) for the report's overlay
+        figure: the first images with a ``malignant_lesion``, ``benign_lesion`` or
+        ``calcification_cluster`` map whose ground truth for it is not empty.
+    progress
+        Show a :mod:`tqdm` progress bar (on stderr).
+    total
+        Number of pairs, for the progress bar only (``pairs`` may be a generator).
+
+    Returns
+    -------
+    Evaluation
+        Segmentation summaries and pixel AP per finding map, image- and breast-level ROC/PR
+        AUC with bootstrap intervals per score, and the FROC of calcification clusters
+        (None when no prediction has a ``calcification_cluster`` or ``calcification`` map).
+
+    Raises
+    ------
+    ValueError
+        When a map's shape differs from its image's.
+    """
     ev = Evaluation()
     seg_lists: dict[str, tuple[list, list, list, list]] = {}  # dice, iou, soft, fp-area
     pooled: dict[str, list[int]] = {}
@@ -230,7 +263,24 @@ def _fmt(v: float) -> str:
 
 
 def write_report(ev: Evaluation, out_dir: str | Path, title: str = "dicom_ai evaluation") -> Path:
-    """Write report.md, metrics.json and the plots (roc.png, froc.png, dice.png, overlays.png)."""
+    """Write report.md, metrics.json and the plots (roc.png, froc.png, dice.png, overlays.png).
+
+    Parameters
+    ----------
+    ev
+        The result of :func:`evaluate`; sections (and their plots) without data are left out.
+    out_dir
+        Folder to write into; created with its parents when missing, existing files of the
+        same names are overwritten.
+    title
+        Top-level heading of ``report.md``.
+
+    Returns
+    -------
+    pathlib.Path
+        The path of ``report.md``; ``metrics.json`` (:meth:`Evaluation.summary`) and the
+        PNGs lie next to it.
+    """
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,6 +365,31 @@ def predict(samples: Iterable[Sample], pipeline: Pipeline | None = None,
     ``<predictions>/<SOPInstanceUID>.npz`` written earlier (see :meth:`Prediction.load`).
 
     Exactly one of ``pipeline`` and ``predictions`` must be given. Streams: one image at a time.
+
+    Parameters
+    ----------
+    samples
+        The images with their ground truth; ``sample.source`` must be the path of the DICOM
+        file when ``pipeline`` is given.
+    pipeline
+        Runs on each image's DICOM file; its findings become the prediction
+        (:meth:`Prediction.from_findings`).
+    predictions
+        Folder of ``<SOPInstanceUID>.npz`` prediction files (format in the module docstring),
+        one per sample, named by ``sample.image.sop_instance_uid``.
+
+    Returns
+    -------
+    iterator of (Sample, Prediction)
+        One pair per sample, in input order, produced lazily.
+
+    Raises
+    ------
+    ValueError
+        When neither or both of ``pipeline`` and ``predictions`` are given (on the first
+        ``next``, as this is a generator).
+    FileNotFoundError
+        When a sample has no prediction file in ``predictions``.
     """
     if (pipeline is None) == (predictions is None):
         raise ValueError("give exactly one of pipeline and predictions")

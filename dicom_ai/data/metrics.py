@@ -55,6 +55,27 @@ def dice(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
     """Dice of a mask or probability map (binarised at ``threshold``) against a boolean truth.
 
     Returns ``nan`` when both are empty (undefined; excluded from means).
+
+    Parameters
+    ----------
+    pred
+        ``(rows, columns)`` prediction on the same grid as ``truth``: a boolean mask (used as
+        is) or a probability map with values in [0, 1].
+    truth
+        ``(rows, columns)`` ground truth; boolean, or numeric binarised at 0.5 (``>=``).
+    threshold
+        Probability at which a non-boolean ``pred`` is binarised (inclusive: ``p >= threshold``);
+        ignored for a boolean ``pred``.
+
+    Returns
+    -------
+    float
+        ``2|P∩G| / (|P|+|G|)`` in [0, 1], or ``nan`` when both masks are empty.
+
+    Raises
+    ------
+    ValueError
+        When the two shapes differ.
     """
     p, g = _bool(pred, threshold), _bool(truth, 0.5)
     if p.shape != g.shape:
@@ -64,7 +85,29 @@ def dice(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
 
 
 def iou(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
-    """Intersection over union (Jaccard); ``nan`` when both are empty."""
+    """Intersection over union (Jaccard); ``nan`` when both are empty.
+
+    Parameters
+    ----------
+    pred
+        ``(rows, columns)`` prediction on the same grid as ``truth``: a boolean mask (used as
+        is) or a probability map with values in [0, 1].
+    truth
+        ``(rows, columns)`` ground truth; boolean, or numeric binarised at 0.5 (``>=``).
+    threshold
+        Probability at which a non-boolean ``pred`` is binarised (inclusive: ``p >= threshold``);
+        ignored for a boolean ``pred``.
+
+    Returns
+    -------
+    float
+        ``|P∩G| / |P∪G|`` in [0, 1], or ``nan`` when both masks are empty.
+
+    Raises
+    ------
+    ValueError
+        When the two shapes differ.
+    """
     p, g = _bool(pred, threshold), _bool(truth, 0.5)
     if p.shape != g.shape:
         raise ValueError(f"prediction shape {p.shape} differs from ground truth shape {g.shape}")
@@ -98,7 +141,27 @@ class SegmentationSummary:
 
 def segmentation_summary(preds: Iterable[np.ndarray], truths: Iterable[np.ndarray],
                          threshold: float = 0.5) -> SegmentationSummary:
-    """Dice, IoU and soft Dice per image averaged over images containing the class, and pooled Dice."""
+    """Dice, IoU and soft Dice per image averaged over images containing the class, and pooled Dice.
+
+    Parameters
+    ----------
+    preds
+        One ``(rows, columns)`` prediction per image: a boolean mask or a probability map in
+        [0, 1]. Soft Dice uses the probabilities themselves, Dice and IoU the binarised map.
+    truths
+        The matching ground-truth masks, same order and shape (boolean, or numeric
+        binarised at 0.5). The two iterables are paired with :func:`zip`, so the shorter one
+        ends the evaluation.
+    threshold
+        Probability at which non-boolean predictions are binarised (inclusive: ``p >= threshold``).
+
+    Returns
+    -------
+    SegmentationSummary
+        Means over images whose truth contains the class (``nan`` when there are none),
+        pooled Dice over all pixels of all images, and the mean predicted area in pixels on
+        images without the class (``false_positive_area_px``, 0 when there are none).
+    """
     dices, ious, softs, fp_areas = [], [], [], []
     inter = total = 0
     for pred, truth in zip(preds, truths):
@@ -219,7 +282,24 @@ class PixelPrecisionRecall:
 
 
 def pixel_average_precision(probs: Iterable[np.ndarray], truths: Iterable[np.ndarray], bins: int = 1000) -> float:
-    """Pixel-level AP pooled over all pixels of all images (see ``PixelPrecisionRecall``)."""
+    """Pixel-level AP pooled over all pixels of all images (see ``PixelPrecisionRecall``).
+
+    Parameters
+    ----------
+    probs
+        One ``(rows, columns)`` probability map per image, values in [0, 1] (values outside
+        are clipped into the first or last bin).
+    truths
+        The matching ground-truth masks, same order and shape (boolean, or numeric
+        binarised at 0.5); paired with ``probs`` by :func:`zip`.
+    bins
+        Number of equal-width probability bins in [0, 1]; pixels in one bin count as tied.
+
+    Returns
+    -------
+    float
+        Average precision over all pixels pooled; ``nan`` when no pixel is positive.
+    """
     acc = PixelPrecisionRecall(bins)
     for prob, truth in zip(probs, truths):
         acc.add(prob, truth)
@@ -247,6 +327,35 @@ def bootstrap_ci(metric: Callable[[np.ndarray, np.ndarray], float], scores: Sequ
     """Percentile bootstrap CI of ``metric(scores, labels)``, resampling cases with replacement.
 
     Resamples without both classes are redrawn (at most ``10 n`` draws in all).
+
+    Parameters
+    ----------
+    metric
+        Called as ``metric(scores, labels)`` with a float64 and a boolean numpy array of one
+        length, returning a float (e.g. :func:`roc_auc`, :func:`average_precision`).
+    scores
+        One finite score per case (any scale; higher = more likely positive).
+    labels
+        One truth label per case, same order as ``scores``.
+    n
+        Number of bootstrap resamples wanted.
+    alpha
+        Two-sided level: the interval is the ``100 alpha/2`` and ``100 (1 - alpha/2)``
+        percentiles (0.05 gives a 95 % interval).
+    seed
+        Seed of the :func:`numpy.random.default_rng` drawing the resamples (reproducible).
+
+    Returns
+    -------
+    Interval
+        ``value`` is the metric on all cases; ``low``/``high`` the percentile bounds and
+        ``replicates`` the number of resamples used. Bounds are ``nan`` and ``replicates`` 0
+        when there are no cases or only one class.
+
+    Raises
+    ------
+    ValueError
+        When the lengths differ or a score is NaN or infinite.
     """
     s, y = _check_scores(scores, labels)
     value = metric(s, y)
@@ -272,6 +381,22 @@ def breast_level(keys: Sequence[tuple[str, str]], scores: Sequence[float],
 
     Breast score = mean of its images' scores (CC and MLO); breast label = any image positive.
     Returns (breast keys in first-seen order, scores, labels).
+
+    Parameters
+    ----------
+    keys
+        One ``(study, laterality)`` pair per image (e.g. ``("1.2.3", "L")``); images with an
+        equal pair belong to one breast.
+    scores
+        One score per image, same order as ``keys``.
+    labels
+        One truth label per image, same order as ``keys``.
+
+    Returns
+    -------
+    tuple of (list of tuple, numpy.ndarray, numpy.ndarray)
+        The breast keys in first-seen order, their mean scores (float64) and their labels
+        (boolean, True when any image of the breast is positive), index-aligned.
     """
     groups: dict[tuple[str, str], list[int]] = {}
     for i, key in enumerate(keys):
@@ -330,6 +455,34 @@ def froc(detections: Sequence[Sequence[tuple[float, float, float]]], truth_regio
     """FROC over images: ``detections[i]`` = [(score, row, col), ...]; ``truth_regions[i]`` = label map.
 
     A boolean truth mask is split into 8-connected regions first.
+
+    Parameters
+    ----------
+    detections
+        Per image, its candidate detections as ``(score, row, column)``: any score scale
+        (higher = more confident) and a location in pixels on the stored grid of that image,
+        (row, column) order with (0, 0) the centre of the top-left pixel, as returned by
+        :func:`detections_from_map`. A location is rounded to the nearest pixel; one outside
+        the image is a false positive.
+    truth_regions
+        Per image, same order, a ``(rows, columns)`` map of its truth regions: an integer
+        label map (0 = background, each positive label one region) or a boolean mask.
+        Images without regions (normal ones) count in the FP/image denominator.
+    rates
+        Mean false positives per image at which the sensitivity is read off
+        (``sensitivity_at``); their mean is ``mean_sensitivity``.
+
+    Returns
+    -------
+    FrocResult
+        The curve (FP/image against sensitivity, one point per distinct score threshold,
+        starting at (0, 0) with threshold +inf) and its read-outs; ``mean_sensitivity`` is
+        ``nan`` when there are no truth regions.
+
+    Raises
+    ------
+    ValueError
+        When the two sequences differ in length.
     """
     if len(detections) != len(truth_regions):
         raise ValueError(f"{len(detections)} detection lists but {len(truth_regions)} truth maps")

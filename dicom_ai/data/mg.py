@@ -79,6 +79,51 @@ def mg_dataset(
 
     ``stored`` is a uint16 array of values in ``[0, 2**bits_stored - 1]`` already in the sense
     of ``photometric``. ``spacing_mm`` is the Imager Pixel Spacing (square pixels).
+
+    Parameters
+    ----------
+    stored
+        ``(rows, columns)`` stored pixel values, written as Pixel Data unchanged (cast to
+        uint16). Row 0 is the top row; the array must already be in the orientation of a real
+        modality (L views chest wall at column 0, R views at the last column), which the
+        Patient Orientation written for ``laterality`` and ``view`` describes.
+    seed
+        Phantom seed; the UIDs, patient and study identifiers and the acquisition date and
+        time are derived from it alone, so the same seed gives the same data set.
+    laterality
+        Image Laterality, ``"L"`` or ``"R"`` (case-insensitive).
+    view
+        View Position, ``"CC"`` or ``"MLO"`` (case-insensitive); also selects the View Code
+        Sequence and the Positioner Primary Angle (MLO: +45 degrees for L, -45 for R).
+    spacing_mm
+        Imager Pixel Spacing in mm per pixel at the detector, rows and columns alike. Pixel
+        Spacing is written as ``spacing_mm * SOD / SID`` (magnification corrected, SID 660 mm,
+        SOD 620 mm).
+    photometric
+        ``"MONOCHROME2"`` (higher value = brighter) or ``"MONOCHROME1"`` (inverted); must
+        match how ``stored`` was produced.
+    presentation
+        Presentation Intent Type, ``"FOR PRESENTATION"`` or ``"FOR PROCESSING"``
+        (case-insensitive); selects the SOP class and series, and For Presentation adds a
+        full-range linear VOI window.
+    bits_stored
+        Bits Stored, 10 to 16 (Bits Allocated is 16).
+    thickness_mm
+        Compressed breast thickness in mm (Body Part Thickness).
+    instance_number
+        Instance Number of the image within its series.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The data set with its file meta (Explicit VR Little Endian), ready for
+        :meth:`~pydicom.dataset.Dataset.save_as` or :func:`encode`.
+
+    Raises
+    ------
+    ValueError
+        When ``laterality``/``view``, ``presentation``, ``photometric`` or ``bits_stored``
+        is unsupported, or a stored value needs more than ``bits_stored`` bits.
     """
     laterality, view = laterality.upper(), view.upper()
     presentation = presentation.upper()

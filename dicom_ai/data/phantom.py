@@ -734,6 +734,46 @@ def generate_study(
     category 'a'-'d' (random when None). ``normal`` forces a study without findings (True) or
     with at least one (False); None draws it (35 % normal). ``beta`` is the exponent of the
     fibroglandular texture's power spectrum.
+
+    Parameters
+    ----------
+    seed
+        Integer seed; the same seed (and arguments) give identical pixels, masks and UIDs.
+    shape
+        ``(rows, columns)`` of every view in pixels, at least (64, 48). The field of view is
+        fixed (that of (3328, 2560) at 0.07 mm), so the pixel spacing is
+        ``0.07 * 3328 / rows`` mm, square.
+    density
+        BI-RADS breast density category, ``"a"`` (fatty) to ``"d"`` (extremely dense);
+        None draws it (a 10 %, b 40 %, c 40 %, d 10 %).
+    photometric
+        ``"MONOCHROME2"`` (dense tissue bright in the stored values) or ``"MONOCHROME1"``
+        (stored values inverted).
+    presentation
+        ``"FOR PRESENTATION"`` (processed look) or ``"FOR PROCESSING"`` (raw-like,
+        lower-contrast log signal).
+    normal
+        True: no findings in either breast; False: at least one breast with findings;
+        None: drawn (35 % normal).
+    bits_stored
+        Bits Stored of the DICOM images; pixel values are quantised to
+        ``[0, 2**bits_stored - 1]``.
+    beta
+        Exponent of the 1/f^beta power spectrum of the fibroglandular texture (3 as
+        measured on real mammograms; lower gives finer, noisier texture).
+
+    Returns
+    -------
+    PhantomStudy
+        The four views in the order L-CC, L-MLO, R-CC, R-MLO, each with its DICOM data set,
+        ground-truth masks and breast mask on the stored pixel grid (R views stored facing
+        left, chest wall at the last column), plus the breast-level labels and the findings
+        in 3-D breast coordinates.
+
+    Raises
+    ------
+    ValueError
+        When ``shape`` is too small or ``density`` is not a BI-RADS category.
     """
     rows, cols = int(shape[0]), int(shape[1])
     if rows < 64 or cols < 48:

@@ -45,6 +45,30 @@ def write_study(study: PhantomStudy, out_dir: str | Path, transfer_syntax: str =
     """Write the four views, ground-truth PNG masks and ``manifest.json`` into ``out_dir``.
 
     Returns the path of the manifest. The layout is documented in this module's docstring.
+
+    Parameters
+    ----------
+    study
+        The study to write, from :func:`~dicom_ai.data.phantom.generate_study`; its masks
+        are written as they are, on the stored pixel grid of each view (no flip).
+    out_dir
+        The study folder; created (with ``masks/``) when missing, existing files of the same
+        names are overwritten.
+    transfer_syntax
+        Key of :data:`~dicom_ai.data.mg.TRANSFER_SYNTAXES` for the DICOM files:
+        ``"explicit"``, ``"jpeg2000"``, ``"jpegls"`` or ``"rle"`` (all lossless).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir / "manifest.json"``.
+
+    Raises
+    ------
+    ValueError
+        When ``transfer_syntax`` is not a known key.
+    RuntimeError
+        When the codec plugin for a compressed syntax is missing.
     """
     out = Path(out_dir)
     (out / "masks").mkdir(parents=True, exist_ok=True)
