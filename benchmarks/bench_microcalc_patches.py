@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dicom_ai.cli.args import seed_list as _seed_list  # noqa: E402
 from dicom_ai.networks.microcalc import MicrocalcConfig, PatchCNN, sliding_window_logits  # noqa: E402
-from dicom_ai.training.microcalc import (_seed_list, evaluate_patches, load_patches,  # noqa: E402
-                                        select_seeds, train_network)
+from dicom_ai.training.microcalc import evaluate_patches, load_patches, select_seeds, train_network  # noqa: E402
 
 
 def dense_gap(net, patches, n: int = 6, seed: int = 0) -> dict:

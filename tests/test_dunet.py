@@ -272,3 +272,15 @@ def test_shipped_bundle_loads_and_predicts():
     out = model.predict(mammogram_from_array(img, laterality="L", view="MLO"))
     assert out.maps[0].probability.shape == img.shape
     assert np.isfinite(out.maps[0].probability).all() and 0.0 <= out.scores[0].value <= 1.0
+
+
+def test_phantom_image_set_cache_is_keyed_by_the_generator_code(tmp_path):
+    from dicom_ai.data.cache import generator_version
+    from dicom_ai.training.dunet import image_set_cache_folder, phantom_image_set
+
+    first = phantom_image_set([3], (32, 32), (128, 96), tmp_path)
+    (folder,) = tmp_path.iterdir()
+    assert folder == image_set_cache_folder(tmp_path, (32, 32), (128, 96))
+    assert folder.name == f"p128x96-m32x32-v2-{generator_version()}"
+    again = phantom_image_set([3], (32, 32), (128, 96), tmp_path)
+    assert np.array_equal(first.images, again.images) and np.array_equal(first.lesions, again.lesions)

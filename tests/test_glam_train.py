@@ -144,8 +144,12 @@ def test_phantom_data_do_not_depend_on_the_number_of_workers():
 
 
 def test_phantom_cache_is_keyed_by_the_generator_code(tmp_path):
-    from dicom_ai.training.glam import _generator_version, load_phantoms
+    from dicom_ai.data.cache import generator_version
+    from dicom_ai.training.glam import load_phantoms
 
     load_phantoms(321, 1, (148, 114), tmp_path, progress=False)
     (folder,) = tmp_path.iterdir()
-    assert folder.name.endswith(_generator_version())
+    assert folder.name.endswith(generator_version())
+    # A second call reads the folder back: the same views, no new folder.
+    again = load_phantoms(321, 1, (148, 114), tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name] and len(again) == 4

@@ -9,7 +9,8 @@ from dicom_ai.core.findings import ModelIdentity
 from dicom_ai.networks.microcalc import C1, C2, C3, C4, MicrocalcConfig, MicrocalcModel, PatchCNN, group_clusters, patch_class, patch_classes, sliding_window_logits
 from dicom_ai.networks.pipeline import model_from_bundle
 from dicom_ai.imaging import mammogram_from_array
-from dicom_ai.training.microcalc import INTENDED_USE, PatchSet, extract_patches, train_network
+from dicom_ai.data.cache import generator_version
+from dicom_ai.training.microcalc import INTENDED_USE, PatchSet, extract_patches, patch_cache_folder, phantom_patches, train_network
 
 
 
@@ -176,3 +177,17 @@ def test_shipped_bundle_loads():
     assert bundle.manifest["intended_use"] == INTENDED_USE
     assert model.config.patch_size == 49 and model.config.padding == "valid"
     assert set(bundle.manifest["thresholds"]) == {"calcification", "calcification_cluster"}
+
+
+def test_patch_cache_folder_is_keyed_by_the_generator_code(tmp_path):
+    folder = patch_cache_folder(tmp_path, 7, (3328, 2560))
+    assert folder.name == f"seed7_3328x2560-{generator_version()}"
+    assert patch_cache_folder(tmp_path, 7, (3328, 2560), {"on": 1}) != folder
+    # phantom_patches reads that folder (complete once its marker is written), not an older one.
+    folder.mkdir()
+    np.save(folder / "images.npy", np.full((2, 49, 49), 0.5, np.float16))
+    np.save(folder / "masks.npy", np.zeros((2, 49, 49), bool))
+    np.save(folder / "source.npy", np.array([70, 71]))
+    (folder / "meta.json").write_text('{"seed": 7, "shape": [3328, 2560], "count": 2}')
+    patches = phantom_patches(7, tmp_path, (3328, 2560))
+    assert len(patches) == 2 and patches.images.dtype == np.float32 and list(patches.source) == [70, 71]

@@ -14,18 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from dicom_ai.cli.args import shape_type
+
 SIZES = {"small": (416, 320), "full": (3328, 2560)}
 DEFAULT_REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "real"
 
 
-def _shape(text: str) -> tuple[int, int]:
-    if text in SIZES:
-        return SIZES[text]
-    try:
-        rows, cols = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r}: use small, full or ROWSxCOLUMNS (e.g. 832x640)") from None
-    return rows, cols
+_shape = shape_type(SIZES, "size {text!r}: use small, full or ROWSxCOLUMNS (e.g. 832x640)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

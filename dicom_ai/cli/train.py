@@ -1,12 +1,30 @@
-"""``dicom-ai train glam | dunet-pretrain | dunet-seg | microcalc``: train a model, write its bundle."""
+"""``dicom-ai train glam | dunet-pretrain | dunet-seg | microcalc``: train a model, write its bundle.
+
+Every sub-command trains on phantom studies generated on the fly and cached under ``build/``
+(folders named with :func:`dicom_ai.data.cache.generator_version`), and writes a model bundle
+(``manifest.json`` + ``weights.safetensors``) the node loads; the U-Net's stage 1 writes a
+checkpoint that stage 2 starts from. The recipes are library functions of
+:mod:`dicom_ai.training`; this module parses the arguments, calls them, prints, and imports
+them only when a command runs, so that ``dicom-ai --help`` does not load torch.
+
+Example (the shipped models/dunet bundle; see ``make dunet-bundle``)::
+
+    dicom-ai train dunet-pretrain --out build/dunet/pretrain.safetensors
+    dicom-ai train dunet-seg --init build/dunet/pretrain.safetensors --out models/dunet
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
 
-from dicom_ai.cli import train_dunet
-from dicom_ai.training import glam as train_glam
-from dicom_ai.training import microcalc as train_microcalc
+from dicom_ai.cli.args import seed_list, seed_range, shape
+
+_GLAM_DESCRIPTION = "`dicom-ai train glam`: train GLAM from image-level labels and write its model bundle."
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,6 +32,352 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train a model and write its bundle")
     train_sub = train.add_subparsers(dest="model", metavar="MODEL")
     train_sub.required = True
-    train_glam.register(train_sub)
-    train_dunet.register(train_sub)
-    train_microcalc.register(train_sub)
+    _register_glam(train_sub)
+    _register_dunet(train_sub)
+    _register_microcalc(train_sub)
+
+
+# --------------------------------------------------------------------------- GLAM
+
+
+def _register_glam(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "glam", help="train GLAM (weakly supervised, image-level labels) and write a bundle",
+        description=_GLAM_DESCRIPTION)
+    p.add_argument("--config", choices=("compact", "paper"), default="compact",
+                   help="network configuration (default: compact, trains on a CPU)")
+    p.add_argument("--out", default="models/glam", help="bundle folder to write (default: models/glam)")
+    p.add_argument("--phantom-dir", default=None,
+                   help="read studies from a phantom folder (dicom_ai.datasets) instead of generating them")
+    p.add_argument("--train-studies", type=int, default=1200, help="generated training studies (4 views each)")
+    p.add_argument("--val-studies", type=int, default=50, help="generated validation studies")
+    p.add_argument("--first-seed", type=int, default=10_000, help="phantom seed of the first training study")
+    p.add_argument("--shape", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
+                   help="phantom image shape (default: a full-size breast at the config's pixel spacing)")
+    p.add_argument("--cache", default="build/glam-cache", help="folder for cached preprocessed phantoms")
+    p.add_argument("--epochs-global", type=int, default=12)
+    p.add_argument("--epochs-local", type=int, default=2)
+    p.add_argument("--epochs-joint", type=int, default=1, help="0 skips joint fine-tuning")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4,
+                   help="Adam learning rate, all stages (1e-3 stalls at the label prior on the phantoms)")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="weight of the L1 sparsity term (mean |saliency| over pixels and classes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes generating phantom studies (the data do not depend on it)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default 1: on a shared CPU a second thread mostly waits)")
+    p.add_argument("--checkpoint-dir", default="build/glam-checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--baseline", choices=("none", "cam"), default="none",
+                   help="cam: train the plain CAM classifier baseline instead (global backbone + GAP)")
+    p.set_defaults(handler=_glam)
+
+
+def _glam(args: argparse.Namespace) -> int:
+    import torch
+
+    from dicom_ai.core.errors import DatasetError
+    from dicom_ai.networks.bundle import save_bundle
+    from dicom_ai.networks.glam import CONFIGS, CamClassifier, Glam
+    from dicom_ai.networks.pipeline import resolve_device
+    from dicom_ai.training import glam as recipe
+
+    torch.set_num_threads(max(1, args.threads))
+    device = resolve_device(args.device)
+    config = CONFIGS[args.config]
+    shape_ = tuple(args.shape) if args.shape else recipe.phantom_shape_for(config)
+    if args.phantom_dir:
+        try:
+            data = recipe.load_phantom_folder(args.phantom_dir)
+        except DatasetError as exc:
+            raise SystemExit(str(exc)) from None
+        val = None
+        data_note = f"phantom folder {args.phantom_dir} ({len(data)} images)"
+    else:
+        data = recipe.load_phantoms(args.first_seed, args.train_studies, shape_, args.cache, workers=args.workers)
+        val_seed = args.first_seed + args.train_studies
+        val = (recipe.load_phantoms(val_seed, args.val_studies, shape_, args.cache, workers=args.workers)
+               if args.val_studies > 0 else None)
+        data_note = (f"{args.train_studies} generated phantom studies ({len(data)} views), seeds "
+                     f"{args.first_seed}-{args.first_seed + args.train_studies - 1}, shape {shape_[0]}x{shape_[1]}; "
+                     f"validation {args.val_studies} studies from seed {val_seed}")
+    print(f"training data: {data_note}; positives benign {int(data.labels[:, 0].sum())}, "
+          f"malignant {int(data.labels[:, 1].sum())} of {len(data)}", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    ckpt_dir = Path(args.checkpoint_dir)
+    start = time.time()
+    if args.baseline == "cam":
+        net = CamClassifier(config)
+        history = recipe.train(net, data, config, stages=[("cam", args.epochs_global)], batch_size=args.batch_size,
+                               lr=args.lr, beta=0.0, seed=args.seed, device=device,
+                               checkpoint=ckpt_dir / f"cam-{config.name}.safetensors", resume=args.resume,
+                               loss_fn=lambda stage, n, x, mask, y: recipe.cam_loss(n, x, y, 0.0))
+        path = recipe.save_cam_weights(args.out, net, config, history)
+        print(f"wrote CAM baseline weights to {path}", file=sys.stderr)
+        return 0
+    net = Glam(config)
+    stages = [("global", args.epochs_global), ("local", args.epochs_local), ("joint", args.epochs_joint)]
+    history = recipe.train(net, data, config, stages=stages, batch_size=args.batch_size, lr=args.lr,
+                           beta=args.beta, seed=args.seed, device=device,
+                           checkpoint=ckpt_dir / f"glam-{config.name}.safetensors", resume=args.resume, val=val)
+    minutes = round((time.time() - start) / 60, 1)
+    metrics, thresholds = recipe.validation_metrics(net, val, config, device)
+    manifest = recipe.glam_manifest(
+        config, thresholds=thresholds, metrics=metrics, data_note=data_note, command=_glam_command(args),
+        seed=args.seed, stages=stages, batch_size=args.batch_size, lr=args.lr, beta=args.beta, device=device,
+        threads=args.threads, history=history)
+    path = save_bundle(args.out, manifest, net.state_dict())
+    print(f"wrote bundle {path} ({minutes} min); thresholds {thresholds}; metrics {json.dumps(metrics)}",
+          file=sys.stderr)
+    return 0
+
+
+def _glam_command(args: argparse.Namespace) -> str:
+    """The command as typed when run from a shell, else rebuilt from the parsed arguments."""
+    if "train" in sys.argv:
+        return f"dicom-ai {shlex.join(sys.argv[sys.argv.index('train'):])}"
+    return "dicom-ai train glam " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+        if k not in ("handler", "command", "model") and v not in (None, False))
+
+
+# --------------------------------------------------------------------------- discriminative U-Net
+
+
+def _dunet_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-seeds", type=seed_range, default=range(0, 96),
+                   help="phantom study seeds START:STOP used for training (default 0:96)")
+    p.add_argument("--phantom-shape", type=shape, default=(416, 320),
+                   help="stored size ROWSxCOLS of the generated phantom views (default 416x320)")
+    p.add_argument("--config", choices=("compact", "paper"), default="compact",
+                   help="network configuration (paper = 1536x1536; compact = 256x192, default)")
+    p.add_argument("--input-shape", type=shape, default=None,
+                   help="override the configuration's input size ROWSxCOLS")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights init, sampling and distortions")
+    p.add_argument("--device", default="cpu", help="cpu, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared CPU, more threads spin at barriers)")
+    p.add_argument("--cache-dir", default="build/dunet-cache", help="where phantom arrays are cached")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def _register_dunet(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("dunet-pretrain", help="discriminative U-Net stage 1: self-supervised restoration",
+                              description="Train the U-Net to restore Models-Genesis distortions of "
+                                          "benign and normal phantom images (MSE inside the breast).")
+    _dunet_common(p)
+    p.add_argument("--out", required=True, help="checkpoint file to write (.safetensors)")
+    p.set_defaults(handler=_dunet_pretrain)
+
+    s = subparsers.add_parser("dunet-seg", help="discriminative U-Net stage 2: malignancy segmentation",
+                              description="Train malignancy segmentation on malignant phantom images "
+                                          "(benign images as empty targets) and write a model bundle.")
+    _dunet_common(s)
+    s.add_argument("--init", default=None, help="stage-1 checkpoint; omit to train from scratch")
+    s.add_argument("--head", choices=("subtraction", "sigmoid"), default="subtraction",
+                   help="subtraction = x - f(x) (the paper's method), sigmoid = standard head")
+    s.add_argument("--no-empty-targets", action="store_true", help="leave benign images out of stage 2")
+    s.add_argument("--test-seeds", type=seed_range, default=range(100000, 100024),
+                   help="held-out phantom seeds START:STOP for the metrics in the manifest")
+    s.add_argument("--name", default="dunet", help="bundle name (written into SEG/SR)")
+    s.add_argument("--version", default="0.1.0", help="bundle version")
+    s.add_argument("--out", required=True, help="bundle folder to write, e.g. models/dunet")
+    s.set_defaults(handler=_dunet_seg)
+
+
+def _dunet_setup(args: argparse.Namespace):
+    """(config, device) of a U-Net command, with torch's CPU threads set."""
+    import torch
+
+    from dicom_ai.networks.dunet import DUNetConfig
+    from dicom_ai.networks.pipeline import resolve_device
+
+    torch.set_num_threads(max(1, args.threads))
+    config = DUNetConfig.paper() if args.config == "paper" else DUNetConfig.compact()
+    if args.input_shape is not None:
+        config = DUNetConfig.from_dict(dict(config.to_dict(), input_shape=args.input_shape))
+    return config, resolve_device(args.device)
+
+
+def _dunet_pretrain(args: argparse.Namespace) -> int:
+    from dicom_ai.networks.dunet import DiscriminativeUNet
+    from dicom_ai.training.dunet import phantom_image_set, pretrain, save_checkpoint, seed_everything
+
+    config, device = _dunet_setup(args)
+    data = phantom_image_set(args.train_seeds, config.input_shape, args.phantom_shape, args.cache_dir,
+                             progress=not args.no_progress).pretraining_pool()
+    if len(data) == 0:
+        raise SystemExit("no benign or normal images in the training seeds; widen --train-seeds")
+    epochs = args.epochs if args.epochs is not None else 6
+    lr = args.lr if args.lr is not None else 1e-3
+    seed_everything(args.seed)
+    network = DiscriminativeUNet(config)
+    started = time.time()
+    history = pretrain(network, data, epochs, args.batch_size, lr, args.seed, device=device,
+                       progress=not args.no_progress,
+                       on_epoch=lambda e, r: print(f"epoch {e}: restoration MSE {r['train_mse']:.5f}", flush=True))
+    info = {"stage": "pretrain", "images": len(data), "epochs": epochs, "lr": lr, "batch_size": args.batch_size,
+            "seed": args.seed, "train_seeds": f"{args.train_seeds.start}:{args.train_seeds.stop}",
+            "phantom_shape": list(args.phantom_shape), "seconds": round(time.time() - started, 1),
+            "history": history}
+    path = save_checkpoint(args.out, network, info)
+    print(f"wrote {path} ({len(data)} benign/normal images, {epochs} epochs)")
+    return 0
+
+
+def _dunet_seg(args: argparse.Namespace) -> int:
+    from dicom_ai.networks.bundle import save_bundle
+    from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig
+    from dicom_ai.training.dunet import (evaluate_segmentation, load_checkpoint, phantom_image_set, seed_everything,
+                                         segmentation_manifest, segmentation_metrics, train_segmentation)
+
+    config, device = _dunet_setup(args)
+    init_info: dict = {}
+    seed_everything(args.seed)
+    if args.init:
+        init_config, state, init_info = load_checkpoint(args.init)
+        config = DUNetConfig.from_dict(dict(init_config.to_dict(), head=args.head))
+        network = DiscriminativeUNet(config)
+        network.load_state_dict(state)
+    else:
+        config = DUNetConfig.from_dict(dict(config.to_dict(), head=args.head))
+        network = DiscriminativeUNet(config)
+    progress = not args.no_progress
+    pool = phantom_image_set(args.train_seeds, config.input_shape, args.phantom_shape, args.cache_dir, progress)
+    data = pool.segmentation_pool(empty_targets=not args.no_empty_targets)
+    test = phantom_image_set(args.test_seeds, config.input_shape, args.phantom_shape, args.cache_dir, progress)
+    if not data.lesions.any():
+        raise SystemExit("no malignant images with visible lesions in the training seeds; widen --train-seeds")
+    epochs = args.epochs if args.epochs is not None else 30
+    lr = args.lr if args.lr is not None else 5e-4
+    started = time.time()
+    history = train_segmentation(
+        network, data, epochs, args.batch_size, lr, args.seed, test=test.positives(), device=device,
+        progress=progress,
+        on_epoch=lambda e, r: print(f"epoch {e}: loss {r['train_loss']:.4f}, test Dice {r.get('test_dice', float('nan')):.3f}",
+                                    flush=True))
+    final = evaluate_segmentation(network, test, device=device)
+    metrics = segmentation_metrics(test, args.test_seeds, final, history)
+    manifest = segmentation_manifest(
+        config, name=args.name, version=args.version, phantom_shape=args.phantom_shape,
+        train_seeds=args.train_seeds, data=data, init_info=init_info,
+        command="dicom-ai train dunet-seg " + " ".join(_dunet_argv_echo(args)), seed=args.seed, epochs=epochs,
+        lr=lr, batch_size=args.batch_size, seconds=round(time.time() - started, 1), history=history,
+        metrics=metrics)
+    path = save_bundle(args.out, manifest, network.state_dict())
+    print(f"wrote bundle {path}: test Dice {final['dice']:.3f} (max {metrics['dice_max']:.3f}) "
+          f"on {metrics['test_set']}")
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _dunet_argv_echo(args: argparse.Namespace) -> list[str]:
+    out = []
+    for key in ("init", "head", "config", "epochs", "lr", "batch_size", "seed"):
+        value = getattr(args, key, None)
+        if value is not None:
+            out.append(f"--{key.replace('_', '-')} {value}")
+    for key in ("train_seeds", "test_seeds"):
+        r = getattr(args, key)
+        out.append(f"--{key.replace('_', '-')} {r.start}:{r.stop}")
+    out.append(f"--phantom-shape {args.phantom_shape[0]}x{args.phantom_shape[1]}")
+    if args.input_shape is not None:
+        out.append(f"--input-shape {args.input_shape[0]}x{args.input_shape[1]}")
+    return out
+
+
+# --------------------------------------------------------------------------- microcalcifications
+
+
+def _register_microcalc(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "microcalc", help="train the microcalcification Detector and Segmentator on phantoms",
+        description="Train both microcalcification CNNs on full-size phantom studies and write a model bundle.")
+    p.add_argument("--out", default="models/microcalc", help="bundle folder to write (default models/microcalc)")
+    p.add_argument("--train-seeds", default="0:30", help="candidate phantom seeds for training, 'a:b' or 'a,b,c'")
+    p.add_argument("--cluster-studies", type=int, default=10,
+                   help="use the first N candidate studies that hold a calcification cluster (0: all candidates)")
+    p.add_argument("--normal-studies", type=int, default=2,
+                   help="plus the first N candidates without one (extra negatives)")
+    p.add_argument("--val-seeds", default="1001,1003,1005", help="held-out phantom seeds for the manifest metrics")
+    p.add_argument("--cache", default="build/microcalc", help="folder for the cached .npy patches")
+    p.add_argument("--patch-size", type=int, default=49, choices=(29, 39, 49))
+    p.add_argument("--padding", default="valid", choices=("valid", "same"))
+    p.add_argument("--steps", type=int, default=500, help="first-round optimisation steps per network")
+    p.add_argument("--mine-studies", type=int, default=6,
+                   help="training studies (the first N) on which first-round false positives are mined")
+    p.add_argument("--hard-steps", type=int, default=300,
+                   help="second-round steps per network with a quarter of each batch mined hard negatives (0: none)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (1 is fastest on a shared, loaded machine)")
+    p.add_argument("--version", default="0.1.0", help="bundle version string")
+    p.set_defaults(handler=_microcalc)
+
+
+def _microcalc(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from dicom_ai.core.findings import ModelIdentity
+    from dicom_ai.networks.bundle import save_bundle
+    from dicom_ai.networks.microcalc import MicrocalcConfig, MicrocalcModel
+    from dicom_ai.training import microcalc as recipe
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    cache = Path(args.cache)
+    config = MicrocalcConfig(patch_size=args.patch_size, padding=args.padding)
+    train_seeds = recipe.select_seeds(seed_list(args.train_seeds), args.cluster_studies, args.normal_studies)
+    val_seeds = seed_list(args.val_seeds)
+    print(f"training studies (phantom seeds): {train_seeds}")
+    train = recipe.load_patches(train_seeds, cache)
+    val = recipe.load_patches(val_seeds, cache)
+    counts = {f"C{c}": int(np.sum(train.classes(config.patch_size) == c)) for c in (1, 2, 3, 4)}
+    print(f"training patches: {len(train)} ({counts}); held-out patches: {len(val)}")
+    nets, metrics, history = {}, {}, {}
+    for k, role in enumerate(("detector", "segmentator")):
+        nets[role], history[role] = recipe.train_network(
+            config, role, train, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed + k,
+            checkpoint=cache / "checkpoints" / f"{role}.safetensors")
+    mined = {"detector": 0, "segmentator": 0}
+    if args.hard_steps > 0 and args.mine_studies > 0:
+        mine_seeds = recipe.mining_seeds(train_seeds, args.cluster_studies, args.normal_studies, args.mine_studies)
+        hard = dict(zip(("detector", "segmentator"),
+                        recipe.mine_hard_negatives(nets["detector"], nets["segmentator"], mine_seeds, seed=args.seed)))
+        for k, role in enumerate(("detector", "segmentator")):
+            mined[role] = len(hard[role])
+            print(f"{role}: {len(hard[role])} mined hard negatives from studies {mine_seeds}")
+            nets[role], more = recipe.train_network(
+                config, role, train, steps=args.hard_steps, batch=args.batch, lr=args.lr / 3, seed=args.seed + 10 + k,
+                init=nets[role], hard=hard[role], checkpoint=cache / "checkpoints" / f"{role}.safetensors",
+                desc=f"{role} with hard negatives")
+            history[role] = history[role] + more
+    for role in ("detector", "segmentator"):
+        net, losses = nets[role], history[role]
+        metrics[f"{role}_patch"] = recipe.evaluate_patches(net, role, val)
+        history[role] = {"first_100_mean_loss": float(np.mean(losses[:100])),
+                         "last_100_mean_loss": float(np.mean(losses[-100:]))}
+        m = metrics[f"{role}_patch"]
+        print(f"{role}: held-out patch accuracy {m['accuracy']:.4f} sensitivity {m['sensitivity']:.4f} "
+              f"specificity {m['specificity']:.4f} (n={m['n']})")
+    model = MicrocalcModel(nets["detector"], nets["segmentator"], ModelIdentity(name="microcalc", version=args.version))
+    command = "dicom-ai train microcalc " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+        if k not in ("handler", "command", "model"))
+    manifest = recipe.microcalc_manifest(
+        config, version=args.version, train_seeds=train_seeds, val_seeds=args.val_seeds, command=command,
+        seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr, hard_steps=args.hard_steps,
+        patches={"train": len(train), "train_classes": counts, "mined_hard_negatives": mined},
+        loss=history, wall_time_s=round(time.time() - t0, 1), metrics=metrics)
+    save_bundle(args.out, manifest, model.state_dict())
+    print(f"bundle written to {args.out} in {time.time() - t0:.0f} s")
+    return 0

@@ -16,11 +16,16 @@ calcification covers a fraction of a model pixel, so a model pixel is a lesion p
 mass covers at least half of it or malignant calcifications cover more than
 ``calcification_cover`` of it (default 0.001, i.e. any speck; 0.5 treats them like masses,
 which at coarse grids drops them).
+
+Owns the :class:`ImageSet` cache of phantom studies (one folder per grid pair, named with
+:func:`dicom_ai.data.cache.generator_version`), the losses, both training loops, the
+checkpoint format of stage 1 and the bundle manifest of stage 2 (:func:`segmentation_manifest`);
+``dicom-ai train dunet-pretrain | dunet-seg`` (:mod:`dicom_ai.cli.train`) is the command line
+over these functions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -30,16 +35,22 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from dicom_ai.data import metrics
-from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig, model_grid
-from dicom_ai.training.genesis import GenesisConfig, distort
+from dicom_ai.data.cache import cache_folder
+from dicom_ai.data.phantom import FULL_SHAPE, FULL_SPACING_MM, generate_study
 from dicom_ai.imaging import read_mammogram
+from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig, model_grid
+from dicom_ai.training import common
+from dicom_ai.training.genesis import GenesisConfig, distort
 
 __all__ = [
+    "INTENDED_USE",
     "ImageSet",
+    "image_set_cache_folder",
     "phantom_image_set",
     "masked_mse",
     "soft_dice_loss",
@@ -51,7 +62,13 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "seed_everything",
+    "segmentation_metrics",
+    "segmentation_manifest",
 ]
+
+#: The shipped bundle's intended use (written to every manifest of :func:`segmentation_manifest`).
+INTENDED_USE = (common.INTENDED_USE + ". Segments malignant lesions (masses and calcifications combined) "
+                "on 2-D mammography views; outputs are not calibrated.")
 
 #: Default cache of phantom ImageSets (git-ignored).
 CACHE_DIR = Path("build") / "dunet-cache"
@@ -99,18 +116,10 @@ class ImageSet:
         return self.subset(np.flatnonzero(self.lesions.any(axis=(1, 2))))
 
 
-def _phantom_version() -> str:
-    import dicom_ai.data.phantom as phantom
-
-    return hashlib.sha256(Path(phantom.__file__).read_bytes()).hexdigest()[:12]
-
-
 _STUDY_KEYS = ("images", "mass_cover", "calcification_cover", "breasts", "benign", "malignant")
 
 
 def _study_arrays(seed: int, phantom_shape: tuple[int, int], input_shape: tuple[int, int]) -> dict[str, np.ndarray]:
-    from dicom_ai.data.phantom import generate_study
-
     study = generate_study(seed, shape=phantom_shape)
     out: dict[str, list] = {k: [] for k in _STUDY_KEYS}
     for im in study.images:
@@ -129,18 +138,62 @@ def _study_arrays(seed: int, phantom_shape: tuple[int, int], input_shape: tuple[
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def image_set_cache_folder(cache_dir: Path | str, input_shape: tuple[int, int],
+                           phantom_shape: tuple[int, int]) -> Path:
+    """The cache folder of :func:`phantom_image_set` for one pair of grids.
+
+    Parameters
+    ----------
+    cache_dir : Path or str
+        Root of the U-Net cache (``build/dunet-cache`` for ``dicom-ai train dunet-*``).
+    input_shape : tuple of int
+        Model grid (rows, columns), in pixels.
+    phantom_shape : tuple of int
+        Stored (rows, columns) of the generated phantom views, in pixels.
+
+    Returns
+    -------
+    Path
+        ``cache_dir / "p<rows>x<cols>-m<rows>x<cols>-v2-<generator version>"`` (not created).
+    """
+    return cache_folder(cache_dir, f"p{phantom_shape[0]}x{phantom_shape[1]}-m{input_shape[0]}x{input_shape[1]}-v2")
+
+
 def phantom_image_set(seeds: Sequence[int], input_shape: tuple[int, int], phantom_shape: tuple[int, int],
                       cache_dir: Path | str | None = CACHE_DIR, progress: bool = False,
                       calcification_cover: float = 1e-3) -> ImageSet:
     """The four views of each phantom study ``seeds`` on the model grid, cached per study.
 
-    ``phantom_shape`` is the stored (rows, columns) of the generated images; the cache key
-    includes both shapes and a digest of the phantom generator's source.
+    Parameters
+    ----------
+    seeds : sequence of int
+        Phantom study seeds.
+    input_shape : tuple of int
+        Model grid (rows, columns), in pixels (:func:`~dicom_ai.networks.dunet.model_grid`:
+        breast crop in canonical orientation, chest wall at column 0).
+    phantom_shape : tuple of int
+        Stored (rows, columns) of the generated images, in pixels.
+    cache_dir : Path, str or None
+        Root of the cache (folder :func:`image_set_cache_folder`); None does not cache.
+    progress : bool
+        Show a progress bar.
+    calcification_cover : float
+        Fraction of a model pixel malignant calcifications must exceed for it to be a lesion
+        pixel (a mass must cover half of it); see the module docstring.
+
+    Returns
+    -------
+    ImageSet
+        Views in the order L-CC, L-MLO, R-CC, R-MLO per study.
+
+    Notes
+    -----
+    The cache holds per study and array one ``<seed>_<name>.npy`` (images, lesion covers,
+    breast masks, labels); a study is read back only when all of its files are there.
     """
     folder = None
     if cache_dir is not None:
-        key = f"p{phantom_shape[0]}x{phantom_shape[1]}-m{input_shape[0]}x{input_shape[1]}-{_phantom_version()}-v2"
-        folder = Path(cache_dir) / key
+        folder = image_set_cache_folder(cache_dir, input_shape, phantom_shape)
         folder.mkdir(parents=True, exist_ok=True)
     parts = []
     for seed in tqdm(list(seeds), desc="phantom studies", disable=not progress, leave=False):
@@ -165,13 +218,30 @@ def phantom_image_set(seeds: Sequence[int], input_shape: tuple[int, int], phanto
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the pixels where ``mask`` is set (all tensors (N, 1, H, W))."""
+    """Mean squared error over the pixels where ``mask`` is set.
+
+    Parameters
+    ----------
+    prediction, target : torch.Tensor
+        (N, 1, H, W) images on the model grid.
+    mask : torch.Tensor
+        (N, 1, H, W) breast mask (boolean or 0/1); an empty mask gives 0.
+    """
     weight = mask.to(prediction.dtype)
     return ((prediction - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def soft_dice_loss(probability: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """1 - soft Dice, per image, averaged over the images whose target is not empty.
+
+    Parameters
+    ----------
+    probability : torch.Tensor
+        (N, ...) lesion probabilities in [0, 1].
+    target : torch.Tensor
+        (N, ...) 0/1 lesion masks.
+    eps : float
+        Smoothing added to numerator and denominator (in pixels).
 
     Returns 0 when no image of the batch has a lesion (Dice is undefined there).
     """
@@ -189,6 +259,15 @@ def segmentation_loss(network: DiscriminativeUNet, output: torch.Tensor, target:
     Subtraction head: MSE between ``x - f(x)`` and the 0/1 mask (so ``f`` keeps being trained
     as a reconstruction, towards the image with its lesion subtracted) plus soft Dice of the
     clipped difference. Standard head: BCE on the logit plus soft Dice of the sigmoid.
+
+    Parameters
+    ----------
+    network : DiscriminativeUNet
+        Decides the head and how ``output`` becomes a probability.
+    output : torch.Tensor
+        (N, 1, H, W) the network's raw output.
+    target : torch.Tensor
+        (N, 1, H, W) 0/1 malignant-lesion masks.
     """
     target = target.to(output.dtype)
     probability = network.probability(output)
@@ -224,9 +303,35 @@ def pretrain(network: DiscriminativeUNet, data: ImageSet, epochs: int, batch_siz
              on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Stage 1: train ``network.unet`` to restore Genesis-distorted images (MSE in the breast).
 
-    Uses every image of ``data`` (pass ``ImageSet.pretraining_pool()``). Returns one record
-    per epoch: mean training loss and, with ``validation``, the restoration MSE on a fixed
-    set of distortions of it.
+    Parameters
+    ----------
+    network : DiscriminativeUNet
+        Its ``unet`` is trained in place.
+    data : ImageSet
+        Every image is used (pass ``ImageSet.pretraining_pool()``).
+    epochs : int
+        Passes over ``data``.
+    batch_size : int
+        Images per step.
+    lr : float
+        Adam learning rate.
+    seed : int
+        Seeds the order and the distortions of epoch ``e`` (``(seed, e)``).
+    genesis : GenesisConfig
+        The distortions.
+    validation : ImageSet, optional
+        Restoration MSE on a fixed set of distortions of it after every epoch.
+    device : torch.device or str
+        Where to train.
+    progress : bool
+        Show progress bars.
+    on_epoch : callable, optional
+        Called with (epoch number from 1, record) after every epoch.
+
+    Returns
+    -------
+    list of dict
+        One record per epoch: ``train_mse`` and, with ``validation``, ``validation_mse``.
     """
     device = torch.device(device)
     unet = network.unet.to(device)
@@ -271,8 +376,17 @@ def _predict(module: torch.nn.Module, x: torch.Tensor, batch_size: int) -> torch
 def dice_scores(probability: np.ndarray, lesion: np.ndarray, threshold: float = 0.5) -> dict[str, np.ndarray]:
     """Per-image hard Dice (map binarised at ``threshold``) and soft Dice, arrays (N,) each.
 
-    Uses ``dicom_ai.metrics``; images with an empty ``lesion`` get NaN, so they are excluded
-    from the Dice means (their false-positive area is reported separately).
+    Parameters
+    ----------
+    probability : numpy.ndarray
+        (N, H, W) probability maps on the model grid.
+    lesion : numpy.ndarray
+        (N, H, W) boolean ground truth on the same grid.
+    threshold : float
+        Binarisation threshold of the hard Dice.
+
+    Uses :mod:`dicom_ai.data.metrics`; images with an empty ``lesion`` get NaN, so they are
+    excluded from the Dice means (their false-positive area is reported separately).
     """
     hard = np.full(len(probability), np.nan)
     soft = np.full(len(probability), np.nan)
@@ -286,7 +400,19 @@ def dice_scores(probability: np.ndarray, lesion: np.ndarray, threshold: float = 
 @torch.no_grad()
 def predict_probability(network: DiscriminativeUNet, images: np.ndarray, batch_size: int = 8,
                         device: torch.device | str = "cpu") -> np.ndarray:
-    """Probability maps (N, H, W) of a stack of model-grid images."""
+    """Probability maps (N, H, W) of a stack of model-grid images.
+
+    Parameters
+    ----------
+    network : DiscriminativeUNet
+        The network (put in eval mode).
+    images : numpy.ndarray
+        (N, H, W) float images in [0, 1] on the model grid.
+    batch_size : int
+        Images per forward pass.
+    device : torch.device or str
+        Where to run.
+    """
     network.eval()
     x = _tensor(images, torch.device(device))
     return network.probability(_predict(network, x, batch_size))[:, 0].cpu().numpy()
@@ -296,8 +422,25 @@ def evaluate_segmentation(network: DiscriminativeUNet, data: ImageSet, batch_siz
                           device: torch.device | str = "cpu", threshold: float = 0.5) -> dict[str, float]:
     """Mean per-image Dice and soft Dice over images with lesions; false-positive area on the rest.
 
-    ``fp_fraction`` is the mean fraction of breast pixels at or above ``threshold`` on images
-    whose mask is empty (NaN when there are none).
+    Parameters
+    ----------
+    network : DiscriminativeUNet
+        The network.
+    data : ImageSet
+        Images with and without lesions.
+    batch_size : int
+        Images per forward pass.
+    device : torch.device or str
+        Where to run.
+    threshold : float
+        Map probability at or above which a pixel is lesion.
+
+    Returns
+    -------
+    dict
+        ``dice`` and ``soft_dice`` (means over images with a lesion, NaN when none) and
+        ``fp_fraction``, the mean fraction of breast pixels at or above ``threshold`` on
+        images whose mask is empty (NaN when there are none).
     """
     prob = predict_probability(network, data.images, batch_size, device)
     scores = dice_scores(prob, data.lesions, threshold)
@@ -316,9 +459,37 @@ def train_segmentation(network: DiscriminativeUNet, data: ImageSet, epochs: int,
                        on_epoch: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Stage 2: train the whole network (either head) on ``data`` (``segmentation_pool()``).
 
-    Augmentation: a random up-down flip (p = 0.5) of image and mask. With ``test``, every
-    epoch is evaluated (:func:`evaluate_segmentation`), which gives the Dice curve from which
-    DICE_max and DICE_avg are read. Returns one record per epoch.
+    Augmentation: a random up-down flip (p = 0.5) of image and mask.
+
+    Parameters
+    ----------
+    network : DiscriminativeUNet
+        Trained in place (all of it).
+    data : ImageSet
+        Training images (``segmentation_pool()``).
+    epochs : int
+        Passes over ``data``.
+    batch_size : int
+        Images per step.
+    lr : float
+        Adam learning rate.
+    seed : int
+        Seeds the order and the flips of epoch ``e`` (``(seed, 0x5E6, e)``).
+    test : ImageSet, optional
+        Evaluated after every epoch (:func:`evaluate_segmentation`), which gives the Dice
+        curve from which DICE_max and DICE_avg are read.
+    device : torch.device or str
+        Where to train.
+    progress : bool
+        Show progress bars.
+    on_epoch : callable, optional
+        Called with (epoch number from 1, record) after every epoch.
+
+    Returns
+    -------
+    list of dict
+        One record per epoch: ``train_loss`` and, with ``test``, ``test_dice``,
+        ``test_soft_dice`` and ``test_fp_fraction``.
     """
     device = torch.device(device)
     network.to(device)
@@ -353,7 +524,17 @@ def train_segmentation(network: DiscriminativeUNet, data: ImageSet, epochs: int,
 
 
 def save_checkpoint(path: Path | str, network: DiscriminativeUNet, info: dict | None = None) -> Path:
-    """Weights as safetensors; the config and ``info`` go into the file's string metadata."""
+    """Weights as safetensors; the config and ``info`` go into the file's string metadata.
+
+    Parameters
+    ----------
+    path : Path or str
+        The ``.safetensors`` file to write (parent folders are created).
+    network : DiscriminativeUNet
+        Whose weights and config.
+    info : dict, optional
+        JSON-serialisable run information (stage 1 records ``"stage": "pretrain"``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"config": json.dumps(network.config.to_dict()), "info": json.dumps(info or {})}
@@ -364,8 +545,6 @@ def save_checkpoint(path: Path | str, network: DiscriminativeUNet, info: dict | 
 
 def load_checkpoint(path: Path | str) -> tuple[DUNetConfig, dict[str, torch.Tensor], dict]:
     """Config, weights and info of a :func:`save_checkpoint` file."""
-    from safetensors import safe_open
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint {path} must be a .safetensors file")
@@ -377,3 +556,121 @@ def load_checkpoint(path: Path | str) -> tuple[DUNetConfig, dict[str, torch.Tens
         raise ValueError(f"{path} has no U-Net config in its metadata; was it written by save_checkpoint?")
     config = DUNetConfig.from_dict(json.loads(metadata["config"]))
     return config, load_file(str(path)), json.loads(metadata.get("info", "{}"))
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+def segmentation_metrics(test: ImageSet, test_seeds: range, final: dict[str, float],
+                         history: list[dict]) -> dict:
+    """The manifest's metrics of a stage-2 run.
+
+    Parameters
+    ----------
+    test : ImageSet
+        The held-out images (:func:`phantom_image_set` of ``test_seeds``).
+    test_seeds : range
+        Their phantom study seeds.
+    final : dict
+        :func:`evaluate_segmentation` of the final network on ``test``.
+    history : list of dict
+        The per-epoch records of :func:`train_segmentation` (``test_dice`` read from them).
+
+    Returns
+    -------
+    dict
+        The test set in words, the Dice protocol, final Dice, soft Dice and false-positive
+        fraction, and the maximum and the mean of the last 10 epochs of the Dice curve.
+    """
+    dice_curve = [r["test_dice"] for r in history if "test_dice" in r]
+    return {
+        "test_set": f"phantom seeds {test_seeds.start}:{test_seeds.stop}, "
+                    f"{int(test.lesions.any(axis=(1, 2)).sum())} images with malignant lesions, "
+                    f"{len(test)} images in all",
+        "dice_protocol": "per image on the model grid, map >= 0.5, mean over images with a lesion",
+        "dice_final": final["dice"],
+        "soft_dice_final": final["soft_dice"],
+        "fp_fraction_lesion_free_images": final["fp_fraction"],
+        "dice_max": float(np.nanmax(dice_curve)) if dice_curve else None,
+        "dice_avg_last10": float(np.nanmean(dice_curve[-10:])) if dice_curve else None,
+    }
+
+
+def segmentation_manifest(config: DUNetConfig, *, name: str, version: str, phantom_shape: tuple[int, int],
+                          train_seeds: range, data: ImageSet, init_info: dict, command: str, seed: int,
+                          epochs: int, lr: float, batch_size: int, seconds: float, history: list[dict],
+                          metrics: dict) -> dict:
+    """The manifest of a U-Net bundle trained by :func:`train_segmentation`.
+
+    Parameters
+    ----------
+    config : DUNetConfig
+        The network configuration (head and input grid).
+    name : str
+        Bundle name (written into SEG/SR).
+    version : str
+        Bundle version.
+    phantom_shape : tuple of int
+        Stored (rows, columns) of the training phantoms, in pixels; the trained pixel spacing
+        in mm follows from it (a full-size phantom is 3328 rows at 0.07 mm).
+    train_seeds : range
+        Phantom seeds of the training studies.
+    data : ImageSet
+        The stage-2 training images (``segmentation_pool()``).
+    init_info : dict
+        The stage-1 checkpoint's info (:func:`load_checkpoint`), empty when trained from scratch.
+    command : str
+        The command line that trained the bundle.
+    seed : int
+        Training seed.
+    epochs : int
+        Stage-2 epochs.
+    lr : float
+        Adam learning rate.
+    batch_size : int
+        Images per step.
+    seconds : float
+        Training time, seconds.
+    history : list of dict
+        The per-epoch records of :func:`train_segmentation`.
+    metrics : dict
+        :func:`segmentation_metrics`.
+    """
+    return {
+        "name": name,
+        "version": version,
+        "family": "Artificial Intelligence",
+        "architecture": {"kind": "dunet", **config.to_dict()},
+        "input": {
+            "views": ["CC", "MLO"],
+            "intensity": "[0, 1], dense tissue bright (dicom_ai.preprocess.read_mammogram)",
+            "geometry": f"breast crop in canonical orientation (chest wall at column 0), grown to the "
+                        f"input aspect and resized to {config.input_shape[0]}x{config.input_shape[1]}",
+            "trained_pixel_spacing_mm": round(FULL_SPACING_MM * FULL_SHAPE[0] / phantom_shape[0], 4),
+        },
+        "outputs": {
+            "malignant_lesion": "probability map on the source grid (subtraction head: clip(x - f(x), 0, 1))"
+            if config.head == "subtraction" else "probability map on the source grid (sigmoid head)",
+            "malignant": f"image score = mean of the top {config.score_top_fraction:.1%} of the model-grid map",
+            "reconstruction": "f(x), optional explainability image (DUNetModel.predict_with_reconstruction)",
+        },
+        "thresholds": {"malignant_lesion": 0.5},
+        "intended_use": INTENDED_USE,
+        "training": {
+            "data": f"synthetic phantom studies (dicom_ai.phantom) seeds {train_seeds.start}:"
+                    f"{train_seeds.stop} at {phantom_shape[0]}x{phantom_shape[1]}; "
+                    f"{int(data.lesions.any(axis=(1, 2)).sum())} malignant images, "
+                    f"{int((~data.lesions.any(axis=(1, 2))).sum())} benign images as empty targets",
+            "lesion_mask": "mass_malignant | calcification_malignant",
+            "command": command,
+            "pretraining": init_info.get("stage") and {k: v for k, v in init_info.items() if k != "history"},
+            "head": config.head,
+            "seed": seed,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seconds": seconds,
+            "history": history,
+        },
+        "metrics": metrics,
+    }

@@ -1,5 +1,8 @@
 """Models-Genesis distortions as modified by Tardy & Mateus for full mammograms.
 
+Owns the restoration task of the U-Net's stage 1 (:func:`distort` and its parts); the training
+loop that uses it is :func:`dicom_ai.training.dunet.pretrain`.
+
 Stage 1 of the discriminative U-Net learns to undo these distortions (restoration). From
 Models Genesis (Zhou et al. 2019, MrGiovanni/ModelsGenesis) the order flip -> intensity ->
 painting and the painting probabilities are kept; the paper's modifications are:
@@ -67,7 +70,22 @@ class Distortion:
 
 def flip(image: np.ndarray, target: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
          config: GenesisConfig = GenesisConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Flip all three arrays together, as Models Genesis does; returns them and the flip count."""
+    """Flip all three arrays together, as Models Genesis does.
+
+    Parameters
+    ----------
+    image, target, mask : numpy.ndarray
+        Same-shape 2-D arrays (input, restoration target, breast mask).
+    rng : numpy.random.Generator
+        Decides how many flips and on which axis.
+    config : GenesisConfig
+        Flip rate, count and axes (0 = up-down).
+
+    Returns
+    -------
+    tuple
+        The three (contiguous) arrays and the number of flips.
+    """
     count = 0
     while count < config.max_flips and rng.random() < config.flip_rate:
         axis = int(rng.choice(config.flip_axes))
@@ -78,7 +96,22 @@ def flip(image: np.ndarray, target: np.ndarray, mask: np.ndarray, rng: np.random
 
 def gamma_transform(image: np.ndarray, rng: np.random.Generator,
                     config: GenesisConfig = GenesisConfig()) -> tuple[np.ndarray, float]:
-    """``image ** gamma`` with gamma log-uniform in ``config.gamma_range``; returns both."""
+    """``image ** gamma`` with gamma log-uniform in ``config.gamma_range``.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Float image, clipped to [0, 1] first.
+    rng : numpy.random.Generator
+        Draws gamma.
+    config : GenesisConfig
+        ``gamma_range``.
+
+    Returns
+    -------
+    tuple
+        The float32 image and gamma.
+    """
     lo, hi = config.gamma_range
     gamma = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     return np.power(np.clip(image, 0.0, 1.0), gamma).astype(np.float32), gamma
@@ -90,6 +123,17 @@ def random_shape(shape: tuple[int, int], center: tuple[float, float], diameter: 
 
     The blob is star-shaped, ``r(theta) = r0 * (1 + sum_k a_k cos(k theta + phi_k))`` for
     k = 2..4, which gives lobulated outlines unlike any box.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (rows, columns) of the returned boolean mask.
+    center : tuple of float
+        (row, column) of the shape's centre, in pixels.
+    diameter : float
+        Diameter of the disc of the same area (ellipse) or mean diameter (blob), in pixels.
+    rng : numpy.random.Generator
+        Draws the kind, orientation, aspect and lobes.
     """
     rows, cols = shape
     r, c = np.mgrid[0:rows, 0:cols].astype(np.float32)
@@ -128,7 +172,24 @@ def _shapes_in_breast(mask: np.ndarray, fraction: tuple[float, float], rng: np.r
 
 def inpaint(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
             config: GenesisConfig = GenesisConfig()) -> tuple[np.ndarray, np.ndarray]:
-    """Fill random shapes inside the breast with U(0, 1) noise; returns image and region."""
+    """Fill random shapes inside the breast with U(0, 1) noise.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Float image in [0, 1] (not modified).
+    mask : numpy.ndarray
+        Boolean breast mask of the same shape; painting stays inside it.
+    rng : numpy.random.Generator
+        Draws the shapes and the noise.
+    config : GenesisConfig
+        Shape count and diameters (fractions of the shorter image side).
+
+    Returns
+    -------
+    tuple
+        The painted image and the boolean painted region.
+    """
     region = _shapes_in_breast(mask, config.inpaint_diameter, rng, config)
     out = image.copy()
     out[region] = rng.random(int(region.sum()), dtype=np.float32)
@@ -139,7 +200,21 @@ def outpaint(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
              config: GenesisConfig = GenesisConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Replace the breast by U(0, 1) noise except inside random keep-shapes.
 
-    Returns the image and the painted region (breast minus the keep-shapes).
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Float image in [0, 1] (not modified).
+    mask : numpy.ndarray
+        Boolean breast mask of the same shape; the background is never painted.
+    rng : numpy.random.Generator
+        Draws the keep-shapes and the noise.
+    config : GenesisConfig
+        Shape count and keep-region diameters (fractions of the shorter image side).
+
+    Returns
+    -------
+    tuple
+        The painted image and the painted region (breast minus the keep-shapes).
     """
     keep = _shapes_in_breast(mask, config.outpaint_diameter, rng, config)
     region = mask & ~keep
@@ -152,7 +227,16 @@ def distort(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
             config: GenesisConfig = GenesisConfig()) -> Distortion:
     """Apply the modified Genesis chain: flip -> gamma -> (in- or out-painting).
 
-    ``image`` is float in [0, 1]; ``mask`` the boolean breast mask of the same shape.
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Float image in [0, 1], canonical orientation (chest wall at column 0).
+    mask : numpy.ndarray
+        Boolean breast mask of the same shape.
+    rng : numpy.random.Generator
+        Draws every random choice of the chain.
+    config : GenesisConfig
+        Probabilities and ranges.
     """
     if image.shape != mask.shape:
         raise ValueError(f"image shape {image.shape} and breast mask shape {mask.shape} differ")

@@ -1,4 +1,4 @@
-"""`dicom-ai train glam`: train GLAM from image-level labels and write its model bundle.
+"""GLAM training from image-level labels: data, losses, checkpoints, the staged loop, the manifest.
 
 Training follows the staged recipe of GLAM (models.md section 1.6): (a) the global module
 with BCE on its top-t% pooled prediction plus an L1 sparsity term on its saliency map,
@@ -6,72 +6,57 @@ with BCE on its top-t% pooled prediction plus an L1 sparsity term on its salienc
 top-t% pooled local prediction plus L1 on the patch maps, (c) optional joint fine-tuning
 with the sum of both losses. Only image-level benign/malignant labels reach the losses;
 pixel ground truth, when the data has it, is used only to report validation Dice and to
-pick the bundle's operating thresholds.
+pick the bundle's operating thresholds (:func:`validation_metrics`).
 
 Checkpoints (safetensors, model and optimiser state, progress in the metadata) are written
-after every epoch; ``--resume`` continues from the last one. Every epoch draws its data order
+after every epoch; ``resume`` continues from the last one. Every epoch draws its data order
 and augmentation from ``(seed, stage, epoch)``, so a fixed seed reproduces a run, resumed or not.
+
+Owns the phantom data of GLAM (:class:`GlamData`, cached by :func:`load_phantoms` under a
+folder named by :func:`dicom_ai.data.cache.generator_version`), the losses, the training loop
+and the bundle manifest (:func:`glam_manifest`). ``dicom-ai train glam``
+(:mod:`dicom_ai.cli.train`) is the command line over these functions.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable, Sequence
 
-if TYPE_CHECKING:  # numpy and torch are imported by the handlers, so `dicom-ai --help` stays fast
-    import numpy as np
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
-#: Breast size of a full-size phantom (3328 x 2560 at 0.07 mm), used to pick the phantom
-#: shape that has a configuration's pixel spacing.
-_FULL_SIZE = (3328, 2560)
-_FULL_SPACING_MM = 0.07
+from dicom_ai.core.errors import DatasetError
+from dicom_ai.data.cache import cache_folder, read_marker, write_marker
+from dicom_ai.data.datasets import PhantomDataset
+from dicom_ai.data.metrics import dice, roc_auc
+from dicom_ai.data.phantom import FULL_SHAPE, FULL_SPACING_MM, generate_study
+from dicom_ai.imaging import Mammogram, breast_mask, mammogram_from_array, read_mammogram
+from dicom_ai.networks.glam import GlamConfig, fuse, glam_geometry, glam_input
+from dicom_ai.training.common import INTENDED_USE
+
+__all__ = [
+    "STAGES", "MIN_CALIBRATION_DICE", "INTENDED_USE",
+    "GlamData", "phantom_shape_for", "phantom_cache_folder", "load_phantoms", "load_phantom_folder", "make_batch",
+    "bce", "stage_loss", "cam_loss", "save_checkpoint", "load_checkpoint",
+    "predict_images", "train", "calibrate_thresholds", "validation_metrics", "save_cam_weights",
+    "glam_manifest",
+]
+
 STAGES = ("global", "local", "joint")
 #: Below this validation Dice the calibrated operating point is not used (see calibrate_thresholds).
 MIN_CALIBRATION_DICE = 0.05
-INTENDED_USE = "research / demonstration, trained on synthetic phantoms, not for clinical use"
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``train glam``."""
-    p = subparsers.add_parser(
-        "glam", help="train GLAM (weakly supervised, image-level labels) and write a bundle",
-        description=__doc__.splitlines()[0])
-    p.add_argument("--config", choices=("compact", "paper"), default="compact",
-                   help="network configuration (default: compact, trains on a CPU)")
-    p.add_argument("--out", default="models/glam", help="bundle folder to write (default: models/glam)")
-    p.add_argument("--phantom-dir", default=None,
-                   help="read studies from a phantom folder (dicom_ai.datasets) instead of generating them")
-    p.add_argument("--train-studies", type=int, default=1200, help="generated training studies (4 views each)")
-    p.add_argument("--val-studies", type=int, default=50, help="generated validation studies")
-    p.add_argument("--first-seed", type=int, default=10_000, help="phantom seed of the first training study")
-    p.add_argument("--shape", type=int, nargs=2, metavar=("ROWS", "COLS"), default=None,
-                   help="phantom image shape (default: a full-size breast at the config's pixel spacing)")
-    p.add_argument("--cache", default="build/glam-cache", help="folder for cached preprocessed phantoms")
-    p.add_argument("--epochs-global", type=int, default=12)
-    p.add_argument("--epochs-local", type=int, default=2)
-    p.add_argument("--epochs-joint", type=int, default=1, help="0 skips joint fine-tuning")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4,
-                   help="Adam learning rate, all stages (1e-3 stalls at the label prior on the phantoms)")
-    p.add_argument("--beta", type=float, default=0.1,
-                   help="weight of the L1 sparsity term (mean |saliency| over pixels and classes)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes generating phantom studies (the data do not depend on it)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (default 1: on a shared CPU a second thread mostly waits)")
-    p.add_argument("--checkpoint-dir", default="build/glam-checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--baseline", choices=("none", "cam"), default="none",
-                   help="cam: train the plain CAM classifier baseline instead (global backbone + GAP)")
-    p.set_defaults(handler=_run)
+_ARRAYS = ("pixels", "breast", "labels", "lesions")
 
 
 # --------------------------------------------------------------------------- data
@@ -85,8 +70,8 @@ class GlamData:
     evaluation only; training never reads it.
     """
 
-    mammograms: list
-    breast_masks: list
+    mammograms: list[Mammogram]
+    breast_masks: list[np.ndarray]
     labels: np.ndarray  # (N, 2) float32: benign, malignant
     lesions: np.ndarray | None = None
 
@@ -94,19 +79,20 @@ class GlamData:
         return len(self.mammograms)
 
 
-def phantom_shape_for(config) -> tuple[int, int]:
+def phantom_shape_for(config: GlamConfig) -> tuple[int, int]:
     """The phantom shape whose pixel spacing is the config's (the whole breast kept)."""
-    f = _FULL_SPACING_MM / config.pixel_spacing_mm
-    return int(round(_FULL_SIZE[0] * f)), int(round(_FULL_SIZE[1] * f))
+    f = FULL_SPACING_MM / config.pixel_spacing_mm
+    return int(round(FULL_SHAPE[0] * f)), int(round(FULL_SHAPE[1] * f))
+
+
+def _lesion_pair(masks: dict[str, np.ndarray]) -> np.ndarray:
+    """(2, rows, cols) benign / malignant lesion ground truth: masses and cluster outlines."""
+    return np.stack([masks["mass_benign"] | masks["cluster_benign"],
+                     masks["mass_malignant"] | masks["cluster_malignant"]])
 
 
 def _phantom_views(seeds: range, shape: tuple[int, int]) -> tuple[list, list, list, list, list]:
     """Generate the studies of ``seeds``; per view: pixels, breast mask, labels, lesions, metadata."""
-    import numpy as np
-
-    from dicom_ai.data.phantom import generate_study
-    from dicom_ai.imaging import breast_mask, read_mammogram
-
     pixels, masks, labels, lesions, meta = [], [], [], [], []
     for seed in seeds:
         study = generate_study(seed, shape=tuple(shape))
@@ -115,43 +101,67 @@ def _phantom_views(seeds: range, shape: tuple[int, int]) -> tuple[list, list, li
             pixels.append(m.pixels.astype(np.float16))
             masks.append(breast_mask(m.pixels))
             labels.append([float(img.labels["benign"]), float(img.labels["malignant"])])
-            gt = img.masks
-            lesions.append(np.stack([gt["mass_benign"] | gt["cluster_benign"],
-                                     gt["mass_malignant"] | gt["cluster_malignant"]]))
+            lesions.append(_lesion_pair(img.masks))
             meta.append({"seed": seed, "laterality": m.laterality, "view": m.view,
                          "spacing_mm": list(m.spacing_mm), "faces_left": bool(m.faces_left)})
     return pixels, masks, labels, lesions, meta
 
 
-def _generator_version() -> str:
-    """The phantom cache key (:func:`dicom_ai.data.cache.generator_version`)."""
-    from dicom_ai.data.cache import generator_version
+def phantom_cache_folder(cache: str | Path, first_seed: int, n_studies: int, shape: tuple[int, int]) -> Path:
+    """The cache folder of :func:`load_phantoms` (named by shape, seeds and generator version).
 
-    return generator_version()
+    Parameters
+    ----------
+    cache : str or Path
+        Root folder of the GLAM cache (``build/glam-cache`` for ``dicom-ai train glam``).
+    first_seed : int
+        Phantom seed of the first study.
+    n_studies : int
+        Number of consecutive studies from ``first_seed``.
+    shape : tuple of int
+        Stored (rows, columns) of the generated views, in pixels.
+    """
+    return cache_folder(cache, f"phantom-{shape[0]}x{shape[1]}-seed{first_seed}-n{n_studies}")
 
 
 def load_phantoms(first_seed: int, n_studies: int, shape: tuple[int, int], cache: str | Path | None,
                   progress: bool = True, workers: int = 1) -> GlamData:
     """Generate (or read from ``cache``) ``n_studies`` phantom studies as :class:`GlamData`.
 
-    The cache holds .npy arrays (pixels as float16 after dicom_ai.preprocess.read_mammogram,
-    breast masks, labels, lesion masks) and a JSON of view metadata; nothing executable.
-    ``workers`` processes generate disjoint seed ranges; the result does not depend on it.
-    """
-    import numpy as np
+    Parameters
+    ----------
+    first_seed : int
+        Phantom seed of the first study; the studies are ``first_seed .. first_seed + n_studies - 1``.
+    n_studies : int
+        Number of studies (4 views each).
+    shape : tuple of int
+        Stored (rows, columns) of the generated views, in pixels (see :func:`phantom_shape_for`).
+    cache : str, Path or None
+        Root of the cache; None generates without caching. The folder used is
+        :func:`phantom_cache_folder`.
+    progress : bool
+        Show a progress bar on stderr while generating.
+    workers : int
+        Processes generating disjoint seed ranges; the result does not depend on it.
 
+    Returns
+    -------
+    GlamData
+        Pixels as float16 after :func:`dicom_ai.imaging.read_mammogram` (stored orientation),
+        breast masks, (N, 2) labels and (N, 2, rows, cols) lesion masks.
+
+    Notes
+    -----
+    The cache holds .npy arrays (pixels, breast masks, labels, lesion masks) and a JSON of
+    view metadata, written last as the folder's marker; nothing executable.
+    """
     folder = None
     if cache is not None:
-        folder = Path(cache) / f"phantom-{shape[0]}x{shape[1]}-seed{first_seed}-n{n_studies}-{_generator_version()}"
-        if (folder / "meta.json").is_file():
-            meta = json.loads((folder / "meta.json").read_text())["views"]
-            arrays = {name: np.load(folder / f"{name}.npy") for name in ("pixels", "breast", "labels", "lesions")}
-            return _glam_data(arrays, meta)
-
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
+        folder = phantom_cache_folder(cache, first_seed, n_studies, shape)
+        marker = read_marker(folder)
+        if marker is not None:
+            arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in _ARRAYS}
+            return _glam_data(arrays, marker["views"])
 
     step = 10
     chunks = [range(s, min(s + step, first_seed + n_studies)) for s in range(first_seed, first_seed + n_studies, step)]
@@ -174,52 +184,41 @@ def load_phantoms(first_seed: int, n_studies: int, shape: tuple[int, int], cache
         folder.mkdir(parents=True, exist_ok=True)
         for name, array in arrays.items():
             np.save(folder / f"{name}.npy", array)
-        # meta.json last: its presence marks a complete cache folder.
-        (folder / "meta.json").write_text(json.dumps({"views": meta}, indent=1))
+        write_marker(folder, {"views": meta}, indent=1)
     return _glam_data(arrays, meta)
 
 
-def _glam_data(arrays: dict, meta: list) -> GlamData:
-    import numpy as np
-
-    from dicom_ai.imaging import mammogram_from_array
-
+def _glam_data(arrays: dict[str, np.ndarray], meta: list[dict]) -> GlamData:
     mammograms = [mammogram_from_array(arrays["pixels"][i].astype(np.float32), m["laterality"], m["view"],
                                        tuple(m["spacing_mm"]), m["faces_left"]) for i, m in enumerate(meta)]
     return GlamData(mammograms, list(arrays["breast"]), arrays["labels"], arrays["lesions"])
 
 
 def load_phantom_folder(path: str | Path) -> GlamData:
-    """Read a phantom folder written by ``dicom-ai phantom`` through dicom_ai.datasets."""
-    import numpy as np
+    """Read a phantom folder written by ``dicom-ai phantom`` (:class:`~dicom_ai.data.datasets.PhantomDataset`).
 
-    from dicom_ai.data import datasets
-    from dicom_ai.imaging import breast_mask
-
+    Raises :class:`~dicom_ai.core.errors.DatasetError` when the folder holds no image.
+    """
     mammograms, masks, labels, lesions = [], [], [], []
-    for item in datasets.phantom_folder(path):
-        m = item.mammogram
+    for item in PhantomDataset(path):
+        m = item.image
         mammograms.append(m)
         masks.append(breast_mask(m.pixels))
         labels.append([float(item.labels["benign"]), float(item.labels["malignant"])])
-        gt = item.masks
-        lesions.append(np.stack([gt["mass_benign"] | gt["cluster_benign"],
-                                 gt["mass_malignant"] | gt["cluster_malignant"]]))
+        lesions.append(_lesion_pair(item.masks))
     if not mammograms:
-        raise SystemExit(f"no images found in phantom folder {path}")
+        raise DatasetError(f"no images found in phantom folder {path}")
     return GlamData(mammograms, masks, np.asarray(labels, dtype=np.float32), np.asarray(lesions, dtype=bool))
 
 
-def make_batch(data: GlamData, indices, config, rng=None):
+def make_batch(data: GlamData, indices: Sequence[int], config: GlamConfig,
+               rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x (B, 1, H, W) float, breast mask (B, 1, H, W) bool, y (B, 2)) tensors.
 
-    ``rng`` switches on the window noise augmentation.
+    ``indices`` pick the views of ``data``; every view is windowed with
+    :func:`~dicom_ai.networks.glam.glam_input` onto the ``config.input_shape`` grid. ``rng``
+    switches on the window noise augmentation.
     """
-    import numpy as np
-    import torch
-
-    from dicom_ai.networks.glam import glam_input
-
     inputs = [glam_input(data.mammograms[i], config, mask=data.breast_masks[i], rng=rng) for i in indices]
     x = torch.from_numpy(np.stack([item[0] for item in inputs]))[:, None]
     m = torch.from_numpy(np.stack([item[1] for item in inputs]))[:, None]
@@ -230,22 +229,42 @@ def make_batch(data: GlamData, indices, config, rng=None):
 # --------------------------------------------------------------------------- losses
 
 
-def bce(pred, target):
+def bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy on probabilities (float32, clamped away from 0 and 1)."""
-    import torch.nn.functional as F
-
     return F.binary_cross_entropy(pred.float().clamp(1e-6, 1 - 1e-6), target.float())
 
 
-def stage_loss(stage: str, net, x, mask, y, config, beta: float):
-    """Loss of one batch in ``stage`` (``mask``: breast mask or None); returns (total, {name: float})."""
+def stage_loss(stage: str, net, x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor,
+               config: GlamConfig, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss of one batch in one training stage.
+
+    Parameters
+    ----------
+    stage : {"global", "local", "joint"}
+        Which module is trained; ``local`` runs the global module without gradients.
+    net : Glam
+        The network.
+    x : torch.Tensor
+        (B, 1, H, W) standardised windows (see :func:`make_batch`).
+    mask : torch.Tensor or None
+        (B, 1, H, W) breast mask of the windows, or None to pool over the whole window.
+    y : torch.Tensor
+        (B, 2) image-level labels, benign then malignant.
+    config : GlamConfig
+        The network configuration (``train_num_patches`` patches per image).
+    beta : float
+        Weight of the L1 sparsity term (mean absolute saliency over pixels and classes).
+
+    Returns
+    -------
+    tuple
+        The total loss (a scalar tensor) and its terms as floats by name.
+    """
     if stage == "global":
         g = net.global_net(x, mask)
         cls, sparsity = bce(g.prediction, y), g.saliency.float().abs().mean()
         total = cls + beta * sparsity
         return total, {"bce_g": cls.item(), "l1_g": sparsity.item()}
-    import torch
-
     if stage == "local":
         with torch.no_grad():
             g = net.global_net(x, mask)
@@ -261,8 +280,8 @@ def stage_loss(stage: str, net, x, mask, y, config, beta: float):
     return total, {"bce_g": cls_g.item(), "bce_l": cls_l.item(), "l1_g": l1_g.item(), "l1_l": l1_l.item()}
 
 
-def cam_loss(net, x, y, beta: float):
-    """BCE of the CAM classifier (no sparsity term: a plain classifier)."""
+def cam_loss(net, x: torch.Tensor, y: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """BCE of the CAM classifier (``beta`` unused: a plain classifier has no sparsity term)."""
     pred, _ = net(x)
     cls = bce(pred, y)
     return cls, {"bce": cls.item()}
@@ -271,11 +290,21 @@ def cam_loss(net, x, y, beta: float):
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, net, optimiser, state: dict) -> None:
-    """Model and Adam state as safetensors; ``state`` (JSON) in the file's metadata."""
-    import torch
-    from safetensors.torch import save_file
+def save_checkpoint(path: Path, net: torch.nn.Module, optimiser: torch.optim.Optimizer, state: dict) -> None:
+    """Model and Adam state as safetensors; ``state`` (JSON) in the file's metadata.
 
+    Parameters
+    ----------
+    path : Path
+        The file to write; written beside it and renamed into place, so a crash mid-write
+        leaves the previous checkpoint.
+    net : torch.nn.Module
+        Whose weights.
+    optimiser : torch.optim.Optimizer
+        Whose state (tensors) and parameter groups (metadata).
+    state : dict
+        JSON-serialisable progress (stage index, epoch, history, seed).
+    """
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     opt = optimiser.state_dict()
     for idx, pstate in opt["state"].items():
@@ -288,11 +317,8 @@ def save_checkpoint(path: Path, net, optimiser, state: dict) -> None:
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path):
-    """(model state dict, optimiser state dict or None, progress state) from a checkpoint."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(model state dict, optimiser state dict, progress state) from a checkpoint."""
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads(fh.metadata()["state"])
     tensors = load_file(str(path))
@@ -309,14 +335,32 @@ def load_checkpoint(path: Path):
 # --------------------------------------------------------------------------- evaluation
 
 
-def predict_images(net, data: GlamData, config, device, batch_size: int = 8, maps: bool = False):
-    """Image-level global and local predictions (N, 2) and optionally fused/global input-grid maps."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
+def predict_images(net, data: GlamData, config: GlamConfig, device: torch.device, batch_size: int = 8,
+                   maps: bool = False) -> dict[str, np.ndarray]:
+    """Image-level predictions of every view of ``data``, optionally with maps.
 
-    from dicom_ai.networks.glam import fuse
+    Parameters
+    ----------
+    net : Glam
+        The network (put in eval mode).
+    data : GlamData
+        The views.
+    config : GlamConfig
+        The network configuration (window size and spacing).
+    device : torch.device
+        Where to run; CUDA runs under bfloat16 autocast.
+    batch_size : int
+        Views per forward pass.
+    maps : bool
+        Also return the fused and the (nearest-upsampled) global maps.
 
+    Returns
+    -------
+    dict
+        ``global`` and ``local`` (N, 2) probabilities (benign, malignant); with ``maps``,
+        ``fused_maps`` and ``global_maps`` (N, 2, *config.input_shape) on the network's input
+        window (canonical orientation, chest wall at column 0).
+    """
     net.eval()
     g_pred, l_pred, fused_maps, global_maps = [], [], [], []
     with torch.inference_mode():
@@ -339,38 +383,63 @@ def predict_images(net, data: GlamData, config, device, batch_size: int = 8, map
     return result
 
 
-def _to_device(x, device):
-    import torch
-
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     # CPU stays contiguous: channels-last backward corrupted the heap on torch 2.13 CPU.
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def _autocast(device):
-    import torch
-
+def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # --------------------------------------------------------------------------- training
 
 
-def train(net, data: GlamData, config, *, stages: list[tuple[str, int]], batch_size: int, lr: float,
-          beta: float, seed: int, device, checkpoint: Path | None = None, resume: bool = False,
-          val: GlamData | None = None, progress: bool = True, loss_fn=None) -> list[dict]:
-    """Run the training ``stages`` ([(name, epochs)]); returns the per-epoch history.
+def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, int]], batch_size: int, lr: float,
+          beta: float, seed: int, device: torch.device, checkpoint: Path | None = None, resume: bool = False,
+          val: GlamData | None = None, progress: bool = True,
+          loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]] | None = None) -> list[dict]:
+    """Run the training stages in order; returns the per-epoch history.
 
-    ``loss_fn(stage, net, x, mask, y)`` defaults to :func:`stage_loss`; the CAM baseline passes its
-    own. With ``checkpoint`` a checkpoint is written after every epoch; with ``resume`` the
-    run continues after the last completed epoch.
+    Parameters
+    ----------
+    net : Glam or CamClassifier
+        The network, trained in place.
+    data : GlamData
+        Training views; only their image-level labels reach the loss.
+    config : GlamConfig
+        The network configuration.
+    stages : list of (str, int)
+        ``(stage, epochs)`` pairs, stage one of :data:`STAGES` (or ``"cam"`` with ``loss_fn``);
+        a stage with 0 epochs is skipped.
+    batch_size : int
+        Views per optimisation step.
+    lr : float
+        Adam learning rate of every stage (a new optimiser per stage).
+    beta : float
+        Weight of the L1 sparsity term of :func:`stage_loss`.
+    seed : int
+        Seed of data order and augmentation; epoch ``e`` of stage ``s`` draws from ``(seed, s, e)``.
+    device : torch.device
+        Where to train; CUDA uses channels-last and bfloat16 autocast.
+    checkpoint : Path, optional
+        A checkpoint written after every epoch (:func:`save_checkpoint`).
+    resume : bool
+        Continue after the last completed epoch of ``checkpoint`` when it exists.
+    val : GlamData, optional
+        Validation views: image-level AUCs are added to every epoch's record.
+    progress : bool
+        Progress bars on stderr.
+    loss_fn : callable, optional
+        ``loss_fn(stage, net, x, mask, y) -> (loss, terms)``; defaults to :func:`stage_loss`.
+
+    Returns
+    -------
+    list of dict
+        One record per epoch (stage, epoch, seconds, mean loss terms, validation AUCs), also
+        printed to stderr as JSON lines.
     """
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from dicom_ai.data.metrics import roc_auc
-
     loss_fn = loss_fn or (lambda stage, n, x, mask, y: stage_loss(stage, n, x, mask, y, config, beta))
     net.to(device)
     if device.type == "cuda":
@@ -431,7 +500,7 @@ def train(net, data: GlamData, config, *, stages: list[tuple[str, int]], batch_s
     return history
 
 
-def _stage_parameters(net, stage: str):
+def _stage_parameters(net, stage: str) -> list[torch.nn.Parameter]:
     if stage == "global":
         return list(net.global_net.parameters())
     if stage == "local":
@@ -447,18 +516,30 @@ def _set_modes(net, stage: str) -> None:
         net.local_net.eval()
 
 
-def calibrate_thresholds(net, val: GlamData, config, device) -> tuple[dict, dict]:
+def calibrate_thresholds(net, val: GlamData, config: GlamConfig, device: torch.device) -> tuple[dict, dict]:
     """Operating points maximising mean Dice of the fused maps on the validation ground truth.
 
     Dice is computed on the network's input grid over validation images that contain a
     lesion of the class; when even the best Dice is below MIN_CALIBRATION_DICE the threshold
-    stays 0.5. Returns ({finding: threshold}, {finding: best validation Dice}).
+    stays 0.5.
+
+    Parameters
+    ----------
+    net : Glam
+        The trained network.
+    val : GlamData
+        Validation views with ``lesions``.
+    config : GlamConfig
+        The network configuration (window geometry).
+    device : torch.device
+        Where to run.
+
+    Returns
+    -------
+    tuple of dict
+        ({finding: threshold}, {finding: best validation Dice}) for ``benign_lesion`` and
+        ``malignant_lesion``; thresholds are map probabilities on a 0.05 grid.
     """
-    import numpy as np
-
-    from dicom_ai.networks.glam import glam_geometry
-    from dicom_ai.data.metrics import dice
-
     pred = predict_images(net, val, config, device, maps=True)
     thresholds, best_dice = {}, {}
     grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
@@ -482,70 +563,100 @@ def calibrate_thresholds(net, val: GlamData, config, device) -> tuple[dict, dict
     return thresholds, best_dice
 
 
-def _run(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
+def validation_metrics(net, val: GlamData | None, config: GlamConfig, device: torch.device) -> tuple[dict, dict]:
+    """The manifest's metrics and operating thresholds from the validation views.
 
-    from dicom_ai.networks.bundle import save_bundle
-    from dicom_ai.networks.glam import CONFIGS, CamClassifier, Glam
-    from dicom_ai.data.metrics import roc_auc
-    from dicom_ai.networks.pipeline import resolve_device
+    Parameters
+    ----------
+    net : Glam
+        The trained network.
+    val : GlamData or None
+        Validation views; None gives no metrics and the conventional 0.5 thresholds.
+    config : GlamConfig
+        The network configuration.
+    device : torch.device
+        Where to run.
 
-    torch.set_num_threads(max(1, args.threads))
-    device = resolve_device(args.device)
-    config = CONFIGS[args.config]
-    shape = tuple(args.shape) if args.shape else phantom_shape_for(config)
-    if args.phantom_dir:
-        data = load_phantom_folder(args.phantom_dir)
-        val = None
-        data_note = f"phantom folder {args.phantom_dir} ({len(data)} images)"
-    else:
-        data = load_phantoms(args.first_seed, args.train_studies, shape, args.cache, workers=args.workers)
-        val_seed = args.first_seed + args.train_studies
-        val = (load_phantoms(val_seed, args.val_studies, shape, args.cache, workers=args.workers)
-               if args.val_studies > 0 else None)
-        data_note = (f"{args.train_studies} generated phantom studies ({len(data)} views), seeds "
-                     f"{args.first_seed}-{args.first_seed + args.train_studies - 1}, shape {shape[0]}x{shape[1]}; "
-                     f"validation {args.val_studies} studies from seed {val_seed}")
-    print(f"training data: {data_note}; positives benign {int(data.labels[:, 0].sum())}, "
-          f"malignant {int(data.labels[:, 1].sum())} of {len(data)}", file=sys.stderr)
-    torch.manual_seed(args.seed)
-    ckpt_dir = Path(args.checkpoint_dir)
-    start = time.time()
-    if args.baseline == "cam":
-        net = CamClassifier(config)
-        history = train(net, data, config, stages=[("cam", args.epochs_global)], batch_size=args.batch_size,
-                        lr=args.lr, beta=0.0, seed=args.seed, device=device,
-                        checkpoint=ckpt_dir / f"cam-{config.name}.safetensors", resume=args.resume,
-                        loss_fn=lambda stage, n, x, mask, y: cam_loss(n, x, y, 0.0))
-        from safetensors.torch import save_file
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "cam.safetensors"),
-                  metadata={"config": json.dumps(config.to_dict()), "history": json.dumps(history)})
-        print(f"wrote CAM baseline weights to {out / 'cam.safetensors'}", file=sys.stderr)
-        return 0
-    net = Glam(config)
-    stages = [("global", args.epochs_global), ("local", args.epochs_local), ("joint", args.epochs_joint)]
-    history = train(net, data, config, stages=stages, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
-                    seed=args.seed, device=device, checkpoint=ckpt_dir / f"glam-{config.name}.safetensors",
-                    resume=args.resume, val=val)
-    minutes = round((time.time() - start) / 60, 1)
+    Returns
+    -------
+    tuple of dict
+        ``metrics`` ({"validation": {"images", "auc_benign", "auc_malignant",
+        "dice_at_threshold_input_grid"}}, AUCs of the global prediction) and ``thresholds``
+        ({finding: threshold}, from :func:`calibrate_thresholds` when ``val`` has lesion masks).
+    """
     metrics: dict = {}
     thresholds = {"benign_lesion": 0.5, "malignant_lesion": 0.5}
-    if val is not None:
-        pred = predict_images(net, val, config, device)
-        metrics["validation"] = {
-            "images": len(val),
-            "auc_benign": round(roc_auc(pred["global"][:, 0], val.labels[:, 0]), 4),
-            "auc_malignant": round(roc_auc(pred["global"][:, 1], val.labels[:, 1]), 4),
-        }
-        if val.lesions is not None:
-            thresholds, dice = calibrate_thresholds(net, val, config, device)
-            metrics["validation"]["dice_at_threshold_input_grid"] = dice
-    argv = shlex.join(sys.argv[sys.argv.index("train"):]) if "train" in sys.argv else None
-    manifest = {
+    if val is None:
+        return metrics, thresholds
+    pred = predict_images(net, val, config, device)
+    metrics["validation"] = {
+        "images": len(val),
+        "auc_benign": round(roc_auc(pred["global"][:, 0], val.labels[:, 0]), 4),
+        "auc_malignant": round(roc_auc(pred["global"][:, 1], val.labels[:, 1]), 4),
+    }
+    if val.lesions is not None:
+        thresholds, best_dice = calibrate_thresholds(net, val, config, device)
+        metrics["validation"]["dice_at_threshold_input_grid"] = best_dice
+    return metrics, thresholds
+
+
+def save_cam_weights(folder: str | Path, net: torch.nn.Module, config: GlamConfig, history: list[dict]) -> Path:
+    """Write the CAM baseline's weights to ``folder/cam.safetensors`` (config and history as metadata).
+
+    Parameters
+    ----------
+    folder : str or Path
+        Output folder, created when missing.
+    net : CamClassifier
+        The trained baseline.
+    config : GlamConfig
+        Its configuration (the global backbone's).
+    history : list of dict
+        The per-epoch records of :func:`train`.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "cam.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
+              metadata={"config": json.dumps(config.to_dict()), "history": json.dumps(history)})
+    return path
+
+
+def glam_manifest(config: GlamConfig, *, thresholds: dict[str, float], metrics: dict, data_note: str,
+                  command: str, seed: int, stages: list[tuple[str, int]], batch_size: int, lr: float,
+                  beta: float, device: torch.device, threads: int, history: list[dict]) -> dict:
+    """The manifest of a GLAM bundle trained by :func:`train`.
+
+    Parameters
+    ----------
+    config : GlamConfig
+        The network configuration (its ``name`` goes into the version, ``0.1.0-<name>``).
+    thresholds : dict
+        Operating threshold per finding (``benign_lesion``, ``malignant_lesion``), map probability.
+    metrics : dict
+        Validation metrics (:func:`validation_metrics`).
+    data_note : str
+        What the training data were, in words.
+    command : str
+        The command line that trained the bundle.
+    seed : int
+        Training seed.
+    stages : list of (str, int)
+        ``(stage, epochs)`` as passed to :func:`train`.
+    batch_size : int
+        Views per optimisation step.
+    lr : float
+        Adam learning rate.
+    beta : float
+        Weight of the L1 sparsity term.
+    device : torch.device
+        Device the bundle was trained on.
+    threads : int
+        torch CPU threads used.
+    history : list of dict
+        The per-epoch records of :func:`train`.
+    """
+    return {
         "name": "glam",
         "version": f"0.1.0-{config.name}",
         "family": "Artificial Intelligence",
@@ -563,19 +674,13 @@ def _run(args: argparse.Namespace) -> int:
         "training": {
             "data": data_note,
             "labels": "image-level benign/malignant only (pixel masks used for validation Dice and thresholds only)",
-            "command": f"dicom-ai {argv}" if argv else "dicom-ai train glam " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-                if k not in ("handler", "command", "model") and v not in (None, False)),
-            "seed": args.seed,
+            "command": command,
+            "seed": seed,
             "stages": {s: e for s, e in stages},
-            "batch_size": args.batch_size, "lr": args.lr, "beta_l1": args.beta,
-            "device": str(device), "threads": args.threads,
+            "batch_size": batch_size, "lr": lr, "beta_l1": beta,
+            "device": str(device), "threads": threads,
             "epoch_minutes_total": round(sum(h["seconds"] for h in history) / 60, 1),
             "history": history,
         },
         "metrics": metrics,
     }
-    path = save_bundle(args.out, manifest, net.state_dict())
-    print(f"wrote bundle {path} ({minutes} min); thresholds {thresholds}; metrics {json.dumps(metrics)}",
-          file=sys.stderr)
-    return 0

@@ -1,26 +1,49 @@
-"""Training of the microcalcification Detector and Segmentator (``dicom-ai train microcalc``).
+"""Training of the microcalcification Detector and Segmentator: patches, training, the manifest.
 
-Data: phantom studies (``dicom_ai.phantom``) at full size, decoded with the node's own
+Data: phantom studies (:mod:`dicom_ai.data.phantom`) at full size, decoded with the node's own
 preprocessing, resampled to the method's 0.05 mm pixels. Around every image, patches of the
 largest size (49 px) are cut at centres drawn by distance to the nearest calcification (on,
 next to, near, in the periphery of, far from one), so every patch class C1-C4 is present for
 every patch size; smaller patch sizes are centre crops. The patches and their MC masks are
-cached as ``.npy`` files (one folder per phantom seed) so a rerun does not regenerate.
+cached as ``.npy`` files, one folder per phantom seed named with the generator version
+(:func:`patch_cache_folder`), so a rerun does not regenerate and a changed generator does not
+read stale patches.
 
 Training draws class-balanced batches over C1-C4 (Detector: half C4, half C1-C3 in equal
 thirds; Segmentator: a quarter of each), with random 90-degree rotations and flips, and
-minimises the cross-entropy with Adam. Everything is seeded.
+minimises the cross-entropy with Adam; a second round adds the false positives of the first
+(:func:`mine_hard_negatives`). Everything is seeded. :func:`microcalc_manifest` writes what the
+bundle was trained on; ``dicom-ai train microcalc`` (:mod:`dicom_ai.cli.train`) is the
+command line over these functions.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from dicom_ai.core.findings import ModelIdentity
+from dicom_ai.data.cache import cache_folder, read_marker, write_marker
+from dicom_ai.data.phantom import FULL_SHAPE, generate_study
+from dicom_ai.imaging import read_mammogram, resize
+from dicom_ai.networks.microcalc import (C4, MicrocalcConfig, MicrocalcModel, PatchCNN, box_any, patch_classes,
+                                         role_targets)
+from dicom_ai.training.common import INTENDED_USE
+
+__all__ = [
+    "CACHE_PATCH", "STRATA", "STRATUM_BOUNDS", "DEFAULT_PER_STRATUM", "INTENDED_USE",
+    "PatchSet", "microcalcification_mask", "extract_patches", "cut_patches", "working_grid",
+    "phantom_image_patches", "mine_hard_negatives", "patch_cache_folder", "phantom_patches",
+    "has_cluster", "load_patches", "balanced_indices", "augment", "train_network", "evaluate_patches",
+    "select_seeds", "mining_seeds", "microcalc_manifest",
+]
 
 #: Largest patch size: the cache stores patches of this size, smaller ones are centre crops.
 CACHE_PATCH = 49
@@ -28,8 +51,6 @@ CACHE_PATCH = 49
 STRATA = ("on", "edge", "near", "periphery", "far")
 STRATUM_BOUNDS = {"on": (0, 0), "edge": (1, 2), "near": (3, 8), "periphery": (9, CACHE_PATCH // 2)}
 DEFAULT_PER_STRATUM = {"on": 120, "edge": 80, "near": 80, "periphery": 120, "far": 300}
-
-INTENDED_USE = "research / demonstration, trained on synthetic phantoms, not for clinical use"
 
 
 @dataclass
@@ -70,11 +91,21 @@ class PatchSet:
 
 def microcalcification_mask(masks: dict[str, np.ndarray], spacing_mm: float,
                             max_diameter_mm: float = 1.0) -> np.ndarray:
-    """MC ground truth of a phantom image: both calcification masks, without the coarse
-    macrocalcifications (components of equivalent diameter above ``max_diameter_mm``),
-    which are not microcalcifications and are as large as a whole patch."""
-    import SimpleITK as sitk
+    """MC ground truth of a phantom image: both calcification masks without the macrocalcifications.
 
+    Coarse macrocalcifications (components of equivalent diameter above ``max_diameter_mm``)
+    are not microcalcifications and are as large as a whole patch, so they are dropped.
+
+    Parameters
+    ----------
+    masks : dict
+        The image's ground truth (``calcification_benign``, ``calcification_malignant``), boolean
+        on the stored grid.
+    spacing_mm : float
+        Pixel spacing of that grid, mm.
+    max_diameter_mm : float
+        Largest equivalent diameter of a microcalcification, mm.
+    """
     mc = np.asarray(masks["calcification_benign"], dtype=bool) | np.asarray(masks["calcification_malignant"], dtype=bool)
     if not mc.any():
         return mc
@@ -91,12 +122,28 @@ def extract_patches(image: np.ndarray, mc_mask: np.ndarray, breast: np.ndarray,
                     source: int = 0) -> PatchSet:
     """Cut 49 px patches from one 0.05 mm image at centres drawn per distance stratum.
 
-    ``image`` is float [0, 1]; ``mc_mask`` and ``breast`` are boolean on the same grid.
-    Centres are inside the breast; outside the image is zero (as at inference).
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (rows, columns) float in [0, 1] on the 0.05 mm working grid.
+    mc_mask : numpy.ndarray
+        Boolean microcalcification mask on the same grid.
+    breast : numpy.ndarray
+        Boolean breast mask on the same grid; every centre is inside it.
+    rng : numpy.random.Generator
+        Draws the centres.
+    per_stratum : dict, optional
+        Centres per stratum of :data:`STRATA` (default :data:`DEFAULT_PER_STRATUM`); a stratum
+        with fewer pixels gives them all.
+    source : int
+        Bookkeeping tag of every patch (phantom seed * 10 + image index).
+
+    Returns
+    -------
+    PatchSet
+        Patches centred on the drawn pixels; outside the image is zero (as at inference).
     """
     per_stratum = per_stratum or DEFAULT_PER_STRATUM
-    from dicom_ai.networks.microcalc import box_any
-
     half = CACHE_PATCH // 2
     within = {d: box_any(mc_mask, d) for d in (0, 2, 8, half)}
     pools = {
@@ -117,7 +164,19 @@ def extract_patches(image: np.ndarray, mc_mask: np.ndarray, breast: np.ndarray,
 
 
 def cut_patches(image: np.ndarray, mc_mask: np.ndarray, centres: np.ndarray, source: int = 0) -> PatchSet:
-    """49 px patches (and MC masks) centred on flat pixel indices ``centres``; zero outside."""
+    """49 px patches (and MC masks) centred on flat pixel indices ``centres``; zero outside.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        (rows, columns) float image.
+    mc_mask : numpy.ndarray
+        Boolean microcalcification mask of the same shape.
+    centres : numpy.ndarray
+        Flat (row-major) indices into ``image`` of the patch centres.
+    source : int
+        Bookkeeping tag of every patch.
+    """
     half = CACHE_PATCH // 2
     padded_img = np.pad(image.astype(np.float32), half)
     padded_mask = np.pad(mc_mask, half)
@@ -131,8 +190,6 @@ def cut_patches(image: np.ndarray, mc_mask: np.ndarray, centres: np.ndarray, sou
 def working_grid(img, spacing_mm: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A PhantomImage's breast box on the 0.05 mm grid, decoded as the node does:
     (image [0, 1], MC mask, breast mask)."""
-    from dicom_ai.imaging import read_mammogram, resize
-
     mg = read_mammogram(img.dataset)
     mc = microcalcification_mask(img.masks, mg.spacing_mm[0])
     breast = np.asarray(img.breast_mask, dtype=bool)
@@ -147,27 +204,52 @@ def working_grid(img, spacing_mm: float = 0.05) -> tuple[np.ndarray, np.ndarray,
 
 def phantom_image_patches(img, rng: np.random.Generator, spacing_mm: float = 0.05,
                           per_stratum: dict[str, int] | None = None, source: int = 0) -> PatchSet:
-    """Patches of one PhantomImage, decoded and resampled exactly as the node does."""
+    """Patches of one PhantomImage, decoded and resampled exactly as the node does.
+
+    Parameters
+    ----------
+    img : PhantomImage
+        The view (its DICOM data set and ground truth masks).
+    rng : numpy.random.Generator
+        Draws the centres.
+    spacing_mm : float
+        Working grid pixel spacing, mm.
+    per_stratum : dict, optional
+        Centres per stratum (see :func:`extract_patches`).
+    source : int
+        Bookkeeping tag of every patch.
+    """
     image, mc_w, br_w = working_grid(img, spacing_mm)
     return extract_patches(image, mc_w, br_w, rng, per_stratum, source)
 
 
-def mine_hard_negatives(detector, segmentator, seeds: list[int], shape: tuple[int, int] = (3328, 2560),
+def mine_hard_negatives(detector, segmentator, seeds: list[int], shape: tuple[int, int] = FULL_SHAPE,
                         per_image: int = 300, seed: int = 0, progress: bool = True) -> tuple[PatchSet, PatchSet]:
     """False positives of a first-round cascade on whole training images.
 
     Detector: grid points where it fires on a C4 patch. Segmentator: pixels inside the
     fired area, not MC, where it says MC (tested on a random sample of such pixels).
-    Returns (detector hard negatives, segmentator hard negatives), at most ``per_image``
-    of each per image.
+
+    Parameters
+    ----------
+    detector, segmentator : PatchCNN
+        The first-round networks (the cascade's thresholds come from their config).
+    seeds : list of int
+        Phantom studies to mine.
+    shape : tuple of int
+        Stored (rows, columns) of the generated views, in pixels.
+    per_image : int
+        At most this many hard negatives of each network per image.
+    seed : int
+        Seeds the choice among the candidates.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    tuple of PatchSet
+        (detector hard negatives, segmentator hard negatives).
     """
-    import torch
-    from tqdm import tqdm
-
-    from dicom_ai.core.findings import ModelIdentity
-    from dicom_ai.networks.microcalc import C4, MicrocalcModel, box_any, patch_classes
-    from dicom_ai.data.phantom import generate_study
-
     rng = np.random.default_rng(seed)
     model = MicrocalcModel(detector, segmentator, ModelIdentity("mining", "0"))
     cfg, s, half = model.config, model.config.detector_stride, model.config.patch_size // 2
@@ -205,15 +287,57 @@ def mine_hard_negatives(detector, segmentator, seeds: list[int], shape: tuple[in
     return (PatchSet.concat(det_sets) if det_sets else empty, PatchSet.concat(seg_sets) if seg_sets else empty)
 
 
-def phantom_patches(seed: int, cache_dir: Path, shape: tuple[int, int] = (3328, 2560),
+def patch_cache_folder(cache_dir: str | Path, seed: int, shape: tuple[int, int] = FULL_SHAPE,
+                       per_stratum: dict[str, int] | None = None) -> Path:
+    """The cache folder of the patches of phantom study ``seed`` (see :func:`phantom_patches`).
+
+    Parameters
+    ----------
+    cache_dir : str or Path
+        Root of the patch cache (``build/microcalc`` for ``dicom-ai train microcalc``).
+    seed : int
+        Phantom study seed.
+    shape : tuple of int
+        Stored (rows, columns) of the generated views, in pixels.
+    per_stratum : dict, optional
+        Patches per centre stratum; a non-default count gets a folder of its own.
+
+    Returns
+    -------
+    Path
+        ``cache_dir / "seed<seed>_<rows>x<cols>-<generator version>"`` (not created).
+    """
+    prefix = f"seed{seed}_{shape[0]}x{shape[1]}"
+    if per_stratum is not None and per_stratum != DEFAULT_PER_STRATUM:
+        prefix += "_" + "-".join(f"{name}{per_stratum.get(name, 0)}" for name in STRATA)
+    return cache_folder(cache_dir, prefix)
+
+
+def phantom_patches(seed: int, cache_dir: str | Path, shape: tuple[int, int] = FULL_SHAPE,
                     per_stratum: dict[str, int] | None = None) -> PatchSet:
-    """Patches of the 4 images of phantom study ``seed``, from the cache or generated once."""
-    folder = Path(cache_dir) / f"seed{seed}_{shape[0]}x{shape[1]}"
-    if (folder / "meta.json").is_file():
+    """Patches of the 4 images of phantom study ``seed``, from the cache or generated once.
+
+    Parameters
+    ----------
+    seed : int
+        Phantom study seed (also seeds the choice of patch centres).
+    cache_dir : str or Path
+        Root of the patch cache; the folder is :func:`patch_cache_folder`.
+    shape : tuple of int
+        Stored (rows, columns) of the generated views, in pixels (full size: 0.07 mm).
+    per_stratum : dict, optional
+        Patches per centre stratum and image (default :data:`DEFAULT_PER_STRATUM`).
+
+    Returns
+    -------
+    PatchSet
+        49 px patches on the 0.05 mm working grid; images stored as float16 in the cache and
+        returned as float32 (the same values whether generated or read back).
+    """
+    folder = patch_cache_folder(cache_dir, seed, shape, per_stratum)
+    if read_marker(folder) is not None:
         return PatchSet(np.load(folder / "images.npy").astype(np.float32), np.load(folder / "masks.npy"),
                         np.load(folder / "source.npy"))
-    from dicom_ai.data.phantom import generate_study
-
     study = generate_study(seed, shape=shape)
     rng = np.random.default_rng(seed)
     sets = [phantom_image_patches(img, rng, per_stratum=per_stratum, source=seed * 10 + k)
@@ -223,7 +347,7 @@ def phantom_patches(seed: int, cache_dir: Path, shape: tuple[int, int] = (3328, 
     np.save(folder / "images.npy", patches.images.astype(np.float16))
     np.save(folder / "masks.npy", patches.masks)
     np.save(folder / "source.npy", patches.source)
-    (folder / "meta.json").write_text(json.dumps({"seed": seed, "shape": list(shape), "count": len(patches)}))
+    write_marker(folder, {"seed": seed, "shape": list(shape), "count": len(patches)})
     patches.images = patches.images.astype(np.float16).astype(np.float32)  # as if read back
     return patches
 
@@ -231,17 +355,25 @@ def phantom_patches(seed: int, cache_dir: Path, shape: tuple[int, int] = (3328, 
 def has_cluster(seed: int) -> bool:
     """Whether phantom study ``seed`` holds a calcification cluster (checked on a tiny render:
     findings are drawn in mm before rendering, so they do not depend on the image size)."""
-    from dicom_ai.data.phantom import generate_study
-
     study = generate_study(seed, shape=(128, 96))
     return any(f.kind == "cluster" for found in study.findings.values() for f in found)
 
 
-def load_patches(seeds: list[int], cache_dir: Path, shape: tuple[int, int] = (3328, 2560),
+def load_patches(seeds: list[int], cache_dir: str | Path, shape: tuple[int, int] = FULL_SHAPE,
                  progress: bool = True) -> PatchSet:
-    """Patches of several phantom studies (cached per seed)."""
-    from tqdm import tqdm
+    """Patches of several phantom studies (cached per seed, see :func:`phantom_patches`).
 
+    Parameters
+    ----------
+    seeds : list of int
+        Phantom study seeds.
+    cache_dir : str or Path
+        Root of the patch cache.
+    shape : tuple of int
+        Stored (rows, columns) of the generated views, in pixels.
+    progress : bool
+        Show a progress bar.
+    """
     sets = [phantom_patches(s, cache_dir, shape) for s in tqdm(seeds, desc="phantom patches", disable=not progress)]
     return PatchSet.concat(sets)
 
@@ -260,8 +392,21 @@ def _class_quota(role: str) -> dict[int, float]:
 
 def balanced_indices(classes: np.ndarray, role: str, n: int, rng: np.random.Generator,
                      replace: bool = True) -> np.ndarray:
-    """``n`` patch indices drawn per the role's class quota (classes with no patches are
-    skipped and their share goes to the others)."""
+    """``n`` patch indices drawn per the role's class quota.
+
+    Parameters
+    ----------
+    classes : numpy.ndarray
+        Patch class (1..4) of every patch.
+    role : {"detector", "segmentator"}
+        Whose quota (Detector: half C4, the rest C1-C3 equally; Segmentator: a quarter each).
+    n : int
+        Indices to draw; classes with no patches are skipped and their share goes to the others.
+    rng : numpy.random.Generator
+        Draws the indices.
+    replace : bool
+        Draw with replacement; without, a class gives at most the patches it has.
+    """
     quota = {c: q for c, q in _class_quota(role).items() if np.any(classes == c)}
     if not quota:
         raise ValueError("no patches to sample from")
@@ -278,8 +423,6 @@ def balanced_indices(classes: np.ndarray, role: str, n: int, rng: np.random.Gene
 
 def augment(batch, generator):
     """Random rotation by a multiple of 90 degrees and random flip, per patch (torch)."""
-    import torch
-
     k = torch.randint(0, 8, (batch.shape[0],), generator=generator)
     out = batch.clone()
     for t in range(8):
@@ -294,19 +437,42 @@ def train_network(config, role: str, patches: PatchSet, steps: int = 1000, batch
                   lr: float = 1e-3, seed: int = 0, checkpoint: Path | None = None,
                   progress: bool = True, desc: str | None = None, init=None,
                   hard: PatchSet | None = None, hard_share: float = 0.25):
-    """Train one network for ``role`` on class-balanced batches; returns (net, losses).
+    """Train one network for ``role`` on class-balanced batches.
 
-    ``init`` (a PatchCNN) continues from its weights. ``hard`` adds mined hard negatives,
-    which fill ``hard_share`` of every batch. ``checkpoint`` (optional) receives the weights
-    as safetensors every 200 steps and at the end.
+    Parameters
+    ----------
+    config : MicrocalcConfig
+        Network configuration (patch size in px, padding, widths).
+    role : {"detector", "segmentator"}
+        What the network learns (see :func:`balanced_indices` for the class quota).
+    patches : PatchSet
+        Training patches (centre-cropped to ``config.patch_size``).
+    steps : int
+        Optimisation steps (cosine learning-rate decay to 5 % of ``lr``).
+    batch : int
+        Patches per step.
+    lr : float
+        Initial Adam learning rate.
+    seed : int
+        Seeds the initialisation, the batches and the augmentation.
+    checkpoint : Path, optional
+        Receives the weights as safetensors every 200 steps and at the end.
+    progress : bool
+        Show a progress bar.
+    desc : str, optional
+        Progress bar label.
+    init : PatchCNN, optional
+        Continue from its weights.
+    hard : PatchSet, optional
+        Mined hard negatives, which fill ``hard_share`` of every batch.
+    hard_share : float
+        Fraction of a batch taken from ``hard``.
+
+    Returns
+    -------
+    tuple
+        The trained network (in eval mode) and the loss of every step.
     """
-    import torch
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-    from tqdm import tqdm
-
-    from dicom_ai.networks.microcalc import PatchCNN, role_targets
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -353,11 +519,26 @@ def evaluate_patches(net, role: str, patches: PatchSet, per_class: int = 500, se
 
     Patch-level accuracy on a balanced set is the seed paper's metric; sensitivity and
     specificity say what it hides.
+
+    Parameters
+    ----------
+    net : PatchCNN
+        The network; its ``config.patch_size`` decides the crops and classes.
+    role : {"detector", "segmentator"}
+        Which targets and quota.
+    patches : PatchSet
+        Held-out patches.
+    per_class : int
+        Size of the balanced set in units of the smallest quota share (6 or 4 of them).
+    seed : int
+        Seeds the draw of the balanced set.
+
+    Returns
+    -------
+    dict
+        ``n``, ``accuracy``, ``sensitivity``, ``specificity``, the confusion counts and
+        ``accuracy_per_class`` (C1-C4), at the 0.5 probability threshold.
     """
-    import torch
-
-    from dicom_ai.networks.microcalc import role_targets
-
     rng = np.random.default_rng(seed)
     p = net.config.patch_size
     classes = patches.classes(p)
@@ -381,20 +562,21 @@ def evaluate_patches(net, role: str, patches: PatchSet, per_class: int = 500, se
 
 
 # --------------------------------------------------------------------------------------------
-# Command line
-
-
-def _seed_list(text: str) -> list[int]:
-    """'0:6' -> [0..5]; '1,4,7' -> [1, 4, 7]."""
-    if ":" in text:
-        a, b = text.split(":")
-        return list(range(int(a), int(b)))
-    return [int(s) for s in text.split(",") if s]
+# Study selection and the manifest
 
 
 def select_seeds(candidates: list[int], cluster_studies: int, normal_studies: int) -> list[int]:
-    """The first ``cluster_studies`` candidates with a cluster and ``normal_studies`` without
-    (``cluster_studies`` 0 keeps every candidate)."""
+    """The training studies: the first candidates with a calcification cluster, then without.
+
+    Parameters
+    ----------
+    candidates : list of int
+        Candidate phantom seeds, in order.
+    cluster_studies : int
+        How many candidates with a cluster to keep; 0 keeps every candidate.
+    normal_studies : int
+        How many candidates without a cluster to add.
+    """
     if cluster_studies <= 0:
         return list(candidates)
     with_cluster, without = [], []
@@ -405,85 +587,63 @@ def select_seeds(candidates: list[int], cluster_studies: int, normal_studies: in
     return with_cluster[:cluster_studies] + without[:normal_studies]
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``dicom-ai train microcalc``."""
-    p = subparsers.add_parser(
-        "microcalc", help="train the microcalcification Detector and Segmentator on phantoms",
-        description="Train both microcalcification CNNs on full-size phantom studies and write a model bundle.")
-    p.add_argument("--out", default="models/microcalc", help="bundle folder to write (default models/microcalc)")
-    p.add_argument("--train-seeds", default="0:30", help="candidate phantom seeds for training, 'a:b' or 'a,b,c'")
-    p.add_argument("--cluster-studies", type=int, default=10,
-                   help="use the first N candidate studies that hold a calcification cluster (0: all candidates)")
-    p.add_argument("--normal-studies", type=int, default=2,
-                   help="plus the first N candidates without one (extra negatives)")
-    p.add_argument("--val-seeds", default="1001,1003,1005", help="held-out phantom seeds for the manifest metrics")
-    p.add_argument("--cache", default="build/microcalc", help="folder for the cached .npy patches")
-    p.add_argument("--patch-size", type=int, default=49, choices=(29, 39, 49))
-    p.add_argument("--padding", default="valid", choices=("valid", "same"))
-    p.add_argument("--steps", type=int, default=500, help="first-round optimisation steps per network")
-    p.add_argument("--mine-studies", type=int, default=6,
-                   help="training studies (the first N) on which first-round false positives are mined")
-    p.add_argument("--hard-steps", type=int, default=300,
-                   help="second-round steps per network with a quarter of each batch mined hard negatives (0: none)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (1 is fastest on a shared, loaded machine)")
-    p.add_argument("--version", default="0.1.0", help="bundle version string")
-    p.set_defaults(handler=_run)
+def mining_seeds(train_seeds: list[int], cluster_studies: int, normal_studies: int, mine_studies: int) -> list[int]:
+    """The training studies on which first-round false positives are mined, normal ones first.
+
+    Parameters
+    ----------
+    train_seeds : list of int
+        The training studies as :func:`select_seeds` returned them (cluster studies, then normal).
+    cluster_studies : int
+        ``cluster_studies`` passed to :func:`select_seeds` (0: no cluster/normal split).
+    normal_studies : int
+        ``normal_studies`` passed to :func:`select_seeds`.
+    mine_studies : int
+        How many studies to mine.
+    """
+    split = len(train_seeds) - normal_studies if cluster_studies > 0 else len(train_seeds)
+    return (train_seeds[split:] + train_seeds[:split])[:mine_studies]
 
 
-def _run(args: argparse.Namespace) -> int:
-    import torch
+def microcalc_manifest(config: MicrocalcConfig, *, version: str, train_seeds: list[int], val_seeds: str,
+                       command: str, seed: int, steps: int, batch: int, lr: float, hard_steps: int,
+                       patches: dict, loss: dict, wall_time_s: float, metrics: dict) -> dict:
+    """The manifest of a microcalcification bundle (Detector and Segmentator).
 
-    from dicom_ai.networks.bundle import save_bundle
-    from dicom_ai.networks.microcalc import MicrocalcConfig, MicrocalcModel
-    from dicom_ai.core.findings import ModelIdentity
-
-    torch.set_num_threads(args.threads)
-    t0 = time.time()
-    cache = Path(args.cache)
-    config = MicrocalcConfig(patch_size=args.patch_size, padding=args.padding)
-    train_seeds, val_seeds = select_seeds(_seed_list(args.train_seeds), args.cluster_studies,
-                                          args.normal_studies), _seed_list(args.val_seeds)
-    print(f"training studies (phantom seeds): {train_seeds}")
-    train = load_patches(train_seeds, cache)
-    val = load_patches(val_seeds, cache)
-    counts = {f"C{c}": int(np.sum(train.classes(config.patch_size) == c)) for c in (1, 2, 3, 4)}
-    print(f"training patches: {len(train)} ({counts}); held-out patches: {len(val)}")
-    nets, metrics, history = {}, {}, {}
-    for k, role in enumerate(("detector", "segmentator")):
-        nets[role], history[role] = train_network(
-            config, role, train, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed + k,
-            checkpoint=cache / "checkpoints" / f"{role}.safetensors")
-    mined = {"detector": 0, "segmentator": 0}
-    if args.hard_steps > 0 and args.mine_studies > 0:
-        split = len(train_seeds) - args.normal_studies if args.cluster_studies > 0 else len(train_seeds)
-        mine_seeds = (train_seeds[split:] + train_seeds[:split])[:args.mine_studies]  # normal studies first
-        hard = dict(zip(("detector", "segmentator"),
-                        mine_hard_negatives(nets["detector"], nets["segmentator"], mine_seeds, seed=args.seed)))
-        for k, role in enumerate(("detector", "segmentator")):
-            mined[role] = len(hard[role])
-            print(f"{role}: {len(hard[role])} mined hard negatives from studies {mine_seeds}")
-            nets[role], more = train_network(
-                config, role, train, steps=args.hard_steps, batch=args.batch, lr=args.lr / 3, seed=args.seed + 10 + k,
-                init=nets[role], hard=hard[role], checkpoint=cache / "checkpoints" / f"{role}.safetensors",
-                desc=f"{role} with hard negatives")
-            history[role] = history[role] + more
-    for role in ("detector", "segmentator"):
-        net, losses = nets[role], history[role]
-        metrics[f"{role}_patch"] = evaluate_patches(net, role, val)
-        history[role] = {"first_100_mean_loss": float(np.mean(losses[:100])),
-                         "last_100_mean_loss": float(np.mean(losses[-100:]))}
-        m = metrics[f"{role}_patch"]
-        print(f"{role}: held-out patch accuracy {m['accuracy']:.4f} sensitivity {m['sensitivity']:.4f} "
-              f"specificity {m['specificity']:.4f} (n={m['n']})")
-    identity = ModelIdentity(name="microcalc", version=args.version)
-    model = MicrocalcModel(nets["detector"], nets["segmentator"], identity)
-    manifest = {
+    Parameters
+    ----------
+    config : MicrocalcConfig
+        The configuration of both networks (patch size in px at ``pixel_spacing_mm``).
+    version : str
+        Bundle version.
+    train_seeds : list of int
+        Phantom seeds of the training studies.
+    val_seeds : str
+        The held-out seeds as given on the command line (``a:b`` or ``a,b,c``).
+    command : str
+        The command line that trained the bundle.
+    seed : int
+        Training seed.
+    steps : int
+        First-round optimisation steps per network.
+    batch : int
+        Patches per step.
+    lr : float
+        First-round Adam learning rate (the second round uses a third of it).
+    hard_steps : int
+        Second-round steps per network with mined hard negatives.
+    patches : dict
+        Patch counts: ``train``, ``train_classes`` (per class C1-C4), ``mined_hard_negatives``.
+    loss : dict
+        Loss summary per network.
+    wall_time_s : float
+        Training time, seconds.
+    metrics : dict
+        Held-out patch metrics per network (:func:`evaluate_patches`).
+    """
+    return {
         "name": "microcalc",
-        "version": args.version,
+        "version": version,
         "family": "Artificial Intelligence",
         "architecture": {"kind": "microcalc", **config.to_dict()},
         "input": {"modality": "MG", "views": ["CC", "MLO"], "pixel_spacing_mm": config.pixel_spacing_mm,
@@ -494,16 +654,11 @@ def _run(args: argparse.Namespace) -> int:
         "intended_use": INTENDED_USE,
         "training": {
             "data": f"dicom_ai.phantom full-size studies (3328x2560 at 0.07 mm), seeds {train_seeds}",
-            "command": "dicom-ai train microcalc " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-                if k not in ("handler", "command", "model")),
-            "seed": args.seed, "steps_per_network": args.steps, "batch": args.batch, "lr": args.lr,
-            "patches": {"train": len(train), "train_classes": counts, "mined_hard_negatives": mined},
-            "hard_negative_steps_per_network": args.hard_steps,
-            "loss": history, "wall_time_s": round(time.time() - t0, 1),
+            "command": command,
+            "seed": seed, "steps_per_network": steps, "batch": batch, "lr": lr,
+            "patches": patches,
+            "hard_negative_steps_per_network": hard_steps,
+            "loss": loss, "wall_time_s": wall_time_s,
         },
-        "metrics": {"held_out_seeds": args.val_seeds, **metrics},
+        "metrics": {"held_out_seeds": val_seeds, **metrics},
     }
-    save_bundle(args.out, manifest, model.state_dict())
-    print(f"bundle written to {args.out} in {time.time() - t0:.0f} s")
-    return 0
