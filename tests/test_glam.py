@@ -1,9 +1,12 @@
 """GLAM network, patch selection, preprocessing geometry and inference interface."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from dicom_ai.core.errors import BundleError
 from dicom_ai.networks.bundle import Bundle
 from dicom_ai.core.findings import ModelIdentity
 from dicom_ai.networks.glam import CONFIGS, CamClassifier, Glam, GlamConfig, GlamModel, fuse, glam_geometry, glam_input, mask_to_grid, optimal_window, select_patches, top_t_pool
@@ -200,3 +203,15 @@ def test_bundle_with_wrong_architecture_is_refused():
                 "thresholds": {}}
     with pytest.raises((ValueError, RuntimeError)):
         GlamModel.from_bundle(Bundle(path=None, manifest=manifest, state_dict=net.state_dict()), "cpu")
+
+
+def test_bundle_with_wrong_architecture_or_kind_is_a_bundle_error():
+    net = Glam(TINY)
+    other = GlamConfig.from_dict({**TINY.to_dict(), "local_channels": [8, 8, 8, 8]})
+    manifest = {"name": "x", "version": "0", "architecture": {"kind": "glam", **other.to_dict()},
+                "thresholds": {}}
+    with pytest.raises(BundleError, match=r"<in memory> do not match its glam architecture: .*shape"):
+        GlamModel.from_bundle(Bundle(path=None, manifest=manifest, state_dict=net.state_dict()), "cpu")
+    manifest = dict(manifest, architecture={"kind": "dunet", **TINY.to_dict()})
+    with pytest.raises(BundleError, match=r"bundle /x/y is a 'dunet' bundle, not a 'glam' bundle"):
+        GlamModel.from_bundle(Bundle(path=Path("/x/y"), manifest=manifest, state_dict=net.state_dict()), "cpu")

@@ -1,5 +1,8 @@
 """The map from a source image to a model's input grid and back.
 
+Owns :class:`Geometry` (flip, crop box, output shape) and :func:`geometry_for`, the breast-crop
+geometry the U-Net uses (GLAM builds its own window, :func:`dicom_ai.networks.glam.glam_geometry`).
+
 Forward: flip to the canonical orientation (chest wall at column 0), crop a box, resize.
 Inverse: the three steps undone, so a model's map lands on the stored source pixels. Boxes are
 half-open ``(r0, r1, c0, c1)`` in pixels of the canonical (flipped) image.
@@ -46,7 +49,23 @@ class Geometry:
         return resize(crop, self.out_shape, mode=mode)
 
     def inverse(self, array: np.ndarray, mode: str = "bilinear", fill: float = 0.0) -> np.ndarray:
-        """Model grid -> source grid; pixels outside the box get ``fill``."""
+        """Model grid -> source grid; pixels outside the box get ``fill``.
+
+        Parameters
+        ----------
+        array
+            ``out_shape`` (rows, columns) on the model input grid, canonical orientation.
+        mode
+            ``bilinear`` (maps, images) or ``nearest`` (labels), see :func:`resize`.
+        fill
+            Value of the source pixels outside ``box``, in the units of ``array``.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``source_shape`` (rows, columns) on the *stored* source grid (flipped back
+            when ``flip``).
+        """
         r0, r1, c0, c1 = self.box
         rows, cols = self.source_shape
         crop = resize(np.asarray(array, dtype=np.float32), (r1 - r0, c1 - c0), mode=mode)
@@ -68,6 +87,24 @@ def geometry_for(
     grown to the aspect ratio of ``out_shape`` so nothing is distorted: extra columns are
     added away from the chest wall, extra rows evenly above and below. With no breast found
     the whole image is used.
+
+    Parameters
+    ----------
+    mammogram
+        The decoded view; its ``faces_left`` decides the flip.
+    out_shape
+        The model input grid, (rows, columns) in model pixels.
+    mask
+        Boolean breast mask on the *stored* source grid (``mammogram.breast_mask`` when None).
+    margin
+        Pixels of the source grid added around the breast's bounding box (not at the chest wall,
+        which stays at canonical column 0).
+
+    Returns
+    -------
+    Geometry
+        Its ``box`` is half-open ``(r0, r1, c0, c1)`` in source pixels of the *canonical*
+        (flipped) image; it may extend past the image (zero padded).
     """
     rows, cols = mammogram.shape
     if mask is None:

@@ -1,5 +1,8 @@
 """One decoded mammographic view: pixels, laterality, view, spacing and orientation.
 
+Owns :class:`Mammogram` and the two ways to make one: :func:`read_mammogram` (a DICOM MG data
+set) and :func:`mammogram_from_array` (pixels already in [0, 1]).
+
 Conventions:
 
 * Intensities: float32 in [0, 1] with dense tissue bright (see :mod:`dicom_ai.imaging.intensity`).
@@ -82,7 +85,20 @@ def mammogram_from_array(
 ) -> Mammogram:
     """Wrap a [0, 1] float array (for example a PNG scaled by the caller) as a Mammogram.
 
-    When ``faces_left`` is None it is taken from the laterality (R faces left by convention).
+    Parameters
+    ----------
+    pixels
+        (rows, columns) intensities in [0, 1], dense tissue bright, on the image's stored grid
+        (not flipped to the canonical orientation).
+    laterality
+        ``L`` or ``R`` (case-insensitive).
+    view
+        ``CC``, ``MLO``, ... (case-insensitive).
+    spacing_mm
+        (row, column) pixel spacing in mm at the detector plane.
+    faces_left
+        True when the nipple points to column 0; when None it is taken from the laterality
+        (R faces left by convention).
     """
     pixels = np.asarray(pixels, dtype=np.float32)
     if faces_left is None:

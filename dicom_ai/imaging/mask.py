@@ -1,6 +1,6 @@
 """The breast mask: which pixels of a mammogram are breast (skin included), not background.
 
-Computed once per image and cached on the :class:`~dicom_ai.imaging.mammogram.Mammogram`
+Owns :func:`breast_mask`. Computed once per image and cached on the :class:`~dicom_ai.imaging.mammogram.Mammogram`
 (``Mammogram.breast_mask``), so every model of a study sees the same mask at no extra cost.
 """
 

@@ -1,5 +1,10 @@
 """Model bundles: a manifest (JSON) and weights (safetensors) in one folder under models/.
 
+Owns the bundle format (reading, writing, digest check) and the one way a model class puts a
+bundle's weights into its network (:func:`load_weights`: the bundle's kind is checked, then
+every tensor must match, strictly). Which class serves which kind is
+:mod:`dicom_ai.networks.registry`.
+
 Loading never executes code from a file: the manifest is JSON and the weights are
 safetensors, whose format holds tensors only. The manifest records the weights' SHA-256,
 which is checked on load so a truncated or swapped file is refused.
@@ -27,9 +32,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from dicom_ai.core.errors import BundleError
 from dicom_ai.core.findings import ModelIdentity
+
+__all__ = ["MODELS_DIR", "REQUIRED_KEYS", "Bundle", "resolve_bundle_dir", "load_bundle", "save_bundle",
+           "require_kind", "load_weights", "BundleError"]
 
 REQUIRED_KEYS = ("name", "version", "architecture", "input", "thresholds", "intended_use",
                  "training", "weights", "weights_sha256")
@@ -53,7 +62,13 @@ class Bundle:
 
     @property
     def kind(self) -> str:
-        return str(self.manifest["architecture"]["kind"])
+        """``architecture.kind`` of the manifest (empty when the manifest has none)."""
+        return str(dict(self.manifest.get("architecture") or {}).get("kind", ""))
+
+    @property
+    def where(self) -> str:
+        """The bundle's folder for messages (``<in memory>`` for a bundle built in code)."""
+        return str(self.path) if self.path is not None else "<in memory>"
 
 
 def _sha256(path: Path) -> str:
@@ -101,7 +116,25 @@ def load_bundle(name_or_path: str | os.PathLike) -> Bundle:
 
 def save_bundle(path: str | os.PathLike, manifest: dict, state_dict: dict[str, torch.Tensor],
                 weights_name: str = "weights.safetensors") -> Path:
-    """Write a bundle folder; fills in ``weights`` and ``weights_sha256`` of the manifest."""
+    """Write a bundle folder; fills in ``weights`` and ``weights_sha256`` of the manifest.
+
+    Parameters
+    ----------
+    path
+        The bundle folder (created if missing; existing files of the same names are replaced).
+    manifest
+        Every key of :data:`REQUIRED_KEYS` except ``weights`` and ``weights_sha256``.
+    state_dict
+        The tensors to store (moved to the CPU, made contiguous); names as the model class's
+        :func:`load_weights` expects them.
+    weights_name
+        File name of the safetensors file inside ``path``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = path / weights_name
@@ -113,3 +146,56 @@ def save_bundle(path: str | os.PathLike, manifest: dict, state_dict: dict[str, t
         raise BundleError(f"manifest lacks required keys: {', '.join(missing)}")
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def require_kind(bundle: Bundle, kind: str) -> None:
+    """Raise :class:`BundleError` unless ``bundle`` is a bundle of architecture ``kind``."""
+    if bundle.kind != kind:
+        raise BundleError(f"bundle {bundle.where} is a {bundle.kind!r} bundle, not a {kind!r} bundle; "
+                          f"its manifest's architecture.kind must be {kind!r} to load it as one "
+                          f"(or load it with the model class of kind {bundle.kind!r})")
+
+
+def load_weights(module: nn.Module, bundle: Bundle, kind: str) -> nn.Module:
+    """Put ``bundle``'s tensors into ``module`` after checking the bundle is of ``kind``.
+
+    Every tensor of ``module.state_dict()`` must be in the bundle with the same shape, and the
+    bundle may hold nothing else (``strict=True``); a model of several networks passes them as
+    one :class:`torch.nn.ModuleDict` whose keys prefix the tensor names (the microcalc
+    ``detector.*`` and ``segmentator.*``). Returns ``module``.
+
+    Parameters
+    ----------
+    module
+        The network, built from the bundle's ``architecture`` config, on the CPU.
+    bundle
+        A loaded :class:`Bundle`; its ``state_dict`` is on the CPU.
+    kind
+        The ``architecture.kind`` the caller's model class serves (``glam``, ``dunet``,
+        ``microcalc``).
+
+    Raises
+    ------
+    BundleError
+        The bundle is of another kind, or its tensors do not match the architecture (missing,
+        unexpected or differently shaped tensors are listed); the message names the folder.
+    """
+    require_kind(bundle, kind)
+    expected = module.state_dict()
+    given = bundle.state_dict
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    reshaped = sorted(f"{k} {tuple(given[k].shape)} != {tuple(expected[k].shape)}"
+                      for k in set(expected) & set(given) if given[k].shape != expected[k].shape)
+    if missing or unexpected or reshaped:
+        parts = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                 for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                    ("shape bundle != architecture", reshaped)) if keys]
+        raise BundleError(f"weights of bundle {bundle.where} do not match its {kind} architecture: "
+                          f"{'; '.join(parts)}. The manifest's architecture must be the config the "
+                          f"weights were trained with: re-export the bundle from its checkpoint.")
+    try:
+        module.load_state_dict(given, strict=True)
+    except RuntimeError as exc:  # dtype or other mismatches load_state_dict refuses
+        raise BundleError(f"weights of bundle {bundle.where} do not match its {kind} architecture: {exc}") from exc
+    return module

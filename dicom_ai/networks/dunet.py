@@ -1,5 +1,8 @@
 """The discriminative U-Net of Tardy & Mateus (MIDL 2020) and its inference wrapper.
 
+Owns :class:`DUNetConfig`, the network modules and :class:`DUNetModel`, the servable model
+(training is :mod:`dicom_ai.training.dunet`).
+
 A U-Net modified for full mammograms: depthwise-separable convolutions, a short residual
 skip around every block, no long (encoder -> decoder) skips at the top resolution levels,
 instance normalisation and leaky ReLU. The same backbone ``f`` serves three purposes:
@@ -11,7 +14,7 @@ instance normalisation and leaky ReLU. The same backbone ``f`` serves three purp
 * the comparison baseline, the standard head: ``p = sigmoid(f(x))``.
 
 Image convention: the network sees the breast crop in canonical orientation (chest wall at
-column 0, see ``dicom_ai.preprocess``), resized to ``DUNetConfig.input_shape``, intensities
+column 0, see :mod:`dicom_ai.imaging`), resized to ``DUNetConfig.input_shape``, intensities
 in [0, 1] with dense tissue bright.
 """
 
@@ -25,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dicom_ai.core.errors import BundleError, ModelError
+from dicom_ai.core.errors import ModelError
 from dicom_ai.core.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Geometry, Mammogram, geometry_for
+from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
 
 __all__ = [
     "DUNetConfig",
@@ -258,17 +262,15 @@ class DUNetModel:
         return self.network.config
 
     @classmethod
-    def from_bundle(cls, bundle, device: torch.device | str = "cpu") -> "DUNetModel":
-        """Build from a loaded :class:`dicom_ai.bundle.Bundle` of ``architecture.kind == "dunet"``."""
-        if bundle.kind != "dunet":
-            raise ModelError(f"bundle {bundle.path} is a {bundle.kind!r} bundle, not a 'dunet' bundle")
+    def from_bundle(cls, bundle: Bundle, device: torch.device | str = "cpu") -> "DUNetModel":
+        """Build from a loaded :class:`~dicom_ai.networks.bundle.Bundle` of ``architecture.kind == "dunet"``.
+
+        Raises :class:`~dicom_ai.core.errors.BundleError` for a bundle of another kind or
+        weights that do not match the manifest's architecture (:func:`load_weights`).
+        """
+        require_kind(bundle, "dunet")
         config = DUNetConfig.from_dict(bundle.manifest["architecture"])
-        network = DiscriminativeUNet(config)
-        try:
-            network.load_state_dict(bundle.state_dict, strict=True)
-        except RuntimeError as exc:
-            raise ModelError(f"weights of bundle {bundle.path} do not match its architecture "
-                             f"{config}: {exc}") from exc
+        network = load_weights(DiscriminativeUNet(config), bundle, "dunet")
         threshold = float(bundle.manifest["thresholds"].get("malignant_lesion", 0.5))
         return cls(network, bundle.identity, threshold, device)
 

@@ -1,5 +1,9 @@
 """GLAM: Global-Local Activation Maps (Liu et al., MIDL 2021), network, preprocessing, inference.
 
+Owns :class:`GlamConfig` (and the named :data:`CONFIGS`), the network modules, the GLAM input
+window (:func:`glam_geometry`, :func:`glam_input`) and :class:`GlamModel`, the servable model;
+training is :mod:`dicom_ai.training.glam`.
+
 Weakly-supervised high-resolution segmentation trained from image-level labels only:
 
 * a global module (pre-activation ResNet-22) produces benign/malignant saliency maps at three
@@ -26,9 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dicom_ai.core.errors import BundleError, ModelError
+from dicom_ai.core.errors import ModelError
 from dicom_ai.core.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Geometry, Mammogram, resize
+from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
 
 __all__ = [
     "GlamConfig",
@@ -325,6 +330,21 @@ def select_patches(saliency: torch.Tensor, k: int, window: tuple[int, int]) -> t
     Each class channel is min-max normalised per image, the channels are summed, and k times
     the ``window`` with the highest mean is taken (ties: first in row-major order) and zeroed
     on the map. Corners are in saliency-map pixels.
+
+    Parameters
+    ----------
+    saliency
+        (N, C, h, w) global saliency maps on the saliency (1/16 input) grid, canonical
+        orientation.
+    k
+        Number of patches per image.
+    window
+        Patch size (rows, columns) in saliency-map pixels (``GlamConfig.patch_window``).
+
+    Returns
+    -------
+    torch.Tensor
+        long (N, k, 2) upper-left (row, column) corners in saliency-map pixels.
     """
     with torch.no_grad():
         s = saliency.detach().float()
@@ -354,7 +374,23 @@ def _corners_to_input(corners: torch.Tensor, config: GlamConfig) -> torch.Tensor
 
 
 def crop_patches(x: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop (N*k, C, size, size) patches from (N, C, H, W) at input-pixel corners (N, k, 2)."""
+    """Crop (N*k, C, size, size) patches from (N, C, H, W) at input-pixel corners (N, k, 2).
+
+    Parameters
+    ----------
+    x
+        (N, C, H, W) network inputs (or masks) on the input grid.
+    corners
+        long (N, k, 2) upper-left (row, column) corners in input pixels, each patch inside
+        the input (as :func:`_corners_to_input` keeps them).
+    size
+        Patch side in input pixels.
+
+    Returns
+    -------
+    torch.Tensor
+        (N*k, C, size, size), image-major (all k patches of image 0 first).
+    """
     out = []
     for b in range(x.shape[0]):
         for r, c in corners[b].tolist():
@@ -394,8 +430,20 @@ class Glam(nn.Module):
 
     def forward(self, x: torch.Tensor, num_patches: int | None = None,
                 global_output: GlobalOutput | None = None, mask: torch.Tensor | None = None) -> GlamOutput:
-        """``x``: (N, 1, *input_shape) standardised images; ``mask`` the same-shape breast mask
-        (or None: the whole window counts). ``num_patches`` defaults to K."""
+        """Global module, patch selection and local module on a batch.
+
+        Parameters
+        ----------
+        x
+            (N, 1, *input_shape) standardised images on the network grid, canonical orientation.
+        num_patches
+            Patches per image; ``config.num_patches`` (K) when None.
+        global_output
+            A global module output already computed for ``x`` (training reuses it); computed
+            when None.
+        mask
+            (N, 1, *input_shape) breast mask on the same grid, or None: the whole window counts.
+        """
         cfg = self.config
         k = cfg.num_patches if num_patches is None else num_patches
         g = self.global_net(x, mask) if global_output is None else global_output
@@ -465,6 +513,22 @@ def optimal_window(mask: np.ndarray, window: tuple[int, int], view: str = "CC") 
     the placement whose centre is closest to the breast's centre of mass. Along an axis
     where the image is smaller than the window, CC views are centred (padding above and
     below), MLO views keep the top (padding below), and columns keep the chest wall at 0.
+
+    Parameters
+    ----------
+    mask
+        Boolean breast mask (rows, columns) in canonical orientation, on the grid the window
+        is counted in (GLAM: the ``pixel_spacing_mm`` grid).
+    window
+        Window size (rows, columns) in pixels of that grid.
+    view
+        ``CC`` or ``MLO`` (anything else is treated as MLO), for the padding rule above.
+
+    Returns
+    -------
+    tuple[int, int]
+        Upper-left (row, column) in pixels of ``mask``'s grid; negative when the window is
+        centred on an image shorter than it.
     """
     rows, cols = mask.shape
     h, w = window
@@ -507,11 +571,29 @@ def glam_geometry(
 
     The canonical (facing right) image is considered at ``config.pixel_spacing_mm``; on that
     grid the ``input_shape`` window holding most breast is chosen (:func:`optimal_window`),
-    and its box is expressed in source pixels, so :class:`dicom_ai.preprocess.Geometry`
+    and its box is expressed in source pixels, so :class:`dicom_ai.imaging.Geometry`
     does the flip, crop, pad and resample, and maps outputs back with ``inverse``. With
     ``rng`` the window gets GLAM's training noise: a shift of up to ``crop_noise_px`` and
     an independent change of each border of up to ``crop_size_noise_px`` (scaled by the
     aspect ratio on the short axis), then a resize back to ``input_shape``.
+
+    Parameters
+    ----------
+    mammogram
+        The decoded view; ``spacing_mm`` (row, column, mm) sets the scale to the GLAM grid.
+    config
+        ``input_shape`` (rows, columns, network pixels) and ``pixel_spacing_mm``; the noise
+        amplitudes ``crop_noise_px`` / ``crop_size_noise_px`` are in network pixels.
+    mask
+        Boolean breast mask on the *stored* source grid (``mammogram.breast_mask`` when None).
+    rng
+        Training noise generator; None (inference) for the deterministic window.
+
+    Returns
+    -------
+    Geometry
+        ``box`` half-open ``(r0, r1, c0, c1)`` in source pixels of the canonical image,
+        ``out_shape`` the config's ``input_shape``.
     """
     rows, cols = mammogram.shape
     fr = mammogram.spacing_mm[0] / config.pixel_spacing_mm
@@ -552,6 +634,18 @@ def glam_input(
 
     ``mask`` is the source image's breast mask (computed when None); the returned mask is
     it carried through the same window, as the network's ``mask`` argument.
+
+    Parameters
+    ----------
+    mammogram, config, mask, rng
+        As for :func:`glam_geometry` (``mask`` on the stored source grid).
+
+    Returns
+    -------
+    tuple[numpy.ndarray, numpy.ndarray, Geometry]
+        float32 z-scored image and boolean mask, both ``config.input_shape`` (rows, columns)
+        on the network grid in canonical orientation, and the geometry that maps network
+        outputs back onto the stored source grid.
     """
     if mask is None:
         mask = mammogram.breast_mask
@@ -578,17 +672,14 @@ class GlamModel:
         self.thresholds = thresholds
 
     @classmethod
-    def from_bundle(cls, bundle, device: torch.device | str = "cpu") -> "GlamModel":
-        """Build from a :class:`dicom_ai.bundle.Bundle` whose architecture kind is ``glam``."""
-        arch = dict(bundle.manifest["architecture"])
-        if arch.get("kind") != "glam":
-            raise ModelError(f"bundle {bundle.path} is a {arch.get('kind')!r} model, not glam")
-        config = GlamConfig.from_dict(arch)
-        network = Glam(config)
-        missing, unexpected = network.load_state_dict(bundle.state_dict, strict=False)
-        if missing or unexpected:
-            raise ModelError(f"bundle {bundle.path} does not match its GLAM architecture: "
-                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    def from_bundle(cls, bundle: Bundle, device: torch.device | str = "cpu") -> "GlamModel":
+        """Build from a :class:`~dicom_ai.networks.bundle.Bundle` whose architecture kind is ``glam``.
+
+        Raises :class:`~dicom_ai.core.errors.BundleError` for a bundle of another kind or
+        weights that do not match the manifest's architecture (:func:`load_weights`).
+        """
+        require_kind(bundle, "glam")
+        network = load_weights(Glam(GlamConfig.from_dict(bundle.manifest["architecture"])), bundle, "glam")
         thresholds = {k: float(v) for k, v in bundle.manifest["thresholds"].items()}
         return cls(network, bundle.identity, thresholds, device)
 

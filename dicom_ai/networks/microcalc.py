@@ -1,5 +1,9 @@
 """Microcalcification Detector and Segmentator CNNs (Valvano et al., arXiv 1809.03788).
 
+Owns the method's config (:class:`MicrocalcConfig`), the patch CNN with its dense inference,
+the patch taxonomy used to train it, the clustering of calcifications, and the whole-image
+:class:`MicrocalcModel` (training is :mod:`dicom_ai.training.microcalc`).
+
 Two small patch CNNs work at the method's pixel size of 0.05 mm:
 
 * the **Detector** says whether a patch contains a microcalcification (MC) anywhere
@@ -46,9 +50,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dicom_ai.core.errors import BundleError, ModelError
+from matplotlib.path import Path as _PolygonPath
+
+from dicom_ai.core.errors import ModelError
 from dicom_ai.core.findings import ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Mammogram, resize
+from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
 
 __all__ = [
     "MicrocalcConfig",
@@ -206,6 +213,24 @@ def sliding_window_logits(net: PatchCNN, region: torch.Tensor, stride: int = 1,
 
     Same output layout as :meth:`PatchCNN.dense_logits`; used by the tests and the speed
     benchmark, never by the node.
+
+    Parameters
+    ----------
+    net
+        The Detector or Segmentator.
+    region
+        (N, 1, rows, cols) working-grid (0.05 mm) intensities; only patches wholly inside
+        ``region`` are classified (no padding).
+    stride
+        Step between patch centres, in working-grid pixels.
+    batch
+        Patches classified per forward pass (memory only; the result does not depend on it).
+
+    Returns
+    -------
+    torch.Tensor
+        (N, 2, n_r, n_c) logits; entry (i, j) is the patch whose upper-left pixel is
+        ``(i*stride, j*stride)`` of ``region``, i.e. centred on ``(i*stride + P//2, j*stride + P//2)``.
     """
     p = net.config.patch_size
     n, _, rows, cols = region.shape
@@ -244,8 +269,20 @@ def box_any(mask: np.ndarray, half: int) -> np.ndarray:
 def patch_classes(mask: np.ndarray, patch_size: int, near: int | None = None) -> np.ndarray:
     """Class (1..4 = C1..C4) of the patch centred on every pixel of an MC ``mask``.
 
-    ``mask`` is a boolean (rows, cols) MC mask; outside the image counts as no MC.
-    ``near`` defaults to ``patch_size // 6``. Returns uint8 (rows, cols).
+    Parameters
+    ----------
+    mask
+        Boolean (rows, columns) MC mask on the working grid; outside the image counts as no MC.
+    patch_size
+        Patch side ``P`` in working-grid pixels (odd).
+    near
+        Half-size of the central window that makes a patch C2, in pixels; ``patch_size // 6``
+        when None.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 (rows, columns): the class of the patch centred on each pixel.
     """
     if patch_size % 2 != 1:
         raise ModelError(f"patch_size must be odd, got {patch_size}")
@@ -341,8 +378,22 @@ def group_clusters(centroids_mm: np.ndarray, min_count: int = 3, link_mm: float 
     """Single-linkage groups of calcifications: indices of each group of >= ``min_count``
     calcifications whose chain of neighbours is at most ``link_mm`` apart.
 
-    ``centroids_mm`` is (n, 2) in millimetres. A 5 mm link keeps three calcifications of a
-    group within about 1 cm^2, the usual cluster definition.
+    A 5 mm link keeps three calcifications of a group within about 1 cm^2, the usual cluster
+    definition.
+
+    Parameters
+    ----------
+    centroids_mm
+        (n, 2) calcification centroids as (row, column) in millimetres.
+    min_count
+        Smallest group returned.
+    link_mm
+        Largest distance in mm between two neighbours of a chain (Euclidean, inclusive).
+
+    Returns
+    -------
+    list[numpy.ndarray]
+        Index arrays into ``centroids_mm``, one per group.
     """
     n = len(centroids_mm)
     if n < min_count:
@@ -368,9 +419,11 @@ def group_clusters(centroids_mm: np.ndarray, min_count: int = 3, link_mm: float 
 
 
 def fill_polygon(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Boolean mask of the pixels whose centres lie inside a (row, col) polygon."""
-    from matplotlib.path import Path
+    """Boolean mask of the pixels whose centres lie inside a (row, col) polygon.
 
+    ``polygon`` is ``(n, 2)`` vertices in (row, column) pixels of the grid of ``shape``
+    (pixel ``(r, c)`` has its centre at ``(r, c)``); matplotlib's even-odd point-in-path test.
+    """
     mask = np.zeros(shape, dtype=bool)
     if len(polygon) < 3:
         return mask
@@ -381,7 +434,7 @@ def fill_polygon(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if r1 <= r0 or c1 <= c0:
         return mask
     rr, cc = np.mgrid[r0:r1, c0:c1]
-    inside = Path(polygon).contains_points(np.stack([rr.ravel(), cc.ravel()], axis=1))
+    inside = _PolygonPath(polygon).contains_points(np.stack([rr.ravel(), cc.ravel()], axis=1))
     mask[r0:r1, c0:c1] = inside.reshape(rr.shape)
     return mask
 
@@ -418,20 +471,16 @@ class MicrocalcModel:
         self.cluster_threshold = float(thresholds.get("calcification_cluster", self.config.cluster_threshold))
 
     @classmethod
-    def from_bundle(cls, bundle, device: torch.device | str = "cpu") -> "MicrocalcModel":
-        """Build from a :class:`dicom_ai.bundle.Bundle` whose state dict holds ``detector.*``
-        and ``segmentator.*`` tensors."""
+    def from_bundle(cls, bundle: Bundle, device: torch.device | str = "cpu") -> "MicrocalcModel":
+        """Build from a :class:`~dicom_ai.networks.bundle.Bundle` of kind ``microcalc`` whose
+        state dict holds exactly the ``detector.*`` and ``segmentator.*`` tensors.
+
+        Raises :class:`~dicom_ai.core.errors.BundleError` for a bundle of another kind or
+        weights that do not match the manifest's architecture (:func:`load_weights`).
+        """
+        require_kind(bundle, "microcalc")
         config = MicrocalcConfig.from_dict(bundle.manifest["architecture"])
-        nets = {}
-        for role in ROLES:
-            net = PatchCNN(config)
-            prefix = role + "."
-            sd = {k[len(prefix):]: v for k, v in bundle.state_dict.items() if k.startswith(prefix)}
-            missing, unexpected = net.load_state_dict(sd, strict=False)
-            if missing or unexpected:
-                raise ModelError(f"bundle {bundle.path}: {role} weights do not match the architecture "
-                                 f"(missing {missing}, unexpected {unexpected})")
-            nets[role] = net
+        nets = load_weights(nn.ModuleDict({role: PatchCNN(config) for role in ROLES}), bundle, "microcalc")
         return cls(nets["detector"], nets["segmentator"], bundle.identity,
                    bundle.manifest.get("thresholds"), device)
 
@@ -520,6 +569,21 @@ class MicrocalcModel:
 
         The Segmentator runs on ``seg_tile``-pixel tiles that overlap a patch where the
         Detector fired; every other pixel is 0.
+
+        Parameters
+        ----------
+        image
+            (rows, columns) intensities in [0, 1] on the 0.05 mm working grid (the breast crop
+            of the stored source image, not flipped).
+        mask
+            Boolean breast mask on the same grid; pixels outside get 0. None: everywhere.
+        seg_tile
+            Side of the Segmentator's tiles in working-grid pixels (speed only).
+
+        Returns
+        -------
+        tuple[numpy.ndarray, float]
+            float32 (rows, columns) probability, and the visited fraction in [0, 1].
         """
         cfg, s, half = self.config, self.config.detector_stride, self.config.patch_size // 2
         rows, cols = image.shape

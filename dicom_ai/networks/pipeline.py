@@ -1,8 +1,11 @@
 """The model pipeline: every configured model over every image of a study.
 
-A model is anything with an ``identity`` and a ``predict(Mammogram) -> ModelOutput``; the
-shipped ones are built from bundles in models/. The pipeline decodes each source data set
-once, runs the models in order, and returns one ``ImageFindings`` per image for the writers.
+Owns the :class:`ImageModel` protocol, the device choice (:func:`resolve_device`) and the
+:class:`Pipeline`. A model is anything with an ``identity`` and a
+``predict(Mammogram) -> ModelOutput``; the shipped ones are built from bundles in models/ by
+:func:`~dicom_ai.networks.registry.model_from_bundle` (importable from here too). The
+pipeline decodes each source data set once, runs the models in order, and returns one
+``ImageFindings`` per image for the writers.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ import pydicom
 import torch
 
 from dicom_ai.core.device import check_device_spec
-from dicom_ai.core.errors import BundleError, DeviceError
-from dicom_ai.networks.bundle import Bundle, load_bundle
+from dicom_ai.core.errors import DeviceError
 from dicom_ai.core.findings import ImageFindings, ModelIdentity, ModelOutput
 from dicom_ai.imaging import Mammogram, read_mammogram
+from dicom_ai.networks.bundle import load_bundle
+from dicom_ai.networks.registry import model_from_bundle
+
+__all__ = ["DEFAULT_MODELS", "ImageModel", "Pipeline", "model_from_bundle", "resolve_device"]
 
 #: Bundles the node runs when the configuration names none (folders under models/).
 DEFAULT_MODELS: tuple[str, ...] = ("glam", "dunet", "microcalc")
@@ -42,24 +48,6 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {spec!r} requested but no CUDA GPU is available; use 'cpu' or 'auto'")
     return device
-
-
-def model_from_bundle(bundle: Bundle, device: torch.device) -> ImageModel:
-    """Instantiate the model class named by the bundle's ``architecture.kind``."""
-    kind = bundle.kind
-    if kind == "glam":
-        from dicom_ai.networks.glam import GlamModel
-
-        return GlamModel.from_bundle(bundle, device)
-    if kind == "dunet":
-        from dicom_ai.networks.dunet import DUNetModel
-
-        return DUNetModel.from_bundle(bundle, device)
-    if kind == "microcalc":
-        from dicom_ai.networks.microcalc import MicrocalcModel
-
-        return MicrocalcModel.from_bundle(bundle, device)
-    raise BundleError(f"bundle {bundle.path} has unknown architecture kind {kind!r}; known: glam, dunet, microcalc")
 
 
 class Pipeline:
