@@ -7,15 +7,23 @@ as a separate process is exercised in test_node*.py.
 from __future__ import annotations
 
 import errno
+import json
+import logging
+import os
+import re
 import subprocess
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless, RLELossless, generate_uid
-from pynetdicom import _config, transport
+from pynetdicom import _config, dimse_messages, transport
+from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STORAGE_SERVICE_CLASS_STATUS
 
+from dicom_ai.core.errors import ConfigError
+from dicom_ai.node import logs, scp as scp_module
 from dicom_ai.node.config import load_config
 from dicom_ai.node.jobstore import JobStore
 from dicom_ai.node.scp import SUPPORTED_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES, StorageSCP
@@ -26,15 +34,17 @@ from node_harness import ACCESSION, PATIENT_ID, PATIENT_NAME, free_port, make_mg
 def scp(tmp_path):
     """An in-process SCP (AE AINODE) accepting PACS; restores the process-wide settings it changes."""
     saved = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, transport.AssociationSocket.recv)
+    saved_tempfile = dimse_messages.NamedTemporaryFile
     port = free_port()
     cfg = load_config(None, {"node.ae_title": "AINODE", "node.port": port, "node.storage": str(tmp_path / "st"),
                              "node.reserve_free_mb": 1, "peers": ["PACS@127.0.0.1:1"]})
-    store = JobStore(cfg.storage_dir / "jobs.sqlite")
+    store = JobStore(cfg.layout.jobstore)
     server = StorageSCP(cfg, store)
     server.start()
     yield server
     server.stop()
     tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, transport.AssociationSocket.recv = saved
+    dimse_messages.NamedTemporaryFile = saved_tempfile
 
 
 def _responses(result: subprocess.CompletedProcess) -> list[str]:
@@ -228,10 +238,11 @@ def test_log_has_no_patient_data(scp, tmp_path, capfd):
 
 def test_any_caller_is_accepted_only_when_configured(tmp_path):
     saved = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, transport.AssociationSocket.recv)
+    saved_tempfile = dimse_messages.NamedTemporaryFile
     port = free_port()
     cfg = load_config(None, {"node.ae_title": "AINODE", "node.port": port, "node.storage": str(tmp_path / "st"),
                              "node.reserve_free_mb": 1, "node.allow_any_caller": True})
-    server = StorageSCP(cfg, JobStore(cfg.storage_dir / "jobs.sqlite"))
+    server = StorageSCP(cfg, JobStore(cfg.layout.jobstore))
     server.start()
     try:
         assert echoscu(port, calling="ANYBODY").returncode == 0
@@ -241,3 +252,150 @@ def test_any_caller_is_accepted_only_when_configured(tmp_path):
     finally:
         server.stop()
         tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, transport.AssociationSocket.recv = saved
+        dimse_messages.NamedTemporaryFile = saved_tempfile
+
+
+# -- statuses, process-wide state, configuration errors -------------------------------------
+
+
+def test_failure_statuses_are_the_storage_service_class_codes():
+    """The node's named codes mean in pynetdicom's PS3.4 B.2.3 table what the node says they mean."""
+    assert scp_module.SUCCESS == 0 and STORAGE_SERVICE_CLASS_STATUS[scp_module.SUCCESS][0] == STATUS_SUCCESS
+    for code, meaning in ((scp_module.OUT_OF_RESOURCES, "Refused: Out of Resources"),
+                          (scp_module.DOES_NOT_MATCH_SOP_CLASS, "Data Set Does Not Match SOP Class"),
+                          (scp_module.CANNOT_UNDERSTAND, "Cannot Understand")):
+        assert STORAGE_SERVICE_CLASS_STATUS[code] == (STATUS_FAILURE, meaning), hex(code)
+
+
+def test_starting_the_scp_leaves_the_process_tempdir_and_sockets_alone(tmp_path, monkeypatch):
+    """Only pynetdicom's receive path is redirected; received files go through <storage>/incoming."""
+    before = (tempfile.tempdir, tempfile.gettempdir(), transport.AssociationSocket.recv)
+    saved = (_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile)
+    cfg = load_config(None, {"node.ae_title": "AINODE", "node.port": free_port(), "node.storage": str(tmp_path / "st"),
+                             "node.reserve_free_mb": 1, "peers": ["PACS@127.0.0.1:1"]})
+    server = StorageSCP(cfg, JobStore(cfg.layout.jobstore))
+    renamed, reads = [], []
+    real_rename, fast_recv = os.rename, scp_module._ReceiveSocket.recv
+    monkeypatch.setattr("dicom_ai.node.scp.os.rename", lambda src, dst: (renamed.append(Path(src)),
+                                                                          real_rename(src, dst))[1])
+    monkeypatch.setattr(scp_module._ReceiveSocket, "recv", lambda self, n: (reads.append(n), fast_recv(self, n))[1])
+    server.start()
+    try:
+        assert (tempfile.tempdir, tempfile.gettempdir(), transport.AssociationSocket.recv) == before
+        files = write_study(tmp_path / "in", views=[("L", "CC")])
+        assert _responses(storescu(server.port, files)) == ["(Success)"]
+        assert [p.parent for p in renamed] == [cfg.layout.incoming]  # streamed into storage: a rename, no copy
+        assert reads and sum(reads) > files[0].stat().st_size  # the SCP's sockets read with recv_into
+        assert (tempfile.tempdir, tempfile.gettempdir(), transport.AssociationSocket.recv) == before
+        with tempfile.NamedTemporaryFile() as f:  # the process's other temporary files: where they were
+            assert Path(f.name).parent == Path(before[1])
+    finally:
+        server.stop()
+        _config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile = saved
+
+
+def test_install_receive_path_is_idempotent_and_repoints(tmp_path):
+    saved = (_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile)
+    try:
+        for folder in (tmp_path / "a", tmp_path / "a", tmp_path / "b"):
+            folder.mkdir(exist_ok=True)
+            scp_module.install_receive_path(folder)
+            with dimse_messages.NamedTemporaryFile(mode="wb", suffix=".dcm") as f:
+                assert Path(f.name).parent == folder
+        assert _config.STORE_RECV_CHUNKED_DATASET is True
+    finally:
+        _config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile = saved
+
+
+def test_no_peers_without_allow_any_caller_is_a_configuration_error(tmp_path):
+    saved = (_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile)
+    cfg = load_config(None, {"node.ae_title": "AINODE", "node.port": free_port(), "node.storage": str(tmp_path / "st")})
+    try:
+        with pytest.raises(ConfigError, match="no peers are configured"):
+            StorageSCP(cfg, JobStore(cfg.layout.jobstore)).start()
+        # Refused before anything process-wide was changed.
+        assert (_config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile) == saved
+    finally:
+        _config.STORE_RECV_CHUNKED_DATASET, dimse_messages.NamedTemporaryFile = saved
+
+
+# -- the JSON log lines through the logging machinery ----------------------------------------
+
+_TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+@pytest.fixture
+def log_file(tmp_path):
+    path = tmp_path / "logs" / "node.log"
+    yield path
+    logs.configure("node", "INFO", None)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_log_line_shape(log_file):
+    import io
+
+    stream = io.StringIO()
+    logs.configure("scp", "INFO", log_file, stream=stream)
+    uid = pydicom.uid.UID("1.2.3.4")
+    logs.event("instance_received", calling_ae="PACS", sop_instance_uid=uid, bytes=17, seconds=0.25, ok=True,
+               retry_in_s=None, path=Path("/x/y.dcm"), note="ünïcode")
+    logs.event("hidden", level="DEBUG", x=1)  # below the configured level
+    (line,) = _lines(log_file)
+    assert list(line)[:5] == ["ts", "level", "proc", "pid", "event"]
+    assert _TS.fullmatch(line["ts"]), line["ts"]
+    assert line == {"ts": line["ts"], "level": "INFO", "proc": "scp", "pid": os.getpid(), "event": "instance_received",
+                    "calling_ae": "PACS", "sop_instance_uid": "1.2.3.4", "bytes": 17, "seconds": 0.25, "ok": True,
+                    "retry_in_s": None, "path": "/x/y.dcm", "note": "ünïcode"}
+    assert stream.getvalue().splitlines() == log_file.read_text(encoding="utf-8").splitlines()  # same line on stderr
+    assert "ünïcode" in log_file.read_text(encoding="utf-8")  # not \u-escaped
+    logs.event("warned", level="WARNING", n=1)
+    assert [(x["event"], x["level"]) for x in _lines(log_file)] == [("instance_received", "INFO"),
+                                                                     ("warned", "WARNING")]
+
+
+def test_patient_fields_never_reach_the_file(log_file):
+    logs.configure("scp", "DEBUG", log_file, stream=None)
+    logs.event("instance_received", PatientName="Secret^Name", PatientID="PID-1", patient_name="x", birth_date="1960",
+               AccessionNumber="ACC-1", sop_instance_uid="1.2.3")
+    # The filter sits on the handlers: a record that reaches them another way is cleaned too.
+    logging.getLogger(logs.EVENT_LOGGER).info("direct", extra={"event_fields": {"PatientID": "PID-2", "n": 1}})
+    text = log_file.read_text(encoding="utf-8")
+    for secret in ("Secret^Name", "PID-1", "PID-2", "ACC-1", "1960", "PatientName", "PatientID"):
+        assert secret not in text
+    assert [(x["event"], x.get("sop_instance_uid"), x.get("n")) for x in _lines(log_file)] == [
+        ("instance_received", "1.2.3", None), ("direct", None, 1)]
+    # The formatter on its own drops them as well.
+    record = logging.LogRecord(logs.EVENT_LOGGER, logging.INFO, __file__, 1, "e", None, None)
+    record.event_fields = {"PatientName": "Secret^Name", "k": "v"}
+    assert "Secret" not in logs.JsonFormatter("scp").format(record)
+
+
+def test_pynetdicom_warnings_are_json_lines_and_its_debug_is_not_written(log_file):
+    logs.configure("scp", "DEBUG", log_file, stream=None)
+    logging.getLogger("pynetdicom.assoc").warning("peer %s went away", "PACS")
+    logging.getLogger("pynetdicom.dul").error("bad PDU")
+    logging.getLogger("pynetdicom.dsutils").info("a data set summary")  # pynetdicom stays at WARNING
+    logging.getLogger("pynetdicom.dsutils").debug("(0010,0010) PN Secret^Name")
+    lines = _lines(log_file)
+    assert [(x["event"], x["level"], x["message"]) for x in lines] == [
+        ("pynetdicom", "WARNING", "peer PACS went away"), ("pynetdicom", "ERROR", "bad PDU")]
+    assert all(x["proc"] == "scp" and _TS.fullmatch(x["ts"]) and x["pid"] == os.getpid() for x in lines)
+    logs.configure("scp", "ERROR", log_file, stream=None)  # the node's level applies to pynetdicom too
+    logging.getLogger("pynetdicom.assoc").warning("dropped")
+    assert len(_lines(log_file)) == 2
+
+
+def test_reconfiguring_replaces_the_sinks(log_file, tmp_path):
+    logs.configure("node", "INFO", log_file, stream=None)
+    logs.event("first")
+    other = tmp_path / "other.log"
+    logs.configure("worker", "INFO", other, stream=None)
+    logs.event("second")
+    assert [x["event"] for x in _lines(log_file)] == ["first"]
+    assert [(x["event"], x["proc"]) for x in _lines(other)] == [("second", "worker")]
+    assert len(logging.getLogger(logs.EVENT_LOGGER).handlers) == 1
+    assert logging.getLogger("pynetdicom").handlers == logging.getLogger(logs.EVENT_LOGGER).handlers

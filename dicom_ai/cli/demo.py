@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dicom_ai.networks.bundle import MODELS_DIR
 from dicom_ai.networks.pipeline import DEFAULT_MODELS
+from dicom_ai.node.config import load_config
 
 
 def _free_port() -> int:
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         f'[pipeline]\ndevice = "{args.device}"\nfactory = "{args.pipeline_factory}"\n'
         "[retry]\nmax_attempts = 5\ninitial_delay_seconds = 2.0\n"
         f'[[peers]]\nae_title = "DEMOPACS"\nhost = "127.0.0.1"\nport = {pacs_port}\n')
+    config = load_config(out / "node.toml")  # where the node will keep its files, as the node reads it
     procs: list[subprocess.Popen] = []
     try:
         pacs = subprocess.Popen(["storescp", "--aetitle", "DEMOPACS", "--output-directory", str(out / "pacs"),
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         if sendlog.returncode != 0:
             print(sendlog.stderr, file=sys.stderr)
             raise SystemExit("demo: sending the study failed")
-        db = out / "storage" / "jobs.sqlite"
+        db = config.layout.jobstore
         started = time.monotonic()
         last = None
         while True:
@@ -173,14 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             if node.poll() is not None:
                 raise SystemExit(f"demo: the node stopped (code {node.returncode}); see {out}/node.stdout.log")
             if time.monotonic() - started > args.timeout:
-                raise SystemExit(f"demo: no results after {args.timeout:.0f} s; see {out}/storage/logs/node.log")
+                raise SystemExit(f"demo: no results after {args.timeout:.0f} s; see {config.log_file}")
             time.sleep(1.0)
         received = sorted((out / "pacs").glob("*.dcm"))
         print(f"\ndemo: the PACS received {len(received)} result objects in {time.monotonic() - started:.1f} s:")
         for path in received:
             print(f"  {_describe(path)}")
-        previews = sorted((out / "storage" / "previews").rglob("*.png"))
-        print(f"\ndemo: previews for IT checks: {len(previews)} PNG in {out / 'storage' / 'previews'}")
+        previews = sorted(config.layout.previews.rglob("*.png"))
+        print(f"\ndemo: previews for IT checks: {len(previews)} PNG in {config.layout.previews}")
         print(f"demo: everything is in {out} (node.toml, study/, pacs/, storage/)")
         summary = {"sent": [p.name for p in sent], "received": [p.name for p in received]}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -189,6 +189,19 @@ class JobStore:
 
         A new instance (re-)opens its study and cancels a job of that study that no worker has
         started yet, since that job no longer covers the whole study.
+
+        Parameters
+        ----------
+        study_uid : str
+            The instance's Study Instance UID.
+        calling_ae : str
+            The AE title that sent it; a study is kept per sender, whose results it gets.
+        instance : Instance
+            What was received and where it is in the spool.
+        size : int
+            Its size in bytes, for ``status``.
+        now : float or None
+            The time of receipt (``time.time()`` when None; tests pass their own clock).
         """
         now = time.time() if now is None else now
         with self._write() as db:
@@ -213,10 +226,19 @@ class JobStore:
                             make_result_uids: Callable[[list[str]], str], now: float | None = None) -> list[int]:
         """Turn every complete open study into a queued job; returns the new job ids.
 
-        Complete = the four standard views are present and nothing arrived for ``grace_seconds``,
-        or nothing arrived for ``idle_seconds``. ``make_result_uids`` gets the study's SOP
-        Instance UIDs and returns the JSON of the result UIDs, fixed here for the job's life.
         Pending deliveries of earlier jobs of the study are superseded by the new job.
+
+        Parameters
+        ----------
+        grace_seconds : float
+            A study with the four standard views is complete once nothing arrived for this long.
+        idle_seconds : float
+            Any other open study is complete once nothing arrived for this long.
+        make_result_uids : callable
+            Gets the study's SOP Instance UIDs and returns the JSON of the result UIDs, fixed
+            here for the job's life.
+        now : float or None
+            The current time (``time.time()`` when None; tests pass their own clock).
         """
         now = time.time() if now is None else now
         conn = self._conn()
@@ -278,12 +300,24 @@ class JobStore:
 
     def complete_job(self, job: Job, outputs: Sequence[tuple[str, str, str]],
                      destinations: Sequence[tuple[str, str, int]], note: str | None = None) -> str:
-        """Record the job's outbox objects ``(sop_instance_uid, sop_class_uid, path)`` and queue one
-        delivery per destination ``(ae_title, host, port)``, atomically. ``note`` (e.g. images
-        skipped) is kept in the job's error column for ``status``.
+        """Record the job's outbox objects and queue one delivery per destination, atomically.
 
-        Returns the job's final state: ``done``, ``superseded`` (a newer job of the study exists;
-        nothing is queued), or ``stale`` (the claim was lost, e.g. after a node restart).
+        Parameters
+        ----------
+        job : Job
+            The job as claimed (its claim token must still be current).
+        outputs : sequence of (sop_instance_uid, sop_class_uid, path)
+            The result objects, already durable in the outbox.
+        destinations : sequence of (ae_title, host, port)
+            Where the results go.
+        note : str or None
+            Kept in the job's error column for ``status`` (e.g. images skipped).
+
+        Returns
+        -------
+        str
+            The job's final state: ``done``, ``superseded`` (a newer job of the study exists;
+            nothing is queued), or ``stale`` (the claim was lost, e.g. after a node restart).
         """
         now = time.time()
         with self._write() as db:
@@ -303,7 +337,17 @@ class JobStore:
         return state
 
     def fail_job(self, job: Job, error: str, max_attempts: int) -> str:
-        """Record a failed attempt: re-queue it, or mark it failed after ``max_attempts``."""
+        """Record a failed attempt: re-queue it, or mark it failed after ``max_attempts``.
+
+        Parameters
+        ----------
+        job : Job
+            The job as claimed; a lost claim leaves it alone and returns ``stale``.
+        error : str
+            Why it failed, for ``status`` (first 2000 characters kept).
+        max_attempts : int
+            Attempts allowed before the job is ``failed`` rather than ``queued`` again.
+        """
         now = time.time()
         with self._write() as db:
             row = db.execute("SELECT state, claim_token, attempts FROM jobs WHERE id = ?", (job.id,)).fetchone()
@@ -354,8 +398,19 @@ class JobStore:
 
     def delivery_attempt_failed(self, delivery_id: int, error: str, max_attempts: int,
                                 delay_for: Callable[[int], float]) -> str:
-        """Count a failed attempt; schedule the next one after ``delay_for(attempts)`` seconds
-        or mark the delivery failed once ``max_attempts`` are used. Returns the new state."""
+        """Count a failed attempt and schedule the next one, or fail the delivery; returns the new state.
+
+        Parameters
+        ----------
+        delivery_id : int
+            The delivery.
+        error : str
+            Why the attempt failed, for ``status`` (first 2000 characters kept).
+        max_attempts : int
+            Attempts allowed before the delivery is ``failed``.
+        delay_for : callable
+            Seconds to wait before the next attempt, given the attempts used so far.
+        """
         now = time.time()
         with self._write() as db:
             row = db.execute("SELECT attempts, state FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()

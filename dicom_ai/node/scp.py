@@ -23,7 +23,8 @@ C-STORE statuses
 
 The data set is kept exactly as received (same transfer syntax, every element including
 private ones); nothing is coerced. pynetdicom streams it to a temporary file in
-``<storage>/incoming`` while it arrives, so memory stays flat for large images.
+``<storage>/incoming`` while it arrives, so memory stays flat for large images
+(:func:`install_receive_path`, the one process-wide setting the SCP needs).
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pynetdicom import AE, _config, evt, transport
+from pynetdicom import AE, _config, dimse_messages, evt, transport
 from pynetdicom.sop_class import Verification
+from pynetdicom.status import Status
 
+from dicom_ai.core.errors import ConfigError
 from dicom_ai.core.views import laterality_of, view_of
 from dicom_ai.node import logs
 from dicom_ai.node.config import NodeConfig
@@ -71,10 +74,13 @@ SUPPORTED_TRANSFER_SYNTAXES: dict[str, str] = {
 #: Transfer syntaxes accepted for Verification.
 VERIFICATION_TRANSFER_SYNTAXES: tuple[str, ...] = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
+SUCCESS = Status.SUCCESS
+# pynetdicom names no storage failure codes (its Status enum has only the general ones, and
+# Status.add would change that class for the whole process); these are the first code of each
+# PS3.4 B.2.3 range, checked against pynetdicom's STORAGE_SERVICE_CLASS_STATUS in test_scp.py.
+OUT_OF_RESOURCES = 0xA700           # "Refused: Out of Resources"
+DOES_NOT_MATCH_SOP_CLASS = 0xA900   # "Data Set Does Not Match SOP Class" (Error)
+CANNOT_UNDERSTAND = 0xC000          # "Cannot Understand"
 
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Rows", "Columns", "BitsAllocated",
@@ -114,24 +120,24 @@ class StorageSCP:
     # -- life cycle ----------------------------------------------------------------------
 
     def start(self) -> int:
-        """Start listening (non-blocking); returns the bound port."""
+        """Start listening (non-blocking); returns the bound port.
+
+        Points pynetdicom's receive path at this SCP's ``incoming`` folder first
+        (:func:`install_receive_path`, process-wide: see there why).
+        """
+        if not self.config.node.allow_any_caller and not self.config.peers:
+            raise ConfigError("no peers are configured and node.allow_any_caller is false: nobody could send")
         for d in (self.spool, self.incoming):
             d.mkdir(parents=True, exist_ok=True)
         # Partial transfers of a previous run: never acknowledged, so the sender resends.
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
-        # pynetdicom streams each received data set into a temporary file; putting that in
-        # the storage file system makes the final rename atomic and saves a copy.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        transport.AssociationSocket.recv = _read_exactly
-        tempfile.tempdir = str(self.incoming)
-        ae = AE(ae_title=self.config.node.ae_title)
+        install_receive_path(self.incoming)
+        ae = _ReceivingAE(ae_title=self.config.node.ae_title)
         ae.maximum_associations = self.config.node.max_associations
         ae.maximum_pdu_size = self.config.node.max_pdu_size
         ae.require_called_aet = True
         if not self.config.node.allow_any_caller:
-            if not self.config.peers:
-                raise ValueError("no peers are configured and allow_any_caller is false: nobody could send")
             ae.require_calling_aet = [p.ae_title for p in self.config.peers]
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
@@ -297,22 +303,86 @@ def _check_pixel_data(ds: pydicom.Dataset, ts: str) -> None:
         raise Rejected(CANNOT_UNDERSTAND, f"Pixel Data has {length} bytes, expected {expected}")
 
 
-def _read_exactly(self, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` reading straight into one buffer.
+class _ReceiveSocket(transport.AssociationSocket):
+    """An ``AssociationSocket`` whose ``recv`` reads straight into one buffer.
 
-    pynetdicom 3.0 reads PDUs 4 KiB at a time and appends each piece to a bytearray, which
-    costs a fifth of the receive time for a 17 MB mammogram; this reads the same bytes with
-    ``recv_into`` and returns the same type, so every caller sees the same behaviour.
+    pynetdicom 3.0 reads PDUs 4 KiB at a time and appends each piece to a bytearray; this
+    reads the same bytes with ``recv_into`` and returns the same type, so every caller sees
+    the same behaviour. Reading four 17 MB images in 128 KiB PDUs over loopback TCP took
+    25 ms instead of 38 ms (pynetdicom 3.0.4, a quiet-ish shared 2-core machine); the whole
+    receive is benchmarks/bench_ingest.py. No state of its own, so an ``AssociationSocket``
+    can become one.
     """
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    nr_read = 0
-    while nr_read < nr_bytes:
-        got = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
-        if not got:  # connection closed: return what was read, as pynetdicom does
-            view.release()
-            del buf[nr_read:]
-            return buf
-        nr_read += got
-    view.release()
-    return buf
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        buf = bytearray(nr_bytes)
+        view = memoryview(buf)
+        nr_read = 0
+        while nr_read < nr_bytes:
+            got = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
+            if not got:  # connection closed: return what was read, as pynetdicom does
+                view.release()
+                del buf[nr_read:]
+                return buf
+            nr_read += got
+        view.release()
+        return buf
+
+
+class _RequestHandler(transport.RequestHandler):
+    """pynetdicom's acceptor handler, giving each association a :class:`_ReceiveSocket`."""
+
+    def _create_association(self):
+        assoc = super()._create_association()
+        # pynetdicom builds the socket inside this method and its constructor queues the
+        # "transport connection open" event, so a second socket cannot simply replace it;
+        # the subclass adds no state, so changing the class of this one is equivalent.
+        assoc.dul.socket.__class__ = _ReceiveSocket
+        return assoc
+
+
+class _ReceivingAE(AE):
+    """pynetdicom's AE whose servers accept with :class:`_RequestHandler`.
+
+    ``start_server`` builds its server through ``make_server``, which hands extra keywords
+    to the server's constructor; that is pynetdicom's way to choose the request handler, and
+    it keeps the faster socket to this SCP's associations (no other AssociationSocket).
+    """
+
+    def make_server(self, *args, **kwargs):
+        kwargs.setdefault("request_handler", _RequestHandler)
+        return super().make_server(*args, **kwargs)
+
+
+_receive_dir: Path | None = None
+
+
+def _receive_tempfile(*args, **kwargs):
+    """``NamedTemporaryFile`` as pynetdicom calls it, in the installed receive folder."""
+    kwargs.setdefault("dir", _receive_dir)
+    return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+def install_receive_path(incoming: Path) -> None:
+    """Make pynetdicom stream each received C-STORE data set to a file in ``incoming``.
+
+    Streaming keeps memory flat for 17 MB images, and a file on the storage file system can
+    be renamed into the spool (atomic, no copy). pynetdicom 3.0 has no per-server setting for
+    either, hence two process-wide changes, both confined to pynetdicom's C-STORE receive:
+
+    * ``pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True``, pynetdicom's documented
+      switch (it concerns SCPs only, and the SCP here is the process's only one);
+    * ``pynetdicom.dimse_messages.NamedTemporaryFile``, the one call that creates the file
+      (without a folder), gets ``dir=incoming``. ``tempfile.tempdir`` and every other
+      temporary file of the process are left alone.
+
+    Idempotent. One receive folder per process: a later call with another folder re-points
+    it (the node runs one SCP; tests start one at a time).
+    """
+    global _receive_dir
+    if not hasattr(dimse_messages, "NamedTemporaryFile"):  # pynetdicom changed: do not fail silently
+        raise RuntimeError("pynetdicom.dimse_messages no longer creates received data sets with "
+                           "NamedTemporaryFile; install_receive_path needs updating")
+    _receive_dir = Path(incoming)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = _receive_tempfile

@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from dicom_ai.core.errors import ConfigError
 from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.node import logs
 from dicom_ai.node.config import NodeConfig
@@ -160,6 +161,10 @@ def serve(config: NodeConfig) -> int:
         signal.signal(signal.SIGTERM, lambda *_: node.stop())
         signal.signal(signal.SIGINT, lambda *_: node.stop())
         node.start()
+    except ConfigError as exc:  # what the CLI checks first; a library caller gets the same answer
+        print(f"dicom-ai: configuration error: {exc}", file=sys.stderr)
+        logs.event("node_start_failed", level="ERROR", error=str(exc))
+        return 2
     except OSError as exc:
         where = f"{config.node.bind_address}:{config.node.port}" if exc.errno in (98, 99, 13) else config.storage_dir
         print(f"dicom-ai: cannot start the node ({where}): {exc.strerror or exc}", file=sys.stderr)
