@@ -137,6 +137,19 @@ def _crop(img, mask, size: int):
 def make_preview(phantom_images: list, real_dir: Path | None, out: Path, height: int = 520, crop: int = 384) -> Path:
     """Write one PNG: real mammograms on the first row, phantom views below, native crops after.
 
+    Parameters
+    ----------
+    phantom_images
+        (label, pixels [0, 1] dense bright, breast mask) tuples.
+    real_dir
+        Folder of real mammograms (PNG or DICOM), or None for phantom views only.
+    out
+        The PNG to write; returned.
+    height
+        Tile height in the sheet, in pixels.
+    crop
+        Side of the native-resolution crops, in pixels (0: none).
+
     ``phantom_images`` are (label, pixels [0, 1] dense bright, breast mask) tuples. Real files are
     PNG (8/16-bit, dense bright) or DICOM; unreadable files are skipped.
     """

@@ -64,6 +64,15 @@ def write_marker(folder: str | os.PathLike, meta: dict, indent: int | None = Non
     """Write ``meta`` as the folder's marker; call it after every array of the folder is saved.
 
     The marker is renamed into place, so a reader never sees half of it.
+
+    Parameters
+    ----------
+    folder
+        The cache folder (from :func:`cache_folder`).
+    meta
+        JSON-serialisable description of what the folder holds.
+    indent
+        JSON indentation (None: one line).
     """
     path = Path(folder) / MARKER
     tmp = path.with_name(MARKER + ".tmp")

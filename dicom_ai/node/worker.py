@@ -92,7 +92,22 @@ def result_options(config: NodeConfig, revision: int = 0) -> ResultOptions:
 
 
 def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """Run one job; returns its outbox entries ``(sop_instance_uid, sop_class_uid, path)`` and notes."""
+    """Run one job; returns its outbox entries ``(sop_instance_uid, sop_class_uid, path)`` and notes.
+
+    Parameters
+    ----------
+    job
+        The claimed job: its spooled instances and its result UIDs (fixed at job creation, so
+        a rerun writes the same objects).
+    pipeline
+        Anything with ``run(datasets) -> list[ImageFindings]`` (the model pipeline or a
+        ``pipeline.factory`` object).
+    config
+        The node configuration: ``[results]`` options and the storage layout.
+
+    Every result object is durable in ``<storage>/outbox/job-<id>/`` before this returns;
+    previews are best effort (a failure becomes a note, never a failed job).
+    """
     layout = config.layout
     sources = [pydicom.dcmread(i.path) for i in job.instances]
     sources, findings, notes = run_pipeline(pipeline, sources)
@@ -115,7 +130,17 @@ def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str,
 
 
 def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float = 0.2) -> None:
-    """Claim and run jobs until the parent process is gone (or SIGTERM)."""
+    """Claim and run jobs until the parent process is gone (or SIGTERM).
+
+    Parameters
+    ----------
+    config
+        The node configuration (from the node's ``node-config.json``).
+    parent_pid
+        The node's process id; the worker returns when its parent is no longer this process.
+    poll_seconds
+        Wait between job-store polls when no job is queued, in seconds.
+    """
     store = JobStore(config.layout.jobstore)
     stopping = False
 

@@ -215,9 +215,19 @@ def make_batch(data: GlamData, indices: Sequence[int], config: GlamConfig,
                rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x (B, 1, H, W) float, breast mask (B, 1, H, W) bool, y (B, 2)) tensors.
 
-    ``indices`` pick the views of ``data``; every view is windowed with
-    :func:`~dicom_ai.networks.glam.glam_input` onto the ``config.input_shape`` grid. ``rng``
-    switches on the window noise augmentation.
+    Parameters
+    ----------
+    data
+        The cached phantom views (pixels on their stored grid, breast masks, labels).
+    indices
+        Which views of ``data`` make the batch (B of them).
+    config
+        The GLAM configuration whose window ``input_shape`` (H, W) and pixel spacing are used.
+    rng
+        Switches on the window noise augmentation; None: the deterministic window.
+
+    Every view is windowed with :func:`~dicom_ai.networks.glam.glam_input` onto the
+    ``config.input_shape`` grid.
     """
     inputs = [glam_input(data.mammograms[i], config, mask=data.breast_masks[i], rng=rng) for i in indices]
     x = torch.from_numpy(np.stack([item[0] for item in inputs]))[:, None]
@@ -281,7 +291,21 @@ def stage_loss(stage: str, net, x: torch.Tensor, mask: torch.Tensor | None, y: t
 
 
 def cam_loss(net, x: torch.Tensor, y: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """BCE of the CAM classifier (``beta`` unused: a plain classifier has no sparsity term)."""
+    """BCE of the CAM classifier (``beta`` unused: a plain classifier has no sparsity term).
+
+    Parameters
+    ----------
+    net
+        The CAM classifier.
+    x
+        The (B, 1, H, W) window batch.
+    y
+        The (B, 2) benign/malignant labels in {0, 1}.
+    beta
+        Unused; the signature is the GLAM losses' one.
+
+    Returns the loss and its value for the log.
+    """
     pred, _ = net(x)
     cls = bce(pred, y)
     return cls, {"bce": cls.item()}
