@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw
 from dicom_ai.core.errors import DatasetError
 from dicom_ai.data.phantom_folder import read_manifest
 from dicom_ai.data.sample import MASK_KEYS, Sample
-from dicom_ai.imaging import Mammogram, breast_mask, read_mammogram
+from dicom_ai.imaging import Mammogram, faces_left_by_content, read_mammogram
 
 FORMATS = ("phantom", "inbreast", "cbis-ddsm", "vindr")
 
@@ -75,10 +75,8 @@ def _read(path: Path, laterality: str = "", view: str = "") -> Mammogram:
     if view:
         m.view = view
     if not ds.get("PatientOrientation"):
-        # No orientation in the header (CBIS-DDSM, some exports): the chest wall side holds more breast.
-        mask = breast_mask(m.pixels)
-        half = mask.shape[1] // 2
-        m.faces_left = bool(mask[:, half:].sum() > mask[:, :half].sum())
+        # No orientation in the header (CBIS-DDSM, some exports): orient by content.
+        m.faces_left = faces_left_by_content(m.breast_mask)
     return m
 
 

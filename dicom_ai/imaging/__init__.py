@@ -10,7 +10,7 @@ May import: :mod:`dicom_ai.core`; numpy, pydicom, SimpleITK, torch (resampling o
 
 from dicom_ai.imaging.geometry import Geometry, geometry_for
 from dicom_ai.imaging.intensity import normalise_intensities
-from dicom_ai.imaging.mammogram import Mammogram, mammogram_from_array, read_mammogram
+from dicom_ai.imaging.mammogram import Mammogram, faces_left_by_content, mammogram_from_array, read_mammogram
 from dicom_ai.imaging.mask import breast_mask
 from dicom_ai.imaging.resample import resize
 
@@ -19,6 +19,7 @@ __all__ = [
     "Geometry",
     "read_mammogram",
     "mammogram_from_array",
+    "faces_left_by_content",
     "normalise_intensities",
     "breast_mask",
     "geometry_for",

@@ -23,7 +23,7 @@ from dicom_ai.core.views import laterality_of, view_of
 from dicom_ai.imaging.intensity import normalise_intensities
 from dicom_ai.imaging.mask import breast_mask
 
-__all__ = ["Mammogram", "read_mammogram", "mammogram_from_array"]
+__all__ = ["Mammogram", "read_mammogram", "mammogram_from_array", "faces_left_by_content"]
 
 
 @dataclass
@@ -59,8 +59,8 @@ class Mammogram:
         return tuple(self.pixels.shape)  # type: ignore[return-value]
 
 
-def _faces_left(ds: pydicom.Dataset, pixels: np.ndarray, laterality: str) -> bool:
-    """Decide the nipple direction from Patient Orientation, then laterality, then content."""
+def _faces_left_from_header(ds: pydicom.Dataset, laterality: str) -> bool | None:
+    """The nipple direction from Patient Orientation, else laterality; None when neither says."""
     orientation = ds.get("PatientOrientation")
     if orientation and len(orientation) == 2 and str(orientation[0]):
         towards = str(orientation[0])[0].upper()
@@ -70,10 +70,14 @@ def _faces_left(ds: pydicom.Dataset, pixels: np.ndarray, laterality: str) -> boo
             return True
     if laterality:
         return laterality == "R"
-    # Unlabelled: the chest wall side holds more breast.
-    mask = breast_mask(pixels)
+    return None
+
+
+def faces_left_by_content(mask: np.ndarray) -> bool:
+    """The nipple direction of an image whose header does not say: the chest wall side holds
+    more breast, so the nipple points to column 0 when the right half of ``mask`` has more."""
     half = mask.shape[1] // 2
-    return mask[:, half:].sum() > mask[:, :half].sum()
+    return bool(mask[:, half:].sum() > mask[:, :half].sum())
 
 
 def mammogram_from_array(
@@ -122,11 +126,15 @@ def read_mammogram(source: pydicom.Dataset | str) -> Mammogram:
     pixels = normalise_intensities(ds, stored)
     spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing") or (0.1, 0.1)
     laterality = laterality_of(ds)
-    return Mammogram(
+    mammogram = Mammogram(
         pixels=pixels,
         laterality=laterality,
         view=view_of(ds),
         spacing_mm=(float(spacing[0]), float(spacing[1])),
-        faces_left=_faces_left(ds, pixels, laterality),
+        faces_left=False,
         sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
     )
+    faces_left = _faces_left_from_header(ds, laterality)
+    # Unlabelled images are oriented by content; the mask is the one the models use next.
+    mammogram.faces_left = faces_left_by_content(mammogram.breast_mask) if faces_left is None else faces_left
+    return mammogram

@@ -41,7 +41,7 @@ from dicom_ai.data.cache import cache_folder, read_marker, write_marker
 from dicom_ai.data.datasets import PhantomDataset
 from dicom_ai.data.metrics import dice, roc_auc
 from dicom_ai.data.phantom import FULL_SHAPE, FULL_SPACING_MM, generate_study
-from dicom_ai.imaging import Mammogram, breast_mask, mammogram_from_array, read_mammogram
+from dicom_ai.imaging import Mammogram, mammogram_from_array, read_mammogram
 from dicom_ai.networks.glam import GlamConfig, fuse, glam_geometry, glam_input
 from dicom_ai.training.common import INTENDED_USE
 
@@ -99,7 +99,7 @@ def _phantom_views(seeds: range, shape: tuple[int, int]) -> tuple[list, list, li
         for img in study.images:
             m = read_mammogram(img.dataset)
             pixels.append(m.pixels.astype(np.float16))
-            masks.append(breast_mask(m.pixels))
+            masks.append(m.breast_mask)
             labels.append([float(img.labels["benign"]), float(img.labels["malignant"])])
             lesions.append(_lesion_pair(img.masks))
             meta.append({"seed": seed, "laterality": m.laterality, "view": m.view,
@@ -203,7 +203,7 @@ def load_phantom_folder(path: str | Path) -> GlamData:
     for item in PhantomDataset(path):
         m = item.image
         mammograms.append(m)
-        masks.append(breast_mask(m.pixels))
+        masks.append(m.breast_mask)
         labels.append([float(item.labels["benign"]), float(item.labels["malignant"])])
         lesions.append(_lesion_pair(item.masks))
     if not mammograms:
