@@ -23,7 +23,7 @@ from pynetdicom import _config, dimse_messages, transport
 from pynetdicom.status import STATUS_FAILURE, STATUS_SUCCESS, STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_ai.core.errors import ConfigError
-from dicom_ai.node import logs, scp as scp_module
+from dicom_ai.node import admission as scp_module, logs, transport as transport_module
 from dicom_ai.node.config import load_config
 from dicom_ai.node.jobstore import JobStore
 from dicom_ai.node.scp import SUPPORTED_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES, StorageSCP
@@ -275,10 +275,10 @@ def test_starting_the_scp_leaves_the_process_tempdir_and_sockets_alone(tmp_path,
                              "node.reserve_free_mb": 1, "peers": ["PACS@127.0.0.1:1"]})
     server = StorageSCP(cfg, JobStore(cfg.layout.jobstore))
     renamed, reads = [], []
-    real_rename, fast_recv = os.rename, scp_module._ReceiveSocket.recv
+    real_rename, fast_recv = os.rename, transport_module._ReceiveSocket.recv
     monkeypatch.setattr("dicom_ai.node.scp.os.rename", lambda src, dst: (renamed.append(Path(src)),
                                                                           real_rename(src, dst))[1])
-    monkeypatch.setattr(scp_module._ReceiveSocket, "recv", lambda self, n: (reads.append(n), fast_recv(self, n))[1])
+    monkeypatch.setattr(transport_module._ReceiveSocket, "recv", lambda self, n: (reads.append(n), fast_recv(self, n))[1])
     server.start()
     try:
         assert (tempfile.tempdir, tempfile.gettempdir(), transport.AssociationSocket.recv) == before
@@ -299,7 +299,7 @@ def test_install_receive_path_is_idempotent_and_repoints(tmp_path):
     try:
         for folder in (tmp_path / "a", tmp_path / "a", tmp_path / "b"):
             folder.mkdir(exist_ok=True)
-            scp_module.install_receive_path(folder)
+            transport_module.install_receive_path(folder)
             with dimse_messages.NamedTemporaryFile(mode="wb", suffix=".dcm") as f:
                 assert Path(f.name).parent == folder
         assert _config.STORE_RECV_CHUNKED_DATASET is True

@@ -2,7 +2,9 @@
 
 Owns the configuration (:mod:`~dicom_ai.node.config`, ``node.toml``), the storage layout and
 durable writes (:mod:`~dicom_ai.node.storage`), the job store (:mod:`~dicom_ai.node.jobstore`,
-SQLite), the Storage SCP (:mod:`~dicom_ai.node.scp`), result delivery with retries
+SQLite), the Storage SCP (:mod:`~dicom_ai.node.scp`) with its network layer
+(:mod:`~dicom_ai.node.transport`) and its checks of what it accepts (:mod:`~dicom_ai.node.admission`),
+result delivery with retries
 (:mod:`~dicom_ai.node.delivery`), the supervisor that assembles studies into jobs and keeps the
 worker alive (:mod:`~dicom_ai.node.supervisor`), the inference worker process
 (:mod:`~dicom_ai.node.worker`) and the structured logs (:mod:`~dicom_ai.node.logs`).

@@ -39,8 +39,21 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     compression = "none"            # none | jpeg2000 | rle | jpegls (the last two FRACTIONAL only)
     cad_sr = false                  # also send a Mammography CAD SR
 
+    [limits]                        # what the node accepts from the network (conformance/)
+    max_rows = 8192                 # refuse (0xA900) images with more rows / columns than this,
+    max_columns = 8192              # before decoding: larger than any mammography detector
+    max_pixels = 40000000           # rows x columns x frames
+    max_dataset_mb = 512            # a received data set, inflated (Deflated TS), in MiB
+    association_request_seconds = 10.0  # time a new connection has to send a complete A-ASSOCIATE-RQ
+    idle_seconds = 60.0             # an established association silent this long is aborted
+    max_connections_per_address = 4 # concurrent TCP connections from one IP address
+    reserved_peer_associations = 2  # of node.max_associations, kept for configured peers' hosts
+    decode_timeout_seconds = 120.0  # one image's decode + inference in the worker's sandbox
+    decode_memory_mb = 4096         # address-space cap of that sandbox process, in MiB
+
     [retry]
     max_attempts = 8                # delivery attempts before a delivery is marked failed
+    timeout_seconds = 30.0          # per destination: connect, association and each response
     initial_delay_seconds = 10
     max_delay_seconds = 600
     backoff_factor = 2.0
@@ -117,8 +130,23 @@ class ResultsSection:
 
 
 @dataclass
+class LimitsSection:
+    max_rows: int = 8192
+    max_columns: int = 8192
+    max_pixels: int = 40_000_000
+    max_dataset_mb: int = 512
+    association_request_seconds: float = 10.0
+    idle_seconds: float = 60.0
+    max_connections_per_address: int = 4
+    reserved_peer_associations: int = 2
+    decode_timeout_seconds: float = 120.0
+    decode_memory_mb: int = 4096
+
+
+@dataclass
 class RetrySection:
     max_attempts: int = 8
+    timeout_seconds: float = 30.0
     initial_delay_seconds: float = 10.0
     max_delay_seconds: float = 600.0
     backoff_factor: float = 2.0
@@ -144,6 +172,7 @@ class NodeConfig:
     study: StudySection = field(default_factory=StudySection)
     pipeline: PipelineSection = field(default_factory=PipelineSection)
     results: ResultsSection = field(default_factory=ResultsSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
     retry: RetrySection = field(default_factory=RetrySection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
@@ -176,7 +205,7 @@ class NodeConfig:
 
 
 _SECTIONS = {"node": NodeSection, "study": StudySection, "pipeline": PipelineSection,
-             "results": ResultsSection, "retry": RetrySection, "logging": LoggingSection}
+             "results": ResultsSection, "limits": LimitsSection, "retry": RetrySection, "logging": LoggingSection}
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -364,7 +393,20 @@ def _check(cfg: NodeConfig) -> None:
     if problem is not None:
         raise ConfigError(f"results.compression = {res.compression!r} with results.segmentation_type = "
                           f"{res.segmentation_type}: {problem}")
+    lim = cfg.limits
+    for name in ("max_rows", "max_columns", "max_pixels", "max_dataset_mb", "max_connections_per_address",
+                 "decode_memory_mb"):
+        if getattr(lim, name) < 1:
+            raise ConfigError(f"limits.{name} must be at least 1, got {getattr(lim, name)}")
+    for name in ("association_request_seconds", "idle_seconds", "decode_timeout_seconds"):
+        if getattr(lim, name) <= 0:
+            raise ConfigError(f"limits.{name} must be a positive number of seconds, got {getattr(lim, name)}")
+    if not 0 <= lim.reserved_peer_associations < n.max_associations:
+        raise ConfigError(f"limits.reserved_peer_associations must be between 0 and node.max_associations - 1 "
+                          f"({n.max_associations - 1}), got {lim.reserved_peer_associations}")
     r = cfg.retry
+    if r.timeout_seconds <= 0:
+        raise ConfigError(f"retry.timeout_seconds must be a positive number of seconds, got {r.timeout_seconds}")
     if r.max_attempts < 1:
         raise ConfigError(f"retry.max_attempts must be at least 1, got {r.max_attempts}")
     if r.initial_delay_seconds < 0 or r.max_delay_seconds < r.initial_delay_seconds or r.backoff_factor < 1:

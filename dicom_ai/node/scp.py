@@ -31,26 +31,23 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
-from pynetdicom import AE, _config, dimse_messages, evt, transport
+from pynetdicom import evt
 from pynetdicom.sop_class import Verification
-from pynetdicom.status import Status
 
 from dicom_ai.core.errors import ConfigError
 from dicom_ai.core.views import laterality_of, view_of
 from dicom_ai.node import logs
+from dicom_ai.node.admission import OUT_OF_RESOURCES, SUCCESS, Rejected, check_dataset
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.jobstore import Instance, JobStore
 from dicom_ai.node.storage import fsync_dir, fsync_file
+from dicom_ai.node.transport import ReceivingAE, install_receive_path
 
 #: Storage SOP classes the node accepts (UID -> name as in PS3.4 Annex B).
 SUPPORTED_SOP_CLASSES: dict[str, str] = {
@@ -73,36 +70,6 @@ SUPPORTED_TRANSFER_SYNTAXES: dict[str, str] = {
 
 #: Transfer syntaxes accepted for Verification.
 VERIFICATION_TRANSFER_SYNTAXES: tuple[str, ...] = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
-
-SUCCESS = Status.SUCCESS
-# pynetdicom names no storage failure codes (its Status enum has only the general ones, and
-# Status.add would change that class for the whole process); these are the first code of each
-# PS3.4 B.2.3 range, checked against pynetdicom's STORAGE_SERVICE_CLASS_STATUS in test_scp.py.
-OUT_OF_RESOURCES = 0xA700           # "Refused: Out of Resources"
-DOES_NOT_MATCH_SOP_CLASS = 0xA900   # "Data Set Does Not Match SOP Class" (Error)
-CANNOT_UNDERSTAND = 0xC000          # "Cannot Understand"
-
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-_REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Rows", "Columns", "BitsAllocated",
-             "SamplesPerPixel", "PhotometricInterpretation")
-# First bytes of the first fragment for each encapsulated transfer syntax.
-_MARKERS = {
-    "1.2.840.10008.1.2.4.70": (b"\xff\xd8",),
-    "1.2.840.10008.1.2.4.80": (b"\xff\xd8",),
-    "1.2.840.10008.1.2.4.81": (b"\xff\xd8",),
-    "1.2.840.10008.1.2.4.90": (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  "),
-    "1.2.840.10008.1.2.4.91": (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  "),
-}
-
-
-class Rejected(Exception):
-    """A C-STORE that must be answered with a failure ``status``."""
-
-    def __init__(self, status: int, comment: str):
-        super().__init__(comment)
-        self.status = status
-        self.comment = comment
-
 
 class StorageSCP:
     """Receives into ``<storage>/spool/<Study Instance UID>/<SOP Instance UID>.dcm``."""
@@ -133,7 +100,7 @@ class StorageSCP:
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
         install_receive_path(self.incoming)
-        ae = _ReceivingAE(ae_title=self.config.node.ae_title)
+        ae = ReceivingAE(ae_title=self.config.node.ae_title)
         ae.maximum_associations = self.config.node.max_associations
         ae.maximum_pdu_size = self.config.node.max_pdu_size
         ae.require_called_aet = True
@@ -221,7 +188,7 @@ class StorageSCP:
             raise Rejected(OUT_OF_RESOURCES, f"storage not usable: {exc.strerror}") from exc
         if free < reserve:
             raise Rejected(OUT_OF_RESOURCES, f"storage below reserve ({free // 2**20} MiB free)")
-        ds = _read_and_check(tmp, sop_class, sop_uid, ts)
+        ds = check_dataset(tmp, sop_class, sop_uid, ts)
         study_uid = str(ds.StudyInstanceUID)
         target_dir = self.layout.spool_study(study_uid)
         target = target_dir / f"{sop_uid}.dcm"
@@ -246,143 +213,3 @@ class StorageSCP:
         detail = {"study_instance_uid": study_uid, "transfer_syntax": ts, "bytes": size,
                   "laterality": instance.laterality, "view": instance.view}
         return ("stored" if new else "duplicate"), detail
-
-
-def _read_and_check(path: Path, sop_class: str, sop_uid: str, ts: str) -> pydicom.Dataset:
-    """Parse the received file lazily and check it is a mammogram we can process."""
-    try:
-        ds = pydicom.dcmread(path, defer_size=4096)
-        missing = [k for k in _REQUIRED if k not in ds or ds[k].value in (None, "")]
-        ds_class = str(ds.get("SOPClassUID", ""))
-        ds_uid = str(ds.get("SOPInstanceUID", ""))
-        modality = str(ds.get("Modality", ""))
-        has_pixels = "PixelData" in ds
-    except Exception as exc:  # pydicom raises many types for malformed streams
-        raise Rejected(CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from exc
-    if ds_class != sop_class:
-        raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request")
-    if ds_uid != sop_uid:
-        raise Rejected(CANNOT_UNDERSTAND, "SOP Instance UID differs from the request")
-    if not has_pixels:
-        raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data")
-    if missing:
-        raise Rejected(DOES_NOT_MATCH_SOP_CLASS, f"missing {missing[0]}")
-    for name, uid in (("SOP Instance UID", ds_uid), ("Study Instance UID", str(ds.StudyInstanceUID))):
-        # The UIDs name spool files and folders: only a valid UID may get that far.
-        if len(uid) > 64 or not _UID_RE.fullmatch(uid):
-            raise Rejected(DOES_NOT_MATCH_SOP_CLASS, f"invalid {name}")
-    if modality != "MG":
-        raise Rejected(DOES_NOT_MATCH_SOP_CLASS, f"Modality is {modality or 'empty'}, not MG")
-    try:
-        _check_pixel_data(ds, ts)
-    except Rejected:
-        raise
-    except Exception as exc:
-        raise Rejected(CANNOT_UNDERSTAND, f"Pixel Data unreadable: {type(exc).__name__}") from exc
-    return ds
-
-
-def _check_pixel_data(ds: pydicom.Dataset, ts: str) -> None:
-    """Structural check without decoding: native length, or encapsulation and codec marker."""
-    elem = ds.get_item("PixelData", keep_deferred=True)  # do not read 17 MB to learn its length
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    spp, bits = int(ds.SamplesPerPixel), int(ds.BitsAllocated)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if ts in _MARKERS or ts == "1.2.840.10008.1.2.5":
-        value = ds.PixelData
-        frame = get_frame(value, 0, number_of_frames=frames)
-        if ts in _MARKERS:
-            if not any(frame.startswith(m) for m in _MARKERS[ts]):
-                raise Rejected(CANNOT_UNDERSTAND, "Pixel Data is not a codestream of its transfer syntax")
-        elif len(frame) < 64 or not 1 <= int.from_bytes(frame[:4], "little") <= 15:
-            raise Rejected(CANNOT_UNDERSTAND, "Pixel Data is not a valid RLE frame")
-        return
-    expected = rows * cols * spp * frames * bits // 8
-    length = elem.length if getattr(elem, "value", None) is None else len(ds.PixelData)
-    if length < expected:
-        raise Rejected(CANNOT_UNDERSTAND, f"Pixel Data has {length} bytes, expected {expected}")
-
-
-class _ReceiveSocket(transport.AssociationSocket):
-    """An ``AssociationSocket`` whose ``recv`` reads straight into one buffer.
-
-    pynetdicom 3.0 reads PDUs 4 KiB at a time and appends each piece to a bytearray; this
-    reads the same bytes with ``recv_into`` and returns the same type, so every caller sees
-    the same behaviour. Reading four 17 MB images in 128 KiB PDUs over loopback TCP took
-    25 ms instead of 38 ms (pynetdicom 3.0.4, a quiet-ish shared 2-core machine); the whole
-    receive is benchmarks/bench_ingest.py. No state of its own, so an ``AssociationSocket``
-    can become one.
-    """
-
-    def recv(self, nr_bytes: int) -> bytearray:
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        nr_read = 0
-        while nr_read < nr_bytes:
-            got = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
-            if not got:  # connection closed: return what was read, as pynetdicom does
-                view.release()
-                del buf[nr_read:]
-                return buf
-            nr_read += got
-        view.release()
-        return buf
-
-
-class _RequestHandler(transport.RequestHandler):
-    """pynetdicom's acceptor handler, giving each association a :class:`_ReceiveSocket`."""
-
-    def _create_association(self):
-        assoc = super()._create_association()
-        # pynetdicom builds the socket inside this method and its constructor queues the
-        # "transport connection open" event, so a second socket cannot simply replace it;
-        # the subclass adds no state, so changing the class of this one is equivalent.
-        assoc.dul.socket.__class__ = _ReceiveSocket
-        return assoc
-
-
-class _ReceivingAE(AE):
-    """pynetdicom's AE whose servers accept with :class:`_RequestHandler`.
-
-    ``start_server`` builds its server through ``make_server``, which hands extra keywords
-    to the server's constructor; that is pynetdicom's way to choose the request handler, and
-    it keeps the faster socket to this SCP's associations (no other AssociationSocket).
-    """
-
-    def make_server(self, *args, **kwargs):
-        kwargs.setdefault("request_handler", _RequestHandler)
-        return super().make_server(*args, **kwargs)
-
-
-_receive_dir: Path | None = None
-
-
-def _receive_tempfile(*args, **kwargs):
-    """``NamedTemporaryFile`` as pynetdicom calls it, in the installed receive folder."""
-    kwargs.setdefault("dir", _receive_dir)
-    return tempfile.NamedTemporaryFile(*args, **kwargs)
-
-
-def install_receive_path(incoming: Path) -> None:
-    """Make pynetdicom stream each received C-STORE data set to a file in ``incoming``.
-
-    Streaming keeps memory flat for 17 MB images, and a file on the storage file system can
-    be renamed into the spool (atomic, no copy). pynetdicom 3.0 has no per-server setting for
-    either, hence two process-wide changes, both confined to pynetdicom's C-STORE receive:
-
-    * ``pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True``, pynetdicom's documented
-      switch (it concerns SCPs only, and the SCP here is the process's only one);
-    * ``pynetdicom.dimse_messages.NamedTemporaryFile``, the one call that creates the file
-      (without a folder), gets ``dir=incoming``. ``tempfile.tempdir`` and every other
-      temporary file of the process are left alone.
-
-    Idempotent. One receive folder per process: a later call with another folder re-points
-    it (the node runs one SCP; tests start one at a time).
-    """
-    global _receive_dir
-    if not hasattr(dimse_messages, "NamedTemporaryFile"):  # pynetdicom changed: do not fail silently
-        raise RuntimeError("pynetdicom.dimse_messages no longer creates received data sets with "
-                           "NamedTemporaryFile; install_receive_path needs updating")
-    _receive_dir = Path(incoming)
-    _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = _receive_tempfile
