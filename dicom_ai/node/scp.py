@@ -38,7 +38,6 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
-from pynetdicom.sop_class import Verification
 
 from dicom_ai.core.errors import ConfigError
 from dicom_ai.core.views import laterality_of, view_of
@@ -47,7 +46,7 @@ from dicom_ai.node.admission import OUT_OF_RESOURCES, SUCCESS, Rejected, check_d
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.jobstore import Instance, JobStore
 from dicom_ai.node.storage import fsync_dir, fsync_file
-from dicom_ai.node.transport import ReceivingAE, install_receive_path
+from dicom_ai.node.transport import build_receiving_ae, install_receive_path
 
 #: Storage SOP classes the node accepts (UID -> name as in PS3.4 Annex B).
 SUPPORTED_SOP_CLASSES: dict[str, str] = {
@@ -100,18 +99,8 @@ class StorageSCP:
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
         install_receive_path(self.incoming)
-        ae = ReceivingAE(ae_title=self.config.node.ae_title)
-        ae.maximum_associations = self.config.node.max_associations
-        ae.maximum_pdu_size = self.config.node.max_pdu_size
-        ae.require_called_aet = True
-        if not self.config.node.allow_any_caller:
-            ae.require_calling_aet = [p.ae_title for p in self.config.peers]
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        ae.network_timeout = 60
-        ae.add_supported_context(Verification, list(VERIFICATION_TRANSFER_SYNTAXES))
-        for uid in SUPPORTED_SOP_CLASSES:
-            ae.add_supported_context(uid, list(SUPPORTED_TRANSFER_SYNTAXES))
+        ae = build_receiving_ae(self.config, {uid: list(SUPPORTED_TRANSFER_SYNTAXES) for uid in SUPPORTED_SOP_CLASSES},
+                                list(VERIFICATION_TRANSFER_SYNTAXES))
         handlers = [(evt.EVT_CONN_OPEN, self._on_connection), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),

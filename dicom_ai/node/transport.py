@@ -11,6 +11,9 @@ import tempfile
 from pathlib import Path
 
 from pynetdicom import AE, _config, dimse_messages, transport
+from pynetdicom.sop_class import Verification
+
+from dicom_ai.node.config import NodeConfig
 
 class _ReceiveSocket(transport.AssociationSocket):
     """An ``AssociationSocket`` whose ``recv`` reads straight into one buffer.
@@ -95,3 +98,32 @@ def install_receive_path(incoming: Path) -> None:
     _receive_dir = Path(incoming)
     _config.STORE_RECV_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = _receive_tempfile
+
+
+def build_receiving_ae(config: NodeConfig, storage_contexts: dict[str, list[str]],
+                       verification_syntaxes: list[str]) -> ReceivingAE:
+    """The acceptor AE of the node: its AE title, association limits, timeouts and contexts.
+
+    Parameters
+    ----------
+    config
+        The node configuration (``[node]`` and ``[limits]``; ``[[peers]]`` when callers are
+        restricted).
+    storage_contexts
+        Storage SOP Class UID -> the transfer syntax UIDs accepted for it.
+    verification_syntaxes
+        Transfer syntax UIDs accepted for Verification (C-ECHO).
+    """
+    ae = ReceivingAE(ae_title=config.node.ae_title)
+    ae.maximum_associations = config.node.max_associations
+    ae.maximum_pdu_size = config.node.max_pdu_size
+    ae.require_called_aet = True
+    if not config.node.allow_any_caller:
+        ae.require_calling_aet = [p.ae_title for p in config.peers]
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.network_timeout = 60
+    ae.add_supported_context(Verification, list(verification_syntaxes))
+    for uid, syntaxes in storage_contexts.items():
+        ae.add_supported_context(uid, list(syntaxes))
+    return ae
