@@ -24,7 +24,7 @@ from dicom_ai.core.options import ResultOptions
 from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.data import generate_study, write_study
 from dicom_ai.networks import Pipeline
-from dicom_ai.node.worker import run_pipeline
+from dicom_ai.node.processing import run_pipeline
 from dicom_ai.results import build_results
 
 GOLDEN = Path(__file__).parent / "data" / "golden_results.json"

@@ -188,7 +188,7 @@ def test_worker_writes_a_durable_outbox_and_previews(tmp_path):
     from dicom_ai.node.config import load_config
     from dicom_ai.node.jobstore import Instance, JobStore
     from dicom_ai.node.supervisor import make_result_uids
-    from dicom_ai.node.worker import process_job
+    from dicom_ai.node.processing import process_job
     from node_harness import StandInPipeline
 
     cfg = load_config(None, {"node.storage": str(tmp_path / "storage"), "pipeline.previews": True})

@@ -128,7 +128,7 @@ def _infer(args: argparse.Namespace) -> int:
     import pydicom
 
     from dicom_ai.core.uids import ResultUIDs
-    from dicom_ai.node.worker import load_pipeline, result_options, run_pipeline
+    from dicom_ai.node.processing import load_pipeline, result_options, run_pipeline
     from dicom_ai.results import build_results
 
     config = _load(args, **{"pipeline.device": args.device})

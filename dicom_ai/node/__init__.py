@@ -7,7 +7,8 @@ SQLite), the Storage SCP (:mod:`~dicom_ai.node.scp`) with its network layer
 result delivery with retries
 (:mod:`~dicom_ai.node.delivery`), the supervisor that assembles studies into jobs and keeps the
 worker alive (:mod:`~dicom_ai.node.supervisor`), the inference worker process
-(:mod:`~dicom_ai.node.worker`) and the structured logs (:mod:`~dicom_ai.node.logs`).
+(:mod:`~dicom_ai.node.worker`) with what it does to one job (:mod:`~dicom_ai.node.processing`),
+and the structured logs (:mod:`~dicom_ai.node.logs`).
 
 May import: :mod:`dicom_ai.core`, and in the worker only :mod:`dicom_ai.networks` and
 :mod:`dicom_ai.results`; pynetdicom, pydicom, sqlite3. The receiving process (supervisor, SCP,
