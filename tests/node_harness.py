@@ -236,7 +236,7 @@ def write_node_config(path: Path, storage: Path, port: int, peers: list[tuple[st
         else:
             cfg[section] = values
     lines = []
-    for section in ("node", "study", "pipeline", "results", "retry", "logging"):
+    for section in ("node", "study", "pipeline", "results", "limits", "retry", "logging"):
         if section in cfg:
             lines.append(f"[{section}]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in cfg[section].items()]
