@@ -14,7 +14,7 @@ DEBS := dcmtk dicom3tools pixelmed-apps orthanc
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: all test demo debs venv bench viewer-check clean
+.PHONY: all test demo debs venv bench viewer-check clean fuzz crash-storm
 
 all: test
 
@@ -66,3 +66,9 @@ DUNET_ARGS ?= --train-seeds 0:60 --input-shape 128x96 --lr 2e-3 --no-progress
 dunet-bundle: venv
 	nice $(PY) -m dicom_ai train dunet-pretrain $(DUNET_ARGS) --epochs 2 --out build/dunet/pretrain.safetensors
 	nice $(PY) -m dicom_ai train dunet-seg $(DUNET_ARGS) --epochs 8 --test-seeds 100000:100024 --init build/dunet/pretrain.safetensors --out models/dunet
+
+# Issue 13's fuzz target: 1,200 mutated C-STOREs against a real node (tests/fuzz_node.py);
+# report in benchmarks/results/fuzz.json. `make test` runs a 96-case sample (tests/test_fuzz.py).
+FUZZ_CASES ?= 1200
+fuzz: venv debs
+	cd tests && $(abspath $(PY)) fuzz_node.py --cases $(FUZZ_CASES) --out $(CURDIR)/benchmarks/results/fuzz.json
