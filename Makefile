@@ -72,3 +72,8 @@ dunet-bundle: venv
 FUZZ_CASES ?= 1200
 fuzz: venv debs
 	cd tests && $(abspath $(PY)) fuzz_node.py --cases $(FUZZ_CASES) --out $(CURDIR)/benchmarks/results/fuzz.json
+
+# Issue 13's crash storm: >= 25 SIGKILLs of node and worker while studies flow (Orthanc PACS
+# counting every receipt); report in benchmarks/results/crash_storm.json.
+crash-storm: venv debs
+	$(PY) benchmarks/bench_crash_storm.py

@@ -1,0 +1,234 @@
+"""Crash storm: SIGKILL the node and its worker at random moments while studies flow through.
+
+A modality (dcmtk ``storescu``) sends small four-view studies to the node, resending a study
+whenever any of its C-STOREs fails (the node was down), as a modality's queue does. Orthanc is
+the PACS that receives the results; a Lua ``ReceivedInstanceFilter`` appends the SOP Instance
+UID of every C-STORE it receives, duplicates included, so the count at the PACS is the ground
+truth. Orthanc also answers C-FIND, which the node uses for objects whose delivery was in doubt
+when it was killed. Meanwhile a killer SIGKILLs, at random intervals, either the whole node
+(which is then restarted, as systemd would) or only its worker process (which the node restarts
+itself). The stand-in pipeline of the node tests takes ``--infer-seconds`` per study so kills
+land during inference as well as during receive and delivery.
+
+The run passes when, with no manual step (no ``dicom-ai retry``): every study the modality got
+Success for is processed and its results are at the PACS; every result object of every
+finished job was received by the PACS exactly once; no job or delivery failed.
+
+Writes benchmarks/results/crash_storm.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+
+import pydicom  # noqa: E402
+
+from node_harness import (Proc, free_port, node_env, start_node, store_status, wait_for,  # noqa: E402
+                          write_node_config, write_study)
+
+LUA = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  local f = io.open("{path}", "a")
+  f:write(dicom.SOPInstanceUID .. " " .. (dicom.Modality or "") .. "\\n")
+  f:close()
+  return true
+end
+"""
+
+
+class OrthancPACS:
+    """Orthanc as the result PACS, logging every C-STORE it receives."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.received = folder / "received.txt"
+        self.received.touch()
+        (folder / "count.lua").write_text(LUA.replace("{path}", str(self.received)))
+        self.http, self.dicom = free_port(), free_port()
+        cfg = {"Name": "STORM-PACS", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+               "Plugins": [], "HttpPort": self.http, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+               "DicomServerEnabled": True, "DicomAet": "PACS", "DicomPort": self.dicom,
+               "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+               "DicomAlwaysAllowFind": True, "DicomCheckModalityHost": False, "LuaScripts": [str(folder / "count.lua")],
+               "SaveJobs": False}
+        (folder / "orthanc.json").write_text(json.dumps(cfg))
+        self.proc = Proc(["Orthanc", f"--logdir={folder}", str(folder / "orthanc.json")], folder / "orthanc.stdout")
+        wait_for(self._listening, 30, "Orthanc DICOM port")
+
+    def _listening(self) -> bool:
+        return subprocess.run(["echoscu", "-aec", "PACS", "127.0.0.1", str(self.dicom)],
+                              capture_output=True).returncode == 0
+
+    def counts(self) -> collections.Counter:
+        lines = self.received.read_text().split("\n")
+        return collections.Counter(line.split()[0] for line in lines if line.strip() and not line.endswith(" MG"))
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class StormNode:
+    """The node under test, restartable; knows its worker's PID from the log."""
+
+    def __init__(self, work: Path, pacs_port: int, infer_seconds: float):
+        self.storage = work / "storage"
+        self.port = free_port()
+        self.config = write_node_config(work / "node.toml", self.storage, self.port, [("PACS", pacs_port)],
+                                        study={"grace_seconds": 0.5, "idle_seconds": 3.0},
+                                        retry={"max_attempts": 50, "initial_delay_seconds": 0.5,
+                                               "max_delay_seconds": 2.0})
+        self.console = work / "node.stdout"
+        self.env = node_env(DICOM_AI_TEST_INFER_SECONDS=str(infer_seconds))
+        self.proc: Proc | None = None
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        self.proc = start_node(self.config, self.port, self.console, env=self.env)
+
+    def worker_pid(self) -> int | None:
+        pid = None
+        log = self.storage / "logs" / "node.log"
+        if not log.exists():
+            return None
+        for line in log.read_text(errors="replace").splitlines():
+            if '"worker_spawned"' in line:
+                pid = json.loads(line).get("worker_pid")
+        return pid
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+
+def _send_study(port: int, files: list[Path]) -> bool:
+    r = subprocess.run(["storescu", "-aet", "PACS", "-aec", "AINODE", "-to", "10", "-ta", "10", "-td", "10",
+                        "127.0.0.1", str(port), *map(str, files)], capture_output=True, text=True, timeout=60)
+    return r.returncode == 0 and "Status: Error" not in r.stderr and "Failure" not in r.stderr
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=30)
+    parser.add_argument("--kills", type=int, default=30, help="SIGKILLs (node or worker), at least 25 for issue 13")
+    parser.add_argument("--interval", type=float, nargs=2, default=(0.8, 3.0), metavar=("MIN", "MAX"),
+                        help="seconds between kills, drawn uniformly")
+    parser.add_argument("--infer-seconds", type=float, default=1.0, help="stand-in pipeline time per study")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "crash_storm.json")
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="crash-storm-"))
+    pacs = OrthancPACS(work / "pacs")
+    node = StormNode(work, pacs.dicom, args.infer_seconds)
+    node.start()
+    studies = {}
+    for i in range(args.studies):
+        files = write_study(work / "studies" / f"{i:03d}", seed=i)
+        studies[str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)] = files
+    sends = collections.Counter()
+    accepted: set[str] = set()
+    kills = collections.Counter()
+    sending_done = threading.Event()
+
+    def modality():
+        for uid, files in studies.items():
+            while True:
+                sends[uid] += 1
+                with node.lock:
+                    port_up = node.proc is not None and node.proc.alive()
+                if port_up and _send_study(node.port, files):
+                    accepted.add(uid)
+                    break
+                time.sleep(1.0)
+            time.sleep(rng.uniform(0.2, 1.5))
+        sending_done.set()
+
+    started = time.monotonic()
+    sender = threading.Thread(target=modality, daemon=True)
+    sender.start()
+    while sum(kills.values()) < args.kills:
+        time.sleep(rng.uniform(*args.interval))
+        target = rng.choice(["node", "worker", "worker"])
+        with node.lock:
+            if target == "worker":
+                pid = node.worker_pid()
+                try:
+                    os.kill(pid, signal.SIGKILL) if pid else None
+                    kills["worker"] += 1 if pid else 0
+                except ProcessLookupError:
+                    pass
+            else:
+                node.proc.kill()
+                kills["node"] += 1
+        if target == "node":
+            time.sleep(rng.uniform(0.0, 1.0))
+            with node.lock:
+                node.start()
+    storm_seconds = time.monotonic() - started
+    sender.join(timeout=600)
+
+    def settled():
+        s = store_status(node.storage)
+        if any(x["state"] == "open" for x in s["studies"]):
+            return None
+        if any(j["state"] in ("queued", "running") for j in s["jobs"]):
+            return None
+        if any(d["state"] == "pending" for d in s["deliveries"]):
+            return None
+        return s
+    try:
+        s = wait_for(settled, 600, "the node to process and deliver everything", interval=0.5)
+        settle_seconds = time.monotonic() - started - storm_seconds
+    finally:
+        time.sleep(1.0)  # let Orthanc's Lua log the last receipt
+        counts = pacs.counts()
+        node.stop()
+        pacs.stop()
+
+    studies_by_id = {x["id"]: x["study_uid"] for x in s["studies"]}
+    done_jobs = [j for j in s["jobs"] if j["state"] == "done"]
+    delivered_studies = {studies_by_id[j["study_id"]] for j in done_jobs
+                         if all(d["state"] == "done" for d in s["deliveries"] if d["job_id"] == j["id"])}
+    expected = collections.Counter(o["sop_instance_uid"] for o in s["outbox"]
+                                   if o["job_id"] in {j["id"] for j in done_jobs})
+    missing = [u for u in expected if counts[u] == 0]
+    duplicated = {u: n for u, n in counts.items() if n > 1}
+    unexpected = [u for u in counts if u not in expected]
+    report = {
+        "studies": args.studies, "studies_accepted": len(accepted), "sends_per_study_max": max(sends.values()),
+        "kills": dict(kills), "kills_total": sum(kills.values()), "storm_seconds": round(storm_seconds, 1),
+        "settle_seconds": round(settle_seconds, 1),
+        "accepted_not_delivered": sorted(accepted - delivered_studies),
+        "jobs": collections.Counter(j["state"] for j in s["jobs"]),
+        "deliveries": collections.Counter(d["state"] for d in s["deliveries"]),
+        "result_objects_expected": len(expected), "received_at_pacs": sum(counts.values()),
+        "missing_at_pacs": len(missing), "duplicated_at_pacs": duplicated, "unexpected_at_pacs": len(unexpected),
+        "infer_seconds_per_study": args.infer_seconds, "seed": args.seed, "machine": f"{os.cpu_count()} cores",
+    }
+    report["passed"] = (not report["accepted_not_delivered"] and not missing and not duplicated
+                        and report["jobs"].get("failed", 0) == 0 and report["deliveries"].get("failed", 0) == 0
+                        and report["kills_total"] >= min(25, args.kills))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=dict) + "\n")
+    for key, value in report.items():
+        print(f"{key:28s} {value}")
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
