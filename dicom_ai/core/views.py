@@ -24,19 +24,39 @@ _VIEW_BY_CODE = {code.value: name for name, code in VIEW_CODES.items()}
 
 
 def view_of(ds: pydicom.Dataset) -> str:
-    """The view from View Code Sequence, else View Position (upper case; '' if neither)."""
-    seq = ds.get("ViewCodeSequence")
-    if seq:
-        code = str(seq[0].get("CodeValue", ""))
-        if code in _VIEW_BY_CODE:
-            return _VIEW_BY_CODE[code]
-    return str(ds.get("ViewPosition", "")).upper()
+    """The view from View Code Sequence, else View Position (upper case; '' if neither).
+
+    Never raises: a malformed attribute (wrong VR, a string where a sequence belongs, a value
+    pydicom cannot convert) counts as absent, so a received image with a bad header is an
+    image of unknown view rather than a failure.
+    """
+    try:
+        seq = ds.get("ViewCodeSequence")
+        if isinstance(seq, pydicom.Sequence) and len(seq) and isinstance(seq[0], pydicom.Dataset):
+            code = seq[0].get("CodeValue", "")
+            if isinstance(code, str) and code in _VIEW_BY_CODE:
+                return _VIEW_BY_CODE[code]
+    except Exception:  # pydicom raises many types converting malformed values
+        pass
+    return _text(ds, "ViewPosition").upper()
 
 
 def laterality_of(ds: pydicom.Dataset) -> str:
-    """'L' or 'R' from Image Laterality, else series Laterality; '' when unknown."""
-    value = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).upper()
+    """'L' or 'R' from Image Laterality, else series Laterality; '' when unknown.
+
+    Never raises: a malformed value counts as unknown (see :func:`view_of`).
+    """
+    value = (_text(ds, "ImageLaterality") or _text(ds, "Laterality")).upper()
     return value if value in ("L", "R") else ""
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    """A single-valued text attribute, or '' when absent or not a single string."""
+    try:
+        value = ds.get(keyword)
+    except Exception:  # pydicom raises many types converting malformed values
+        return ""
+    return value.strip() if isinstance(value, str) else ""
 
 
 def image_name(ds: pydicom.Dataset) -> str:

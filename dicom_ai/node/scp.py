@@ -33,16 +33,20 @@ import errno
 import os
 import shutil
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
+from io import BytesIO
+
 from pydicom.dataset import Dataset
-from pynetdicom import evt
+from pynetdicom import _config, evt
+from pynetdicom.dsutils import decode, encode
 
 from dicom_ai.core.errors import ConfigError
-from dicom_ai.core.views import laterality_of, view_of
 from dicom_ai.node import logs
-from dicom_ai.node.admission import OUT_OF_RESOURCES, SUCCESS, Rejected, check_dataset
+from dicom_ai.node.admission import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, Rejected,
+                                     check_dataset, is_valid_uid)
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.jobstore import Instance, JobStore
 from dicom_ai.node.storage import fsync_dir, fsync_file
@@ -69,6 +73,52 @@ SUPPORTED_TRANSFER_SYNTAXES: dict[str, str] = {
 
 #: Transfer syntaxes accepted for Verification.
 VERIFICATION_TRANSFER_SYNTAXES: tuple[str, ...] = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+_C_STORE_RQ = 0x0001
+#: Stands in for a missing, empty or over-long Affected SOP Instance UID (never a real one:
+#: no registered root starts with 0.0) so pynetdicom can write the file meta; refused below.
+NO_USABLE_UID = "0.0.0.0"
+
+
+def _on_pdu_received(event: evt.Event) -> None:
+    """Give a C-STORE-RQ without a usable Affected SOP Instance UID the stand-in :data:`NO_USABLE_UID`.
+
+    pynetdicom 3.0.4 (``DIMSEMessage.decode_msg``, chunked receive) writes the file meta
+    from the command set before any handler runs: when the Affected SOP Instance UID is
+    missing or empty the association's reader thread dies with an AttributeError and the
+    sender never gets a reply; when it is longer than 64 characters the primitive is refused
+    and the association aborted. With the stand-in the request reaches ``_on_store``, which
+    answers it with a failure status. EVT_PDU_RECV is the one public hook between the
+    network and that decoder: it sees each P-DATA-TF before the DIMSE layer, so the command
+    fragment is rewritten here. Only a command set wholly in one fragment (every SCU we know
+    sends it so) can be rewritten; ``test_admission`` fails if pynetdicom stops honouring it.
+    """
+    for item in getattr(event.pdu, "presentation_data_value_items", ()):
+        data = item.presentation_data_value
+        if not data or data[0] & 0b11 != 0b11:  # not the last (here: only) command fragment
+            continue
+        fixed = _command_with_usable_uid(bytes(data[1:]))
+        if fixed is not None:
+            item.presentation_data_value = data[:1] + fixed
+
+
+def _command_with_usable_uid(command: bytes) -> bytes | None:
+    """The command set re-encoded with an empty Affected SOP Instance UID, or None if it needs none."""
+    try:
+        cs = decode(BytesIO(command), True, True)
+        if cs.get("CommandField") != _C_STORE_RQ:
+            return None
+        uid = cs.get("AffectedSOPInstanceUID") if "AffectedSOPInstanceUID" in cs else None
+        if uid and _config.VALIDATORS["UI"](uid)[0]:
+            return None
+        cs.AffectedSOPInstanceUID = NO_USABLE_UID
+        del cs.CommandGroupLength
+        body = encode(cs, True, True)
+        cs.CommandGroupLength = len(body)
+        return encode(cs, True, True)
+    except Exception:  # not a command set we can read: leave it to pynetdicom
+        return None
+
 
 class StorageSCP:
     """Receives into ``<storage>/spool/<Study Instance UID>/<SOP Instance UID>.dcm``."""
@@ -98,11 +148,12 @@ class StorageSCP:
         # Partial transfers of a previous run: never acknowledged, so the sender resends.
         for leftover in self.incoming.iterdir():
             leftover.unlink(missing_ok=True)
+        self.reconcile_spool()
         install_receive_path(self.incoming)
         ae = build_receiving_ae(self.config, {uid: list(SUPPORTED_TRANSFER_SYNTAXES) for uid in SUPPORTED_SOP_CLASSES},
                                 list(VERIFICATION_TRANSFER_SYNTAXES))
         handlers = [(evt.EVT_CONN_OPEN, self._on_connection), (evt.EVT_C_STORE, self._on_store),
-                    (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_PDU_RECV, _on_pdu_received),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_ABORTED, self._on_aborted)]
         self.server = ae.start_server((self.config.node.bind_address, self.config.node.port), block=False,
@@ -147,13 +198,16 @@ class StorageSCP:
         started = time.monotonic()
         req = event.request
         calling_ae = event.assoc.requestor.ae_title
-        sop_uid = str(req.AffectedSOPInstanceUID)
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
         tmp = Path(event.dataset_path)
         try:
+            if sop_uid == NO_USABLE_UID or not is_valid_uid(sop_uid):
+                raise Rejected(CANNOT_UNDERSTAND, "Affected SOP Instance UID missing or invalid")
             status, detail = self._store(tmp, calling_ae, str(req.AffectedSOPClassUID), sop_uid,
                                          str(event.context.transfer_syntax))
         except Rejected as exc:
-            logs.event("store_refused", level="WARNING", calling_ae=calling_ae, sop_instance_uid=sop_uid,
+            logs.event("store_refused", level="WARNING", calling_ae=calling_ae,
+                       sop_instance_uid=sop_uid if is_valid_uid(sop_uid) else "(invalid)",
                        status=f"0x{exc.status:04X}", reason=exc.comment)
             tmp.unlink(missing_ok=True)
             rsp = Dataset()
@@ -167,7 +221,11 @@ class StorageSCP:
     # -- the store itself ----------------------------------------------------------------
 
     def _store(self, tmp: Path, calling_ae: str, sop_class: str, sop_uid: str, ts: str) -> tuple[str, dict]:
-        if self.store.find_instance(sop_uid):
+        try:
+            known = self.store.find_instance(sop_uid)
+        except (OSError, sqlite3.OperationalError) as exc:
+            raise Rejected(OUT_OF_RESOURCES, f"job store error: {type(exc).__name__}") from exc
+        if known:
             tmp.unlink(missing_ok=True)
             return "duplicate", {}
         reserve = self.config.node.reserve_free_mb * 1024 * 1024
@@ -177,28 +235,71 @@ class StorageSCP:
             raise Rejected(OUT_OF_RESOURCES, f"storage not usable: {exc.strerror}") from exc
         if free < reserve:
             raise Rejected(OUT_OF_RESOURCES, f"storage below reserve ({free // 2**20} MiB free)")
-        ds = check_dataset(tmp, sop_class, sop_uid, ts)
-        study_uid = str(ds.StudyInstanceUID)
+        # Everything that could fail about the instance is computed before it enters the spool.
+        admitted = check_dataset(tmp, sop_class, sop_uid, ts, self.config.limits)
+        study_uid = admitted.study_uid
         target_dir = self.layout.spool_study(study_uid)
         target = target_dir / f"{sop_uid}.dcm"
+        instance = Instance(sop_instance_uid=sop_uid, sop_class_uid=sop_class, transfer_syntax=ts,
+                            laterality=admitted.laterality, view=admitted.view, path=str(target))
+        renamed = False
         try:
             new_dir = not target_dir.exists()
             target_dir.mkdir(parents=True, exist_ok=True)
             fsync_file(tmp)
+            size = tmp.stat().st_size
             os.rename(tmp, target)
+            renamed = True
             fsync_dir(target_dir)
             if new_dir:
                 fsync_dir(self.spool)
-            size = target.stat().st_size
-            instance = Instance(sop_instance_uid=sop_uid, sop_class_uid=sop_class, transfer_syntax=ts,
-                                laterality=laterality_of(ds), view=view_of(ds), path=str(target))
             new = self.store.record_instance(study_uid=study_uid, calling_ae=calling_ae, instance=instance,
                                              size=size)
         except OSError as exc:
+            self._unspool(target if renamed else None)
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             raise Rejected(OUT_OF_RESOURCES, "storage full" if full else f"storage error: {exc.strerror}") from exc
-        except Exception as exc:  # the job store (sqlite3 errors) refused the record
+        except sqlite3.OperationalError as exc:  # locked, disk I/O error, database full: may pass
+            self._unspool(target if renamed else None)
             raise Rejected(OUT_OF_RESOURCES, f"job store error: {type(exc).__name__}") from exc
+        except Exception as exc:  # not the sender's fault, and not one a resend would cure
+            self._unspool(target if renamed else None)
+            logs.event("store_failed", level="ERROR", sop_instance_uid=sop_uid, error=type(exc).__name__)
+            raise Rejected(PROCESSING_FAILURE, f"node error recording the instance ({type(exc).__name__})") from exc
+        if not new:  # recorded meanwhile by a concurrent association: the spool file is that one's
+            return "duplicate", {}
         detail = {"study_instance_uid": study_uid, "transfer_syntax": ts, "bytes": size,
                   "laterality": instance.laterality, "view": instance.view}
-        return ("stored" if new else "duplicate"), detail
+        return "stored", detail
+
+    def _unspool(self, target: Path | None) -> None:
+        """Take back a spool file whose recording failed: the sender gets a failure and resends."""
+        if target is None:
+            return
+        try:
+            target.unlink(missing_ok=True)
+            fsync_dir(target.parent)
+        except OSError as exc:  # reconciled at the next start (reconcile_spool)
+            logs.event("spool_cleanup_failed", level="ERROR", path=str(target), error=exc.strerror or type(exc).__name__)
+
+    def reconcile_spool(self) -> int:
+        """Remove spool files that no instance row of the job store names; returns how many.
+
+        Such an orphan is left by a crash between the rename into the spool and the job store
+        commit. Its sender never got Success, so it resends; keeping the file would only leak
+        disk (and patient data nobody tracks).
+        """
+        removed = 0
+        for study_dir in sorted(p for p in self.spool.iterdir() if p.is_dir()):
+            for path in sorted(study_dir.glob("*.dcm")):
+                if self.store.find_instance(path.stem) is None:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+            try:
+                study_dir.rmdir()  # only when now empty
+            except OSError:
+                pass
+        if removed:
+            fsync_dir(self.spool)
+        logs.event("spool_reconciled", level="WARNING" if removed else "INFO", orphans_removed=removed)
+        return removed
