@@ -94,14 +94,82 @@ def test_claims_recovery_and_failure_limits(store):
     store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
     job = store.claim_job()
     assert store.claim_job() is None  # one job, already claimed
-    assert store.recover(max_job_attempts=3)["jobs_requeued"] == 1  # the node restarted
+    assert store.recover()["jobs_requeued"] == 1  # the node restarted: an interruption, not a failure
     again = store.claim_job()
     assert again.id == job.id and again.attempts == 2
     assert store.complete_job(job, [], []) == "stale"  # the first claim is void
-    assert store.fail_job(again, "boom", max_attempts=3) == "queued"
+    assert store.fail_job(again, "boom", max_attempts=2) == "queued"
     third = store.claim_job()
-    assert store.fail_job(third, "boom", max_attempts=3) == "failed"
+    assert store.fail_job(third, "boom", max_attempts=2) == "failed"  # two failures of the job itself
+    (row,) = store.status()["jobs"]
+    assert (row["attempts"], row["failures"], row["interruptions"]) == (3, 2, 1)
     assert store.retry_failed() == {"deliveries": 0, "jobs": 1}
+
+
+def test_interruptions_are_not_failures_but_have_their_own_limit(store):
+    _receive(store, "S", VIEWS, t=0.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    for _ in range(4):  # more restarts than pipeline.max_job_attempts (3)
+        store.claim_job()
+        assert store.recover(max_interruptions=5) == {"jobs_requeued": 1, "jobs_failed": 0, "deliveries_pending": 0}
+    store.claim_job()
+    assert store.recover(max_interruptions=5)["jobs_failed"] == 1  # a study that kills its worker every time
+    (row,) = store.status()["jobs"]
+    assert row["state"] == "failed" and row["interruptions"] == 5 and row["failures"] == 0
+    assert "stopped during processing 5 times" in row["error"]
+
+
+def test_a_claimed_job_released_for_lack_of_space_is_not_counted(store):
+    _receive(store, "S", VIEWS, t=0.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    job = store.claim_job()
+    assert store.release_job(job, "disk full") == "queued"
+    assert store.release_job(job, "disk full") == "stale"
+    (row,) = store.status()["jobs"]
+    assert (row["state"], row["failures"], row["interruptions"]) == ("queued", 0, 0)
+
+
+def test_sending_rows_mark_objects_in_doubt_until_acknowledged(store):
+    _receive(store, "S", VIEWS, t=0.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    store.complete_job(store.claim_job(), [("9.1", "c", "/o/1.dcm"), ("9.2", "c", "/o/2.dcm")], [("PACS", "h", 104)])
+    (d,) = store.due_deliveries()
+    assert d.in_doubt == frozenset()
+    store.mark_sending(d.id, "9.1")
+    store.mark_sending(d.id, "9.2")
+    store.clear_sending(d.id, "9.2")  # the destination answered a failure status: not stored
+    (d,) = store.due_deliveries()
+    assert d.in_doubt == {"9.1"} and len(d.pending) == 2
+    store.mark_sent(d.id, "9.1")
+    (d,) = store.due_deliveries()
+    assert d.in_doubt == frozenset() and [p[0] for p in d.pending] == ["9.2"]
+    assert store.status()["deliveries"][0]["in_doubt"] == 0
+
+
+def test_a_database_of_the_first_schema_is_migrated(tmp_path):
+    import sqlite3
+
+    from dicom_ai.node.jobstore import SCHEMA_VERSION
+
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE studies (id INTEGER PRIMARY KEY, study_uid TEXT NOT NULL, calling_ae TEXT NOT NULL,
+            state TEXT NOT NULL, last_received REAL NOT NULL, UNIQUE (study_uid, calling_ae));
+        CREATE TABLE jobs (id INTEGER PRIMARY KEY, study_id INTEGER NOT NULL REFERENCES studies(id),
+            state TEXT NOT NULL, instance_uids TEXT NOT NULL, result_uids TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0, claim_token TEXT, error TEXT, created REAL NOT NULL,
+            updated REAL NOT NULL);
+        INSERT INTO studies VALUES (1, 'S', 'PACS', 'closed', 0);
+        INSERT INTO jobs VALUES (1, 1, 'running', '[]', '{}', 3, 'x', NULL, 0, 0);
+    """)
+    old.close()
+    store = JobStore(path)
+    assert store._conn().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert store.recover()["jobs_requeued"] == 1  # three claims before the upgrade: not failures
+    (row,) = store.status()["jobs"]
+    assert (row["state"], row["failures"], row["interruptions"]) == ("queued", 0, 1)
+    JobStore(path)  # a current database is opened without writing
 
 
 def test_delivery_retries_back_off_then_fail_and_retry_requeues(store):

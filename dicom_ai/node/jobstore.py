@@ -7,12 +7,26 @@ States::
               before the worker started it); done jobs whose study got a newer job end as
               superseded (no deliveries are made for them)
     delivery  pending -> done | failed | superseded
+    object    (per delivery) sending -> sent   "sending" is written before each C-STORE and
+              replaced by "sent" when the destination acknowledged it, so an object with a
+              "sending" row and no "sent" row is *in doubt* (the node stopped, or the store
+              could not be written, between the C-STORE and its record)
+
+Two counters per job: ``failures``, the job itself raised (limited by
+``pipeline.max_job_attempts``), and ``interruptions``, the worker or the node stopped while
+the job ran (limited by :data:`MAX_JOB_INTERRUPTIONS`, which is larger: a SIGKILL, a restart
+or a power cut is not the study's fault, but a study that takes its worker down every time
+must not loop for ever). ``attempts`` counts the runs started, for ``status``.
 
 The interface the node uses is small on purpose (record_instance, close_ready_studies,
 claim_job, complete_job, fail_job, due_deliveries, mark_sent, delivery_attempt_failed, ...)
 and the SQL is plain, so the store can move to PostgreSQL for a multi-host site without a
 rewrite of its callers. Every write is one transaction (BEGIN IMMEDIATE); the database runs
 in WAL mode with ``synchronous=FULL`` so a committed row survives power loss.
+
+The schema version is ``PRAGMA user_version`` (:data:`SCHEMA_VERSION`); opening an older
+database adds what is missing (tables, columns) in one transaction. Opening a database that
+is already current only reads, so a node whose disk is full can still start.
 """
 
 from __future__ import annotations
@@ -29,6 +43,16 @@ from pathlib import Path
 
 #: The four standard screening views (laterality, view).
 STANDARD_VIEWS = frozenset({("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")})
+
+#: ``PRAGMA user_version`` of the current schema. 1: the first schema (never written, read as
+#: 0); 2: ``jobs.failures``, ``jobs.interruptions`` and the ``sending`` table.
+SCHEMA_VERSION = 2
+
+#: Interruptions (the worker or the node stopped while the job ran) before a job is marked
+#: failed. Larger than ``pipeline.max_job_attempts`` on purpose: restarts and kills are not the
+#: job's fault, but a study that kills its worker every time (a decoder crash the sandbox did
+#: not contain, the kernel's OOM killer) must end as failed rather than restart it for ever.
+MAX_JOB_INTERRUPTIONS = 10
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -58,6 +82,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     instance_uids TEXT NOT NULL,
     result_uids TEXT NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
+    failures INTEGER NOT NULL DEFAULT 0,
+    interruptions INTEGER NOT NULL DEFAULT 0,
     claim_token TEXT,
     error TEXT,
     created REAL NOT NULL,
@@ -96,7 +122,19 @@ CREATE TABLE IF NOT EXISTS sent (
     sent REAL NOT NULL,
     PRIMARY KEY (delivery_id, sop_instance_uid)
 );
+CREATE TABLE IF NOT EXISTS sending (
+    delivery_id INTEGER NOT NULL REFERENCES deliveries(id),
+    sop_instance_uid TEXT NOT NULL,
+    started REAL NOT NULL,
+    PRIMARY KEY (delivery_id, sop_instance_uid)
+);
 """
+
+# Columns added after the first schema: (table, column, definition).
+_ADDED_COLUMNS = [
+    ("jobs", "failures", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "interruptions", "INTEGER NOT NULL DEFAULT 0"),
+]
 
 
 @dataclass(frozen=True)
@@ -134,6 +172,9 @@ class Delivery:
     attempts: int
     #: (sop_instance_uid, sop_class_uid, path) of outbox objects not yet acknowledged.
     pending: list[tuple[str, str, str]]
+    #: SOP Instance UIDs of ``pending`` objects whose C-STORE was started (a "sending" row)
+    #: but never recorded as acknowledged: the destination may or may not hold them.
+    in_doubt: frozenset[str] = frozenset()
 
 
 class JobStore:
@@ -143,7 +184,7 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)
+        self._migrate()
 
     # -- connection handling -------------------------------------------------------------
 
@@ -158,16 +199,40 @@ class JobStore:
             self._local.conn = conn
         return conn
 
+    def _migrate(self) -> None:
+        """Create or upgrade the schema to :data:`SCHEMA_VERSION`; a current database is only read."""
+        conn = self._conn()
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        with self._write() as db:
+            # Another process may have migrated while this one waited for the lock.
+            if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+                return
+            # Statement by statement: executescript() would COMMIT the transaction first.
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            for table, column, definition in _ADDED_COLUMNS:
+                if column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # A COMMIT that fails (disk full, I/O error) leaves the transaction open unless
+            # SQLite rolled it back itself; either way the next write must start clean.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
-        conn.execute("COMMIT")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -281,7 +346,9 @@ class JobStore:
                 return None
             db.execute("UPDATE jobs SET state = 'running', claim_token = ?, attempts = attempts + 1, updated = ? "
                        "WHERE id = ?", (token, now, row["id"]))
-        return self.job(row["id"])
+            # Read inside the transaction: a read that fails undoes the claim, rather than
+            # leaving a job running that no worker knows it holds.
+            return self.job(row["id"])
 
     def job(self, job_id: int) -> Job:
         conn = self._conn()
@@ -337,7 +404,7 @@ class JobStore:
         return state
 
     def fail_job(self, job: Job, error: str, max_attempts: int) -> str:
-        """Record a failed attempt: re-queue it, or mark it failed after ``max_attempts``.
+        """Record a failure of the job itself (it raised): re-queue it, or mark it failed after ``max_attempts``.
 
         Parameters
         ----------
@@ -346,26 +413,69 @@ class JobStore:
         error : str
             Why it failed, for ``status`` (first 2000 characters kept).
         max_attempts : int
-            Attempts allowed before the job is ``failed`` rather than ``queued`` again.
+            Failures of the job itself allowed before it is ``failed`` rather than ``queued``
+            again (``pipeline.max_job_attempts``); interruptions are counted by :meth:`recover`.
         """
         now = time.time()
         with self._write() as db:
-            row = db.execute("SELECT state, claim_token, attempts FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            row = db.execute("SELECT state, claim_token, failures FROM jobs WHERE id = ?", (job.id,)).fetchone()
             if row["state"] != "running" or row["claim_token"] != job.claim_token:
                 return "stale"
-            state = "failed" if row["attempts"] >= max_attempts else "queued"
-            db.execute("UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?",
-                       (state, error[:2000], now, job.id))
+            failures = row["failures"] + 1
+            state = "failed" if failures >= max_attempts else "queued"
+            db.execute("UPDATE jobs SET state = ?, failures = ?, error = ?, updated = ? WHERE id = ?",
+                       (state, failures, error[:2000], now, job.id))
         return state
 
-    def recover(self, max_job_attempts: int) -> dict[str, int]:
-        """At node start: re-queue jobs a previous run left running (or fail them after too
-        many attempts) and make every pending delivery due now."""
+    def release_job(self, job: Job, reason: str) -> str:
+        """Put a claimed job back in the queue without counting anything against it.
+
+        For a job that could not run for a reason outside it (the disk is full, the job store
+        cannot be written); returns ``queued``, or ``stale`` when the claim was lost.
+
+        Parameters
+        ----------
+        job : Job
+            The job as claimed.
+        reason : str
+            Why it waits, for ``status`` (first 2000 characters kept).
+        """
         now = time.time()
         with self._write() as db:
-            failed = db.execute("UPDATE jobs SET state = 'failed', error = 'the worker stopped during processing on "
-                                "every attempt', updated = ? WHERE state = 'running' AND attempts >= ?",
-                                (now, max_job_attempts)).rowcount
+            row = db.execute("SELECT state, claim_token FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            if row["state"] != "running" or row["claim_token"] != job.claim_token:
+                return "stale"
+            db.execute("UPDATE jobs SET state = 'queued', error = ?, updated = ? WHERE id = ?",
+                       (reason[:2000], now, job.id))
+        return "queued"
+
+    def recover(self, max_interruptions: int = MAX_JOB_INTERRUPTIONS) -> dict[str, int]:
+        """Re-queue jobs a worker left running and make every pending delivery due now.
+
+        Called at node start and whenever the worker process ended, i.e. only when no worker
+        runs. A job found running was *interrupted*: that is counted in its own column, not
+        as a failure, and the job is ``failed`` only after ``max_interruptions`` of them (a
+        study that kills its worker every time).
+
+        Parameters
+        ----------
+        max_interruptions : int
+            Interruptions allowed before the job is ``failed``; default
+            :data:`MAX_JOB_INTERRUPTIONS`.
+
+        Returns
+        -------
+        dict
+            ``jobs_requeued``, ``jobs_failed`` and ``deliveries_pending`` counts.
+        """
+        now = time.time()
+        with self._write() as db:
+            db.execute("UPDATE jobs SET interruptions = interruptions + 1 WHERE state = 'running'")
+            failed = db.execute("UPDATE jobs SET state = 'failed', error = ?, updated = ? "
+                                "WHERE state = 'running' AND interruptions >= ?",
+                                (f"the worker stopped during processing {max_interruptions} times: the study may "
+                                 "crash the worker (see worker_exited in node.log); dicom-ai retry re-queues it",
+                                 now, max_interruptions)).rowcount
             requeued = db.execute("UPDATE jobs SET state = 'queued', updated = ? WHERE state = 'running'",
                                   (now,)).rowcount
             due = db.execute("UPDATE deliveries SET next_attempt = ? WHERE state = 'pending'", (now,)).rowcount
@@ -383,13 +493,30 @@ class JobStore:
             pending = [(r["sop_instance_uid"], r["sop_class_uid"], r["path"]) for r in conn.execute(
                 "SELECT o.* FROM outbox o WHERE o.job_id = ? AND o.sop_instance_uid NOT IN "
                 "(SELECT sop_instance_uid FROM sent WHERE delivery_id = ?) ORDER BY o.path", (d["job_id"], d["id"]))]
-            out.append(Delivery(d["id"], d["job_id"], d["ae_title"], d["host"], d["port"], d["attempts"], pending))
+            in_doubt = frozenset(r["sop_instance_uid"] for r in conn.execute(
+                "SELECT sop_instance_uid FROM sending WHERE delivery_id = ? AND sop_instance_uid NOT IN "
+                "(SELECT sop_instance_uid FROM sent WHERE delivery_id = ?)", (d["id"], d["id"])))
+            out.append(Delivery(d["id"], d["job_id"], d["ae_title"], d["host"], d["port"], d["attempts"], pending,
+                                in_doubt))
         return out
 
+    def mark_sending(self, delivery_id: int, sop_instance_uid: str) -> None:
+        """About to C-STORE one object: from now until :meth:`mark_sent` it is in doubt."""
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO sending VALUES (?, ?, ?)", (delivery_id, sop_instance_uid, time.time()))
+
+    def clear_sending(self, delivery_id: int, sop_instance_uid: str) -> None:
+        """The destination answered a failure status: the object is known not to be stored."""
+        with self._write() as db:
+            db.execute("DELETE FROM sending WHERE delivery_id = ? AND sop_instance_uid = ?",
+                       (delivery_id, sop_instance_uid))
+
     def mark_sent(self, delivery_id: int, sop_instance_uid: str) -> None:
-        """The destination acknowledged one object."""
+        """The destination acknowledged one object (or, asked, said it holds it)."""
         with self._write() as db:
             db.execute("INSERT OR IGNORE INTO sent VALUES (?, ?, ?)", (delivery_id, sop_instance_uid, time.time()))
+            db.execute("DELETE FROM sending WHERE delivery_id = ? AND sop_instance_uid = ?",
+                       (delivery_id, sop_instance_uid))
 
     def delivery_done(self, delivery_id: int) -> None:
         with self._write() as db:
@@ -428,8 +555,8 @@ class JobStore:
         with self._write() as db:
             d = db.execute("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt = ?, updated = ? "
                            "WHERE state = 'failed'", (now, now)).rowcount
-            j = db.execute("UPDATE jobs SET state = 'queued', attempts = 0, updated = ? WHERE state = 'failed'",
-                           (now,)).rowcount
+            j = db.execute("UPDATE jobs SET state = 'queued', attempts = 0, failures = 0, interruptions = 0, "
+                           "updated = ? WHERE state = 'failed'", (now,)).rowcount
         return {"deliveries": d, "jobs": j}
 
     # -- retention -----------------------------------------------------------------------
@@ -458,8 +585,9 @@ class JobStore:
                 spool = [r["path"] for r in db.execute("SELECT path FROM instances WHERE study_id = ?", (study_id,))]
                 marks = ",".join("?" * len(jobs))
                 outbox = [r["path"] for r in db.execute(f"SELECT path FROM outbox WHERE job_id IN ({marks})", jobs)]
-                db.execute(f"DELETE FROM sent WHERE delivery_id IN (SELECT id FROM deliveries WHERE job_id IN ({marks}))",
-                           jobs)
+                for table in ("sent", "sending"):
+                    db.execute(f"DELETE FROM {table} WHERE delivery_id IN "
+                               f"(SELECT id FROM deliveries WHERE job_id IN ({marks}))", jobs)
                 db.execute(f"DELETE FROM deliveries WHERE job_id IN ({marks})", jobs)
                 db.execute(f"DELETE FROM outbox WHERE job_id IN ({marks})", jobs)
                 db.execute("DELETE FROM jobs WHERE study_id = ?", (study_id,))
@@ -486,12 +614,14 @@ class JobStore:
             "SELECT s.id, s.study_uid, s.calling_ae, s.state, s.last_received, COUNT(i.sop_instance_uid) AS instances "
             "FROM studies s LEFT JOIN instances i ON i.study_id = s.id GROUP BY s.id ORDER BY s.id")]
         jobs = [dict(r) for r in conn.execute(
-            "SELECT j.id, s.study_uid, s.calling_ae, j.state, j.attempts, j.error, j.created, j.updated, "
+            "SELECT j.id, s.study_uid, s.calling_ae, j.state, j.attempts, j.failures, j.interruptions, j.error, "
+            "j.created, j.updated, "
             "(SELECT COUNT(*) FROM outbox o WHERE o.job_id = j.id) AS results "
             "FROM jobs j JOIN studies s ON s.id = j.study_id ORDER BY j.id")]
         deliveries = [dict(r) for r in conn.execute(
             "SELECT d.id, d.job_id, d.ae_title, d.host, d.port, d.state, d.attempts, d.error, d.next_attempt, "
             "(SELECT COUNT(*) FROM sent x WHERE x.delivery_id = d.id) AS sent, "
+            "(SELECT COUNT(*) FROM sending x WHERE x.delivery_id = d.id) AS in_doubt, "
             "(SELECT COUNT(*) FROM outbox o WHERE o.job_id = d.job_id) AS total "
             "FROM deliveries d ORDER BY d.id")]
         notices = [dict(r) for r in conn.execute("SELECT * FROM notices ORDER BY key")]

@@ -15,16 +15,41 @@ than spell paths themselves::
 
 Durability: a file is written to a temporary name, fsynced, renamed, and its folder fsynced
 (:func:`write_durably`), so after a power loss it is either complete or absent.
+
+Privacy: everything under the storage root holds patient data or points at it, so it is
+readable by the node's user only. The node and worker processes run with umask
+:data:`PRIVATE_UMASK` (files 0600, folders 0700) and tighten, at start-up, whatever an older
+version left readable (:func:`make_private`).
+
+Trouble: a full disk or a job store that cannot be written is a state the node waits out, not
+a crash; :func:`is_storage_error` tells those errors from bugs.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import sqlite3
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["StorageLayout", "fsync_dir", "fsync_file", "write_durably"]
+__all__ = ["PRIVATE_UMASK", "StorageLayout", "fsync_dir", "fsync_file", "is_disk_full", "is_storage_error",
+           "make_private", "write_durably"]
+
+#: The umask of the node and worker processes: new files 0600, new folders 0700.
+PRIVATE_UMASK = 0o077
+
+# OSError numbers that mean "the storage cannot take this write now", not "the code is wrong".
+# EIO is left out on purpose: a spool file on a bad sector would then be retried for ever
+# instead of failing its job.
+_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+# sqlite3.OperationalError messages of the same kind ("database or disk is full", "disk I/O
+# error", "database is locked" after the busy timeout, "unable to open database file" when
+# the -shm/-wal file cannot be created).
+_SQLITE_STORAGE_MESSAGES = ("full", "disk i/o", "locked", "unable to open", "busy")
 
 
 @dataclass(frozen=True)
@@ -109,3 +134,60 @@ def write_durably(target: Path, write: Callable[[Path], None]) -> Path:
     os.replace(tmp, target)
     fsync_dir(target.parent)
     return target
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True for an error of the storage rather than of the code: disk full, quota, I/O, a locked
+    or unwritable job store (:class:`sqlite3.OperationalError`), which the caller should back
+    off from and retry, never count against a job or a delivery."""
+    if isinstance(exc, sqlite3.OperationalError):
+        message = str(exc).lower()
+        return any(m in message for m in _SQLITE_STORAGE_MESSAGES)
+    return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for "no space left" (ENOSPC, EDQUOT, SQLite's "database or disk is full")."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return "full" in str(exc).lower()
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def make_private(root: Path) -> int:
+    """Remove group and other permissions from ``root`` and everything under it; returns how
+    many entries were changed.
+
+    Files keep their owner bits (0644 becomes 0600), folders become 0700. Symbolic links are
+    neither followed nor changed. Never raises: an entry that cannot be changed (another
+    owner, a read-only mount) is skipped, so a start-up is never stopped by it.
+
+    Parameters
+    ----------
+    root : Path
+        The storage root.
+    """
+    changed = 0
+
+    def tighten(path: str, folder: bool) -> None:
+        nonlocal changed
+        try:
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                return
+            mode = stat.S_IMODE(st.st_mode)
+            wanted = 0o700 if folder else mode & 0o700
+            if mode != wanted:
+                os.chmod(path, wanted)
+                changed += 1
+        except OSError:
+            pass
+
+    if not os.path.isdir(root):
+        return 0
+    tighten(str(root), True)
+    for folder, dirs, files in os.walk(root, onerror=lambda exc: None):
+        for name in dirs:
+            tighten(os.path.join(folder, name), True)
+        for name in files:
+            tighten(os.path.join(folder, name), False)
+    return changed

@@ -21,10 +21,12 @@ import ctypes
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from dicom_ai.core.errors import ConfigError
@@ -32,14 +34,55 @@ from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.node import logs
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
-from dicom_ai.node.jobstore import JobStore
+from dicom_ai.node.jobstore import MAX_JOB_INTERRUPTIONS, JobStore
 from dicom_ai.node.scp import StorageSCP
-from dicom_ai.node.storage import write_durably
+from dicom_ai.node.storage import PRIVATE_UMASK, is_storage_error, make_private, write_durably
+
+#: Longest wait between two tries of a supervisor step (assembly, worker recovery, purge,
+#: start-up recovery) that failed, in seconds; the wait doubles from ``poll_seconds``.
+MAX_BACKOFF_SECONDS = 30.0
 
 
 def make_result_uids(source_sop_uids: list[str]) -> str:
     """JSON of the result UIDs of a new job, fixed for the job's life."""
     return ResultUIDs.generate(source_sop_uids).to_json()
+
+
+class _Step:
+    """One periodic step of the supervisor loop, with backoff after an error.
+
+    An error (a full disk, a locked or unwritable job store, or a bug) never leaves the loop:
+    the first of a run is logged as ``<name>_error``, the step waits ``poll * 2**n`` seconds
+    (capped at :data:`MAX_BACKOFF_SECONDS`) before the next try, and the first success after
+    errors logs ``<name>_recovered``.
+    """
+
+    def __init__(self, name: str, poll_seconds: float):
+        self.name = name
+        self.poll_seconds = poll_seconds
+        self.failures = 0
+        self.next_try = 0.0
+
+    def run(self, fn: Callable[[], object]) -> bool:
+        """Call ``fn`` if the step is due; returns True when it ran without an error."""
+        now = time.monotonic()
+        if now < self.next_try:
+            return False
+        try:
+            fn()
+        except Exception as exc:
+            self.failures += 1
+            delay = min(MAX_BACKOFF_SECONDS, self.poll_seconds * 2 ** self.failures)
+            self.next_try = now + delay
+            if self.failures == 1 or self.failures % 20 == 0:
+                logs.event(f"{self.name}_error", level="ERROR", error=f"{type(exc).__name__}: {exc}",
+                           storage_problem=is_storage_error(exc), failures=self.failures,
+                           retry_in_s=round(delay, 1))
+            return False
+        if self.failures:
+            logs.event(f"{self.name}_recovered", after_failures=self.failures)
+            self.failures = 0
+        return True
 
 
 class Node:
@@ -49,7 +92,7 @@ class Node:
         self.config = config
         self.poll_seconds = poll_seconds
         self.layout = config.layout
-        self.layout.root.mkdir(parents=True, exist_ok=True)
+        self.layout.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = JobStore(self.layout.jobstore)
         self.scp = StorageSCP(config, self.store)
         self.delivery = DeliveryThread(DeliveryAgent(config, self.store), poll_seconds)
@@ -57,34 +100,64 @@ class Node:
         self._worker_restarts: list[float] = []
         self._stopping = threading.Event()
         self._next_purge = 0.0
+        # Recovery (re-queue what a stopped worker left running) must run, and succeed, before
+        # a worker is started: run later, it would take the new worker's claim away.
+        self._ready = False
+        self._worker_down = False
+        self._disk_low: bool | None = None
+        self._disk_notice_written = False
+        self._steps = {name: _Step(name, poll_seconds)
+                       for name in ("startup", "assembly", "worker_recovery", "purge", "disk_check")}
 
     def start(self) -> int:
-        """Recover, then start the SCP, the worker and delivery; returns the SCP port."""
-        recovered = self.store.recover(self.config.pipeline.max_job_attempts)
-        logs.event("node_recovered", **recovered)
-        write_durably(self.layout.config_json, lambda tmp: tmp.write_text(self.config.to_json()))
+        """Start the SCP, recover, then start the worker and delivery; returns the SCP port.
+
+        When the job store cannot be written (a full disk) the SCP still starts, answering
+        Out of Resources, and recovery is retried by :meth:`run` until the storage takes writes.
+        """
         port = self.scp.start()
-        self._start_worker()
-        self.delivery.start()
+        self._steps["startup"].run(self._prepare)
+        if not self._ready:
+            logs.event("node_waiting_for_storage", level="ERROR", storage=str(self.layout.root),
+                       hint="free space on the storage disk; the node resumes by itself")
         logs.event("node_started", ae_title=self.config.node.ae_title, port=port, storage=str(self.layout.root))
         return port
 
+    def _prepare(self) -> None:
+        text = self.config.to_json()
+        try:
+            current = self.layout.config_json.read_text()
+        except OSError:
+            current = None
+        if current != text:  # an unchanged file is not rewritten: a full disk can still start
+            write_durably(self.layout.config_json, lambda tmp: tmp.write_text(text))
+        recovered = self.store.recover(MAX_JOB_INTERRUPTIONS)
+        logs.event("node_recovered", **recovered)
+        self._start_worker()
+        self.delivery.start()
+        self._ready = True
+
     def run(self) -> None:
-        """The assembly loop: close complete studies, keep the worker alive."""
+        """The supervisor loop: close complete studies, keep the worker alive, purge, watch the disk."""
+        steps = self._steps
         while not self._stopping.is_set():
-            try:
-                for job_id in self.store.close_ready_studies(self.config.study.grace_seconds,
-                                                             self.config.study.idle_seconds, make_result_uids):
-                    logs.event("job_queued", job_id=job_id)
-            except Exception as exc:
-                logs.event("assembly_error", level="ERROR", error=f"{type(exc).__name__}: {exc}")
-            self._check_worker()
-            self._purge()
+            if not self._ready:
+                steps["startup"].run(self._prepare)
+            steps["assembly"].run(self._assemble)
+            if self._ready:
+                self._check_worker()
+            steps["purge"].run(self._purge)
+            steps["disk_check"].run(self._check_disk)
             self._stopping.wait(self.poll_seconds)
         self._shutdown()
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _assemble(self) -> None:
+        for job_id in self.store.close_ready_studies(self.config.study.grace_seconds,
+                                                     self.config.study.idle_seconds, make_result_uids):
+            logs.event("job_queued", job_id=job_id)
 
     def _purge(self) -> None:
         """Every minute (or half the retention time): delete finished studies' files."""
@@ -92,16 +165,34 @@ class Node:
         if days <= 0 or time.monotonic() < self._next_purge:
             return
         self._next_purge = time.monotonic() + min(60.0, days * 86400.0 / 2)
-        try:
-            for study_id, jobs, paths in self.store.purge_finished(time.time() - days * 86400.0):
-                for path in paths:
-                    Path(path).unlink(missing_ok=True)
-                for job in jobs:
-                    for folder in self.layout.job_folders(job):
-                        shutil.rmtree(folder, ignore_errors=True)
-                logs.event("study_purged", study_id=study_id, files=len(paths), retention_days=days)
-        except Exception as exc:  # retention must never stop the node
-            logs.event("purge_error", level="ERROR", error=f"{type(exc).__name__}: {exc}")
+        for study_id, jobs, paths in self.store.purge_finished(time.time() - days * 86400.0):
+            for path in paths:
+                Path(path).unlink(missing_ok=True)
+            for job in jobs:
+                for folder in self.layout.job_folders(job):
+                    shutil.rmtree(folder, ignore_errors=True)
+            logs.event("study_purged", study_id=study_id, files=len(paths), retention_days=days)
+
+    def _check_disk(self) -> None:
+        """Health signal: free space below ``node.reserve_free_mb`` is logged once and shown by
+        ``dicom-ai status`` (notice ``disk``) while it lasts, when the job store can be written."""
+        reserve = self.config.node.reserve_free_mb * 1024 * 1024
+        free = shutil.disk_usage(self.layout.root).free
+        low = free < reserve
+        if low != self._disk_low:
+            if low:
+                logs.event("storage_low", level="ERROR", free_mb=free // 2**20,
+                           reserve_mb=self.config.node.reserve_free_mb, storage=str(self.layout.root),
+                           hint="senders get Out of Resources (0xA700) and results wait until space is freed")
+            elif self._disk_low is not None:
+                logs.event("storage_ok", free_mb=free // 2**20)
+            self._disk_low, self._disk_notice_written = low, False
+        if not self._disk_notice_written:  # written (or cleared) once per change, retried until it takes
+            self.store.set_notice("disk", (f"storage below node.reserve_free_mb ({free // 2**20} MiB free, "
+                                           f"{self.config.node.reserve_free_mb} MiB reserved): C-STOREs are refused "
+                                           "with Out of Resources (0xA700) and results wait until space is freed")
+                                  if low else None)
+            self._disk_notice_written = True
 
     # -- the worker process --------------------------------------------------------------
 
@@ -111,16 +202,26 @@ class Node:
         logs.event("worker_spawned", worker_pid=self.worker.pid)
 
     def _check_worker(self) -> None:
-        if self.worker is None or self.worker.poll() is None:
-            return
-        code = self.worker.returncode
-        now = time.monotonic()
-        self._worker_restarts = [t for t in self._worker_restarts if now - t < 60] + [now]
-        logs.event("worker_exited", level="ERROR", returncode=code, restarts_last_minute=len(self._worker_restarts))
-        if len(self._worker_restarts) > 5:
-            time.sleep(5)  # a worker that cannot start: do not spin; the log says why
-        # The job it was running is re-queued (or failed after too many attempts).
-        self.store.recover(self.config.pipeline.max_job_attempts)
+        if self.worker is not None and self.worker.poll() is not None and not self._worker_down:
+            code = self.worker.returncode
+            now = time.monotonic()
+            self._worker_restarts = [t for t in self._worker_restarts if now - t < 60] + [now]
+            logs.event("worker_exited", level="ERROR", returncode=code,
+                       restarts_last_minute=len(self._worker_restarts))
+            self._worker_down = True
+            if len(self._worker_restarts) > 5:
+                # A worker that cannot start: do not spin; the log says why.
+                self._steps["worker_recovery"].next_try = now + 5
+        if self._worker_down and self._steps["worker_recovery"].run(self._restart_worker):
+            self._worker_down = False
+
+    def _restart_worker(self) -> None:
+        # The job it was running is re-queued (an interruption, not a failure of the job);
+        # only then a new worker may claim it.
+        recovered = self.store.recover(MAX_JOB_INTERRUPTIONS)
+        if recovered["jobs_failed"]:
+            logs.event("job_interrupted_too_often", level="ERROR", jobs=recovered["jobs_failed"],
+                       max_interruptions=MAX_JOB_INTERRUPTIONS)
         self._start_worker()
 
     def _shutdown(self) -> None:
@@ -134,7 +235,8 @@ class Node:
             except subprocess.TimeoutExpired:
                 self.worker.kill()
             logs.event("worker_stopped", returncode=self.worker.wait())
-        self.delivery.join(35)
+        if self.delivery.is_alive():
+            self.delivery.join(self.config.retry.timeout_seconds + 5)
         logs.event("node_stopped")
 
 
@@ -151,12 +253,38 @@ def _limit_malloc_arenas(arenas: int = 1) -> None:
         pass  # not glibc
 
 
+def _make_file_private(path: Path) -> int:
+    """Owner-only permissions on one file (a log outside the storage); 1 if changed, never raises."""
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            path.chmod(mode & 0o700)
+            return 1
+    except OSError:
+        pass
+    return 0
+
+
 def serve(config: NodeConfig) -> int:
-    """Run a node in the foreground until SIGTERM or SIGINT."""
+    """Run a node in the foreground until SIGTERM or SIGINT.
+
+    Returns 2 (after a message on stderr) when the node cannot start: a configuration error,
+    a port in use, a storage folder that cannot be made, or a job store that cannot be opened
+    (not a database, no permission, or a disk so full SQLite cannot open it). A job store that
+    opens but cannot be written (a full disk) is not such a case: the node starts and waits.
+    """
+    # Before any file is made: everything under the storage holds or points at patient data.
+    os.umask(PRIVATE_UMASK)
     _limit_malloc_arenas()
     try:
-        config.storage_dir.mkdir(parents=True, exist_ok=True)
+        config.storage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         logs.configure("node", config.logging.level, config.log_file)
+        tightened = make_private(config.storage_dir)
+        if config.storage_dir.resolve() not in config.log_file.resolve().parents:
+            tightened += _make_file_private(config.log_file)
+        if tightened:
+            logs.event("storage_permissions_tightened", entries=tightened, storage=str(config.storage_dir),
+                       mode="files 0600, folders 0700")
         node = Node(config)
         signal.signal(signal.SIGTERM, lambda *_: node.stop())
         signal.signal(signal.SIGINT, lambda *_: node.stop())
@@ -164,6 +292,11 @@ def serve(config: NodeConfig) -> int:
     except ConfigError as exc:  # what the CLI checks first; a library caller gets the same answer
         print(f"dicom-ai: configuration error: {exc}", file=sys.stderr)
         logs.event("node_start_failed", level="ERROR", error=str(exc))
+        return 2
+    except sqlite3.Error as exc:
+        print(f"dicom-ai: cannot open the job store {config.layout.jobstore}: {exc} (if the disk is full, free "
+              "space; if the file is damaged, move it away and start again)", file=sys.stderr)
+        logs.event("node_start_failed", level="ERROR", error=f"{type(exc).__name__}: {exc}")
         return 2
     except OSError as exc:
         where = f"{config.node.bind_address}:{config.node.port}" if exc.errno in (98, 99, 13) else config.storage_dir
@@ -174,4 +307,3 @@ def serve(config: NodeConfig) -> int:
     sys.stderr.flush()
     # Everything is committed and fsynced; skip the slow interpreter teardown.
     os._exit(0)
-

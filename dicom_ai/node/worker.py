@@ -12,19 +12,92 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import shutil
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from dicom_ai.node import logs
 from dicom_ai.node.config import NodeConfig
-from dicom_ai.node.jobstore import JobStore
+from dicom_ai.node.jobstore import Job, JobStore
 from dicom_ai.node.processing import destinations_for, load_pipeline, process_job
+from dicom_ai.node.storage import PRIVATE_UMASK, is_disk_full, is_storage_error
+
+#: Longest wait between two tries while the storage cannot be written, in seconds. Each try
+#: after a full disk re-runs the job's inference, so the worker also looks at the free space
+#: every second and tries at once when some came back.
+STORAGE_RETRY_MAX_SECONDS = 30.0
+
+
+class StorageTrouble:
+    """Backoff and reporting while the disk is full or the job store cannot be written.
+
+    The first error of an episode is logged (``storage_unavailable``) and, when the job store
+    takes it, shown by ``dicom-ai status`` as the notice ``storage``; the first success after
+    it logs ``storage_recovered`` and clears the notice.
+    """
+
+    def __init__(self, store: JobStore, root: Path, reserve_bytes: int, poll_seconds: float = 1.0):
+        self.store = store
+        self.root = root
+        self.reserve_bytes = reserve_bytes
+        self.poll_seconds = poll_seconds
+        self.failures = 0
+        self._free_at_failure = 0
+
+    def failed(self, exc: BaseException, doing: str, **fields) -> None:
+        """Record one storage error while ``doing`` (an event field), then wait before the next try."""
+        self.failures += 1
+        error = f"{type(exc).__name__}: {exc}"
+        if self.failures == 1:
+            full = is_disk_full(exc)
+            logs.event("storage_unavailable", level="ERROR", proc_step=doing, disk_full=full, error=error,
+                       storage=str(self.root), **fields)
+            try:
+                self.store.set_notice("storage", ("the storage disk is full" if full else "the storage cannot be "
+                                                  "written") + f" ({error}); results wait and are made when "
+                                      "space returns; the SCP answers Out of Resources (0xA700)")
+            except Exception:  # the notice is a courtesy; the log line above is the signal
+                pass
+        self._free_at_failure = self._free()
+        self._wait()
+
+    def succeeded(self) -> None:
+        """The storage took a write again."""
+        if self.failures:
+            logs.event("storage_recovered", after_failures=self.failures)
+            self.failures = 0
+            try:
+                self.store.set_notice("storage", None)
+            except Exception:
+                pass
+
+    def _free(self) -> int:
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError:
+            return 0
+
+    def _wait(self) -> None:
+        delay = min(STORAGE_RETRY_MAX_SECONDS, self.poll_seconds * 2 ** (self.failures - 1))
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            time.sleep(min(self.poll_seconds, max(0.0, deadline - time.monotonic())))
+            free = self._free()
+            if free > self._free_at_failure and free >= self.reserve_bytes:
+                return  # space came back: try now rather than at the end of the backoff
+
 
 def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float = 0.2) -> None:
     """Claim and run jobs until the parent process is gone (or SIGTERM).
+
+    A full disk or a job store that cannot be written (:func:`~dicom_ai.node.storage.is_storage_error`,
+    from the claim, the processing or the record) is not a failure of the job: the worker keeps
+    its claim, backs off (:class:`StorageTrouble`) and runs the same job again when the storage
+    takes writes; nothing is counted against ``pipeline.max_job_attempts``.
 
     Parameters
     ----------
@@ -50,10 +123,18 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
         # Jobs stay queued; the node restarts the worker; the log and `status` say what to fix.
         logs.event("pipeline_load_failed", level="ERROR", error=f"{type(exc).__name__}: {exc}",
                    factory=config.pipeline.factory or "bundles", models=",".join(config.pipeline.models))
-        store.set_notice("worker", f"the model pipeline cannot be loaded, jobs wait: {type(exc).__name__}: {exc}")
+        try:
+            store.set_notice("worker", f"the model pipeline cannot be loaded, jobs wait: {type(exc).__name__}: {exc}")
+        except Exception:
+            pass
         time.sleep(5)
         raise SystemExit(3) from None
-    store.set_notice("worker", None)
+    trouble = StorageTrouble(store, config.layout.root, config.node.reserve_free_mb * 1024 * 1024)
+    try:
+        store.set_notice("worker", None)
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
     logs.event("worker_started", factory=config.pipeline.factory or "bundles",
                models=",".join(config.pipeline.models), device=config.pipeline.device,
                load_seconds=round(time.monotonic() - started, 1))
@@ -61,28 +142,78 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
         if parent_pid is not None and os.getppid() != parent_pid:
             logs.event("worker_orphaned", level="WARNING")
             return
-        job = store.claim_job()
+        try:
+            job = store.claim_job()
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            trouble.failed(exc, "claim")
+            continue
         if job is None:
             time.sleep(poll_seconds)
             continue
-        started = time.monotonic()
-        logs.event("job_started", job_id=job.id, study_instance_uid=job.study_uid, calling_ae=job.calling_ae,
-                   images=len(job.instances), attempt=job.attempts)
+        _run_job(job, pipeline, config, store, trouble, lambda: stopping)
+
+
+def _run_job(job: Job, pipeline, config: NodeConfig, store: JobStore, trouble: StorageTrouble,
+             stopping: Callable[[], bool]) -> None:
+    """Process one claimed job and record its outcome, waiting out storage errors on the way."""
+    started = time.monotonic()
+    logs.event("job_started", job_id=job.id, study_instance_uid=job.study_uid, calling_ae=job.calling_ae,
+               images=len(job.instances), attempt=job.attempts)
+    entries = None
+    while entries is None:
         try:
             entries, notes = process_job(job, pipeline, config)
         except Exception as exc:
-            state = store.fail_job(job, f"{type(exc).__name__}: {exc}", config.pipeline.max_job_attempts)
+            if is_storage_error(exc):
+                _remove_partial_outbox(config, job)
+                trouble.failed(exc, "process", job_id=job.id)
+                if stopping():
+                    return  # still claimed: the node's recovery re-queues it
+                continue
+            error = f"{type(exc).__name__}: {exc}"
+            while True:
+                try:
+                    state = store.fail_job(job, error, config.pipeline.max_job_attempts)
+                    break
+                except Exception as store_exc:
+                    if not is_storage_error(store_exc):
+                        raise
+                    trouble.failed(store_exc, "record_failure", job_id=job.id)
             logs.event("job_failed", level="ERROR", job_id=job.id, study_instance_uid=job.study_uid, state=state,
-                       error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc(limit=3)[-800:])
-            continue
-        destinations = destinations_for(config, job.calling_ae)
-        state = store.complete_job(job, entries, destinations, note="; ".join(notes) or None)
-        logs.event("job_finished", job_id=job.id, study_instance_uid=job.study_uid, state=state,
-                   results=len(entries), destinations=",".join(d[0] for d in destinations) or "none",
-                   seconds=round(time.monotonic() - started, 2), notes="; ".join(notes)[:500])
-        if not destinations:
-            logs.event("no_destination", level="WARNING", job_id=job.id, calling_ae=job.calling_ae,
-                       hint="the caller is not a configured peer and no [[destinations]] are set")
+                       error=error, trace=traceback.format_exc(limit=3)[-800:])
+            return
+    destinations = destinations_for(config, job.calling_ae)
+    note = "; ".join(notes) or None
+    while True:
+        try:
+            state = store.complete_job(job, entries, destinations, note=note)
+            break
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            # The outbox files are durable; only the record is missing: retry just that.
+            trouble.failed(exc, "record_results", job_id=job.id)
+            if stopping():
+                return
+    trouble.succeeded()
+    logs.event("job_finished", job_id=job.id, study_instance_uid=job.study_uid, state=state,
+               results=len(entries), destinations=",".join(d[0] for d in destinations) or "none",
+               seconds=round(time.monotonic() - started, 2), notes="; ".join(notes)[:500])
+    if not destinations:
+        logs.event("no_destination", level="WARNING", job_id=job.id, calling_ae=job.calling_ae,
+                   hint="the caller is not a configured peer and no [[destinations]] are set")
+
+
+def _remove_partial_outbox(config: NodeConfig, job: Job) -> None:
+    """Delete temporary files a write cut short left in the job's outbox: they hold space a
+    full disk needs back, and the rerun writes them again."""
+    try:
+        for tmp in config.layout.outbox_for(job.id).glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _die_with_parent() -> None:
@@ -100,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-json", required=True, help="the node's effective configuration (JSON)")
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
+    # Before any file is made: results, previews and log lines hold or point at patient data.
+    os.umask(PRIVATE_UMASK)
     _die_with_parent()
     if os.getppid() != args.parent_pid:
         return 1
