@@ -158,7 +158,7 @@ def check_dataset(path: Path, sop_class: str, sop_uid: str, ts: str,
         _check_pixel_data(target, ds, ts, layout)
         return admitted
     except OSError as exc:  # the file we just wrote cannot be read back: storage trouble
-        raise Rejected(OUT_OF_RESOURCES, f"storage error reading the data set: {exc.strerror or type(exc).__name__}") \
+        raise Rejected(OUT_OF_RESOURCES, f"storage error: {exc.strerror or type(exc).__name__}") \
             from exc
     finally:
         if inflated is not None:
@@ -298,8 +298,7 @@ def _walk(fp: BinaryIO, end: int | None, limit: int, implicit: bool, depth: int,
         if length == _UNDEFINED:
             raise _Broken(f"undefined length on element {where}")
         if value_at + length > limit:
-            raise _Broken(f"data set cut off inside element {where}: {length} bytes declared, "
-                          f"{max(limit - value_at, 0)} present")
+            raise _Broken(f"cut off in {where}: {max(limit - value_at, 0)} of {length} bytes present")
         fp.seek(value_at + length)
 
 
@@ -340,8 +339,7 @@ def _walk_fragments(fp: BinaryIO, limit: int, layout: _Layout) -> None:
             raise _Broken("encapsulated Pixel Data holds something other than items")
         at = fp.tell()
         if at + length > limit:
-            raise _Broken(f"data set cut off inside a Pixel Data fragment: {length} bytes declared, "
-                          f"{max(limit - at, 0)} present")
+            raise _Broken(f"cut off in a Pixel Data fragment: {max(limit - at, 0)} of {length} bytes present")
         if not first:
             layout.fragments.append((at, length))
         first = False

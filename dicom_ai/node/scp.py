@@ -11,15 +11,30 @@ Association policy
       refused at negotiation (result 3 / 4). The node is SCP only (no SCP/SCU role selection).
 
 C-STORE statuses
-    * ``0x0000`` Success: only after the data set is in the spool (temporary file fsynced,
-      renamed, directory fsynced) and recorded in the job store. A SOP Instance UID already
-      in the store is answered Success without storing or processing it again.
-    * ``0xA700`` Refused: Out of Resources: less than ``reserve_free_mb`` free, disk full or
-      another storage/job store error.
-    * ``0xA900`` Error: Data Set Does Not Match SOP Class: readable, but no Pixel Data, a
-      required attribute missing, SOP Class or Modality not mammography.
-    * ``0xC000`` Error: Cannot Understand: the data set or its Pixel Data cannot be parsed.
-    Failure responses carry an Error Comment saying why.
+    * ``0x0000`` Success: only after the data set passed :mod:`~dicom_ai.node.admission`,
+      is in the spool (temporary file fsynced, renamed, directory fsynced) and recorded in
+      the job store. A SOP Instance UID already in the store is answered Success without
+      storing or processing it again.
+    * ``0xA700`` Refused: Out of Resources (transient: resend later): less than
+      ``reserve_free_mb`` free, disk full, an I/O error of the storage, or the job store
+      cannot commit (``sqlite3.OperationalError``).
+    * ``0xA900`` Error: Data Set Does Not Match SOP Class (permanent): readable, but no Pixel
+      Data, a required attribute missing or of the wrong type, SOP Class or Modality not
+      mammography, not single-frame MONOCHROME1/2 with one sample and 8 or 16 bits
+      allocated, beyond ``[limits]`` (``max_rows``, ``max_columns``, ``max_pixels``,
+      ``max_dataset_mb`` as received or inflated).
+    * ``0xC000`` Error: Cannot Understand (permanent): the data set does not parse to the end
+      of the file (cut off, trailing bytes, bad VR, unterminated sequence, broken deflate
+      stream), its Pixel Data is shorter than its attributes require or holds no frame, the
+      codestream is not of its transfer syntax or states other dimensions than Rows/Columns,
+      or the Affected SOP Instance UID is missing, empty or invalid.
+    * ``0x0110`` Processing Failure: a fault of the node itself while recording (logged as
+      ``store_failed``).
+    Failure responses carry an Error Comment saying why (no value of the data set other than
+    sizes). Nothing enters the spool before everything about the instance is computed; when
+    recording fails the file is taken out again, and at start spool files the job store
+    does not know (a crash between rename and commit) are removed: their sender never got
+    Success and resends.
 
 The data set is kept exactly as received (same transfer syntax, every element including
 private ones); nothing is coerced. pynetdicom streams it to a temporary file in
