@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen subcommand; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    # pydicom's warnings and log records quote raw element values: every command prints them
+    # as scrubbed JSON lines, never as they are.
+    from dicom_ai.node.logs import capture_warnings
+
+    capture_warnings()
     return int(args.handler(args) or 0)
 
 

@@ -5,6 +5,14 @@ The worker process (:mod:`dicom_ai.node.worker`) claims jobs and calls :func:`pr
 when it was created), so a job that is run again after a crash writes byte-for-byte the same
 objects under the same UIDs. An image the pipeline cannot decode or analyse is skipped and
 named in the job's notes; the rest of the study is processed.
+
+Received files are untrusted. Their compressed pixel data is decoded in a
+:class:`~dicom_ai.node.sandbox.DecodeSandbox` (a child process under the ``[limits]`` memory
+and time limits), so a codec that panics, crashes, exhausts memory or never returns costs
+that image only. The attributes the result writers copy from the sources are checked against
+their VRs by :func:`~dicom_ai.results.build_results` (``results.notes``), so an invalid Patient's
+Birth Date costs that attribute, not the job. Text that is stored or logged (notes, a job's
+error) goes through :func:`~dicom_ai.node.logs.scrub`: it never carries a data set value.
 """
 
 from __future__ import annotations
@@ -14,12 +22,15 @@ from collections.abc import Callable, Sequence
 
 import pydicom
 
+from dicom_ai.core.errors import DicomAIError, ImagingError
 from dicom_ai.core.findings import ImageFindings
 from dicom_ai.core.options import ResultOptions
 from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.networks.pipeline import Pipeline
 from dicom_ai.node.config import NodeConfig
-from dicom_ai.node.jobstore import Job
+from dicom_ai.node import logs
+from dicom_ai.node.jobstore import Instance, Job
+from dicom_ai.node.sandbox import DecodeSandbox
 from dicom_ai.node.storage import fsync_dir, write_durably
 from dicom_ai.results import build_results
 
@@ -47,22 +58,85 @@ def destinations_for(config: NodeConfig, calling_ae: str) -> list[tuple[str, str
     return out
 
 
+def error_text(exc: BaseException) -> str:
+    """``"<exception type>: <scrubbed message>"``: what may be stored, logged or printed of an error."""
+    return f"{type(exc).__name__}: {logs.scrub(str(exc))}"
+
+
+def skipped_note(sop_instance_uid: str, why: str) -> str:
+    """The note for an image left out of a job (``why`` already scrubbed)."""
+    return f"image {sop_instance_uid} skipped: {why}"
+
+
 def run_pipeline(pipeline, sources: list[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], list[ImageFindings], list[str]]:
     """Findings for every image the pipeline can handle; returns (kept sources, findings, skipped notes).
 
     Each image is run once, on its own, so an image that cannot be decoded or analysed is
-    skipped (and named in the notes) without running the rest of the study twice.
+    skipped (and named in the notes, scrubbed of values) without running the rest of the
+    study twice.
+
+    Raises
+    ------
+    ImagingError
+        No image of the study could be processed.
     """
     kept, findings, skipped = [], [], []
     for ds in sources:
         try:
             findings += list(pipeline.run([ds]))
             kept.append(ds)
-        except Exception as exc:
-            skipped.append(f"{ds.SOPInstanceUID}: {exc}")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            # Not only Exception: a Rust codec's panic (pyo3 PanicException) derives from
+            # BaseException. In the node the sandbox has decoded the pixels already; this is
+            # for `dicom-ai infer` and for pipelines that decode on their own.
+            skipped.append(skipped_note(str(ds.SOPInstanceUID), error_text(exc)))
     if not kept:
-        raise RuntimeError("no image of the study could be processed: " + "; ".join(skipped))
+        raise ImagingError("no image of the study could be processed: " + "; ".join(skipped))
     return kept, findings, skipped
+
+
+def read_sources(instances: Sequence[Instance], config: NodeConfig,
+                 job_id: int | None = None) -> tuple[list[pydicom.Dataset], list[str]]:
+    """The job's spooled images, read and with their pixel data decoded in a sandbox.
+
+    Parameters
+    ----------
+    instances
+        The job's spooled instances.
+    config
+        ``[limits] decode_memory_mb`` and ``decode_timeout_seconds`` bound the decoding of one
+        image; the sandbox's scratch folder is under the storage directory.
+    job_id
+        For the log lines.
+
+    Returns
+    -------
+    sources : list of pydicom.Dataset
+        Every image that could be read and decoded, in order, with native Pixel Data.
+    notes : list of str
+        One per image left out, naming its SOP Instance UID (never a value).
+    """
+    sources, notes = [], []
+
+    def sandbox_warning(message: str, category: str, filename: str, lineno: int) -> None:
+        logs.log_warning(message, category, filename, lineno)
+
+    with DecodeSandbox(config.storage_dir, config.limits.decode_memory_mb, config.limits.decode_timeout_seconds,
+                       on_warning=sandbox_warning) as sandbox:
+        for instance in instances:
+            try:
+                ds = pydicom.dcmread(instance.path)
+                sources.append(sandbox.decode(ds, instance.path))
+            except OSError:
+                raise  # the spool or the disk, not the image: the job is retried
+            except Exception as exc:
+                why = error_text(exc)
+                notes.append(skipped_note(instance.sop_instance_uid, why))
+                logs.event("image_skipped", level="WARNING", job_id=job_id, sop_instance_uid=instance.sop_instance_uid,
+                           error=why)
+    return sources, notes
 
 
 def result_options(config: NodeConfig, revision: int = 0) -> ResultOptions:
@@ -94,12 +168,30 @@ def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str,
 
     Every result object is durable in ``<storage>/outbox/job-<id>/`` before this returns;
     previews are best effort (a failure becomes a note, never a failed job).
+
+    Raises
+    ------
+    DicomAIError
+        The job cannot be completed (no image could be processed, the results cannot be
+        built); its message is the original error's type and scrubbed text.
+    OSError
+        The storage failed (reading the spool, writing the outbox); the job is retried.
     """
     layout = config.layout
-    sources = [pydicom.dcmread(i.path) for i in job.instances]
-    sources, findings, notes = run_pipeline(pipeline, sources)
-    uids = ResultUIDs.from_json(job.result_uids)
-    results = build_results(sources, findings, uids, options=result_options(config, job.revision))
+    try:
+        sources, notes = read_sources(job.instances, config, job.id)
+        if not sources:
+            raise ImagingError("no image of the study could be read and decoded: " + "; ".join(notes))
+        sources, findings, skipped = run_pipeline(pipeline, sources)
+        uids = ResultUIDs.from_json(job.result_uids)
+        results = build_results(sources, findings, uids, options=result_options(config, job.revision))
+        notes += skipped + results.notes
+    except OSError:
+        raise
+    except Exception as exc:
+        # The worker stores and logs what it catches: only the type and the scrubbed text,
+        # and not chained, so no traceback carries the original message either.
+        raise DicomAIError(error_text(exc)) from None
     outbox = layout.outbox_for(job.id)
     outbox.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -112,5 +204,5 @@ def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str,
         try:
             results.write_previews(layout.previews_for(job.id))
         except Exception as exc:  # previews are a convenience for IT, never a reason to fail a job
-            notes.append(f"previews not written: {exc}")
+            notes.append(f"previews not written: {error_text(exc)}")
     return entries, notes

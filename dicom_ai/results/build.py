@@ -10,7 +10,10 @@ The one entry point::
     results.write_previews(out_dir)                    # PNG per image for IT quality checks
 
 Regions are found once per image (:func:`analyse_image`) and every writer and the preview
-read that one analysis.
+read that one analysis. The writers copy the Patient and Study attributes from cleaned copies
+of the sources (:func:`~dicom_ai.results.sources.clean_sources`): an attribute that is not
+valid for its VR is emptied or left out, and ``results.notes`` says which (keywords, never
+values), so a malformed Patient's Birth Date never costs a study its results.
 
 Idempotency: every UID and every date/time written comes from ``ResultUIDs`` (the tracking
 UIDs inside the SR derive from the SR's SOP Instance UID), so the same inputs with the same
@@ -20,7 +23,7 @@ UIDs inside the SR derive from the SR's SOP Instance UID), so the same inputs wi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
@@ -35,6 +38,7 @@ from dicom_ai.results.cad_sr import build_mammography_cad_sr
 from dicom_ai.results.preview import render_preview
 from dicom_ai.results.regions import DEFAULT_MIN_AREA_MM2, area_spacing, find_regions
 from dicom_ai.results.seg import build_segmentation
+from dicom_ai.results.sources import clean_sources
 from dicom_ai.results.tid1500 import build_measurement_report
 from dicom_ai.results.types import ImageResult, ObjectIdentity, Segment, order_maps
 
@@ -47,11 +51,13 @@ class StudyResults:
 
     ``images`` holds one :class:`~dicom_ai.results.types.ImageResult` per source image, in
     source order (its segments and regions, and its SEG or None); ``datasets`` the objects
-    to send: one SEG per image that has maps, then the TID 1500 SR, then the CAD SR if enabled.
+    to send: one SEG per image that has maps, then the TID 1500 SR, then the CAD SR if enabled;
+    ``notes`` what was left out of the copied source attributes and why (keywords only).
     """
 
     images: list[ImageResult]
     datasets: list[pydicom.Dataset]
+    notes: list[str] = field(default_factory=list)
 
     def write_previews(self, out_dir: str | Path) -> list[Path]:
         """One PNG per source image (segment outlines, SR contours, labels); returns the paths."""
@@ -124,7 +130,7 @@ def build_results(
     Parameters
     ----------
     sources
-        The study's MG images (one study).
+        The study's MG images (one study); not changed (the writers get cleaned copies).
     findings
         One entry per image that was analysed, matched by SOP Instance UID; maps are on each
         image's stored pixel grid. An image without maps gets no SEG (a SEG needs at least one
@@ -136,6 +142,7 @@ def build_results(
     """
     if not sources:
         raise ResultError("no source images")
+    sources, notes = clean_sources(sources)
     images = [ImageResult(ds, f, analyse_image(ds, f, options)) for ds, f in _pair(sources, findings)]
     equipment = options.equipment
     out: list[pydicom.Dataset] = []
@@ -160,7 +167,7 @@ def build_results(
                                             max_regions_per_segment=options.max_regions_per_segment))
     for ds in out:
         _pin_creation(ds, uids.created)
-    return StudyResults(images=images, datasets=out)
+    return StudyResults(images=images, datasets=out, notes=notes)
 
 
 def _pin_creation(ds: pydicom.Dataset, created: str) -> None:

@@ -1,0 +1,180 @@
+"""What the result writers may copy from a source image: a cleaned copy of each source.
+
+highdicom's SEG and SR constructors copy every root-level attribute of the source's Patient
+and Study information entities (the Patient, Clinical Trial Subject, General Study, Patient
+Study and Clinical Trial Study modules, ``SOPClass.copy_patient_and_study_information``),
+and pydicom refuses to write a value its VR does not allow (``19470323XX`` as a DA, a 70
+character LO, a PN component over 64 characters, a DA sent with VR US). None of these
+attributes is needed by the models, so none may fail a job: :func:`clean_sources` returns a
+copy of each source in which every such attribute that is not valid for its VR is emptied
+(type 2, the attribute stays) or left out (type 1 and 3), with a note that names the
+attribute's keyword, never its value.
+
+A study's results must agree on the patient, so the cleaned sources also carry the same
+Patient and Study attributes: those of the first source; a note names the attributes that
+differed between the images.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+from collections.abc import Sequence
+
+import pydicom
+from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+from pydicom import config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+from pydicom.valuerep import validate_value
+
+__all__ = ["copied_attributes", "clean_sources", "invalid_attributes"]
+
+#: The information entities whose root attributes highdicom copies into every SEG and SR.
+COPIED_ENTITIES = ("Patient", "Study")
+
+# Needed to place the results (and checked when the image was received): never altered here.
+_NEEDED = frozenset({"StudyInstanceUID"})
+
+# Values that are not text and that pydicom's validators do not check.
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"})
+_NUMBER_VRS = frozenset({"US", "UL", "UV", "SS", "SL", "SV", "FL", "FD"})
+
+
+@functools.lru_cache(maxsize=None)
+def copied_attributes(sop_class_uid: str) -> dict[str, str]:
+    """Keyword -> type (``1``, ``1C``, ``2``, ``2C``, ``3``) of every attribute the writers copy
+    from a source of this SOP class (the Patient and Study modules of its IOD).
+
+    Parameters
+    ----------
+    sop_class_uid : str
+        The source's SOP Class UID; an unknown class (no IOD in highdicom's tables) gives the
+        attributes of the Digital Mammography X-Ray Image IOD.
+    """
+    iod = get_sop_class_iod_map().get(str(sop_class_uid), "digital-mammography-x-ray-image")
+    attributes = get_module_attribute_map()
+    out: dict[str, str] = {}
+    for module in get_iod_module_map()[iod]:
+        if module["ie"] in COPIED_ENTITIES:
+            for item in attributes[module["key"]]:
+                if not item["path"]:
+                    out.setdefault(str(item["keyword"]), str(item["type"]))
+    return out
+
+
+def _valid(elem: DataElement) -> bool:
+    """Whether ``elem`` has its dictionary VR and a value that VR allows (recursively for SQ)."""
+    try:
+        allowed = dictionary_VR(elem.tag).split(" or ")
+    except KeyError:
+        allowed = [elem.VR]
+    if elem.VR not in allowed:
+        return False
+    value = elem.value
+    if elem.VR == "SQ":
+        return all(_valid(inner) for item in value for inner in item)
+    if elem.VR in _BINARY_VRS or value is None:
+        return True
+    for v in value if isinstance(value, (MultiValue, list, tuple)) else [value]:
+        if v is None or v == "":
+            continue
+        # Text VRs are checked on the text that would be written (PersonName, DA, DSfloat
+        # and IS objects print it); binary numbers as the numbers they are.
+        validate_value(elem.VR, v if elem.VR in _NUMBER_VRS else str(v), config.RAISE)
+    return True
+
+
+def invalid_attributes(ds: pydicom.Dataset) -> list[str]:
+    """Keywords of the attributes in ``ds`` the writers copy whose value or VR is not valid.
+
+    An attribute whose value cannot even be read (a raw value pydicom cannot convert) is
+    invalid too.
+    """
+    bad = []
+    for keyword in copied_attributes(str(ds.get("SOPClassUID", ""))):
+        if keyword in _NEEDED or keyword not in ds:
+            continue
+        # The checks quote the value in their messages; the note names the keyword instead.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ok = _valid(ds[keyword])
+            except Exception:
+                ok = False
+        if not ok:
+            bad.append(keyword)
+    return bad
+
+
+def _empty(keyword: str) -> DataElement:
+    tag = tag_for_keyword(keyword)
+    vr = dictionary_VR(tag).split(" or ")[0]
+    return DataElement(tag, vr, [] if vr == "SQ" else None)
+
+
+def _same(a: pydicom.Dataset, b: pydicom.Dataset, keyword: str) -> bool:
+    if (keyword in a) != (keyword in b):
+        return False
+    if keyword not in a:
+        return True
+    try:
+        return a[keyword].VR == b[keyword].VR and a[keyword].value == b[keyword].value
+    except Exception:
+        return False
+
+
+def clean_sources(sources: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], list[str]]:
+    """Copies of ``sources`` that the writers can copy from, and notes on what was changed.
+
+    Parameters
+    ----------
+    sources : sequence of pydicom.Dataset
+        The study's images (one study) as read; not changed.
+
+    Returns
+    -------
+    cleaned : list of pydicom.Dataset
+        One copy per source, in order: every attribute of :func:`copied_attributes` that is
+        not valid for its VR is emptied (type 2 and 2C) or removed (others), and every copy
+        carries the Patient and Study attributes of the first source.
+    notes : list of str
+        One per changed attribute and one if the images disagreed; keywords and SOP
+        Instance UIDs only, never a value.
+    """
+    cleaned = [copy.deepcopy(ds) for ds in sources]
+    notes = []
+    changed: dict[str, list[str]] = {}
+    for ds in cleaned:
+        types = copied_attributes(str(ds.get("SOPClassUID", "")))
+        for keyword in invalid_attributes(ds):
+            if types[keyword].startswith("2"):
+                ds[keyword] = _empty(keyword)
+            else:
+                del ds[keyword]
+            changed.setdefault(keyword, []).append(str(ds.SOPInstanceUID))
+    for keyword, uids in changed.items():
+        how = "sent empty" if copied_attributes(str(cleaned[0].get("SOPClassUID", ""))).get(keyword, "3").startswith("2") \
+            else "left out"
+        notes.append(f"{keyword} is not valid for its VR in {len(uids)} image(s) ({', '.join(uids)}); "
+                     f"{how} in the results")
+    if cleaned:
+        first = cleaned[0]
+        differ = []
+        for keyword in copied_attributes(str(first.get("SOPClassUID", ""))):
+            if keyword in _NEEDED:
+                continue
+            for ds in cleaned[1:]:
+                if not _same(first, ds, keyword):
+                    if keyword in first:
+                        ds[keyword] = copy.deepcopy(first[keyword])
+                    else:
+                        del ds[keyword]
+                    if keyword not in differ:
+                        differ.append(keyword)
+        if differ:
+            notes.append(f"the images disagree on {', '.join(differ)}; every result carries the values of "
+                         f"image {first.SOPInstanceUID}")
+    return cleaned, notes
