@@ -160,6 +160,10 @@ def check_dataset(path: Path, sop_class: str, sop_uid: str, ts: str,
     except OSError as exc:  # the file we just wrote cannot be read back: storage trouble
         raise Rejected(OUT_OF_RESOURCES, f"storage error: {exc.strerror or type(exc).__name__}") \
             from exc
+    except Rejected:
+        raise
+    except Exception as exc:  # pydicom and struct raise many types on hostile bytes
+        raise Rejected(CANNOT_UNDERSTAND, f"unreadable data set: {type(exc).__name__}") from exc
     finally:
         if inflated is not None:
             inflated.unlink(missing_ok=True)
