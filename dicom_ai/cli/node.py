@@ -76,10 +76,10 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
-def _open_store(args: argparse.Namespace):
+def _open_store(args: argparse.Namespace, config=None):
     from dicom_ai.node.jobstore import JobStore
 
-    config = _load(args, **{"node.storage": args.storage})
+    config = config or _load(args, **{"node.storage": args.storage})
     db = config.layout.jobstore
     if not db.exists():
         print(f"dicom-ai: no job store at {db}; is --storage/--config right?", file=sys.stderr)
@@ -87,15 +87,31 @@ def _open_store(args: argparse.Namespace):
     return JobStore(db)
 
 
+def _disk(config) -> dict:
+    """Free space of the storage against ``node.reserve_free_mb``: read here, not from the job
+    store, so a disk too full for the node to record a notice still shows."""
+    import shutil
+
+    free = shutil.disk_usage(config.layout.root).free
+    return {"free_mb": free // 2**20, "reserve_mb": config.node.reserve_free_mb,
+            "low": free < config.node.reserve_free_mb * 2**20}
+
+
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 def _status(args: argparse.Namespace) -> int:
-    status = _open_store(args).status()
+    config = _load(args, **{"node.storage": args.storage})
+    status = _open_store(args, config).status()
+    status["disk"] = disk = _disk(config)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    if disk["low"] and not any(n["key"] == "disk" for n in status["notices"]):
+        print(f"PROBLEM (disk): storage below node.reserve_free_mb ({disk['free_mb']} MiB free, "
+              f"{disk['reserve_mb']} MiB reserved): C-STOREs are refused with Out of Resources (0xA700) and "
+              "results wait until space is freed")
     for n in status["notices"]:
         print(f"PROBLEM ({n['key']}, {_when(n['updated'])}): {n['message']}")
     print(f"STUDIES ({len(status['studies'])})")
@@ -105,17 +121,18 @@ def _status(args: argparse.Namespace) -> int:
     print(f"JOBS ({len(status['jobs'])})")
     for j in status["jobs"]:
         note = f"  ! {j['error']}" if j["error"] else ""
-        print(f"  {j['id']:>4}  {j['state']:<10} attempts {j['attempts']}  results {j['results']:>2}  "
-              f"{j['study_uid']}{note}")
+        print(f"  {j['id']:>4}  {j['state']:<10} attempts {j['attempts']} (failed {j['failures']}, "
+              f"interrupted {j['interruptions']})  results {j['results']:>2}  {j['study_uid']}{note}")
     print(f"DELIVERIES ({len(status['deliveries'])})")
     for d in status["deliveries"]:
         nxt = f"  next {_when(d['next_attempt'])}" if d["state"] == "pending" else ""
         err = f"  ! {d['error']}" if d["error"] else ""
-        print(f"  {d['id']:>4}  job {d['job_id']:>4}  {d['state']:<10} {d['sent']}/{d['total']} sent  "
+        doubt = f" ({d['in_doubt']} in doubt)" if d["in_doubt"] else ""
+        print(f"  {d['id']:>4}  job {d['job_id']:>4}  {d['state']:<10} {d['sent']}/{d['total']} sent{doubt}  "
               f"to {d['ae_title']}@{d['host']}:{d['port']}  attempts {d['attempts']}{nxt}{err}")
     failed = sum(d["state"] == "failed" for d in status["deliveries"]) + sum(j["state"] == "failed"
                                                                              for j in status["jobs"])
-    return 1 if failed or status["notices"] else 0
+    return 1 if failed or status["notices"] or disk["low"] else 0
 
 
 def _retry(args: argparse.Namespace) -> int:

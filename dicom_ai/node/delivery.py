@@ -204,9 +204,9 @@ class DeliveryAgent:
                         self.store.clear_sending(d.id, uid)
                     comment = str(status.get("ErrorComment", ""))
                     return f"C-STORE of {uid} answered {code} {comment}".strip()
-                self._record_sent(d.id, uid)
                 logs.event("object_sent", delivery_id=d.id, destination=d.ae_title, sop_instance_uid=uid,
                            status=f"0x{int(status.Status):04X}")
+                self._record_sent(d.id, uid)
         finally:
             if assoc.is_established:
                 assoc.release()

@@ -40,8 +40,10 @@ class StorageTrouble:
     it logs ``storage_recovered`` and clears the notice.
     """
 
-    def __init__(self, store: JobStore, root: Path, reserve_bytes: int, poll_seconds: float = 1.0):
+    def __init__(self, store: JobStore, root: Path, reserve_bytes: int, poll_seconds: float = 1.0,
+                 stopping: Callable[[], bool] = lambda: False):
         self.store = store
+        self.stopping = stopping
         self.root = root
         self.reserve_bytes = reserve_bytes
         self.poll_seconds = poll_seconds
@@ -84,7 +86,7 @@ class StorageTrouble:
     def _wait(self) -> None:
         delay = min(STORAGE_RETRY_MAX_SECONDS, self.poll_seconds * 2 ** (self.failures - 1))
         deadline = time.monotonic() + delay
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.stopping():
             time.sleep(min(self.poll_seconds, max(0.0, deadline - time.monotonic())))
             free = self._free()
             if free > self._free_at_failure and free >= self.reserve_bytes:
@@ -129,7 +131,8 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
             pass
         time.sleep(5)
         raise SystemExit(3) from None
-    trouble = StorageTrouble(store, config.layout.root, config.node.reserve_free_mb * 1024 * 1024)
+    trouble = StorageTrouble(store, config.layout.root, config.node.reserve_free_mb * 1024 * 1024,
+                             stopping=lambda: stopping)
     try:
         store.set_notice("worker", None)
     except Exception as exc:
@@ -181,6 +184,8 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: JobStore, trouble: S
                     if not is_storage_error(store_exc):
                         raise
                     trouble.failed(store_exc, "record_failure", job_id=job.id)
+                    if stopping():
+                        return  # still claimed: the node's recovery re-queues it
             logs.event("job_failed", level="ERROR", job_id=job.id, study_instance_uid=job.study_uid, state=state,
                        error=error, trace=traceback.format_exc(limit=3)[-800:])
             return
