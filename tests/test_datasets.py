@@ -136,3 +136,14 @@ def test_bad_layout_is_a_clear_error(tmp_path):
         open_dataset("inbreast", tmp_path)
     with pytest.raises(DatasetError, match="unknown data set format"):
         open_dataset("ddsm-old", tmp_path)
+
+
+def test_mias_is_registered(tmp_path):
+    from dicom_ai.data.datasets import FORMATS, MIASDataset
+
+    assert "mias" in FORMATS
+    with pytest.raises(DatasetError, match="mini-MIAS"):
+        open_dataset("mias", tmp_path)
+    (tmp_path / "Info.txt").write_text("mdb001 G NORM\n")
+    with pytest.raises(DatasetError, match="no mdbNNN.pgm"):
+        MIASDataset(tmp_path)

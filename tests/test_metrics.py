@@ -135,3 +135,40 @@ def test_evaluate_report_on_phantom_truth(tmp_path):
     for name in ("roc.png", "dice.png", "overlays.png", "froc.png", "metrics.json"):
         assert (tmp_path / "report" / name).stat().st_size > 0
     assert json.loads((tmp_path / "report" / "metrics.json").read_text())["n_images"] == 12
+
+
+def test_lesion_froc_hand_computed():
+    from dicom_ai.data.metrics import LESION_FROC_RATES, lesion_froc, marks_outside
+
+    shape = (10, 10)
+    a = np.zeros(shape, bool); a[0:4, 0:4] = True  # lesion A (image 0)
+    b = np.zeros(shape, bool); b[2:6, 2:6] = True  # lesion B overlaps A
+    other = np.zeros(shape, bool); other[8:10, 8:10] = True  # a lesion of another type
+    c = np.zeros(shape, bool); c[5:8, 5:8] = True  # lesion C (image 1)
+    marks = [
+        [(0.9, 3, 3),   # in A and B: hits A (first not-yet-hit)
+         (0.8, 3, 3),   # in A and B, A hit: hits B
+         (0.7, 1, 1),   # in A only, already hit: ignored
+         (0.6, 9, 9),   # on the other-type lesion: ignored
+         (0.5, 9, 0)],  # false mark
+        [(0.4, 6, 6),   # hits C
+         (0.3, 0, 9),   # false mark
+         (0.2, 6.4, 6.6)],  # C again (rounded to 6, 7): ignored
+        [],             # a normal image counts in the denominator
+    ]
+    lesions = [[a, b], [c], []]
+    f = lesion_froc(marks, lesions, ignore=[[other], [], []])
+    assert f.n_regions == 3 and f.n_images == 3
+    # Events by score: TP .9, TP .8, FP .5, TP .4, FP .3 -> (FP/image, sens) points:
+    # (0, 1/3), (0, 2/3), (1/3, 2/3), (1/3, 1), (2/3, 1)
+    np.testing.assert_allclose(f.fp_per_image, [0, 0, 0, 1 / 3, 1 / 3, 2 / 3])
+    np.testing.assert_allclose(f.sensitivity, [0, 1 / 3, 2 / 3, 2 / 3, 1, 1])
+    assert tuple(f.sensitivity_at) == LESION_FROC_RATES
+    assert f.sensitivity_at[0.125] == pytest.approx(2 / 3) and f.sensitivity_at[0.5] == 1.0
+    # Without the ignore region the mark at (9, 9) is a third false mark.
+    g = lesion_froc(marks, lesions)
+    assert g.fp_per_image[-1] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        lesion_froc(marks, lesions[:2])
+    region = np.zeros(shape, bool); region[:, :5] = True
+    assert marks_outside(marks[0], region) == 1 and marks_outside([(1.0, -1, 2)], region) == 1

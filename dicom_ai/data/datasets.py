@@ -27,6 +27,16 @@ Supported layouts (the published ones, so a site holding one of them can train):
   ``finding_annotations.csv`` (boxes ``xmin, ymin, xmax, ymax`` in stored pixels). Boxes are
   filled as rectangles: Mass -> mass, Suspicious Calcification -> cluster. VinDr has no
   pathology, so BI-RADS stands in: finding/breast BI-RADS 4-5 -> malignant, 2-3 -> benign.
+* **mini-MIAS** — ``mdbNNN.pgm`` (1024 x 1024, 8-bit, 0.2 mm pixels, MLO views of digitised
+  film; dense tissue bright), ``Info.txt`` (one row per abnormality: reference, background
+  tissue F/G/D, class CALC/CIRC/SPIC/MISC/ARCH/ASYM/NORM, severity B/M, centre x y and radius
+  in pixels with the origin at the *bottom-left* corner) and ``Licence.txt`` in the root;
+  optional hand-drawn mass masks as crops ``masks/mdbNNN.bmp`` with ``masks/mdbNNN_bin.bmp``
+  (each crop an exact pixel copy of a region of the full image, placed by exact template
+  matching). Even numbers are left breasts, odd right; images 2k-1 and 2k are one woman.
+  CIRC/SPIC/MISC -> mass, CALC -> cluster (the circle encloses the cluster, not the specks),
+  ARCH/ASYM -> lesions without a mask key; severity B/M -> benign/malignant. A pixel mask
+  replaces the circle of a mass. Patient-level 5-fold cross-validation: :func:`mias_folds`.
 """
 
 from __future__ import annotations
@@ -42,14 +52,15 @@ from typing import Iterator
 
 import numpy as np
 import pydicom
+import pydicom.uid
 from PIL import Image, ImageDraw
 
 from dicom_ai.core.errors import DatasetError
 from dicom_ai.data.phantom_folder import read_manifest
-from dicom_ai.data.sample import MASK_KEYS, Sample
-from dicom_ai.imaging import Mammogram, faces_left_by_content, read_mammogram
+from dicom_ai.data.sample import MASK_KEYS, Lesion, Sample
+from dicom_ai.imaging import Mammogram, faces_left_by_content, mammogram_from_array, read_mammogram
 
-FORMATS = ("phantom", "inbreast", "cbis-ddsm", "vindr")
+FORMATS = ("phantom", "inbreast", "cbis-ddsm", "vindr", "mias")
 
 
 @dataclass
@@ -346,10 +357,342 @@ class VinDrMammoDataset(_Dataset):
         return Sample(image, masks, dict(rec.labels), rec.view, rec.laterality, rec.study, str(rec.path))
 
 
+# --------------------------------------------------------------------------- mini-MIAS
+
+#: mini-MIAS pixel size (mm), row and column: the 50 um scans reduced to 200 um.
+MIAS_SPACING_MM = (0.2, 0.2)
+#: MIAS class code -> lesion kind (:data:`dicom_ai.data.sample.LESION_KINDS`).
+MIAS_KINDS = {"CIRC": "mass", "SPIC": "mass", "MISC": "mass", "CALC": "calcification_cluster",
+              "ARCH": "architectural_distortion", "ASYM": "asymmetry"}
+#: Number of cross-validation folds of :func:`mias_folds`.
+MIAS_FOLDS = 5
+#: What a model trained or a report computed on MIAS must carry (from ``Licence.txt``).
+MIAS_LICENCE_NOTE = ("Mammographic Image Analysis Society MiniMammographic Database (mini-MIAS): "
+                     "research use only; may not be rented, leased or sold; any publication must "
+                     "reference J Suckling et al (1994) 'The Mammographic Image Analysis Society Digital "
+                     "Mammogram Database', Excerpta Medica International Congress Series 1069 pp375-378.")
+
+
+@dataclass(frozen=True)
+class MIASRow:
+    """One row of ``Info.txt``: a reference and, unless NORM, one abnormality.
+
+    ``x``/``y``/``radius`` are in pixels as written (origin at the *bottom-left* corner of the
+    1024 x 1024 image, x to the right, y upwards), or None when the row gives no location.
+    """
+
+    reference: str
+    tissue: str
+    cls: str
+    severity: str = ""
+    x: float | None = None
+    y: float | None = None
+    radius: float | None = None
+
+
+def read_mias_info(path: str | Path) -> list[MIASRow]:
+    """Parse the rows of a mini-MIAS ``Info.txt`` (header and notes are skipped).
+
+    Parameters
+    ----------
+    path
+        The ``Info.txt`` file.
+
+    Returns
+    -------
+    list of MIASRow
+        In file order; an image with several abnormalities has several rows.
+
+    Raises
+    ------
+    DatasetError
+        When a row has an unknown class or severity, or coordinates that are not numbers.
+    """
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="latin-1").splitlines(), 1):
+        parts = line.split()
+        if not parts or not re.fullmatch(r"mdb\d{3}", parts[0]):
+            continue
+        if len(parts) < 3 or parts[2] not in (*MIAS_KINDS, "NORM"):
+            raise DatasetError(f"{path}:{n}: expected 'mdbNNN TISSUE CLASS [B|M x y radius]', got {line.strip()!r}")
+        ref, tissue, cls = parts[:3]
+        if cls == "NORM":
+            rows.append(MIASRow(ref, tissue, cls))
+            continue
+        if len(parts) < 4 or parts[3] not in ("B", "M"):
+            raise DatasetError(f"{path}:{n}: abnormality {cls} of {ref} needs severity B or M, got {line.strip()!r}")
+        coords = parts[4:7]
+        # Rows of widely distributed calcifications say "*NOTE 3*" instead of a location.
+        if len(coords) == 3 and all(re.fullmatch(r"-?\d+(\.\d+)?", c) for c in coords):
+            x, y, r = (float(c) for c in coords)
+            rows.append(MIASRow(ref, tissue, cls, parts[3], x, y, r))
+        elif coords and re.fullmatch(r"-?\d+(\.\d+)?", coords[0]):
+            raise DatasetError(f"{path}:{n}: {ref} has a partial location {' '.join(coords)!r}; need x y radius")
+        else:
+            rows.append(MIASRow(ref, tissue, cls, parts[3]))
+    if not rows:
+        raise DatasetError(f"{path}: no 'mdbNNN ...' rows; is this the mini-MIAS Info.txt?")
+    return rows
+
+
+def mias_woman(reference: str) -> int:
+    """The woman of a MIAS reference: images 2k-1 (right) and 2k (left) are woman k (1-based)."""
+    return (int(reference[3:]) + 1) // 2
+
+
+def mias_circle_mask(shape: tuple[int, int], x: float, y: float, radius: float) -> np.ndarray:
+    """Boolean disc of a MIAS circle on a ``(rows, columns)`` grid.
+
+    MIAS gives the centre with the origin at the bottom-left corner, y upwards; on the stored
+    grid (row 0 at the top) the centre is ``row = rows - 1 - y``, ``column = x``. Pixels whose
+    centre lies within ``radius`` pixels of that point are inside (inclusive).
+    """
+    rows, cols = shape
+    r0 = rows - 1 - y
+    rr, cc = np.ogrid[0:rows, 0:cols]
+    return (rr - r0) ** 2 + (cc - x) ** 2 <= radius ** 2
+
+
+def _best_ssd_offset(image: np.ndarray, crop: np.ndarray) -> tuple[int, int, float]:
+    """Offset of the least sum of squared differences (FFT correlation) and its RMS difference."""
+    img, tpl = image.astype(np.float64), crop.astype(np.float64)
+    (rows, cols), (h, w) = img.shape, tpl.shape
+    corr = np.fft.irfft2(np.fft.rfft2(img) * np.fft.rfft2(tpl[::-1, ::-1], img.shape), img.shape)[h - 1:, w - 1:]
+    sq = np.pad(img ** 2, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    window = sq[h:, w:] - sq[:-h, w:] - sq[h:, :-w] + sq[:-h, :-w]
+    ssd = window - 2.0 * corr + float((tpl ** 2).sum())
+    r, c = np.unravel_index(int(np.argmin(ssd)), ssd.shape)
+    diff = img[r:r + h, c:c + w] - tpl
+    return int(r), int(c), float(np.sqrt(np.mean(diff ** 2)))
+
+
+def locate_crop(image: np.ndarray, crop: np.ndarray, tolerance: float = 4.0, probes: int = 24) -> tuple[int, int]:
+    """Top-left (row, column) of the region of ``image`` that ``crop`` was cut from.
+
+    First an exact search: candidates are all offsets, each probe pixel of the crop (spread
+    over its non-modal values, so the film background does not keep every offset alive)
+    removes the offsets where the image differs there, and survivors are checked on every
+    pixel. A few published crops are not bit-exact (re-quantised by a few grey levels), so
+    without an exact match the offset of least squared difference is taken when its RMS
+    difference is at most ``tolerance`` grey levels.
+
+    Raises
+    ------
+    DatasetError
+        When the crop is larger than the image, matches exactly at several places, or its
+        best match differs by more than ``tolerance`` (not a crop of this image).
+    """
+    image = np.asarray(image)
+    crop = np.asarray(crop)
+    h, w = crop.shape
+    rows, cols = image.shape
+    if h > rows or w > cols:
+        raise DatasetError(f"crop {crop.shape} is larger than the image {image.shape}")
+    rr, cc = np.mgrid[0:rows - h + 1, 0:cols - w + 1]
+    cand_r, cand_c = rr.ravel(), cc.ravel()
+    values, counts = np.unique(crop, return_counts=True)
+    informative = np.argwhere(crop != values[np.argmax(counts)])
+    if len(informative) == 0:
+        informative = np.argwhere(np.ones_like(crop, dtype=bool))
+    for dr, dc in informative[np.linspace(0, len(informative) - 1, min(probes, len(informative))).astype(int)]:
+        keep = image[cand_r + dr, cand_c + dc] == crop[dr, dc]
+        cand_r, cand_c = cand_r[keep], cand_c[keep]
+        if cand_r.size <= 1:
+            break
+    found = [(int(r), int(c)) for r, c in zip(cand_r, cand_c) if np.array_equal(image[r:r + h, c:c + w], crop)]
+    if len(found) > 1:
+        raise DatasetError(f"crop {crop.shape} matches the image exactly at {len(found)} places; "
+                           "a crop of plain background cannot be placed")
+    if found:
+        return found[0]
+    r, c, rms = _best_ssd_offset(image, crop)
+    if rms > tolerance:
+        raise DatasetError(f"crop {crop.shape} is not a region of the image: best match at row {r}, column {c} "
+                           f"differs by {rms:.1f} grey levels RMS (tolerance {tolerance})")
+    return r, c
+
+
+def mias_folds(references: list[str] | tuple[str, ...], rows: list[MIASRow], k: int = MIAS_FOLDS) -> dict[str, int]:
+    """Fixed patient-level ``k``-fold assignment of MIAS images, stratified by what a woman has.
+
+    Each woman (images 2k-1, 2k) gets one stratum, the first that applies: malignant mass,
+    benign mass, malignant calcification cluster, benign calcification cluster, other
+    abnormality (ARCH/ASYM, calcifications without location), normal. Women are listed by
+    (stratum, woman number) and dealt round-robin: fold = position % k. No random numbers,
+    so the split never changes; both images of a woman are always in one fold, and each fold
+    gets its share of masses, calcification clusters and normals.
+
+    Returns
+    -------
+    dict
+        ``{reference: fold}`` with folds ``0 .. k-1``, for every reference given.
+    """
+    by_woman: dict[int, list[MIASRow]] = {}
+    for row in rows:
+        by_woman.setdefault(mias_woman(row.reference), []).append(row)
+
+    def stratum(woman: int) -> int:
+        found = by_woman.get(woman, [])
+        for i, (kind, sev) in enumerate((("mass", "M"), ("mass", "B"),
+                                         ("calcification_cluster", "M"), ("calcification_cluster", "B"))):
+            if any(MIAS_KINDS.get(r.cls) == kind and r.severity == sev and r.x is not None for r in found):
+                return i
+        return 4 if any(r.cls != "NORM" for r in found) else 5
+
+    women = sorted({mias_woman(ref) for ref in references}, key=lambda w: (stratum(w), w))
+    fold_of_woman = {w: i % k for i, w in enumerate(women)}
+    return {ref: fold_of_woman[mias_woman(ref)] for ref in references}
+
+
+def _read_pgm(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the image ({exc}); expected an 8-bit PGM") from exc
+    if arr.ndim != 2:
+        raise DatasetError(f"{path}: expected a grayscale image, got shape {arr.shape}")
+    return arr
+
+
+class MIASDataset(_Dataset):
+    """mini-MIAS: ``mdbNNN.pgm``, ``Info.txt``, ``Licence.txt`` and optional ``masks/`` under ``root``.
+
+    Parameters
+    ----------
+    root
+        Folder holding the PGMs and ``Info.txt`` (layout in the module docstring).
+    folds
+        Keep only images of these cross-validation folds (:func:`mias_folds`), e.g. ``[2]``
+        for test fold 2 or ``[0, 1, 3, 4]`` for its training side; None keeps all.
+    masks
+        Sub-folder of ``root`` with the crop/mask pairs (``mdbNNN.bmp``, ``mdbNNN_bin.bmp``);
+        missing is fine (circles only).
+
+    Each sample: ``image`` is the PGM / 255 ([0, 1], dense bright) at 0.2 mm, view MLO,
+    laterality from the reference number (even L, odd R), orientation from the content
+    (MIAS films face either way); ``study`` is ``mias-woman-NNN``; ``lesions`` holds one
+    :class:`~dicom_ai.data.sample.Lesion` per Info.txt abnormality row.
+    """
+
+    def __init__(self, root: str | Path, folds: list[int] | tuple[int, ...] | None = None, masks: str = "masks"):
+        self.root = Path(root)
+        info = self.root / "Info.txt"
+        if not info.is_file():
+            raise DatasetError(f"{self.root}: no Info.txt; expected the mini-MIAS layout (mdbNNN.pgm + Info.txt)")
+        self.rows = read_mias_info(info)
+        by_ref: dict[str, list[MIASRow]] = {}
+        for row in self.rows:
+            by_ref.setdefault(row.reference, []).append(row)
+        present = sorted(ref for ref in by_ref if (self.root / f"{ref}.pgm").is_file())
+        if not present:
+            raise DatasetError(f"{self.root}: Info.txt lists {len(by_ref)} images but no mdbNNN.pgm is there")
+        self.fold_of = mias_folds(present, self.rows)
+        if folds is not None:
+            bad = [f for f in folds if not 0 <= int(f) < MIAS_FOLDS]
+            if bad:
+                raise DatasetError(f"fold {bad[0]} does not exist; MIAS folds are 0 .. {MIAS_FOLDS - 1}")
+            present = [ref for ref in present if self.fold_of[ref] in set(int(f) for f in folds)]
+        self._mask_dir = self.root / masks
+        self.records = []
+        for ref in present:
+            found = [r for r in by_ref[ref] if r.cls != "NORM"]
+            labels = {"benign": any(r.severity == "B" for r in found), "malignant": any(r.severity == "M" for r in found)}
+            self.records.append(_Record(self.root / f"{ref}.pgm", "L" if int(ref[3:]) % 2 == 0 else "R", "MLO",
+                                        f"mias-woman-{mias_woman(ref):03d}", labels,
+                                        {"reference": ref, "rows": found, "fold": self.fold_of[ref]}))
+
+    @property
+    def licence(self) -> str:
+        """The licence terms to carry in manifests and reports: :data:`MIAS_LICENCE_NOTE`,
+        plus the full ``Licence.txt`` text when the root has it (``licence_text``)."""
+        return MIAS_LICENCE_NOTE
+
+    @property
+    def licence_text(self) -> str:
+        """``Licence.txt`` as shipped with the data set ('' when absent)."""
+        path = self.root / "Licence.txt"
+        return path.read_text(encoding="latin-1") if path.is_file() else ""
+
+    def pixel_masks(self, reference: str, image: np.ndarray) -> list[np.ndarray]:
+        """The hand-drawn masks of ``reference`` placed on the full ``image`` (stored values).
+
+        Crop/mask pairs are ``<masks>/mdbNNN.bmp`` + ``mdbNNN_bin.bmp``, or ``mdbNNN_K.bmp`` +
+        ``mdbNNN_K_bin.bmp`` for the K-th mass of an image; each is placed by
+        :func:`locate_crop`. Returns one full-size boolean mask per pair ([] when none).
+
+        Raises
+        ------
+        DatasetError
+            When crop and mask differ in size or a crop is not found in the image.
+        """
+        found = []
+        for mask_path in sorted(self._mask_dir.glob(f"{reference}*_bin.bmp")):
+            stem = mask_path.name[:-len("_bin.bmp")]
+            if not re.fullmatch(rf"{reference}(_\d+)?", stem):
+                continue
+            crop_path = mask_path.with_name(f"{stem}.bmp")
+            if not crop_path.is_file():
+                raise DatasetError(f"{mask_path}: no crop {crop_path.name} beside it to place the mask with")
+            with Image.open(crop_path) as im:
+                crop = np.asarray(im.convert("L"))
+            with Image.open(mask_path) as im:
+                small = np.asarray(im.convert("L")) > 0
+            if crop.shape != small.shape:
+                raise DatasetError(f"{mask_path}: mask {small.shape} differs from its crop {crop.shape}")
+            try:
+                r, c = locate_crop(image, crop)
+            except DatasetError as exc:
+                raise DatasetError(f"{crop_path}: {exc}") from exc
+            full = np.zeros(image.shape, dtype=bool)
+            full[r:r + crop.shape[0], c:c + crop.shape[1]] = small
+            found.append(full)
+        return found
+
+    def __getitem__(self, index: int) -> Sample:
+        rec = self.records[index]
+        ref = rec.extra["reference"]
+        stored = _read_pgm(rec.path)
+        image = mammogram_from_array(stored.astype(np.float32) / 255.0, rec.laterality, rec.view, MIAS_SPACING_MM)
+        # MIAS films follow one convention (right breasts face left) that labels near the
+        # nipple side can fool the content rule on (mdb076, mdb116, ...), so laterality decides.
+        image.faces_left = rec.laterality == "R"
+        # A stable UID per reference, so prediction files and caches can be named by it.
+        image.sop_instance_uid = pydicom.uid.generate_uid(entropy_srcs=["dicom_ai-mini-MIAS", ref])
+        masks = _empty_masks(image.shape)
+        lesions = []
+        for row in rec.extra["rows"]:
+            kind = MIAS_KINDS[row.cls]
+            lesion = Lesion(kind, "malignant" if row.severity == "M" else "benign", label=row.cls)
+            if row.x is not None:
+                lesion.mask = mias_circle_mask(image.shape, row.x, row.y, row.radius)
+                lesion.outline = "circle"
+                lesion.centre_rc = (image.shape[0] - 1 - row.y, row.x)
+                lesion.radius_px = row.radius
+            lesions.append(lesion)
+        masses = [l for l in lesions if l.kind == "mass" and l.mask is not None]
+        drawn = self.pixel_masks(ref, stored) if masses else []
+        circles = [l.mask for l in masses]
+        for lesion, circle in zip(masses, circles):
+            overlaps = [int((d & circle).sum()) for d in drawn]
+            if not overlaps or max(overlaps) == 0:
+                continue
+            best = drawn[int(np.argmax(overlaps))]
+            # A drawing that spans two circles (two masses drawn as one) is split between them.
+            shared = sum(bool((best & other).any()) for other in circles) > 1
+            lesion.mask = best & circle if shared else best
+            lesion.outline = "mask"
+        for lesion in lesions:
+            key = {"mass": "mass", "calcification_cluster": "cluster"}.get(lesion.kind)
+            if key and lesion.mask is not None:
+                masks[f"{key}_{lesion.severity}"] |= lesion.mask
+        return Sample(image, masks, dict(rec.labels), rec.view, rec.laterality, rec.study, str(rec.path), lesions)
+
+
 def open_dataset(fmt: str, root: str | Path, **kwargs) -> _Dataset:
     """The adapter for ``fmt`` (one of FORMATS) on ``root``."""
     adapters = {"phantom": PhantomDataset, "inbreast": INbreastDataset, "cbis-ddsm": CBISDDSMDataset,
-                "vindr": VinDrMammoDataset}
+                "vindr": VinDrMammoDataset, "mias": MIASDataset}
     if fmt not in adapters:
         raise DatasetError(f"unknown data set format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return adapters[fmt](root, **kwargs)

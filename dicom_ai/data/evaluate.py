@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from dicom_ai.data import metrics as M
-from dicom_ai.data.sample import Sample
+from dicom_ai.data.sample import Lesion, Sample
 from dicom_ai.imaging import resize
 from dicom_ai.networks import Pipeline
 
@@ -402,3 +402,382 @@ def predict(samples: Iterable[Sample], pipeline: Pipeline | None = None,
             if not path.is_file():
                 raise FileNotFoundError(f"no prediction file {path} for image {sample.source}")
             yield sample, Prediction.load(path)
+
+
+# --------------------------------------------------------------------------- lesion level
+#
+# What a CAD engineer reads: marks (connected regions of a model's maps, each with its peak
+# probability and centroid) against lesions, per lesion type, per model and for the union of
+# all models' marks (what the node sends in its SEG/SR). Full maps are not kept: a
+# ModelMarks holds the marks at the FROC candidate threshold, the marks at the model's own
+# operating point and the binarised mass maps for Dice, so predictions cache in ~100 kB.
+
+#: Finding maps whose marks are scored against each lesion type ("all": every map, every lesion).
+MAPS_FOR_TYPE = {
+    "mass": ("malignant_lesion", "benign_lesion"),
+    "calcification_cluster": ("calcification_cluster",),
+    "all": ("malignant_lesion", "benign_lesion", "calcification_cluster", "calcification"),
+}
+#: Name of the union of every model's marks in lesion-level reports.
+UNION = "union"
+#: Version of the mark cache format; bump when ModelMarks changes.
+MARKS_FORMAT = 1
+
+
+@dataclass
+class ModelMarks:
+    """One model's output on one image, reduced to marks.
+
+    ``candidates[key]`` and ``operating[key]`` are ``(n, 4)`` float arrays of
+    (peak probability, centroid row, centroid column, area in pixels) of the connected
+    regions of map ``key`` at ``p >= FROC_CANDIDATE_THRESHOLD`` and at ``p >= thresholds[key]``
+    (the bundle's operating point: what the node draws). ``binary[key]`` is the map at its
+    operating point, for Dice, on the stored grid. ``peaks[key]`` is the map's maximum and
+    ``scores`` the model's image scores.
+    """
+
+    candidates: dict[str, np.ndarray] = field(default_factory=dict)
+    operating: dict[str, np.ndarray] = field(default_factory=dict)
+    binary: dict[str, np.ndarray] = field(default_factory=dict)
+    peaks: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_prediction(cls, pred: Prediction) -> "ModelMarks":
+        """Reduce a Prediction (full maps) to marks."""
+        out = cls(scores=dict(pred.scores))
+        for key, prob in pred.maps.items():
+            prob = np.asarray(prob, dtype=np.float32)
+            thr = float(pred.thresholds.get(key, 0.5))
+            out.thresholds[key] = thr
+            out.peaks[key] = float(prob.max()) if prob.size else 0.0
+            for name, level in (("candidates", min(FROC_CANDIDATE_THRESHOLD, thr)), ("operating", thr)):
+                getattr(out, name)[key] = _regions(prob, level)
+            out.binary[key] = prob >= thr
+        return out
+
+    def marks(self, keys: Sequence[str], operating: bool = False) -> list[tuple[float, float, float]]:
+        """(score, row, column) of the marks of maps ``keys`` (candidates, or operating point)."""
+        table = self.operating if operating else self.candidates
+        return [(float(s), float(r), float(c)) for k in keys if k in table for s, r, c, _ in table[k]]
+
+    def save(self, path: str | Path) -> None:
+        """Write as one compressed ``.npz`` (binary maps bit-packed)."""
+        arrays: dict[str, np.ndarray] = {"format": np.array(MARKS_FORMAT)}
+        for key in self.candidates:
+            arrays[f"cand_{key}"] = self.candidates[key]
+            arrays[f"op_{key}"] = self.operating[key]
+            arrays[f"bin_{key}"] = np.packbits(self.binary[key])
+            arrays[f"shape_{key}"] = np.array(self.binary[key].shape)
+            arrays[f"peak_{key}"] = np.array(self.peaks[key])
+            arrays[f"thr_{key}"] = np.array(self.thresholds[key])
+        for name, value in self.scores.items():
+            arrays[f"score_{name}"] = np.array(value)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)  # a killed run leaves no half-written cache entry
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelMarks":
+        """Read what :meth:`save` wrote; raises ValueError for another cache format."""
+        out = cls()
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["format"]) != MARKS_FORMAT:
+                raise ValueError(f"{path}: mark cache format {int(z['format'])}, expected {MARKS_FORMAT}")
+            for name in z.files:
+                if name.startswith("cand_"):
+                    key = name[5:]
+                    shape = tuple(int(v) for v in z[f"shape_{key}"])
+                    out.candidates[key] = z[name]
+                    out.operating[key] = z[f"op_{key}"]
+                    out.binary[key] = np.unpackbits(z[f"bin_{key}"], count=shape[0] * shape[1]).reshape(shape).astype(bool)
+                    out.peaks[key] = float(z[f"peak_{key}"])
+                    out.thresholds[key] = float(z[f"thr_{key}"])
+                elif name.startswith("score_"):
+                    out.scores[name[6:]] = float(z[name])
+        return out
+
+
+def _regions(prob: np.ndarray, threshold: float) -> np.ndarray:
+    labels = M.label_regions(prob >= threshold)
+    n = int(labels.max())
+    if n == 0:
+        return np.zeros((0, 4))
+    area = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    dets = M.detections_from_map(prob, threshold)
+    return np.array([(s, r, c, a) for (s, r, c), a in zip(dets, area)], dtype=np.float64)
+
+
+def _output_prediction(output) -> Prediction:
+    pred = Prediction()
+    for m in output.maps:
+        prev = pred.maps.get(m.finding)
+        pred.maps[m.finding] = m.probability if prev is None else np.maximum(prev, m.probability)
+        pred.thresholds.setdefault(m.finding, float(m.threshold))
+    pred.scores = {s.name: float(s.value) for s in output.scores}
+    return pred
+
+
+def predict_marks(samples: Iterable[Sample], pipeline: Pipeline, cache: str | Path | None = None
+                  ) -> Iterator[tuple[Sample, dict[str, ModelMarks]]]:
+    """Run each model of ``pipeline`` on each sample's decoded image; marks per model name.
+
+    Models see ``sample.image`` (the Mammogram the adapter decoded, e.g. a MIAS PGM at
+    0.2 mm), exactly as :meth:`Pipeline.run` hands them a decoded DICOM image. With
+    ``cache``, marks are kept in ``<cache>/<model>-<version>/<SOPInstanceUID>.npz`` and
+    read back instead of running the model again (delete the folder after changing a model
+    without changing its version).
+    """
+    for sample in samples:
+        out: dict[str, ModelMarks] = {}
+        for model in pipeline.models:
+            ident = model.identity
+            path = None
+            if cache is not None and sample.image.sop_instance_uid:
+                path = Path(cache) / f"{ident.name}-{ident.version}" / f"{sample.image.sop_instance_uid}.npz"
+                if path.is_file():
+                    out[ident.name] = ModelMarks.load(path)
+                    continue
+            marks = ModelMarks.from_prediction(_output_prediction(model.predict(sample.image)))
+            if path is not None:
+                marks.save(path)
+            out[ident.name] = marks
+        yield sample, out
+
+
+def lesions_of(sample: Sample) -> list[Lesion]:
+    """The sample's lesions, or, when the adapter lists none, one per connected region of its
+    mass and cluster masks (INbreast, CBIS-DDSM, VinDr-Mammo, phantoms)."""
+    if sample.lesions:
+        return list(sample.lesions)
+    found = []
+    for key in ("mass_benign", "mass_malignant", "cluster_benign", "cluster_malignant"):
+        labels = M.label_regions(sample.masks[key])
+        for lab in range(1, int(labels.max()) + 1):
+            found.append(Lesion("mass" if key.startswith("mass") else "calcification_cluster",
+                                key.split("_")[1], labels == lab, "component"))
+    return found
+
+
+def _union(marks: dict[str, ModelMarks]) -> ModelMarks:
+    """All models' marks together (what the node sends); binary maps OR-ed, peaks max-ed."""
+    out = ModelMarks()
+    for m in marks.values():
+        for key in m.candidates:
+            if key in out.candidates:
+                out.candidates[key] = np.vstack([out.candidates[key], m.candidates[key]])
+                out.operating[key] = np.vstack([out.operating[key], m.operating[key]])
+                out.binary[key] = out.binary[key] | m.binary[key]
+                out.peaks[key] = max(out.peaks[key], m.peaks[key])
+            else:
+                out.candidates[key], out.operating[key] = m.candidates[key], m.operating[key]
+                out.binary[key], out.peaks[key] = m.binary[key], m.peaks[key]
+                out.thresholds[key] = m.thresholds[key]
+    return out
+
+
+def _image_scores(m: ModelMarks) -> tuple[float, float]:
+    """(abnormal, malignant) image scores of one model's marks (see evaluate_lesions)."""
+    abnormal = max(m.peaks.values(), default=0.0)
+    if "malignant" in m.scores:
+        malignant = m.scores["malignant"]
+    else:
+        malignant = m.peaks.get("malignant_lesion", abnormal)
+    return float(abnormal), float(malignant)
+
+
+@dataclass
+class _ModelTally:
+    marks: dict[str, list] = field(default_factory=lambda: {t: [] for t in MAPS_FOR_TYPE})
+    op_marks: dict[str, list] = field(default_factory=lambda: {t: [] for t in MAPS_FOR_TYPE})
+    abnormal: list[float] = field(default_factory=list)
+    malignant: list[float] = field(default_factory=list)
+    dice: list[float] = field(default_factory=list)
+    outside: int = 0
+    op_total: int = 0
+    normal_op_marks: int = 0
+    has_maps: set = field(default_factory=set)
+
+
+@dataclass
+class LesionEvaluation:
+    """Lesion- and image-level figures per model and for the union (``summary()`` is the JSON)."""
+
+    n_images: int = 0
+    n_normal: int = 0
+    n_lesions: dict[str, int] = field(default_factory=dict)
+    n_lesions_without_location: int = 0
+    n_mass_masks: int = 0
+    froc: dict[str, dict[str, M.FrocResult]] = field(default_factory=dict)
+    operating: dict[str, dict[str, dict]] = field(default_factory=dict)
+    auc: dict[str, dict[str, M.Interval]] = field(default_factory=dict)
+    mass_dice: dict[str, dict] = field(default_factory=dict)
+    robustness: dict[str, dict] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        def num(v) -> float | None:
+            return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
+
+        froc = {m: {t: {"sensitivity_at": {str(k): num(v) for k, v in f.sensitivity_at.items()},
+                        "mean_sensitivity": num(f.mean_sensitivity), "n_lesions": f.n_regions}
+                    for t, f in by_type.items()} for m, by_type in self.froc.items()}
+        auc = {m: {task: {"value": num(iv.value), "ci95": [num(iv.low), num(iv.high)], "replicates": iv.replicates}
+                   for task, iv in tasks.items()} for m, tasks in self.auc.items()}
+        return {"n_images": self.n_images, "n_normal_images": self.n_normal, "n_lesions": dict(self.n_lesions),
+                "n_lesions_without_location": self.n_lesions_without_location,
+                "n_mass_pixel_masks": self.n_mass_masks, "froc": froc,
+                "operating_point": self.operating, "auc": auc, "mass_dice": self.mass_dice,
+                "robustness": self.robustness}
+
+
+def evaluate_lesions(pairs: Iterable[tuple[Sample, dict[str, ModelMarks]]], bootstrap: int = 2000,
+                     reference_mask=None, progress: bool = True, total: int | None = None) -> LesionEvaluation:
+    """Lesion-level evaluation of each model's marks and of their union.
+
+    Parameters
+    ----------
+    pairs
+        ``(sample, {model name: ModelMarks})`` per image, e.g. from :func:`predict_marks`.
+    bootstrap
+        Resamples behind each AUC's 95 % percentile interval (images resampled; 0: no CI).
+    reference_mask
+        ``f(sample) -> (rows, columns) bool``, the breast region marks are checked against;
+        default ``sample.image.breast_mask`` (the node's own threshold mask, which the models
+        crop to: marks outside it are marks on background, labels or film edges).
+    progress, total
+        A :mod:`tqdm` bar on stderr, and its length.
+
+    Returns
+    -------
+    LesionEvaluation
+        Per model and for ``"union"``:
+
+        * FROC per lesion type (:data:`MAPS_FOR_TYPE`; :func:`~dicom_ai.data.metrics.lesion_froc`
+          at ``LESION_FROC_RATES``), marks = regions at ``p >= 0.1`` scored by their peak; in the
+          mass and calcification-cluster curves, marks on lesions of other types are ignored.
+          A model without maps for a type has no curve for it.
+        * The operating point (each map at its bundle threshold, the marks the node draws):
+          sensitivity per type, false marks per image on all images and on normal images.
+        * ROC AUC with bootstrap CI: abnormal vs normal (image score = highest map
+          probability of the model) and malignant vs the rest (the model's ``malignant``
+          score, else its malignant-lesion map's peak, else the abnormal score); at image,
+          breast (study + laterality; on MIAS one image per breast, so = image) and woman /
+          study level (mean of the images' scores, positive when any image is).
+        * Dice of the mass maps (malignant | benign lesion at their thresholds) against the
+          drawn mass outlines, per image over images with a drawn outline (whole-image Dice,
+          so false marks elsewhere lower it).
+        * Robustness: operating-point marks whose centroid is outside the reference breast mask.
+    """
+    ev = LesionEvaluation()
+    tallies: dict[str, _ModelTally] = {}
+    truth = {t: [] for t in MAPS_FOR_TYPE}
+    ignore = {t: [] for t in MAPS_FOR_TYPE}
+    labels_abn, labels_mal, breast_keys, study_keys = [], [], [], []
+    mask_of = reference_mask or (lambda s: s.image.breast_mask)
+    for sample, by_model in tqdm(pairs, desc="scoring lesions", unit="image", total=total, disable=not progress):
+        ev.n_images += 1
+        lesions = lesions_of(sample)
+        located = [l for l in lesions if l.mask is not None]
+        ev.n_lesions_without_location += len(lesions) - len(located)
+        abnormal = bool(lesions) or bool(sample.labels.get("benign")) or bool(sample.labels.get("malignant"))
+        ev.n_normal += not abnormal
+        labels_abn.append(abnormal)
+        labels_mal.append(bool(sample.labels.get("malignant")))
+        breast_keys.append((sample.study, sample.laterality))
+        study_keys.append((sample.study, ""))
+        for t in MAPS_FOR_TYPE:
+            own = located if t == "all" else [l for l in located if l.kind == t]
+            truth[t].append([l.mask for l in own])
+            ignore[t].append([] if t == "all" else [l.mask for l in located if l.kind != t])
+            ev.n_lesions[t] = ev.n_lesions.get(t, 0) + len(own)
+        drawn = [l.mask for l in located if l.kind == "mass" and l.outline == "mask"]
+        ev.n_mass_masks += len(drawn)
+        drawn_union = np.logical_or.reduce(drawn) if drawn else None
+        region = mask_of(sample)
+        for name, marks in {**by_model, UNION: _union(by_model)}.items():
+            tally = tallies.setdefault(name, _ModelTally())
+            tally.has_maps |= set(marks.candidates)
+            for t, keys in MAPS_FOR_TYPE.items():
+                tally.marks[t].append(marks.marks(keys))
+                tally.op_marks[t].append(marks.marks(keys, operating=True))
+            a, m = _image_scores(marks)
+            tally.abnormal.append(a)
+            tally.malignant.append(m)
+            sent = marks.marks(MAPS_FOR_TYPE["all"], operating=True)
+            tally.op_total += len(sent)
+            tally.outside += M.marks_outside(sent, region)
+            if not abnormal:
+                tally.normal_op_marks += len(sent)
+            mass_keys = [k for k in MAPS_FOR_TYPE["mass"] if k in marks.binary]
+            if drawn_union is not None and mass_keys:
+                pred = np.logical_or.reduce([marks.binary[k] for k in mass_keys])
+                tally.dice.append(M.dice(pred, drawn_union))
+    y_abn, y_mal = np.array(labels_abn, dtype=bool), np.array(labels_mal, dtype=bool)
+    for name, tally in tallies.items():
+        ev.froc[name], ev.operating[name] = {}, {}
+        for t, keys in MAPS_FOR_TYPE.items():
+            if not tally.has_maps & set(keys):
+                continue
+            ev.froc[name][t] = M.lesion_froc(tally.marks[t], truth[t], None if t == "all" else ignore[t])
+            op = M.lesion_froc(tally.op_marks[t], truth[t], None if t == "all" else ignore[t])
+            n_fp = op.fp_per_image[-1] * max(ev.n_images, 1)
+            ev.operating[name][t] = {"sensitivity": round(float(op.sensitivity[-1]), 4) if op.n_regions else None,
+                                     "false_marks_per_image": round(float(op.fp_per_image[-1]), 4),
+                                     "false_marks": int(round(n_fp))}
+        ev.auc[name] = {}
+        for task, scores, y in (("abnormal", tally.abnormal, y_abn), ("malignant", tally.malignant, y_mal)):
+            s = np.asarray(scores, dtype=np.float64)
+            for level, keys in (("image", None), ("breast", breast_keys), ("woman", study_keys)):
+                ss, yy = (s, y) if keys is None else M.breast_level(keys, s, y)[1:]
+                ev.auc[name][f"{task} ({level})"] = (M.bootstrap_ci(M.roc_auc, ss, yy, n=bootstrap) if bootstrap
+                                                     else M.Interval(M.roc_auc(ss, yy), float("nan"), float("nan"), 0))
+        if tally.dice:
+            d = np.array(tally.dice, dtype=np.float64)
+            ev.mass_dice[name] = {"mean": round(float(np.nanmean(d)), 4), "median": round(float(np.nanmedian(d)), 4),
+                                  "n_images": int(d.size), "fraction_above_0.5": round(float(np.mean(d > 0.5)), 4)}
+        ev.robustness[name] = {
+            "marks_sent": tally.op_total, "marks_outside_breast": tally.outside,
+            "marks_per_image": round(tally.op_total / max(ev.n_images, 1), 4),
+            "false_marks_per_normal_image": round(tally.normal_op_marks / ev.n_normal, 4) if ev.n_normal else None,
+            "n_normal_images": ev.n_normal}
+    return ev
+
+
+def write_lesion_report(ev: LesionEvaluation, out_dir: str | Path, title: str = "lesion-level evaluation",
+                        notes: Sequence[str] = ()) -> Path:
+    """Write ``lesions.md`` (tables) and ``lesions.json`` (:meth:`LesionEvaluation.summary`) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = ev.summary()
+    rates = [str(r) for r in M.LESION_FROC_RATES]
+    lines = [f"# {title}", "", f"{ev.n_images} images ({ev.n_normal} normal); lesions with location: "
+             + ", ".join(f"{k} {v}" for k, v in ev.n_lesions.items())
+             + f"; {ev.n_lesions_without_location} without location (image labels only).", ""]
+    lines += list(notes) + ([""] if notes else [])
+    lines += ["## FROC (sensitivity at false marks per image)", "",
+              "| model | lesions | " + " | ".join(rates) + " |", "|---|---|" + "---|" * len(rates)]
+    for name, by_type in s["froc"].items():
+        for t, f in by_type.items():
+            lines.append(f"| {name} | {t} ({f['n_lesions']}) | "
+                         + " | ".join(_fmt(f["sensitivity_at"][r]) for r in rates) + " |")
+    lines += ["", "## Operating point, AUC, Dice, robustness", "",
+              "| model | mass sens | calc sens | false marks/image (normals) | marks outside breast "
+              "| AUC abnormal (image) | AUC malignant (image) | mass Dice |", "|---|---|---|---|---|---|---|---|"]
+    for name in s["froc"]:
+        op = s["operating_point"].get(name, {})
+        a = s["auc"][name]
+        lines.append(
+            f"| {name} | {_fmt(op.get('mass', {}).get('sensitivity'))} "
+            f"| {_fmt(op.get('calcification_cluster', {}).get('sensitivity'))} "
+            f"| {_fmt(s['robustness'][name]['false_marks_per_normal_image'])} "
+            f"| {s['robustness'][name]['marks_outside_breast']} / {s['robustness'][name]['marks_sent']} "
+            f"| {_fmt(a['abnormal (image)']['value'])} [{_fmt(a['abnormal (image)']['ci95'][0])}, {_fmt(a['abnormal (image)']['ci95'][1])}] "
+            f"| {_fmt(a['malignant (image)']['value'])} [{_fmt(a['malignant (image)']['ci95'][0])}, {_fmt(a['malignant (image)']['ci95'][1])}] "
+            f"| {_fmt(s['mass_dice'].get(name, {}).get('mean'))} |")
+    (out / "lesions.json").write_text(json.dumps(s, indent=1))
+    path = out / "lesions.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -30,6 +30,13 @@ Each function states its convention, since published numbers differ mostly in co
   mean false positives per image (FPs / number of images, all images counted, normal ones
   included). ``sensitivity_at`` reads the curve at 0.25, 0.5, 1, 2, 4 FP/image as the highest
   sensitivity reached with at most that many FP/image; their mean is the CPM-like summary.
+* **Lesion-level FROC** (``lesion_froc``): truth is a list of lesion masks per image (circles or
+  drawn outlines, which may overlap), read off at ``LESION_FROC_RATES`` (0.125 ... 4 FP/image).
+  A mark is a hit when its centroid, rounded to the nearest pixel, lies in a lesion; marks are
+  taken in decreasing score and each hits the first not-yet-hit lesion containing it; a mark
+  inside lesions that are all hit already, or inside an ``ignore`` region (a lesion of another
+  type when one type is scored), is neither TP nor FP; every other mark is a false mark.
+  Lesions without location cannot be hit and are not counted.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ import numpy as np
 import SimpleITK as sitk
 
 FROC_RATES = (0.25, 0.5, 1.0, 2.0, 4.0)
+#: False marks per image at which lesion-level FROC curves are read (``lesion_froc``).
+LESION_FROC_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 # --------------------------------------------------------------------------- overlap
@@ -502,6 +511,12 @@ def froc(detections: Sequence[Sequence[tuple[float, float, float]]], truth_regio
                 hit.add(region)
                 events.append((score, True))
             # a second detection of a hit region is ignored
+    return _froc_curve(events, n_regions, n_images, rates)
+
+
+def _froc_curve(events: list[tuple[float, bool]], n_regions: int, n_images: int,
+                rates: Sequence[float]) -> FrocResult:
+    """The FROC curve of resolved (score, is_tp) events; ignored marks are not in ``events``."""
     if not events:
         fps, sens, thr = np.array([0.0]), np.array([0.0]), np.array([np.inf])
     else:
@@ -521,3 +536,70 @@ def froc(detections: Sequence[Sequence[tuple[float, float, float]]], truth_regio
         at[float(rate)] = float(sens[ok].max()) if ok.any() else 0.0
     mean = float(np.mean(list(at.values()))) if n_regions else float("nan")
     return FrocResult(fps, sens, thr, at, mean, n_regions, n_images)
+
+
+def _pixel_at(mask: np.ndarray, r: float, c: float) -> bool:
+    ri, ci = int(round(r)), int(round(c))
+    return 0 <= ri < mask.shape[0] and 0 <= ci < mask.shape[1] and bool(mask[ri, ci])
+
+
+def lesion_froc(marks: Sequence[Sequence[tuple[float, float, float]]], lesions: Sequence[Sequence[np.ndarray]],
+                ignore: Sequence[Sequence[np.ndarray]] | None = None,
+                rates: Sequence[float] = LESION_FROC_RATES) -> FrocResult:
+    """Lesion-level FROC: a mark is true when its centroid lies in a lesion (module conventions).
+
+    Parameters
+    ----------
+    marks
+        Per image, its marks as ``(score, row, column)``: any score scale (higher = more
+        suspicious), the mark's centroid in pixels on the stored grid, (0, 0) the centre of
+        the top-left pixel (as :func:`detections_from_map` returns them).
+    lesions
+        Per image, same order, the lesions to find: one ``(rows, columns)`` boolean mask
+        each (they may overlap); an empty list for a normal image. Every image counts in the
+        false-marks-per-image denominator.
+    ignore
+        Per image, regions whose marks are neither true nor false (e.g. lesions of another
+        type when only masses are scored); None for none.
+    rates
+        False marks per image at which the sensitivity is read (``sensitivity_at``).
+
+    Returns
+    -------
+    FrocResult
+        ``n_regions`` is the number of lesions, ``fp_per_image`` the false marks per image.
+
+    Raises
+    ------
+    ValueError
+        When the per-image sequences differ in length.
+    """
+    if len(marks) != len(lesions) or (ignore is not None and len(ignore) != len(marks)):
+        raise ValueError(f"{len(marks)} mark lists, {len(lesions)} lesion lists"
+                         + ("" if ignore is None else f", {len(ignore)} ignore lists"))
+    events: list[tuple[float, bool]] = []
+    n_lesions = 0
+    for i, (dets, targets) in enumerate(zip(marks, lesions)):
+        n_lesions += len(targets)
+        skip = [] if ignore is None else ignore[i]
+        hit = [False] * len(targets)
+        for score, r, c in sorted(dets, key=lambda d: -d[0]):
+            inside = [j for j, t in enumerate(targets) if _pixel_at(t, r, c)]
+            fresh = [j for j in inside if not hit[j]]
+            if fresh:
+                hit[fresh[0]] = True
+                events.append((float(score), True))
+            elif inside or any(_pixel_at(m, r, c) for m in skip):
+                continue  # a second mark of a found lesion, or a mark on a lesion not scored here
+            else:
+                events.append((float(score), False))
+    return _froc_curve(events, n_lesions, len(marks), rates)
+
+
+def marks_outside(marks: Sequence[tuple[float, float, float]], region: np.ndarray) -> int:
+    """How many marks ``(score, row, column)`` have their centroid (rounded) outside ``region``.
+
+    ``region`` is a ``(rows, columns)`` boolean mask, e.g. the breast; a mark off the grid is
+    outside.
+    """
+    return sum(not _pixel_at(region, r, c) for _, r, c in marks)
