@@ -202,3 +202,16 @@ def test_model_marks_round_trip(tmp_path):
     np.testing.assert_array_equal(back.binary["malignant_lesion"], prob >= 0.5)
     np.testing.assert_allclose(back.operating["malignant_lesion"], [[0.9, 2.5, 3.0, 6.0]], rtol=1e-6)
     assert back.scores == {"malignant": 0.4} and back.peaks["malignant_lesion"] == pytest.approx(0.9)
+
+
+def test_cli_evaluate_mias_fold(mias_root, tmp_path, capsys):
+    from dicom_ai.cli import main
+
+    out = tmp_path / "report"
+    rc = main(["evaluate", "--dataset", "mias", "--root", str(mias_root), "--fold", "1", "--bundle", "dunet",
+               "--out", str(out), "--bootstrap", "20", "--cache", str(tmp_path / "cache")])
+    assert rc == 0
+    text = (out / "lesions.md").read_text()
+    assert "folds 1" in text and "research use only" in text and "| dunet |" in text
+    assert main(["evaluate", "--format", "phantom", "--truth", str(mias_root), "--fold", "1", "--bundle", "dunet",
+                 "--out", str(out)]) == 2

@@ -56,16 +56,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_preview)
 
     p = subparsers.add_parser("evaluate", help="score model output against ground truth; Markdown report + plots")
-    p.add_argument("--truth", type=Path, required=True,
+    p.add_argument("--truth", "--root", dest="truth", type=Path, required=True,
                    help="ground truth: a phantom folder (manifest.json files) or a data set root")
-    p.add_argument("--format", default="phantom", choices=["phantom", "inbreast", "cbis-ddsm", "vindr"],
-                   help="layout of --truth (default phantom)")
+    p.add_argument("--format", "--dataset", dest="format", default="phantom", choices=["phantom", "inbreast", "cbis-ddsm", "vindr", "mias"],
+                   help="layout of --truth (default phantom; mias = mini-MIAS PGMs + Info.txt)")
+    p.add_argument("--fold", type=int, action="append",
+                   help="mias only: evaluate on this cross-validation fold, 0-4 (repeatable; default all images)")
     p.add_argument("--predictions", type=Path,
                    help="folder of model output (DICOM SEG and/or <SOPInstanceUID>_<finding>.npy/.png maps "
                         "+ scores.json); default: run --bundle on the truth images")
     p.add_argument("--bundle", action="append", default=[], help="model bundle to run (repeatable)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (with --bundle)")
-    p.add_argument("--out", type=Path, required=True, help="report folder (report.md + PNG plots)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="report folder (report.md + PNG plots; lesions.md + lesions.json with --bundle)")
+    p.add_argument("--cache", type=Path,
+                   help="with --bundle: keep each model's marks per image here, so a rerun only scores")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates for the CIs (default 2000)")
     p.add_argument("--limit", type=int, help="use at most this many images")
     p.set_defaults(handler=_evaluate)
@@ -208,11 +213,14 @@ def _preview(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from dicom_ai.core.errors import DatasetError
     from dicom_ai.data.datasets import open_dataset
-    from dicom_ai.data.evaluate import evaluate, predict, write_report
+    from dicom_ai.data.evaluate import evaluate, evaluate_lesions, predict, predict_marks, write_lesion_report, write_report
     from dicom_ai.networks import Pipeline
 
+    if args.fold and args.format != "mias":
+        print("dicom-ai evaluate: --fold applies to --format mias only", file=sys.stderr)
+        return 2
     try:
-        data = open_dataset(args.format, args.truth)
+        data = open_dataset(args.format, args.truth, **({"folds": args.fold} if args.fold else {}))
     except DatasetError as exc:
         print(f"dicom-ai evaluate: {exc}", file=sys.stderr)
         return 2
@@ -221,8 +229,23 @@ def _evaluate(args: argparse.Namespace) -> int:
         print("dicom-ai evaluate: give --predictions DIR or at least one --bundle", file=sys.stderr)
         return 2
     pipeline = Pipeline.from_bundles(args.bundle, device=args.device) if args.bundle else None
-    samples = (data[i] for i in range(n))
-    pairs = predict(samples, pipeline=pipeline, predictions=None if pipeline is not None else args.predictions)
-    path = write_report(evaluate(pairs, bootstrap=args.bootstrap, total=n), args.out)
-    print(f"wrote {path}")
+    if args.format != "mias":
+        # Pixel-level report: data sets with DICOM sources and pixel truth (MIAS truth is circles).
+        samples = (data[i] for i in range(n))
+        pairs = predict(samples, pipeline=pipeline, predictions=None if pipeline is not None else args.predictions)
+        print(f"wrote {write_report(evaluate(pairs, bootstrap=args.bootstrap, total=n), args.out)}")
+    elif pipeline is None:
+        print("dicom-ai evaluate: --format mias needs --bundle (lesion-level evaluation runs the models)",
+              file=sys.stderr)
+        return 2
+    if pipeline is not None:
+        marks = predict_marks((data[i] for i in range(n)), pipeline, cache=args.cache)
+        notes = []
+        if args.format == "mias":
+            folds = ", ".join(str(f) for f in args.fold) if args.fold else "all (0-4)"
+            notes = [f"mini-MIAS, folds {folds} (patient-level, stratified; dicom_ai.data.datasets.mias_folds).",
+                     f"Licence: {data.licence}"]
+        path = write_lesion_report(evaluate_lesions(marks, bootstrap=args.bootstrap, total=n), args.out,
+                                   notes=notes)
+        print(f"wrote {path}")
     return 0
