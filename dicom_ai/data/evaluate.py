@@ -621,7 +621,8 @@ class LesionEvaluation:
         def num(v) -> float | None:
             return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 4)
 
-        froc = {m: {t: {"sensitivity_at": {str(k): num(v) for k, v in f.sensitivity_at.items()},
+        # No lesion of a type in these images: no sensitivity (not 0).
+        froc = {m: {t: {"sensitivity_at": {str(k): num(v) if f.n_regions else None for k, v in f.sensitivity_at.items()},
                         "mean_sensitivity": num(f.mean_sensitivity), "n_lesions": f.n_regions}
                     for t, f in by_type.items()} for m, by_type in self.froc.items()}
         auc = {m: {task: {"value": num(iv.value), "ci95": [num(iv.low), num(iv.high)], "replicates": iv.replicates}
