@@ -98,6 +98,19 @@ class DeliveryAgent:
         try:
             state = self._attempt(d)
         except Exception as exc:  # the job store (or a bug): never a reason to send again at once
+            if not is_storage_error(exc):
+                # Not the store (an outbox file gone, a bug): an attempt that failed, counted,
+                # so the delivery ends failed and visible rather than retried for ever.
+                try:
+                    retry = self.config.retry
+                    state = self.store.delivery_attempt_failed(d.id, f"{type(exc).__name__}: {exc}",
+                                                               retry.max_attempts, retry.delay)
+                    logs.event("delivery_attempt_failed", level="ERROR", delivery_id=d.id, job_id=d.job_id,
+                               destination=f"{d.ae_title}@{d.host}:{d.port}", attempt=d.attempts + 1,
+                               state=state, error=f"{type(exc).__name__}: {exc}")
+                    return state
+                except Exception:
+                    pass
             with self._lock:
                 hold = self._held.get(d.id) or _Hold(0.0, 0)
                 hold.times += 1
@@ -261,7 +274,7 @@ class DeliveryThread(threading.Thread):
                 if failures == 1 or failures % 20 == 0:
                     logs.event("delivery_loop_error", level="ERROR", error=f"{type(exc).__name__}: {exc}",
                                storage_problem=is_storage_error(exc), failures=failures)
-                self.stopping.wait(min(30.0, self.poll_seconds * 2 ** failures))
+                self.stopping.wait(min(10.0, self.poll_seconds * 2 ** failures))
                 continue
             failures = 0
             by_destination: dict[tuple[str, str, int], list[Delivery]] = {}

@@ -40,7 +40,7 @@ from dicom_ai.node.storage import PRIVATE_UMASK, is_storage_error, make_private,
 
 #: Longest wait between two tries of a supervisor step (assembly, worker recovery, purge,
 #: start-up recovery) that failed, in seconds; the wait doubles from ``poll_seconds``.
-MAX_BACKOFF_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 10.0
 
 
 def make_result_uids(source_sop_uids: list[str]) -> str:

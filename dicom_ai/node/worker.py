@@ -152,6 +152,7 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
                 raise
             trouble.failed(exc, "claim")
             continue
+        trouble.succeeded()
         if job is None:
             time.sleep(poll_seconds)
             continue
