@@ -31,7 +31,8 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     models = ["glam", "dunet", "microcalc"]
     device = "auto"                 # auto | cpu | cuda:N
     factory = ""                    # optional "module:callable" returning an object with .run()
-    max_job_attempts = 3
+    max_job_attempts = 3            # failures of the job itself (an exception) before it is failed
+    max_job_interruptions = 10      # worker/node stops during the job (SIGKILL, OOM, restart) before failed
     previews = true                 # PNG overlays per image in <storage>/previews/ for IT checks
 
     [results]                       # what the result objects look like (dicom_ai.results)
@@ -119,6 +120,7 @@ class PipelineSection:
     device: str = "auto"
     factory: str = ""
     max_job_attempts: int = 3
+    max_job_interruptions: int = 10
     previews: bool = True
 
 
@@ -382,6 +384,8 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(f"pipeline.factory must look like 'package.module:callable', got {p.factory!r}")
     if p.max_job_attempts < 1:
         raise ConfigError(f"pipeline.max_job_attempts must be at least 1, got {p.max_job_attempts}")
+    if p.max_job_interruptions < 1:
+        raise ConfigError(f"pipeline.max_job_interruptions must be at least 1, got {p.max_job_interruptions}")
     res = cfg.results
     res.segmentation_type = res.segmentation_type.upper()
     if res.segmentation_type not in SEGMENTATION_TYPES:

@@ -14,7 +14,8 @@ States::
 
 Two counters per job: ``failures``, the job itself raised (limited by
 ``pipeline.max_job_attempts``), and ``interruptions``, the worker or the node stopped while
-the job ran (limited by :data:`MAX_JOB_INTERRUPTIONS`, which is larger: a SIGKILL, a restart
+the job ran (limited by ``pipeline.max_job_interruptions``, default
+:data:`MAX_JOB_INTERRUPTIONS`, which is larger: a SIGKILL, a restart
 or a power cut is not the study's fault, but a study that takes its worker down every time
 must not loop for ever). ``attempts`` counts the runs started, for ``status``.
 
@@ -48,8 +49,8 @@ STANDARD_VIEWS = frozenset({("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")
 #: 0); 2: ``jobs.failures``, ``jobs.interruptions`` and the ``sending`` table.
 SCHEMA_VERSION = 2
 
-#: Interruptions (the worker or the node stopped while the job ran) before a job is marked
-#: failed. Larger than ``pipeline.max_job_attempts`` on purpose: restarts and kills are not the
+#: Default of ``pipeline.max_job_interruptions``: interruptions (the worker or the node stopped
+#: while the job ran) before a job is marked failed. Larger than ``pipeline.max_job_attempts`` on purpose: restarts and kills are not the
 #: job's fault, but a study that kills its worker every time (a decoder crash the sandbox did
 #: not contain, the kernel's OOM killer) must end as failed rather than restart it for ever.
 MAX_JOB_INTERRUPTIONS = 10

@@ -34,7 +34,7 @@ from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.node import logs
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
-from dicom_ai.node.jobstore import MAX_JOB_INTERRUPTIONS, JobStore
+from dicom_ai.node.jobstore import JobStore
 from dicom_ai.node.scp import StorageSCP
 from dicom_ai.node.storage import PRIVATE_UMASK, is_storage_error, make_private, write_durably
 
@@ -131,7 +131,7 @@ class Node:
             current = None
         if current != text:  # an unchanged file is not rewritten: a full disk can still start
             write_durably(self.layout.config_json, lambda tmp: tmp.write_text(text))
-        recovered = self.store.recover(MAX_JOB_INTERRUPTIONS)
+        recovered = self.store.recover(self.config.pipeline.max_job_interruptions)
         logs.event("node_recovered", **recovered)
         self._start_worker()
         self.delivery.start()
@@ -218,10 +218,10 @@ class Node:
     def _restart_worker(self) -> None:
         # The job it was running is re-queued (an interruption, not a failure of the job);
         # only then a new worker may claim it.
-        recovered = self.store.recover(MAX_JOB_INTERRUPTIONS)
+        recovered = self.store.recover(self.config.pipeline.max_job_interruptions)
         if recovered["jobs_failed"]:
             logs.event("job_interrupted_too_often", level="ERROR", jobs=recovered["jobs_failed"],
-                       max_interruptions=MAX_JOB_INTERRUPTIONS)
+                       max_interruptions=self.config.pipeline.max_job_interruptions)
         self._start_worker()
 
     def _shutdown(self) -> None:
