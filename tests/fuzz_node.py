@@ -196,6 +196,8 @@ def run_fuzz(workdir: Path, count: int, seed: int = 0, store_timeout: float = 40
                 hangs.append(f"{case.family}/{case.name}")
             if outcome in ("success", "warning"):
                 accepted[sop_uid] = case
+            if case.family != "valid" and os.environ.get("DICOM_AI_FUZZ_TRACE"):
+                print(f"{case.family}/{case.name} {sop_uid} {outcome} {code}", file=sys.stderr)
             if case.valid and outcome != "success":
                 outcomes["valid-refused"][f"{case.name}:{outcome}:{code}"] += 1
             if not node.alive():
@@ -269,9 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fuzz.json")
+    parser.add_argument("--workdir", type=Path, help="keep the node's storage and logs here (default: a temporary folder)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="dicom-ai-fuzz-") as tmp:
-        report = run_fuzz(Path(tmp), args.cases, args.seed, progress=True)
+    if args.workdir:
+        report = run_fuzz(args.workdir, args.cases, args.seed, progress=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="dicom-ai-fuzz-") as tmp:
+            report = run_fuzz(Path(tmp), args.cases, args.seed, progress=True)
     report["machine"] = f"{os.cpu_count()} cores"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -61,8 +61,11 @@ class StudyContext:
         """A fresh valid MG image of this study (new SOP Instance UID)."""
         self.number += 1
         lat, view = _VIEWS[self.number % 4]
-        return make_mg(lat, view, self.study_uid, self.series_uid, self.number, shape=shape,
-                       seed=rng.randrange(1000))
+        ds = make_mg(lat, view, self.study_uid, self.series_uid, self.number, shape=shape,
+                     seed=rng.randrange(1000))
+        # Fixed, so that a mutation removing Bits Allocated can still be written.
+        ds["PixelData"].VR = "OW"
+        return ds
 
 
 # -- encoding helpers -------------------------------------------------------------------------
@@ -167,12 +170,14 @@ def _raw(ds: Dataset, tag: int, vr: str, value: bytes) -> bytes:
 # -- families -----------------------------------------------------------------------------------
 
 def truncations(rng: random.Random, study: StudyContext) -> list[tuple[str, bytes]]:
-    data = part10(study.image(rng))
-    pixel = [e for e in raw_elements(data) if e[0] == 0x7FE00010][0][3]
-    start = meta_end(data)
-    return [("inside-header", data[:rng.randrange(start + 1, pixel - 8)]),
-            ("inside-pixel-data", data[:rng.randrange(pixel + 1, len(data) - 1)]),
-            ("last-byte", data[:-1])]
+    out = []
+    for name in ("inside-header", "inside-pixel-data", "last-byte"):
+        data = part10(study.image(rng))
+        pixel = [e for e in raw_elements(data) if e[0] == 0x7FE00010][0][3]
+        cut = {"inside-header": rng.randrange(meta_end(data) + 1, pixel - 8),
+               "inside-pixel-data": rng.randrange(pixel + 1, len(data) - 1), "last-byte": len(data) - 1}[name]
+        out.append((name, data[:cut]))
+    return out
 
 
 def byte_flips(rng: random.Random, study: StudyContext) -> list[tuple[str, bytes]]:
@@ -298,9 +303,9 @@ def codec_rle(rng, study):
 
 def deflate(rng: random.Random, study: StudyContext) -> list[tuple[str, bytes]]:
     data = part10(study.image(rng), DeflatedExplicitVRLittleEndian)
-    start = meta_end(data)
-    out = [("deflate-flip", _flip(data, rng, start, len(data), rng.choice([1, 8, 64]))),
-           ("deflate-truncated", data[:rng.randrange(start + 2, len(data) - 1)])]
+    out = [("deflate-flip", _flip(data, rng, meta_end(data), len(data), rng.choice([1, 8, 64])))]
+    data = part10(study.image(rng), DeflatedExplicitVRLittleEndian)
+    out.append(("deflate-truncated", data[:rng.randrange(meta_end(data) + 2, len(data) - 1)]))
     if rng.random() < 0.3:
         out.append(("deflate-bomb-1GiB", deflate_bomb(study.image(rng), 1 << 30)))
     return out
@@ -335,13 +340,22 @@ def deflate_bomb(ds: Dataset, inflated_bytes: int) -> bytes:
 
 def _rewrite_meta_ts(meta: bytes, ts: str) -> bytes:
     """The file meta bytes (preamble included) with another Transfer Syntax UID."""
-    fp = io.BytesIO(meta)
-    fm = dcmread(fp, force=True).file_meta
-    fm.TransferSyntaxUID = ts
+    return _rewrite_meta(meta, TransferSyntaxUID=ts)
+
+
+def _rewrite_meta(data: bytes, **fields: str) -> bytes:
+    """``data`` (a Part-10 file, or its preamble and meta alone) with file meta ``fields`` replaced.
+
+    Written without pydicom's checks, so the meta may say what the data set does not.
+    """
+    end = meta_end(data)
+    fm = dcmread(io.BytesIO(data[:end]), force=True).file_meta
+    for key, value in fields.items():
+        setattr(fm, key, value)
     out = io.BytesIO()
-    out.write(meta[:132])
-    write_file_meta_info(out, fm, enforce_standard=True)
-    return out.getvalue()
+    out.write(data[:132])
+    write_file_meta_info(out, fm, enforce_standard=False)
+    return out.getvalue() + data[end:]
 
 
 def uids(rng: random.Random, study: StudyContext) -> list[tuple[str, bytes]]:
@@ -358,17 +372,12 @@ def uids(rng: random.Random, study: StudyContext) -> list[tuple[str, bytes]]:
     ]
     name, change = rng.choice(choices)
     changed = _with(ds, **change)
-    # The file meta (hence the C-STORE's Affected UIDs) follows the data set unless the
-    # mutation is a mismatch between the two.
-    if "SOPInstanceUID" in change:
-        changed.file_meta.MediaStorageSOPInstanceUID = change["SOPInstanceUID"]
+    # The file meta (hence the C-STORE's Affected UIDs) follows the data set (pydicom writes it
+    # so) unless the mutation is a mismatch between the two.
     out = [(name, part10(changed))]
-    mismatch = _with(ds)
-    mismatch.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    out.append(("affected-uid-mismatch", part10(mismatch)))
-    empty = _with(study.image(rng))
-    empty.file_meta.MediaStorageSOPInstanceUID = ""
-    out.append(("affected-uid-empty", part10(empty)))
+    out.append(("affected-uid-mismatch", _rewrite_meta(part10(study.image(rng)),
+                                                       MediaStorageSOPInstanceUID=generate_uid())))
+    out.append(("affected-uid-empty", _rewrite_meta(part10(study.image(rng)), MediaStorageSOPInstanceUID="")))
     return out
 
 

@@ -13,6 +13,12 @@ attribute's keyword, never its value.
 A study's results must agree on the patient, so the cleaned sources also carry the same
 Patient and Study attributes: those of the first source; a note names the attributes that
 differed between the images.
+
+The writers also copy Specific Character Set, and highdicom refuses one it does not know or
+one that breaks PS3.5 6.1.2.5 (``ISO 2022 IR 87`` alone, an unknown term). When a source's
+character set is unusable, or the sources of a study differ in it, the copied text values are
+read under the source's own character set (as pydicom decodes it, replacing what it cannot)
+and every result is written in UTF-8 (``ISO_IR 192``), which holds any of them.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Sequence
 
 import pydicom
 from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+from highdicom.valuerep import _check_specific_character_set
 from pydicom import config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
@@ -126,6 +133,46 @@ def _same(a: pydicom.Dataset, b: pydicom.Dataset, keyword: str) -> bool:
         return False
 
 
+#: What the results are written in when the sources' character sets cannot be copied.
+UTF8 = "ISO_IR 192"
+
+
+def _usable_charset(value) -> bool:
+    """Whether highdicom's writers accept ``value`` as Specific Character Set (None: default)."""
+    if value is None:
+        return True
+    try:
+        _check_specific_character_set(value if isinstance(value, str) else list(value))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _to_utf8(cleaned: list[pydicom.Dataset]) -> str | None:
+    """Re-encode the copied text of every source in UTF-8 when the character sets cannot be
+    copied as they are; returns the note, or None when nothing was changed."""
+    charsets = [ds.get("SpecificCharacterSet") for ds in cleaned]
+    unusable = [str(ds.SOPInstanceUID) for ds, cs in zip(cleaned, charsets) if not _usable_charset(cs)]
+    distinct = {tuple(cs) if isinstance(cs, (list, MultiValue)) else cs for cs in charsets}
+    if not unusable and len(distinct) <= 1:
+        return None
+    for ds in cleaned:
+        types = copied_attributes(str(ds.get("SOPClassUID", "")))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the decoder's warnings quote the bytes
+            for keyword in types:
+                if keyword in ds:
+                    try:
+                        ds[keyword]  # converts the raw value under the source's own character set
+                    except Exception:
+                        del ds[keyword]  # not even readable: invalid_attributes would drop it too
+        ds.SpecificCharacterSet = UTF8
+    if unusable:
+        return (f"Specific Character Set of {len(unusable)} image(s) ({', '.join(unusable)}) cannot be written "
+                f"as it is; the results are in UTF-8 ({UTF8})")
+    return f"the images differ in Specific Character Set; the results are in UTF-8 ({UTF8})"
+
+
 def clean_sources(sources: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], list[str]]:
     """Copies of ``sources`` that the writers can copy from, and notes on what was changed.
 
@@ -139,13 +186,17 @@ def clean_sources(sources: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.Data
     cleaned : list of pydicom.Dataset
         One copy per source, in order: every attribute of :func:`copied_attributes` that is
         not valid for its VR is emptied (type 2 and 2C) or removed (others), and every copy
-        carries the Patient and Study attributes of the first source.
+        carries the Patient and Study attributes of the first source, in UTF-8 when the
+        sources' character sets cannot be copied as they are.
     notes : list of str
         One per changed attribute and one if the images disagreed; keywords and SOP
         Instance UIDs only, never a value.
     """
     cleaned = [copy.deepcopy(ds) for ds in sources]
     notes = []
+    charset_note = _to_utf8(cleaned)
+    if charset_note:
+        notes.append(charset_note)
     changed: dict[str, list[str]] = {}
     for ds in cleaned:
         types = copied_attributes(str(ds.get("SOPClassUID", "")))

@@ -1,0 +1,90 @@
+"""Result writers copy what they can from hostile sources: character sets (issue 13, fault 2 class)."""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from dicom_ai.core.uids import ResultUIDs
+from dicom_ai.results import build_results
+from dicom_ai.results.sources import UTF8, clean_sources
+from node_harness import StandInPipeline, make_mg
+
+_VIEWS = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
+
+
+def _study(charsets: list, name: bytes | None = None) -> list[pydicom.Dataset]:
+    """A study whose images carry these Specific Character Sets, read back from files as the
+    worker reads them (so values are decoded under each file's own character set)."""
+    study, series = generate_uid(), generate_uid()
+    out = []
+    for i, (charset, (lat, view)) in enumerate(zip(charsets, _VIEWS), start=1):
+        ds = make_mg(lat, view, study, series, i)
+        if charset is not None:
+            ds.SpecificCharacterSet = charset
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        data = buf.getvalue()
+        if name is not None:  # the name's raw bytes, exactly as a modality in that character set sends them
+            old = b"Secret^Patientname"
+            data = data.replace(len(old).to_bytes(2, "little") + old, len(name).to_bytes(2, "little") + name)
+        out.append(pydicom.dcmread(io.BytesIO(data)))
+    return out
+
+
+def _build(sources):
+    findings = StandInPipeline().run(sources)
+    uids = ResultUIDs.generate([str(ds.SOPInstanceUID) for ds in sources])
+    return build_results(sources, findings, uids)
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR 999", "ISO 2022 IR 87", ["ISO_IR 100", "ISO_IR 192"]])
+def test_an_unusable_character_set_does_not_fail_the_results(charset):
+    sources = _study([charset] * 4)
+    with pytest.raises(ValueError):  # what highdicom does with it unless the sources are cleaned
+        _raise_without_cleaning(sources)
+    results = _build(sources)
+    assert results.datasets, "no result objects"
+    for ds in results.datasets:
+        again = pydicom.dcmread(io.BytesIO(_bytes(ds)))
+        assert again.SpecificCharacterSet == UTF8
+        assert str(again.PatientName) == "Secret^Patientname"
+    assert any("Specific Character Set" in n for n in results.notes)
+
+
+def _raise_without_cleaning(sources):
+    import highdicom as hd
+    hd.sr.ComprehensiveSR(evidence=sources, content=None, series_instance_uid=generate_uid(), series_number=1,
+                          sop_instance_uid=generate_uid(), instance_number=1)
+
+
+def _bytes(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_a_valid_japanese_name_in_iso_2022_survives_as_utf8():
+    # PS3.5 H.3.1's example: Yamada^Tarou=山田^太郎=やまだ^たろう, in ISO 2022 IR 87 after the default set.
+    raw = (b"Yamada^Tarou=\x1b$B;3ED\x1b(B^\x1b$BB@O:\x1b(B=\x1b$B$d$^$@\x1b(B^\x1b$B$?$m$&\x1b(B")
+    sources = _study([["", "ISO 2022 IR 87"]] * 4, name=raw)
+    assert str(sources[0].PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    results = _build(sources)
+    for ds in results.datasets:
+        again = pydicom.dcmread(io.BytesIO(_bytes(ds)))
+        assert again.SpecificCharacterSet == UTF8
+        assert str(again.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+
+def test_sources_that_differ_in_character_set_get_one_in_the_results():
+    cleaned, notes = clean_sources(_study(["ISO_IR 100", None, "ISO_IR 100", "ISO_IR 192"]))
+    assert {ds.SpecificCharacterSet for ds in cleaned} == {UTF8}
+    assert notes and "differ in Specific Character Set" in notes[0]
+
+
+def test_usable_and_equal_character_sets_are_copied_unchanged():
+    cleaned, notes = clean_sources(_study(["ISO_IR 100"] * 4))
+    assert {ds.SpecificCharacterSet for ds in cleaned} == {"ISO_IR 100"} and not notes
