@@ -1,4 +1,4 @@
-"""Result writers copy what they can from hostile sources: character sets (issue 13, fault 2 class)."""
+"""Result writers with hostile sources: unusable character sets, images whose results cannot be built (issue 13)."""
 
 from __future__ import annotations
 
@@ -88,3 +88,25 @@ def test_sources_that_differ_in_character_set_get_one_in_the_results():
 def test_usable_and_equal_character_sets_are_copied_unchanged():
     cleaned, notes = clean_sources(_study(["ISO_IR 100"] * 4))
     assert {ds.SpecificCharacterSet for ds in cleaned} == {"ISO_IR 100"} and not notes
+
+
+def test_an_image_whose_results_cannot_be_built_is_left_out_not_the_study():
+    sources = _study(["ISO_IR 100"] * 4)
+    bad = sources[1]
+    del bad.PixelSpacing
+    bad.ImagerPixelSpacing = [0, 0]  # no area can be computed: RegionError for this image only
+    results = _build(sources)
+    kept = [str(i.source.SOPInstanceUID) for i in results.images]
+    assert str(bad.SOPInstanceUID) not in kept and len(kept) == 3
+    segs = [ds for ds in results.datasets if ds.Modality == "SEG"]
+    assert len(segs) == 3
+    assert any(str(bad.SOPInstanceUID) in n and "RegionError" in n for n in results.notes)
+
+
+def test_a_study_none_of_whose_images_can_be_built_is_an_error():
+    from dicom_ai.core.errors import ResultError
+    sources = _study(["ISO_IR 100"] * 2)
+    for ds in sources:
+        ds.ImagerPixelSpacing = ds.PixelSpacing = [0, 0]
+    with pytest.raises(ResultError, match="no image's results"):
+        _build(sources)

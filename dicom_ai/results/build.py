@@ -15,6 +15,10 @@ of the sources (:func:`~dicom_ai.results.sources.clean_sources`): an attribute t
 valid for its VR is emptied or left out, and ``results.notes`` says which (keywords, never
 values), so a malformed Patient's Birth Date never costs a study its results.
 
+One image's results that cannot be built (no usable pixel spacing, a map on the wrong grid, a
+region highdicom refuses) leave that image out of the results, with a note naming it and the
+error type; the other images' results are built. Only when no image is left is it an error.
+
 Idempotency: every UID and every date/time written comes from ``ResultUIDs`` (the tracking
 UIDs inside the SR derive from the SR's SOP Instance UID), so the same inputs with the same
 ``ResultUIDs`` give the same UIDs, and a resend after a restart replaces rather than duplicates.
@@ -29,7 +33,7 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
-from dicom_ai.core.errors import ResultError
+from dicom_ai.core.errors import DicomAIError, ResultError
 from dicom_ai.core.findings import ImageFindings
 from dicom_ai.core.options import ResultOptions
 from dicom_ai.core.uids import ResultUIDs
@@ -143,20 +147,28 @@ def build_results(
     if not sources:
         raise ResultError("no source images")
     sources, notes = clean_sources(sources)
-    images = [ImageResult(ds, f, analyse_image(ds, f, options)) for ds, f in _pair(sources, findings)]
     equipment = options.equipment
+    images: list[ImageResult] = []
     out: list[pydicom.Dataset] = []
-    for image in images:
-        if not image.segments:
+    for ds, f in _pair(sources, findings):
+        try:
+            image = ImageResult(ds, f, analyse_image(ds, f, options))
+            if image.segments:
+                identity = ObjectIdentity(uids.seg_series_for(str(ds.SOPInstanceUID)),
+                                          uids.seg_instance(str(ds.SOPInstanceUID)), options.seg_series_number,
+                                          f"{options.seg_series_description} {image_name(ds)}".strip()[:64])
+                image.segmentation = build_segmentation(ds, image.segments, identity, equipment,
+                                                        segmentation_type=options.segmentation_type,
+                                                        compression=options.compression)
+        except Exception as exc:  # this image only; highdicom's and pydicom's errors may quote values
+            why = f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError) else type(exc).__name__
+            notes.append(f"image {ds.SOPInstanceUID} left out of the results: {why}")
             continue
-        ds = image.source
-        identity = ObjectIdentity(uids.seg_series_for(str(ds.SOPInstanceUID)), uids.seg_instance(str(ds.SOPInstanceUID)),
-                                  options.seg_series_number,
-                                  f"{options.seg_series_description} {image_name(ds)}".strip()[:64])
-        image.segmentation = build_segmentation(ds, image.segments, identity, equipment,
-                                                segmentation_type=options.segmentation_type,
-                                                compression=options.compression)
-        out.append(image.segmentation)
+        images.append(image)
+        if image.segmentation is not None:
+            out.append(image.segmentation)
+    if not images:
+        raise ResultError("no image's results could be built: " + "; ".join(notes))
     sr = ObjectIdentity(uids.sr_series, uids.sr_instance, options.sr_series_number, options.sr_series_description)
     out.append(build_measurement_report(images, sr, equipment,
                                         max_regions_per_segment=options.max_regions_per_segment))
