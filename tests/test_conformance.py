@@ -110,3 +110,27 @@ def test_statement_names_the_iods_and_options_the_code_has():
     assert f"default `{cfg.node.ae_title}`" in text and f"default {cfg.node.port})" in text
     assert f"default {cfg.node.max_associations};" in text
     assert ResultUIDs.generate(["1.2.3"]).seg_series_for("1.2.3")  # one series per SEG, as stated
+
+
+def test_query_table_is_what_the_delivery_proposes_for_objects_in_doubt():
+    from dicom_ai.node import delivery
+    assert uids("scu-query-sop-classes") == {str(delivery._FIND)}
+
+
+def test_statement_states_the_limits_the_configuration_has():
+    text = STATEMENT.read_text()
+    cfg = load_config(None, {})
+    lim, retry, pipe = cfg.limits, cfg.retry, cfg.pipeline
+    for needle in (f"`limits.association_request_seconds`, default {lim.association_request_seconds:g} s",
+                   f"`limits.max_connections_per_address`, default {lim.max_connections_per_address} ",
+                   f"`limits.reserved_peer_associations`, default {lim.reserved_peer_associations} ",
+                   f"`limits.idle_seconds` ({lim.idle_seconds:g} s)",
+                   f"`retry.timeout_seconds` ({retry.timeout_seconds:g} s)",
+                   f"`limits.max_columns` ({lim.max_columns})",
+                   f"`max_pixels` ({lim.max_pixels:,})".replace(",", " "),
+                   f"`limits.max_dataset_mb` ({lim.max_dataset_mb} MiB)",
+                   f"`limits.decode_memory_mb` ({lim.decode_memory_mb} MiB)",
+                   f"`limits.decode_timeout_seconds` ({lim.decode_timeout_seconds:g} s)",
+                   f"`pipeline.max_job_interruptions`, {pipe.max_job_interruptions}",
+                   f"`pipeline.max_job_attempts`, {pipe.max_job_attempts}"):
+        assert needle in text, needle
