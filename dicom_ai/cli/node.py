@@ -142,27 +142,44 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
+    import tempfile
+
     import pydicom
 
     from dicom_ai.core.uids import ResultUIDs
-    from dicom_ai.node.processing import load_pipeline, result_options, run_pipeline
+    from dicom_ai.node.processing import error_text, load_pipeline, result_options, run_pipeline
+    from dicom_ai.node.sandbox import DecodeSandbox
     from dicom_ai.results import build_results
 
     config = _load(args, **{"pipeline.device": args.device})
-    sources = []
-    for f in args.files:
-        try:
-            sources.append(pydicom.dcmread(f))
-        except Exception as exc:
-            print(f"dicom-ai: cannot read {f}: {exc}", file=sys.stderr)
-            return 2
+    sources, notes = [], []
+    # The files are decoded as the node decodes received images: in the sandbox, so a codec
+    # that crashes or runs out of memory costs that file, not the command.
+    with tempfile.TemporaryDirectory(prefix="dicom-ai-infer-") as scratch, \
+            DecodeSandbox(Path(scratch), config.limits.decode_memory_mb,
+                          config.limits.decode_timeout_seconds) as sandbox:
+        for f in args.files:
+            try:
+                ds = pydicom.dcmread(f)
+            except Exception as exc:
+                print(f"dicom-ai: cannot read {f}: {error_text(exc)}", file=sys.stderr)
+                return 2
+            try:
+                sources.append(sandbox.decode(ds, f))
+            except Exception as exc:
+                notes.append(f"{f}: {error_text(exc)}")
+    if not sources:
+        print("dicom-ai: no file could be decoded: " + "; ".join(notes), file=sys.stderr)
+        return 2
     pipeline = load_pipeline(config)
-    sources, findings, notes = run_pipeline(pipeline, sources)
-    for note in notes:
+    sources, findings, skipped = run_pipeline(pipeline, sources)
+    for note in notes + skipped:
         print(f"skipped {note}", file=sys.stderr)
     uids = ResultUIDs.generate([str(ds.SOPInstanceUID) for ds in sources])
     args.out.mkdir(parents=True, exist_ok=True)
     results = build_results(sources, findings, uids, options=result_options(config))
+    for note in results.notes:
+        print(f"note: {note}", file=sys.stderr)
     for ds in results.datasets:
         path = args.out / f"{ds.Modality}-{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)

@@ -123,7 +123,7 @@ def read_sources(instances: Sequence[Instance], config: NodeConfig,
     def sandbox_warning(message: str, category: str, filename: str, lineno: int) -> None:
         logs.log_warning(message, category, filename, lineno)
 
-    with DecodeSandbox(config.storage_dir, config.limits.decode_memory_mb, config.limits.decode_timeout_seconds,
+    with DecodeSandbox(config.layout.decode_scratch, config.limits.decode_memory_mb, config.limits.decode_timeout_seconds,
                        on_warning=sandbox_warning) as sandbox:
         for instance in instances:
             try:

@@ -62,10 +62,6 @@ __all__ = ["DecodeSandbox", "WarningSink", "needs_sandbox"]
 #: record of the child; its text may hold data set values and must be scrubbed by the sink.
 WarningSink = Callable[[str, str, str, int], None]
 
-# Folder (under the storage directory) of the sandboxes' private scratch folders.
-_SCRATCH = "decode-scratch"
-
-
 def needs_sandbox(ds: pydicom.Dataset) -> bool:
     """Whether ``ds`` has encapsulated (compressed) Pixel Data, which only the sandbox decodes.
 
@@ -81,9 +77,10 @@ class DecodeSandbox:
 
     Parameters
     ----------
-    storage_dir : Path
-        The node's storage directory; the decoded pixels pass through a private folder
-        ``<storage_dir>/decode-scratch/<pid>-*`` (mode 0700) that :meth:`close` removes.
+    scratch : Path
+        Where the decoded pixels pass through a private folder ``<scratch>/<pid>-*`` (mode
+        0700) that :meth:`close` removes; the node's is ``StorageLayout.decode_scratch``, on
+        the storage file system (patient data stays where the node keeps it).
     memory_mb : int
         Address-space limit of the child, in MiB (``[limits] decode_memory_mb``).
     timeout_seconds : float
@@ -93,16 +90,16 @@ class DecodeSandbox:
 
     Use as a context manager, one per job::
 
-        with DecodeSandbox(config.storage_dir, 4096, 120) as sandbox:
+        with DecodeSandbox(config.layout.decode_scratch, 4096, 120) as sandbox:
             ds = sandbox.decode(pydicom.dcmread(path), path)
     """
 
-    def __init__(self, storage_dir: Path, memory_mb: int, timeout_seconds: float,
+    def __init__(self, scratch: Path, memory_mb: int, timeout_seconds: float,
                  on_warning: WarningSink | None = None):
         self.memory_mb = int(memory_mb)
         self.timeout_seconds = float(timeout_seconds)
         self.on_warning = on_warning
-        scratch = Path(storage_dir) / _SCRATCH
+        scratch = Path(scratch)
         scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             _remove_stale(scratch)

@@ -11,6 +11,7 @@ than spell paths themselves::
         spool/<Study UID>/<SOP UID>.dcm  accepted instances, exactly as received
         outbox/job-<id>/<SOP UID>.dcm    result objects of a job, durable before delivery
         previews/job-<id>/<SOP UID>.png  preview PNGs for IT quality checks
+        decode-scratch/<pid>-*/          decoded pixels on their way from the decode sandbox
         logs/node.log                    JSON lines (no patient data)
 
 Durability: a file is written to a temporary name, fsynced, renamed, and its folder fsynced
@@ -95,6 +96,11 @@ class StorageLayout:
     def job_folders(self, job_id: int | str) -> tuple[Path, Path]:
         """Everything a job wrote: its outbox and its previews (removed together on purge)."""
         return self.outbox_for(job_id), self.previews_for(job_id)
+
+    @property
+    def decode_scratch(self) -> Path:
+        """Private folders through which the decode sandbox hands decoded pixels to the worker."""
+        return self.root / "decode-scratch"
 
     @property
     def logs(self) -> Path:
