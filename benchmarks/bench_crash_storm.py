@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     sender.start()
     while sum(kills.values()) < args.kills:
         time.sleep(rng.uniform(*args.interval))
-        target = rng.choice(["node", "worker", "worker"])
+        target = rng.choice(["node", "worker"])
         with node.lock:
             if target == "worker":
                 pid = node.worker_pid()
@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         node.stop()
         pacs.stop()
 
+    log = (node.storage / "logs" / "node.log").read_text(errors="replace")
+    in_doubt = {name: log.count(f'"event": "{name}"') for name in
+                ("delivery_confirmed_in_doubt", "delivery_resent_in_doubt", "worker_exited", "node_recovered")}
     studies_by_id = {x["id"]: x["study_uid"] for x in s["studies"]}
     done_jobs = [j for j in s["jobs"] if j["state"] == "done"]
     delivered_studies = {studies_by_id[j["study_id"]] for j in done_jobs
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "deliveries": collections.Counter(d["state"] for d in s["deliveries"]),
         "result_objects_expected": len(expected), "received_at_pacs": sum(counts.values()),
         "missing_at_pacs": len(missing), "duplicated_at_pacs": duplicated, "unexpected_at_pacs": len(unexpected),
+        "log_events": in_doubt,
         "infer_seconds_per_study": args.infer_seconds, "seed": args.seed, "machine": f"{os.cpu_count()} cores",
     }
     report["passed"] = (not report["accepted_not_delivered"] and not missing and not duplicated
