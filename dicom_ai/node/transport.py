@@ -1,69 +1,636 @@
-"""The node's network layer under pynetdicom: the acceptor's socket and request handler.
+"""The node's network layer under pynetdicom: who may connect, how PDUs are read, what is refused.
 
-pynetdicom's AE runs the DICOM upper layer; this module holds the few places where the node
-changes how the acceptor reads from the network, and the one process-wide setting its C-STORE
+pynetdicom's AE runs the DICOM upper layer; this module holds the places where the node
+changes how the acceptor uses the network, and the one process-wide setting its C-STORE
 receive needs (:func:`install_receive_path`).
+
+Connection policy (the numbers are ``[node]`` and ``[limits]`` of the configuration)
+    * **Slots.** Every accepted TCP connection holds one of ``node.max_associations`` slots
+      from ``accept()`` until the connection is closed, whether or not it has sent anything.
+      ``limits.reserved_peer_associations`` of them can only be taken by connections from a
+      configured peer's host (``[[peers]] host``, resolved to addresses when the SCP starts);
+      other addresses share the rest. When no slot of its class is free a connection is still
+      accepted, up to ``node.max_associations`` such connections, only to answer its
+      A-ASSOCIATE-RQ with A-ASSOCIATE-RJ (rejected-transient, service-provider presentation
+      related, local-limit-exceeded); beyond that it is closed at once.
+    * **Per address.** At most ``limits.max_connections_per_address`` concurrent connections
+      from one IP address (peers included); one more is closed before any PDU (TCP close).
+    * **A-ASSOCIATE-RQ deadline.** The complete A-ASSOCIATE-RQ must have arrived
+      ``limits.association_request_seconds`` after ``accept()`` (absolute: bytes arriving do
+      not extend it); otherwise the connection is closed without a PDU, as on ARTIM expiry
+      (PS3.8 AA-2). It is read here, by the connection's own thread, before pynetdicom
+      creates an association: a connection that never sends one costs one thread and no
+      association, and a connection closed before sending one frees its slot at once.
+    * **Established associations.** ``limits.idle_seconds`` is pynetdicom's network timeout
+      (no PDU for that long: A-ABORT, source 0, reason 0) and also the time each PDU header,
+      and then each PDU body, has to arrive once started (else A-ABORT, source 2, reason 0).
+      pynetdicom's ACSE timeout (its ARTIM timer: waiting for the peer to close after a
+      release, rejection or abort) is ``limits.association_request_seconds`` too.
+    * **PDU size.** A P-DATA-TF longer than ``node.max_pdu_size`` (the maximum length the node
+      offers; 0 = unlimited) and any other PDU longer than :data:`MAX_CONTROL_PDU` is refused
+      from its 6-byte header: A-ABORT (source 2 service provider, reason 6 invalid PDU
+      parameter value), then close. No buffer is ever sized from a declared length: PDUs are
+      read into a buffer that grows as the bytes arrive (:func:`_recv_growing`).
+
+Threads: one per connection until its A-ASSOCIATE-RQ is in, then three (that one, waiting
+for the association, and pynetdicom's association and DUL threads); all end when the
+connection does. At most ``2 * node.max_associations`` connections exist at once.
+
+Every refusal is logged as a ``connection_refused`` event (address, reason, what was sent),
+once per (reason, address) and then as one summary line with the number of repeats per
+:data:`REFUSAL_LOG_WINDOW` seconds (:class:`_RefusalLog`): no line per attacker connection.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom import AE, _config, dimse_messages, transport
+from pynetdicom import AE, _config, dimse_messages, evt, transport
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification
 
+from dicom_ai.node import logs
 from dicom_ai.node.config import NodeConfig
 
-class _ReceiveSocket(transport.AssociationSocket):
-    """An ``AssociationSocket`` whose ``recv`` reads straight into one buffer.
+#: The largest PDU other than P-DATA-TF the node reads (A-ASSOCIATE-RQ included): 256 KiB.
+#: 128 presentation contexts of 20 maximal-length transfer syntaxes each fit (about 180 KiB).
+MAX_CONTROL_PDU = 256 * 1024
 
-    pynetdicom 3.0 reads PDUs 4 KiB at a time and appends each piece to a bytearray; this
-    reads the same bytes with ``recv_into`` and returns the same type, so every caller sees
-    the same behaviour. Reading four 17 MB images in 128 KiB PDUs over loopback TCP took
-    25 ms instead of 38 ms (pynetdicom 3.0.4, a quiet-ish shared 2-core machine); the whole
-    receive is benchmarks/bench_ingest.py. No state of its own, so an ``AssociationSocket``
-    can become one.
+#: Seconds over which repeated refusals of one (reason, address) are summed into one line.
+REFUSAL_LOG_WINDOW = 60.0
+
+#: Listen backlog: connections the kernel completes before the accept loop takes them.
+#: socketserver's default of 5 drops SYNs (1 s client retransmits) under a burst of connects.
+LISTEN_BACKLOG = 128
+
+# A PDU is read into a buffer of at most this size first, then grown as the bytes arrive:
+# doubled, by at most _GROWTH_STEP at a time. The buffer never exceeds the bytes received
+# plus max(_FIRST_CHUNK, min(received, _GROWTH_STEP)).
+_FIRST_CHUNK = 256 * 1024
+_GROWTH_STEP = 1024 * 1024
+
+# After a refusal PDU (A-ABORT, A-ASSOCIATE-RJ) the node half-closes and discards what the
+# peer still sends for this long (at most _LINGER_BYTES), so that the peer reads the PDU
+# before the connection goes; then it closes.
+_LINGER_SECONDS = 0.5
+_LINGER_BYTES = 1024 * 1024
+
+_PDU_TYPES = frozenset(range(0x01, 0x08))
+_P_DATA_TF = 0x04
+_A_ASSOCIATE_RQ = 0x01
+_A_ABORT = 0x07
+
+# A-ABORT reasons when the source is the DICOM UL service provider (PS3.8 Table 9-26).
+_ABORT_NOT_SPECIFIED = 0x00
+_ABORT_UNRECOGNIZED_PDU = 0x01
+_ABORT_UNEXPECTED_PDU = 0x02
+_ABORT_INVALID_PARAMETER = 0x06
+
+
+def _abort_pdu(reason: int) -> bytes:
+    pdu = A_ABORT_RQ()
+    pdu.source = 0x02  # DICOM UL service-provider initiated abort
+    pdu.reason_diagnostic = reason
+    return pdu.encode()
+
+
+def _local_limit_rj() -> bytes:
+    pdu = A_ASSOCIATE_RJ()
+    pdu.result = 0x02  # rejected-transient
+    pdu.source = 0x03  # DICOM UL service-provider (presentation related function)
+    pdu.reason_diagnostic = 0x02  # local-limit-exceeded
+    return pdu.encode()
+
+
+def normalise_address(address: str) -> str:
+    """The IP address as the node compares it: IPv4-mapped IPv6 as IPv4, no scope."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def resolve_peer_addresses(hosts) -> frozenset[str]:
+    """Every address the peers' host names resolve to now (names that do not resolve are logged)."""
+    found: set[str] = set()
+    for host in dict.fromkeys(hosts):
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError) as exc:
+            logs.event("peer_host_unresolved", level="WARNING", host=host, error=str(exc)[:200])
+            continue
+        found.update(normalise_address(info[4][0]) for info in infos)
+    return frozenset(found)
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+def _recv_growing(sock: socket.socket, nr_bytes: int, deadline: float | None) -> bytearray:
+    """Read ``nr_bytes`` from ``sock``, fewer if the peer closes first; never allocate ahead of the data.
+
+    The buffer starts at ``min(nr_bytes, 256 KiB)`` and grows (doubling, by at most 1 MiB at
+    a time) only when it is full, so a peer that declares 4 GiB and sends nothing costs at
+    most 256 KiB here. ``deadline`` (``time.monotonic()``) bounds the whole read:
+    :class:`TimeoutError` when it passes; ``None`` blocks as the socket is set up to.
+    """
+    buf = bytearray(min(nr_bytes, _FIRST_CHUNK))
+    view = memoryview(buf)
+    nr_read = 0
+    try:
+        while nr_read < nr_bytes:
+            if nr_read == len(buf):
+                view.release()
+                size = len(buf)
+                buf += bytes(min(nr_bytes, size + min(size, _GROWTH_STEP)) - size)
+                view = memoryview(buf)
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("read deadline passed")
+                sock.settimeout(remaining)
+            got = sock.recv_into(view[nr_read:], len(buf) - nr_read)
+            if not got:  # connection closed: return what was read, as pynetdicom does
+                break
+            nr_read += got
+    finally:
+        view.release()
+    del buf[nr_read:]
+    return buf
+
+
+def _send_and_finish(sock: socket.socket, data: bytes) -> None:
+    """Send ``data`` (a refusal PDU, or nothing), half-close, and let the peer read it.
+
+    Discards what the peer still sends, for at most 0.5 s and 1 MiB, so that closing does
+    not reset the connection before the PDU is read; the caller closes the socket.
+    """
+    try:
+        sock.settimeout(_LINGER_SECONDS)
+        if data:
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + _LINGER_SECONDS
+        scratch = bytearray(16384)
+        drained = 0
+        while drained < _LINGER_BYTES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            sock.settimeout(remaining)
+            got = sock.recv_into(scratch)
+            if not got:
+                break
+            drained += got
+    except OSError:
+        pass
+
+
+class _Refused(Exception):
+    """Raised inside pynetdicom's DUL read to end an association the node refuses to read on.
+
+    Deliberately not an ``OSError``: pynetdicom's reactor then takes its "exception in the
+    DUL" path, which stops the DUL thread at once and lets the association thread finish,
+    whatever the association was doing (an ``OSError`` would be a closed connection, whose
+    handling races with an abort the association may have queued meanwhile).
     """
 
+
+class _ReceiveSocket(transport.AssociationSocket):
+    """An ``AssociationSocket`` that reads PDUs without trusting their declared length.
+
+    * ``recv`` reads with ``recv_into`` into one buffer that grows as the data arrives
+      (:func:`_recv_growing`) and returns the same type as pynetdicom's, so every caller sees
+      the same behaviour. pynetdicom 3.0 reads 4 KiB at a time and appends each piece to a
+      bytearray; reading four 17 MB images in 128 KiB PDUs over loopback took 25 ms here
+      instead of 38 ms (benchmarks/bench_ingest.py is the whole receive).
+    * pynetdicom's DUL reads each PDU as ``recv(6)`` (type, reserved, length) and then
+      ``recv(length)``. The header's type is kept, so the body read is checked before anything
+      is read: longer than the maximum length the node offers (P-DATA-TF; the acceptor's
+      ``maximum_length``, 0 = unlimited) or than :data:`MAX_CONTROL_PDU` (any other type) ->
+      A-ABORT and the association ends (:class:`_Refused`).
+    * Each read must complete within the association's network timeout (the node's
+      ``limits.idle_seconds``); a peer that starts a PDU and then trickles it is aborted.
+    * ``_prefix``: bytes already read from the connection (the A-ASSOCIATE-RQ, read by
+      :class:`_RequestHandler` before the association existed), returned first; the socket
+      reports itself ready while any are left.
+
+    State of its own is only those class-level defaults, so an ``AssociationSocket`` can
+    become one by changing its class.
+    """
+
+    _prefix: bytes = b""
+    _header_type: int | None = None  # type of the PDU whose header the last recv() returned
+    _refusals: "_RefusalLog | None" = None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self._prefix) or super().ready
+
+    def _limit_for(self, pdu_type: int) -> int:
+        if pdu_type == _P_DATA_TF:
+            return self.assoc.acceptor.maximum_length or 0
+        return MAX_CONTROL_PDU
+
     def recv(self, nr_bytes: int) -> bytearray:
-        buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        nr_read = 0
-        while nr_read < nr_bytes:
-            got = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
-            if not got:  # connection closed: return what was read, as pynetdicom does
-                view.release()
-                del buf[nr_read:]
-                return buf
-            nr_read += got
-        view.release()
+        body_of, self._header_type = self._header_type, None
+        if body_of is not None:
+            limit = self._limit_for(body_of)
+            if limit and nr_bytes > limit:
+                self._refuse("pdu_too_large", _ABORT_INVALID_PARAMETER, pdu_type=f"0x{body_of:02X}", limit=limit)
+        head = b""
+        if self._prefix:
+            head, self._prefix = self._prefix[:nr_bytes], self._prefix[nr_bytes:]
+        if len(head) == nr_bytes:
+            buf = bytearray(head)
+        else:
+            seconds = self.assoc.network_timeout
+            deadline = None if seconds is None else time.monotonic() + seconds
+            sock = self.socket
+            try:
+                buf = _recv_growing(sock, nr_bytes - len(head), deadline)
+            except TimeoutError:
+                self._refuse("pdu_stalled", _ABORT_NOT_SPECIFIED, seconds=seconds)
+            finally:
+                if deadline is not None:
+                    try:
+                        sock.settimeout(seconds)  # for pynetdicom's sends: a peer that stops reading
+                    except OSError:
+                        pass
+            if head:
+                buf[:0] = head
+        if body_of is None and nr_bytes == 6 and len(buf) == 6 and buf[0] in _PDU_TYPES:
+            self._header_type = buf[0]
         return buf
 
+    def _refuse(self, reason: str, abort_reason: int, **fields) -> None:
+        address = normalise_address(self.assoc.requestor.address)
+        (self._refusals or _RefusalLog.direct).note(reason, address, response="A-ABORT", **fields)
+        if self.socket is not None:
+            _send_and_finish(self.socket, _abort_pdu(abort_reason))
+        raise _Refused(f"{reason}: association aborted by the node")
+
+
+# -- refusals, slots -------------------------------------------------------------------------
+
+class _RefusalLog:
+    """``connection_refused`` events: the first of each (reason, address) at once, then one summary.
+
+    Repeats within :data:`REFUSAL_LOG_WINDOW` seconds of the first are counted and written as
+    one line (``repeated``) when the window closes (:meth:`flush`, called by the server's
+    loop). At most ``max_keys`` (reason, address) pairs are tracked per window; refusals of
+    further addresses are summed under the address ``"*"``. The fields are the node's own
+    (address, reason, limit): nothing the peer sent is written.
+    """
+
+    direct: "_RefusalLog"  # an instance for sockets that belong to no server (set below)
+
+    def __init__(self, window: float = REFUSAL_LOG_WINDOW, max_keys: int = 1024, clock=time.monotonic):
+        self.window = window
+        self.max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, str], list] = {}  # (reason, address) -> [first seen, repeats, fields]
+
+    def note(self, reason: str, address: str, **fields) -> None:
+        now = self._clock()
+        ended = None
+        with self._lock:
+            key = (reason, address)
+            if key not in self._open and len(self._open) >= self.max_keys:
+                key = (reason, "*")
+            entry = self._open.get(key)
+            if entry is not None and now - entry[0] < self.window:
+                entry[1] += 1
+                return
+            if entry is not None and entry[1]:  # its window is over and nobody flushed it
+                ended = entry
+            self._open[key] = [now, 0, fields]
+        if ended is not None:
+            self._summary(key, ended[1], ended[2])
+        logs.event("connection_refused", level="WARNING", address=key[1], reason=reason, **fields)
+
+    def _summary(self, key: tuple[str, str], repeats: int, fields: dict) -> None:
+        logs.event("connection_refused", level="WARNING", address=key[1], reason=key[0], repeated=repeats,
+                   window_seconds=self.window, **fields)
+
+    def flush(self, force: bool = False) -> None:
+        now = self._clock()
+        due = []
+        with self._lock:
+            for key, (first, repeats, fields) in list(self._open.items()):
+                if force or now - first >= self.window:
+                    del self._open[key]
+                    if repeats:
+                        due.append((key, repeats, fields))
+        for key, repeats, fields in due:
+            self._summary(key, repeats, fields)
+
+
+_RefusalLog.direct = _RefusalLog()
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What the acceptor allows a TCP connection before and around its association.
+
+    ``node.max_associations``, ``node.max_pdu_size`` and ``limits.idle_seconds`` are the AE's
+    ``maximum_associations``, ``maximum_pdu_size`` and ``network_timeout``, read from the AE
+    when they are needed; the rest is here.
+    """
+
+    association_request_seconds: float = 10.0
+    max_connections_per_address: int = 4
+    reserved_peer_associations: int = 2
+    #: Normalised IP addresses of the configured peers' hosts.
+    peer_addresses: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_config(cls, config: NodeConfig) -> "ConnectionLimits":
+        lim = config.limits
+        return cls(association_request_seconds=float(lim.association_request_seconds),
+                   max_connections_per_address=int(lim.max_connections_per_address),
+                   reserved_peer_associations=int(lim.reserved_peer_associations),
+                   peer_addresses=resolve_peer_addresses(p.host for p in config.peers))
+
+
+@dataclass
+class _Connection:
+    """One accepted TCP connection, from ``accept()`` to close."""
+
+    address: str
+    peer: bool
+    slot: bool  # holds an association slot; False: accepted only to be answered A-ASSOCIATE-RJ
+    deadline: float  # time.monotonic() by which the whole A-ASSOCIATE-RQ must have arrived
+    request: socket.socket
+    handed_over: bool = False  # an Association reads the socket now
+
+
+class _Slots:
+    """Counts connections per address and association slots per class (peer / any address)."""
+
+    def __init__(self, ae: AE, limits: ConnectionLimits):
+        self._ae = ae
+        self._limits = limits
+        self._lock = threading.Lock()
+        self._per_address: dict[str, int] = {}
+        self.slots = 0  # connections holding a slot
+        self.waiting = 0  # connections held only to be rejected
+
+    @property
+    def total(self) -> int:
+        return max(1, int(self._ae.maximum_associations))
+
+    @property
+    def reserved(self) -> int:
+        """Slots only peers' addresses may take (none while no peer address is known)."""
+        if not self._limits.peer_addresses:
+            return 0
+        return max(0, min(self._limits.reserved_peer_associations, self.total - 1))
+
+    def _open_to(self, peer: bool) -> int:
+        return self.total if peer else self.total - self.reserved
+
+    def admit(self, address: str, peer: bool) -> str:
+        """``"slot"``, ``"wait"`` (accept, then A-ASSOCIATE-RJ) or the reason to close at once."""
+        with self._lock:
+            if self._per_address.get(address, 0) >= self._limits.max_connections_per_address:
+                return "per_address_limit"
+            if self.slots < self._open_to(peer):
+                self.slots += 1
+                kind = "slot"
+            elif self.waiting < self.total:
+                self.waiting += 1
+                kind = "wait"
+            else:
+                return "no_free_slot"
+            self._per_address[address] = self._per_address.get(address, 0) + 1
+            return kind
+
+    def upgrade(self, conn: _Connection) -> str | None:
+        """Give a waiting connection a slot if one of its class is free now; else why not."""
+        with self._lock:
+            if conn.slot:
+                return None
+            if self.slots < self._open_to(conn.peer):
+                self.slots += 1
+                self.waiting -= 1
+                conn.slot = True
+                return None
+            return "local_limit_exceeded" if conn.peer or self.slots >= self.total else "reserved_for_peers"
+
+    def release(self, conn: _Connection) -> None:
+        with self._lock:
+            if conn.slot:
+                self.slots -= 1
+            else:
+                self.waiting -= 1
+            left = self._per_address.get(conn.address, 1) - 1
+            if left > 0:
+                self._per_address[conn.address] = left
+            else:
+                self._per_address.pop(conn.address, None)
+
+    def in_use(self) -> dict[str, int]:
+        with self._lock:
+            return {"slots": self.slots, "waiting": self.waiting, "addresses": len(self._per_address)}
+
+
+# -- the acceptor ----------------------------------------------------------------------------
 
 class _RequestHandler(transport.RequestHandler):
-    """pynetdicom's acceptor handler, giving each association a :class:`_ReceiveSocket`."""
+    """Serves one accepted connection of a :class:`NodeServer` until it is closed.
+
+    Reads the A-ASSOCIATE-RQ itself, against the connection's absolute deadline and
+    :data:`MAX_CONTROL_PDU`; answers A-ASSOCIATE-RJ when the connection holds no slot; else
+    hands the socket, with the request already read, to a pynetdicom association (socket
+    class :class:`_ReceiveSocket`) and waits for that association to end, so the slot is
+    held exactly as long as the connection. Used by a plain pynetdicom server it behaves as
+    pynetdicom's handler (with the :class:`_ReceiveSocket`).
+    """
+
+    _association_request: bytes = b""
+
+    def handle(self) -> None:
+        server = self.server
+        conn = server.connection_of(self.request) if isinstance(server, NodeServer) else None
+        if conn is None:
+            super().handle()
+            return
+        pdu = self._read_association_request(server, conn)
+        if pdu is None:
+            return
+        why_not = server.slots.upgrade(conn)
+        if why_not is not None:
+            server.refusals.note(why_not, conn.address, response="A-ASSOCIATE-RJ")
+            _send_and_finish(self.request, _local_limit_rj())
+            return
+        self.request.settimeout(self.ae.network_timeout)
+        self._association_request = bytes(pdu)
+        assoc = self._create_association()
+        conn.handed_over = True
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
+        assoc.join()
+
+    def _read_association_request(self, server: "NodeServer", conn: _Connection) -> bytearray | None:
+        """The complete A-ASSOCIATE-RQ PDU, or ``None`` once the connection has been dealt with."""
+        sock = self.request
+        try:
+            header = _recv_growing(sock, 6, conn.deadline)
+            if len(header) < 6:
+                return None  # closed before a PDU: nothing to answer, nothing to report
+            pdu_type, length = header[0], int.from_bytes(header[2:6], "big")
+            if pdu_type != _A_ASSOCIATE_RQ:
+                if pdu_type != _A_ABORT:  # an A-ABORT first: the peer gave up, just close
+                    server.refusals.note("not_an_association_request", conn.address, response="A-ABORT")
+                    _send_and_finish(sock, _abort_pdu(_ABORT_UNEXPECTED_PDU if pdu_type in _PDU_TYPES
+                                                      else _ABORT_UNRECOGNIZED_PDU))
+                return None
+            if length > MAX_CONTROL_PDU:
+                server.refusals.note("pdu_too_large", conn.address, response="A-ABORT", pdu_type="0x01",
+                                     limit=MAX_CONTROL_PDU)
+                _send_and_finish(sock, _abort_pdu(_ABORT_INVALID_PARAMETER))
+                return None
+            body = _recv_growing(sock, length, conn.deadline)
+        except TimeoutError:
+            server.refusals.note("association_request_timeout", conn.address, response="TCP close",
+                                 seconds=server.limits.association_request_seconds)
+            return None
+        except OSError:  # reset by the peer, or closed by the server's shutdown
+            return None
+        if len(body) < length:
+            return None
+        header += body
+        return header
 
     def _create_association(self):
         assoc = super()._create_association()
         # pynetdicom builds the socket inside this method and its constructor queues the
         # "transport connection open" event, so a second socket cannot simply replace it;
-        # the subclass adds no state, so changing the class of this one is equivalent.
-        assoc.dul.socket.__class__ = _ReceiveSocket
+        # the subclass keeps its state in class-level defaults, so changing the class of this
+        # one is equivalent.
+        sock = assoc.dul.socket
+        sock.__class__ = _ReceiveSocket
+        sock._prefix = self._association_request
+        sock._refusals = getattr(self.server, "refusals", None)
         return assoc
 
 
-class ReceivingAE(AE):
-    """pynetdicom's AE whose servers accept with :class:`_RequestHandler`.
+class NodeServer(transport.ThreadedAssociationServer):
+    """pynetdicom's threaded association server with the node's connection policy.
 
-    ``start_server`` builds its server through ``make_server``, which hands extra keywords
-    to the server's constructor; that is pynetdicom's way to choose the request handler, and
-    it keeps the faster socket to this SCP's associations (no other AssociationSocket).
+    Each accepted connection is admitted (per-address cap, slot class) in the accept loop and
+    then served by a daemon thread of its own (:class:`_RequestHandler`), which holds its
+    slot until the connection is closed. ``shutdown()`` stops accepting and closes the
+    connections that have not sent their A-ASSOCIATE-RQ yet; established associations run on,
+    as with pynetdicom's server.
     """
 
-    def make_server(self, *args, **kwargs):
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None,
+                 request_handler=None, limits: ConnectionLimits | None = None):
+        self.limits = limits or ConnectionLimits()
+        self.refusals = _RefusalLog()
+        self.slots = _Slots(ae, self.limits)
+        self._connections: dict[socket.socket, _Connection] = {}
+        self._connections_lock = threading.Lock()
+        #: Connections accepted from the listening socket so far, refused ones included.
+        self.connections_accepted = 0
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
+                         request_handler or _RequestHandler)
+        logs.event("scp_connection_limits", max_associations=self.slots.total,
+                   reserved_for_peers=self.slots.reserved, peer_addresses=",".join(sorted(self.limits.peer_addresses)),
+                   max_connections_per_address=self.limits.max_connections_per_address,
+                   association_request_seconds=self.limits.association_request_seconds,
+                   idle_seconds=ae.network_timeout, max_pdu_size=ae.maximum_pdu_size,
+                   max_control_pdu=MAX_CONTROL_PDU)
+
+    def connection_of(self, request: socket.socket) -> _Connection | None:
+        return self._connections.get(request)
+
+    def process_request(self, request, client_address) -> None:
+        """Admit a just-accepted connection and start its thread, or close it at once."""
+        self.connections_accepted += 1
+        address = normalise_address(str(client_address[0]))
+        peer = address in self.limits.peer_addresses
+        kind = self.slots.admit(address, peer)
+        if kind not in ("slot", "wait"):
+            self.refusals.note(kind, address, response="TCP close")
+            self.shutdown_request(request)
+            return
+        conn = _Connection(address=address, peer=peer, slot=kind == "slot",
+                           deadline=time.monotonic() + self.limits.association_request_seconds, request=request)
+        with self._connections_lock:
+            self._connections[request] = conn
+        thread = threading.Thread(target=self._serve_connection, args=(request, client_address, conn),
+                                  name=f"NodeConnection@{address}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: the connection cannot be served
+            self._end(request, conn)
+            self.refusals.note("no_thread", address, response="TCP close")
+
+    def _serve_connection(self, request, client_address, conn: _Connection) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self._end(request, conn)
+
+    def _end(self, request, conn: _Connection) -> None:
+        with self._connections_lock:
+            self._connections.pop(request, None)
+        self.slots.release(conn)
+        self.shutdown_request(request)
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        self.refusals.flush()
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self._connections_lock:
+            waiting = [c for c in self._connections.values() if not c.handed_over]
+        for conn in waiting:  # wakes their threads, which then end and free their slots
+            try:
+                conn.request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.refusals.flush(force=True)
+
+
+class ReceivingAE(AE):
+    """pynetdicom's AE whose servers are :class:`NodeServer` with :class:`_RequestHandler`.
+
+    ``start_server`` builds its server through ``make_server``, which hands extra keywords to
+    the server's constructor; that is pynetdicom's way to choose the server and request
+    handler classes. ``limits`` is the connection policy its servers apply.
+    """
+
+    def __init__(self, ae_title: str = "PYNETDICOM", limits: ConnectionLimits | None = None):
+        super().__init__(ae_title=ae_title)
+        self.connection_limits = limits or ConnectionLimits()
+
+    def make_server(self, address, ae_title=None, contexts=None, ssl_context=None, evt_handlers=None,
+                    server_class=None, **kwargs):
+        if server_class in (None, transport.AssociationServer, transport.ThreadedAssociationServer):
+            server_class = NodeServer
         kwargs.setdefault("request_handler", _RequestHandler)
-        return super().make_server(*args, **kwargs)
+        if isinstance(server_class, type) and issubclass(server_class, NodeServer):
+            kwargs.setdefault("limits", self.connection_limits)
+        return super().make_server(address, ae_title=ae_title, contexts=contexts, ssl_context=ssl_context,
+                                   evt_handlers=evt_handlers, server_class=server_class, **kwargs)
 
 
 _receive_dir: Path | None = None
@@ -102,27 +669,31 @@ def install_receive_path(incoming: Path) -> None:
 
 def build_receiving_ae(config: NodeConfig, storage_contexts: dict[str, list[str]],
                        verification_syntaxes: list[str]) -> ReceivingAE:
-    """The acceptor AE of the node: its AE title, association limits, timeouts and contexts.
+    """The acceptor AE of the node: its AE title, connection and association limits, timeouts, contexts.
+
+    Resolves the peers' host names now (:func:`resolve_peer_addresses`): the addresses that
+    may use the reserved slots are those of this moment.
 
     Parameters
     ----------
     config
-        The node configuration (``[node]`` and ``[limits]``; ``[[peers]]`` when callers are
-        restricted).
+        The node configuration (``[node]``, ``[limits]`` and ``[[peers]]``).
     storage_contexts
         Storage SOP Class UID -> the transfer syntax UIDs accepted for it.
     verification_syntaxes
         Transfer syntax UIDs accepted for Verification (C-ECHO).
     """
-    ae = ReceivingAE(ae_title=config.node.ae_title)
+    ae = ReceivingAE(ae_title=config.node.ae_title, limits=ConnectionLimits.from_config(config))
     ae.maximum_associations = config.node.max_associations
     ae.maximum_pdu_size = config.node.max_pdu_size
     ae.require_called_aet = True
     if not config.node.allow_any_caller:
         ae.require_calling_aet = [p.ae_title for p in config.peers]
-    ae.acse_timeout = 30
+    # ACSE: the A-ASSOCIATE-RQ is read by the node against the same deadline; pynetdicom uses
+    # this for its ARTIM timer (waiting for the peer to close after a release or an abort).
+    ae.acse_timeout = config.limits.association_request_seconds
     ae.dimse_timeout = 60
-    ae.network_timeout = 60
+    ae.network_timeout = config.limits.idle_seconds
     ae.add_supported_context(Verification, list(verification_syntaxes))
     for uid, syntaxes in storage_contexts.items():
         ae.add_supported_context(uid, list(syntaxes))
