@@ -453,3 +453,36 @@ def test_everything_under_storage_is_private_including_files_of_an_older_version
     assert not loose, loose
     assert {"jobs.sqlite", "spool", "outbox", "previews", "logs"} <= kinds
     assert list((storage / "previews").rglob("*.png")) and list((storage / "outbox").rglob("*.dcm"))
+
+
+def test_a_disk_full_to_the_last_byte_is_out_of_resources_not_a_dropped_association(small_disk, tmp_path):
+    """Fault 7, the receive itself: pynetdicom writes the arriving data set to a file; at 0 bytes
+    free that write fails in its reader thread. The sender must get 0xA700 on a live association."""
+    from dicom_ai.node.config import load_config
+    from dicom_ai.node.jobstore import JobStore
+    from dicom_ai.node.scp import StorageSCP
+
+    cfg = load_config(None, {"node.ae_title": "AINODE", "node.port": free_port(), "node.storage": str(small_disk),
+                             "node.reserve_free_mb": 0, "peers": ["PACS@127.0.0.1:1"]})
+    scp = StorageSCP(cfg, JobStore(cfg.layout.jobstore))
+    port = scp.start()
+    try:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.1.2.1")
+        study = generate_uid()
+        images = [make_mg("L", "CC", study, generate_uid(), n, shape=(512, 512)) for n in (1, 2, 3)]
+        filler = _fill(small_disk)
+        assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+        assert assoc.is_established
+        first = assoc.send_c_store(images[0])
+        second = assoc.send_c_store(images[1])
+        assert assoc.is_established, "the association was dropped instead of answered"
+        for status in (first, second):
+            assert int(status.Status) == 0xA700, status
+            assert "storage full" in str(status.get("ErrorComment", ""))
+        filler.unlink()
+        assert int(assoc.send_c_store(images[2]).Status) == 0x0000
+        assoc.release()
+        assert not list(cfg.layout.incoming.iterdir()), "partial receives left behind"
+    finally:
+        scp.stop()

@@ -65,7 +65,7 @@ from dicom_ai.node.admission import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCES
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.jobstore import Instance, JobStore
 from dicom_ai.node.storage import fsync_dir, fsync_file
-from dicom_ai.node.transport import build_receiving_ae, install_receive_path
+from dicom_ai.node.transport import build_receiving_ae, install_receive_path, receive_failed
 
 #: Storage SOP classes the node accepts (UID -> name as in PS3.4 Annex B).
 SUPPORTED_SOP_CLASSES: dict[str, str] = {
@@ -215,9 +215,14 @@ class StorageSCP:
         calling_ae = event.assoc.requestor.ae_title
         sop_uid = str(req.AffectedSOPInstanceUID or "")
         tmp = Path(event.dataset_path)
+        write_error = receive_failed(tmp)
         try:
             if sop_uid == NO_USABLE_UID or not is_valid_uid(sop_uid):
                 raise Rejected(CANNOT_UNDERSTAND, "Affected SOP Instance UID missing or invalid")
+            if write_error is not None:
+                full = write_error in (errno.ENOSPC, errno.EDQUOT)
+                raise Rejected(OUT_OF_RESOURCES, "storage full while receiving" if full
+                               else f"storage error while receiving: {os.strerror(write_error)}")
             status, detail = self._store(tmp, calling_ae, str(req.AffectedSOPClassUID), sop_uid,
                                          str(event.context.transfer_syntax))
         except Rejected as exc:

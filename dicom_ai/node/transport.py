@@ -636,10 +636,74 @@ class ReceivingAE(AE):
 _receive_dir: Path | None = None
 
 
+# Paths of received data sets whose file could not be written (disk full), -> errno.
+_failed_receives: dict[str, int] = {}
+_failed_lock = threading.Lock()
+
+
+class _ReceiveFile:
+    """The temporary file of one received data set, as pynetdicom writes it while it arrives.
+
+    pynetdicom writes each fragment from its reader thread; an ``OSError`` there (ENOSPC on a
+    full disk) aborts the association, and the sender sees a dropped connection rather than
+    the status the node owes it. So a write error is recorded instead, the partial file is
+    given up (its space freed) and the rest of the data set is discarded; the C-STORE handler
+    asks :func:`receive_failed` and answers Out of Resources.
+    """
+
+    def __init__(self, ntf):
+        self._ntf = ntf
+        self.name = ntf.name
+        self.file = self  # pynetdicom calls ``.file.flush()`` after each fragment
+
+    def _give_up(self, exc: OSError) -> None:
+        with _failed_lock:
+            _failed_receives[self.name] = exc.errno or 0
+        try:
+            self._ntf.close()
+        except OSError:
+            pass  # the buffered bytes that did not fit: dropped on purpose
+        try:
+            with open(self.name, "wb"):
+                pass  # truncate: the space goes back to the spool at once
+        except OSError:
+            pass
+
+    def write(self, data) -> int:
+        if self.name not in _failed_receives:
+            try:
+                return self._ntf.write(data)
+            except OSError as exc:
+                self._give_up(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.name not in _failed_receives:
+            try:
+                self._ntf.file.flush()
+            except OSError as exc:
+                self._give_up(exc)
+
+    def close(self) -> None:
+        try:
+            self._ntf.close()
+        except OSError:
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._ntf, name)
+
+
+def receive_failed(path: str | Path) -> int | None:
+    """The errno with which writing the received data set at ``path`` failed, or None (once)."""
+    with _failed_lock:
+        return _failed_receives.pop(str(path), None)
+
+
 def _receive_tempfile(*args, **kwargs):
     """``NamedTemporaryFile`` as pynetdicom calls it, in the installed receive folder."""
     kwargs.setdefault("dir", _receive_dir)
-    return tempfile.NamedTemporaryFile(*args, **kwargs)
+    return _ReceiveFile(tempfile.NamedTemporaryFile(*args, **kwargs))
 
 
 def install_receive_path(incoming: Path) -> None:
