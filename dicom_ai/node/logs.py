@@ -11,7 +11,7 @@ with the fields attached; :class:`JsonFormatter` turns it into the line. :func:`
 puts the same handlers (stderr and the log file) on that logger and on ``pynetdicom``'s, so
 pynetdicom's warnings come out as ``"event": "pynetdicom"`` lines in the same file.
 
-Libraries that print data set values: pydicom's ``UserWarning``\ s and its logger (through
+Libraries that print data set values: pydicom's ``UserWarning`` warnings and its logger (through
 ``warn_and_log``) quote raw element values, highdicom logs at INFO. :func:`capture_warnings`
 (called by :func:`configure`, and by the ``dicom-ai`` command) turns every warning and every
 record of those loggers into a ``warning`` / ``library_log`` event that names the category,
