@@ -34,6 +34,7 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     max_job_attempts = 3            # failures of the job itself (an exception) before it is failed
     max_job_interruptions = 10      # worker/node stops during the job (SIGKILL, OOM, restart) before failed
     previews = true                 # PNG overlays per image in <storage>/previews/ for IT checks
+    operating_point = ""            # each bundle's named operating point ("" = its default)
 
     [results]                       # what the result objects look like (dicom_ai.results)
     segmentation_type = "BINARY"    # BINARY | FRACTIONAL
@@ -122,6 +123,7 @@ class PipelineSection:
     max_job_attempts: int = 3
     max_job_interruptions: int = 10
     previews: bool = True
+    operating_point: str = ""
 
 
 @dataclass
@@ -384,6 +386,9 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(f"pipeline.factory must look like 'package.module:callable', got {p.factory!r}")
     if p.max_job_attempts < 1:
         raise ConfigError(f"pipeline.max_job_attempts must be at least 1, got {p.max_job_attempts}")
+    if p.operating_point and not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,63}", p.operating_point):
+        raise ConfigError("pipeline.operating_point must be empty (each bundle's default) or a name of "
+                          f"lower-case letters, digits, '.', '_' or '-', got {p.operating_point!r}")
     if p.max_job_interruptions < 1:
         raise ConfigError(f"pipeline.max_job_interruptions must be at least 1, got {p.max_job_interruptions}")
     res = cfg.results
