@@ -690,6 +690,12 @@ class _ReceiveFile:
         except OSError:
             pass
 
+    def __enter__(self) -> "_ReceiveFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __getattr__(self, name):
         return getattr(self._ntf, name)
 
