@@ -1,6 +1,7 @@
 """cli: the ``dicom-ai`` command, every sub-command of it, and ``make demo``.
 
-Owns argument parsing and what each sub-command prints: ``serve``, ``status``, ``retry``,
+Owns argument parsing and what each sub-command prints: ``serve``, ``check-config``, ``status``, ``retry``
+(audited),
 ``infer``, ``echo`` (:mod:`~dicom_ai.cli.node`), ``phantom``, ``preview``, ``evaluate``
 (:mod:`~dicom_ai.cli.data`), ``train glam | dunet-pretrain | dunet-seg | microcalc``
 (:mod:`~dicom_ai.cli.train`) and the demo (:mod:`~dicom_ai.cli.demo`).

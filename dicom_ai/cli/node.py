@@ -1,4 +1,4 @@
-"""`dicom-ai serve | status | retry | infer | echo`: running and operating the node."""
+"""`dicom-ai serve | check-config | status | retry | infer | echo`: running and operating the node."""
 
 from __future__ import annotations
 
@@ -23,6 +23,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="accept associations from any calling AE title")
     p.add_argument("--device", help="auto, cpu or cuda:N (pipeline.device)")
     p.set_defaults(handler=_serve)
+
+    p = subparsers.add_parser("check-config", help="validate node.toml and print the effective configuration")
+    p.add_argument("--config", type=Path, required=True, help="node.toml to check")
+    p.add_argument("--quiet", action="store_true", help="print nothing when the file is valid (systemd ExecStartPre)")
+    p.set_defaults(handler=_check_config)
 
     p = subparsers.add_parser("status", help="studies, jobs and deliveries with their states (no patient data)")
     _storage_args(p)
@@ -135,8 +140,43 @@ def _status(args: argparse.Namespace) -> int:
     return 1 if failed or status["notices"] or disk["low"] else 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dicom_ai.node.config import ConfigError
+    from dicom_ai.node.tls import client_context, server_context
+
+    config = _load(args)
+    try:  # the certificate and key must load as the node will load them, not only exist
+        if config.tls.port:
+            server_context(config.tls)
+        if any(r.tls for r in (*config.peers, *config.destinations)):
+            client_context(config.tls)
+    except ConfigError as exc:
+        print(f"dicom-ai: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if not config.peers and not config.node.allow_any_caller:
+        print("dicom-ai: configuration error: no [[peers]] are configured and node.allow_any_caller is false, "
+              "so every association would be refused", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        effective = dataclasses.asdict(config)
+        effective["derived"] = {"storage": str(config.storage_dir), "log_file": str(config.log_file),
+                                "audit_file": str(config.audit_file) if config.audit.sink == "file" else None}
+        print(f"# {args.config}: valid. Effective configuration (defaults filled in):")
+        print(json.dumps(effective, indent=2))
+    return 0
+
+
 def _retry(args: argparse.Namespace) -> int:
-    counts = _open_store(args).retry_failed()
+    from dicom_ai.node import audit
+
+    config = _load(args, **{"node.storage": args.storage})
+    counts = _open_store(args, config).retry_failed()
+    audit.configure(config)
+    audit.security_alert(("110131", "Software Configuration"),
+                         f"dicom-ai retry: re-queued {counts['deliveries']} failed deliveries and {counts['jobs']} "
+                         "failed jobs", audit.Participant(audit.operator(), requestor=True), outcome=audit.SUCCESS)
     print(f"re-queued {counts['deliveries']} failed deliveries and {counts['jobs']} failed jobs")
     return 0
 

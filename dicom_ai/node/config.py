@@ -17,11 +17,36 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     ae_title = "PACS"
     host = "10.0.0.5"
     port = 104
+    tls = false                     # true: results go to it over DICOM TLS ([tls] keys)
+    require_address = false         # true: this AE title is accepted only from host's addresses
+    certificate_subject = ""        # TLS: the client certificate's CN or a SAN must equal this
 
-    [[destinations]]                # optional extra result destinations
+    [[destinations]]                # optional extra result destinations (tls as for peers)
     ae_title = "ARCHIVE"
     host = "10.0.0.6"
     port = 104
+
+    [tls]                           # DICOM TLS (PS3.15 Annex B, BCP 195 profile)
+    port = 0                        # TLS listener beside node.port; 0 = none
+    plain_port = true               # false: no plain listener, TLS only (node.port unused)
+    certificate = ""                # PEM certificate (chain) of the node
+    private_key = ""                # PEM private key of that certificate (owner-readable only)
+    ca_bundle = ""                  # PEM CA certificates trusted for peers (client and server side)
+    require_client_certificate = true   # refuse TLS callers without a certificate from ca_bundle
+    min_version = "1.2"             # "1.2" or "1.3"
+
+    [audit]                         # IHE ATNA / PS3.15 A.5 audit messages as RFC 5424 syslog
+    sink = "file"                   # off | file | udp | tcp | tls
+    file = ""                       # sink = "file": default <storage>/logs/audit.log (append only)
+    host = "127.0.0.1"              # sink = udp/tcp/tls: the audit record repository
+    port = 514                      # 6514 is usual for tls
+    include_patient_ids = false     # true: Patient ID in ParticipantObjectIdentification
+    source_id = ""                  # AuditSourceID; default node.ae_title
+    enterprise_site_id = ""
+
+    [http]                          # /metrics (Prometheus), /healthz, /readyz, / (status page)
+    bind_address = "127.0.0.1"
+    port = 0                        # 0 = no HTTP server, e.g. 9110 to turn it on
 
     [study]
     grace_seconds = 10              # wait after the fourth standard view
@@ -62,7 +87,7 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
 
     [logging]
     level = "INFO"
-    file = ""                       # default: <storage>/logs/node.log
+    file = ""                       # default: <storage>/logs/node.log; reopened when logrotate moves it
 
 Every error names the offending key (``peers[1].port``) so the file can be fixed before the
 node starts.
@@ -91,6 +116,12 @@ class RemoteNode:
     ae_title: str
     host: str
     port: int
+    #: Results go to it over DICOM TLS (the ``[tls]`` certificate, key and CA bundle).
+    tls: bool = False
+    #: Associations with this calling AE title are accepted only from ``host``'s addresses.
+    require_address: bool = False
+    #: With TLS: the client certificate's subject CN or one of its SANs must equal this.
+    certificate_subject: str = ""
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -161,6 +192,34 @@ class RetrySection:
 
 
 @dataclass
+class TlsSection:
+    port: int = 0
+    plain_port: bool = True
+    certificate: str = ""
+    private_key: str = ""
+    ca_bundle: str = ""
+    require_client_certificate: bool = True
+    min_version: str = "1.2"
+
+
+@dataclass
+class AuditSection:
+    sink: str = "file"
+    file: str = ""
+    host: str = "127.0.0.1"
+    port: int = 514
+    include_patient_ids: bool = False
+    source_id: str = ""
+    enterprise_site_id: str = ""
+
+
+@dataclass
+class HttpSection:
+    bind_address: str = "127.0.0.1"
+    port: int = 0
+
+
+@dataclass
 class LoggingSection:
     level: str = "INFO"
     file: str = ""
@@ -179,6 +238,9 @@ class NodeConfig:
     limits: LimitsSection = field(default_factory=LimitsSection)
     retry: RetrySection = field(default_factory=RetrySection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    audit: AuditSection = field(default_factory=AuditSection)
+    http: HttpSection = field(default_factory=HttpSection)
 
     @property
     def storage_dir(self) -> Path:
@@ -192,6 +254,17 @@ class NodeConfig:
     @property
     def log_file(self) -> Path:
         return Path(self.logging.file).resolve() if self.logging.file else self.layout.default_log_file
+
+    @property
+    def audit_file(self) -> Path:
+        return Path(self.audit.file).resolve() if self.audit.file else self.layout.root / "logs" / "audit.log"
+
+    def remote(self, ae_title: str) -> RemoteNode | None:
+        """The configured peer or destination with this AE title, if any."""
+        for r in (*self.peers, *self.destinations):
+            if r.ae_title == ae_title:
+                return r
+        return None
 
     def peer(self, ae_title: str) -> RemoteNode | None:
         """The configured peer with this AE title, if any."""
@@ -209,9 +282,13 @@ class NodeConfig:
 
 
 _SECTIONS = {"node": NodeSection, "study": StudySection, "pipeline": PipelineSection,
-             "results": ResultsSection, "limits": LimitsSection, "retry": RetrySection, "logging": LoggingSection}
+             "results": ResultsSection, "limits": LimitsSection, "retry": RetrySection, "logging": LoggingSection,
+             "tls": TlsSection, "audit": AuditSection, "http": HttpSection}
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_TLS_VERSIONS = ("1.2", "1.3")
+_AUDIT_SINKS = ("off", "file", "udp", "tcp", "tls")
+_REMOTE_KEYS = ("ae_title", "host", "port", "tls", "require_address", "certificate_subject")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
@@ -234,6 +311,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         storage = data.get("node", {}).get("storage") if isinstance(data.get("node"), dict) else None
         if isinstance(storage, str) and not Path(storage).is_absolute():
             data["node"]["storage"] = str(base / storage)
+        # Certificate and key files, like the storage, are relative to the file that names them.
+        for section, name in (("tls", "certificate"), ("tls", "private_key"), ("tls", "ca_bundle"),
+                              ("audit", "file")):
+            value = data.get(section, {}).get(name) if isinstance(data.get(section), dict) else None
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                data[section][name] = str(base / value)
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -281,17 +364,27 @@ def parse_remote(text: str, key: str = "peer") -> RemoteNode:
 def _remote(item: Any, key: str, port_from_text: bool = False) -> RemoteNode:
     if not isinstance(item, dict):
         raise ConfigError(f"{key} must be a table with ae_title, host and port")
-    unknown = set(item) - {"ae_title", "host", "port"}
+    unknown = set(item) - set(_REMOTE_KEYS)
     if unknown:
-        raise ConfigError(f"unknown key {key}.{sorted(unknown)[0]}; known: ae_title, host, port")
+        raise ConfigError(f"unknown key {key}.{sorted(unknown)[0]}; known: {', '.join(_REMOTE_KEYS)}")
     for name in ("ae_title", "host", "port"):
         if name not in item:
             raise ConfigError(f"{key}.{name} is missing")
     port = item["port"]
     if port_from_text and isinstance(port, str) and port.isdigit():
         port = int(port)
+    flags = {}
+    for name in ("tls", "require_address"):
+        if name in item:
+            if not isinstance(item[name], bool):
+                raise ConfigError(f"{key}.{name} must be true or false, got {item[name]!r}")
+            flags[name] = item[name]
+    subject = item.get("certificate_subject", "")
+    if not isinstance(subject, str):
+        raise ConfigError(f"{key}.certificate_subject must be a string, got {subject!r}")
     return RemoteNode(ae_title=_ae(item["ae_title"], f"{key}.ae_title"),
-                      host=_host(item["host"], f"{key}.host"), port=_port(port, f"{key}.port"))
+                      host=_host(item["host"], f"{key}.host"), port=_port(port, f"{key}.port"),
+                      certificate_subject=subject.strip(), **flags)
 
 
 def _section(cls: type, values: dict[str, Any], section: str) -> Any:
@@ -420,6 +513,41 @@ def _check(cfg: NodeConfig) -> None:
         raise ConfigError(f"retry.max_attempts must be at least 1, got {r.max_attempts}")
     if r.initial_delay_seconds < 0 or r.max_delay_seconds < r.initial_delay_seconds or r.backoff_factor < 1:
         raise ConfigError("retry: need 0 <= initial_delay_seconds <= max_delay_seconds and backoff_factor >= 1")
+    _check_tls(cfg)
+    a = cfg.audit
+    a.sink = a.sink.lower()
+    if a.sink not in _AUDIT_SINKS:
+        raise ConfigError(f"audit.sink must be one of {', '.join(_AUDIT_SINKS)}, got {a.sink!r}")
+    if a.sink in ("udp", "tcp", "tls"):
+        _host(a.host, "audit.host")
+        _port(a.port, "audit.port")
+    if a.sink == "tls" and not cfg.tls.ca_bundle:
+        raise ConfigError("audit.sink = \"tls\" needs tls.ca_bundle (the CA that signed the collector's certificate)")
+    h = cfg.http
+    _host(h.bind_address, "http.bind_address")
+    _port(h.port, "http.port", allow_zero=True)
     cfg.logging.level = cfg.logging.level.upper()
     if cfg.logging.level not in _LEVELS:
         raise ConfigError(f"logging.level must be one of {', '.join(_LEVELS)}, got {cfg.logging.level!r}")
+
+
+def _check_tls(cfg: NodeConfig) -> None:
+    t = cfg.tls
+    _port(t.port, "tls.port", allow_zero=True)
+    if t.min_version not in _TLS_VERSIONS:
+        raise ConfigError(f"tls.min_version must be \"1.2\" or \"1.3\" (BCP 195: never below 1.2), "
+                          f"got {t.min_version!r}")
+    if not t.plain_port and not t.port:
+        raise ConfigError("tls.plain_port = false needs tls.port: the node would not listen at all")
+    if t.port and t.plain_port and t.port == cfg.node.port:
+        raise ConfigError(f"tls.port {t.port} is node.port too: give the TLS listener a port of its own")
+    users = [f"{s}[{i}].tls" for s in ("peers", "destinations") for i, r in enumerate(getattr(cfg, s)) if r.tls]
+    if not t.port and not users and cfg.audit.sink != "tls":
+        return
+    why = "tls.port" if t.port else (users[0] if users else "audit.sink = \"tls\"")
+    for name in ("certificate", "private_key", "ca_bundle"):
+        value = getattr(t, name)
+        if not value:
+            raise ConfigError(f"tls.{name} is not set, and {why} needs it (a PEM file)")
+        if not Path(value).is_file():
+            raise ConfigError(f"tls.{name} = {value!r}: no such file")

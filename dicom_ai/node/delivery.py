@@ -41,10 +41,11 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pynetdicom.status import STATUS_PENDING, STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
-from dicom_ai.node import logs
+from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.jobstore import Delivery, JobStore
 from dicom_ai.node.storage import is_storage_error
+from dicom_ai.node.tls import client_context
 
 __all__ = ["DeliveryAgent", "DeliveryThread"]
 
@@ -139,14 +140,34 @@ class DeliveryAgent:
             self.store.delivery_done(d.id)
             logs.event("delivery_done", delivery_id=d.id, job_id=d.job_id, destination=d.ae_title,
                        objects=len(pending))
+            self._audit(d, pending, None)
             return "done"
         retry = self.config.retry
         state = self.store.delivery_attempt_failed(d.id, error, retry.max_attempts, retry.delay)
+        metrics.DELIVERY_ATTEMPTS_FAILED.labels(destination=d.ae_title).inc()
+        if state == "failed":
+            self._audit(d, pending, error)
         logs.event("delivery_attempt_failed", level="WARNING" if state == "pending" else "ERROR",
                    delivery_id=d.id, job_id=d.job_id, destination=f"{d.ae_title}@{d.host}:{d.port}",
                    attempt=d.attempts + 1, state=state, error=error,
                    retry_in_s=round(retry.delay(d.attempts + 1), 1) if state == "pending" else None)
         return state
+
+    def _audit(self, d: Delivery, objects: list[tuple[str, str, str]], error: str | None) -> None:
+        """DICOM Instances Transferred: results sent (``error`` None) or the delivery failed for good."""
+        classes: dict[str, int] = {}
+        for _, sop_class, _ in objects:
+            classes[sop_class] = classes.get(sop_class, 0) + 1
+        try:
+            head = pydicom.dcmread(objects[0][2], stop_before_pixels=True,
+                                   specific_tags=["StudyInstanceUID", "PatientID"])
+            study = audit.StudyObject(str(head.StudyInstanceUID), classes, str(head.get("PatientID", "")))
+        except Exception:  # the audit message goes out without the study rather than not at all
+            study = None
+        audit.instances_transferred(audit.node_participant(audit.SOURCE_ROLE),
+                                    audit.Participant(d.ae_title, audit.DESTINATION_ROLE, False, d.host),
+                                    [study] if study else [], audit.SUCCESS if error is None else audit.SERIOUS_FAILURE,
+                                    "" if error is None else f"delivery failed: {error}")
 
     def _record_sent(self, delivery_id: int, uid: str) -> None:
         with self._lock:
@@ -167,7 +188,13 @@ class DeliveryAgent:
             ae.add_requested_context(sop_class, sorted(syntaxes))
         if ask_first:
             ae.add_requested_context(_FIND)
-        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title)
+        # DICOM TLS for a peer/destination configured with tls = true (the [tls] certificate,
+        # key and CA bundle; the destination's certificate must name its host).
+        remote = self.config.remote(d.ae_title)
+        tls_args = None
+        if remote is not None and remote.tls:
+            tls_args = (client_context(self.config.tls), d.host)
+        assoc = ae.associate(d.host, d.port, ae_title=d.ae_title, tls_args=tls_args)
         if assoc.is_established and assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
             # Without TCP_NODELAY each C-STORE waits ~90 ms for Nagle + delayed ACK on the
             # small PDUs at the start and end of the message.
@@ -219,6 +246,7 @@ class DeliveryAgent:
                     return f"C-STORE of {uid} answered {code} {comment}".strip()
                 logs.event("object_sent", delivery_id=d.id, destination=d.ae_title, sop_instance_uid=uid,
                            status=f"0x{int(status.Status):04X}")
+                metrics.OBJECTS_SENT.labels(destination=d.ae_title).inc()
                 self._record_sent(d.id, uid)
         finally:
             if assoc.is_established:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import re
 import sys
 import time
@@ -99,7 +100,9 @@ class _QuietStreamHandler(logging.StreamHandler):
         pass
 
 
-class _QuietFileHandler(logging.FileHandler):
+class _QuietFileHandler(logging.handlers.WatchedFileHandler):
+    # WatchedFileHandler: the node never rotates its log itself; logrotate (or any tool) may
+    # move the file away, and the next line reopens node.log (no copytruncate needed).
     def handleError(self, record: logging.LogRecord) -> None:
         pass
 
@@ -122,8 +125,8 @@ def configure(proc: str, level: str = "INFO", path: Path | None = None, stream=s
         The lowest level written (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``); pynetdicom is
         kept at WARNING whatever this is, because at DEBUG it logs data set summaries.
     path : Path or None
-        A log file to append to (its folder is created), flushed after every line; ``None``
-        for none.
+        A log file to append to (its folder is created), flushed after every line, and
+        reopened when it has been moved or removed (logrotate); ``None`` for none.
     stream : text stream or None
         Where else each line goes (default stderr); ``None`` for nowhere.
     """

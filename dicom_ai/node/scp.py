@@ -4,6 +4,16 @@ Association policy
     * The Called AE Title must be the node's AE title (else rejected, reason 7).
     * The Calling AE Title must be a configured peer unless ``allow_any_caller`` (else
       rejected permanently, reason 3 "calling AE title not recognized").
+    * Peer identity (optional, per ``[[peers]]``): ``require_address = true`` accepts the AE
+      title only from the addresses its ``host`` resolves to at start; ``certificate_subject``
+      accepts it only over TLS with a verified client certificate whose subject CN or a DNS/IP
+      SAN is that name. Otherwise rejected permanently, reason 3, with the reason logged
+      (``connection_refused``, reasons ``peer_address_mismatch``,
+      ``peer_certificate_missing``, ``peer_certificate_mismatch``) and audited (Security Alert, Node
+      Authentication). Checked on the A-ASSOCIATE-RQ before pynetdicom sees it
+      (:mod:`~dicom_ai.node.transport`).
+    * Listeners: ``node.port`` (plain) and, with ``tls.port``, a DICOM TLS port (PS3.15 Annex
+      B, BCP 195: :mod:`~dicom_ai.node.tls`); ``tls.plain_port = false`` leaves only the TLS one.
     * At most ``max_associations`` concurrent associations; more are rejected transiently.
     * Presentation contexts: Verification, and the two SOP classes of
       :data:`SUPPORTED_SOP_CLASSES`, each with every transfer syntax of
@@ -54,18 +64,21 @@ from pathlib import Path
 
 from io import BytesIO
 
+import pydicom
 from pydicom.dataset import Dataset
 from pynetdicom import _config, evt
 from pynetdicom.dsutils import decode, encode
 
 from dicom_ai.core.errors import ConfigError
-from dicom_ai.node import logs
+from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.admission import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, Rejected,
                                      check_dataset, is_valid_uid)
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.jobstore import Instance, JobStore
 from dicom_ai.node.storage import fsync_dir, fsync_file
-from dicom_ai.node.transport import build_receiving_ae, install_receive_path, receive_failed
+from dicom_ai.node.tls import certificate_names, server_context
+from dicom_ai.node.transport import (build_receiving_ae, install_receive_path, normalise_address, receive_failed,
+                                     resolve_peer_addresses)
 
 #: Storage SOP classes the node accepts (UID -> name as in PS3.4 Annex B).
 SUPPORTED_SOP_CLASSES: dict[str, str] = {
@@ -146,7 +159,13 @@ class StorageSCP:
         self.spool = self.layout.spool
         self.incoming = self.layout.incoming
         self.server = None
+        self._ae = None
+        self.servers: list = []
         self.port: int | None = None
+        self.tls_port: int | None = None
+        self._peer_addresses: dict[str, frozenset[str]] = {}
+        # Association -> {Study Instance UID: (SOP Class UID -> instances, a spool path)}, for the audit trail.
+        self._received: dict[int, dict[str, tuple[dict[str, int], str]]] = {}
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -165,24 +184,93 @@ class StorageSCP:
             leftover.unlink(missing_ok=True)
         self.reconcile_spool()
         install_receive_path(self.incoming)
+        tls = self.config.tls
+        context = server_context(tls) if tls.port else None  # before listening: a bad key is a ConfigError
+        self._peer_addresses = {p.ae_title: resolve_peer_addresses([p.host]) for p in self.config.peers
+                                if p.require_address}
         ae = build_receiving_ae(self.config, {uid: list(SUPPORTED_TRANSFER_SYNTAXES) for uid in SUPPORTED_SOP_CLASSES},
-                                list(VERIFICATION_TRANSFER_SYNTAXES))
+                                list(VERIFICATION_TRANSFER_SYNTAXES), identity_check=self.identity_problem)
+        self._ae = ae
         handlers = [(evt.EVT_CONN_OPEN, self._on_connection), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_PDU_RECV, _on_pdu_received),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_ABORTED, self._on_aborted)]
-        self.server = ae.start_server((self.config.node.bind_address, self.config.node.port), block=False,
-                                      evt_handlers=handlers)
-        self.port = int(self.server.server_address[1])
-        logs.event("scp_listening", ae_title=self.config.node.ae_title, address=self.config.node.bind_address,
-                   port=self.port, allow_any_caller=self.config.node.allow_any_caller,
+                    (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_RELEASED, self._on_released)]
+        address = self.config.node.bind_address
+        if tls.plain_port:
+            self.server = ae.start_server((address, self.config.node.port), block=False, evt_handlers=handlers)
+            self.servers.append(self.server)
+            self.port = int(self.server.server_address[1])
+        if context is not None:
+            server = ae.start_server((address, tls.port), block=False, evt_handlers=handlers, ssl_context=context)
+            self.servers.append(server)
+            self.server = self.server or server
+            self.tls_port = int(server.server_address[1])
+            self.port = self.port or self.tls_port
+        logs.event("scp_listening", ae_title=self.config.node.ae_title, address=address,
+                   port=self.port if tls.plain_port else None, tls_port=self.tls_port,
+                   tls_min_version=tls.min_version if context else None,
+                   allow_any_caller=self.config.node.allow_any_caller,
                    peers=",".join(p.ae_title for p in self.config.peers))
         return self.port
 
+    @property
+    def accepting(self) -> bool:
+        """True while every configured listener is open (``/readyz``)."""
+        return bool(self.servers) and all(s.socket is not None and s.socket.fileno() >= 0 for s in self.servers)
+
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        """Stop accepting; established associations (C-STOREs in progress) run to their end."""
+        for server in self.servers:
+            server.shutdown()
+        self.servers = []
+        self.server = None
+
+    def wait_idle(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the associations in progress to end; True when none is left."""
+        deadline = time.monotonic() + seconds
+        while self._ae is not None and self._ae.active_associations:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    # -- peer identity -------------------------------------------------------------------
+
+    def identity_problem(self, calling_ae: str, address: str, certificate: dict | None) -> tuple[str, str] | None:
+        """Why an A-ASSOCIATE-RQ from ``calling_ae`` at ``address`` is not that peer: (reason, text); None if it may be.
+
+        Parameters
+        ----------
+        calling_ae : str
+            The Calling AE Title of the request.
+        address : str
+            The caller's IP address (normalised).
+        certificate : dict or None
+            Its verified TLS client certificate (``getpeercert()``), None without TLS or
+            without a certificate.
+        """
+        peer = self.config.peer(calling_ae)
+        if peer is None:
+            return None  # not a peer: the AE title check (require_calling_aet) answers it
+        why = reason = None
+        if peer.require_address and normalise_address(address) not in self._peer_addresses.get(peer.ae_title, ()):
+            reason = "peer_address_mismatch"
+            why = f"AE title {calling_ae} is configured for host {peer.host}, not {address} (peers.require_address)"
+        elif peer.certificate_subject:
+            names = certificate_names(certificate)
+            if not names:
+                reason = "peer_certificate_missing"
+                why = (f"AE title {calling_ae} must connect over TLS with a client certificate for "
+                       f"{peer.certificate_subject!r} (peers.certificate_subject)")
+            elif peer.certificate_subject not in names:
+                reason = "peer_certificate_mismatch"
+                why = (f"the client certificate names {', '.join(names)[:200]}, not {peer.certificate_subject!r} "
+                       f"configured for AE title {calling_ae}")
+        if why is not None:
+            audit.security_alert(("110126", "Node Authentication"), why,
+                                 audit.Participant(calling_ae, audit.SOURCE_ROLE, True, address))
+            return reason, why
+        return None
 
     # -- event handlers ------------------------------------------------------------------
 
@@ -198,16 +286,49 @@ class StorageSCP:
 
     def _on_accepted(self, event: evt.Event) -> None:
         a = event.assoc
+        metrics.ASSOCIATIONS.labels(outcome="accepted").inc()
+        tls = a.dul.socket is not None and hasattr(a.dul.socket.socket, "version")
         logs.event("association_accepted", calling_ae=a.requestor.ae_title, address=a.requestor.address,
-                   contexts=len(a.accepted_contexts), refused_contexts=len(a.rejected_contexts))
+                   contexts=len(a.accepted_contexts), refused_contexts=len(a.rejected_contexts),
+                   tls=a.dul.socket.socket.version() if tls else None)
+        self._received[id(a)] = {}
+        audit.association_started(a.requestor.ae_title, a.requestor.address)
 
     def _on_rejected(self, event: evt.Event) -> None:
         a = event.assoc
+        metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
         logs.event("association_rejected", level="WARNING", calling_ae=a.requestor.ae_title,
                    called_ae=a.acceptor.ae_title, address=a.requestor.address)
 
     def _on_aborted(self, event: evt.Event) -> None:
+        metrics.ASSOCIATIONS.labels(outcome="aborted").inc()
         logs.event("association_aborted", level="WARNING", calling_ae=event.assoc.requestor.ae_title)
+        self._association_ended(event.assoc, aborted=True)
+
+    def _on_released(self, event: evt.Event) -> None:
+        metrics.ASSOCIATIONS.labels(outcome="released").inc()
+        self._association_ended(event.assoc, aborted=False)
+
+    def _association_ended(self, a, aborted: bool) -> None:
+        """Audit what the association brought: one DICOM Instances Transferred per study."""
+        studies = self._received.pop(id(a), None)
+        if not studies:
+            return
+        objects = []
+        for study_uid, (classes, path) in studies.items():
+            patient = ""
+            if self.config.audit.include_patient_ids:
+                try:
+                    patient = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+                                  .get("PatientID", ""))
+                except Exception:
+                    patient = ""
+            objects.append(audit.StudyObject(study_uid, dict(classes), patient))
+        audit.instances_transferred(audit.Participant(a.requestor.ae_title, audit.SOURCE_ROLE, True,
+                                                      a.requestor.address),
+                                    audit.node_participant(audit.DESTINATION_ROLE), objects,
+                                    audit.MINOR_FAILURE if aborted else audit.SUCCESS,
+                                    "association aborted" if aborted else "")
 
     def _on_store(self, event: evt.Event) -> Dataset | int:
         started = time.monotonic()
@@ -230,12 +351,25 @@ class StorageSCP:
                        sop_instance_uid=sop_uid if is_valid_uid(sop_uid) else "(invalid)",
                        status=f"0x{exc.status:04X}", reason=exc.comment)
             tmp.unlink(missing_ok=True)
+            metrics.C_STORE_STATUS.labels(status=f"0x{exc.status:04X}").inc()
             rsp = Dataset()
             rsp.Status = exc.status
             rsp.ErrorComment = exc.comment[:64]
             return rsp
+        seconds = time.monotonic() - started
         logs.event("instance_received" if status == "stored" else "instance_duplicate", calling_ae=calling_ae,
-                   sop_instance_uid=sop_uid, seconds=round(time.monotonic() - started, 4), **detail)
+                   sop_instance_uid=sop_uid, seconds=round(seconds, 4), **detail)
+        metrics.C_STORE_STATUS.labels(status=f"0x{SUCCESS:04X}").inc()
+        metrics.RECEIVE_SECONDS.observe(seconds)
+        if status == "stored":
+            metrics.INSTANCES_RECEIVED.inc()
+            metrics.BYTES_RECEIVED.inc(detail["bytes"])
+            studies = self._received.setdefault(id(event.assoc), {})
+            study_uid = detail["study_instance_uid"]
+            spooled = str(self.layout.spool_study(study_uid) / f"{sop_uid}.dcm")
+            classes, _ = studies.setdefault(study_uid, ({}, spooled))
+            sop_class = str(req.AffectedSOPClassUID)
+            classes[sop_class] = classes.get(sop_class, 0) + 1
         return SUCCESS
 
     # -- the store itself ----------------------------------------------------------------

@@ -13,12 +13,23 @@ is complete again, a new job covers all its instances, with new result UIDs (new
 series numbers 10 higher per revision: SEG 9011, SR 9012 after 9001, 9002); undelivered
 results of the earlier job are superseded and not sent. Results already sent stay at the
 PACS; the newer series supersede them.
+
+Service operation. Under systemd (``dicom_ai/node/dicom-ai.service``, ``Type=notify``) the
+node tells the service manager ``READY=1`` once the SCP listens and start-up recovery has
+run, ``WATCHDOG=1`` from the supervisor loop (at half of ``WATCHDOG_USEC``; a loop that
+hangs gets the node restarted) and ``STOPPING=1`` at SIGTERM: plain datagrams to
+``$NOTIFY_SOCKET`` (:func:`sd_notify`), no extra dependency. SIGTERM (``systemctl stop``)
+is a graceful stop: the SCP stops accepting, associations in progress are given up to
+:data:`DRAIN_SECONDS` to finish their C-STOREs (each one acknowledged is durable), the
+worker is terminated (its job is re-queued at the next start, an interruption), delivery
+threads end after their current C-STORE; every job and delivery resumes at the next start.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import shutil
 import signal
 import sqlite3
@@ -31,9 +42,10 @@ from pathlib import Path
 
 from dicom_ai.core.errors import ConfigError
 from dicom_ai.core.uids import ResultUIDs
-from dicom_ai.node import logs
+from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
+from dicom_ai.node.http_server import StatusServer
 from dicom_ai.node.jobstore import JobStore
 from dicom_ai.node.scp import StorageSCP
 from dicom_ai.node.storage import PRIVATE_UMASK, is_storage_error, make_private, write_durably
@@ -41,6 +53,30 @@ from dicom_ai.node.storage import PRIVATE_UMASK, is_storage_error, make_private,
 #: Longest wait between two tries of a supervisor step (assembly, worker recovery, purge,
 #: start-up recovery) that failed, in seconds; the wait doubles from ``poll_seconds``.
 MAX_BACKOFF_SECONDS = 10.0
+
+#: Longest wait at a graceful stop for associations in progress to end, in seconds.
+DRAIN_SECONDS = 30.0
+
+
+def sd_notify(message: str) -> bool:
+    """Send one sd_notify(3) state line (``READY=1``, ``WATCHDOG=1``...) to ``$NOTIFY_SOCKET``.
+
+    Returns False (and does nothing) when the node is not run by systemd with ``Type=notify``.
+    """
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):  # abstract namespace socket
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(path)
+            # Never block the supervisor loop on a service manager that does not read.
+            sock.setblocking(False)
+            sock.send(message.encode())
+        return True
+    except OSError:
+        return False
 
 
 def make_result_uids(source_sop_uids: list[str]) -> str:
@@ -108,6 +144,10 @@ class Node:
         self._disk_notice_written = False
         self._steps = {name: _Step(name, poll_seconds)
                        for name in ("startup", "assembly", "worker_recovery", "purge", "disk_check")}
+        self.http: StatusServer | None = None
+        watchdog_usec = os.environ.get("WATCHDOG_USEC", "")
+        self._watchdog_every = int(watchdog_usec) / 2e6 if watchdog_usec.isdigit() else 0.0
+        self._next_watchdog = 0.0
 
     def start(self) -> int:
         """Start the SCP, recover, then start the worker and delivery; returns the SCP port.
@@ -115,13 +155,43 @@ class Node:
         When the job store cannot be written (a full disk) the SCP still starts, answering
         Out of Resources, and recovery is retried by :meth:`run` until the storage takes writes.
         """
+        audit.configure(self.config)
+        metrics.watch_store(self.layout.jobstore, self.layout.root, self.config.node.reserve_free_mb * 2**20)
         port = self.scp.start()
+        if self.config.http.port:
+            self.http = StatusServer(self.config.http.bind_address, self.config.http.port, self.config.node.ae_title,
+                                     self.store.status, self.readiness)
+            self.http.start()
         self._steps["startup"].run(self._prepare)
         if not self._ready:
             logs.event("node_waiting_for_storage", level="ERROR", storage=str(self.layout.root),
                        hint="free space on the storage disk; the node resumes by itself")
-        logs.event("node_started", ae_title=self.config.node.ae_title, port=port, storage=str(self.layout.root))
+        logs.event("node_started", ae_title=self.config.node.ae_title, port=port, tls_port=self.scp.tls_port,
+                   storage=str(self.layout.root))
+        audit.application_activity(started=True, who=audit.operator())
+        sd_notify(f"READY=1\nSTATUS=listening on port {port}\nMAINPID={os.getpid()}")
         return port
+
+    def readiness(self) -> dict[str, bool]:
+        """The ``/readyz`` checks: SCP accepting, worker alive, job store writable, disk above reserve."""
+        checks = {"scp_accepting": self.scp.accepting,
+                  "worker_alive": self.worker is not None and self.worker.poll() is None}
+        try:
+            conn = sqlite3.connect(self.layout.jobstore, timeout=1.0, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")  # takes the write lock: writable now
+                conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+            checks["job_store_writable"] = True
+        except sqlite3.Error:
+            checks["job_store_writable"] = False
+        try:
+            checks["disk_above_reserve"] = (shutil.disk_usage(self.layout.root).free
+                                            >= self.config.node.reserve_free_mb * 2**20)
+        except OSError:
+            checks["disk_above_reserve"] = False
+        return checks
 
     def _prepare(self) -> None:
         text = self.config.to_json()
@@ -148,6 +218,9 @@ class Node:
                 self._check_worker()
             steps["purge"].run(self._purge)
             steps["disk_check"].run(self._check_disk)
+            if self._watchdog_every and time.monotonic() >= self._next_watchdog:
+                sd_notify("WATCHDOG=1")
+                self._next_watchdog = time.monotonic() + self._watchdog_every
             self._stopping.wait(self.poll_seconds)
         self._shutdown()
 
@@ -208,6 +281,7 @@ class Node:
             self._worker_restarts = [t for t in self._worker_restarts if now - t < 60] + [now]
             logs.event("worker_exited", level="ERROR", returncode=code,
                        restarts_last_minute=len(self._worker_restarts))
+            metrics.WORKER_RESTARTS.inc()
             self._worker_down = True
             if len(self._worker_restarts) > 5:
                 # A worker that cannot start: do not spin; the log says why.
@@ -226,7 +300,11 @@ class Node:
 
     def _shutdown(self) -> None:
         logs.event("node_stopping")
+        sd_notify("STOPPING=1")
         self.scp.stop()
+        drained = self.scp.wait_idle(DRAIN_SECONDS)
+        logs.event("scp_drained" if drained else "scp_drain_timeout", level="INFO" if drained else "WARNING",
+                   seconds=DRAIN_SECONDS)
         self.delivery.stopping.set()
         if self.worker is not None and self.worker.poll() is None:
             self.worker.terminate()
@@ -237,6 +315,9 @@ class Node:
             logs.event("worker_stopped", returncode=self.worker.wait())
         if self.delivery.is_alive():
             self.delivery.join(self.config.retry.timeout_seconds + 5)
+        if self.http is not None:
+            self.http.stop()
+        audit.application_activity(started=False, who=audit.operator())
         logs.event("node_stopped")
 
 

@@ -36,6 +36,22 @@ Threads: one per connection until its A-ASSOCIATE-RQ is in, then three (that one
 for the association, and pynetdicom's association and DUL threads); all end when the
 connection does. At most ``2 * node.max_associations`` connections exist at once.
 
+DICOM TLS (``[tls]``, :mod:`~dicom_ai.node.tls`). A TLS listener is a second
+:class:`NodeServer` of the same AE, sharing its slots, per-address counts and refusal log, so
+every limit above holds for both ports together. pynetdicom's server would run the TLS
+handshake inside its accept loop (one silent client would stop all accepts); here the
+accept loop only accepts, and the connection's own thread runs the handshake against the
+same absolute ``limits.association_request_seconds`` deadline, then reads the
+A-ASSOCIATE-RQ through TLS. A failed handshake (a plain DICOM client on the TLS port, no
+client certificate, a certificate from an unknown CA, TLS < ``tls.min_version``) is
+``tls_handshake_failed``, TCP close.
+
+Peer identity. After the A-ASSOCIATE-RQ is read and before pynetdicom sees it, the
+server's ``identity_check(calling_ae, address, certificate)`` (from
+:mod:`~dicom_ai.node.scp`) may refuse it (it returns ``(reason, why)``, e.g.
+``peer_address_mismatch``, ``peer_certificate_missing``, ``peer_certificate_mismatch``): A-ASSOCIATE-RJ rejected-permanent, source
+service-user, reason 3 (calling AE title not recognized), logged with its reason.
+
 Every refusal is logged as a ``connection_refused`` event (address, reason, what was sent),
 once per (reason, address) and then as one summary line with the number of repeats per
 :data:`REFUSAL_LOG_WINDOW` seconds (:class:`_RefusalLog`): no line per attacker connection.
@@ -45,6 +61,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -55,7 +72,7 @@ from pynetdicom import AE, _config, dimse_messages, evt, transport
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.sop_class import Verification
 
-from dicom_ai.node import logs
+from dicom_ai.node import logs, metrics
 from dicom_ai.node.config import NodeConfig
 
 #: The largest PDU other than P-DATA-TF the node reads (A-ASSOCIATE-RQ included): 256 KiB.
@@ -106,6 +123,21 @@ def _local_limit_rj() -> bytes:
     pdu.source = 0x03  # DICOM UL service-provider (presentation related function)
     pdu.reason_diagnostic = 0x02  # local-limit-exceeded
     return pdu.encode()
+
+
+def _identity_rj() -> bytes:
+    pdu = A_ASSOCIATE_RJ()
+    pdu.result = 0x01  # rejected-permanent
+    pdu.source = 0x01  # DICOM UL service-user
+    pdu.reason_diagnostic = 0x03  # calling-AE-title-not-recognized
+    return pdu.encode()
+
+
+def _calling_ae_of(pdu: bytes) -> str | None:
+    """The Calling AE Title of an A-ASSOCIATE-RQ PDU (bytes 26-41), stripped; None if it has none."""
+    if len(pdu) < 42:
+        return None
+    return pdu[26:42].decode("ascii", "replace").strip() or None
 
 
 def normalise_address(address: str) -> str:
@@ -301,6 +333,7 @@ class _RefusalLog:
         self._open: dict[tuple[str, str], list] = {}  # (reason, address) -> [first seen, repeats, fields]
 
     def note(self, reason: str, address: str, **fields) -> None:
+        metrics.CONNECTIONS_REFUSED.labels(reason=reason).inc()
         now = self._clock()
         ended = None
         with self._lock:
@@ -370,8 +403,9 @@ class _Connection:
     peer: bool
     slot: bool  # holds an association slot; False: accepted only to be answered A-ASSOCIATE-RJ
     deadline: float  # time.monotonic() by which the whole A-ASSOCIATE-RQ must have arrived
-    request: socket.socket
+    request: socket.socket  # the TLS socket once the handshake has started
     handed_over: bool = False  # an Association reads the socket now
+    certificate: dict | None = None  # the verified TLS client certificate (getpeercert())
 
 
 class _Slots:
@@ -465,9 +499,19 @@ class _RequestHandler(transport.RequestHandler):
         if conn is None:
             super().handle()
             return
+        if server.tls_context is not None and not self._handshake(server, conn):
+            return
         pdu = self._read_association_request(server, conn)
         if pdu is None:
             return
+        if server.identity_check is not None:
+            calling = _calling_ae_of(pdu)
+            problem = None if calling is None else server.identity_check(calling, conn.address, conn.certificate)
+            if problem is not None:
+                reason, why = problem
+                server.refusals.note(reason, conn.address, response="A-ASSOCIATE-RJ", calling_ae=calling, why=why)
+                _send_and_finish(self.request, _identity_rj())
+                return
         why_not = server.slots.upgrade(conn)
         if why_not is not None:
             server.refusals.note(why_not, conn.address, response="A-ASSOCIATE-RJ")
@@ -480,6 +524,31 @@ class _RequestHandler(transport.RequestHandler):
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()
+
+    def _handshake(self, server: "NodeServer", conn: _Connection) -> bool:
+        """Run the TLS handshake against the connection's deadline; False once refused and closed."""
+        try:
+            tls = server.tls_context.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
+        except OSError:
+            return False
+        # The plain socket is detached now: the TLS one is what is read, shut down and closed.
+        self.request = conn.request = tls
+        try:
+            remaining = conn.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            tls.settimeout(remaining)
+            tls.do_handshake()
+        except TimeoutError:
+            server.refusals.note("association_request_timeout", conn.address, response="TCP close",
+                                 seconds=server.limits.association_request_seconds, during="TLS handshake")
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            server.refusals.note("tls_handshake_failed", conn.address, response="TCP close",
+                                 error=str(getattr(exc, "reason", None) or type(exc).__name__)[:100])
+            return False
+        conn.certificate = tls.getpeercert() or None
+        return True
 
     def _read_association_request(self, server: "NodeServer", conn: _Connection) -> bytearray | None:
         """The complete A-ASSOCIATE-RQ PDU, or ``None`` once the connection has been dealt with."""
@@ -538,17 +607,21 @@ class NodeServer(transport.ThreadedAssociationServer):
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, ae, address, ae_title, contexts, ssl_context=None, evt_handlers=None,
-                 request_handler=None, limits: ConnectionLimits | None = None):
+                 request_handler=None, limits: ConnectionLimits | None = None, slots: "_Slots | None" = None,
+                 refusals: _RefusalLog | None = None, identity_check=None):
         self.limits = limits or ConnectionLimits()
-        self.refusals = _RefusalLog()
-        self.slots = _Slots(ae, self.limits)
+        self.refusals = refusals or _RefusalLog()
+        self.slots = slots or _Slots(ae, self.limits)
+        #: TLS context of this listener; the handshake runs in each connection's thread.
+        self.tls_context: ssl.SSLContext | None = ssl_context
+        #: ``(calling_ae, address, certificate) -> (reason, why) or None``: refuses who is not who it claims.
+        self.identity_check = identity_check
         self._connections: dict[socket.socket, _Connection] = {}
         self._connections_lock = threading.Lock()
         #: Connections accepted from the listening socket so far, refused ones included.
         self.connections_accepted = 0
-        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers,
-                         request_handler or _RequestHandler)
-        logs.event("scp_connection_limits", max_associations=self.slots.total,
+        super().__init__(ae, address, ae_title, contexts, None, evt_handlers, request_handler or _RequestHandler)
+        logs.event("scp_connection_limits", tls=ssl_context is not None, max_associations=self.slots.total,
                    reserved_for_peers=self.slots.reserved, peer_addresses=",".join(sorted(self.limits.peer_addresses)),
                    max_connections_per_address=self.limits.max_connections_per_address,
                    association_request_seconds=self.limits.association_request_seconds,
@@ -592,7 +665,7 @@ class NodeServer(transport.ThreadedAssociationServer):
         with self._connections_lock:
             self._connections.pop(request, None)
         self.slots.release(conn)
-        self.shutdown_request(request)
+        self.shutdown_request(conn.request)  # the TLS socket, if the plain one was wrapped
 
     def service_actions(self) -> None:
         super().service_actions()
@@ -618,9 +691,13 @@ class ReceivingAE(AE):
     handler classes. ``limits`` is the connection policy its servers apply.
     """
 
-    def __init__(self, ae_title: str = "PYNETDICOM", limits: ConnectionLimits | None = None):
+    def __init__(self, ae_title: str = "PYNETDICOM", limits: ConnectionLimits | None = None, identity_check=None):
         super().__init__(ae_title=ae_title)
         self.connection_limits = limits or ConnectionLimits()
+        self.identity_check = identity_check
+        # One set for all of this AE's servers (plain and TLS port): the limits are the node's.
+        self.slots = _Slots(self, self.connection_limits)
+        self.refusals = _RefusalLog()
 
     def make_server(self, address, ae_title=None, contexts=None, ssl_context=None, evt_handlers=None,
                     server_class=None, **kwargs):
@@ -629,6 +706,9 @@ class ReceivingAE(AE):
         kwargs.setdefault("request_handler", _RequestHandler)
         if isinstance(server_class, type) and issubclass(server_class, NodeServer):
             kwargs.setdefault("limits", self.connection_limits)
+            kwargs.setdefault("slots", self.slots)
+            kwargs.setdefault("refusals", self.refusals)
+            kwargs.setdefault("identity_check", self.identity_check)
         return super().make_server(address, ae_title=ae_title, contexts=contexts, ssl_context=ssl_context,
                                    evt_handlers=evt_handlers, server_class=server_class, **kwargs)
 
@@ -738,7 +818,7 @@ def install_receive_path(incoming: Path) -> None:
 
 
 def build_receiving_ae(config: NodeConfig, storage_contexts: dict[str, list[str]],
-                       verification_syntaxes: list[str]) -> ReceivingAE:
+                       verification_syntaxes: list[str], identity_check=None) -> ReceivingAE:
     """The acceptor AE of the node: its AE title, connection and association limits, timeouts, contexts.
 
     Resolves the peers' host names now (:func:`resolve_peer_addresses`): the addresses that
@@ -752,8 +832,12 @@ def build_receiving_ae(config: NodeConfig, storage_contexts: dict[str, list[str]
         Storage SOP Class UID -> the transfer syntax UIDs accepted for it.
     verification_syntaxes
         Transfer syntax UIDs accepted for Verification (C-ECHO).
+    identity_check
+        ``(calling_ae, address, certificate) -> (reason, why) or None``, applied to every
+        A-ASSOCIATE-RQ before pynetdicom sees it; None: AE titles only.
     """
-    ae = ReceivingAE(ae_title=config.node.ae_title, limits=ConnectionLimits.from_config(config))
+    ae = ReceivingAE(ae_title=config.node.ae_title, limits=ConnectionLimits.from_config(config),
+                     identity_check=identity_check)
     ae.maximum_associations = config.node.max_associations
     ae.maximum_pdu_size = config.node.max_pdu_size
     ae.require_called_aet = True

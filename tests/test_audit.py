@@ -1,0 +1,196 @@
+"""Audit trail: IHE ATNA / PS3.15 A.5 messages as RFC 5424 syslog, read from a real syslog socket.
+
+A UDP and a TCP (RFC 6587 octet counting) syslog receiver on loopback collect what a running
+node and the ``dicom-ai retry`` command send; each message is parsed as RFC 5424 and its XML
+checked against the structure of the DICOM audit message schema (PS3.15 A.5.1).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from node_harness import (ACCESSION, PATIENT_ID, PATIENT_NAME, PYTHON, REPO, free_port, node_env, start_node,
+                          start_storescp, storescu, wait_delivered, wait_for, write_node_config, write_study)
+
+pytestmark = pytest.mark.slow
+
+RFC5424 = re.compile(r"^<(?P<pri>\d{1,3})>1 (?P<ts>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)) "
+                     r"(?P<host>\S+) (?P<app>\S+) (?P<procid>\S+) (?P<msgid>\S+) (?P<sd>-|\[.*?\]) (?P<msg>.*)$", re.S)
+_CODE_ATTRS = {"csd-code", "codeSystemName", "originalText"}
+
+
+class SyslogReceiver:
+    """Collects syslog messages on 127.0.0.1 over UDP (one per datagram) or TCP (octet counting)."""
+
+    def __init__(self, kind: str):
+        self.kind, self.messages, self._stop = kind, [], False
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        if kind == "tcp":
+            self.sock.listen(4)
+        self.sock.settimeout(0.2)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                if self.kind == "udp":
+                    self.messages.append(self.sock.recv(65535).decode())
+                else:
+                    conn, _ = self.sock.accept()
+                    threading.Thread(target=self._read_stream, args=(conn,), daemon=True).start()
+            except OSError:
+                continue
+
+    def _read_stream(self, conn: socket.socket) -> None:
+        buf = b""
+        conn.settimeout(10)
+        with conn:
+            while True:
+                try:
+                    chunk = conn.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buf += chunk
+                while b" " in buf:
+                    length, _, rest = buf.partition(b" ")
+                    if len(rest) < int(length):
+                        break
+                    self.messages.append(rest[:int(length)].decode())
+                    buf = rest[int(length):]
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+def parse(text: str) -> tuple[re.Match, ET.Element]:
+    """One RFC 5424 message and its AuditMessage, checked against PS3.15 A.5.1's structure."""
+    m = RFC5424.match(text)
+    assert m, text[:200]
+    assert int(m["pri"]) in (84, 85) and m["app"] == "dicom-ai" and m["msgid"] == "IHE+RFC-3881"
+    root = ET.fromstring(m["msg"])
+    assert root.tag == "AuditMessage"
+    tags = [c.tag for c in root]
+    assert tags[0] == "EventIdentification" and tags.count("EventIdentification") == 1
+    assert tags.count("AuditSourceIdentification") == 1 and tags.count("ActiveParticipant") >= 1
+    order = {"EventIdentification": 0, "ActiveParticipant": 1, "AuditSourceIdentification": 2,
+             "ParticipantObjectIdentification": 3}
+    assert [order[t] for t in tags] == sorted(order[t] for t in tags), tags  # the schema's sequence
+    ev = root.find("EventIdentification")
+    assert ev.get("EventActionCode") in tuple("CRUDE") and ev.get("EventOutcomeIndicator") in ("0", "4", "8", "12")
+    assert re.match(r"\d{4}-\d\d-\d\dT", ev.get("EventDateTime"))
+    assert _CODE_ATTRS <= set(ev.find("EventID").attrib)
+    for p in root.findall("ActiveParticipant"):
+        assert p.get("UserID") and p.get("UserIsRequestor") in ("true", "false")
+        role = p.find("RoleIDCode")
+        assert role is None or _CODE_ATTRS <= set(role.attrib)
+    assert root.find("AuditSourceIdentification").get("AuditSourceID")
+    for o in root.findall("ParticipantObjectIdentification"):
+        assert o.get("ParticipantObjectID") and o.get("ParticipantObjectTypeCode") in ("1", "2", "3", "4")
+        assert _CODE_ATTRS <= set(o.find("ParticipantObjectIDTypeCode").attrib)
+    return m, root
+
+
+def event_id(root: ET.Element) -> str:
+    return root.find("EventIdentification/EventID").get("csd-code")
+
+
+def test_node_sends_atna_messages_to_a_udp_collector(tmp_path):
+    collector = SyslogReceiver("udp")
+    pacs, pacs_port = start_storescp(tmp_path / "pacs")
+    port, dead = free_port(), free_port()
+    cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("PACS", pacs_port)],
+                            retry={"max_attempts": 1}, destinations=[("ARCHIVE", dead)])
+    cfg.write_text(cfg.read_text() + f'[audit]\nsink = "udp"\nport = {collector.port}\n')
+    node = start_node(cfg, port, tmp_path / "node.log")
+    try:
+        files = write_study(tmp_path / "study", seed=11)
+        study_uid = __import__("pydicom").dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        assert storescu(port, files).returncode == 0
+        wait_for(lambda: any('"delivery_attempt_failed"' in l for l in (tmp_path / "node.log").read_text().splitlines())
+                 and any('"delivery_done"' in l for l in (tmp_path / "node.log").read_text().splitlines()),
+                 60, "delivery to PACS done and to ARCHIVE failed")
+    finally:
+        node.stop()
+        pacs.stop()
+    wait_for(lambda: sum('110121' in m for m in collector.messages), 5, "the Application Stop message")
+    collector.close()
+    parsed = [parse(m) for m in collector.messages]
+    roots = [r for _, r in parsed]
+    ids = [event_id(r) for r in roots]
+    assert ids[0] == "110100" and roots[0].find("EventIdentification/EventTypeCode").get("csd-code") == "110120"
+    assert ids[-1] == "110100"
+    assert "110102" in ids  # association accepted: Begin Transferring DICOM Instances
+    transferred = [r for r in roots if event_id(r) == "110104"]
+    received = [r for r in transferred if r.find("EventIdentification").get("EventActionCode") == "C"]
+    sent = [r for r in transferred if r.find("EventIdentification").get("EventActionCode") == "R"]
+    assert len(received) == 1
+    study = received[0].find("ParticipantObjectIdentification")
+    assert study.get("ParticipantObjectID") == study_uid
+    assert sum(int(c.get("NumberOfInstances")) for c in study.findall("SOPClass")) == 4  # what storescu sent
+    users = {p.get("UserID"): p for p in received[0].findall("ActiveParticipant")}
+    assert users["PACS"].get("UserIsRequestor") == "true" and users["PACS"].find("RoleIDCode").get("csd-code") == "110153"
+    ok = [r for r in sent if r.find("EventIdentification").get("EventOutcomeIndicator") == "0"]
+    failed = [r for r in sent if r.find("EventIdentification").get("EventOutcomeIndicator") == "8"]
+    assert len(ok) == 1 and {p.get("UserID") for p in ok[0].findall("ActiveParticipant")} == {"AINODE", "PACS"}
+    assert len(failed) == 1 and "ARCHIVE" in {p.get("UserID") for p in failed[0].findall("ActiveParticipant")}
+    assert "delivery failed" in failed[0].find("EventIdentification/EventOutcomeDescription").text
+    assert failed[0].find("ParticipantObjectIdentification").get("ParticipantObjectID") == study_uid
+    everything = "\n".join(collector.messages)
+    for secret in (PATIENT_ID, PATIENT_NAME, ACCESSION):  # patient identifiers omitted by default
+        assert secret not in everything
+
+
+def test_retry_is_audited_over_tcp_and_patient_ids_only_when_enabled(tmp_path):
+    collector = SyslogReceiver("tcp")
+    storage = tmp_path / "storage"
+    cfg = write_node_config(tmp_path / "node.toml", storage, free_port(), [("PACS", 104)])
+    base = cfg.read_text()
+    cfg.write_text(base + f'[audit]\nsink = "tcp"\nport = {collector.port}\n')
+    # A job store to re-queue from: one made by the node's own class.
+    from dicom_ai.node.jobstore import JobStore
+    JobStore(storage / "jobs.sqlite")
+    r = subprocess.run([PYTHON, "-m", "dicom_ai", "retry", "--config", str(cfg)], capture_output=True, text=True,
+                       env=node_env(), cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: collector.messages, 5, "the retry audit message")
+    collector.close()
+    (m, root), = [parse(x) for x in collector.messages]
+    assert event_id(root) == "110113"
+    assert root.find("EventIdentification/EventTypeCode").get("csd-code") == "110131"
+    assert "dicom-ai retry" in root.find("EventIdentification/EventOutcomeDescription").text
+    assert any(p.get("UserIsRequestor") == "true" for p in root.findall("ActiveParticipant"))
+
+    # File sink with include_patient_ids: a received study's audit names the Patient ID (never the name).
+    pacs, pacs_port = start_storescp(tmp_path / "pacs2")
+    port = free_port()
+    cfg2 = write_node_config(tmp_path / "node2.toml", tmp_path / "storage2", port, [("PACS", pacs_port)])
+    cfg2.write_text(cfg2.read_text() + '[audit]\nsink = "file"\ninclude_patient_ids = true\n')
+    node = start_node(cfg2, port, tmp_path / "node2.log")
+    try:
+        assert storescu(port, write_study(tmp_path / "study2", seed=12)).returncode == 0
+        wait_delivered(tmp_path / "storage2", jobs=1)
+    finally:
+        node.stop()
+    pacs.stop()
+    audit_file = tmp_path / "storage2" / "logs" / "audit.log"
+    assert oct(audit_file.stat().st_mode & 0o777) == "0o600"
+    lines = audit_file.read_text().splitlines()
+    roots = [parse(line)[1] for line in lines]
+    patients = [o for r in roots for o in r.findall("ParticipantObjectIdentification")
+                if o.get("ParticipantObjectTypeCode") == "1"]
+    assert patients and all(p.get("ParticipantObjectID") == PATIENT_ID for p in patients)
+    assert PATIENT_NAME not in "\n".join(lines)
