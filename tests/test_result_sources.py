@@ -110,3 +110,13 @@ def test_a_study_none_of_whose_images_can_be_built_is_an_error():
         ds.ImagerPixelSpacing = ds.PixelSpacing = [0, 0]
     with pytest.raises(ResultError, match="no image's results"):
         _build(sources)
+
+
+def test_type_2_attributes_missing_from_the_first_image_are_sent_empty_for_every_image():
+    sources = _study(["ISO_IR 100"] * 4)
+    del sources[0].PatientBirthDate, sources[0].AccessionNumber  # a sloppy modality, or a corrupt header
+    results = _build(sources)
+    assert len([ds for ds in results.datasets if ds.Modality == "SEG"]) == 4
+    for ds in results.datasets:
+        assert ds.PatientBirthDate in ("", None) and ds.AccessionNumber in ("", None)
+    assert any("absent from the source" in n for n in results.notes)

@@ -45,6 +45,11 @@ COPIED_ENTITIES = ("Patient", "Study")
 # Needed to place the results (and checked when the image was received): never altered here.
 _NEEDED = frozenset({"StudyInstanceUID"})
 
+# Patient and General Study attributes (all type 2) that highdicom's SEG and SR constructors
+# read from the source without a default.
+_READ_BY_WRITERS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                    "StudyDate", "StudyTime")
+
 # Values that are not text and that pydicom's validators do not check.
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"})
 _NUMBER_VRS = frozenset({"US", "UL", "UV", "SS", "SL", "SV", "FL", "FD"})
@@ -228,4 +233,12 @@ def clean_sources(sources: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.Data
         if differ:
             notes.append(f"the images disagree on {', '.join(differ)}; every result carries the values of "
                          f"image {first.SOPInstanceUID}")
+        # highdicom's SEG and SR constructors read these (type 2) attributes from the source
+        # unconditionally; a modality, or the consistency step above, may lack them.
+        absent = [k for k in _READ_BY_WRITERS if k not in first]
+        for ds in cleaned:
+            for keyword in absent:
+                ds[keyword] = _empty(keyword)
+        if absent:
+            notes.append(f"{', '.join(absent)} absent from the source; sent empty (type 2)")
     return cleaned, notes
