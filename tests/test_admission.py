@@ -267,6 +267,8 @@ def test_images_beyond_the_limits_or_the_mg_iod_are_refused_before_decoding(node
     variant("samples", lambda ds: setattr(ds, "SamplesPerPixel", 3))
     variant("frames", lambda ds: setattr(ds, "NumberOfFrames", 2))
     variant("photometric", lambda ds: setattr(ds, "PhotometricInterpretation", "PALETTE COLOR"))
+    variant("bits stored", lambda ds: delattr(ds, "BitsStored"))
+    variant("pixel representation", lambda ds: delattr(ds, "PixelRepresentation"))
     variant("j2k siz", lambda ds: setattr(ds, "Rows", 128), JPEG2000)
     variant("j2k siz columns", lambda ds: setattr(ds, "Columns", 32), JPEG2000Lossless)
     variant("jpeg-ls sof", lambda ds: setattr(ds, "Columns", 65), JPEGLSLossless)
@@ -281,6 +283,8 @@ def test_images_beyond_the_limits_or_the_mg_iod_are_refused_before_decoding(node
         "samples": (DOES_NOT_MATCH_SOP_CLASS, "SamplesPerPixel is not 1"),
         "frames": (DOES_NOT_MATCH_SOP_CLASS, "NumberOfFrames is not 1 (MG is single-frame)"),
         "photometric": (DOES_NOT_MATCH_SOP_CLASS, "PhotometricInterpretation is not MONOCHROME1/2"),
+        "bits stored": (DOES_NOT_MATCH_SOP_CLASS, "missing BitsStored"),
+        "pixel representation": (DOES_NOT_MATCH_SOP_CLASS, "missing PixelRepresentation"),
         "j2k siz": (CANNOT_UNDERSTAND, "codestream is 96x64, header says 128x64"),
         "j2k siz columns": (CANNOT_UNDERSTAND, "codestream is 96x64, header says 96x32"),
         "jpeg-ls sof": (CANNOT_UNDERSTAND, "codestream is 96x64, header says 96x65"),

@@ -419,8 +419,9 @@ def _check_header(ds: pydicom.Dataset, sop_class: str, sop_uid: str, limits: Lim
     rows, cols = _number(ds, "Rows"), _number(ds, "Columns")
     frames = _number(ds, "NumberOfFrames", 1)
     spp, bits = _number(ds, "SamplesPerPixel"), _number(ds, "BitsAllocated")
-    stored = _number(ds, "BitsStored", bits)
-    _number(ds, "PixelRepresentation", 0)
+    # Type 1 in the Image Pixel module, and needed to decode: no default.
+    stored = _number(ds, "BitsStored")
+    _number(ds, "PixelRepresentation")
     photometric = _text(ds, "PhotometricInterpretation")
     if not photometric:
         raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "missing PhotometricInterpretation")
