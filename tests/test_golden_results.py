@@ -7,6 +7,14 @@ JPEG 2000 SEGs, and the preview PNGs. Any change in decoding, preprocessing, the
 region analysis or the writers changes a digest. The digests hold for the library versions
 recorded beside them (highdicom writes its own version into every object; other releases of
 torch or numpy may round differently): with other versions the test is skipped, saying so.
+
+Regenerated for issue 14 (part 2), intentionally: the breast mask is a segmentation, not a
+threshold (frame, labels, skin markers, pectoral muscle on MLO), the models crop to it and
+every map is zeroed outside it (no mark outside the breast); overlapping marks of several
+models are one SR finding; the SR and CAD SR state the operating point (Algorithm
+Parameters) and the orientation source; the shipped bundles' thresholds are their default
+operating points chosen on mini-MIAS folds. Made with the same job (``job_digests``) and the
+library versions recorded in the JSON.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ from PIL import Image, ImageDraw
 from dicom_ai.core.errors import DatasetError
 from dicom_ai.data.phantom_folder import read_manifest
 from dicom_ai.data.sample import MASK_KEYS, Lesion, Sample
-from dicom_ai.imaging import Mammogram, faces_left_by_content, mammogram_from_array, read_mammogram
+from dicom_ai.imaging import Mammogram, mammogram_from_array, read_mammogram
+from dicom_ai.imaging.mammogram import orient
 
 FORMATS = ("phantom", "inbreast", "cbis-ddsm", "vindr", "mias")
 
@@ -87,7 +88,7 @@ def _read(path: Path, laterality: str = "", view: str = "") -> Mammogram:
         m.view = view
     if not ds.get("PatientOrientation"):
         # No orientation in the header (CBIS-DDSM, some exports): orient by content.
-        m.faces_left = faces_left_by_content(m.breast_mask)
+        m.faces_left, m.orientation = orient(None, m.breast_mask)
     return m
 
 
@@ -656,7 +657,8 @@ class MIASDataset(_Dataset):
         image = mammogram_from_array(stored.astype(np.float32) / 255.0, rec.laterality, rec.view, MIAS_SPACING_MM)
         # MIAS films follow one convention (right breasts face left) that labels near the
         # nipple side can fool the content rule on (mdb076, mdb116, ...), so laterality decides.
-        image.faces_left = rec.laterality == "R"
+        # The laterality plays the header's part and is cross-checked against the pixels.
+        image.faces_left, image.orientation = orient(rec.laterality == "R", image.breast_mask)
         # A stable UID per reference, so prediction files and caches can be named by it.
         image.sop_instance_uid = pydicom.uid.generate_uid(entropy_srcs=["dicom_ai-mini-MIAS", ref])
         masks = _empty_masks(image.shape)

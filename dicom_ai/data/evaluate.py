@@ -41,7 +41,9 @@ from tqdm import tqdm
 from dicom_ai.data import metrics as M
 from dicom_ai.data.sample import Lesion, Sample
 from dicom_ai.imaging import resize
+from dicom_ai.imaging.mask import MASK_VERSION
 from dicom_ai.networks import Pipeline
+from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast
 
 TRUTH_FOR_FINDING = {
     "malignant_lesion": ("mass_malignant", "cluster_malignant"),
@@ -444,8 +446,10 @@ class ModelMarks:
     scores: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_prediction(cls, pred: Prediction) -> "ModelMarks":
-        """Reduce a Prediction (full maps) to marks."""
+    def from_prediction(cls, pred: Prediction, allowed: np.ndarray | None = None) -> "ModelMarks":
+        """Reduce a Prediction (full maps) to marks; with ``allowed`` (the pipeline's
+        :func:`~dicom_ai.networks.pipeline.allowed_region`), marks whose rounded centroid lies
+        outside it are dropped, as the node drops them."""
         out = cls(scores=dict(pred.scores))
         for key, prob in pred.maps.items():
             prob = np.asarray(prob, dtype=np.float32)
@@ -453,7 +457,12 @@ class ModelMarks:
             out.thresholds[key] = thr
             out.peaks[key] = float(prob.max()) if prob.size else 0.0
             for name, level in (("candidates", min(FROC_CANDIDATE_THRESHOLD, thr)), ("operating", thr)):
-                getattr(out, name)[key] = _regions(prob, level)
+                found = _regions(prob, level)
+                if allowed is not None and len(found):
+                    rr = np.clip(np.rint(found[:, 1]).astype(int), 0, prob.shape[0] - 1)
+                    cc = np.clip(np.rint(found[:, 2]).astype(int), 0, prob.shape[1] - 1)
+                    found = found[allowed[rr, cc]]
+                getattr(out, name)[key] = found
             out.binary[key] = prob >= thr
         return out
 
@@ -529,7 +538,9 @@ def predict_marks(samples: Iterable[Sample], pipeline: Pipeline, cache: str | Pa
     0.2 mm), exactly as :meth:`Pipeline.run` hands them a decoded DICOM image. With
     ``cache``, marks are kept in ``<cache>/<model>-<version>/<SOPInstanceUID>.npz`` and
     read back instead of running the model again (delete the folder after changing a model
-    without changing its version).
+    without changing its version). Each output is restricted to the breast as the node does
+    it (:func:`~dicom_ai.networks.pipeline.restrict_to_breast`); the cache folder is
+    ``<model>-<version>-mask<MASK_VERSION>``, so a new mask method never reads old marks.
     """
     for sample in samples:
         out: dict[str, ModelMarks] = {}
@@ -537,11 +548,13 @@ def predict_marks(samples: Iterable[Sample], pipeline: Pipeline, cache: str | Pa
             ident = model.identity
             path = None
             if cache is not None and sample.image.sop_instance_uid:
-                path = Path(cache) / f"{ident.name}-{ident.version}" / f"{sample.image.sop_instance_uid}.npz"
+                path = (Path(cache) / f"{ident.name}-{ident.version}-mask{MASK_VERSION}"
+                        / f"{sample.image.sop_instance_uid}.npz")
                 if path.is_file():
                     out[ident.name] = ModelMarks.load(path)
                     continue
-            marks = ModelMarks.from_prediction(_output_prediction(model.predict(sample.image)))
+            output = restrict_to_breast(model.predict(sample.image), sample.image)
+            marks = ModelMarks.from_prediction(_output_prediction(output), allowed_region(sample.image))
             if path is not None:
                 marks.save(path)
             out[ident.name] = marks

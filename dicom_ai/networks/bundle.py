@@ -19,6 +19,12 @@ Manifest keys (all required unless noted):
 ``intended_use``               free text; research bundles say they are not for clinical use
 ``training``                   data, command, seed, epochs
 ``metrics``                    (optional) held-out results
+``operating_points``           (optional) named operating points chosen on validation data:
+                               ``{"default": name, "findings": {finding_key: [{"name": ...,
+                               "threshold": t, "target": "0.5 false marks per image",
+                               "sensitivity": s, "data": "..."}, ...]}}``. A point named in
+                               :func:`load_bundle` (``pipeline.operating_point``) replaces
+                               ``thresholds`` for the findings it lists.
 ``weights``                    file name of the safetensors file, ``weights_sha256`` its digest
 """
 
@@ -37,14 +43,61 @@ from torch import nn
 from dicom_ai.core.errors import BundleError
 from dicom_ai.core.findings import ModelIdentity
 
-__all__ = ["MODELS_DIR", "REQUIRED_KEYS", "Bundle", "resolve_bundle_dir", "load_bundle", "save_bundle",
-           "require_kind", "load_weights", "BundleError"]
+__all__ = ["MODELS_DIR", "REQUIRED_KEYS", "Bundle", "OperatingIdentity", "resolve_bundle_dir", "load_bundle",
+           "save_bundle", "require_kind", "load_weights", "operating_point", "BundleError"]
 
 REQUIRED_KEYS = ("name", "version", "architecture", "input", "thresholds", "intended_use",
                  "training", "weights", "weights_sha256")
 
 #: Where the shipped bundles live (the repository's models/ folder).
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+
+
+@dataclass(frozen=True)
+class OperatingIdentity(ModelIdentity):
+    """A model identity that also names the operating point its thresholds come from.
+
+    ``operating_point`` is the point's name ("" when the manifest has none: its plain
+    ``thresholds``), ``operating_target`` its target in words; the SR writers state both.
+    """
+
+    operating_point: str = ""
+    operating_target: str = ""
+
+
+def operating_point(manifest: dict, name: str = "") -> tuple[str, str, dict[str, float]]:
+    """The thresholds of operating point ``name`` of a manifest; returns (name, target, thresholds).
+
+    ``name`` "" picks the manifest's default point; a manifest without ``operating_points``
+    gives ``("", "", thresholds)`` for "" and raises for any other name.
+
+    Raises
+    ------
+    BundleError
+        No point of that name, or a threshold outside (0, 1).
+    """
+    table = manifest.get("operating_points")
+    if not table:
+        if name:
+            raise BundleError(f"bundle {manifest.get('name')!r} has no operating points; "
+                              f"pipeline.operating_point {name!r} cannot be applied (set it to '')")
+        return "", "", {k: float(v) for k, v in manifest["thresholds"].items()}
+    chosen = name or str(table.get("default", ""))
+    thresholds = {k: float(v) for k, v in manifest["thresholds"].items()}
+    target = ""
+    found = False
+    for finding, points in dict(table.get("findings", {})).items():
+        for point in points:
+            if point.get("name") == chosen:
+                t = float(point["threshold"])
+                if not 0.0 < t < 1.0:
+                    raise BundleError(f"operating point {chosen!r} of {finding}: threshold {t} is not in (0, 1)")
+                thresholds[finding], target, found = t, str(point.get("target", "")), True
+    if not found:
+        names = sorted({p.get("name") for pts in dict(table.get("findings", {})).values() for p in pts})
+        raise BundleError(f"bundle {manifest.get('name')!r} has no operating point {chosen!r}; "
+                          f"it has {', '.join(names) or 'none'}")
+    return chosen, target, thresholds
 
 
 @dataclass
@@ -57,8 +110,15 @@ class Bundle:
 
     @property
     def identity(self) -> ModelIdentity:
-        return ModelIdentity(name=self.manifest["name"], version=str(self.manifest["version"]),
-                             family=self.manifest.get("family", "Artificial Intelligence"))
+        point = dict(self.manifest.get("operating_point") or {})
+        if not point.get("name"):
+            # No named point (a manifest without operating_points): the plain identity.
+            return ModelIdentity(name=self.manifest["name"], version=str(self.manifest["version"]),
+                                 family=self.manifest.get("family", "Artificial Intelligence"))
+        return OperatingIdentity(name=self.manifest["name"], version=str(self.manifest["version"]),
+                                 family=self.manifest.get("family", "Artificial Intelligence"),
+                                 operating_point=str(point.get("name", "")),
+                                 operating_target=str(point.get("target", "")))
 
     @property
     def kind(self) -> str:
@@ -90,8 +150,13 @@ def resolve_bundle_dir(name_or_path: str | os.PathLike) -> Path:
     raise BundleError(f"model bundle {name_or_path!s} not found (looked at {path} and {shipped})")
 
 
-def load_bundle(name_or_path: str | os.PathLike) -> Bundle:
-    """Read a bundle's manifest and weights, checking completeness and the weights' digest."""
+def load_bundle(name_or_path: str | os.PathLike, operating_point: str = "") -> Bundle:
+    """Read a bundle's manifest and weights, checking completeness and the weights' digest.
+
+    ``operating_point`` names one of the manifest's operating points ("" = its default, or
+    its plain ``thresholds`` when it has none); the loaded manifest's ``thresholds`` are
+    that point's and ``manifest["operating_point"]`` records ``{"name", "target"}``.
+    """
     path = resolve_bundle_dir(name_or_path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
@@ -111,6 +176,8 @@ def load_bundle(name_or_path: str | os.PathLike) -> Bundle:
     actual = _sha256(weights)
     if actual != manifest["weights_sha256"]:
         raise BundleError(f"{weights} has SHA-256 {actual}, manifest says {manifest['weights_sha256']}")
+    name, target, thresholds = _operating_point(manifest, operating_point)
+    manifest = dict(manifest, thresholds=thresholds, operating_point={"name": name, "target": target})
     return Bundle(path=path, manifest=manifest, state_dict=load_file(str(weights), device="cpu"))
 
 
@@ -146,6 +213,9 @@ def save_bundle(path: str | os.PathLike, manifest: dict, state_dict: dict[str, t
         raise BundleError(f"manifest lacks required keys: {', '.join(missing)}")
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return path
+
+
+_operating_point = operating_point
 
 
 def require_kind(bundle: Bundle, kind: str) -> None:

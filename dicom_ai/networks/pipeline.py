@@ -4,26 +4,37 @@ Owns the :class:`ImageModel` protocol, the device choice (:func:`resolve_device`
 :class:`Pipeline`. A model is anything with an ``identity`` and a
 ``predict(Mammogram) -> ModelOutput``; the shipped ones are built from bundles in models/ by
 :func:`~dicom_ai.networks.registry.model_from_bundle` (importable from here too). The
-pipeline decodes each source data set once, runs the models in order, and returns one
-``ImageFindings`` per image for the writers.
+pipeline decodes each source data set once, runs the models in order, restricts every map
+to the breast (:func:`restrict_to_breast`: no mark outside the breast mask or on the
+pectoral muscle, by construction), and returns one ``ImageFindings`` per image for the
+writers. Each image's orientation source (header or pixels, :func:`~dicom_ai.imaging.mammogram.orient`)
+is logged as an ``orientation`` event and kept on its findings (``findings.orientation``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+import numpy as np
 import pydicom
+import SimpleITK as sitk
 import torch
 
 from dicom_ai.core.device import check_device_spec
 from dicom_ai.core.errors import DeviceError
-from dicom_ai.core.findings import ImageFindings, ModelIdentity, ModelOutput
+from dicom_ai.core.findings import ImageFindings, ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Mammogram, read_mammogram
 from dicom_ai.networks.bundle import load_bundle
 from dicom_ai.networks.registry import model_from_bundle
 
-__all__ = ["DEFAULT_MODELS", "ImageModel", "Pipeline", "model_from_bundle", "resolve_device"]
+__all__ = ["DEFAULT_MODELS", "ImageModel", "Pipeline", "model_from_bundle", "resolve_device", "allowed_region",
+           "restrict_to_breast"]
+
+# The node's event logger by name (networks may not import node): the worker's JSON log gets
+# one ``orientation`` event per image; elsewhere the record goes wherever logging sends it.
+_events = logging.getLogger("dicom_ai.node.events")
 
 #: Bundles the node runs when the configuration names none (folders under models/).
 DEFAULT_MODELS: tuple[str, ...] = ("glam", "dunet", "microcalc")
@@ -50,17 +61,58 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def allowed_region(mammogram: Mammogram) -> np.ndarray:
+    """Where a mark may be: the breast mask less the pectoral muscle (MLO), stored grid."""
+    return mammogram.breast_mask & ~mammogram.pectoral_mask
+
+
+def restrict_to_breast(output: ModelOutput, mammogram: Mammogram) -> ModelOutput:
+    """``output`` with every map set to 0 outside :func:`allowed_region`, and every region of
+    a map at its threshold (8-connected, as the writers find them) whose centroid pixel falls
+    outside the region removed, so no mark the node sends lies outside the breast.
+
+    Why both: zeroing keeps every region pixel inside; a crescent along the skin line can
+    still have its centroid outside the breast, and the centroid is what a mark "is".
+    """
+    allowed = allowed_region(mammogram)
+    maps = []
+    for m in output.maps:
+        prob = np.where(allowed, m.probability, 0.0).astype(np.float32)
+        binary = prob >= m.threshold
+        if binary.any():
+            labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.astype(np.uint8)), True))
+            n = int(labels.max())
+            rr, cc = np.nonzero(labels)
+            lab = labels[rr, cc]
+            count = np.bincount(lab, minlength=n + 1)
+            r_mean = np.bincount(lab, rr, minlength=n + 1) / np.maximum(count, 1)
+            c_mean = np.bincount(lab, cc, minlength=n + 1) / np.maximum(count, 1)
+            outside = [k for k in range(1, n + 1)
+                       if not allowed[int(round(r_mean[k])), int(round(c_mean[k]))]]
+            if outside:
+                prob[np.isin(labels, outside)] = 0.0
+        maps.append(ProbabilityMap(m.finding, prob, m.threshold, m.model))
+    return ModelOutput(maps=maps, scores=list(output.scores))
+
+
 class Pipeline:
-    """Runs a fixed list of models on each image."""
+    """Runs a fixed list of models on each image; marks are restricted to the breast."""
 
     def __init__(self, models: Sequence[ImageModel]):
         self.models = list(models)
 
     @classmethod
-    def from_bundles(cls, names: Sequence[str] = DEFAULT_MODELS, device: str = "auto") -> "Pipeline":
-        """Load bundles by name (under models/) or path onto ``device``."""
+    def from_bundles(cls, names: Sequence[str] = DEFAULT_MODELS, device: str = "auto",
+                     operating_point: str = "") -> "Pipeline":
+        """Load bundles by name (under models/) or path onto ``device``.
+
+        ``operating_point`` names the operating point every bundle uses (its manifest's
+        ``operating_points``; "" = each bundle's default), as ``pipeline.operating_point``
+        in node.toml; :func:`~dicom_ai.networks.bundle.load_bundle` raises BundleError when a
+        bundle has no point of that name.
+        """
         dev = resolve_device(device)
-        return cls([model_from_bundle(load_bundle(name), dev) for name in names])
+        return cls([model_from_bundle(load_bundle(name, operating_point=operating_point), dev) for name in names])
 
     @property
     def identities(self) -> list[ModelIdentity]:
@@ -72,7 +124,12 @@ class Pipeline:
         for ds in datasets:
             mammogram = read_mammogram(ds)
             findings = ImageFindings(sop_instance_uid=mammogram.sop_instance_uid)
+            # Not a field of ImageFindings (core): the SR writer reads it with getattr.
+            findings.orientation = mammogram.orientation  # type: ignore[attr-defined]
+            _events.info("orientation", extra={"event_fields": {
+                "sop_instance_uid": mammogram.sop_instance_uid, "source": mammogram.orientation,
+                "nipple_towards": "column 0" if mammogram.faces_left else "last column"}})
             for model in self.models:
-                findings.add(model.predict(mammogram))
+                findings.add(restrict_to_breast(model.predict(mammogram), mammogram))
             results.append(findings)
         return results

@@ -57,6 +57,7 @@ from dicom_ai.core.findings import ModelIdentity
 from dicom_ai.core.options import Equipment
 from dicom_ai.core.views import VIEW_CODES, view_of
 from dicom_ai.results.codes import BREAST_SIDE, PERCENT, finding_codes
+from dicom_ai.results.tid1500 import operating_text
 from dicom_ai.results.types import ImageResult, ObjectIdentity
 
 __all__ = ["MAMMOGRAPHY_CAD_SR", "build_mammography_cad_sr"]
@@ -74,6 +75,7 @@ _PRESENTATION_REQUIRED = Code("111150", "DCM", "Presentation Required: Rendering
 _SINGLE_IMAGE_FINDING = Code("111059", "DCM", "Single Image Finding")
 _ALGORITHM_NAME = Code("111001", "DCM", "Algorithm Name")
 _ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
+_ALGORITHM_PARAMETERS = Code("111002", "DCM", "Algorithm Parameters")
 _CERTAINTY = Code("111012", "DCM", "Certainty of Finding")
 _PROBABILITY_OF_CANCER = Code("111047", "DCM", "Probability of cancer")
 _CENTER = Code("111010", "DCM", "Center")
@@ -154,10 +156,15 @@ def _library_entry(ds: pydicom.Dataset) -> Dataset:
     return _children(_image_item(ds, "CONTAINS"), children)
 
 
-def _algorithm_items(model: ModelIdentity) -> list[Dataset]:
-    """TID 4019: Algorithm Name and Algorithm Version, both properties of the finding."""
-    return [hd.sr.TextContentItem(_ALGORITHM_NAME, model.name, relationship_type=_PROPS),
-            hd.sr.TextContentItem(_ALGORITHM_VERSION, model.version, relationship_type=_PROPS)]
+def _algorithm_items(model: ModelIdentity, threshold: float | None = None) -> list[Dataset]:
+    """TID 4019: Algorithm Name, Algorithm Version and (with ``threshold``) Algorithm
+    Parameters naming the operating point, all properties of the finding."""
+    items = [hd.sr.TextContentItem(_ALGORITHM_NAME, model.name, relationship_type=_PROPS),
+             hd.sr.TextContentItem(_ALGORITHM_VERSION, model.version, relationship_type=_PROPS)]
+    if threshold is not None:
+        items.append(hd.sr.TextContentItem(_ALGORITHM_PARAMETERS, operating_text(model, threshold),
+                                           relationship_type=_PROPS))
+    return items
 
 
 def _scoord(name: Code, graphic_type: str, data: np.ndarray, source: pydicom.Dataset) -> Dataset:
@@ -204,7 +211,7 @@ def build_mammography_cad_sr(
             for region in sorted(regions, key=lambda g: g.index):
                 props: list[Dataset] = [hd.sr.CodeContentItem(_RENDERING_INTENT, _PRESENTATION_REQUIRED,
                                                               relationship_type=_MOD)]
-                props += _algorithm_items(segment.map.model)
+                props += _algorithm_items(segment.map.model, segment.map.threshold)
                 percent = round(100.0 * region.max_probability, 2)
                 props.append(hd.sr.NumContentItem(_CERTAINTY, percent, PERCENT, relationship_type=_PROPS))
                 if segment.map.finding == "malignant_lesion":

@@ -11,9 +11,18 @@ Content:
   (derivation SCT Maximum / Mean; "Probability of cancer" for malignant lesions, "Certainty of
   Finding" otherwise, in percent) with the model's algorithm identification. Tracking
   identifier "<image> <finding> (<model>) region k".
+  Regions of several models that overlap on one image and describe the same kind of finding
+  (a lesion: malignant or benign; a calcification cluster) are one finding: one group whose
+  ROI and area are the most probable member's (area referencing that member's SEG frame),
+  and which carries each member's probabilities with its own algorithm identification
+  (tracking identifier "<image> <finding> (<model>+<model>) region k"). Each model's segment
+  stays in the SEG. Algorithm identification carries the operating point as Algorithm
+  Parameters ("operating point <name>: threshold t (<target>)").
 * Qualitative Evaluations (TID 1500 row 12), TEXT items: each image's scores per model, a line
   per SEG segment (regions, total area, threshold, segment number, or "no region above
-  threshold"), and per breast and for the study the maximum of each model's scores.
+  threshold"), where the image's nipple direction came from (header or pixels) and the
+  breast restriction of the marks, and per breast and for the study the maximum of each
+  model's scores.
 
 Only groups with a SCOORD are in Imaging Measurements: OHIF 3.13 stops displaying the whole
 report when a group has none (conformance/viewer.md), and PixelMed's TID 1500 check decides
@@ -40,7 +49,7 @@ from dicom_ai.core.views import image_name
 from dicom_ai.results.codes import BREAST, LATERALITY, PERCENT, SQUARE_MM, finding_codes
 from dicom_ai.results.types import ImageResult, ObjectIdentity, Segment
 
-__all__ = ["build_measurement_report", "strip_segment_numbers", "SCORE_FINDING"]
+__all__ = ["build_measurement_report", "strip_segment_numbers", "merge_regions", "operating_text", "SCORE_FINDING"]
 
 #: Which finding's codes describe an image-level score.
 SCORE_FINDING = {"malignant": "malignant_lesion", "benign": "benign_lesion"}
@@ -51,8 +60,56 @@ def _site(laterality: str) -> list[hd.sr.FindingSite]:
     return [hd.sr.FindingSite(anatomic_location=BREAST, laterality=lat)]
 
 
-def _algorithm(model: ModelIdentity) -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+def operating_text(model: ModelIdentity, threshold: float) -> str:
+    """``operating point <name>: threshold t (<target>)`` (the bundle's plain threshold when unnamed)."""
+    name = getattr(model, "operating_point", "") or "manifest thresholds"
+    target = getattr(model, "operating_target", "")
+    return f"operating point {name}: threshold {threshold:g}" + (f" ({target})" if target else "")
+
+
+def _algorithm(model: ModelIdentity, threshold: float | None = None) -> hd.sr.AlgorithmIdentification:
+    params = [operating_text(model, threshold)[:64]] if threshold is not None else None
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=params)
+
+
+#: Findings that describe the same kind of object, so overlapping regions of them by
+#: different models are one finding in the SR.
+_MERGE_CLASS = {"malignant_lesion": "lesion", "benign_lesion": "lesion", "calcification_cluster": "cluster"}
+
+
+def _overlap(a, b) -> bool:
+    ar0, ar1, ac0, ac1 = a.bbox
+    br0, br1, bc0, bc1 = b.bbox
+    r0, r1, c0, c1 = max(ar0, br0), min(ar1, br1), max(ac0, bc0), min(ac1, bc1)
+    if r0 >= r1 or c0 >= c1:
+        return False
+    return bool((a.mask[r0 - ar0:r1 - ar0, c0 - ac0:c1 - ac0] & b.mask[r0 - br0:r1 - br0, c0 - bc0:c1 - bc0]).any())
+
+
+def merge_regions(entries: Sequence[tuple[Segment, object]]) -> list[list[tuple[Segment, object]]]:
+    """Group ``(segment, region)`` pairs of one image: pairs of different models whose
+    findings are of one :data:`_MERGE_CLASS` and whose pixels overlap are one finding
+    (transitively). Each group is ordered most probable first; groups in input order."""
+    parent = list(range(len(entries)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, (si, ri) in enumerate(entries):
+        ci = _MERGE_CLASS.get(si.map.finding)
+        if ci is None:
+            continue
+        for j in range(i):
+            sj, rj = entries[j]
+            if _MERGE_CLASS.get(sj.map.finding) == ci and sj.map.model != si.map.model and _overlap(ri, rj):
+                parent[find(i)] = find(j)
+    groups: dict[int, list] = {}
+    for i, e in enumerate(entries):
+        groups.setdefault(find(i), []).append(e)
+    return [sorted(g, key=lambda e: -e[1].max_probability) for g in groups.values()]
 
 
 def _uid(root: str, *parts: object) -> str:
@@ -123,35 +180,41 @@ def build_measurement_report(
     for r in results:
         src, seg = r.source, r.segmentation
         lat = str(src.get("ImageLaterality", ""))
+        entries = []
         for segment in r.segments:
+            regions = sorted(segment.regions.regions, key=lambda g: -g.max_probability)[:max_regions_per_segment]
+            entries += [(segment, region) for region in sorted(regions, key=lambda g: g.index)]
+        for group in merge_regions(entries):
+            segment, region = group[0]
             fc = finding_codes(segment.map.finding)
-            model = segment.map.model
-            track = _track(r, segment)
+            models = "+".join(dict.fromkeys(s.map.model.name for s, _ in group))
+            track = f"{image_name(src)} {fc.label.lower()} ({models})"
+            # The area is the kept member's: its Source of Measurement is that member's frame.
             seg_ref = (hd.sr.SourceImageForMeasurement(seg.SOPClassUID, seg.SOPInstanceUID, [segment.number])
                        if seg is not None else None)
-            regions = sorted(segment.regions.regions, key=lambda g: -g.max_probability)[:max_regions_per_segment]
-            for region in sorted(regions, key=lambda g: g.index):
-                prob = fc.probability
-                measurements = [
-                    hd.sr.Measurement(name=codes.SCT.Area, value=round(region.area_mm2, 3), unit=SQUARE_MM,
-                                      referenced_images=[seg_ref] if seg_ref else None),
-                    hd.sr.Measurement(name=prob, value=_percent(region.max_probability), unit=PERCENT,
-                                      derivation=codes.SCT.Maximum, algorithm_id=_algorithm(model)),
-                    hd.sr.Measurement(name=prob, value=_percent(region.mean_probability), unit=PERCENT,
-                                      derivation=codes.SCT.Mean, algorithm_id=_algorithm(model)),
+            measurements = [hd.sr.Measurement(name=codes.SCT.Area, value=round(region.area_mm2, 3), unit=SQUARE_MM,
+                                              referenced_images=[seg_ref] if seg_ref else None)]
+            for member_segment, member in group:
+                prob = finding_codes(member_segment.map.finding).probability
+                algorithm = _algorithm(member_segment.map.model, member_segment.map.threshold)
+                measurements += [
+                    hd.sr.Measurement(name=prob, value=_percent(member.max_probability), unit=PERCENT,
+                                      derivation=codes.SCT.Maximum, algorithm_id=algorithm),
+                    hd.sr.Measurement(name=prob, value=_percent(member.mean_probability), unit=PERCENT,
+                                      derivation=codes.SCT.Mean, algorithm_id=algorithm),
                 ]
-                region_groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=_uid(root, src.SOPInstanceUID, "region", segment.number, region.index),
-                        identifier=f"{track} region {region.index}"[:64]),
-                    referenced_region=hd.sr.ImageRegion(
-                        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                        graphic_data=np.asarray(region.contour, dtype=np.float32),
-                        source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID)),
-                    finding_type=fc.sr_finding,
-                    finding_sites=_site(lat),
-                    measurements=measurements,
-                ))
+            region_groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=_uid(root, src.SOPInstanceUID, "region", segment.number, region.index),
+                    identifier=f"{track} region {region.index}"[:64]),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=np.asarray(region.contour, dtype=np.float32),
+                    source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID)),
+                finding_type=fc.sr_finding,
+                finding_sites=_site(lat),
+                measurements=measurements,
+            ))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.SCT.ImagingProcedure,
@@ -211,6 +274,14 @@ def _qualitative_evaluations(results: Sequence[ImageResult]) -> hd.sr.ContainerC
                     f"{segment.map.threshold:g} ({where})" if n else
                     f"{_track(r, segment)}: no region above threshold {segment.map.threshold:g} ({where})")
             items.append(hd.sr.TextContentItem(name=_FINDING, value=text, relationship_type="CONTAINS"))
+        orientation = getattr(r.findings, "orientation", "")
+        if orientation:
+            text = (f"{name}: nipple direction from the {orientation}; marks restricted to the breast mask "
+                    f"less the pectoral muscle")
+            items.append(hd.sr.TextContentItem(name=_FINDING, value=text, relationship_type="CONTAINS"))
+        for segment in r.segments:
+            text = f"{_track(r, segment)}: {operating_text(segment.map.model, segment.map.threshold)}"
+            items.append(hd.sr.TextContentItem(name=_FINDING, value=text[:1024], relationship_type="CONTAINS"))
     scopes = [(f"{side} breast", [r for r in results if str(r.source.get("ImageLaterality", "")) == lat])
               for lat, side in (("L", "Left"), ("R", "Right"))]
     scopes.append(("Study", list(results)))
