@@ -10,11 +10,11 @@ VENV ?= .venv
 VENV_ARGS ?=
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
-DEBS := dcmtk dicom3tools pixelmed-apps orthanc
+DEBS := dcmtk dicom3tools pixelmed-apps orthanc openssl systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: all test demo debs venv bench viewer-check clean fuzz crash-storm
+.PHONY: all test demo debs venv bench viewer-check status-page-check clean fuzz crash-storm
 
 all: test
 
@@ -56,6 +56,14 @@ viewer-check: venv debs
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	$(PY) conformance/viewer/check_viewer.py --out build/viewer/out
+
+# Issue 17's status page screenshot in headless Debian Chromium (installed when missing; a
+# large package, so `make test` skips this part of tests/test_metrics_http.py).
+status-page-check: venv debs
+	@dpkg -s chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	mkdir -p build/status-page
+	DICOM_AI_STATUS_SCREENSHOT=1 DICOM_AI_STATUS_SCREENSHOT_OUT=$(CURDIR)/build/status-page/status.png \
+	  $(PY) -m pytest -q tests/test_metrics_http.py -k metrics_move
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -113,7 +113,7 @@ def test_metrics_move_by_what_a_study_did_and_health_endpoints(tmp_path):
             from PIL import Image
             img = Image.open(shot).convert("RGB")
             # The failed ARCHIVE delivery's row is shaded red (#fdd): such pixels are on the page.
-            assert any(px == (255, 221, 221) for px in img.getdata()), "no failed-delivery row rendered"
+            assert any(c == (255, 221, 221) for _, c in img.getcolors(1 << 24)), "no failed-delivery row rendered"
             out = os.environ.get("DICOM_AI_STATUS_SCREENSHOT_OUT")
             if out:
                 shutil.copy(shot, out)
