@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import xml.etree.ElementTree as ET
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tls_certs import make_all
 from node_harness import (ACCESSION, PATIENT_ID, PATIENT_NAME, PYTHON, REPO, free_port, node_env, start_node,
                           start_storescp, storescu, wait_delivered, wait_for, write_node_config, write_study)
 
@@ -30,8 +32,9 @@ _CODE_ATTRS = {"csd-code", "codeSystemName", "originalText"}
 class SyslogReceiver:
     """Collects syslog messages on 127.0.0.1 over UDP (one per datagram) or TCP (octet counting)."""
 
-    def __init__(self, kind: str):
-        self.kind, self.messages, self._stop = kind, [], False
+    def __init__(self, kind: str, tls: ssl.SSLContext | None = None):
+        self.kind, self.messages, self._stop, self.tls = kind, [], False, tls
+        self.peer_certificates: list[dict] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -48,6 +51,10 @@ class SyslogReceiver:
                     self.messages.append(self.sock.recv(65535).decode())
                 else:
                     conn, _ = self.sock.accept()
+                    if self.tls is not None:
+                        conn.settimeout(5)
+                        conn = self.tls.wrap_socket(conn, server_side=True)
+                        self.peer_certificates.append(conn.getpeercert())
                     threading.Thread(target=self._read_stream, args=(conn,), daemon=True).start()
             except OSError:
                 continue
@@ -194,3 +201,28 @@ def test_retry_is_audited_over_tcp_and_patient_ids_only_when_enabled(tmp_path):
                 if o.get("ParticipantObjectTypeCode") == "1"]
     assert patients and all(p.get("ParticipantObjectID") == PATIENT_ID for p in patients)
     assert PATIENT_NAME not in "\n".join(lines)
+
+
+def test_audit_over_tls_rfc5425_with_the_node_certificate(tmp_path):
+    certs = make_all(tmp_path / "certs")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(certs["pacs"][0]), str(certs["pacs"][1]))
+    ctx.load_verify_locations(str(certs["ca"][0]))
+    ctx.verify_mode = ssl.CERT_REQUIRED  # the repository authenticates the node too
+    collector = SyslogReceiver("tcp", tls=ctx)
+    storage = tmp_path / "storage"
+    cfg = write_node_config(tmp_path / "node.toml", storage, free_port(), [("PACS", 104)])
+    cfg.write_text(cfg.read_text() + f'[audit]\nsink = "tls"\nport = {collector.port}\n'
+                   f'[tls]\ncertificate = "{certs["node"][0]}"\nprivate_key = "{certs["node"][1]}"\n'
+                   f'ca_bundle = "{certs["ca"][0]}"\n')
+    from dicom_ai.node.jobstore import JobStore
+    JobStore(storage / "jobs.sqlite")
+    r = subprocess.run([PYTHON, "-m", "dicom_ai", "retry", "--config", str(cfg)], capture_output=True, text=True,
+                       env=node_env(), cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: collector.messages, 5, "the retry audit message over TLS")
+    collector.close()
+    (_, root), = [parse(x) for x in collector.messages]
+    assert event_id(root) == "110113"
+    subject = dict(x[0] for x in collector.peer_certificates[0]["subject"])
+    assert subject["commonName"] == "AINODE"

@@ -122,7 +122,24 @@ def test_metrics_move_by_what_a_study_did_and_health_endpoints(tmp_path):
         pacs.stop()
 
 
-def test_http_is_off_by_default_and_loopback_when_on(tmp_path):
+def test_readyz_fails_below_the_disk_reserve_and_http_is_off_by_default(tmp_path):
     from dicom_ai.node.config import load_config
     cfg = load_config(None)
     assert cfg.http.port == 0 and cfg.http.bind_address == "127.0.0.1"
+
+    port, http = free_port(), free_port()
+    reserve_mb = shutil.disk_usage(tmp_path).free // 2**20 + 10_000  # more than the disk has free
+    cfg_path = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("PACS", 104)],
+                                 node={"reserve_free_mb": reserve_mb})
+    cfg_path.write_text(cfg_path.read_text() + f"[http]\nport = {http}\n")
+    node = start_node(cfg_path, port, tmp_path / "node.log")
+    try:
+        code, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(get(http, "/readyz")), 20, "/readyz 503")
+        checks = json.loads(body)
+        assert checks["disk_above_reserve"] is False and checks["scp_accepting"] is True
+        assert get(http, "/healthz")[0] == 200  # alive, not ready
+        metrics = get(http, "/metrics")[1]
+        assert sample(metrics, "dicom_ai_storage_reserve_bytes") == reserve_mb * 2**20
+        assert sample(metrics, "dicom_ai_storage_free_bytes") < reserve_mb * 2**20
+    finally:
+        node.stop()

@@ -10,6 +10,7 @@ import json
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,40 @@ def test_orthanc_with_dicom_tls_as_sender_and_as_receiver(tmp_path, certs):
         if node is not None:
             node.stop()
         orthanc.stop()
+
+
+def test_connection_limits_hold_across_the_plain_and_tls_ports(tmp_path, certs):
+    """The TLS port shares the per-address cap with the plain one, and a silent TLS client is
+    closed at the A-ASSOCIATE-RQ deadline (the handshake counts against it)."""
+    port, tls_port = free_port(), free_port()
+    cfg = write_config(tmp_path / "node.toml", tmp_path / "storage", port, tls_port, certs,
+                       [{"ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+                       extra="[limits]\nmax_connections_per_address = 2\nassociation_request_seconds = 1.5\n")
+    node = start_node(cfg, port, tmp_path / "node.log")
+    silent = []
+    try:
+        wait_port(tls_port)
+        time.sleep(2)  # the wait_port probes' connections have ended
+        for p in (tls_port, tls_port):  # two TCP connections to the TLS port, no ClientHello
+            s = socket.create_connection(("127.0.0.1", p), timeout=5)
+            silent.append(s)
+        time.sleep(0.3)
+        third = echoscu(port, [])  # plain port, same address: over the cap of 2
+        assert third.returncode != 0
+        t0 = time.monotonic()
+        for s in silent:  # closed by the node at the deadline: recv returns b"" (or a reset)
+            s.settimeout(5)
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+        assert time.monotonic() - t0 < 3.0
+        assert echoscu(port, []).returncode == 0  # slots and counts released
+        reasons = {e["reason"] for e in refusals(tmp_path / "node.log")}
+        assert {"per_address_limit", "association_request_timeout"} <= reasons, reasons
+        timeout = [e for e in refusals(tmp_path / "node.log") if e["reason"] == "association_request_timeout"]
+        assert timeout[0].get("during") == "TLS handshake"
+    finally:
+        for s in silent:
+            s.close()
+        node.stop()
