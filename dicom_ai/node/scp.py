@@ -194,7 +194,8 @@ class StorageSCP:
         handlers = [(evt.EVT_CONN_OPEN, self._on_connection), (evt.EVT_C_STORE, self._on_store),
                     (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_PDU_RECV, _on_pdu_received),
                     (evt.EVT_ACCEPTED, self._on_accepted), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_RELEASED, self._on_released)]
+                    (evt.EVT_ABORTED, self._on_aborted), (evt.EVT_RELEASED, self._on_released),
+                    (evt.EVT_CONN_CLOSE, self._on_connection_closed)]
         address = self.config.node.bind_address
         if tls.plain_port:
             self.server = ae.start_server((address, self.config.node.port), block=False, evt_handlers=handlers)
@@ -308,6 +309,11 @@ class StorageSCP:
     def _on_released(self, event: evt.Event) -> None:
         metrics.ASSOCIATIONS.labels(outcome="released").inc()
         self._association_ended(event.assoc, aborted=False)
+
+    def _on_connection_closed(self, event: evt.Event) -> None:
+        # A peer that drops the connection without release or abort: its studies are audited
+        # here (as aborted), and nothing of the association is kept.
+        self._association_ended(event.assoc, aborted=True)
 
     def _association_ended(self, a, aborted: bool) -> None:
         """Audit what the association brought: one DICOM Instances Transferred per study."""
