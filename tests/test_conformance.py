@@ -86,13 +86,15 @@ def test_scu_tables_equal_what_the_writers_produce():
     produced = set()
     for seg_type, compression in [("BINARY", "none"), ("BINARY", "jpeg2000"), ("FRACTIONAL", "rle"),
                                   ("FRACTIONAL", "jpegls")]:
-        out = build_results(sources, findings, uids_, ResultOptions(segmentation_type=seg_type,
-                                                                    compression=compression, cad_sr=True)).datasets
+        out = build_results(sources, findings, uids_, ResultOptions(segmentation_type=seg_type, compression=compression,
+                                                                    cad_sr=True, secondary_capture=True)).datasets
         produced |= {(str(d.SOPClassUID), str(d.file_meta.TransferSyntaxUID)) for d in out}
     assert {sop for sop, _ in produced} == uids("scu-sop-classes")
     listed = set()
     names = {"Segmentation": ["1.2.840.10008.5.1.4.1.1.66.4"],
-             "Comprehensive 3D SR, Mammography CAD SR": ["1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.50"]}
+             "Comprehensive 3D SR, Mammography CAD SR": ["1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.50"],
+             "Grayscale Softcopy Presentation State, Secondary Capture Image": ["1.2.840.10008.5.1.4.1.1.11.1",
+                                                                               "1.2.840.10008.5.1.4.1.1.7"]}
     for row in table("scu-transfer-syntaxes"):
         for sop in names[row[0]]:
             listed.add((sop, row[2]))
@@ -104,6 +106,9 @@ def test_statement_names_the_iods_and_options_the_code_has():
     defaults = ResultOptions()
     assert f"Series Number {defaults.seg_series_number}" in text and f"Series Number {defaults.sr_series_number}" in text
     assert f"Series Number {defaults.cad_series_number}" in text
+    assert f"Series Number {defaults.gsps_series_number}" in text and f"Series Number {defaults.sc_series_number}" in text
+    assert f"`gsps` (default {str(defaults.gsps).lower()})" in text
+    assert f"`secondary_capture` (default {str(defaults.secondary_capture).lower()})" in text
     for kw in ("Patient Orientation copied from the source", "Laterality not present", "empty segments written"):
         assert kw in text
     cfg = load_config(None, {})

@@ -15,6 +15,9 @@ models are one SR finding; the SR and CAD SR state the operating point (Algorith
 Parameters) and the orientation source; the shipped bundles' thresholds are their default
 operating points chosen on mini-MIAS folds. Made with the same job (``job_digests``) and the
 library versions recorded in the JSON.
+
+The digests include the per-image presentation states (``PR-*``, issue 18, on by default);
+adding them changed no other digest.
 """
 
 from __future__ import annotations

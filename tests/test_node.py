@@ -160,7 +160,7 @@ def test_infer_runs_the_pipeline_offline(tmp_path):
     done = _cli("infer", *map(str, files), "--out", str(tmp_path / "out"), "--config", str(cfg))
     assert done.returncode == 0, done.stderr
     written = [pydicom.dcmread(p) for p in sorted((tmp_path / "out").glob("*.dcm"))]
-    assert sorted(ds.Modality for ds in written) == ["SEG", "SEG", "SR"]
+    assert sorted(ds.Modality for ds in written) == ["PR", "PR", "SEG", "SEG", "SR"]  # a GSPS per SEG
     assert {ds.StudyInstanceUID for ds in written} == {pydicom.dcmread(files[0]).StudyInstanceUID}
     assert not (tmp_path / "out" / "previews").exists()  # pipeline.previews = false in this config
 
@@ -201,7 +201,7 @@ def test_worker_writes_a_durable_outbox_and_previews(tmp_path):
     job = store.claim_job()
     entries, notes = process_job(job, StandInPipeline(), cfg)
     assert notes == []
-    assert sorted(pydicom.dcmread(p).Modality for _, _, p in entries) == ["SEG", "SEG", "SR"]
+    assert sorted(pydicom.dcmread(p).Modality for _, _, p in entries) == ["PR", "PR", "SEG", "SEG", "SR"]
     assert all(pydicom.dcmread(p).SOPInstanceUID == uid for uid, _, p in entries)
     assert not list((cfg.storage_dir / "outbox").rglob("*.tmp"))
     assert len(list((cfg.storage_dir / "previews" / f"job-{job.id}").glob("*.png"))) == 2

@@ -16,7 +16,8 @@ from _results_sources import built, contour_inside, make_study, roundtrip, seg_m
 
 def _uids_of(ds):
     return (ds.SOPInstanceUID, ds.SeriesInstanceUID, ds.StudyInstanceUID, ds.SeriesDate, ds.SeriesTime,
-            ds.ContentDate, ds.ContentTime)
+            ds.get("ContentDate", ds.get("PresentationCreationDate")),  # a GSPS has no Content Date
+            ds.get("ContentTime", ds.get("PresentationCreationTime")))
 
 
 def test_uids_json_roundtrip_and_derived():
@@ -46,8 +47,8 @@ def test_idempotent_resend():
 def test_options_series_and_equipment():
     sources, findings, uids, datasets = built()
     opts = ResultOptions()
-    assert [d.SeriesNumber for d in datasets] == [opts.seg_series_number] * 4 + [opts.sr_series_number,
-                                                                               opts.cad_series_number]
+    assert [d.SeriesNumber for d in datasets] == [opts.seg_series_number] * 4 + [opts.gsps_series_number] * 4 + [
+        opts.sr_series_number, opts.cad_series_number]
     assert {d.Manufacturer for d in datasets} == {opts.equipment.manufacturer}
     assert all(d.StudyInstanceUID == sources[0].StudyInstanceUID for d in datasets)
     assert all(d.PatientID == sources[0].PatientID for d in datasets)

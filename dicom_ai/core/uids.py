@@ -29,6 +29,11 @@ class ResultUIDs:
     (OHIF 3.13 shows only the newest instance of a SEG series): :meth:`seg_series_for` derives
     that series' UID from ``seg_series`` and the source image. ``created`` is ``YYYYMMDDHHMMSS``
     (UTC) and is written as Series/Content Date and Time of every result object.
+
+    The presentation states (GSPS) and the "AI overlay" Secondary Captures, one of each per image
+    and each in a series of its own, are not stored: their UIDs derive from
+    ``sr_series`` (random per job, stored) and the source image, so a rerun writes the same
+    UIDs and a job stored before they existed reads back unchanged (:meth:`from_json`).
     """
 
     seg_series: str
@@ -55,6 +60,24 @@ class ResultUIDs:
     def seg_series_for(self, source_sop_uid: str) -> str:
         """Series Instance UID of the SEG of one source image."""
         return generate_uid(entropy_srcs=[self.seg_series, "series", str(source_sop_uid)])
+
+    def gsps_series_for(self, source_sop_uid: str) -> str:
+        """Series Instance UID of the presentation state of one source image (a series per
+        image, like the SEGs: its Laterality is the image's)."""
+        return generate_uid(entropy_srcs=[self.sr_series, "gsps series", str(source_sop_uid)])
+
+    def gsps_instance(self, source_sop_uid: str) -> str:
+        """SOP Instance UID of the presentation state of one source image."""
+        return generate_uid(entropy_srcs=[self.sr_series, "gsps", str(source_sop_uid)])
+
+    def sc_series_for(self, source_sop_uid: str) -> str:
+        """Series Instance UID of the "AI overlay" Secondary Capture of one source image (a
+        series per image: its Laterality is the image's)."""
+        return generate_uid(entropy_srcs=[self.sr_series, "sc series", str(source_sop_uid)])
+
+    def sc_instance(self, source_sop_uid: str) -> str:
+        """SOP Instance UID of the "AI overlay" Secondary Capture of one source image."""
+        return generate_uid(entropy_srcs=[self.sr_series, "sc", str(source_sop_uid)])
 
     @property
     def content_datetime(self) -> tuple[str, str]:

@@ -6,7 +6,7 @@ The one entry point::
     from dicom_ai.results import build_results
     uids = ResultUIDs.generate(source_sop_uids)        # at job creation; store uids.to_json()
     results = build_results(sources, findings, uids, options=ResultOptions())
-    results.datasets                                   # SEGs, then the SR, then the CAD SR
+    results.datasets                                   # SEGs, GSPSs, SCs, the SR, the CAD SR
     results.write_previews(out_dir)                    # PNG per image for IT quality checks
 
 Regions are found once per image (:func:`analyse_image`) and every writer and the preview
@@ -39,8 +39,10 @@ from dicom_ai.core.options import ResultOptions
 from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.core.views import image_name
 from dicom_ai.results.cad_sr import build_mammography_cad_sr
+from dicom_ai.results.gsps import build_presentation_state
 from dicom_ai.results.preview import render_preview
 from dicom_ai.results.regions import DEFAULT_MIN_AREA_MM2, area_spacing, find_regions
+from dicom_ai.results.sc import build_overlay_capture
 from dicom_ai.results.seg import build_segmentation
 from dicom_ai.results.sources import clean_sources
 from dicom_ai.results.tid1500 import build_measurement_report
@@ -55,7 +57,8 @@ class StudyResults:
 
     ``images`` holds one :class:`~dicom_ai.results.types.ImageResult` per source image, in
     source order (its segments and regions, and its SEG or None); ``datasets`` the objects
-    to send: one SEG per image that has maps, then the TID 1500 SR, then the CAD SR if enabled;
+    to send: one SEG per image that has maps, then (as enabled) one presentation state and one
+    "AI overlay" Secondary Capture per such image, then the TID 1500 SR, then the CAD SR if enabled;
     ``notes`` what was left out of the copied source attributes and why (keywords only).
     """
 
@@ -129,7 +132,8 @@ def build_results(
     uids: ResultUIDs,
     options: ResultOptions = ResultOptions(),
 ) -> StudyResults:
-    """SEG per source image that has maps, then the TID 1500 SR, then the CAD SR if enabled.
+    """SEG per source image that has maps, its GSPS and "AI overlay" SC (as enabled), then the
+    TID 1500 SR, then the CAD SR if enabled.
 
     Parameters
     ----------
@@ -169,6 +173,7 @@ def build_results(
             out.append(image.segmentation)
     if not images:
         raise ResultError("no image's results could be built: " + "; ".join(notes))
+    out += _per_image_views(images, uids, options, notes)
     sr = ObjectIdentity(uids.sr_series, uids.sr_instance, options.sr_series_number, options.sr_series_description)
     out.append(build_measurement_report(images, sr, equipment,
                                         max_regions_per_segment=options.max_regions_per_segment))
@@ -182,13 +187,44 @@ def build_results(
     return StudyResults(images=images, datasets=out, notes=notes)
 
 
+def _per_image_views(images: list[ImageResult], uids: ResultUIDs, options: ResultOptions,
+                     notes: list[str]) -> list[pydicom.Dataset]:
+    """The presentation states, then the "AI overlay" Secondary Captures, of the images that
+    have a SEG (as enabled), each in a series of its own like the SEGs; one that cannot be
+    built is left out with a note."""
+    out: list[pydicom.Dataset] = []
+    kinds = [("presentation state", options.gsps, uids.gsps_series_for, uids.gsps_instance, options.gsps_series_number,
+              options.gsps_series_description, build_presentation_state),
+             ("AI overlay", options.secondary_capture, uids.sc_series_for, uids.sc_instance, options.sc_series_number,
+              options.sc_series_description, build_overlay_capture)]
+    for what, enabled, series_for, instance, number, description, build in kinds:
+        if not enabled:
+            continue
+        with_segments = [image for image in images if image.segmentation is not None]
+        for image in with_segments:
+            uid = str(image.source.SOPInstanceUID)
+            identity = ObjectIdentity(series_for(uid), instance(uid), number,
+                                      f"{description} {image_name(image.source)}".strip()[:64])
+            try:
+                out.append(build(image, identity, options.equipment,
+                                 max_regions_per_segment=options.max_regions_per_segment))
+            except Exception as exc:  # this object only; the SEG and SR of the image stand
+                why = f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError) else type(exc).__name__
+                notes.append(f"{what} of image {uid} left out: {why}")
+    return out
+
+
 def _pin_creation(ds: pydicom.Dataset, created: str) -> None:
     """Replace the values highdicom takes from the clock or a random source with ones derived
     from the job, so a rebuild is identical: Series, Content and Instance Creation Date/Time,
-    highdicom's own Contribution DateTime, and the SEG Dimension Organization UID."""
+    highdicom's own Contribution DateTime, a presentation state's Presentation Creation Date/Time,
+    and the SEG Dimension Organization UID."""
     date, time = created[:8], created[8:14]
     ds.SeriesDate, ds.SeriesTime = date, time
-    ds.ContentDate, ds.ContentTime = date, time
+    if "PresentationCreationDate" in ds:  # a presentation state has no Content Date/Time
+        ds.PresentationCreationDate, ds.PresentationCreationTime = date, time
+    else:
+        ds.ContentDate, ds.ContentTime = date, time
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
     for item in ds.get("ContributingEquipmentSequence", []):
         if item.get("ManufacturerModelName") == "highdicom":
