@@ -139,3 +139,95 @@ def test_orientation_cross_checked_on_a_flipped_image(caplog):
         (findings,) = Pipeline([_EverywhereModel()]).run([make_mg("L", "CC", (ROWS, COLS))])
     assert findings.orientation == "header (pixels agree)"
     assert any(r.getMessage() == "orientation" for r in caplog.records)
+
+
+# --- operating points, merged findings, validity -------------------------------------------
+
+
+def _bundle_with_points(tmp_path):
+    import torch
+
+    from dicom_ai.networks.bundle import save_bundle
+
+    manifest = {"name": "toy", "version": "1", "architecture": {"kind": "toy"}, "input": {}, "intended_use": "test",
+                "training": {}, "thresholds": {"malignant_lesion": 0.5, "benign_lesion": 0.5},
+                "operating_points": {"default": "fp0.5", "findings": {
+                    "malignant_lesion": [
+                        {"name": "fp0.5", "threshold": 0.8, "target": "0.5 false marks per image", "sensitivity": 0.3,
+                         "data": "fixture"},
+                        {"name": "fp1", "threshold": 0.6, "target": "1 false mark per image", "sensitivity": 0.4,
+                         "data": "fixture"}],
+                    "benign_lesion": [{"name": "fp1", "threshold": 0.7, "target": "1 false mark per image",
+                                       "sensitivity": 0.1, "data": "fixture"}]}}}
+    return save_bundle(tmp_path / "toy", manifest, {"w": torch.zeros(1)})
+
+
+def test_operating_points_read_from_the_manifest_and_picked_by_name(tmp_path):
+    from dicom_ai.networks.bundle import load_bundle
+
+    path = _bundle_with_points(tmp_path)
+    default = load_bundle(path)
+    assert default.manifest["thresholds"] == {"malignant_lesion": 0.8, "benign_lesion": 0.5}
+    assert default.identity.operating_point == "fp0.5"
+    assert default.identity.operating_target == "0.5 false marks per image"
+    loose = load_bundle(path, operating_point="fp1")
+    assert loose.manifest["thresholds"] == {"malignant_lesion": 0.6, "benign_lesion": 0.7}
+    assert loose.identity.operating_point == "fp1"
+    with pytest.raises(BundleError, match="no operating point 'fp9'.*fp0.5, fp1"):
+        load_bundle(path, operating_point="fp9")
+    # A manifest without operating points: its thresholds, a plain identity; a name is refused.
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["operating_points"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    plain = load_bundle(path)
+    assert plain.manifest["thresholds"]["malignant_lesion"] == 0.5 and type(plain.identity) is ModelIdentity
+    with pytest.raises(BundleError, match="has no operating points"):
+        load_bundle(path, operating_point="fp1")
+
+
+def test_duplicate_marks_merged_in_the_sr_while_the_seg_keeps_each_segment(tmp_path):
+    from conformance.validators import dciodvfy
+    from dicom_ai.core.options import ResultOptions
+    from dicom_ai.core.uids import ResultUIDs
+    from dicom_ai.networks.bundle import OperatingIdentity
+    from dicom_ai.results import build_results
+
+    from _results_sources import _items, _name, blob, roundtrip
+
+    ds = make_mg("L", "CC", (ROWS, COLS))
+    shape = (ROWS, COLS)
+    glam = OperatingIdentity("glam", "1", operating_point="fp0.5", operating_target="0.5 false marks per image")
+    dunet = OperatingIdentity("dunet", "2", operating_point="fp0.5", operating_target="0.5 false marks per image")
+    from dicom_ai.core.findings import ImageFindings
+
+    findings = ImageFindings(ds.SOPInstanceUID)
+    findings.maps = [ProbabilityMap("malignant_lesion", blob(shape, (120, 60), (20, 20)), 0.5, glam),
+                     ProbabilityMap("malignant_lesion", blob(shape, (124, 62), (20, 20), 0.8), 0.4, dunet),
+                     ProbabilityMap("benign_lesion", blob(shape, (40, 40), (24, 24), 0.7), 0.5, dunet)]
+    findings.orientation = "header (pixels agree)"
+    uids = ResultUIDs.generate([str(ds.SOPInstanceUID)])
+    datasets = build_results([ds], [findings], uids, ResultOptions(cad_sr=True)).datasets
+    (seg,) = [d for d in datasets if d.Modality == "SEG"]
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    assert len(labels) == 3  # each model's segment stays in the SEG
+    srs = [d for d in datasets if d.Modality == "SR"]
+    for i, sr in enumerate(srs):
+        path = tmp_path / f"sr{i}.dcm"
+        sr.save_as(path, enforce_file_format=True)
+        report = dciodvfy(path)
+        assert report.ok, report.output
+    tid1500 = next(sr for sr in srs if sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34")
+    items = list(_items(roundtrip(tid1500)))
+    tracking = [str(i.TextValue) for i in items if _name(i) == "112039"]
+    assert sum("malignant lesion (glam+dunet)" in t for t in tracking) == 1
+    assert not any("malignant lesion (dunet)" in t for t in tracking)
+    assert any("benign lesion (dunet)" in t for t in tracking)
+    texts = [str(i.TextValue) for i in items if i.ValueType == "TEXT"]
+    assert any("operating point fp0.5: threshold 0.4 (0.5 false marks per image)" in t for t in texts)
+    assert any("nipple direction from the header (pixels agree)" in t for t in texts)
+    cad = next(sr for sr in srs if sr.SOPClassUID != "1.2.840.10008.5.1.4.1.1.88.34")
+    params = [str(i.TextValue) for i in _items(cad) if _name(i) == "111002"]
+    assert params and all(p.startswith("operating point fp0.5") for p in params)
+    import highdicom as hd
+
+    assert hd.sr.srread(tmp_path / "sr0.dcm") is not None

@@ -190,6 +190,24 @@ def _register_dunet(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--out", required=True, help="bundle folder to write, e.g. models/dunet")
     s.set_defaults(handler=_dunet_seg)
 
+    m = subparsers.add_parser("dunet-mias", help="fine-tune a U-Net bundle on mini-MIAS masses (folds)",
+                              description="Fine-tune a phantom-trained U-Net bundle on the masses of mini-MIAS "
+                                          "cross-validation folds and write a bundle (research use only).")
+    m.add_argument("--root", required=True, help="mini-MIAS folder (mdbNNN.pgm, Info.txt, masks/)")
+    m.add_argument("--init", default="dunet", help="bundle to start from (name under models/ or folder)")
+    m.add_argument("--train-folds", default="0,1,2,3,4", help="comma-separated mias_folds folds to train on")
+    m.add_argument("--epochs", type=int, default=20)
+    m.add_argument("--batch-size", type=int, default=8)
+    m.add_argument("--lr", type=float, default=5e-4)
+    m.add_argument("--positive-repeat", type=int, default=3, help="times each image with a mass is seen per epoch")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--name", default="dunet")
+    m.add_argument("--version", default="0.2.0")
+    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("--out", required=True, help="bundle folder to write")
+    m.set_defaults(handler=_dunet_mias)
+
 
 def _dunet_setup(args: argparse.Namespace):
     """(config, device) of a U-Net command, with torch's CPU threads set."""
@@ -274,6 +292,43 @@ def _dunet_seg(args: argparse.Namespace) -> int:
     print(f"wrote bundle {path}: test Dice {final['dice']:.3f} (max {metrics['dice_max']:.3f}) "
           f"on {metrics['test_set']}")
     print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _dunet_mias(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from dicom_ai.data.datasets import MIASDataset
+    from dicom_ai.networks.bundle import load_bundle, save_bundle
+    from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig
+    from dicom_ai.training.dunet import ImageSet, mias_image_set, mias_manifest, seed_everything, train_segmentation
+
+    torch.set_num_threads(max(1, args.threads))
+    folds = [int(f) for f in args.train_folds.split(",") if f.strip()]
+    base = load_bundle(args.init)
+    config = DUNetConfig.from_dict(base.manifest["architecture"])
+    seed_everything(args.seed)
+    network = DiscriminativeUNet(config)
+    network.load_state_dict(base.state_dict)
+    data = mias_image_set(MIASDataset(args.root, folds=folds), config.input_shape, progress=not args.no_progress)
+    positives = np.flatnonzero(data.lesions.any(axis=(1, 2)))
+    pool = ImageSet.concatenate([data] + [data.subset(positives)] * max(0, args.positive_repeat - 1))
+    started = time.time()
+    history = train_segmentation(network, pool, args.epochs, args.batch_size, args.lr, args.seed,
+                                 progress=not args.no_progress,
+                                 on_epoch=lambda e, r: print(f"epoch {e}: loss {r['train_loss']:.4f}", flush=True))
+    command = (f"dicom-ai train dunet-mias --root <mini-MIAS> --init {args.init} --train-folds {args.train_folds} "
+               f"--epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} "
+               f"--positive-repeat {args.positive_repeat} --seed {args.seed} --version {args.version}")
+    manifest = mias_manifest(config, base=base.manifest, name=args.name, version=args.version, train_folds=folds,
+                             data=data, positive_repeat=args.positive_repeat, command=command, seed=args.seed,
+                             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             seconds=round(time.time() - started, 1), history=history)
+    manifest.pop("operating_point", None)
+    path = save_bundle(args.out, manifest, network.state_dict())
+    print(f"wrote bundle {path}: {len(data)} images ({len(positives)} with a mass), {args.epochs} epochs, "
+          f"{manifest['training']['seconds']} s")
     return 0
 
 

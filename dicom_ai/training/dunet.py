@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from dicom_ai.data import metrics
 from dicom_ai.data.cache import cache_folder
+from dicom_ai.data.datasets import MIAS_LICENCE_NOTE, MIAS_SPACING_MM
 from dicom_ai.data.phantom import FULL_SHAPE, FULL_SPACING_MM, generate_study
 from dicom_ai.imaging import read_mammogram
 from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig, model_grid
@@ -64,6 +65,8 @@ __all__ = [
     "seed_everything",
     "segmentation_metrics",
     "segmentation_manifest",
+    "mias_image_set",
+    "mias_manifest",
 ]
 
 #: The shipped bundle's intended use (written to every manifest of :func:`segmentation_manifest`).
@@ -673,4 +676,106 @@ def segmentation_manifest(config: DUNetConfig, *, name: str, version: str, phant
             "history": history,
         },
         "metrics": metrics,
+    }
+
+
+# --------------------------------------------------------------------------- mini-MIAS fine-tuning
+
+
+def mias_image_set(dataset, input_shape: tuple[int, int], progress: bool = True) -> ImageSet:
+    """A mini-MIAS dataset (:class:`~dicom_ai.data.datasets.MIASDataset`) on the model grid.
+
+    Each image goes through :func:`~dicom_ai.networks.dunet.model_grid`, as at inference: the
+    breast crop (0.2 mm pixels) in canonical orientation, grown to the aspect of
+    ``input_shape`` and resized to it (a MIAS breast of ~160 x 100 mm becomes ~1.2-1.6 mm per
+    model pixel). The lesion target is every located mass, benign or malignant (the drawn
+    outline where there is one, else the Info.txt circle); a model pixel is lesion when the
+    mass covers at least half of it. Calcifications, architectural distortions and
+    asymmetries are not targets (their images are empty targets unless they also hold a mass).
+    ``source`` is the MIAS reference.
+    """
+    images, lesions, breasts, benign, malignant, source = [], [], [], [], [], []
+    for sample in tqdm(dataset, desc="MIAS on the model grid", unit="image", disable=not progress):
+        geo, image, breast = model_grid(sample.image, input_shape)
+        mass = np.zeros(sample.image.shape, dtype=np.float32)
+        for lesion in sample.lesions:
+            if lesion.kind == "mass" and lesion.mask is not None:
+                mass[lesion.mask] = 1.0
+        images.append(image)
+        lesions.append(geo.forward(mass) >= 0.5)
+        breasts.append(breast)
+        benign.append(bool(sample.labels.get("benign")))
+        malignant.append(bool(sample.labels.get("malignant")))
+        source.append(str(sample.source).rsplit("/", 1)[-1].split(".")[0])
+    return ImageSet(np.stack(images).astype(np.float32), np.stack(lesions), np.stack(breasts),
+                    np.array(benign), np.array(malignant), source)
+
+
+def mias_manifest(config: DUNetConfig, *, base: dict, name: str, version: str, train_folds: Sequence[int],
+                  data: ImageSet, positive_repeat: int, command: str, seed: int, epochs: int, lr: float,
+                  batch_size: int, seconds: float, history: list[dict], metrics: dict | None = None) -> dict:
+    """The manifest of a U-Net fine-tuned on mini-MIAS folds from a phantom-trained bundle.
+
+    Parameters
+    ----------
+    config : DUNetConfig
+        The network configuration (unchanged from ``base``).
+    base : dict
+        The manifest of the bundle the weights started from (its training becomes
+        ``training.pretraining``).
+    name, version : str
+        Bundle identity (written into SEG/SR).
+    train_folds : sequence of int
+        The :func:`~dicom_ai.data.datasets.mias_folds` folds trained on.
+    data : ImageSet
+        The training images (:func:`mias_image_set` of those folds).
+    positive_repeat : int
+        How many times each image with a mass appears per epoch.
+    command, seed, epochs, lr, batch_size, seconds, history
+        As for :func:`segmentation_manifest`.
+    metrics : dict, optional
+        Held-out figures (filled in by the benchmark that validated the bundle).
+    """
+    n_pos = int(data.lesions.any(axis=(1, 2)).sum())
+    return {
+        "name": name,
+        "version": version,
+        "family": "Artificial Intelligence",
+        "architecture": {"kind": "dunet", **config.to_dict()},
+        "input": {
+            "views": ["CC", "MLO"],
+            "intensity": "[0, 1], dense tissue bright (dicom_ai.imaging.read_mammogram; MIAS PGM / 255)",
+            "geometry": f"breast crop (dicom_ai.imaging.breast_mask) in canonical orientation (chest wall at "
+                        f"column 0), grown to the input aspect and resized to {config.input_shape[0]}x"
+                        f"{config.input_shape[1]}",
+            "trained_pixel_spacing_mm": {
+                "source": list(MIAS_SPACING_MM),
+                "model_grid": "about 1.2-1.6 mm per model pixel (a 140-200 mm breast crop over "
+                              f"{config.input_shape[0]} rows); the map is resized back to the source grid",
+            },
+        },
+        "outputs": dict(base.get("outputs", {}), malignant_lesion=(
+            "probability map on the source grid of a MASS (benign or malignant: MIAS masses of both severities "
+            "were the targets), subtraction head clip(x - f(x), 0, 1); the finding key stays malignant_lesion")),
+        "thresholds": dict(base.get("thresholds", {"malignant_lesion": 0.5})),
+        "intended_use": INTENDED_USE + " Fine-tuned on mini-MIAS (research use only).",
+        "licence": MIAS_LICENCE_NOTE,
+        "training": {
+            "data": f"mini-MIAS folds {', '.join(str(f) for f in train_folds)} of dicom_ai.data.datasets.mias_folds "
+                    f"(patient level, fixed): {len(data)} MLO images, {n_pos} with a located mass (each seen "
+                    f"{positive_repeat}x per epoch), the rest empty targets; starting from the phantom-trained "
+                    f"bundle {base.get('name')} {base.get('version')}",
+            "lesion_mask": "MIAS masses (CIRC, SPIC, MISC; benign and malignant): drawn outline, else Info.txt circle",
+            "command": command,
+            "pretraining": {"bundle": f"{base.get('name')} {base.get('version')}",
+                            "data": dict(base.get("training", {})).get("data")},
+            "head": config.head,
+            "seed": seed,
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seconds": seconds,
+            "history": history,
+        },
+        "metrics": metrics or {},
     }
