@@ -20,11 +20,17 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     tls = false                     # true: results go to it over DICOM TLS ([tls] keys)
     require_address = false         # true: this AE title is accepted only from host's addresses
     certificate_subject = ""        # TLS: the client certificate's CN or a SAN must equal this
+    objects = []                    # result objects it gets: SEG, SR, CAD_SR, GSPS, SC; [] = all
 
     [[destinations]]                # optional extra result destinations (tls as for peers)
     ae_title = "ARCHIVE"
     host = "10.0.0.6"
     port = 104
+
+    [[destinations]]                # a DICOMweb destination: STOW-RS to url instead of host/port
+    ae_title = "WEBPACS"            # its name in status and logs (unique like an AE title)
+    url = "http://10.0.0.7:8042/dicom-web"  # the DICOMweb base URL (QIDO-RS for objects in doubt)
+    objects = ["SR", "GSPS"]        # optional, as for peers
 
     [tls]                           # DICOM TLS (PS3.15 Annex B, BCP 195 profile)
     port = 0                        # TLS listener beside node.port; 0 = none
@@ -65,6 +71,8 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     segmentation_type = "BINARY"    # BINARY | FRACTIONAL
     compression = "none"            # none | jpeg2000 | rle | jpegls (the last two FRACTIONAL only)
     cad_sr = false                  # also send a Mammography CAD SR
+    gsps = true                     # a Grayscale Softcopy Presentation State per image (outlines, labels)
+    secondary_capture = false       # an "AI overlay" Secondary Capture per image (burned in, not for diagnosis)
 
     [limits]                        # what the node accepts from the network (conformance/)
     max_rows = 8192                 # refuse (0xA900) images with more rows / columns than this,
@@ -102,10 +110,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from dicom_ai.core.device import DEVICE_SPELLINGS, check_device_spec
 from dicom_ai.core.errors import ConfigError, DeviceError
-from dicom_ai.core.options import COMPRESSIONS, SEGMENTATION_TYPES, encoding_problem
+from dicom_ai.core.options import COMPRESSIONS, RESULT_OBJECTS, SEGMENTATION_TYPES, encoding_problem, result_object_kind
 from dicom_ai.node.storage import StorageLayout
 
 
@@ -122,9 +131,18 @@ class RemoteNode:
     require_address: bool = False
     #: With TLS: the client certificate's subject CN or one of its SANs must equal this.
     certificate_subject: str = ""
+    #: A DICOMweb destination's base URL (STOW-RS; host is "" and port 0); "" for DICOM.
+    url: str = ""
+    #: The result object kinds it gets (:data:`dicom_ai.core.options.RESULT_OBJECTS`); () = all.
+    objects: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.url}" if self.url else f"{self.ae_title}@{self.host}:{self.port}"
+
+    def takes(self, sop_class_uid: str) -> bool:
+        """Whether it gets result objects of this SOP class (``objects``; a class of no kind: yes)."""
+        kind = result_object_kind(sop_class_uid)
+        return not self.objects or kind is None or kind in self.objects
 
 
 @dataclass
@@ -162,6 +180,8 @@ class ResultsSection:
     segmentation_type: str = "BINARY"
     compression: str = "none"
     cad_sr: bool = False
+    gsps: bool = True
+    secondary_capture: bool = False
 
 
 @dataclass
@@ -288,7 +308,7 @@ _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without 
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TLS_VERSIONS = ("1.2", "1.3")
 _AUDIT_SINKS = ("off", "file", "udp", "tcp", "tls")
-_REMOTE_KEYS = ("ae_title", "host", "port", "tls", "require_address", "certificate_subject")
+_REMOTE_KEYS = ("ae_title", "host", "port", "tls", "require_address", "certificate_subject", "url", "objects")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> NodeConfig:
@@ -367,6 +387,8 @@ def _remote(item: Any, key: str, port_from_text: bool = False) -> RemoteNode:
     unknown = set(item) - set(_REMOTE_KEYS)
     if unknown:
         raise ConfigError(f"unknown key {key}.{sorted(unknown)[0]}; known: {', '.join(_REMOTE_KEYS)}")
+    if item.get("url"):
+        return _web_remote(item, key)
     for name in ("ae_title", "host", "port"):
         if name not in item:
             raise ConfigError(f"{key}.{name} is missing")
@@ -384,7 +406,43 @@ def _remote(item: Any, key: str, port_from_text: bool = False) -> RemoteNode:
         raise ConfigError(f"{key}.certificate_subject must be a string, got {subject!r}")
     return RemoteNode(ae_title=_ae(item["ae_title"], f"{key}.ae_title"),
                       host=_host(item["host"], f"{key}.host"), port=_port(port, f"{key}.port"),
-                      certificate_subject=subject.strip(), **flags)
+                      certificate_subject=subject.strip(), objects=_objects(item, key), **flags)
+
+
+def _objects(item: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = item.get("objects", [])
+    if not isinstance(value, (list, tuple)) or any(v not in RESULT_OBJECTS for v in value):
+        raise ConfigError(f"{key}.objects must be a list of {', '.join(RESULT_OBJECTS)} ([] = all), got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
+def _url_problem(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return f"is not a URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or any(c.isspace() for c in url):
+        return "must be an http:// or https:// base URL with a host, e.g. http://10.0.0.7:8042/dicom-web"
+    return None
+
+
+def _web_remote(item: dict[str, Any], key: str) -> RemoteNode:
+    """A ``[[destinations]]`` entry with ``url``: STOW-RS (host and port stay unset)."""
+    if key.startswith("peer"):
+        raise ConfigError(f"{key}.url: a peer sends by C-STORE and gets its results back by C-STORE; "
+                          "put a DICOMweb server in [[destinations]]")
+    extra = [n for n in ("host", "port", "tls", "require_address", "certificate_subject") if item.get(n)]
+    if extra:
+        raise ConfigError(f"{key}.{extra[0]} cannot be used with {key}.url (a DICOMweb destination)")
+    if "ae_title" not in item:
+        raise ConfigError(f"{key}.ae_title is missing (the destination's name in status and logs)")
+    url = item["url"]
+    problem = _url_problem(url) if isinstance(url, str) else "must be a string"
+    if problem:
+        raise ConfigError(f"{key}.url {url!r} {problem}")
+    return RemoteNode(ae_title=_ae(item["ae_title"], f"{key}.ae_title"), host="", port=0, url=url,
+                      objects=_objects(item, key))
 
 
 def _section(cls: type, values: dict[str, Any], section: str) -> Any:

@@ -45,6 +45,7 @@ from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.jobstore import Delivery, JobStore
 from dicom_ai.node.storage import is_storage_error
+from dicom_ai.node.stow import StowSender, is_dicomweb
 from dicom_ai.node.tls import client_context
 
 __all__ = ["DeliveryAgent", "DeliveryThread"]
@@ -131,7 +132,10 @@ class DeliveryAgent:
             unrecorded = set(self._acked.get(d.id, ()))
         for uid in sorted(unrecorded):  # acknowledged earlier; only the record was missing
             self._record_sent(d.id, uid)
-        pending = [p for p in d.pending if p[0] not in unrecorded]
+        # Only the result kinds this destination takes (its ``objects`` key, read at send time
+        # since the job store keeps no per-destination outbox); the rest are never sent to it.
+        remote = self.config.remote(d.ae_title)
+        pending = [p for p in d.pending if p[0] not in unrecorded and (remote is None or remote.takes(p[1]))]
         if not pending:
             self.store.delivery_done(d.id)
             return "done"
@@ -205,8 +209,15 @@ class DeliveryAgent:
         """Send the pending objects; None on success, else why it stopped.
 
         Job-store errors are not caught here: the attempt then ends without a record and
-        :meth:`attempt` holds the delivery.
+        :meth:`attempt` holds the delivery. A DICOMweb destination gets STOW-RS under the same
+        rules (:mod:`dicom_ai.node.stow`).
         """
+        if is_dicomweb(d.host, d.port):
+            return StowSender(d.host, self.config.retry.timeout_seconds,
+                              mark_sending=lambda uid: self.store.mark_sending(d.id, uid),
+                              clear_sending=lambda uid: self.store.clear_sending(d.id, uid),
+                              record_sent=lambda uid: self._record_sent(d.id, uid),
+                              event=logs.event).send(pending, d.in_doubt, d.id, d.ae_title)
         contexts: dict[str, set[str]] = {}
         headers: dict[str, Dataset] = {}
         for uid, sop_class, path in pending:

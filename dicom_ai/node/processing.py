@@ -49,12 +49,16 @@ def load_pipeline(config: NodeConfig):
 
 
 def destinations_for(config: NodeConfig, calling_ae: str) -> list[tuple[str, str, int]]:
-    """Where a study's results go: the peer that sent it (if configured) and the extra destinations."""
+    """Where a study's results go: the peer that sent it (if configured) and the extra destinations.
+
+    A DICOMweb destination is ``(name, url, 0)`` (:func:`dicom_ai.node.stow.is_dicomweb`). Which
+    objects each gets (its ``objects`` key) is decided when they are sent, by the delivery agent.
+    """
     out = []
     origin = config.peer(calling_ae)
     if origin is not None:
         out.append((origin.ae_title, origin.host, origin.port))
-    out += [(d.ae_title, d.host, d.port) for d in config.destinations]
+    out += [(d.ae_title, d.url, 0) if d.url else (d.ae_title, d.host, d.port) for d in config.destinations]
     return out
 
 
@@ -147,9 +151,12 @@ def result_options(config: NodeConfig, revision: int = 0) -> ResultOptions:
     """
     r, base, step = config.results, ResultOptions(), 10 * revision
     return ResultOptions(segmentation_type=r.segmentation_type, compression=r.compression, cad_sr=r.cad_sr,
+                         gsps=r.gsps, secondary_capture=r.secondary_capture,
                          seg_series_number=base.seg_series_number + step,
                          sr_series_number=base.sr_series_number + step,
-                         cad_series_number=base.cad_series_number + step)
+                         cad_series_number=base.cad_series_number + step,
+                         gsps_series_number=base.gsps_series_number + step,
+                         sc_series_number=base.sc_series_number + step)
 
 
 def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str, str, str]], list[str]]:
