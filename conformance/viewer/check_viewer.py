@@ -17,6 +17,11 @@ What it does, all on loopback and bounded in time:
    fill (changed pixels inside the mask, unchanged pixels around it). For a SEG without
    Plane Orientation (Patient) it asserts the documented OHIF 3.13 behaviour (the load fails
    with the ImageOrientationPatient error), so a change in OHIF or in the writer is noticed.
+5. Uploads the per-image Grayscale Softcopy Presentation States and "AI overlay" Secondary
+   Captures (issue 18), opens each by double-clicking its series and records what OHIF shows:
+   each SC must be shown with its burned-in (coloured) outlines; for a GSPS it records, without
+   asserting, whether OHIF lists it and applies it (OHIF 3.13.2: listed as an "unsupported"
+   display set; double-clicking it changes nothing and draws nothing, ``report.json`` "gsps").
 
 Run ``make viewer-check`` or ``.venv/bin/python conformance/viewer/check_viewer.py --out DIR``.
 Exit status 0 when every assertion holds; the report is ``DIR/report.json``.
@@ -253,6 +258,25 @@ def _seg_source(seg) -> str:
     return str(fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
 
 
+def _view_source(ds) -> str:
+    """SOP Instance UID of the image a GSPS or SC was made for."""
+    if "ReferencedSeriesSequence" in ds:
+        return ds.ReferencedSeriesSequence[0].ReferencedImageSequence[0].ReferencedSOPInstanceUID
+    return ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+
+
+def _coloured_fraction(png: Path, canvas: dict | None) -> float:
+    """Share of the viewport's pixels that are clearly coloured (not grey): burned-in outlines."""
+    if not canvas or not png.is_file():
+        return 0.0
+    a = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    x0, y0 = int(canvas["left"]), int(canvas["top"])
+    box = a[y0:y0 + int(canvas["height"]), x0:x0 + int(canvas["width"])]
+    if not box.size:
+        return 0.0
+    return float(((box.max(axis=2) - box.min(axis=2)) > 60).mean())
+
+
 def _image_visible(png: Path, canvas: dict) -> float:
     """Fraction of the viewport canvas that is not black: the mammogram is on screen."""
     img = np.asarray(Image.open(png).convert("L"), dtype=np.uint8)
@@ -350,7 +374,36 @@ def run_check(out: Path, cache: Path, seed: int, shape: tuple[int, int], writer:
                               for d in [*srs, *cad]],
                        "seg": [{"uid": d.SeriesInstanceUID, "sop": d.SOPInstanceUID, "label": _label(d),
                                 "source": _seg_source(d)} for d in segs]}, timeout_s * 2 + 30)
-    report["before"], report["after"] = before, after
+        # Then the per-image GSPS and "AI overlay" SC (issue 18), uploaded after the SR/SEG
+        # checks so those see the study as before.
+        views = list(study.views)
+        for ds in views:
+            p = dicom_dir / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+            ds.save_as(p, enforce_file_format=True)
+            orthanc.upload(p)
+        shown = drive({**base_plan, "phase": "views", "timeoutMs": int(timeout_s * 2000),
+                       "views": [{"kind": "PR" if d.Modality == "PR" else "SC", "uid": d.SeriesInstanceUID,
+                                  "sop": d.SOPInstanceUID, "label": _label(d), "source": _view_source(d)}
+                                 for d in views]}, timeout_s * 2 + 30) if views else {"opened": []}
+    report["before"], report["after"], report["views"] = before, after, shown
+    for entry in shown["opened"]:
+        shown_sop = (entry.get("viewport") or {}).get("sopInstanceUID")
+        summary = {"listed": entry.get("reachable"), "thumbnail": entry.get("thumbnail"),
+                   "display_set": entry.get("displaySet"), "shown_sop_instance": shown_sop,
+                   "shows_its_source_image": shown_sop == entry.get("sourceSOPInstanceUID"),
+                   "drawn_svg_elements": entry.get("drawnSvg"), "screenshot": entry.get("screenshot"),
+                   "ohif_errors": [e[:300] for e in entry.get("errors", [])[:3]]}
+        if entry["kind"] == "PR":
+            # Recorded, not asserted: whether OHIF applies a GSPS is what this answers.
+            report.setdefault("gsps", {})[entry["description"]] = summary
+            continue
+        colour = _coloured_fraction(out / entry["screenshot"], (entry.get("viewport") or {}).get("canvas"))
+        summary["coloured_fraction_of_viewport"] = round(colour, 5)
+        report.setdefault("secondary_captures", {})[entry["description"]] = summary
+        check(f"AI overlay SC '{entry['description']}' shown with its burned-in outlines",
+              entry.get("reachable") and shown_sop == entry["sopInstanceUID"] and colour > 0.0002,
+              f"listed {entry.get('reachable')}, shown {str(shown_sop)[-8:]}, {colour:.3%} of the viewport "
+              f"coloured; errors {[e[:200] for e in entry.get('errors', [])[:2]]}")
 
     for entry in after["opened"]:
         sop = entry.get("viewport", {}).get("sopInstanceUID")

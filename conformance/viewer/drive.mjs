@@ -1,8 +1,9 @@
 // Drives OHIF in headless Chromium the way a radiologist opens results, and records what it shows.
 //
 // Usage: node drive.mjs plan.json   (plan written by check_viewer.py)
-// plan: {nodeModules, chromium, baseUrl, studyUID, outDir, timeoutMs, phase: "before"|"after",
-//        sr: [{uid, sop, label}...], seg: [{uid, sop, source, label}...], probes: {SOPInstanceUID: [[column, row]...]}}
+// plan: {nodeModules, chromium, baseUrl, studyUID, outDir, timeoutMs, phase: "before"|"after"|"views",
+//        sr: [{uid, sop, label}...], seg: [{uid, sop, source, label}...], probes: {SOPInstanceUID: [[column, row]...]},
+//        views: [{kind: "PR"|"SC", uid, sop, source, label}...] (phase "views": GSPS and AI overlay SC)}
 // Writes <outDir>/<phase>.json with, per opened series: screenshots (with the results drawn and
 // with them hidden, same viewport state), the viewport canvas rectangle, the projection of
 // probe points from image pixel coordinates to page pixels, OHIF's measurements/segmentations,
@@ -256,6 +257,36 @@ async function openSEG(page, series, index) {
   entry.errors.push(...takeErrors());
 }
 
+// A GSPS or an "AI overlay" SC, opened as a radiologist does: double-click its series. Records
+// whether OHIF lists it, what the viewport then shows, and a screenshot.
+async function openView(page, series, index) {
+  const entry = { kind: series.kind, description: series.label, seriesInstanceUID: series.uid,
+                  sopInstanceUID: series.sop, sourceSOPInstanceUID: series.source || null, errors: [] };
+  result.opened.push(entry);
+  await openStudy(page);
+  takeErrors();
+  entry.displaySet = await page.evaluate(({ uid }) => {
+    const d = window.services.displaySetService.getActiveDisplaySets().find(x => x.SeriesInstanceUID === uid);
+    return d ? { modality: d.Modality, description: d.SeriesDescription, handler: d.SOPClassHandlerId || null,
+                 unsupported: Boolean(d.unsupported), id: d.displaySetInstanceUID } : null;
+  }, series);
+  entry.reachable = Boolean(entry.displaySet);
+  const thumb = entry.displaySet ? page.locator(`#thumbnail-${entry.displaySet.id}`) : null;
+  entry.thumbnail = Boolean(thumb && await thumb.count());
+  if (entry.thumbnail) {
+    await thumb.first().dblclick();
+    await page.waitForTimeout(3000);
+    await waitForImage(page, 15000).catch(() => {});
+  }
+  await page.mouse.move(5, 880);
+  await page.waitForTimeout(1000);
+  entry.viewport = await viewportState(page).catch(() => null);
+  entry.drawnSvg = await svgDrawn(page).catch(() => null);
+  entry.screenshot = `${series.kind.toLowerCase()}_${index}.png`;
+  await page.screenshot({ path: path.join(plan.outDir, entry.screenshot) });
+  entry.errors.push(...takeErrors());
+}
+
 try {
   fs.mkdirSync(plan.outDir, { recursive: true });
   context = await chromium.launchPersistentContext(userDataDir, {
@@ -290,10 +321,11 @@ try {
     await openStudy(page);
     result.displaySets = await page.evaluate(() => window.services.displaySetService.getActiveDisplaySets()
       .map(d => ({ modality: d.Modality, description: d.SeriesDescription })));
-    result.screenshot = 'study_with_results.png';
+    result.screenshot = plan.phase === 'views' ? 'study_with_views.png' : 'study_with_results.png';
     await page.screenshot({ path: path.join(plan.outDir, result.screenshot) });
     // One failure must not hide the others: record it with a screenshot and go on.
-    const steps = [...(plan.sr || []).map((d, i) => [openSR, d, i]), ...(plan.seg || []).map((d, i) => [openSEG, d, i])];
+    const steps = [...(plan.sr || []).map((d, i) => [openSR, d, i]), ...(plan.seg || []).map((d, i) => [openSEG, d, i]),
+                   ...(plan.views || []).map((d, i) => [openView, d, i])];
     for (const [fn, d, i] of steps) {
       try {
         await fn(page, d, i);

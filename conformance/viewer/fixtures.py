@@ -53,6 +53,11 @@ class Study:
         return [ds for ds in self.results if ds.Modality == "SR" and ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"]
 
     @property
+    def views(self) -> list[pydicom.Dataset]:
+        """The per-image presentation states (GSPS) and "AI overlay" Secondary Captures."""
+        return [ds for ds in self.results if ds.Modality in ("PR", "OT")]
+
+    @property
     def other_srs(self) -> list[pydicom.Dataset]:
         """Other SR objects (the Mammography CAD SR when enabled)."""
         return [ds for ds in self.results if ds.Modality == "SR" and ds not in self.srs]
@@ -136,7 +141,8 @@ def _recipe_results(images: list[pydicom.Dataset], findings: list[ImageFindings]
 
 
 def _node_results(images, findings, cad_sr: bool) -> list[pydicom.Dataset] | None:
-    """The node's own writers with their default options, or None while they are not in the tree."""
+    """The node's own writers with their default options (and the optional "AI overlay" SC), or
+    None while they are not in the tree."""
     try:
         from dicom_ai.core.options import ResultOptions
         from dicom_ai.core.uids import ResultUIDs
@@ -144,7 +150,7 @@ def _node_results(images, findings, cad_sr: bool) -> list[pydicom.Dataset] | Non
     except ImportError:
         return None
     uids = ResultUIDs.generate([ds.SOPInstanceUID for ds in images])
-    return build_results(images, findings, uids, ResultOptions(cad_sr=cad_sr)).datasets
+    return build_results(images, findings, uids, ResultOptions(cad_sr=cad_sr, secondary_capture=True)).datasets
 
 
 def sr_contours(sr: pydicom.Dataset) -> dict[str, list[tuple[str, np.ndarray]]]:
