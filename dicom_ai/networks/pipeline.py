@@ -14,6 +14,7 @@ is logged as an ``orientation`` event and kept on its findings (``findings.orien
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -100,6 +101,7 @@ class Pipeline:
 
     def __init__(self, models: Sequence[ImageModel]):
         self.models = list(models)
+        self._model_seconds: dict[str, list[float]] = {}
 
     @classmethod
     def from_bundles(cls, names: Sequence[str] = DEFAULT_MODELS, device: str = "auto",
@@ -130,6 +132,18 @@ class Pipeline:
                 "sop_instance_uid": mammogram.sop_instance_uid, "source": mammogram.orientation,
                 "nipple_towards": "column 0" if mammogram.faces_left else "last column"}})
             for model in self.models:
-                findings.add(restrict_to_breast(model.predict(mammogram), mammogram))
+                started = time.perf_counter()
+                output = model.predict(mammogram)
+                self._model_seconds.setdefault(model.identity.name, []).append(time.perf_counter() - started)
+                findings.add(restrict_to_breast(output, mammogram))
             results.append(findings)
         return results
+
+    def take_model_seconds(self) -> dict[str, list[float]]:
+        """Wall seconds of each model's ``predict``, one per image, since the last call (then cleared).
+
+        Keyed by model name; what the worker records with a job for the node's
+        inference-time metrics.
+        """
+        out, self._model_seconds = self._model_seconds, {}
+        return out

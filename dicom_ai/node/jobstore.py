@@ -46,8 +46,9 @@ from pathlib import Path
 STANDARD_VIEWS = frozenset({("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")})
 
 #: ``PRAGMA user_version`` of the current schema. 1: the first schema (never written, read as
-#: 0); 2: ``jobs.failures``, ``jobs.interruptions`` and the ``sending`` table.
-SCHEMA_VERSION = 2
+#: 0); 2: ``jobs.failures``, ``jobs.interruptions`` and the ``sending`` table; 3:
+#: ``jobs.model_seconds`` (JSON: model name -> seconds per image).
+SCHEMA_VERSION = 3
 
 #: Default of ``pipeline.max_job_interruptions``: interruptions (the worker or the node stopped
 #: while the job ran) before a job is marked failed. Larger than ``pipeline.max_job_attempts`` on purpose: restarts and kills are not the
@@ -135,6 +136,7 @@ CREATE TABLE IF NOT EXISTS sending (
 _ADDED_COLUMNS = [
     ("jobs", "failures", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "interruptions", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "model_seconds", "TEXT"),
 ]
 
 
@@ -367,7 +369,8 @@ class JobStore:
                    claim_token=row["claim_token"] or "", revision=int(revision))
 
     def complete_job(self, job: Job, outputs: Sequence[tuple[str, str, str]],
-                     destinations: Sequence[tuple[str, str, int]], note: str | None = None) -> str:
+                     destinations: Sequence[tuple[str, str, int]], note: str | None = None,
+                     model_seconds: dict[str, list[float]] | None = None) -> str:
         """Record the job's outbox objects and queue one delivery per destination, atomically.
 
         Parameters
@@ -380,6 +383,9 @@ class JobStore:
             Where the results go.
         note : str or None
             Kept in the job's error column for ``status`` (e.g. images skipped).
+        model_seconds : dict or None
+            Inference wall time per model name, one value per image, in seconds (for the
+            node's metrics).
 
         Returns
         -------
@@ -397,7 +403,8 @@ class JobStore:
             state = "superseded" if newer else "done"
             db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?)",
                            [(job.id, uid, cls, path) for uid, cls, path in outputs])
-            db.execute("UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?", (state, note, now, job.id))
+            db.execute("UPDATE jobs SET state = ?, error = ?, updated = ?, model_seconds = ? WHERE id = ?",
+                       (state, note, now, json.dumps(model_seconds) if model_seconds else None, job.id))
             if state == "done":
                 db.executemany("INSERT INTO deliveries (job_id, ae_title, host, port, state, next_attempt, created, "
                                "updated) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",

@@ -5,8 +5,9 @@ deliveries, worker restarts) is counted there, in :data:`REGISTRY`. The worker p
 instrumented itself (no prometheus-client multiprocess mode, no shared files): what it does
 reaches the metrics **through the job store**, which it already writes durably. At each
 scrape :class:`JobStoreCollector` reads the store read-only and reports studies, jobs and
-deliveries by state, the queue and the age of its oldest job, and job durations
-(``created`` -> ``updated`` of each finished job, i.e. queue wait plus processing). So the
+deliveries by state, the queue and the age of its oldest job, job durations
+(``created`` -> ``updated`` of each finished job, i.e. queue wait plus processing) and each
+model's inference time per image (``jobs.model_seconds``, written by the worker). So the
 worker's figures survive worker restarts, and counters kept in the receiving process start
 from 0 at each node start (Prometheus' ``rate()`` handles such resets).
 
@@ -16,6 +17,7 @@ value of a data set.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import time
@@ -52,6 +54,8 @@ RECEIVE_SECONDS = Histogram("dicom_ai_c_store_seconds", "Seconds from the end of
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 
 _JOB_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# One model on one image: tens of milliseconds on a GPU to a minute on a CPU.
+_INFERENCE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
 class JobStoreCollector:
@@ -94,6 +98,8 @@ class JobStoreCollector:
             oldest = self._rows("SELECT MIN(created) FROM jobs WHERE state = 'queued'")[0][0]
             deliveries = self._rows("SELECT ae_title, state, COUNT(*) FROM deliveries GROUP BY ae_title, state")
             durations = [r[0] for r in self._rows("SELECT updated - created FROM jobs WHERE state = 'done'")]
+            model_seconds = [r[0] for r in self._rows("SELECT model_seconds FROM jobs WHERE state IN "
+                                                      "('done', 'superseded') AND model_seconds IS NOT NULL")]
         except sqlite3.Error:
             return  # no store yet, or locked for longer than 2 s: /readyz says so
         g = GaugeMetricFamily("dicom_ai_studies", "Studies in the job store, by state", labels=["state"])
@@ -124,6 +130,20 @@ class JobStoreCollector:
         h = HistogramMetricFamily("dicom_ai_job_duration_seconds", "Finished jobs, seconds from queued to done "
                                   "(jobs still in the job store: until retention purges them)")
         h.add_metric([], buckets, total)
+        yield h
+        per_model: dict[str, list[float]] = {}
+        for text in model_seconds:
+            try:
+                for model, seconds in json.loads(text).items():
+                    per_model.setdefault(str(model), []).extend(float(s) for s in seconds)
+            except (ValueError, TypeError, AttributeError):
+                continue  # a row written by something else: not this metric's business
+        h = HistogramMetricFamily("dicom_ai_inference_seconds", "Wall seconds of one model on one image, from "
+                                  "the worker (finished jobs still in the job store)", labels=["model"])
+        for model, values in sorted(per_model.items()):
+            buckets = [(str(float(b)), sum(v <= b for v in values)) for b in _INFERENCE_BUCKETS]
+            buckets.append(("+Inf", len(values)))
+            h.add_metric([model], buckets, float(sum(values)))
         yield h
 
 

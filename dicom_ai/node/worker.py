@@ -166,6 +166,8 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: JobStore, trouble: S
     logs.event("job_started", job_id=job.id, study_instance_uid=job.study_uid, calling_ae=job.calling_ae,
                images=len(job.instances), attempt=job.attempts)
     entries = None
+    timings = getattr(pipeline, "take_model_seconds", dict)
+    timings()  # what an earlier, failed attempt left
     while entries is None:
         try:
             entries, notes = process_job(job, pipeline, config)
@@ -192,9 +194,10 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: JobStore, trouble: S
             return
     destinations = destinations_for(config, job.calling_ae)
     note = "; ".join(notes) or None
+    model_seconds = timings()
     while True:
         try:
-            state = store.complete_job(job, entries, destinations, note=note)
+            state = store.complete_job(job, entries, destinations, note=note, model_seconds=model_seconds)
             break
         except Exception as exc:
             if not is_storage_error(exc):
