@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import pwd
 import socket
 import ssl
 import threading
@@ -329,10 +330,10 @@ def node_participant(role, address: str = "") -> Participant:
 
 def operator() -> str:
     """The login name of whoever runs a CLI command (for the audit trail)."""
+    # By uid, not $USER/$LOGNAME, which the caller sets.
     try:
-        import pwd
         return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
+    except KeyError:  # no passwd entry (a container)
         return str(os.getuid())
 
 
