@@ -217,7 +217,9 @@ class DeliveryAgent:
                               mark_sending=lambda uid: self.store.mark_sending(d.id, uid),
                               clear_sending=lambda uid: self.store.clear_sending(d.id, uid),
                               record_sent=lambda uid: self._record_sent(d.id, uid),
-                              event=logs.event).send(pending, d.in_doubt, d.id, d.ae_title)
+                              event=logs.event,
+                              stored=lambda uid: metrics.OBJECTS_SENT.labels(destination=d.ae_title).inc(),
+                              ).send(pending, d.in_doubt, d.id, d.ae_title)
         contexts: dict[str, set[str]] = {}
         headers: dict[str, Dataset] = {}
         for uid, sop_class, path in pending:

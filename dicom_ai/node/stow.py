@@ -76,15 +76,19 @@ class StowSender:
         cannot take the write, which ends the attempt unrecorded).
     event
         ``event(name, level=..., **fields)``: the node's structured log.
+    stored
+        Called with the SOP Instance UID of each object the server acknowledged (the node's
+        objects-sent metric); not for objects found already there.
     """
 
     def __init__(self, url: str, timeout: float, *, mark_sending: Callable[[str], None],
                  clear_sending: Callable[[str], None], record_sent: Callable[[str], None],
-                 event: Callable[..., None]):
+                 event: Callable[..., None], stored: Callable[[str], None] | None = None):
         self.url = url
         self.client = _client(url, timeout)
         self.mark_sending, self.clear_sending, self.record_sent = mark_sending, clear_sending, record_sent
         self.event = event
+        self.stored = stored
 
     def send(self, pending: list[tuple[str, str, str]], in_doubt: frozenset[str] | set[str],
              delivery_id: int, destination: str) -> str | None:
@@ -122,5 +126,7 @@ class StowSender:
                 return f"STOW-RS of {uid}: the response names neither a stored nor a failed instance"
             self.event("object_sent", delivery_id=delivery_id, destination=destination, sop_instance_uid=uid,
                        transport="STOW-RS")
+            if self.stored is not None:
+                self.stored(uid)
             self.record_sent(uid)
         return None
