@@ -11,6 +11,7 @@ import subprocess
 import pydicom
 import pytest
 
+from dicom_ai.core.uids import ResultUIDs
 from node_harness import (delivered_uids, free_port, node_env, outbox_uids, start_node, start_storescp,
                           store_status, storescu, wait_delivered, wait_for, write_node_config, write_study)
 
@@ -96,8 +97,11 @@ def test_kill_during_inference_reruns_the_job_with_the_same_uids(tmp_path):
         job = status["jobs"][0]
         assert job["attempts"] == 2
         assert job["result_uids"] == before[0]["result_uids"]  # fixed at job creation
-        fixed = json.loads(job["result_uids"])
-        assert all(uid in json.dumps(fixed) for uid in outbox_uids(status, job["id"]))
+        # Every result UID is fixed by the job's result UIDs: stored, or derived from them (GSPS).
+        fixed = ResultUIDs.from_json(job["result_uids"])
+        sources = json.loads(job["instance_uids"])
+        expected = json.dumps(json.loads(job["result_uids"])) + " ".join(fixed.gsps_instance(u) for u in sources)
+        assert outbox_uids(status, job["id"]) and all(uid in expected for uid in outbox_uids(status, job["id"]))
     finally:
         node.stop()
         pacs.stop()

@@ -184,7 +184,7 @@ def test_a_panicking_image_is_skipped_and_the_rest_of_the_study_delivered(tmp_pa
     segs = [ds for ds in received(tmp_path / "pacs") if ds.Modality == "SEG"]
     refs = {str(ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID) for ds in segs}
     assert len(segs) == 3 and bad_uid not in refs
-    assert len(delivered_uids(tmp_path / "pacs")) == 4  # three SEGs and the SR
+    assert len(delivered_uids(tmp_path / "pacs")) == 7  # three SEGs, their three GSPS and the SR
     log = (storage / "logs" / "node.log").read_text()
     assert log.count('"event": "worker_started"') == 1, "the worker must not have died"
     assert any(json.loads(line).get("event") == "image_skipped" and json.loads(line).get("sop_instance_uid") == bad_uid
@@ -228,7 +228,7 @@ def test_invalid_patient_attributes_do_not_fail_the_job_nor_reach_any_log(tmp_pa
     assert "PatientBirthDate" in job["error"] and "PatientName" in job["error"]
     results = [pydicom.dcmread(p) for p in sorted((tmp_path / "pacs").glob("*.dcm"))]
     results = [ds for ds in results if ds.Modality != "MG"]
-    assert len(results) == 5  # four SEGs and the SR
+    assert len(results) == 9  # four SEGs, their four GSPS and the SR
     assert {ds.get("PatientBirthDate") for ds in results} == {""}
     assert len({(str(ds.PatientName), ds.PatientID, ds.AccessionNumber) for ds in results}) == 1
     shown = subprocess.run([PYTHON, "-m", "dicom_ai", "status", "--config", str(cfg)], capture_output=True,
@@ -284,7 +284,7 @@ def test_dicom_ai_infer_prints_no_patient_value(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     _assert_clean(run.stdout + run.stderr, "dicom-ai infer's output")
     assert '"event": "library_log"' in run.stderr  # pydicom's complaints, scrubbed
-    assert len(list((tmp_path / "out").glob("*.dcm"))) == 5
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 9  # four SEGs, four GSPS, the SR
 
 
 # -- the scrubbing itself --------------------------------------------------------------------------
