@@ -46,9 +46,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset
-from dicom_ai.data.evaluate import UNION, ModelMarks, evaluate_lesions, lesions_of, predict_marks
+from dicom_ai.data.evaluate import UNION, ModelMarks, _output_prediction, evaluate_lesions, lesions_of, predict_marks
 from dicom_ai.data.metrics import LESION_FROC_RATES, bootstrap_ci, roc_auc
-from dicom_ai.imaging.mammogram import mammogram_from_array
+from dicom_ai.imaging.mammogram import mammogram_from_array, orient
 from dicom_ai.networks import Pipeline
 from dicom_ai.networks.bundle import MODELS_DIR, load_bundle
 from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast
@@ -57,11 +57,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BUNDLES = ("glam", "dunet", "microcalc")
 #: Node-level budgets (false marks per image) of the named operating points.
 POINTS = {"fp0.25": 0.25, "fp0.5": 0.5, "fp1": 1.0, "fp2": 2.0}
-DEFAULT_POINT = "fp0.5"
+DEFAULT_POINT = "fp1"  # figures, worst cases and real images are shown at this point
 TYPE_OF = {"malignant_lesion": "mass", "benign_lesion": "mass", "calcification_cluster": "calcification_cluster",
            "calcification": "calcification_cluster"}
 MERGE_KIND = {"malignant_lesion": "lesion", "benign_lesion": "lesion", "calcification_cluster": "cluster"}
-OFF = 0.9999
+OFF = float("inf")  # switched off: the map is not sent (manifest "off": true)
 MIN_USEFUL = 0.05
 
 
@@ -145,7 +145,7 @@ def choose_thresholds(tables: dict, idx, budget: float) -> dict[tuple[str, str],
                 best = float(scores[j])
             else:
                 break
-        return min(max(best, 0.1), OFF)
+        return best if best == OFF else max(best, 0.1)
 
     useful = [mk for mk, tab in tables.items() if tab.stats(idx, lowest(tab, budget))[1] >= MIN_USEFUL]
     out = {mk: OFF for mk in tables}
@@ -208,7 +208,7 @@ def cross_validate(images, marks) -> dict:
         for k, held in enumerate(folds):
             val = [i for f, ids in enumerate(folds) if f != k for i in ids]
             thr = choose_thresholds(tables, val, budget)
-            out["per_fold_thresholds"].setdefault(str(budget), {})[str(k)] = {f"{m}/{key}": t for (m, key), t in thr.items()}
+            out["per_fold_thresholds"].setdefault(str(budget), {})[str(k)] = {f"{m}/{key}": (None if t == OFF else t) for (m, key), t in thr.items()}
             for i in held:
                 sent[i] = sent_marks(marks[i], thr)
             for (m, key), t in thr.items():
@@ -282,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=Path(os.environ.get("DICOM_AI_MIAS", "/work/data/mias")))
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("DICOM_AI_MIAS_CACHE", "/work/data/mias_cache")))
     p.add_argument("--real", type=Path, default=Path("/work/shared/data/real"))
-    p.add_argument("--dunet-folds", type=Path, default=None,
+    p.add_argument("--dunet-folds", type=Path, action="append", default=None,
                    help="folder with fold0..fold4 U-Net bundles fine-tuned on the other folds (CV of the MIAS U-Net)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="first N images only (a dry run; figures not valid)")
     p.add_argument("--no-real", action="store_true", help="skip the four shared real images")
     p.add_argument("--write-manifests", action="store_true", help="write operating_points into models/*/manifest.json")
+    p.add_argument("--default-point", default="fp1", choices=sorted(POINTS), help="the manifests' default point")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -302,13 +303,14 @@ def main(argv: list[str] | None = None) -> int:
         images.append(Image_(sample, data.fold_of[sample.source.rsplit("/", 1)[-1].split(".")[0]]))
         marks.append(by_model)
     configs = {"phantom bundles (breast-filtered)": marks}
-    if args.dunet_folds is not None:
+    for folder in args.dunet_folds or []:
         tuned = []
-        fold_pipes = {k: Pipeline.from_bundles([str(args.dunet_folds / f"fold{k}")], device="cpu") for k in range(MIAS_FOLDS)}
+        fold_pipes = {k: Pipeline.from_bundles([str(folder / f"fold{k}")], device="cpu") for k in range(MIAS_FOLDS)}
+        epochs = load_bundle(folder / "fold0").manifest["training"]["epochs"]
         for i, s in enumerate(samples):
             ((_, mm),) = predict_marks([s], fold_pipes[images[i].fold], cache=args.cache)
             tuned.append({**{k: v for k, v in marks[i].items() if k != "dunet"}, "dunet": mm["dunet"]})
-        configs["MIAS-tuned U-Net (CV) + phantom GLAM/microcalc"] = tuned
+        configs[f"MIAS-tuned U-Net {epochs} epochs (CV) + phantom GLAM/microcalc"] = tuned
     result: dict = {"benchmark": "node's sent marks on mini-MIAS, 5-fold CV (issue 14 part 2)",
                     "data": {"images": len(images), "normal": int(sum(im.normal for im in images)),
                              "licence": data.licence,
@@ -344,11 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     # Pectoral detections.
     result["pectoral_found"] = int(sum(bool(s.image.pectoral_mask.any()) for s in samples))
     # Shipped thresholds: chosen on all five folds, per config; manifests get the tuned config's.
-    ship_name = list(configs)[-1]
+    ship_name = list(configs)[1 if len(configs) > 1 else 0]
     ship_tables = _tables(images, configs[ship_name])
     ship = {pn: choose_thresholds(ship_tables, range(len(images)), b) for pn, b in POINTS.items()}
     result["shipped_thresholds"] = {"config": ship_name,
-                                    "points": {pn: {f"{m}/{k}": t for (m, k), t in thr.items()} for pn, thr in ship.items()}}
+                                    "points": {pn: {f"{m}/{k}": (None if t == OFF else t) for (m, k), t in thr.items()}
+                                               for pn, thr in ship.items()},
+                                    "note": "null: switched off"}
     # The four shared real images at the default point.
     real = {}
     pipes = Pipeline.from_bundles(BUNDLES, device="cpu")
@@ -357,19 +361,19 @@ def main(argv: list[str] | None = None) -> int:
         arr = arr / (65535.0 if arr.max() > 255 else 255.0)
         lat = "L" if "_L_" in png.name else "R"
         m = mammogram_from_array(arr, lat, "CC", (0.1, 0.1))
+        # The file name's laterality plays the header's part, cross-checked against the pixels.
+        m.faces_left, m.orientation = orient(lat == "R", m.breast_mask)
         by_model = {}
         for model in pipes.models:
             out = restrict_to_breast(model.predict(m), m)
-            from dicom_ai.data.evaluate import _output_prediction  # the evaluation's own reduction
             by_model[model.identity.name] = ModelMarks.from_prediction(_output_prediction(out), allowed_region(m))
-        if "dunet" in by_model and args.dunet_folds is not None:
-            tuned_pipe = Pipeline.from_bundles([str(args.dunet_folds / "fold0")], device="cpu")
+        if "dunet" in by_model and args.dunet_folds:
+            tuned_pipe = Pipeline.from_bundles([str(args.dunet_folds[0] / "fold0")], device="cpu")
             out = restrict_to_breast(tuned_pipe.models[0].predict(m), m)
-            from dicom_ai.data.evaluate import _output_prediction
             by_model["dunet"] = ModelMarks.from_prediction(_output_prediction(out), allowed_region(m))
-        s = sent_marks(by_model, ship[DEFAULT_POINT])
+        s = sent_marks(by_model, ship[args.default_point])
         path = args.out / f"mias_node_real_{png.stem}.png"
-        _preview(m.pixels, allowed_region(m), s, path, f"{png.stem}: {len(s)} marks at {DEFAULT_POINT}")
+        _preview(m.pixels, allowed_region(m), s, path, f"{png.stem}: {len(s)} marks at {args.default_point}")
         real[png.stem] = {"marks": len(s), "by_model": {k: sum(k in f["models"] for f in s) for k in by_model},
                           "orientation": m.orientation, "preview": path.name}
     result["shared_real_images"] = {"note": "four CC FFDM images, one benign mass in exam 1 R (no masks): "
@@ -379,11 +383,58 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds"] = round(time.time() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mias_node.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "mias_node.md").write_text(_table(result))
+    print(_table(result))
     if args.write_manifests:
         _write_manifests(ship, result, ship_name, args)
     print(json.dumps({n: {"points": c["points"], "outside": c["outside_breast_default"]} for n, c in result["configs"].items()},
                      indent=1))
     return 0
+
+
+def _table(result: dict) -> str:
+    """Markdown: the node's held-out figures per config next to the part-1 baseline."""
+    def f(v):
+        return "n/a" if v is None else f"{v:.2f}"
+
+    lines = ["# mini-MIAS, what the node sends (5-fold CV, held-out folds pooled)", "",
+             "| marks | mass sens @ 0.25 / 0.5 / 1 / 2 / 4 FP/img | calc-cluster sens @ 1 / 4 | FP/image on normals "
+             "@ default | AUC abnormal (image) | marks outside breast (node mask / independent) |",
+             "|---|---|---|---|---|---|"]
+    base_path = RESULTS / "mias_baseline.json"
+    if base_path.is_file():
+        b = json.loads(base_path.read_text())["pooled"]
+        mass = b["froc"][UNION]["mass"]["sensitivity_at"]
+        calc = b["froc"][UNION]["calcification_cluster"]["sensitivity_at"]
+        auc = b["auc"][UNION]["abnormal (image)"]
+        rob = b["robustness"][UNION]
+        lines.append(f"| baseline (part 1): phantom bundles, threshold mask, thresholds 0.5, no merging, FROC over "
+                     f"candidates | {' / '.join(f(mass[k]) for k in ('0.25', '0.5', '1.0', '2.0', '4.0'))} | "
+                     f"{f(calc['1.0'])} / {f(calc['4.0'])} | {f(rob['false_marks_per_normal_image'])} (at 0.5) | "
+                     f"{f(auc['value'])} [{f(auc['ci95'][0])}, {f(auc['ci95'][1])}] | "
+                     f"{rob['marks_outside_breast']} / n.a. of {rob['marks_sent']} |")
+    for name, c in result["configs"].items():
+        fr = c["froc"]
+        mass = [fr[k]["sensitivity"]["mass"] for k in ("0.25", "0.5", "1.0", "2.0", "4.0")]
+        calc = [fr[k]["sensitivity"]["calcification_cluster"] for k in ("1.0", "4.0")]
+        d = c["points"][DEFAULT_POINT]
+        a = c["auc_sent_default"]["abnormal"]
+        o = c["outside_breast_default"]
+        lines.append(f"| {name}: breast-filtered, merged, thresholds chosen on the other folds | "
+                     f"{' / '.join(f(v) for v in mass)} | {' / '.join(f(v) for v in calc)} | "
+                     f"{f(d['false_marks_per_normal_image'])} ({DEFAULT_POINT}; all images {f(d['false_marks_per_image'])}) | "
+                     f"{f(a['value'])} [{f(a['ci95'][0])}, {f(a['ci95'][1])}] | "
+                     f"{o['node_mask']} / {o['independent_intensity_check']} of {o['marks_sent']} |")
+    real = result.get("shared_real_images", {})
+    if real.get("images"):
+        lines += ["", f"Four shared real CC images at {DEFAULT_POINT}: "
+                  + ", ".join(f"{k} {v['marks']} marks ({v['orientation']})" for k, v in real["images"].items())
+                  + f"; {real['marks_per_image']} marks per image."]
+    lines += ["", f"Pectoral muscle found on {result.get('pectoral_found')} of {result['data']['images']} MLO images.",
+              "Baseline FROC reads each model's candidates at any threshold; the node rows are operating points "
+              "chosen on validation folds (a stricter protocol). Sensitivities per lesion type: masses 58, "
+              "calcification clusters 27 located (mini-MIAS Info.txt)."]
+    return "\n".join(lines) + "\n"
 
 
 def _write_manifests(ship, result, ship_name, args) -> None:
@@ -399,9 +450,10 @@ def _write_manifests(ship, result, ship_name, args) -> None:
                     continue
                 per_map = held["per_map_held_out"].get(f"{m}/{k}", {})
                 findings.setdefault(k, []).append({
-                    "name": pn, "threshold": round(t, 4),
+                    "name": pn, **({"off": True} if t == OFF else {"threshold": round(t, 4)}),
                     "target": f"node <= {POINTS[pn]:g} false marks per image (mini-MIAS), this map's share"
-                              + (" (off: no signal on validation)" if t >= OFF else ""),
+                              + (" (off: no signal on validation, or no threshold strict enough: saturated scores)"
+                                 if t == OFF else ""),
                     "sensitivity": per_map.get("sensitivity_mean_over_folds"),
                     "false_marks_per_image": per_map.get("false_marks_per_image"),
                     "node_held_out": {"sensitivity": held["sensitivity"],
@@ -411,7 +463,7 @@ def _write_manifests(ship, result, ship_name, args) -> None:
                             "5-fold CV, each held-out fold at thresholds chosen on the other 4 "
                             "(benchmarks/bench_mias_node.py)"})
         if findings:
-            manifest["operating_points"] = {"default": DEFAULT_POINT, "findings": findings,
+            manifest["operating_points"] = {"default": args.default_point, "findings": findings,
                                             "licence": result["data"]["licence"]}
             manifest["thresholds"] = {k: v for k, v in manifest["thresholds"].items()}
             path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -12,9 +12,11 @@ Regenerated for issue 14 (part 2), intentionally: the breast mask is a segmentat
 threshold (frame, labels, skin markers, pectoral muscle on MLO), the models crop to it and
 every map is zeroed outside it (no mark outside the breast); overlapping marks of several
 models are one SR finding; the SR and CAD SR state the operating point (Algorithm
-Parameters) and the orientation source; the shipped bundles' thresholds are their default
-operating points chosen on mini-MIAS folds. Made with the same job (``job_digests``) and the
-library versions recorded in the JSON.
+Parameters) and the orientation source; the shipped bundles load their default operating
+point (fp1, chosen on mini-MIAS folds): the U-Net is dunet 0.2.0 (fine-tuned on mini-MIAS
+masses) at threshold 0.6285, and GLAM's and microcalc's maps are switched off (no signal on
+MIAS validation folds), so the SEGs carry the U-Net's segment only. Made with the same job
+(``job_digests``) and the library versions recorded in the JSON.
 
 The digests include the per-image presentation states (``PR-*``, issue 18, on by default);
 adding them changed no other digest.

@@ -158,7 +158,9 @@ def _bundle_with_points(tmp_path):
                         {"name": "fp1", "threshold": 0.6, "target": "1 false mark per image", "sensitivity": 0.4,
                          "data": "fixture"}],
                     "benign_lesion": [{"name": "fp1", "threshold": 0.7, "target": "1 false mark per image",
-                                       "sensitivity": 0.1, "data": "fixture"}]}}}
+                                       "sensitivity": 0.1, "data": "fixture"},
+                                      {"name": "fp0.5", "off": True, "target": "0.5 false marks per image",
+                                       "sensitivity": 0.0, "data": "fixture"}]}}}
     return save_bundle(tmp_path / "toy", manifest, {"w": torch.zeros(1)})
 
 
@@ -170,9 +172,10 @@ def test_operating_points_read_from_the_manifest_and_picked_by_name(tmp_path):
     assert default.manifest["thresholds"] == {"malignant_lesion": 0.8, "benign_lesion": 0.5}
     assert default.identity.operating_point == "fp0.5"
     assert default.identity.operating_target == "0.5 false marks per image"
+    assert default.identity.off == ("benign_lesion",)  # switched off at fp0.5: its map is not sent
     loose = load_bundle(path, operating_point="fp1")
     assert loose.manifest["thresholds"] == {"malignant_lesion": 0.6, "benign_lesion": 0.7}
-    assert loose.identity.operating_point == "fp1"
+    assert loose.identity.operating_point == "fp1" and loose.identity.off == ()
     with pytest.raises(BundleError, match="no operating point 'fp9'.*fp0.5, fp1"):
         load_bundle(path, operating_point="fp9")
     # A manifest without operating points: its thresholds, a plain identity; a name is refused.
@@ -183,6 +186,15 @@ def test_operating_points_read_from_the_manifest_and_picked_by_name(tmp_path):
     assert plain.manifest["thresholds"]["malignant_lesion"] == 0.5 and type(plain.identity) is ModelIdentity
     with pytest.raises(BundleError, match="has no operating points"):
         load_bundle(path, operating_point="fp1")
+
+
+def test_a_finding_switched_off_by_the_operating_point_is_not_sent():
+    from dicom_ai.networks.bundle import OperatingIdentity
+
+    model = _EverywhereModel()
+    model.identity = OperatingIdentity("everywhere", "1", operating_point="strict", off=("malignant_lesion",))
+    (findings,) = Pipeline([model]).run([make_mg("L", "CC", (ROWS, COLS))])
+    assert findings.maps == []
 
 
 def test_duplicate_marks_merged_in_the_sr_while_the_seg_keeps_each_segment(tmp_path):

@@ -63,13 +63,17 @@ class OperatingIdentity(ModelIdentity):
 
     operating_point: str = ""
     operating_target: str = ""
+    #: Findings this point switches off: their maps are not sent (no threshold of a saturated
+    #: map, p = 1 on many false regions, is strict enough for the point's target).
+    off: tuple[str, ...] = ()
 
 
-def operating_point(manifest: dict, name: str = "") -> tuple[str, str, dict[str, float]]:
-    """The thresholds of operating point ``name`` of a manifest; returns (name, target, thresholds).
+def operating_point(manifest: dict, name: str = "") -> tuple[str, str, dict[str, float], tuple[str, ...]]:
+    """Operating point ``name`` of a manifest; returns (name, target, thresholds, findings off).
 
     ``name`` "" picks the manifest's default point; a manifest without ``operating_points``
-    gives ``("", "", thresholds)`` for "" and raises for any other name.
+    gives ``("", "", thresholds, ())`` for "" and raises for any other name. A point entry
+    ``{"name": ..., "off": true}`` switches its finding off (its map is not sent).
 
     Raises
     ------
@@ -81,14 +85,18 @@ def operating_point(manifest: dict, name: str = "") -> tuple[str, str, dict[str,
         if name:
             raise BundleError(f"bundle {manifest.get('name')!r} has no operating points; "
                               f"pipeline.operating_point {name!r} cannot be applied (set it to '')")
-        return "", "", {k: float(v) for k, v in manifest["thresholds"].items()}
+        return "", "", {k: float(v) for k, v in manifest["thresholds"].items()}, ()
     chosen = name or str(table.get("default", ""))
     thresholds = {k: float(v) for k, v in manifest["thresholds"].items()}
     target = ""
     found = False
+    off: list[str] = []
     for finding, points in dict(table.get("findings", {})).items():
         for point in points:
-            if point.get("name") == chosen:
+            if point.get("name") == chosen and point.get("off"):
+                off.append(finding)
+                target, found = str(point.get("target", "")), True
+            elif point.get("name") == chosen:
                 t = float(point["threshold"])
                 if not 0.0 < t < 1.0:
                     raise BundleError(f"operating point {chosen!r} of {finding}: threshold {t} is not in (0, 1)")
@@ -97,7 +105,7 @@ def operating_point(manifest: dict, name: str = "") -> tuple[str, str, dict[str,
         names = sorted({p.get("name") for pts in dict(table.get("findings", {})).values() for p in pts})
         raise BundleError(f"bundle {manifest.get('name')!r} has no operating point {chosen!r}; "
                           f"it has {', '.join(names) or 'none'}")
-    return chosen, target, thresholds
+    return chosen, target, thresholds, tuple(sorted(off))
 
 
 @dataclass
@@ -118,7 +126,8 @@ class Bundle:
         return OperatingIdentity(name=self.manifest["name"], version=str(self.manifest["version"]),
                                  family=self.manifest.get("family", "Artificial Intelligence"),
                                  operating_point=str(point.get("name", "")),
-                                 operating_target=str(point.get("target", "")))
+                                 operating_target=str(point.get("target", "")),
+                                 off=tuple(point.get("off", ())))
 
     @property
     def kind(self) -> str:
@@ -176,8 +185,8 @@ def load_bundle(name_or_path: str | os.PathLike, operating_point: str = "") -> B
     actual = _sha256(weights)
     if actual != manifest["weights_sha256"]:
         raise BundleError(f"{weights} has SHA-256 {actual}, manifest says {manifest['weights_sha256']}")
-    name, target, thresholds = _operating_point(manifest, operating_point)
-    manifest = dict(manifest, thresholds=thresholds, operating_point={"name": name, "target": target})
+    name, target, thresholds, off = _operating_point(manifest, operating_point)
+    manifest = dict(manifest, thresholds=thresholds, operating_point={"name": name, "target": target, "off": list(off)})
     return Bundle(path=path, manifest=manifest, state_dict=load_file(str(weights), device="cpu"))
 
 

@@ -135,7 +135,11 @@ class Pipeline:
                 started = time.perf_counter()
                 output = model.predict(mammogram)
                 self._model_seconds.setdefault(model.identity.name, []).append(time.perf_counter() - started)
-                findings.add(restrict_to_breast(output, mammogram))
+                output = restrict_to_breast(output, mammogram)
+                # Findings the bundle's operating point switches off are not sent.
+                off = set(getattr(model.identity, "off", ()))
+                output.maps = [m for m in output.maps if m.finding not in off]
+                findings.add(output)
             results.append(findings)
         return results
 
