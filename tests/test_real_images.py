@@ -243,3 +243,17 @@ def test_duplicate_marks_merged_in_the_sr_while_the_seg_keeps_each_segment(tmp_p
     import highdicom as hd
 
     assert hd.sr.srread(tmp_path / "sr0.dcm") is not None
+
+
+def test_node_toml_operating_point_reaches_the_loaded_pipeline():
+    from dicom_ai.networks.bundle import load_bundle
+    from dicom_ai.node.config import load_config
+    from dicom_ai.node.processing import load_pipeline
+
+    default = load_bundle("dunet").identity.operating_point
+    other = "phantom" if default != "phantom" else "fp2"  # both named in the shipped manifest
+    cfg = load_config(None, {"pipeline.models": ["dunet"], "pipeline.device": "cpu",
+                             "pipeline.operating_point": other})
+    assert load_pipeline(cfg).models[0].identity.operating_point == other
+    cfg = load_config(None, {"pipeline.models": ["dunet"], "pipeline.device": "cpu"})
+    assert load_pipeline(cfg).models[0].identity.operating_point == default

@@ -97,6 +97,9 @@ class ImageFindings:
     sop_instance_uid: str
     maps: list[ProbabilityMap] = field(default_factory=list)
     scores: list[ImageScore] = field(default_factory=list)
+    #: Where the image's orientation (which way the nipple points) came from, as the pipeline
+    #: decided it (``dicom_ai.imaging.mammogram.orient``: header, pixels, ...); "" if unknown.
+    orientation: str = ""
 
     def add(self, output: ModelOutput) -> None:
         """Append one model's maps and scores."""

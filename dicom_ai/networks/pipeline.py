@@ -8,7 +8,7 @@ pipeline decodes each source data set once, runs the models in order, restricts 
 to the breast (:func:`restrict_to_breast`: no mark outside the breast mask or on the
 pectoral muscle, by construction), and returns one ``ImageFindings`` per image for the
 writers. Each image's orientation source (header or pixels, :func:`~dicom_ai.imaging.mammogram.orient`)
-is logged as an ``orientation`` event and kept on its findings (``findings.orientation``).
+is logged as an ``orientation`` event and kept on its findings (``ImageFindings.orientation``).
 """
 
 from __future__ import annotations
@@ -126,8 +126,7 @@ class Pipeline:
         for ds in datasets:
             mammogram = read_mammogram(ds)
             findings = ImageFindings(sop_instance_uid=mammogram.sop_instance_uid)
-            # Not a field of ImageFindings (core): the SR writer reads it with getattr.
-            findings.orientation = mammogram.orientation  # type: ignore[attr-defined]
+            findings.orientation = mammogram.orientation
             _events.info("orientation", extra={"event_fields": {
                 "sop_instance_uid": mammogram.sop_instance_uid, "source": mammogram.orientation,
                 "nipple_towards": "column 0" if mammogram.faces_left else "last column"}})

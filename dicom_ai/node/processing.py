@@ -45,7 +45,8 @@ def load_pipeline(config: NodeConfig):
         for part in name.split("."):
             factory = getattr(factory, part)
         return factory(config.pipeline.models, config.pipeline.device)
-    return Pipeline.from_bundles(config.pipeline.models, config.pipeline.device)
+    return Pipeline.from_bundles(config.pipeline.models, config.pipeline.device,
+                                 operating_point=config.pipeline.operating_point)
 
 
 def destinations_for(config: NodeConfig, calling_ae: str) -> list[tuple[str, str, int]]:

@@ -274,7 +274,7 @@ def _qualitative_evaluations(results: Sequence[ImageResult]) -> hd.sr.ContainerC
                     f"{segment.map.threshold:g} ({where})" if n else
                     f"{_track(r, segment)}: no region above threshold {segment.map.threshold:g} ({where})")
             items.append(hd.sr.TextContentItem(name=_FINDING, value=text, relationship_type="CONTAINS"))
-        orientation = getattr(r.findings, "orientation", "")
+        orientation = r.findings.orientation
         if orientation:
             text = (f"{name}: nipple direction from the {orientation}; marks restricted to the breast mask "
                     f"less the pectoral muscle")
