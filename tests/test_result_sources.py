@@ -120,3 +120,35 @@ def test_type_2_attributes_missing_from_the_first_image_are_sent_empty_for_every
     for ds in results.datasets:
         assert ds.PatientBirthDate in ("", None) and ds.AccessionNumber in ("", None)
     assert any("absent from the source" in n for n in results.notes)
+
+
+def test_a_lossy_compression_flag_of_the_wrong_vr_is_dropped_and_the_seg_still_written():
+    # The fuzz target's case: a byte flip turned (0028,2110) into US; highdicom copies it into
+    # the SEG, which pydicom then could not write, failing the job in the worker.
+    sources = _study(["ISO_IR 100"] * 4)
+    from pydicom.dataelem import DataElement
+    sources[0][0x00282110] = DataElement(0x00282110, "US", 1)
+    results = _build(sources)
+    segs = [ds for ds in results.datasets if ds.Modality == "SEG"]
+    assert len(segs) == 4
+    for ds in results.datasets:
+        ds.save_as(io.BytesIO(), enforce_file_format=True)
+    assert any("LossyImageCompression" in n for n in results.notes)
+
+
+def test_an_object_that_cannot_be_encoded_is_left_out_not_the_job(monkeypatch):
+    import dicom_ai.results.build as build
+
+    sources = _study(["ISO_IR 100"] * 2)
+    bad_uid = str(sources[1].SOPInstanceUID)
+    real = build.build_segmentation
+
+    def poisoned(source, *args, **kwargs):
+        seg = real(source, *args, **kwargs)
+        if str(source.SOPInstanceUID) == bad_uid:
+            seg.add_new(0x00282110, "CS", 7)  # an int under a text VR: pydicom cannot write it
+        return seg
+    monkeypatch.setattr(build, "build_segmentation", poisoned)
+    results = _build(sources)
+    assert [str(i.source.SOPInstanceUID) for i in results.images] == [str(sources[0].SOPInstanceUID)]
+    assert any(bad_uid in n and "left out" in n for n in results.notes)

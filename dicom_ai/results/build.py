@@ -26,6 +26,7 @@ UIDs inside the SR derive from the SR's SOP Instance UID), so the same inputs wi
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,7 @@ def build_results(
                 image.segmentation = build_segmentation(ds, image.segments, identity, equipment,
                                                         segmentation_type=options.segmentation_type,
                                                         compression=options.compression)
+                _check_encodes(image.segmentation)
         except Exception as exc:  # this image only; highdicom's and pydicom's errors may quote values
             why = f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError) else type(exc).__name__
             notes.append(f"image {ds.SOPInstanceUID} left out of the results: {why}")
@@ -187,6 +189,13 @@ def build_results(
     return StudyResults(images=images, datasets=out, notes=notes)
 
 
+def _check_encodes(ds: pydicom.Dataset) -> None:
+    """Raise if ``ds`` cannot be written as a file: a value copied from a hostile source that
+    highdicom accepted but pydicom cannot encode must cost that object, not the job when the
+    worker writes its outbox."""
+    ds.save_as(io.BytesIO(), enforce_file_format=True)
+
+
 def _per_image_views(images: list[ImageResult], uids: ResultUIDs, options: ResultOptions,
                      notes: list[str]) -> list[pydicom.Dataset]:
     """The presentation states, then the "AI overlay" Secondary Captures, of the images that
@@ -206,8 +215,9 @@ def _per_image_views(images: list[ImageResult], uids: ResultUIDs, options: Resul
             identity = ObjectIdentity(series_for(uid), instance(uid), number,
                                       f"{description} {image_name(image.source)}".strip()[:64])
             try:
-                out.append(build(image, identity, options.equipment,
-                                 max_regions_per_segment=options.max_regions_per_segment))
+                obj = build(image, identity, options.equipment, max_regions_per_segment=options.max_regions_per_segment)
+                _check_encodes(obj)
+                out.append(obj)
             except Exception as exc:  # this object only; the SEG and SR of the image stand
                 why = f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError) else type(exc).__name__
                 notes.append(f"{what} of image {uid} left out: {why}")

@@ -50,6 +50,10 @@ _NEEDED = frozenset({"StudyInstanceUID"})
 _READ_BY_WRITERS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                     "StudyDate", "StudyTime")
 
+# Outside the Patient and Study modules, what highdicom's image-based constructors (SEG) copy
+# from the source: checked the same way, removed when invalid (then "00", not lossy, is written).
+_ALSO_COPIED = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
+
 # Values that are not text and that pydicom's validators do not check.
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"})
 _NUMBER_VRS = frozenset({"US", "UL", "UV", "SS", "SL", "SV", "FL", "FD"})
@@ -106,7 +110,7 @@ def invalid_attributes(ds: pydicom.Dataset) -> list[str]:
     invalid too.
     """
     bad = []
-    for keyword in copied_attributes(str(ds.get("SOPClassUID", ""))):
+    for keyword in [*copied_attributes(str(ds.get("SOPClassUID", ""))), *_ALSO_COPIED]:
         if keyword in _NEEDED or keyword not in ds:
             continue
         # The checks quote the value in their messages; the note names the keyword instead.
@@ -206,7 +210,7 @@ def clean_sources(sources: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.Data
     for ds in cleaned:
         types = copied_attributes(str(ds.get("SOPClassUID", "")))
         for keyword in invalid_attributes(ds):
-            if types[keyword].startswith("2"):
+            if types.get(keyword, "3").startswith("2"):
                 ds[keyword] = _empty(keyword)
             else:
                 del ds[keyword]
