@@ -210,3 +210,13 @@ def test_only_finished_quiet_studies_are_purged(store):
     assert jobs == ["1"] and "/o/1.dcm" in paths and len(paths) == 5
     assert sorted(s["study_uid"] for s in store.status()["studies"]) == ["PENDING", "RECENT"]
     assert store.find_instance("1.2.3.DONE.LCC.0") is None
+
+
+def test_recovery_at_node_start_requeues_without_counting_an_interruption(store):
+    _receive(store, "S", VIEWS, t=0.0)
+    store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    for _ in range(3):  # node restarts during the job, more than max_interruptions
+        store.claim_job()
+        assert store.recover(max_interruptions=1, count_interruption=False)["jobs_failed"] == 0
+    (row,) = store.status()["jobs"]
+    assert (row["state"], row["interruptions"]) == ("queued", 0)

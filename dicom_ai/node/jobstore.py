@@ -457,19 +457,23 @@ class JobStore:
                        (reason[:2000], now, job.id))
         return "queued"
 
-    def recover(self, max_interruptions: int = MAX_JOB_INTERRUPTIONS) -> dict[str, int]:
+    def recover(self, max_interruptions: int = MAX_JOB_INTERRUPTIONS, count_interruption: bool = True) -> dict[str, int]:
         """Re-queue jobs a worker left running and make every pending delivery due now.
 
         Called at node start and whenever the worker process ended, i.e. only when no worker
-        runs. A job found running was *interrupted*: that is counted in its own column, not
-        as a failure, and the job is ``failed`` only after ``max_interruptions`` of them (a
-        study that kills its worker every time).
+        runs. A job found running was *interrupted*: when its worker died under a running
+        node that is counted in its own column, not as a failure, and the job is ``failed``
+        only after ``max_interruptions`` of them (a study that kills its worker every time).
+        At node start (``count_interruption=False``) it is only re-queued: the node was
+        stopped, which no study can cause.
 
         Parameters
         ----------
         max_interruptions : int
             Interruptions allowed before the job is ``failed``; default
             :data:`MAX_JOB_INTERRUPTIONS`.
+        count_interruption : bool
+            Whether this recovery counts an interruption for each running job.
 
         Returns
         -------
@@ -478,7 +482,8 @@ class JobStore:
         """
         now = time.time()
         with self._write() as db:
-            db.execute("UPDATE jobs SET interruptions = interruptions + 1 WHERE state = 'running'")
+            if count_interruption:
+                db.execute("UPDATE jobs SET interruptions = interruptions + 1 WHERE state = 'running'")
             failed = db.execute("UPDATE jobs SET state = 'failed', error = ?, updated = ? "
                                 "WHERE state = 'running' AND interruptions >= ?",
                                 (f"the worker stopped during processing {max_interruptions} times: the study may "

@@ -201,7 +201,9 @@ class Node:
             current = None
         if current != text:  # an unchanged file is not rewritten: a full disk can still start
             write_durably(self.layout.config_json, lambda tmp: tmp.write_text(text))
-        recovered = self.store.recover(self.config.pipeline.max_job_interruptions)
+        # A job left running by a node that was stopped (SIGKILL, power loss, restart) is not
+        # counted: the node process runs no model, so a study cannot have brought it down.
+        recovered = self.store.recover(self.config.pipeline.max_job_interruptions, count_interruption=False)
         logs.event("node_recovered", **recovered)
         self._start_worker()
         self.delivery.start()
