@@ -63,7 +63,7 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     device = "auto"                 # auto | cpu | cuda:N
     factory = ""                    # optional "module:callable" returning an object with .run()
     max_job_attempts = 3            # failures of the job itself (an exception) before it is failed
-    max_job_interruptions = 10      # worker/node stops during the job (SIGKILL, OOM, restart) before failed
+    max_job_interruptions = 50      # worker deaths during the job (SIGKILL, OOM, crash) before it is failed
     previews = true                 # PNG overlays per image in <storage>/previews/ for IT checks
     operating_point = ""            # each bundle's named operating point ("" = its default)
 
@@ -170,7 +170,7 @@ class PipelineSection:
     device: str = "auto"
     factory: str = ""
     max_job_attempts: int = 3
-    max_job_interruptions: int = 10
+    max_job_interruptions: int = 50
     previews: bool = True
     operating_point: str = ""
 

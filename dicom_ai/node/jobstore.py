@@ -50,11 +50,13 @@ STANDARD_VIEWS = frozenset({("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")
 #: ``jobs.model_seconds`` (JSON: model name -> seconds per image).
 SCHEMA_VERSION = 3
 
-#: Default of ``pipeline.max_job_interruptions``: interruptions (the worker or the node stopped
-#: while the job ran) before a job is marked failed. Larger than ``pipeline.max_job_attempts`` on purpose: restarts and kills are not the
-#: job's fault, but a study that kills its worker every time (a decoder crash the sandbox did
-#: not contain, the kernel's OOM killer) must end as failed rather than restart it for ever.
-MAX_JOB_INTERRUPTIONS = 10
+#: Default of ``pipeline.max_job_interruptions``: interruptions (the worker died under a running
+#: node while the job ran) before a job is marked failed. Far larger than
+#: ``pipeline.max_job_attempts`` on purpose: kills are rarely the job's fault (decoding is
+#: sandboxed, image size capped; a crash storm of 15 worker kills can all land on one job whose
+#: worker never gets to finish it), but a study that kills its worker every time (a crash the
+#: sandbox did not contain, the kernel's OOM killer) must end as failed rather than loop for ever.
+MAX_JOB_INTERRUPTIONS = 50
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
