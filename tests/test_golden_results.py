@@ -20,6 +20,10 @@ MIAS validation folds), so the SEGs carry the U-Net's segment only. Made with th
 
 The digests include the per-image presentation states (``PR-*``, issue 18, on by default);
 adding them changed no other digest.
+
+Regenerated once more (same job, same versions): dunet 0.2.0 marks masses of either severity,
+so its map is the finding ``mass`` (its manifest's ``finding``), not ``malignant_lesion``: the
+SEG segment, SR finding, GSPS labels and previews say "Mass" instead of "Malignant lesion".
 """
 
 from __future__ import annotations

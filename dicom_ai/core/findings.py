@@ -23,6 +23,7 @@ __all__ = ["FINDING_KEYS", "SCORE_KEYS", "ModelIdentity", "ProbabilityMap", "Ima
 FINDING_KEYS: tuple[str, ...] = (
     "malignant_lesion",  # malignant mass or lesion (GLAM malignant, U-Net malignancy)
     "benign_lesion",  # benign mass or lesion (GLAM benign)
+    "mass",  # mass of either severity (the U-Net fine-tuned on real masses, benign and malignant)
     "calcification",  # individual microcalcification pixels
     "calcification_cluster",  # cluster region; value inside = the cluster's score
 )

@@ -9,6 +9,7 @@ map (findings key)       ground truth
 =======================  ==========================================================
 malignant_lesion         mass_malignant | cluster_malignant
 benign_lesion            mass_benign | cluster_benign
+mass                     mass_benign | mass_malignant
 calcification            calcification_benign | calcification_malignant
 calcification_cluster    cluster_benign | cluster_malignant
 =======================  ==========================================================
@@ -48,6 +49,7 @@ from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast
 TRUTH_FOR_FINDING = {
     "malignant_lesion": ("mass_malignant", "cluster_malignant"),
     "benign_lesion": ("mass_benign", "cluster_benign"),
+    "mass": ("mass_benign", "mass_malignant"),
     "calcification": ("calcification_benign", "calcification_malignant"),
     "calcification_cluster": ("cluster_benign", "cluster_malignant"),
 }
@@ -220,7 +222,7 @@ def evaluate(pairs: Iterable[tuple[Sample, Prediction]], bootstrap: int = 2000, 
                 lists[0].append(d)
                 lists[1].append(M.iou(binary, truth))
                 lists[2].append(M.soft_dice(prob, truth))
-                if best_example is None and finding in ("malignant_lesion", "benign_lesion", "calcification_cluster"):
+                if best_example is None and finding in ("malignant_lesion", "benign_lesion", "mass", "calcification_cluster"):
                     best_example = (finding, prob, truth, d)
             else:
                 lists[3].append(float(binary.sum()))
@@ -416,9 +418,9 @@ def predict(samples: Iterable[Sample], pipeline: Pipeline | None = None,
 
 #: Finding maps whose marks are scored against each lesion type ("all": every map, every lesion).
 MAPS_FOR_TYPE = {
-    "mass": ("malignant_lesion", "benign_lesion"),
+    "mass": ("malignant_lesion", "benign_lesion", "mass"),
     "calcification_cluster": ("calcification_cluster",),
-    "all": ("malignant_lesion", "benign_lesion", "calcification_cluster", "calcification"),
+    "all": ("malignant_lesion", "benign_lesion", "mass", "calcification_cluster", "calcification"),
 }
 #: Name of the union of every model's marks in lesion-level reports.
 UNION = "union"

@@ -244,18 +244,22 @@ def model_grid(mammogram: Mammogram, input_shape: tuple[int, int]) -> tuple[Geom
 class DUNetModel:
     """The servable model: a bundle's network plus the geometry to and from the source grid.
 
-    ``predict`` returns the ``malignant_lesion`` map on the stored source grid (zero outside
+    ``predict`` returns the lesion map (the manifest's ``finding``: ``malignant_lesion`` by
+    default, ``mass`` for a bundle trained on masses of both severities) on the stored source grid (zero outside
     the breast crop) and the image-level ``malignant`` score, defined as the mean of the
     highest ``score_top_fraction`` (default 0.5 %) of the model-grid probability map. The
     score is a ranking value, not a calibrated probability.
     """
 
     def __init__(self, network: DiscriminativeUNet, identity: ModelIdentity, threshold: float = 0.5,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", finding: str = "malignant_lesion"):
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         self.identity = identity
         self.threshold = float(threshold)
+        #: The finding key of the lesion map: ``malignant_lesion`` (trained on malignancy, the
+        #: phantom bundles) or ``mass`` (trained on masses of either severity).
+        self.finding = finding
 
     @property
     def config(self) -> DUNetConfig:
@@ -271,8 +275,9 @@ class DUNetModel:
         require_kind(bundle, "dunet")
         config = DUNetConfig.from_dict(bundle.manifest["architecture"])
         network = load_weights(DiscriminativeUNet(config), bundle, "dunet")
-        threshold = float(bundle.manifest["thresholds"].get("malignant_lesion", 0.5))
-        return cls(network, bundle.identity, threshold, device)
+        finding = str(bundle.manifest.get("finding", "malignant_lesion"))  # what the manifest says it marks
+        threshold = float(bundle.manifest["thresholds"].get(finding, 0.5))
+        return cls(network, bundle.identity, threshold, device, finding=finding)
 
     @torch.no_grad()
     def run(self, mammogram: Mammogram) -> dict[str, np.ndarray | float | Geometry]:
@@ -310,6 +315,6 @@ class DUNetModel:
         geo: Geometry = result["geometry"]
         source = np.clip(geo.inverse(result["probability"]), 0.0, 1.0).astype(np.float32)
         return ModelOutput(
-            maps=[ProbabilityMap("malignant_lesion", source, self.threshold, self.identity)],
+            maps=[ProbabilityMap(self.finding, source, self.threshold, self.identity)],
             scores=[ImageScore("malignant", float(result["score"]), self.identity)],
         )

@@ -95,6 +95,11 @@ FINDINGS: dict[str, FindingCodes] = {
         category=codes.SCT.MorphologicallyAbnormalStructure, property_type=_MASS,
         modifier=codes.SCT.Benign, sr_finding=_MASS, cad_finding=_BREAST_DENSITY,
         probability=_CERTAINTY_OF_FINDING, rgb=(40, 200, 60)),
+    "mass": FindingCodes(
+        key="mass", label="Mass",
+        category=codes.SCT.MorphologicallyAbnormalStructure, property_type=_MASS,
+        modifier=None, sr_finding=_MASS, cad_finding=_BREAST_DENSITY,
+        probability=_CERTAINTY_OF_FINDING, rgb=(230, 60, 200)),
     "calcification": FindingCodes(
         key="calcification", label="Calcification",
         category=codes.SCT.MorphologicallyAbnormalStructure, property_type=_INDIVIDUAL_CALCIFICATION,

@@ -49,6 +49,7 @@ __all__ = [
 #: ~2 mm diameter are noise for the lesion models; single calcifications are 0.1-1 mm across.
 DEFAULT_MIN_AREA_MM2: dict[str, float] = {
     "malignant_lesion": 3.0,
+    "mass": 3.0,
     "benign_lesion": 3.0,
     "calcification": 0.03,
     "calcification_cluster": 3.0,

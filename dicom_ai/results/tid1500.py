@@ -74,7 +74,8 @@ def _algorithm(model: ModelIdentity, threshold: float | None = None) -> hd.sr.Al
 
 #: Findings that describe the same kind of object, so overlapping regions of them by
 #: different models are one finding in the SR.
-_MERGE_CLASS = {"malignant_lesion": "lesion", "benign_lesion": "lesion", "calcification_cluster": "cluster"}
+_MERGE_CLASS = {"malignant_lesion": "lesion", "benign_lesion": "lesion", "mass": "lesion",
+                "calcification_cluster": "cluster"}
 
 
 def _overlap(a, b) -> bool:

@@ -754,10 +754,12 @@ def mias_manifest(config: DUNetConfig, *, base: dict, name: str, version: str, t
                               f"{config.input_shape[0]} rows); the map is resized back to the source grid",
             },
         },
-        "outputs": dict(base.get("outputs", {}), malignant_lesion=(
+        "outputs": dict({k: v for k, v in base.get("outputs", {}).items() if k != "malignant_lesion"}, mass=(
             "probability map on the source grid of a MASS (benign or malignant: MIAS masses of both severities "
-            "were the targets), subtraction head clip(x - f(x), 0, 1); the finding key stays malignant_lesion")),
-        "thresholds": dict(base.get("thresholds", {"malignant_lesion": 0.5})),
+            "were the targets), subtraction head clip(x - f(x), 0, 1)")),
+        # Marks masses of either severity: the SR must not call them malignant.
+        "finding": "mass",
+        "thresholds": {"mass": float(base.get("thresholds", {}).get("malignant_lesion", 0.5))},
         "intended_use": INTENDED_USE + " Fine-tuned on mini-MIAS (research use only).",
         "licence": MIAS_LICENCE_NOTE,
         "training": {
