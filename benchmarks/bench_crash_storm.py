@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import pydicom  # noqa: E402
 
-from node_harness import (Proc, free_port, node_env, start_node, store_status, wait_for,  # noqa: E402
+from node_harness import (Orthanc, Proc, free_port, node_env, start_node, store_status, wait_for,  # noqa: E402
                           write_node_config, write_study)
 
 LUA = """
@@ -51,35 +51,22 @@ end
 """
 
 
-class OrthancPACS:
-    """Orthanc as the result PACS, logging every C-STORE it receives."""
+class OrthancPACS(Orthanc):
+    """Orthanc as the result PACS (AE title PACS), logging every C-STORE it receives."""
 
     def __init__(self, folder: Path):
         folder.mkdir(parents=True, exist_ok=True)
         self.received = folder / "received.txt"
         self.received.touch()
         (folder / "count.lua").write_text(LUA.replace("{path}", str(self.received)))
-        self.http, self.dicom = free_port(), free_port()
-        cfg = {"Name": "STORM-PACS", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-               "Plugins": [], "HttpPort": self.http, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-               "DicomServerEnabled": True, "DicomAet": "PACS", "DicomPort": self.dicom,
-               "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
-               "DicomAlwaysAllowFind": True, "DicomCheckModalityHost": False, "LuaScripts": [str(folder / "count.lua")],
-               "SaveJobs": False}
-        (folder / "orthanc.json").write_text(json.dumps(cfg))
-        self.proc = Proc(["Orthanc", f"--logdir={folder}", str(folder / "orthanc.json")], folder / "orthanc.stdout")
-        wait_for(self._listening, 30, "Orthanc DICOM port")
-
-    def _listening(self) -> bool:
-        return subprocess.run(["echoscu", "-aec", "PACS", "127.0.0.1", str(self.dicom)],
-                              capture_output=True).returncode == 0
+        # The node is never called back (results arrive by C-STORE), so its modality port is moot.
+        super().__init__(folder, node_port=free_port(), ae_title="PACS",
+                         config={"Name": "STORM-PACS", "DicomAlwaysAllowFind": True,
+                                 "LuaScripts": [str(folder / "count.lua")]})
 
     def counts(self) -> collections.Counter:
         lines = self.received.read_text().split("\n")
         return collections.Counter(line.split()[0] for line in lines if line.strip() and not line.endswith(" MG"))
-
-    def stop(self) -> None:
-        self.proc.stop()
 
 
 class StormNode:

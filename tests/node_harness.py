@@ -293,7 +293,10 @@ def received(folder: Path) -> list[pydicom.Dataset]:
 class Orthanc:
     """A throw-away Orthanc (no plugins) with the node registered as modality ``ainode``."""
 
-    def __init__(self, folder: Path, node_port: int, node_ae: str = "AINODE", ae_title: str = "ORTHANC"):
+    def __init__(self, folder: Path, node_port: int, node_ae: str = "AINODE", ae_title: str = "ORTHANC",
+                 config: dict | None = None, modality: dict | None = None):
+        """``config`` adds or replaces top-level Orthanc settings (plugins, DICOM TLS, Lua
+        scripts ...); ``modality`` adds settings to the node's DicomModalities entry."""
         folder.mkdir(parents=True, exist_ok=True)
         self.http = free_port()
         self.dicom = free_port()
@@ -305,6 +308,8 @@ class Orthanc:
                "DicomAlwaysAllowStore": True, "DicomCheckModalityHost": False,
                "DicomModalities": {"ainode": {"AET": node_ae, "Host": "127.0.0.1", "Port": node_port}},
                "StableAge": 1, "SaveJobs": False}
+        cfg["DicomModalities"]["ainode"].update(modality or {})
+        cfg.update(config or {})
         (folder / "orthanc.json").write_text(json.dumps(cfg))
         self.proc = Proc(["Orthanc", f"--logdir={folder}", str(folder / "orthanc.json")], folder / "orthanc.stdout")
         wait_for(lambda: self._ping(), 30, "Orthanc HTTP")

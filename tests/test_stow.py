@@ -4,9 +4,7 @@ result kinds."""
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -20,42 +18,24 @@ from dicom_ai.node.delivery import DeliveryAgent
 from dicom_ai.node.jobstore import Instance, JobStore
 from dicom_ai.node.processing import destinations_for
 from dicom_ai.results import build_results
-from node_harness import Proc, free_port, wait_for
+from node_harness import Orthanc, free_port
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 pytestmark = pytest.mark.skipif(not DICOMWEB_PLUGIN.is_file(),
                                 reason="Orthanc's DICOMweb plugin not installed (Debian package orthanc-dicomweb)")
 
 
-class Orthanc:
-    """A throw-away Orthanc with the DICOMweb plugin (tests/node_harness.py's Orthanc, plus the plugin)."""
+class DicomWebOrthanc(Orthanc):
+    """tests/node_harness.py's Orthanc with the DICOMweb plugin and no DICOM server."""
 
     def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.http = free_port()
-        cfg = {"Name": "STOW-TEST", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
-               "Plugins": [str(DICOMWEB_PLUGIN)], "HttpServerEnabled": True, "HttpPort": self.http,
-               "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomServerEnabled": False,
-               "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
-               "StableAge": 1, "SaveJobs": False}
-        (folder / "orthanc.json").write_text(json.dumps(cfg))
-        self.proc = Proc(["Orthanc", f"--logdir={folder}", str(folder / "orthanc.json")], folder / "orthanc.stdout")
-        wait_for(self._ping, 30, "Orthanc HTTP")
+        super().__init__(folder, node_port=free_port(), config={
+            "Name": "STOW-TEST", "Plugins": [str(DICOMWEB_PLUGIN)], "DicomServerEnabled": False,
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True}})
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http}/dicom-web"
-
-    def _ping(self) -> bool:
-        try:
-            self.get("/system")
-            return True
-        except OSError:
-            return False
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=30) as r:
-            return json.loads(r.read())
 
     def instances(self) -> dict[str, str]:
         """SOP Instance UID -> SOP Class UID of everything Orthanc holds."""
@@ -65,13 +45,10 @@ class Orthanc:
             out[tags["SOPInstanceUID"]] = tags["SOPClassUID"]
         return out
 
-    def stop(self) -> None:
-        self.proc.stop()
-
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    server = DicomWebOrthanc(tmp_path_factory.mktemp("orthanc"))
     yield server
     server.stop()
 

@@ -159,18 +159,11 @@ def test_tls_below_1_2_and_weak_ciphers_are_refused(tmp_path, certs):
 def test_orthanc_with_dicom_tls_as_sender_and_as_receiver(tmp_path, certs):
     """Orthanc (DicomTlsEnabled) sends the study to the node's TLS port and gets the results back over TLS."""
     port, tls_port = free_port(), free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", node_port=tls_port)
-    orthanc.stop()  # rewritten with DICOM TLS on and restarted
-    conf_path = tmp_path / "orthanc" / "orthanc.json"
-    conf = json.loads(conf_path.read_text())
-    conf.update({"DicomTlsEnabled": True, "DicomTlsCertificate": str(certs["pacs"][0]),
-                 "DicomTlsPrivateKey": str(certs["pacs"][1]), "DicomTlsTrustedCertificates": str(certs["ca"][0]),
-                 "DicomTlsRemoteCertificateRequired": True})
-    conf["DicomModalities"]["ainode"]["UseDicomTls"] = True
-    conf_path.write_text(json.dumps(conf))
-    orthanc.proc = Proc(["Orthanc", f"--logdir={tmp_path / 'orthanc'}", str(conf_path)],
-                        tmp_path / "orthanc" / "orthanc.stdout")
-    wait_for(orthanc._ping, 30, "Orthanc HTTP")
+    orthanc = Orthanc(tmp_path / "orthanc", node_port=tls_port, modality={"UseDicomTls": True},
+                      config={"DicomTlsEnabled": True, "DicomTlsCertificate": str(certs["pacs"][0]),
+                              "DicomTlsPrivateKey": str(certs["pacs"][1]),
+                              "DicomTlsTrustedCertificates": str(certs["ca"][0]),
+                              "DicomTlsRemoteCertificateRequired": True})
     node = None
     try:
         cfg = write_config(tmp_path / "node.toml", tmp_path / "storage", port, tls_port, certs,
