@@ -54,7 +54,6 @@ private ones); nothing is coerced. pynetdicom streams it to a temporary file in
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import socket
@@ -75,7 +74,7 @@ from dicom_ai.node.admission import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCES
                                      check_dataset, is_valid_uid)
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.jobstore import Instance, JobStore
-from dicom_ai.node.storage import fsync_dir, fsync_file
+from dicom_ai.node.storage import fsync_dir, fsync_file, is_disk_full
 from dicom_ai.node.tls import certificate_names, server_context
 from dicom_ai.node.transport import (build_receiving_ae, install_receive_path, normalise_address, receive_failed,
                                      resolve_peer_addresses)
@@ -347,9 +346,8 @@ class StorageSCP:
             if sop_uid == NO_USABLE_UID or not is_valid_uid(sop_uid):
                 raise Rejected(CANNOT_UNDERSTAND, "Affected SOP Instance UID missing or invalid")
             if write_error is not None:
-                full = write_error in (errno.ENOSPC, errno.EDQUOT)
-                raise Rejected(OUT_OF_RESOURCES, "storage full while receiving" if full
-                               else f"storage error while receiving: {os.strerror(write_error)}")
+                raise Rejected(OUT_OF_RESOURCES, "storage full while receiving" if is_disk_full(write_error)
+                               else f"storage error while receiving: {write_error.strerror}")
             status, detail = self._store(tmp, calling_ae, str(req.AffectedSOPClassUID), sop_uid,
                                          str(event.context.transfer_syntax))
         except Rejected as exc:
@@ -417,8 +415,8 @@ class StorageSCP:
                                              size=size)
         except OSError as exc:
             self._unspool(target if renamed else None)
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise Rejected(OUT_OF_RESOURCES, "storage full" if full else f"storage error: {exc.strerror}") from exc
+            raise Rejected(OUT_OF_RESOURCES, "storage full" if is_disk_full(exc)
+                           else f"storage error: {exc.strerror}") from exc
         except sqlite3.OperationalError as exc:  # locked, disk I/O error, database full: may pass
             self._unspool(target if renamed else None)
             raise Rejected(OUT_OF_RESOURCES, f"job store error: {type(exc).__name__}") from exc

@@ -716,8 +716,8 @@ class ReceivingAE(AE):
 _receive_dir: Path | None = None
 
 
-# Paths of received data sets whose file could not be written (disk full), -> errno.
-_failed_receives: dict[str, int] = {}
+# Paths of received data sets whose file could not be written (disk full), -> the error.
+_failed_receives: dict[str, OSError] = {}
 _failed_lock = threading.Lock()
 
 
@@ -738,7 +738,7 @@ class _ReceiveFile:
 
     def _give_up(self, exc: OSError) -> None:
         with _failed_lock:
-            _failed_receives[self.name] = exc.errno or 0
+            _failed_receives[self.name] = exc
         try:
             self._ntf.close()
         except OSError:
@@ -780,8 +780,8 @@ class _ReceiveFile:
         return getattr(self._ntf, name)
 
 
-def receive_failed(path: str | Path) -> int | None:
-    """The errno with which writing the received data set at ``path`` failed, or None (once)."""
+def receive_failed(path: str | Path) -> OSError | None:
+    """The error with which writing the received data set at ``path`` failed, or None (once)."""
     with _failed_lock:
         return _failed_receives.pop(str(path), None)
 
