@@ -53,30 +53,40 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def write_rounds(work: Path, rounds: int, targets: tuple[str, ...],
+                 shape: tuple[int, int] = SHAPE) -> list[dict[str, list[Path]]]:
+    """Four-view studies to send: per round, per target a fresh study (new Study and SOP Instance
+    UIDs, so a receiver really stores every image) under ``work/send-<round>-<target>/``.
+
+    Returns the files per round and target.
+    """
+    views = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
+    templates = [make_mg(lat, view, generate_uid(), generate_uid(), i + 1, shape=shape, seed=i)
+                 for i, (lat, view) in enumerate(views)]
+    out = []
+    for r in range(rounds):
+        paths = {}
+        for target in targets:
+            folder = work / f"send-{r}-{target}"
+            folder.mkdir()
+            study = generate_uid()
+            files = []
+            for ds in templates:
+                ds.StudyInstanceUID = study
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+                p = folder / f"{ds.SOPInstanceUID}.dcm"
+                ds.save_as(p, enforce_file_format=True)
+                files.append(p)
+            paths[target] = files
+        out.append(paths)
+    return out
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=REPO / "benchmarks"))
     procs: list[Proc] = []
     try:
-        views = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
-        templates = [make_mg(lat, view, generate_uid(), generate_uid(), i + 1, shape=SHAPE, seed=i)
-                     for i, (lat, view) in enumerate(views)]
-        nbytes = 0
-        rounds = []
-        for r in range(ROUNDS):
-            paths = {}
-            for target in ("storescp", "node"):
-                folder = work / f"send-{r}-{target}"
-                folder.mkdir()
-                study = generate_uid()
-                files = []
-                for ds in templates:
-                    ds.StudyInstanceUID = study
-                    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-                    p = folder / f"{ds.SOPInstanceUID}.dcm"
-                    ds.save_as(p, enforce_file_format=True)
-                    files.append(p)
-                paths[target] = files
-            rounds.append(paths)
+        rounds = write_rounds(work, ROUNDS, ("storescp", "node"))
         nbytes = sum(p.stat().st_size for p in rounds[0]["node"])
 
         scp_port = free_port()

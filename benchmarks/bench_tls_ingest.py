@@ -30,9 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO))
 
-from pydicom.uid import generate_uid  # noqa: E402
-
-from node_harness import Proc, free_port, make_mg, node_env, start_node, storescu, wait_port  # noqa: E402
+from node_harness import Proc, free_port, node_env, start_node, storescu, wait_port  # noqa: E402
+from bench_ingest import write_rounds  # noqa: E402
 from tls_certs import make_all  # noqa: E402
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
@@ -47,25 +46,7 @@ def main() -> int:
     try:
         certs = make_all(work / "certs")
         client = ["+tls", str(certs["pacs"][1]), str(certs["pacs"][0]), "+cf", str(certs["ca"][0])]
-        views = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
-        templates = [make_mg(lat, view, generate_uid(), generate_uid(), i + 1, shape=SHAPE, seed=i)
-                     for i, (lat, view) in enumerate(views)]
-        rounds = []
-        for r in range(ROUNDS):
-            paths = {}
-            for target in TARGETS:
-                folder = work / f"send-{r}-{target}"
-                folder.mkdir()
-                study = generate_uid()
-                files = []
-                for ds in templates:
-                    ds.StudyInstanceUID = study
-                    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-                    p = folder / f"{ds.SOPInstanceUID}.dcm"
-                    ds.save_as(p, enforce_file_format=True)
-                    files.append(p)
-                paths[target] = files
-            rounds.append(paths)
+        rounds = write_rounds(work, ROUNDS, TARGETS, shape=SHAPE)
         nbytes = sum(p.stat().st_size for p in rounds[0]["node"])
 
         ports = {}
