@@ -1,4 +1,10 @@
-"""How hard is GLAM's task on the phantoms at the compact resolution? Two reference points.
+"""How hard is GLAM's task on the phantoms at the compact resolution? Calibration and two references.
+
+First the lesion population: mass sizes and contrasts of the phantoms against the 58
+hand-drawn mini-MIAS mass outlines (``--mias``; skipped when the data are not there). Both
+are measured the same way on a 0.525 mm grid: equivalent diameter of the mask, and the
+contrast-to-texture ratio (mean inside the mask minus the mean of a ring of one to two
+equivalent radii around it, over the ring's standard deviation). "Subtle" = ratio below 1.
 
 GLAM learns from image-level labels only. When it stays at chance, this benchmark tells
 apart "the lesions cannot be told from the tissue at this resolution" from "the weak
@@ -10,7 +16,8 @@ supervision is too slow for the budget", on the same held-out validation views G
   s3 against the lesion mask max-pooled to the 1/16 map), image score = the map's maximum.
   This uses labels GLAM never sees: it is an upper reference, not a competitor.
 
-Both report image-level ROC AUC (benign, malignant, any lesion). The training set is the
+Both report image-level ROC AUC (benign, malignant, any lesion) for GLAM's labels: masses
+(dicom_ai.training.glam.LESION_KINDS). The training set is the
 shipped bundle's (1200 studies, seeds 10000-11199); each epoch's validation AUC is kept.
 
 Run: ``.venv/bin/python benchmarks/bench_glam_learnability.py [--epochs 4]``.
@@ -34,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from dicom_ai.networks.glam import CONFIGS, GlobalNetwork, glam_geometry  # noqa: E402
 from dicom_ai.data.metrics import roc_auc  # noqa: E402
-from dicom_ai.training.glam import GlamData, load_phantoms, make_batch  # noqa: E402
+from dicom_ai.training.glam import LESION_KINDS, GlamData, load_phantoms, make_batch  # noqa: E402
+from dicom_ai.data.phantom import generate_study  # noqa: E402
+from dicom_ai.imaging import read_mammogram  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "build" / "glam-cache"
@@ -80,6 +89,76 @@ def _cell_truth(data: GlamData, indices, config) -> torch.Tensor:
     return (F.adaptive_max_pool2d(torch.from_numpy(np.stack(truth)), config.cam_shape) > 0.5).float()
 
 
+def _resample_area(a: np.ndarray, spacing_mm: float, target_mm: float = 0.525) -> torch.Tensor:
+    f = spacing_mm / target_mm
+    shape = (max(8, round(a.shape[0] * f)), max(8, round(a.shape[1] * f)))
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=shape, mode="area")[0, 0]
+
+
+def mass_statistics(image: np.ndarray, breast: np.ndarray, mask: np.ndarray, spacing_mm: float) -> dict | None:
+    """Equivalent diameter (mm) and contrast-to-texture ratio of one mass, on the 0.525 mm grid."""
+    im = _resample_area(image, spacing_mm)
+    inside = _resample_area(breast, spacing_mm) > 0.5
+    m = _resample_area(mask, spacing_mm) > 0.5
+    if m.sum() < 3:
+        return None
+    diameter = 2 * float(np.sqrt(m.sum().item() / np.pi)) * 0.525
+    r = max(2, int(diameter / 2 / 0.525))
+    near = F.max_pool2d(m[None, None].float(), 2 * r + 1, 1, r)[0, 0] > 0
+    far = F.max_pool2d(m[None, None].float(), 4 * r + 1, 1, 2 * r)[0, 0] > 0
+    ring = far & ~near & inside
+    if ring.sum() < 10:
+        return None
+    ratio = float((im[m].mean() - im[ring].mean()) / im[ring].std().clamp_min(1e-6))
+    return {"diameter_mm": diameter, "contrast_to_texture": ratio}
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    import SimpleITK as sitk
+
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8))))
+    return [labels == k for k in range(1, int(labels.max()) + 1)]
+
+
+def _summary(stats: list[dict]) -> dict:
+    d = np.array([s["diameter_mm"] for s in stats])
+    c = np.array([s["contrast_to_texture"] for s in stats])
+    pct = lambda a: {f"p{q}": round(float(np.percentile(a, q)), 2) for q in (10, 25, 50, 75, 90)}  # noqa: E731
+    return {"masses": len(stats), "diameter_mm": pct(d), "contrast_to_texture": pct(c),
+            "subtle_share": round(float((c < 1.0).mean()), 3)}
+
+
+def lesion_population(mias_root: Path | None, phantom_studies: int = 60) -> dict:
+    """Mass diameters and contrast-to-texture ratios of phantoms and (when present) mini-MIAS."""
+    stats = []
+    for seed in range(TRAIN[0], TRAIN[0] + phantom_studies):
+        for img in generate_study(seed, shape=SHAPE).images:
+            m = read_mammogram(img.dataset)
+            for key in ("mass_benign", "mass_malignant"):
+                for component in _components(img.masks[key]):
+                    s = mass_statistics(m.pixels, m.breast_mask, component, img.spacing_mm)
+                    if s:
+                        stats.append(s)
+    out = {"phantom": {"studies": f"{phantom_studies} training studies from seed {TRAIN[0]}, shape {SHAPE}",
+                       **_summary(stats)}}
+    if mias_root is not None and (mias_root / "Info.txt").is_file():
+        from dicom_ai.data.datasets import MIASDataset
+
+        mias, stats = MIASDataset(mias_root), []
+        for i in range(len(mias)):
+            sample = mias[i]
+            for lesion in sample.lesions:
+                if lesion.kind == "mass" and lesion.outline == "mask":
+                    s = mass_statistics(sample.image.pixels, sample.image.breast_mask, lesion.mask, 0.2)
+                    if s:
+                        stats.append(s)
+        out["mini_mias"] = {"source": "hand-drawn mass outlines (masks/), 200 um pixels", **_summary(stats)}
+    else:
+        out["mini_mias"] = "not measured: no mini-MIAS at --mias"
+    return out
+
+
 def pixel_supervised(train: GlamData, val: GlamData, config, epochs: int, lr: float, seed: int) -> list[dict]:
     """Train the global network on per-cell lesion truth; validation AUC of the map maximum per epoch."""
     torch.manual_seed(seed)
@@ -119,11 +198,16 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mias", type=Path, default=Path("/work/data/mias"),
+                        help="mini-MIAS folder for the size/contrast calibration (skipped when absent)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = CONFIGS["compact"]
+    population = lesion_population(args.mias)
+    print(json.dumps(population), flush=True)
     val = load_phantoms(*VAL, SHAPE, CACHE, progress=False)
-    result = {"validation_set": f"{VAL[1]} phantom studies ({len(val)} views) from seed {VAL[0]}, shape {SHAPE}; "
+    result = {"lesion_population": population, "labels": f"image-level, lesion kinds {list(LESION_KINDS)}",
+              "validation_set": f"{VAL[1]} phantom studies ({len(val)} views) from seed {VAL[0]}, shape {SHAPE}; "
                                 f"positives benign {int(val.labels[:, 0].sum())}, malignant {int(val.labels[:, 1].sum())}",
               "blob_detector_auc": blob_detector(val, config)}
     train = load_phantoms(*TRAIN, SHAPE, CACHE, progress=False)
@@ -133,6 +217,12 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "glam_learnability.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'mass population':16s} {'n':>4s} {'diam p10/50/90 mm':>20s} {'contrast p10/50/90':>20s} {'subtle':>7s}")
+    for name, p in population.items():
+        if isinstance(p, dict):
+            d, c = p["diameter_mm"], p["contrast_to_texture"]
+            print(f"{name:16s} {p['masses']:4d} {d['p10']:6.1f}/{d['p50']:5.1f}/{d['p90']:5.1f}    "
+                  f"{c['p10']:6.2f}/{c['p50']:5.2f}/{c['p90']:5.2f}    {p['subtle_share']:7.3f}")
     print(f"{'reference':34s} {'benign':>7s} {'malignant':>9s} {'any':>6s}")
     for name, a in result["blob_detector_auc"].items():
         print(f"{'blob detector ' + name:34s} {a['benign']:7.3f} {a['malignant']:9.3f} {a['any_lesion']:6.3f}")

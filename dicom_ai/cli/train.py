@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train_sub = train.add_subparsers(dest="model", metavar="MODEL")
     train_sub.required = True
     _register_glam(train_sub)
+    _register_glam_pretrain(train_sub)
     _register_dunet(train_sub)
     _register_microcalc(train_sub)
 
@@ -63,6 +64,13 @@ def _register_glam(subparsers: argparse._SubParsersAction) -> None:
                    help="Adam learning rate, all stages (1e-3 stalls at the label prior on the phantoms)")
     p.add_argument("--beta", type=float, default=0.1,
                    help="weight of the L1 sparsity term (mean |saliency| over pixels and classes)")
+    p.add_argument("--balance", choices=("none", "sqrt", "balanced"), default="none",
+                   help="weight of positive labels per class: none, sqrt(neg/pos) or neg/pos")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate within each stage after the warm-up")
+    p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear warm-up per stage")
+    p.add_argument("--init", default=None, metavar="SAFETENSORS",
+                   help="start from the encoders of a `dicom-ai train glam-pretrain` file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.add_argument("--workers", type=int, default=1,
@@ -84,11 +92,15 @@ def _glam(args: argparse.Namespace) -> int:
     from dicom_ai.networks.glam import CONFIGS, CamClassifier, Glam
     from dicom_ai.networks.pipeline import resolve_device
     from dicom_ai.training import glam as recipe
+    from dicom_ai.training.glam_pretrain import load_pretrained
 
     torch.set_num_threads(max(1, args.threads))
-    device = resolve_device(args.device)
+    device = _init_distributed(resolve_device(args.device))
+    ctx = recipe.distributed_context()
     config = CONFIGS[args.config]
     shape_ = tuple(args.shape) if args.shape else recipe.phantom_shape_for(config)
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 generates and caches the phantoms first; the others read them
     if args.phantom_dir:
         try:
             data = recipe.load_phantom_folder(args.phantom_dir)
@@ -104,9 +116,12 @@ def _glam(args: argparse.Namespace) -> int:
         data_note = (f"{args.train_studies} generated phantom studies ({len(data)} views), seeds "
                      f"{args.first_seed}-{args.first_seed + args.train_studies - 1}, shape {shape_[0]}x{shape_[1]}; "
                      f"validation {args.val_studies} studies from seed {val_seed}")
-    print(f"training data: {data_note}; positives benign {int(data.labels[:, 0].sum())}, "
-          f"malignant {int(data.labels[:, 1].sum())} of {len(data)}", file=sys.stderr)
+    if ctx.is_main:
+        ctx.barrier()
+        print(f"training data: {data_note}; positives benign {int(data.labels[:, 0].sum())}, "
+              f"malignant {int(data.labels[:, 1].sum())} of {len(data)}", file=sys.stderr)
     torch.manual_seed(args.seed)
+    pos_weight = recipe.class_weights(data.labels, args.balance)
     ckpt_dir = Path(args.checkpoint_dir)
     start = time.time()
     if args.baseline == "cam":
@@ -114,25 +129,106 @@ def _glam(args: argparse.Namespace) -> int:
         history = recipe.train(net, data, config, stages=[("cam", args.epochs_global)], batch_size=args.batch_size,
                                lr=args.lr, beta=0.0, seed=args.seed, device=device,
                                checkpoint=ckpt_dir / f"cam-{config.name}.safetensors", resume=args.resume,
-                               loss_fn=lambda stage, n, x, mask, y: recipe.cam_loss(n, x, y, 0.0))
+                               loss_fn=lambda stage, n, x, mask, y: recipe.cam_loss(n, x, y, 0.0, pos_weight),
+                               schedule=args.schedule, warmup_steps=args.warmup_steps)
+        if not ctx.is_main:
+            return 0
         path = recipe.save_cam_weights(args.out, net, config, history)
         print(f"wrote CAM baseline weights to {path}", file=sys.stderr)
         return 0
     net = Glam(config)
+    pretraining = load_pretrained(net, args.init) if args.init else None
     stages = [("global", args.epochs_global), ("local", args.epochs_local), ("joint", args.epochs_joint)]
     history = recipe.train(net, data, config, stages=stages, batch_size=args.batch_size, lr=args.lr,
                            beta=args.beta, seed=args.seed, device=device,
-                           checkpoint=ckpt_dir / f"glam-{config.name}.safetensors", resume=args.resume, val=val)
+                           checkpoint=ckpt_dir / f"glam-{config.name}.safetensors", resume=args.resume, val=val,
+                           pos_weight=pos_weight, schedule=args.schedule, warmup_steps=args.warmup_steps)
+    if not ctx.is_main:
+        return 0
     minutes = round((time.time() - start) / 60, 1)
     metrics, thresholds = recipe.validation_metrics(net, val, config, device)
     manifest = recipe.glam_manifest(
         config, thresholds=thresholds, metrics=metrics, data_note=data_note, command=_glam_command(args),
         seed=args.seed, stages=stages, batch_size=args.batch_size, lr=args.lr, beta=args.beta, device=device,
         threads=args.threads, history=history)
+    manifest["training"].update(
+        class_weighting=args.balance, schedule=args.schedule, warmup_steps=args.warmup_steps,
+        processes=ctx.world_size,
+        lesions="masses only (dicom_ai.training.glam.LESION_KINDS): calcifications are below one pixel at "
+                f"{config.pixel_spacing_mm} mm",
+        initialisation=({"file": str(args.init), **{k: v for k, v in pretraining.items() if k != "history"},
+                         "history": pretraining["history"]} if pretraining else "random (Xavier / Kaiming)"))
     path = save_bundle(args.out, manifest, net.state_dict())
     print(f"wrote bundle {path} ({minutes} min); thresholds {thresholds}; metrics {json.dumps(metrics)}",
           file=sys.stderr)
     return 0
+
+
+def _register_glam_pretrain(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "glam-pretrain", help="self-supervised (Models-Genesis restoration) initialisation of GLAM's networks",
+        description="Pretrain GLAM's global and local networks to restore Genesis-distorted phantom windows "
+                    "(no labels); `dicom-ai train glam --init FILE` starts from the result.")
+    p.add_argument("--config", choices=("compact", "paper"), default="compact")
+    p.add_argument("--out", default="build/glam/pretrain.safetensors", help="safetensors file to write")
+    p.add_argument("--train-studies", type=int, default=1200)
+    p.add_argument("--first-seed", type=int, default=10_000, help="phantom seed of the first study")
+    p.add_argument("--cache", default="build/glam-cache")
+    p.add_argument("--epochs-global", type=int, default=1)
+    p.add_argument("--epochs-local", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes generating phantom studies")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_glam_pretrain)
+
+
+def _glam_pretrain(args: argparse.Namespace) -> int:
+    import torch
+
+    from dicom_ai.networks.glam import CONFIGS, Glam
+    from dicom_ai.training import glam as recipe
+    from dicom_ai.training.glam_pretrain import pretrain, save_pretrained
+
+    torch.set_num_threads(max(1, args.threads))
+    torch.manual_seed(args.seed)
+    config = CONFIGS[args.config]
+    shape_ = recipe.phantom_shape_for(config)
+    data = recipe.load_phantoms(args.first_seed, args.train_studies, shape_, args.cache, workers=args.workers,
+                                progress=not args.no_progress)
+    net = Glam(config)
+    history = pretrain(net, data.mammograms, data.breast_masks, epochs_global=args.epochs_global,
+                       epochs_local=args.epochs_local, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                       progress=not args.no_progress)
+    note = (f"{args.train_studies} phantom studies ({len(data)} views, images only), seeds "
+            f"{args.first_seed}-{args.first_seed + args.train_studies - 1}, shape {shape_[0]}x{shape_[1]}")
+    path = save_pretrained(args.out, net, history, note)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _init_distributed(device):
+    """Join the ``torchrun`` process group when launched by it; returns this process's device.
+
+    ``torchrun --nproc-per-node N -m dicom_ai train glam ...`` sets WORLD_SIZE, RANK and
+    LOCAL_RANK; CPU processes use the gloo backend, GPU processes NCCL with one GPU each.
+    """
+    import datetime
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    # Phantom generation on rank 0 can take long; the others wait for it at a barrier.
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                         timeout=datetime.timedelta(hours=3))
+    return device
 
 
 def _glam_command(args: argparse.Namespace) -> str:

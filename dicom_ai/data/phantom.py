@@ -39,6 +39,7 @@ same physical field at spacing ``0.07 * 3328 / rows`` (square pixels).
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +60,11 @@ VIEWS = (("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO"))
 DENSITY_FRACTION = {"a": 0.10, "b": 0.28, "c": 0.52, "d": 0.78}
 DENSITY_PRIOR = {"a": 0.10, "b": 0.40, "c": 0.40, "d": 0.10}
 NORMAL_SHARE = 0.35
+#: Calibrated mass sizes (see :func:`mass_radius_mm`).
+MASS_DIAMETER_MEDIAN_MM = 11.4
+MASS_DIAMETER_LOG_SD = 0.5
+MASS_DIAMETER_RANGE_MM = (5.0, 30.0)
+_STANDARD_NORMAL = statistics.NormalDist()
 
 
 @dataclass
@@ -227,13 +233,27 @@ def _place(rng: np.random.Generator, breast: _Breast, radius: float) -> tuple[fl
     raise RuntimeError("could not place a finding inside the breast; phantom geometry is degenerate")
 
 
+def mass_radius_mm(u: float) -> float:
+    """Mass radius (mm) at quantile ``u`` of the calibrated size distribution.
+
+    Log-normal in diameter, median :data:`MASS_DIAMETER_MEDIAN_MM`, log-sd
+    :data:`MASS_DIAMETER_LOG_SD`, clipped to :data:`MASS_DIAMETER_RANGE_MM`: the hand-drawn
+    mini-MIAS mass outlines (58 masses, 200 um pixels) have equivalent diameters of 7.1 /
+    11.4 / 28.6 mm at the 10th / 50th / 90th percentile (benchmarks/bench_glam_learnability.py
+    measures both populations side by side).
+    """
+    diameter = MASS_DIAMETER_MEDIAN_MM * math.exp(MASS_DIAMETER_LOG_SD * _STANDARD_NORMAL.inv_cdf(min(max(u, 1e-6), 1 - 1e-6)))
+    return float(np.clip(diameter, *MASS_DIAMETER_RANGE_MM)) / 2.0
+
+
 def _mass(rng: np.random.Generator, breast: _Breast, malignant: bool) -> Finding:
+    # One uniform draw per size, as before the calibration, so the seeds of studies without
+    # masses still give the same pixels.
     if malignant:
         shape = "spiculated" if rng.random() < 0.55 else "irregular"
-        radius = rng.uniform(3.5, 10.0)
     else:
         shape = rng.choice(["round", "oval", "oval", "round", "lobulated"])
-        radius = rng.uniform(4.0, 11.0)
+    radius = mass_radius_mm(float(rng.random()))
     d, l, s = _place(rng, breast, radius)
     return Finding("mass", malignant, str(shape), radius, d, l, s, int(rng.integers(2**31)))
 

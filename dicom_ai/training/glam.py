@@ -48,7 +48,7 @@ from dicom_ai.training.common import INTENDED_USE
 __all__ = [
     "STAGES", "MIN_CALIBRATION_DICE", "INTENDED_USE",
     "GlamData", "phantom_shape_for", "phantom_cache_folder", "load_phantoms", "load_phantom_folder", "make_batch",
-    "bce", "stage_loss", "cam_loss", "save_checkpoint", "load_checkpoint",
+    "bce", "class_weights", "stage_loss", "DistributedContext", "distributed_context", "cam_loss", "save_checkpoint", "load_checkpoint",
     "predict_images", "train", "calibrate_thresholds", "validation_metrics", "save_cam_weights",
     "glam_manifest",
 ]
@@ -85,10 +85,23 @@ def phantom_shape_for(config: GlamConfig) -> tuple[int, int]:
     return int(round(FULL_SHAPE[0] * f)), int(round(FULL_SHAPE[1] * f))
 
 
+#: What GLAM's benign / malignant channels are trained to find. Masses only: at the
+#: compact grid's 0.525 mm pixels a calcification speck (0.1-0.5 mm) is below one pixel, so
+#: a view labelled for its calcifications alone is a label the network cannot see (such
+#: views made 40-45 % of the positives and kept the weakly supervised network at chance);
+#: calcifications are the microcalcification models' job in the node.
+LESION_KINDS = ("mass",)
+
+
 def _lesion_pair(masks: dict[str, np.ndarray]) -> np.ndarray:
-    """(2, rows, cols) benign / malignant lesion ground truth: masses and cluster outlines."""
-    return np.stack([masks["mass_benign"] | masks["cluster_benign"],
-                     masks["mass_malignant"] | masks["cluster_malignant"]])
+    """(2, rows, cols) benign / malignant lesion ground truth of :data:`LESION_KINDS`."""
+    return np.stack([np.logical_or.reduce([masks[f"{kind}_{severity}"] for kind in LESION_KINDS])
+                     for severity in ("benign", "malignant")])
+
+
+def _labels_of(lesions: np.ndarray) -> list[float]:
+    """Image-level labels: a view is positive for a class when its lesion mask is not empty."""
+    return [float(lesions[0].any()), float(lesions[1].any())]
 
 
 def _phantom_views(seeds: range, shape: tuple[int, int]) -> tuple[list, list, list, list, list]:
@@ -100,8 +113,8 @@ def _phantom_views(seeds: range, shape: tuple[int, int]) -> tuple[list, list, li
             m = read_mammogram(img.dataset)
             pixels.append(m.pixels.astype(np.float16))
             masks.append(m.breast_mask)
-            labels.append([float(img.labels["benign"]), float(img.labels["malignant"])])
             lesions.append(_lesion_pair(img.masks))
+            labels.append(_labels_of(lesions[-1]))
             meta.append({"seed": seed, "laterality": m.laterality, "view": m.view,
                          "spacing_mm": list(m.spacing_mm), "faces_left": bool(m.faces_left)})
     return pixels, masks, labels, lesions, meta
@@ -121,7 +134,8 @@ def phantom_cache_folder(cache: str | Path, first_seed: int, n_studies: int, sha
     shape : tuple of int
         Stored (rows, columns) of the generated views, in pixels.
     """
-    return cache_folder(cache, f"phantom-{shape[0]}x{shape[1]}-seed{first_seed}-n{n_studies}")
+    kinds = "+".join(LESION_KINDS)
+    return cache_folder(cache, f"phantom-{shape[0]}x{shape[1]}-seed{first_seed}-n{n_studies}-{kinds}")
 
 
 def load_phantoms(first_seed: int, n_studies: int, shape: tuple[int, int], cache: str | Path | None,
@@ -204,8 +218,8 @@ def load_phantom_folder(path: str | Path) -> GlamData:
         m = item.image
         mammograms.append(m)
         masks.append(m.breast_mask)
-        labels.append([float(item.labels["benign"]), float(item.labels["malignant"])])
         lesions.append(_lesion_pair(item.masks))
+        labels.append(_labels_of(lesions[-1]))
     if not mammograms:
         raise DatasetError(f"no images found in phantom folder {path}")
     return GlamData(mammograms, masks, np.asarray(labels, dtype=np.float32), np.asarray(lesions, dtype=bool))
@@ -239,13 +253,38 @@ def make_batch(data: GlamData, indices: Sequence[int], config: GlamConfig,
 # --------------------------------------------------------------------------- losses
 
 
-def bce(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy on probabilities (float32, clamped away from 0 and 1)."""
-    return F.binary_cross_entropy(pred.float().clamp(1e-6, 1 - 1e-6), target.float())
+def bce(pred: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Binary cross-entropy on probabilities (float32, clamped away from 0 and 1).
+
+    ``pos_weight`` (C,) multiplies the loss of positive targets per class (see
+    :func:`class_weights`); None weighs every example 1.
+    """
+    target = target.float()
+    weight = None if pos_weight is None else 1 + (pos_weight.to(target) - 1) * target
+    return F.binary_cross_entropy(pred.float().clamp(1e-6, 1 - 1e-6), target, weight=weight)
+
+
+def class_weights(labels: np.ndarray, mode: str) -> torch.Tensor | None:
+    """Per-class weight of positive examples for :func:`bce`, from (N, C) training labels.
+
+    ``mode``: ``"none"`` (None), ``"sqrt"`` (sqrt(negatives / positives)) or ``"balanced"``
+    (negatives / positives). Rare classes (malignant masses are about 7 % of phantom views)
+    otherwise let the network sit at the label prior.
+    """
+    if mode == "none":
+        return None
+    pos = labels.sum(0).clip(min=1)
+    ratio = (len(labels) - pos) / pos
+    if mode == "sqrt":
+        ratio = np.sqrt(ratio)
+    elif mode != "balanced":
+        raise ValueError(f"class weighting {mode!r}: choose none, sqrt or balanced")
+    return torch.tensor(ratio.clip(min=1.0), dtype=torch.float32)
 
 
 def stage_loss(stage: str, net, x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor,
-               config: GlamConfig, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+               config: GlamConfig, beta: float,
+               pos_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one batch in one training stage.
 
     Parameters
@@ -264,6 +303,8 @@ def stage_loss(stage: str, net, x: torch.Tensor, mask: torch.Tensor | None, y: t
         The network configuration (``train_num_patches`` patches per image).
     beta : float
         Weight of the L1 sparsity term (mean absolute saliency over pixels and classes).
+    pos_weight : torch.Tensor, optional
+        (2,) weight of positive labels per class (:func:`class_weights`).
 
     Returns
     -------
@@ -272,25 +313,26 @@ def stage_loss(stage: str, net, x: torch.Tensor, mask: torch.Tensor | None, y: t
     """
     if stage == "global":
         g = net.global_net(x, mask)
-        cls, sparsity = bce(g.prediction, y), g.saliency.float().abs().mean()
+        cls, sparsity = bce(g.prediction, y, pos_weight), g.saliency.float().abs().mean()
         total = cls + beta * sparsity
         return total, {"bce_g": cls.item(), "l1_g": sparsity.item()}
     if stage == "local":
         with torch.no_grad():
             g = net.global_net(x, mask)
         out = net(x, num_patches=config.train_num_patches, global_output=g, mask=mask)
-        cls, sparsity = bce(out.local_prediction, y), out.patch_maps.float().abs().mean()
+        cls, sparsity = bce(out.local_prediction, y, pos_weight), out.patch_maps.float().abs().mean()
         total = cls + beta * sparsity
         return total, {"bce_l": cls.item(), "l1_l": sparsity.item()}
     out = net(x, num_patches=config.train_num_patches, mask=mask)
     g = out.global_
-    cls_g, l1_g = bce(g.prediction, y), g.saliency.float().abs().mean()
-    cls_l, l1_l = bce(out.local_prediction, y), out.patch_maps.float().abs().mean()
+    cls_g, l1_g = bce(g.prediction, y, pos_weight), g.saliency.float().abs().mean()
+    cls_l, l1_l = bce(out.local_prediction, y, pos_weight), out.patch_maps.float().abs().mean()
     total = cls_g + beta * l1_g + cls_l + beta * l1_l
     return total, {"bce_g": cls_g.item(), "bce_l": cls_l.item(), "l1_g": l1_g.item(), "l1_l": l1_l.item()}
 
 
-def cam_loss(net, x: torch.Tensor, y: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
+def cam_loss(net, x: torch.Tensor, y: torch.Tensor, beta: float,
+             pos_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """BCE of the CAM classifier (``beta`` unused: a plain classifier has no sparsity term).
 
     Parameters
@@ -303,11 +345,13 @@ def cam_loss(net, x: torch.Tensor, y: torch.Tensor, beta: float) -> tuple[torch.
         The (B, 2) benign/malignant labels in {0, 1}.
     beta
         Unused; the signature is the GLAM losses' one.
+    pos_weight
+        (2,) weight of positive labels per class, as GLAM's (:func:`class_weights`).
 
     Returns the loss and its value for the log.
     """
     pred, _ = net(x)
-    cls = bce(pred, y)
+    cls = bce(pred, y, pos_weight)
     return cls, {"bce": cls.item()}
 
 
@@ -420,10 +464,56 @@ def _autocast(device: torch.device) -> torch.autocast:
 # --------------------------------------------------------------------------- training
 
 
+@dataclass(frozen=True)
+class DistributedContext:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def distributed_context() -> DistributedContext:
+    """The current process group's rank and size (set up by ``torchrun`` + init_process_group)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return DistributedContext(dist.get_rank(), dist.get_world_size())
+    return DistributedContext()
+
+
+class _StageStep(torch.nn.Module):
+    """One stage's loss as a module, so DistributedDataParallel can wrap the whole step."""
+
+    def __init__(self, net: torch.nn.Module, stage: str, loss_fn: Callable[..., tuple[torch.Tensor, dict]]):
+        super().__init__()
+        self.net, self.stage, self.loss_fn = net, stage, loss_fn
+
+    def forward(self, x, mask, y):
+        return self.loss_fn(self.stage, self.net, x, mask, y)
+
+
+def _learning_rate(step: int, total: int, lr: float, schedule: str, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine down to lr / 20."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return lr / 20 + (lr - lr / 20) * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
+
+
 def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, int]], batch_size: int, lr: float,
           beta: float, seed: int, device: torch.device, checkpoint: Path | None = None, resume: bool = False,
           val: GlamData | None = None, progress: bool = True,
-          loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]] | None = None) -> list[dict]:
+          loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]] | None = None,
+          pos_weight: torch.Tensor | None = None, schedule: str = "constant", warmup_steps: int = 0) -> list[dict]:
     """Run the training stages in order; returns the per-epoch history.
 
     Parameters
@@ -438,9 +528,9 @@ def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, in
         ``(stage, epochs)`` pairs, stage one of :data:`STAGES` (or ``"cam"`` with ``loss_fn``);
         a stage with 0 epochs is skipped.
     batch_size : int
-        Views per optimisation step.
+        Views per optimisation step and process.
     lr : float
-        Adam learning rate of every stage (a new optimiser per stage).
+        Peak Adam learning rate of every stage (a new optimiser per stage).
     beta : float
         Weight of the L1 sparsity term of :func:`stage_loss`.
     seed : int
@@ -457,14 +547,29 @@ def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, in
         Progress bars on stderr.
     loss_fn : callable, optional
         ``loss_fn(stage, net, x, mask, y) -> (loss, terms)``; defaults to :func:`stage_loss`.
+    pos_weight : torch.Tensor, optional
+        (2,) weight of positive labels per class for the default loss (:func:`class_weights`).
+    schedule : {"constant", "cosine"}
+        Learning rate within each stage after the warm-up: constant, or cosine-annealed to
+        lr / 20 at the stage's last step.
+    warmup_steps : int
+        Steps of linear warm-up at the start of each stage.
 
     Returns
     -------
     list of dict
         One record per epoch (stage, epoch, seconds, mean loss terms, validation AUCs), also
         printed to stderr as JSON lines.
+
+    Notes
+    -----
+    Under ``torchrun`` (a process group initialised before the call) every process takes
+    every ``world_size``-th batch of the same epoch order and the stage's step is wrapped
+    in :class:`~torch.nn.parallel.DistributedDataParallel`, so gradients are averaged over
+    the processes (gloo on CPU, NCCL on GPUs); rank 0 alone validates and writes checkpoints.
     """
-    loss_fn = loss_fn or (lambda stage, n, x, mask, y: stage_loss(stage, n, x, mask, y, config, beta))
+    loss_fn = loss_fn or (lambda stage, n, x, mask, y: stage_loss(stage, n, x, mask, y, config, beta, pos_weight))
+    ctx = distributed_context()
     net.to(device)
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
@@ -476,52 +581,92 @@ def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, in
         net.load_state_dict(model_sd)
         history = meta["history"]
         done = (meta["stage_index"], meta["epoch"])
-        print(f"resuming after stage {STAGES[done[0]] if done[0] < len(STAGES) else done[0]} "
-              f"epoch {done[1] + 1}", file=sys.stderr)
+        if ctx.is_main:
+            print(f"resuming after stage {STAGES[done[0]] if done[0] < len(STAGES) else done[0]} "
+                  f"epoch {done[1] + 1}", file=sys.stderr)
     for s_idx, (stage, epochs) in enumerate(stages):
         if epochs <= 0 or s_idx < done[0] or (s_idx == done[0] and done[1] + 1 >= epochs):
             continue
         params = _stage_parameters(net, stage)
+        trainable = {id(p) for p in params}
+        for p in net.parameters():
+            p.requires_grad_(id(p) in trainable)
+        step_module: torch.nn.Module = _StageStep(net, stage, loss_fn)
+        if ctx.world_size > 1:
+            step_module = torch.nn.parallel.DistributedDataParallel(
+                step_module, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=True)
         optimiser = torch.optim.Adam(params, lr=lr)
+        steps_per_epoch = len(data) // (batch_size * ctx.world_size) or 1
         first = 0
         if s_idx == done[0]:
             optimiser.load_state_dict(opt_sd)
             first = done[1] + 1
         for epoch in range(first, epochs):
             rng = np.random.default_rng([seed, s_idx, epoch])
-            torch.manual_seed(int(rng.integers(2**31)))
+            torch.manual_seed(int(rng.integers(2**31)) + ctx.rank)
             _set_modes(net, stage)
             order = rng.permutation(len(data))
             batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+            if ctx.world_size > 1:
+                # Same number of steps on every process, or the gradient all-reduce would hang.
+                batches = batches[:len(batches) // ctx.world_size * ctx.world_size][ctx.rank::ctx.world_size]
+            # Each process draws its windows from its own stream; the order stays shared.
+            aug = rng if ctx.world_size == 1 else np.random.default_rng([seed, s_idx, epoch, ctx.rank])
             sums: dict[str, float] = {}
+            seen = 0
             t0 = time.time()
-            bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress, file=sys.stderr)
-            for idx in bar:
-                x, mask, y = make_batch(data, idx, config, rng=rng)
+            bar = tqdm(batches, desc=f"{stage} {epoch + 1}/{epochs}", disable=not progress or not ctx.is_main,
+                       file=sys.stderr)
+            for b, idx in enumerate(bar):
+                for group in optimiser.param_groups:
+                    group["lr"] = _learning_rate(epoch * steps_per_epoch + b, epochs * steps_per_epoch, lr,
+                                                 schedule, warmup_steps)
+                x, mask, y = make_batch(data, idx, config, rng=aug)
                 x, mask, y = _to_device(x, device), mask.to(device), y.to(device)
                 with _autocast(device):
-                    loss, parts = loss_fn(stage, net, x, mask, y)
+                    loss, parts = step_module(x, mask, y)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
                 parts = dict(parts, loss=loss.item())
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v * len(idx)
+                seen += len(idx)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
+            sums, seen = _sum_over_processes(sums, seen, ctx)
             record = {"stage": stage, "epoch": epoch + 1, "seconds": round(time.time() - t0, 1),
-                      **{k: round(v / len(data), 5) for k, v in sums.items()}}
-            if val is not None and stage != "cam":
-                pred = predict_images(net, val, config, device)
-                key = "local" if stage == "local" else "global"
-                record["val_auc_benign"] = round(roc_auc(pred[key][:, 0], val.labels[:, 0]), 4)
-                record["val_auc_malignant"] = round(roc_auc(pred[key][:, 1], val.labels[:, 1]), 4)
-            history.append(record)
-            print(json.dumps(record), file=sys.stderr)
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, net, optimiser,
-                                {"stage_index": s_idx, "epoch": epoch, "history": history, "seed": seed})
+                      **{k: round(v / max(seen, 1), 5) for k, v in sums.items()}}
+            if ctx.world_size > 1:
+                record["processes"] = ctx.world_size
+            if ctx.is_main:
+                if val is not None and stage != "cam":
+                    pred = predict_images(net, val, config, device)
+                    key = "local" if stage == "local" else "global"
+                    record["val_auc_benign"] = round(roc_auc(pred[key][:, 0], val.labels[:, 0]), 4)
+                    record["val_auc_malignant"] = round(roc_auc(pred[key][:, 1], val.labels[:, 1]), 4)
+                history.append(record)
+                print(json.dumps(record), file=sys.stderr)
+                if checkpoint is not None:
+                    save_checkpoint(checkpoint, net, optimiser,
+                                    {"stage_index": s_idx, "epoch": epoch, "history": history, "seed": seed})
+            else:
+                history.append(record)
+            ctx.barrier()
+        for p in net.parameters():
+            p.requires_grad_(True)
     net.eval()
     return history
+
+
+def _sum_over_processes(sums: dict[str, float], seen: int, ctx: DistributedContext) -> tuple[dict[str, float], int]:
+    """Loss sums and example counts added over the processes (unchanged when not distributed)."""
+    if ctx.world_size == 1:
+        return sums, seen
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys] + [float(seen)], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, t[:-1].tolist())), int(t[-1].item())
 
 
 def _stage_parameters(net, stage: str) -> list[torch.nn.Parameter]:
