@@ -56,6 +56,7 @@ from dicom_ai.core.errors import ModelError
 from dicom_ai.core.findings import ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Mammogram, resize
 from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
+from dicom_ai.networks.engine import OnnxFunction, resolve_engine
 
 __all__ = [
     "MicrocalcConfig",
@@ -184,6 +185,13 @@ class PatchCNN(nn.Module):
         rows, cols = region.shape[-2:]
         if rows < p or cols < p:
             raise ModelError(f"region {rows}x{cols} is smaller than one {p}x{p} patch")
+        n_r, n_c = (rows - p) // stride + 1, (cols - p) // stride + 1
+        return self.dense_body(region, stride)[:, :, :n_r, :n_c]
+
+    def dense_body(self, region: torch.Tensor, stride: int) -> torch.Tensor:
+        """:meth:`dense_logits` before its crop to whole patches (strided pools may leave one
+        more row or column): no branch on the region's size, so it exports to ONNX with
+        dynamic shapes (:class:`~dicom_ai.networks.engine.OnnxFunction`)."""
         same = self.config.padding == "same"
         # A fixed pointwise affine map keeps dense and patch-wise results identical.
         x = (region - self.config.input_mean) / self.config.input_std
@@ -202,9 +210,7 @@ class PatchCNN(nn.Module):
                 x = F.max_pool2d(x, 2, stride=1, dilation=dilation)
                 dilation *= 2
         x = F.relu(F.conv2d(x, self.fc.weight, self.fc.bias, dilation=dilation))
-        x = self.out(self.drop(x))
-        n_r, n_c = (rows - p) // stride + 1, (cols - p) // stride + 1
-        return x[:, :, :n_r, :n_c]
+        return self.out(self.drop(x))
 
 
 def sliding_window_logits(net: PatchCNN, region: torch.Tensor, stride: int = 1,
@@ -335,22 +341,30 @@ class Cluster:
 
 def _components(binary: np.ndarray, probability: np.ndarray, min_px: int):
     """Connected components: (centroid rc, peak probability, pixel coords) per component."""
-    image = sitk.GetImageFromArray(binary.astype(np.uint8))
+    if not binary.any():
+        return []
+    # Labelled on the set pixels' bounding box only: a full 0.05 mm grid is ~9 M pixels, the
+    # calcifications a few hundred; components and their order are the same.
+    r_idx, c_idx = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
+    r0, c0 = int(r_idx[0]), int(c_idx[0])
+    box = (slice(r0, int(r_idx[-1]) + 1), slice(c0, int(c_idx[-1]) + 1))
+    image = sitk.GetImageFromArray(binary[box].astype(np.uint8))
     labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image, True))
     count = int(labels.max())
-    if count == 0:
-        return []
     flat = labels.ravel()
-    order = np.argsort(flat, kind="stable")
+    nonzero = np.flatnonzero(flat)
+    order = nonzero[np.argsort(flat[nonzero], kind="stable")]
     bounds = np.searchsorted(flat[order], np.arange(1, count + 2))
     cols = labels.shape[1]
+    prob_box = probability[box].ravel()
     comps = []
     for k in range(count):
         idx = order[bounds[k]:bounds[k + 1]]
         if len(idx) < min_px:
             continue
         rr, cc = np.divmod(idx, cols)
-        comps.append(((float(rr.mean()), float(cc.mean())), float(probability.ravel()[idx].max()),
+        rr, cc = rr + r0, cc + c0
+        comps.append(((float(rr.mean()), float(cc.mean())), float(prob_box[idx].max()),
                       np.stack([rr, cc], axis=1)))
     return comps
 
@@ -458,22 +472,33 @@ class MicrocalcModel:
     """The Detector -> Segmentator cascade behind the node's model interface."""
 
     def __init__(self, detector: PatchCNN, segmentator: PatchCNN, identity: ModelIdentity,
-                 thresholds: dict | None = None, device: torch.device | str = "cpu"):
+                 thresholds: dict | None = None, device: torch.device | str = "cpu", engine: str = "auto"):
         if detector.config != segmentator.config:
             raise ModelError("Detector and Segmentator must share one MicrocalcConfig")
         self.config = detector.config
         self.device = torch.device(device)
         self.detector = detector.to(self.device).eval()
         self.segmentator = segmentator.to(self.device).eval()
+        #: ``torch`` (the reference) or ``onnxruntime`` (:func:`~dicom_ai.networks.engine.resolve_engine`).
+        self.engine = resolve_engine(engine, self.device)
+        self._onnx: dict[tuple[str, int], OnnxFunction] = {}
+        if self.engine == "onnxruntime":
+            # Exported now (about a second), so loading the model pays it, not the first image.
+            example = torch.zeros(1, 1, 2 * self.config.patch_size, 2 * self.config.patch_size)
+            for role, stride in (("detector", self.config.detector_stride), ("segmentator", 1)):
+                net = self.detector if role == "detector" else self.segmentator
+                self._onnx[(role, stride)] = OnnxFunction(
+                    lambda x, net=net, stride=stride: net.dense_body(x, stride), net, example)
         self.identity = identity
         thresholds = thresholds or {}
         self.calcification_threshold = float(thresholds.get("calcification", self.config.calcification_threshold))
         self.cluster_threshold = float(thresholds.get("calcification_cluster", self.config.cluster_threshold))
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle, device: torch.device | str = "cpu") -> "MicrocalcModel":
+    def from_bundle(cls, bundle: Bundle, device: torch.device | str = "cpu", engine: str = "auto") -> "MicrocalcModel":
         """Build from a :class:`~dicom_ai.networks.bundle.Bundle` of kind ``microcalc`` whose
-        state dict holds exactly the ``detector.*`` and ``segmentator.*`` tensors.
+        state dict holds exactly the ``detector.*`` and ``segmentator.*`` tensors; ``engine``
+        as :func:`~dicom_ai.networks.engine.resolve_engine` (``auto``: ONNX Runtime on the CPU).
 
         Raises :class:`~dicom_ai.core.errors.BundleError` for a bundle of another kind or
         weights that do not match the manifest's architecture (:func:`load_weights`).
@@ -482,7 +507,7 @@ class MicrocalcModel:
         config = MicrocalcConfig.from_dict(bundle.manifest["architecture"])
         nets = load_weights(nn.ModuleDict({role: PatchCNN(config) for role in ROLES}), bundle, "microcalc")
         return cls(nets["detector"], nets["segmentator"], bundle.identity,
-                   bundle.manifest.get("thresholds"), device)
+                   bundle.manifest.get("thresholds"), device, engine)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Both networks' tensors under ``detector.`` and ``segmentator.`` prefixes."""
@@ -539,6 +564,27 @@ class MicrocalcModel:
 
     # -- the dense cascade on the 0.05 mm working grid ------------------------------------------
 
+    def patch_probability(self, role: str, regions: np.ndarray, stride: int) -> np.ndarray:
+        """Class-1 probability ``(N, n_r, n_c)`` of every patch of ``regions`` ``(N, rows, cols)``
+        on the ``stride`` grid (layout of :meth:`PatchCNN.dense_logits`), by this model's engine."""
+        net = self.detector if role == "detector" else self.segmentator
+        if self.engine == "torch":
+            with torch.no_grad():
+                x = torch.from_numpy(np.ascontiguousarray(regions, dtype=np.float32))[:, None].to(self.device)
+                return torch.softmax(net.dense_logits(x, stride=stride), 1)[:, 1].cpu().numpy()
+        fn = self._onnx.get((role, stride))
+        if fn is None:
+            fn = self._onnx[(role, stride)] = OnnxFunction(lambda x: net.dense_body(x, stride), net,
+                                                           torch.zeros(1, 1, *regions.shape[-2:]))
+        p = self.config.patch_size
+        rows, cols = regions.shape[-2:]
+        if rows < p or cols < p:
+            raise ModelError(f"region {rows}x{cols} is smaller than one {p}x{p} patch")
+        n_r, n_c = (rows - p) // stride + 1, (cols - p) // stride + 1
+        logits = fn(regions[:, None])[:, :, :n_r, :n_c]
+        # Two-class softmax, as torch.softmax computes it for the reference engine.
+        return (1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))).astype(np.float32)
+
     @torch.no_grad()
     def detector_map(self, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Detector probability on the stride grid: entry (i, j) is the patch centred on pixel
@@ -554,8 +600,7 @@ class MicrocalcModel:
                 if mask is not None and not mask[tr:tr + tile, tc:tc + tile].any():
                     continue
                 region = padded[tr:tr + tile + 2 * half, tc:tc + tile + 2 * half]
-                x = torch.from_numpy(np.ascontiguousarray(region))[None, None].to(self.device)
-                p = torch.softmax(self.detector.dense_logits(x, stride=s), 1)[0, 1].cpu().numpy()
+                p = self.patch_probability("detector", region[None], s)[0]
                 i0, j0 = tr // s, tc // s
                 h, w = min(p.shape[0], n_r - i0), min(p.shape[1], n_c - j0)
                 out[i0:i0 + h, j0:j0 + w] = p[:h, :w]
@@ -603,8 +648,7 @@ class MicrocalcModel:
         for k in range(0, len(tiles), batch):
             chunk = tiles[k:k + batch]
             x = np.stack([padded[tr:tr + seg_tile + 2 * half, tc:tc + seg_tile + 2 * half] for tr, tc in chunk])
-            x = torch.from_numpy(x)[:, None].to(self.device)
-            p = torch.softmax(self.segmentator.dense_logits(x, stride=1), 1)[:, 1].cpu().numpy()
+            p = self.patch_probability("segmentator", x, 1)
             for (tr, tc), pt in zip(chunk, p):
                 h, w = min(seg_tile, rows - tr), min(seg_tile, cols - tc)
                 prob[tr:tr + h, tc:tc + w] = pt[:h, :w]

@@ -67,31 +67,38 @@ def allowed_region(mammogram: Mammogram) -> np.ndarray:
     return mammogram.breast_mask & ~mammogram.pectoral_mask
 
 
-def restrict_to_breast(output: ModelOutput, mammogram: Mammogram) -> ModelOutput:
+def restrict_to_breast(output: ModelOutput, mammogram: Mammogram, allowed: np.ndarray | None = None) -> ModelOutput:
     """``output`` with every map set to 0 outside :func:`allowed_region`, and every region of
     a map at its threshold (8-connected, as the writers find them) whose centroid pixel falls
     outside the region removed, so no mark the node sends lies outside the breast.
 
     Why both: zeroing keeps every region pixel inside; a crescent along the skin line can
     still have its centroid outside the breast, and the centroid is what a mark "is".
+    ``allowed`` is :func:`allowed_region` when the caller has it already (once per image).
     """
-    allowed = allowed_region(mammogram)
+    if allowed is None:
+        allowed = allowed_region(mammogram)
     maps = []
     for m in output.maps:
-        prob = np.where(allowed, m.probability, 0.0).astype(np.float32)
+        prob = np.where(allowed, m.probability, np.float32(0.0)).astype(np.float32, copy=False)
         binary = prob >= m.threshold
         if binary.any():
-            labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(binary.astype(np.uint8)), True))
+            # Components of the set pixels' bounding box only (the maps are mostly empty).
+            r_idx, c_idx = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
+            r0, c0 = int(r_idx[0]), int(c_idx[0])
+            box = (slice(r0, int(r_idx[-1]) + 1), slice(c0, int(c_idx[-1]) + 1))
+            labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(
+                sitk.GetImageFromArray(binary[box].astype(np.uint8)), True))
             n = int(labels.max())
             rr, cc = np.nonzero(labels)
             lab = labels[rr, cc]
             count = np.bincount(lab, minlength=n + 1)
-            r_mean = np.bincount(lab, rr, minlength=n + 1) / np.maximum(count, 1)
-            c_mean = np.bincount(lab, cc, minlength=n + 1) / np.maximum(count, 1)
+            r_mean = np.bincount(lab, rr + r0, minlength=n + 1) / np.maximum(count, 1)
+            c_mean = np.bincount(lab, cc + c0, minlength=n + 1) / np.maximum(count, 1)
             outside = [k for k in range(1, n + 1)
                        if not allowed[int(round(r_mean[k])), int(round(c_mean[k]))]]
             if outside:
-                prob[np.isin(labels, outside)] = 0.0
+                prob[box][np.isin(labels, outside)] = 0.0
         maps.append(ProbabilityMap(m.finding, prob, m.threshold, m.model))
     return ModelOutput(maps=maps, scores=list(output.scores))
 
@@ -130,11 +137,12 @@ class Pipeline:
             _events.info("orientation", extra={"event_fields": {
                 "sop_instance_uid": mammogram.sop_instance_uid, "source": mammogram.orientation,
                 "nipple_towards": "column 0" if mammogram.faces_left else "last column"}})
+            allowed = allowed_region(mammogram)
             for model in self.models:
                 started = time.perf_counter()
                 output = model.predict(mammogram)
                 self._model_seconds.setdefault(model.identity.name, []).append(time.perf_counter() - started)
-                output = restrict_to_breast(output, mammogram)
+                output = restrict_to_breast(output, mammogram, allowed)
                 # Findings the bundle's operating point switches off are not sent.
                 off = set(getattr(model.identity, "off", ()))
                 output.maps = [m for m in output.maps if m.finding not in off]
