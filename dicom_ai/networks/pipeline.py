@@ -109,6 +109,7 @@ class Pipeline:
     def __init__(self, models: Sequence[ImageModel]):
         self.models = list(models)
         self._model_seconds: dict[str, list[float]] = {}
+        self._stage_seconds: dict[str, float] = {}
 
     @classmethod
     def from_bundles(cls, names: Sequence[str] = DEFAULT_MODELS, device: str = "auto",
@@ -130,7 +131,9 @@ class Pipeline:
     def run(self, datasets: Sequence[pydicom.Dataset]) -> list[ImageFindings]:
         """One ImageFindings per data set, in the input order."""
         results = []
+        stages = self._stage_seconds
         for ds in datasets:
+            started = time.perf_counter()
             mammogram = read_mammogram(ds)
             findings = ImageFindings(sop_instance_uid=mammogram.sop_instance_uid)
             findings.orientation = mammogram.orientation
@@ -138,11 +141,14 @@ class Pipeline:
                 "sop_instance_uid": mammogram.sop_instance_uid, "source": mammogram.orientation,
                 "nipple_towards": "column 0" if mammogram.faces_left else "last column"}})
             allowed = allowed_region(mammogram)
+            stages["prepare"] = stages.get("prepare", 0.0) + time.perf_counter() - started
             for model in self.models:
                 started = time.perf_counter()
                 output = model.predict(mammogram)
                 self._model_seconds.setdefault(model.identity.name, []).append(time.perf_counter() - started)
+                started = time.perf_counter()
                 output = restrict_to_breast(output, mammogram, allowed)
+                stages["restrict"] = stages.get("restrict", 0.0) + time.perf_counter() - started
                 # Findings the bundle's operating point switches off are not sent.
                 off = set(getattr(model.identity, "off", ()))
                 output.maps = [m for m in output.maps if m.finding not in off]
@@ -157,4 +163,11 @@ class Pipeline:
         inference-time metrics.
         """
         out, self._model_seconds = self._model_seconds, {}
+        return out
+
+    def take_stage_seconds(self) -> dict[str, float]:
+        """Wall seconds, summed over images, of the work around the models since the last call
+        (then cleared): ``prepare`` (intensities, orientation, breast and pectoral masks) and
+        ``restrict`` (marks restricted to the breast)."""
+        out, self._stage_seconds = self._stage_seconds, {}
         return out

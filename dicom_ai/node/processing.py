@@ -18,6 +18,7 @@ error) goes through :func:`~dicom_ai.node.logs.scrub`: it never carries a data s
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable, Sequence
 
 import pydicom
@@ -160,7 +161,8 @@ def result_options(config: NodeConfig, revision: int = 0) -> ResultOptions:
                          sc_series_number=base.sc_series_number + step)
 
 
-def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str, str, str]], list[str]]:
+def process_job(job: Job, pipeline, config: NodeConfig,
+                timings: dict[str, float] | None = None) -> tuple[list[tuple[str, str, str]], list[str]]:
     """Run one job; returns its outbox entries ``(sop_instance_uid, sop_class_uid, path)`` and notes.
 
     Parameters
@@ -173,6 +175,11 @@ def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str,
         ``pipeline.factory`` object).
     config
         The node configuration: ``[results]`` options and the storage layout.
+    timings
+        If given, filled with wall seconds per stage: ``decode`` (reading the spool and
+        decoding in the sandbox), ``pipeline`` (all images through the models), each writer
+        of :attr:`~dicom_ai.results.build.StudyResults.seconds` (``regions``, ``seg``,
+        ``gsps``, ``sr``, ...), ``outbox`` (durable writes) and ``previews``.
 
     Every result object is durable in ``<storage>/outbox/job-<id>/`` before this returns;
     previews are best effort (a failure becomes a note, never a failed job).
@@ -186,13 +193,20 @@ def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str,
         The storage failed (reading the spool, writing the outbox); the job is retried.
     """
     layout = config.layout
+    timings = {} if timings is None else timings
+    clock = time.perf_counter
     try:
+        started = clock()
         sources, notes = read_sources(job.instances, config, job.id)
+        timings["decode"] = clock() - started
         if not sources:
             raise ImagingError("no image of the study could be read and decoded: " + "; ".join(notes))
+        started = clock()
         sources, findings, skipped = run_pipeline(pipeline, sources)
+        timings["pipeline"] = clock() - started
         uids = ResultUIDs.from_json(job.result_uids)
         results = build_results(sources, findings, uids, options=result_options(config, job.revision))
+        timings.update(results.seconds)
         notes += skipped + results.notes
     except OSError:
         raise
@@ -200,6 +214,7 @@ def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str,
         # The worker stores and logs what it catches: only the type and the scrubbed text,
         # and not chained, so no traceback carries the original message either.
         raise DicomAIError(error_text(exc)) from None
+    started = clock()
     outbox = layout.outbox_for(job.id)
     outbox.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -208,9 +223,12 @@ def process_job(job: Job, pipeline, config: NodeConfig) -> tuple[list[tuple[str,
                                lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
         entries.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(target)))
     fsync_dir(outbox.parent)
+    timings["outbox"] = clock() - started
     if config.pipeline.previews:
+        started = clock()
         try:
             results.write_previews(layout.previews_for(job.id))
         except Exception as exc:  # previews are a convenience for IT, never a reason to fail a job
             notes.append(f"previews not written: {error_text(exc)}")
+        timings["previews"] = clock() - started
     return entries, notes

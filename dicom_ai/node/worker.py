@@ -167,10 +167,14 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: JobStore, trouble: S
                images=len(job.instances), attempt=job.attempts)
     entries = None
     timings = getattr(pipeline, "take_model_seconds", dict)
+    stage_timings = getattr(pipeline, "take_stage_seconds", dict)
     timings()  # what an earlier, failed attempt left
+    stage_timings()
+    stages: dict[str, float] = {}
     while entries is None:
         try:
-            entries, notes = process_job(job, pipeline, config)
+            stages.clear()
+            entries, notes = process_job(job, pipeline, config, stages)
         except Exception as exc:
             if is_storage_error(exc):
                 _remove_partial_outbox(config, job)
@@ -195,6 +199,13 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: JobStore, trouble: S
     destinations = destinations_for(config, job.calling_ae)
     note = "; ".join(notes) or None
     model_seconds = timings()
+    stages.update(stage_timings())
+    # Where a job's time went, for an engineer asking why results are late (seconds; models
+    # summed over images; the stages overlap no other stage except pipeline, which holds
+    # prepare, the models and restrict).
+    logs.event("job_timing", job_id=job.id, images=len(job.instances),
+               **{f"{k}_seconds": round(v, 3) for k, v in sorted(stages.items())},
+               **{f"model_{k}_seconds": round(sum(v), 3) for k, v in sorted(model_seconds.items())})
     while True:
         try:
             state = store.complete_job(job, entries, destinations, note=note, model_seconds=model_seconds)

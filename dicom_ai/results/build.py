@@ -27,6 +27,7 @@ UIDs inside the SR derive from the SR's SOP Instance UID), so the same inputs wi
 from __future__ import annotations
 
 import io
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,8 @@ class StudyResults:
     images: list[ImageResult]
     datasets: list[pydicom.Dataset]
     notes: list[str] = field(default_factory=list)
+    #: Wall seconds per step, summed over images: ``regions``, ``seg``, ``gsps``, ``sc``, ``sr``, ``cad_sr``.
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def write_previews(self, out_dir: str | Path) -> list[Path]:
         """One PNG per source image (segment outlines, SR contours, labels); returns the paths."""
@@ -155,9 +158,17 @@ def build_results(
     equipment = options.equipment
     images: list[ImageResult] = []
     out: list[pydicom.Dataset] = []
+    seconds: dict[str, float] = {}
+
+    def span(step: str, started: float) -> None:
+        seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - started
+
     for ds, f in _pair(sources, findings):
         try:
+            started = time.perf_counter()
             image = ImageResult(ds, f, analyse_image(ds, f, options))
+            span("regions", started)
+            started = time.perf_counter()
             if image.segments:
                 identity = ObjectIdentity(uids.seg_series_for(str(ds.SOPInstanceUID)),
                                           uids.seg_instance(str(ds.SOPInstanceUID)), options.seg_series_number,
@@ -166,6 +177,7 @@ def build_results(
                                                         segmentation_type=options.segmentation_type,
                                                         compression=options.compression)
                 _check_encodes(image.segmentation)
+                span("seg", started)
         except Exception as exc:  # this image only; highdicom's and pydicom's errors may quote values
             why = f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError) else type(exc).__name__
             notes.append(f"image {ds.SOPInstanceUID} left out of the results: {why}")
@@ -175,18 +187,22 @@ def build_results(
             out.append(image.segmentation)
     if not images:
         raise ResultError("no image's results could be built: " + "; ".join(notes))
-    out += _per_image_views(images, uids, options, notes)
+    out += _per_image_views(images, uids, options, notes, seconds)
+    started = time.perf_counter()
     sr = ObjectIdentity(uids.sr_series, uids.sr_instance, options.sr_series_number, options.sr_series_description)
     out.append(build_measurement_report(images, sr, equipment,
                                         max_regions_per_segment=options.max_regions_per_segment))
+    span("sr", started)
     if options.cad_sr:
+        started = time.perf_counter()
         cad = ObjectIdentity(uids.cad_series, uids.cad_instance, options.cad_series_number,
                              options.cad_series_description)
         out.append(build_mammography_cad_sr(images, cad, equipment,
                                             max_regions_per_segment=options.max_regions_per_segment))
+        span("cad_sr", started)
     for ds in out:
         _pin_creation(ds, uids.created)
-    return StudyResults(images=images, datasets=out, notes=notes)
+    return StudyResults(images=images, datasets=out, notes=notes, seconds=seconds)
 
 
 def _check_encodes(ds: pydicom.Dataset) -> None:
@@ -197,18 +213,19 @@ def _check_encodes(ds: pydicom.Dataset) -> None:
 
 
 def _per_image_views(images: list[ImageResult], uids: ResultUIDs, options: ResultOptions,
-                     notes: list[str]) -> list[pydicom.Dataset]:
+                     notes: list[str], seconds: dict[str, float]) -> list[pydicom.Dataset]:
     """The presentation states, then the "AI overlay" Secondary Captures, of the images that
     have a SEG (as enabled), each in a series of its own like the SEGs; one that cannot be
     built is left out with a note."""
     out: list[pydicom.Dataset] = []
-    kinds = [("presentation state", options.gsps, uids.gsps_series_for, uids.gsps_instance, options.gsps_series_number,
-              options.gsps_series_description, build_presentation_state),
-             ("AI overlay", options.secondary_capture, uids.sc_series_for, uids.sc_instance, options.sc_series_number,
-              options.sc_series_description, build_overlay_capture)]
-    for what, enabled, series_for, instance, number, description, build in kinds:
+    kinds = [("presentation state", "gsps", options.gsps, uids.gsps_series_for, uids.gsps_instance,
+              options.gsps_series_number, options.gsps_series_description, build_presentation_state),
+             ("AI overlay", "sc", options.secondary_capture, uids.sc_series_for, uids.sc_instance,
+              options.sc_series_number, options.sc_series_description, build_overlay_capture)]
+    for what, step, enabled, series_for, instance, number, description, build in kinds:
         if not enabled:
             continue
+        started = time.perf_counter()
         with_segments = [image for image in images if image.segmentation is not None]
         for image in with_segments:
             uid = str(image.source.SOPInstanceUID)
@@ -221,6 +238,7 @@ def _per_image_views(images: list[ImageResult], uids: ResultUIDs, options: Resul
             except Exception as exc:  # this object only; the SEG and SR of the image stand
                 why = f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError) else type(exc).__name__
                 notes.append(f"{what} of image {uid} left out: {why}")
+        seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - started
     return out
 
 
