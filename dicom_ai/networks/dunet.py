@@ -288,11 +288,11 @@ class DUNetModel:
         output = x - reconstruction if self.network.head == "subtraction" else reconstruction
         prob = self.network.probability(output)
         score = float(top_k_score(prob, self.config.score_top_fraction)[0])
-        return {
+        return {  # float(): under bf16 autocast (bench_gpu.py) the network's outputs are bf16
             "geometry": geo,
-            "input": x[0, 0].cpu().numpy(),
-            "reconstruction": reconstruction[0, 0].cpu().numpy(),
-            "probability": prob[0, 0].cpu().numpy(),
+            "input": x[0, 0].float().cpu().numpy(),
+            "reconstruction": reconstruction[0, 0].float().cpu().numpy(),
+            "probability": prob[0, 0].float().cpu().numpy(),
             "score": min(max(score, 0.0), 1.0),
         }
 

@@ -10,9 +10,9 @@ faster in ONNX Runtime's kernels than in torch's on a 2-core CPU).
 Nothing is read from or written to disk: the graph is traced from the bundle's own network
 (whose weights came from safetensors), so loading still never runs code from a file.
 
-Engines: ``auto`` (ONNX Runtime on the CPU when ``onnxruntime`` and ``onnx`` import, else
-torch; always torch on a GPU), ``torch``, ``onnxruntime`` (an error when not installed or not
-on the CPU).
+Engines: ``auto`` (ONNX Runtime on the CPU when ``onnx`` is installed for the export, else
+torch; always torch on a GPU), ``torch``, ``onnxruntime`` (an error when ``onnx`` is missing or
+the device is not the CPU).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -34,8 +35,9 @@ ENGINES = ("auto", "torch", "onnxruntime")
 
 
 def onnxruntime_available() -> bool:
-    """Whether ``onnxruntime`` (to run) and ``onnx`` (torch's exporter needs it) are installed."""
-    return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+    """Whether ``onnx`` is installed too: torch's exporter needs it (``onnxruntime`` is a
+    dependency of the package, ``onnx`` only of the export)."""
+    return importlib.util.find_spec("onnx") is not None
 
 
 def resolve_engine(engine: str, device: torch.device | str) -> str:
@@ -79,8 +81,6 @@ class OnnxFunction:
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, example: torch.Tensor,
                  threads: int | None = None):
-        import onnxruntime as ort
-
         buffer = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             # The legacy (TorchScript) exporter warns that it is deprecated; the dynamo one

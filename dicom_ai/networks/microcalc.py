@@ -571,7 +571,8 @@ class MicrocalcModel:
         if self.engine == "torch":
             with torch.no_grad():
                 x = torch.from_numpy(np.ascontiguousarray(regions, dtype=np.float32))[:, None].to(self.device)
-                return torch.softmax(net.dense_logits(x, stride=stride), 1)[:, 1].cpu().numpy()
+                # float(): under bf16 autocast (bench_gpu.py) the logits come back in bf16.
+                return torch.softmax(net.dense_logits(x, stride=stride).float(), 1)[:, 1].cpu().numpy()
         fn = self._onnx.get((role, stride))
         if fn is None:
             fn = self._onnx[(role, stride)] = OnnxFunction(lambda x: net.dense_body(x, stride), net,
