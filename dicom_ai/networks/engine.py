@@ -10,9 +10,9 @@ faster in ONNX Runtime's kernels than in torch's on a 2-core CPU).
 Nothing is read from or written to disk: the graph is traced from the bundle's own network
 (whose weights came from safetensors), so loading still never runs code from a file.
 
-Engines: ``auto`` (ONNX Runtime on the CPU when ``onnx`` is installed for the export, else
-torch; always torch on a GPU), ``torch``, ``onnxruntime`` (an error when ``onnx`` is missing or
-the device is not the CPU).
+Engines: ``auto`` (ONNX Runtime on the CPU when ``onnxruntime`` and ``onnx`` are installed,
+else torch; always torch on a GPU), ``torch``, ``onnxruntime`` (an error when they are missing
+or the device is not the CPU).
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from dicom_ai.core.errors import ModelError
+
+# A dependency of the package, but an environment made before it was one (a site's pinned
+# virtual environment) still loads every model: "auto" then picks torch.
+ort = importlib.import_module("onnxruntime") if importlib.util.find_spec("onnxruntime") else None
 
 __all__ = ["ENGINES", "onnxruntime_available", "resolve_engine", "OnnxFunction"]
 
@@ -35,9 +38,8 @@ ENGINES = ("auto", "torch", "onnxruntime")
 
 
 def onnxruntime_available() -> bool:
-    """Whether ``onnx`` is installed too: torch's exporter needs it (``onnxruntime`` is a
-    dependency of the package, ``onnx`` only of the export)."""
-    return importlib.util.find_spec("onnx") is not None
+    """Whether ``onnxruntime`` (to run) and ``onnx`` (torch's exporter needs it) are installed."""
+    return ort is not None and importlib.util.find_spec("onnx") is not None
 
 
 def resolve_engine(engine: str, device: torch.device | str) -> str:
