@@ -85,3 +85,14 @@ fuzz: venv debs
 # counting every receipt); report in benchmarks/results/crash_storm.json.
 crash-storm: venv debs
 	$(PY) benchmarks/bench_crash_storm.py
+
+# The shipped GLAM bundle (models/glam): Models-Genesis pretraining of both networks, GLAM from
+# image-level phantom labels, the CAM baseline on the same data, then five-fold mini-MIAS
+# fine-tuning and the all-folds bundle (needs mini-MIAS at MIAS_DIR, see the README).
+MIAS_DIR ?= /work/data/mias
+GLAM_ARGS ?= --train-studies 1200 --val-studies 50 --workers 2 --no-progress
+glam-bundle: venv
+	nice $(PY) -m dicom_ai train glam-pretrain --epochs-global 1 --epochs-local 1 --workers 2 --no-progress --out build/glam/pretrain.safetensors
+	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --out build/glam-phantom
+	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --baseline cam --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --out build/glam-cam
+	nice $(PY) benchmarks/bench_glam_mias.py --mias $(MIAS_DIR) --bundle build/glam-phantom --cam build/glam-cam/cam.safetensors --ship models/glam

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,7 +47,7 @@ from dicom_ai.training.glam import GlamData, load_phantoms  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 REAL = Path(os.environ.get("DICOM_AI_REAL_DIR", ROOT.parent / "shared" / "data" / "real"))
 CACHE = ROOT / "build" / "glam-cache"
-TEST_SEED, TEST_STUDIES = 50_000, 40
+TEST_SEED, TEST_STUDIES = 50_000, 100
 VAL_SEED, VAL_STUDIES = 11_200, 50  # the validation set of the shipped bundle (train seeds 10000-11199)
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)
 
@@ -89,10 +90,19 @@ def cam_maps(net: CamClassifier, data: GlamData, config):
 def dice_table(maps: list[dict], key: str, data: GlamData, c: int) -> dict:
     """Dice of ``maps[i][key][c]`` per threshold, soft Dice, over images with a class-c lesion."""
     rows = [i for i in range(len(data)) if data.lesions[i, c].any()]
-    per_t = {float(t): float(np.mean([dice(maps[i][key][c], data.lesions[i, c], threshold=float(t)) for i in rows]))
-             for t in THRESHOLDS}
-    return {"images": len(rows), "dice_by_threshold": per_t,
-            "soft_dice": float(np.mean([soft_dice(maps[i][key][c], data.lesions[i, c]) for i in rows]))}
+    per_image = {float(t): [dice(maps[i][key][c], data.lesions[i, c], threshold=float(t)) for i in rows]
+                 for t in THRESHOLDS}
+    soft = [soft_dice(maps[i][key][c], data.lesions[i, c]) for i in rows]
+    return {"images": len(rows), "dice_by_threshold": {t: float(np.mean(v)) for t, v in per_image.items()},
+            "per_image": per_image, "soft_dice": float(np.mean(soft)), "soft_per_image": soft}
+
+
+def mean_ci(values, n: int = 2000, seed: int = 0) -> list[float]:
+    """Bootstrap 95 % interval of the mean of per-image values (images resampled)."""
+    v = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    boots = [v[rng.integers(0, v.size, v.size)].mean() for _ in range(n)] if v.size else [float("nan")]
+    return [round(float(np.percentile(boots, 2.5)), 4), round(float(np.percentile(boots, 97.5)), 4)]
 
 
 def bootstrap_auc(scores, labels) -> list[float]:
@@ -128,8 +138,9 @@ def quality(bundle_dir: str, cam_path: Path) -> dict:
                           "dice_at_0.5": round(t["dice_by_threshold"][0.5], 4),
                           "val_best_threshold": best_t,
                           "dice_at_val_best_threshold": round(t["dice_by_threshold"][best_t], 4),
+                          "dice_at_val_best_threshold_ci95": mean_ci(t["per_image"][best_t]),
                           "oracle_best_test_dice": round(max(t["dice_by_threshold"].values()), 4),
-                          "soft_dice": round(t["soft_dice"], 4)}
+                          "soft_dice": round(t["soft_dice"], 4), "soft_dice_ci95": mean_ci(t["soft_per_image"])}
         methods[name] = entry
     _phantom_examples(g_test, c_test, test, RESULTS / "glam_phantom_examples.png")
     aucs = {}
@@ -152,6 +163,36 @@ def quality(bundle_dir: str, cam_path: Path) -> dict:
             "validation_set": f"{VAL_STUDIES} studies from seed {VAL_SEED} (thresholds only)",
             "auc": aucs, "dice": methods, "relative_gain_fused_over_global_percent": gains,
             "paper_relative_gain_percent": {"benign": 39.6, "malignant": 20.0}}
+
+
+def learning_curve(bundle_dir: str, out_path: Path) -> dict:
+    """Train BCE and validation AUC per epoch of the bundle's phantom training, as a PNG."""
+    manifest = load_bundle(bundle_dir).manifest
+    history = [h for h in manifest["training"]["history"] if "val_auc_benign" in h]
+    pre = manifest["training"].get("initialisation")
+    fig = Figure(figsize=(9, 3.4))
+    ax1, ax2 = fig.subplots(1, 2)
+    x = np.arange(1, len(history) + 1)
+    labels = [f"{h['stage'][0]}{h['epoch']}" for h in history]
+    for key, name in (("bce_g", "global BCE"), ("bce_l", "local BCE")):
+        ys = [h.get(key, np.nan) for h in history]
+        ax1.plot(x, ys, marker="o", label=name)
+    ax1.set_title("training loss (image-level BCE)")
+    for key, name in (("val_auc_benign", "benign"), ("val_auc_malignant", "malignant")):
+        ax2.plot(x, [h[key] for h in history], marker="o", label=name)
+    ax2.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax2.set_ylim(0.4, 1.0)
+    ax2.set_title("validation image AUC (200 views)")
+    for ax in (ax1, ax2):
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_xlabel("stage/epoch (g global, l local, j joint)")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{manifest['name']} {manifest['version']}: "
+                 + ("Genesis-pretrained" if isinstance(pre, dict) else "random init"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    return {"png": str(out_path.relative_to(ROOT)), "epochs": len(history),
+            "final_val_auc": {k: history[-1][k] for k in ("val_auc_benign", "val_auc_malignant")} if history else None}
 
 
 def _phantom_examples(g_maps, c_maps, data: GlamData, out_path: Path, n: int = 4, rows: int = 220) -> None:
@@ -354,6 +395,7 @@ def main(argv=None) -> int:
 
     if not args.skip_quality:
         update("quality", quality(args.bundle, Path(args.cam)))
+        update("learning_curve", learning_curve(args.bundle, RESULTS / "glam_learning_curve.png"))
     if not args.skip_overlays:
         update("real_images", overlays(args.bundle) if REAL.is_dir() else f"{REAL} not found; overlays skipped")
     if not args.skip_speed:

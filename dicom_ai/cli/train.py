@@ -70,7 +70,9 @@ def _register_glam(subparsers: argparse._SubParsersAction) -> None:
                    help="learning rate within each stage after the warm-up")
     p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear warm-up per stage")
     p.add_argument("--init", default=None, metavar="SAFETENSORS",
-                   help="start from the encoders of a `dicom-ai train glam-pretrain` file")
+                   help="start from the encoders of a `dicom-ai train glam-pretrain` file (the CAM baseline "
+                        "takes its global network)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch records still print)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     p.add_argument("--workers", type=int, default=1,
@@ -126,8 +128,12 @@ def _glam(args: argparse.Namespace) -> int:
     start = time.time()
     if args.baseline == "cam":
         net = CamClassifier(config)
+        if args.init:
+            donor = Glam(config)
+            load_pretrained(donor, args.init)
+            net.backbone.load_state_dict(donor.global_net.state_dict())
         history = recipe.train(net, data, config, stages=[("cam", args.epochs_global)], batch_size=args.batch_size,
-                               lr=args.lr, beta=0.0, seed=args.seed, device=device,
+                               lr=args.lr, beta=0.0, seed=args.seed, device=device, progress=not args.no_progress,
                                checkpoint=ckpt_dir / f"cam-{config.name}.safetensors", resume=args.resume,
                                loss_fn=lambda stage, n, x, mask, y: recipe.cam_loss(n, x, y, 0.0, pos_weight),
                                schedule=args.schedule, warmup_steps=args.warmup_steps)
@@ -142,7 +148,7 @@ def _glam(args: argparse.Namespace) -> int:
     history = recipe.train(net, data, config, stages=stages, batch_size=args.batch_size, lr=args.lr,
                            beta=args.beta, seed=args.seed, device=device,
                            checkpoint=ckpt_dir / f"glam-{config.name}.safetensors", resume=args.resume, val=val,
-                           pos_weight=pos_weight, schedule=args.schedule, warmup_steps=args.warmup_steps)
+                           progress=not args.no_progress, pos_weight=pos_weight, schedule=args.schedule, warmup_steps=args.warmup_steps)
     if not ctx.is_main:
         return 0
     minutes = round((time.time() - start) / 60, 1)
