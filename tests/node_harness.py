@@ -356,3 +356,110 @@ def wait_delivered(storage: Path, jobs: int, timeout: float = 60) -> dict:
 
 def outbox_uids(status: dict, job_id: int) -> list[str]:
     return sorted(o["sop_instance_uid"] for o in status["outbox"] if o["job_id"] == job_id)
+
+
+# -- PostgreSQL and Redis (the scale-out's engines) ------------------------------------------
+
+def _pg_bin() -> Path | None:
+    """The newest Debian PostgreSQL server binaries (/usr/lib/postgresql/<version>/bin), if installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else None
+
+
+class Postgres:
+    """A throw-away PostgreSQL cluster on a loopback port (``initdb`` + ``pg_ctl`` in a temp folder).
+
+    PostgreSQL refuses to run as root, so as root the server runs as ``nobody`` (``setpriv``)
+    in a folder owned by it. Trust authentication on 127.0.0.1 only; ``fsync = off`` (tests
+    stop it with ``-m immediate``, which the OS page cache survives).
+    """
+
+    available = _pg_bin() is not None
+
+    def __init__(self):
+        import pwd
+        import shutil
+        import tempfile
+
+        self.bin = _pg_bin()
+        if self.bin is None:
+            raise RuntimeError("PostgreSQL server binaries not found under /usr/lib/postgresql (make debs)")
+        self.folder = Path(tempfile.mkdtemp(prefix="dicom-ai-pg-"))
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            os.chown(self.folder, nobody.pw_uid, nobody.pw_gid)
+            self.as_user = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
+        self._rmtree = shutil.rmtree
+        self.port = free_port()
+        self.data = self.folder / "data"
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self.start()
+        self._databases = 0
+
+    def _run(self, tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+        return subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True, text=True,
+                              env=env, check=check, timeout=120, cwd=self.folder)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-w", "-t", "60",
+                  "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+                        "-c max_connections=200", "start")
+
+    def stop(self, mode: str = "immediate") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Crash-stop the server (``-m immediate``: every connection breaks), wait, start it again."""
+        self.stop("immediate")
+        time.sleep(down_seconds)
+        self.start()
+
+    def url(self, dbname: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{dbname}"
+
+    def new_database(self) -> str:
+        """A fresh, empty database; returns its URL."""
+        import psycopg
+
+        self._databases += 1
+        name = f"t{os.getpid()}_{self._databases}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def close(self) -> None:
+        self.stop("immediate")
+        self._rmtree(self.folder, ignore_errors=True)
+
+
+class Redis:
+    """A throw-away redis-server on a loopback port, without persistence (a restart loses every
+    queued message, which is what the tests want to survive)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: Proc | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = Proc(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no", "--dir", str(self.folder)], self.folder / "redis.log")
+        wait_port(self.port)
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        self.proc.kill()
+        time.sleep(down_seconds)
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()

@@ -1,4 +1,8 @@
-"""The job store's rules: study completion, late instances, claims, supersession, retries."""
+"""The job store's rules: study completion, late instances, claims, supersession, retries.
+
+Every test taking ``store`` runs against both engines: the embedded SQLite file and a fresh
+database on a throw-away PostgreSQL server (``postgres_server`` in conftest.py).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,16 @@ from dicom_ai.node.jobstore import Instance, JobStore
 VIEWS = [("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")]
 
 
-@pytest.fixture
-def store(tmp_path):
-    return JobStore(tmp_path / "jobs.sqlite")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = JobStore(tmp_path / "jobs.sqlite")
+    else:
+        from dicom_ai.node.jobstore_postgres import PostgresJobStore
+
+        s = PostgresJobStore(request.getfixturevalue("postgres_server").new_database())
+    yield s
+    s.close()
 
 
 def _receive(store, study, views, t, caller="PACS", prefix="1.2.3"):

@@ -21,6 +21,8 @@ __all__ = [
     "ResultError",
     "SegWriterError",
     "DatasetError",
+    "JobStoreError",
+    "StorageIdentityError",
 ]
 
 
@@ -66,3 +68,13 @@ class SegWriterError(ResultError):
 
 class DatasetError(DicomAIError, ValueError):
     """A data set folder does not have the layout its adapter expects."""
+
+
+class JobStoreError(DicomAIError, ValueError):
+    """The job store cannot be used as configured: an unknown ``[jobstore] url`` scheme, a schema
+    newer than this version knows, a driver that is not installed."""
+
+
+class StorageIdentityError(DicomAIError, ValueError):
+    """The node and a worker (or the job store) do not see the same storage: a shared path that
+    is not mounted, mounted from elsewhere, or a job store that belongs to another node."""

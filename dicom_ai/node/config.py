@@ -97,6 +97,19 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     level = "INFO"
     file = ""                       # default: <storage>/logs/node.log; reopened when logrotate moves it
 
+    [jobstore]                      # README "Deployment past one machine"
+    url = ""                        # "" = SQLite in the storage folder; "postgresql://user@host:5432/db"
+    pool_size = 4                   # PostgreSQL connections per process
+    connect_timeout_seconds = 5.0   # an operation waits this long for PostgreSQL, then backs off and retries
+
+    [workers]                       # inference workers on other hosts (Celery); "" = one local worker child
+    broker_url = ""                 # "redis://host:6379/0": the node enqueues, `dicom-ai worker` runs jobs
+    queue = "dicom-ai"              # the Celery queue name
+    lease_seconds = 60.0            # a running job whose worker has not renewed its lease this long is re-queued
+    requeue_seconds = 300.0         # a queued job not claimed this long after its message is announced again
+    visibility_timeout_seconds = 3600.0  # Redis: an unacknowledged message is redelivered after this
+    deliver_on_workers = false      # true: workers also send results (the node always does)
+
 Every error names the offending key (``peers[1].port``) so the file can be fixed before the
 node starts.
 """
@@ -246,6 +259,28 @@ class LoggingSection:
 
 
 @dataclass
+class JobstoreSection:
+    url: str = ""
+    pool_size: int = 4
+    connect_timeout_seconds: float = 5.0
+
+
+@dataclass
+class WorkersSection:
+    broker_url: str = ""
+    queue: str = "dicom-ai"
+    lease_seconds: float = 60.0
+    requeue_seconds: float = 300.0
+    visibility_timeout_seconds: float = 3600.0
+    deliver_on_workers: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        """Jobs go to Celery workers (a broker is configured) instead of a local worker child."""
+        return bool(self.broker_url)
+
+
+@dataclass
 class NodeConfig:
     """The whole configuration; ``storage_dir`` and friends are derived paths."""
 
@@ -261,6 +296,8 @@ class NodeConfig:
     tls: TlsSection = field(default_factory=TlsSection)
     audit: AuditSection = field(default_factory=AuditSection)
     http: HttpSection = field(default_factory=HttpSection)
+    jobstore: JobstoreSection = field(default_factory=JobstoreSection)
+    workers: WorkersSection = field(default_factory=WorkersSection)
 
     @property
     def storage_dir(self) -> Path:
@@ -303,7 +340,8 @@ class NodeConfig:
 
 _SECTIONS = {"node": NodeSection, "study": StudySection, "pipeline": PipelineSection,
              "results": ResultsSection, "limits": LimitsSection, "retry": RetrySection, "logging": LoggingSection,
-             "tls": TlsSection, "audit": AuditSection, "http": HttpSection}
+             "tls": TlsSection, "audit": AuditSection, "http": HttpSection,
+             "jobstore": JobstoreSection, "workers": WorkersSection}
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TLS_VERSIONS = ("1.2", "1.3")
@@ -587,6 +625,31 @@ def _check(cfg: NodeConfig) -> None:
     cfg.logging.level = cfg.logging.level.upper()
     if cfg.logging.level not in _LEVELS:
         raise ConfigError(f"logging.level must be one of {', '.join(_LEVELS)}, got {cfg.logging.level!r}")
+    _check_scale_out(cfg)
+
+
+def _check_scale_out(cfg: NodeConfig) -> None:
+    j, w = cfg.jobstore, cfg.workers
+    if j.url and not j.url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("jobstore.url must be empty (SQLite in the storage folder) or a PostgreSQL URL "
+                          "(postgresql://user@host:5432/dbname)")
+    if j.pool_size < 1 or j.connect_timeout_seconds <= 0:
+        raise ConfigError("jobstore.pool_size must be at least 1 and jobstore.connect_timeout_seconds positive")
+    if w.broker_url:
+        if not w.broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+            raise ConfigError("workers.broker_url must be a Redis URL (redis://host:6379/0 or rediss://...)")
+        if not j.url:
+            raise ConfigError("workers.broker_url needs jobstore.url = \"postgresql://...\": workers on other hosts "
+                              "cannot share the embedded SQLite job store")
+    if not re.fullmatch(r"[\w.-]{1,64}", w.queue):
+        raise ConfigError(f"workers.queue must be 1-64 letters, digits, '.', '_' or '-', got {w.queue!r}")
+    for name in ("lease_seconds", "requeue_seconds", "visibility_timeout_seconds"):
+        if getattr(w, name) <= 0:
+            raise ConfigError(f"workers.{name} must be a positive number of seconds, got {getattr(w, name)}")
+    if w.visibility_timeout_seconds < w.lease_seconds:
+        raise ConfigError("workers.visibility_timeout_seconds must not be shorter than workers.lease_seconds: "
+                          "Redis would hand a running job's message to a second worker while the first still "
+                          "holds its lease")
 
 
 def _check_tls(cfg: NodeConfig) -> None:

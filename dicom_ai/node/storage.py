@@ -5,7 +5,8 @@ worker, the supervisor's retention purge, ``dicom-ai status`` and the demo all a
 than spell paths themselves::
 
     <storage>/
-        jobs.sqlite                      the job store (SQLite, WAL)
+        jobs.sqlite                      the job store (SQLite, WAL), unless [jobstore] url is PostgreSQL
+        storage-id                       this storage's random identity (node and workers compare it)
         node-config.json                 the effective configuration handed to the worker
         incoming/                        C-STOREs being received (deleted at start-up)
         spool/<Study UID>/<SOP UID>.dcm  accepted instances, exactly as received
@@ -32,12 +33,13 @@ import errno
 import os
 import sqlite3
 import stat
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PRIVATE_UMASK", "StorageLayout", "fsync_dir", "fsync_file", "is_disk_full", "is_storage_error",
-           "make_private", "write_durably"]
+__all__ = ["PRIVATE_UMASK", "StorageLayout", "ensure_storage_id", "fsync_dir", "fsync_file", "is_disk_full",
+           "is_storage_error", "make_private", "read_storage_id", "write_durably"]
 
 #: The umask of the node and worker processes: new files 0600, new folders 0700.
 PRIVATE_UMASK = 0o077
@@ -62,6 +64,10 @@ class StorageLayout:
     @property
     def jobstore(self) -> Path:
         return self.root / "jobs.sqlite"
+
+    @property
+    def storage_id(self) -> Path:
+        return self.root / "storage-id"
 
     @property
     def config_json(self) -> Path:
@@ -132,9 +138,12 @@ def fsync_file(path: Path) -> None:
 def write_durably(target: Path, write: Callable[[Path], None]) -> Path:
     """Write ``target`` atomically: ``write(tmp)``, fsync, rename over ``target``, fsync the folder.
 
-    ``write`` receives the temporary path (``target`` with suffix ``.tmp``) and must create it.
+    ``write`` receives the temporary path (``<target name>.<random>.tmp`` beside it) and must
+    create it. The name is unique per call: on shared storage a worker that lost its claim and
+    the worker re-running the job may write the same result at once, and neither may rename
+    the other's half-written file.
     """
-    tmp = target.with_suffix(".tmp")
+    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex[:12]}.tmp")
     write(tmp)
     fsync_file(tmp)
     os.replace(tmp, target)
@@ -149,6 +158,14 @@ def is_storage_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.OperationalError):
         message = str(exc).lower()
         return any(m in message for m in _SQLITE_STORAGE_MESSAGES)
+    if type(exc).__module__.split(".")[0] in ("psycopg", "psycopg_pool"):
+        # PostgreSQL unreachable or restarting (OperationalError, PoolTimeout), or a transaction
+        # that lost a deadlock or serialization race: all pass when retried.
+        import psycopg
+
+        return isinstance(exc, (psycopg.OperationalError, psycopg.errors.DeadlockDetected,
+                                psycopg.errors.SerializationFailure, psycopg.errors.AdminShutdown,
+                                psycopg.errors.CannotConnectNow))
     return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
 
 
@@ -197,3 +214,26 @@ def make_private(root: Path) -> int:
         for name in files:
             tighten(os.path.join(folder, name), False)
     return changed
+
+
+def ensure_storage_id(layout: StorageLayout) -> str:
+    """This storage's identity: read ``<storage>/storage-id``, or write a new random one (the node, at start).
+
+    Workers on other hosts compare it with the one the node recorded in the job store
+    (:func:`read_storage_id`), so a shared path that is not mounted, or mounted from another
+    server, is found before any job runs.
+    """
+    existing = read_storage_id(layout)
+    if existing:
+        return existing
+    new = uuid.uuid4().hex
+    write_durably(layout.storage_id, lambda tmp: tmp.write_text(new + "\n"))
+    return new
+
+
+def read_storage_id(layout: StorageLayout) -> str | None:
+    """The identity in ``<storage>/storage-id``, or None when there is none (yet)."""
+    try:
+        return layout.storage_id.read_text().strip() or None
+    except FileNotFoundError:
+        return None
