@@ -1,4 +1,4 @@
-"""`dicom-ai serve | check-config | status | retry | infer | echo`: running and operating the node."""
+"""`dicom-ai serve | worker | check-config | status | retry | infer | echo`: running and operating the node."""
 
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="accept associations from any calling AE title")
     p.add_argument("--device", help="auto, cpu or cuda:N (pipeline.device)")
     p.set_defaults(handler=_serve)
+
+    p = subparsers.add_parser("worker", help="run inference workers on this host (Celery; [workers] broker_url)")
+    p.add_argument("--config", type=Path, required=True,
+                   help="the site's node.toml: shared node.storage, [jobstore] url, [workers] broker_url")
+    p.add_argument("--name", default="worker", help="this worker's name, shown as NAME@HOST (default: worker)")
+    p.add_argument("--concurrency", type=int, default=1, help="pool processes, each with its own models (1 per GPU)")
+    p.add_argument("--device", help="auto, cpu or cuda:N (pipeline.device)")
+    p.set_defaults(handler=_worker)
 
     p = subparsers.add_parser("check-config", help="validate node.toml and print the effective configuration")
     p.add_argument("--config", type=Path, required=True, help="node.toml to check")
@@ -81,15 +89,47 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(config)
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from dicom_ai.core.errors import JobStoreError, StorageIdentityError
+    from dicom_ai.node import logs
+    from dicom_ai.node.celery_worker import run
+
+    config = _load(args, **{"pipeline.device": args.device})
+    if not config.workers.distributed:
+        print("dicom-ai: configuration error: [workers] broker_url is not set: this node.toml runs its worker "
+              "inside `dicom-ai serve`; a separate worker needs broker_url and a PostgreSQL [jobstore] url",
+              file=sys.stderr)
+        return 2
+    if args.concurrency < 1:
+        print("dicom-ai: --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    log_file = config.log_file if config.logging.file else \
+        config.layout.logs / f"worker-{_hostname()}-{args.name}.log"
+    logs.configure("worker", config.logging.level, log_file)
+    try:
+        return run(config, name=args.name, concurrency=args.concurrency)
+    except (StorageIdentityError, JobStoreError) as exc:
+        logs.event("worker_start_refused", level="ERROR", error=str(exc))
+        print(f"dicom-ai worker: {exc}", file=sys.stderr)
+        return 2
+
+
+def _hostname() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
 def _open_store(args: argparse.Namespace, config=None):
-    from dicom_ai.node.jobstore import JobStore
+    from dicom_ai.node.engines import open_jobstore
 
     config = config or _load(args, **{"node.storage": args.storage})
-    db = config.layout.jobstore
-    if not db.exists():
-        print(f"dicom-ai: no job store at {db}; is --storage/--config right?", file=sys.stderr)
-        raise SystemExit(2)
-    return JobStore(db)
+    if not config.jobstore.url:
+        db = config.layout.jobstore
+        if not db.exists():
+            print(f"dicom-ai: no job store at {db}; is --storage/--config right?", file=sys.stderr)
+            raise SystemExit(2)
+    return open_jobstore(config)
 
 
 def _disk(config) -> dict:
@@ -126,8 +166,9 @@ def _status(args: argparse.Namespace) -> int:
     print(f"JOBS ({len(status['jobs'])})")
     for j in status["jobs"]:
         note = f"  ! {j['error']}" if j["error"] else ""
+        ran = f"  by {j['worker']}" if j.get("worker") else ""
         print(f"  {j['id']:>4}  {j['state']:<10} attempts {j['attempts']} (failed {j['failures']}, "
-              f"interrupted {j['interruptions']})  results {j['results']:>2}  {j['study_uid']}{note}")
+              f"interrupted {j['interruptions']})  results {j['results']:>2}  {j['study_uid']}{ran}{note}")
     print(f"DELIVERIES ({len(status['deliveries'])})")
     for d in status["deliveries"]:
         nxt = f"  next {_when(d['next_attempt'])}" if d["state"] == "pending" else ""
@@ -135,6 +176,10 @@ def _status(args: argparse.Namespace) -> int:
         doubt = f" ({d['in_doubt']} in doubt)" if d["in_doubt"] else ""
         print(f"  {d['id']:>4}  job {d['job_id']:>4}  {d['state']:<10} {d['sent']}/{d['total']} sent{doubt}  "
               f"to {d['ae_title']}@{d['host']}:{d['port']}  attempts {d['attempts']}{nxt}{err}")
+    if status.get("workers"):
+        print(f"WORKERS ({len(status['workers'])}, job store {status['engine']})")
+        for w in status["workers"]:
+            print(f"  {w['name']:<32} pid {w['pid']:<8} started {_when(w['started'])}  storage {w['storage_id'][:8]}")
     failed = sum(d["state"] == "failed" for d in status["deliveries"]) + sum(j["state"] == "failed"
                                                                              for j in status["jobs"])
     return 1 if failed or status["notices"] or disk["low"] else 0

@@ -20,6 +20,14 @@ Retries. A failed attempt (association refused, peer down, failure status) is re
 ``retry.max_attempts``; then the delivery is ``failed`` and shown by ``dicom-ai status``
 until ``dicom-ai retry`` re-queues it.
 
+Several delivery processes. With workers on other hosts (``[workers] broker_url``) the node
+and, with ``deliver_on_workers``, every worker run deliveries against the shared job store.
+Each attempt first leases its delivery (:meth:`~dicom_ai.node.jobstore.SqlJobStore.claim_delivery`,
+a conditional UPDATE; renewed with every object it starts), so one delivery is attempted by
+one process at a time, and the per-object sending/sent rows above keep exactly-once across
+processes as they do across restarts. A process that dies mid-attempt leaves its lease to
+expire; the next holder finds its last object in doubt and asks the destination first.
+
 Independence. :class:`DeliveryThread` runs each destination's deliveries in a thread of that
 destination, so a destination that is down or hangs delays only its own results; every
 network wait (TCP connect, A-ASSOCIATE, each DIMSE response, the socket) is bounded by
@@ -28,9 +36,11 @@ network wait (TCP connect, A-ASSOCIATE, each DIMSE response, the socket) is boun
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +53,7 @@ from pynetdicom.status import STATUS_PENDING, STATUS_SUCCESS, STATUS_WARNING, co
 
 from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.config import NodeConfig
-from dicom_ai.node.jobstore import Delivery, JobStore
+from dicom_ai.node.jobstore import DELIVERY_LEASE_SECONDS, Delivery, SqlJobStore
 from dicom_ai.node.storage import is_storage_error
 from dicom_ai.node.stow import StowSender, is_dicomweb
 from dicom_ai.node.tls import client_context
@@ -69,9 +79,14 @@ class _Hold:
 class DeliveryAgent:
     """Attempts deliveries; safe to call from one thread per destination at the same time."""
 
-    def __init__(self, config: NodeConfig, store: JobStore):
+    def __init__(self, config: NodeConfig, store: SqlJobStore):
         self.config = config
         self.store = store
+        # Leases only where several processes deliver (workers on other hosts); the embedded
+        # node is the only sender, so it needs none.
+        self.lease_seconds = (max(DELIVERY_LEASE_SECONDS, 3 * config.retry.timeout_seconds)
+                              if config.workers.distributed else 0.0)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         # Delivery id -> backoff while the job store cannot record its outcome.
         self._held: dict[int, _Hold] = {}
@@ -98,6 +113,11 @@ class DeliveryAgent:
         if self.is_held(d.id):
             return "held"
         try:
+            if self.lease_seconds:
+                leased = self.store.claim_delivery(d.id, self.owner, self.lease_seconds)
+                if leased is None:
+                    return "busy"  # another process attempts it now, or it is no longer pending
+                d = leased
             state = self._attempt(d)
         except Exception as exc:  # the job store (or a bug): never a reason to send again at once
             if not is_storage_error(exc):
@@ -157,6 +177,10 @@ class DeliveryAgent:
                    retry_in_s=round(retry.delay(d.attempts + 1), 1) if state == "pending" else None)
         return state
 
+    @property
+    def _renewal(self) -> float:
+        return self.lease_seconds or DELIVERY_LEASE_SECONDS
+
     def _audit(self, d: Delivery, objects: list[tuple[str, str, str]], error: str | None) -> None:
         """DICOM Instances Transferred: results sent (``error`` None) or the delivery failed for good."""
         classes: dict[str, int] = {}
@@ -214,7 +238,7 @@ class DeliveryAgent:
         """
         if is_dicomweb(d.host, d.port):
             return StowSender(d.host, self.config.retry.timeout_seconds,
-                              mark_sending=lambda uid: self.store.mark_sending(d.id, uid),
+                              mark_sending=lambda uid: self.store.mark_sending(d.id, uid, self._renewal),
                               clear_sending=lambda uid: self.store.clear_sending(d.id, uid),
                               record_sent=lambda uid: self._record_sent(d.id, uid),
                               event=logs.event,
@@ -246,7 +270,7 @@ class DeliveryAgent:
                                destination=d.ae_title, sop_instance_uid=uid,
                                rule="destination does not hold it" if held is False else
                                "no C-FIND answer from the destination: resent under the same SOP Instance UID")
-                self.store.mark_sending(d.id, uid)
+                self.store.mark_sending(d.id, uid, self._renewal)
                 try:
                     status = assoc.send_c_store(Path(path), msg_id=msg_id)
                 except Exception as exc:  # a peer that drops the connection mid-send

@@ -24,6 +24,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
 from dicom_ai.core.errors import JobStoreError
 from dicom_ai.node.jobstore import SCHEMA_VERSION, SqlJobStore
 
@@ -164,12 +167,6 @@ class PostgresJobStore(SqlJobStore):
     engine = "postgresql"
 
     def __init__(self, url: str, pool_size: int = 4, connect_timeout: float = 5.0):
-        try:
-            from psycopg.rows import dict_row
-            from psycopg_pool import ConnectionPool
-        except ImportError as exc:  # pragma: no cover - install_requires has them
-            raise JobStoreError(f"jobstore.url is a PostgreSQL URL but psycopg is not installed ({exc}): "
-                                "pip install 'psycopg[binary]' psycopg-pool") from None
         self.url = url
         self._pool = ConnectionPool(
             url, min_size=1, max_size=max(1, pool_size), timeout=connect_timeout, open=True,

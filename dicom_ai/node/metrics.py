@@ -26,6 +26,9 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
+from dicom_ai.node.jobstore import JobStore, SqlJobStore
+from dicom_ai.node.storage import is_storage_error
+
 __all__ = ["REGISTRY", "JobStoreCollector", "watch_store"]
 
 #: The node's registry (not prometheus-client's global one, so library users are unaffected).
@@ -71,10 +74,16 @@ class JobStoreCollector:
         ``node.reserve_free_mb`` in bytes.
     """
 
-    def __init__(self, db: Path, storage: Path, reserve_bytes: int):
-        self.db, self.storage, self.reserve_bytes = Path(db), Path(storage), int(reserve_bytes)
+    def __init__(self, db: Path | SqlJobStore, storage: Path, reserve_bytes: int):
+        # A path: the SQLite file, read on a read-only connection of its own; a store
+        # (PostgreSQL): its pool.
+        self.db = db if isinstance(db, SqlJobStore) and not isinstance(db, JobStore) else \
+            Path(db.path if isinstance(db, JobStore) else db)
+        self.storage, self.reserve_bytes = Path(storage), int(reserve_bytes)
 
     def _rows(self, sql: str) -> list[tuple]:
+        if isinstance(self.db, SqlJobStore):
+            return [tuple(r.values()) for r in self.db.rows(sql)]
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=2)
         try:
             return conn.execute(sql).fetchall()
@@ -100,8 +109,10 @@ class JobStoreCollector:
             durations = [r[0] for r in self._rows("SELECT updated - created FROM jobs WHERE state = 'done'")]
             model_seconds = [r[0] for r in self._rows("SELECT model_seconds FROM jobs WHERE state IN "
                                                       "('done', 'superseded') AND model_seconds IS NOT NULL")]
-        except sqlite3.Error:
-            return  # no store yet, or locked for longer than 2 s: /readyz says so
+        except Exception as exc:
+            if isinstance(exc, sqlite3.Error) or is_storage_error(exc):
+                return  # no store yet, locked for longer than 2 s, PostgreSQL down: /readyz says so
+            raise
         g = GaugeMetricFamily("dicom_ai_studies", "Studies in the job store, by state", labels=["state"])
         for state, n in studies:
             g.add_metric([state], n)
@@ -150,7 +161,7 @@ class JobStoreCollector:
 _watched: JobStoreCollector | None = None
 
 
-def watch_store(db: Path, storage: Path, reserve_bytes: int) -> None:
+def watch_store(db: Path | SqlJobStore, storage: Path, reserve_bytes: int) -> None:
     """Report this job store and storage in :data:`REGISTRY` (replacing an earlier one)."""
     global _watched
     if _watched is not None:

@@ -73,8 +73,8 @@ from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.admission import (CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS, Rejected,
                                      check_dataset, is_valid_uid)
 from dicom_ai.node.config import NodeConfig
-from dicom_ai.node.jobstore import Instance, JobStore
-from dicom_ai.node.storage import fsync_dir, fsync_file, is_disk_full
+from dicom_ai.node.jobstore import Instance, SqlJobStore
+from dicom_ai.node.storage import fsync_dir, fsync_file, is_disk_full, is_storage_error
 from dicom_ai.node.tls import certificate_names, server_context
 from dicom_ai.node.transport import (build_receiving_ae, install_receive_path, normalise_address, receive_failed,
                                      resolve_peer_addresses)
@@ -150,7 +150,7 @@ def _command_with_usable_uid(command: bytes) -> bytes | None:
 class StorageSCP:
     """Receives into ``<storage>/spool/<Study Instance UID>/<SOP Instance UID>.dcm``."""
 
-    def __init__(self, config: NodeConfig, store: JobStore):
+    def __init__(self, config: NodeConfig, store: SqlJobStore):
         self.config = config
         self.store = store
         self.layout = config.layout
@@ -381,7 +381,9 @@ class StorageSCP:
     def _store(self, tmp: Path, calling_ae: str, sop_class: str, sop_uid: str, ts: str) -> tuple[str, dict]:
         try:
             known = self.store.find_instance(sop_uid)
-        except (OSError, sqlite3.OperationalError) as exc:
+        except Exception as exc:  # the disk, a locked SQLite file, PostgreSQL unreachable: may pass
+            if not (isinstance(exc, (OSError, sqlite3.OperationalError)) or is_storage_error(exc)):
+                raise
             raise Rejected(OUT_OF_RESOURCES, f"job store error: {type(exc).__name__}") from exc
         if known:
             tmp.unlink(missing_ok=True)
@@ -422,6 +424,8 @@ class StorageSCP:
             raise Rejected(OUT_OF_RESOURCES, f"job store error: {type(exc).__name__}") from exc
         except Exception as exc:  # not the sender's fault, and not one a resend would cure
             self._unspool(target if renamed else None)
+            if is_storage_error(exc):  # PostgreSQL unreachable or restarting: a resend later will pass
+                raise Rejected(OUT_OF_RESOURCES, f"job store error: {type(exc).__name__}") from exc
             logs.event("store_failed", level="ERROR", sop_instance_uid=sop_uid, error=type(exc).__name__)
             raise Rejected(PROCESSING_FAILURE, f"node error recording the instance ({type(exc).__name__})") from exc
         if not new:  # recorded meanwhile by a concurrent association: the spool file is that one's

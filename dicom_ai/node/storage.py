@@ -158,14 +158,11 @@ def is_storage_error(exc: BaseException) -> bool:
     if isinstance(exc, sqlite3.OperationalError):
         message = str(exc).lower()
         return any(m in message for m in _SQLITE_STORAGE_MESSAGES)
-    if type(exc).__module__.split(".")[0] in ("psycopg", "psycopg_pool"):
-        # PostgreSQL unreachable or restarting (OperationalError, PoolTimeout), or a transaction
-        # that lost a deadlock or serialization race: all pass when retried.
-        import psycopg
-
-        return isinstance(exc, (psycopg.OperationalError, psycopg.errors.DeadlockDetected,
-                                psycopg.errors.SerializationFailure, psycopg.errors.AdminShutdown,
-                                psycopg.errors.CannotConnectNow))
+    if any(c.__name__ == "OperationalError" and c.__module__.startswith("psycopg") for c in type(exc).__mro__):
+        # PostgreSQL unreachable or restarting (psycopg.OperationalError, psycopg_pool.PoolTimeout),
+        # or a transaction that lost a deadlock or serialization race: all pass when retried.
+        # Matched by class name so this module does not import psycopg for SQLite sites.
+        return True
     return isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS
 
 

@@ -23,6 +23,14 @@ is a graceful stop: the SCP stops accepting, associations in progress are given 
 :data:`DRAIN_SECONDS` to finish their C-STOREs (each one acknowledged is durable), the
 worker is terminated (its job is re-queued at the next start, an interruption), delivery
 threads end after their current C-STORE; every job and delivery resumes at the next start.
+
+Past one machine (``[workers] broker_url`` with a PostgreSQL ``[jobstore] url``) the node
+starts no worker child: it announces jobs on Celery and sweeps the job store
+(:class:`~dicom_ai.node.dispatch.Dispatcher`: jobs whose worker's lease ran out are re-queued,
+jobs queued but unclaimed are announced again), and its start-up recovery leaves running jobs
+to their workers' leases. At every start the node makes sure the storage has an identity
+(``<storage>/storage-id``) and that the job store is bound to it, so a node pointed at another
+node's job store, and workers that do not see this storage, refuse to run.
 """
 
 from __future__ import annotations
@@ -40,15 +48,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dicom_ai.core.errors import ConfigError
+from dicom_ai.core.errors import ConfigError, JobStoreError, StorageIdentityError
 from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
+from dicom_ai.node.dispatch import Dispatcher
+from dicom_ai.node.engines import open_jobstore
 from dicom_ai.node.http_server import StatusServer
-from dicom_ai.node.jobstore import JobStore
 from dicom_ai.node.scp import StorageSCP
-from dicom_ai.node.storage import PRIVATE_UMASK, is_storage_error, make_private, write_durably
+from dicom_ai.node.storage import (PRIVATE_UMASK, ensure_storage_id, is_storage_error, make_private,
+                                   write_durably)
 
 #: Longest wait between two tries of a supervisor step (assembly, worker recovery, purge,
 #: start-up recovery) that failed, in seconds; the wait doubles from ``poll_seconds``.
@@ -129,7 +139,10 @@ class Node:
         self.poll_seconds = poll_seconds
         self.layout = config.layout
         self.layout.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.store = JobStore(self.layout.jobstore)
+        self.store = open_jobstore(config)
+        self.distributed = config.workers.distributed
+        self.dispatcher = Dispatcher(config, self.store) if self.distributed else None
+        self._storage_bound = False
         self.scp = StorageSCP(config, self.store)
         self.delivery = DeliveryThread(DeliveryAgent(config, self.store), poll_seconds)
         self.worker: subprocess.Popen | None = None
@@ -143,7 +156,7 @@ class Node:
         self._disk_low: bool | None = None
         self._disk_notice_written = False
         self._steps = {name: _Step(name, poll_seconds)
-                       for name in ("startup", "assembly", "worker_recovery", "purge", "disk_check")}
+                       for name in ("startup", "assembly", "worker_recovery", "purge", "disk_check", "dispatch")}
         self.http: StatusServer | None = None
         watchdog_usec = os.environ.get("WATCHDOG_USEC", "")
         self._watchdog_every = int(watchdog_usec) / 2e6 if watchdog_usec.isdigit() else 0.0
@@ -156,7 +169,14 @@ class Node:
         Out of Resources, and recovery is retried by :meth:`run` until the storage takes writes.
         """
         audit.configure(self.config)
-        metrics.watch_store(self.layout.jobstore, self.layout.root, self.config.node.reserve_free_mb * 2**20)
+        try:
+            self._bind_storage()
+        except StorageIdentityError:
+            raise
+        except Exception as exc:  # a full disk: retried by the start-up step
+            if not is_storage_error(exc):
+                raise
+        metrics.watch_store(self.store, self.layout.root, self.config.node.reserve_free_mb * 2**20)
         port = self.scp.start()
         if self.config.http.port:
             self.http = StatusServer(self.config.http.bind_address, self.config.http.port, self.config.node.ae_title,
@@ -174,18 +194,22 @@ class Node:
 
     def readiness(self) -> dict[str, bool]:
         """The ``/readyz`` checks: SCP accepting, worker alive, job store writable, disk above reserve."""
-        checks = {"scp_accepting": self.scp.accepting,
-                  "worker_alive": self.worker is not None and self.worker.poll() is None}
-        try:
-            conn = sqlite3.connect(self.layout.jobstore, timeout=1.0, isolation_level=None)
+        checks = {"scp_accepting": self.scp.accepting}
+        if not self.distributed:  # workers on other hosts are watched through their leases
+            checks["worker_alive"] = self.worker is not None and self.worker.poll() is None
+        if self.config.jobstore.url:
+            checks["job_store_writable"] = self.store.writable()
+        else:
             try:
-                conn.execute("BEGIN IMMEDIATE")  # takes the write lock: writable now
-                conn.execute("ROLLBACK")
-            finally:
-                conn.close()
-            checks["job_store_writable"] = True
-        except sqlite3.Error:
-            checks["job_store_writable"] = False
+                conn = sqlite3.connect(self.layout.jobstore, timeout=1.0, isolation_level=None)
+                try:
+                    conn.execute("BEGIN IMMEDIATE")  # takes the write lock: writable now
+                    conn.execute("ROLLBACK")
+                finally:
+                    conn.close()
+                checks["job_store_writable"] = True
+            except sqlite3.Error:
+                checks["job_store_writable"] = False
         try:
             checks["disk_above_reserve"] = (shutil.disk_usage(self.layout.root).free
                                             >= self.config.node.reserve_free_mb * 2**20)
@@ -193,7 +217,15 @@ class Node:
             checks["disk_above_reserve"] = False
         return checks
 
+    def _bind_storage(self) -> None:
+        if not self._storage_bound:
+            storage_id = ensure_storage_id(self.layout)
+            self.store.bind_storage(storage_id)
+            self._storage_bound = True
+            logs.event("storage_identity", storage_id=storage_id, job_store=self.store.engine)
+
     def _prepare(self) -> None:
+        self._bind_storage()
         text = self.config.to_json()
         try:
             current = self.layout.config_json.read_text()
@@ -203,9 +235,12 @@ class Node:
             write_durably(self.layout.config_json, lambda tmp: tmp.write_text(text))
         # A job left running by a node that was stopped (SIGKILL, power loss, restart) is not
         # counted: the node process runs no model, so a study cannot have brought it down.
-        recovered = self.store.recover(self.config.pipeline.max_job_interruptions, count_interruption=False)
+        # Past one machine, jobs left running belong to workers elsewhere: their leases decide.
+        recovered = self.store.recover(self.config.pipeline.max_job_interruptions, count_interruption=False,
+                                       jobs=not self.distributed)
         logs.event("node_recovered", **recovered)
-        self._start_worker()
+        if not self.distributed:
+            self._start_worker()
         self.delivery.start()
         self._ready = True
 
@@ -216,7 +251,9 @@ class Node:
             if not self._ready:
                 steps["startup"].run(self._prepare)
             steps["assembly"].run(self._assemble)
-            if self._ready:
+            if self._ready and self.dispatcher is not None:
+                steps["dispatch"].run(self.dispatcher.sweep)
+            elif self._ready:
                 self._check_worker()
             steps["purge"].run(self._purge)
             steps["disk_check"].run(self._check_disk)
@@ -376,6 +413,10 @@ def serve(config: NodeConfig) -> int:
         print(f"dicom-ai: configuration error: {exc}", file=sys.stderr)
         logs.event("node_start_failed", level="ERROR", error=str(exc))
         return 2
+    except (StorageIdentityError, JobStoreError) as exc:
+        print(f"dicom-ai: cannot start the node: {exc}", file=sys.stderr)
+        logs.event("node_start_failed", level="ERROR", error=str(exc))
+        return 2
     except sqlite3.Error as exc:
         print(f"dicom-ai: cannot open the job store {config.layout.jobstore}: {exc} (if the disk is full, free "
               "space; if the file is damaged, move it away and start again)", file=sys.stderr)
@@ -385,6 +426,13 @@ def serve(config: NodeConfig) -> int:
         where = f"{config.node.bind_address}:{config.node.port}" if exc.errno in (98, 99, 13) else config.storage_dir
         print(f"dicom-ai: cannot start the node ({where}): {exc.strerror or exc}", file=sys.stderr)
         logs.event("node_start_failed", level="ERROR", error=str(exc))
+        return 2
+    except Exception as exc:
+        if not is_storage_error(exc):
+            raise
+        # PostgreSQL not reachable at start (once running, the node waits such outages out).
+        print(f"dicom-ai: cannot reach the job store (jobstore.url): {type(exc).__name__}: {exc}", file=sys.stderr)
+        logs.event("node_start_failed", level="ERROR", error=f"{type(exc).__name__}: {exc}")
         return 2
     node.run()
     sys.stderr.flush()

@@ -5,6 +5,13 @@ the study's spooled instances through the pipeline and write every result object
 durable outbox ``<storage>/outbox/job-<id>/`` (temporary file, fsync, rename, directory
 fsync), and then, in one job-store transaction, records the outbox and queues one delivery per
 destination. The worker exits when the node that started it is gone.
+
+The same job loop runs in the Celery workers of a multi-host site
+(:mod:`dicom_ai.node.dispatch`, ``dicom-ai worker``). Wherever it runs, a worker first checks
+that it sees the node's storage (:func:`check_storage`: the ``storage-id`` file against the
+identity the node recorded in the job store), records itself (``workers`` table) and, while a
+job runs, renews the job's lease (:class:`Heartbeat`), so a job whose worker dies is re-queued
+by the node after ``workers.lease_seconds`` and finished by another worker.
 """
 
 from __future__ import annotations
@@ -14,17 +21,21 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from dicom_ai.core.errors import StorageIdentityError
 from dicom_ai.node import logs
 from dicom_ai.node.config import NodeConfig
-from dicom_ai.node.jobstore import Job, JobStore
+from dicom_ai.node.engines import open_jobstore
+from dicom_ai.node.jobstore import Job, SqlJobStore
 from dicom_ai.node.processing import destinations_for, load_pipeline, process_job
-from dicom_ai.node.storage import PRIVATE_UMASK, is_disk_full, is_storage_error
+from dicom_ai.node.storage import PRIVATE_UMASK, is_disk_full, is_storage_error, read_storage_id
 
 #: Longest wait between two tries while the storage cannot be written, in seconds. Each try
 #: after a full disk re-runs the job's inference, so the worker also looks at the free space
@@ -40,7 +51,7 @@ class StorageTrouble:
     it logs ``storage_recovered`` and clears the notice.
     """
 
-    def __init__(self, store: JobStore, root: Path, reserve_bytes: int, poll_seconds: float = 1.0,
+    def __init__(self, store: SqlJobStore, root: Path, reserve_bytes: int, poll_seconds: float = 1.0,
                  stopping: Callable[[], bool] = lambda: False):
         self.store = store
         self.stopping = stopping
@@ -93,6 +104,80 @@ class StorageTrouble:
                 return  # space came back: try now rather than at the end of the backoff
 
 
+def worker_identity(name: str) -> str:
+    """How a job records who ran it: ``<name>@<host> pid <pid>`` (no patient data)."""
+    return f"{name}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def check_storage(config: NodeConfig, store: SqlJobStore) -> str:
+    """Check that this process sees the storage the node writes; returns its identity.
+
+    The node writes a random identity into ``<storage>/storage-id`` and records it in the job
+    store at start (:meth:`~dicom_ai.node.jobstore.SqlJobStore.bind_storage`); a worker whose
+    ``node.storage`` path holds another identity, or none, would read spool files that are not
+    there and write results the node cannot send.
+
+    Raises
+    ------
+    StorageIdentityError
+        The identities differ, the file is missing, or the node never started with this store.
+    """
+    root = config.layout.root
+    recorded = store.storage_id()
+    local = read_storage_id(config.layout)
+    if recorded is None:
+        raise StorageIdentityError("the job store holds no storage identity yet: start the receiving node "
+                                   "(dicom-ai serve) with this [jobstore] url once before starting workers")
+    if local is None:
+        raise StorageIdentityError(f"{config.layout.storage_id} does not exist, so node.storage = {str(root)!r} is "
+                                   "not the node's storage on this host: mount the shared storage (NFS or similar) "
+                                   "at that path, as the node sees it, then start the worker again")
+    if local != recorded:
+        raise StorageIdentityError(f"node.storage = {str(root)!r} holds storage id {local}, but the node using this "
+                                   f"job store writes to the storage with id {recorded}: this host has another "
+                                   "folder (or another server's export) mounted there")
+    return local
+
+
+class Heartbeat:
+    """Renews a running job's lease in a thread every ``every`` seconds while the ``with`` block runs.
+
+    A renewal that finds the claim gone (the node re-queued the job after a lease ran out, e.g.
+    while this host could not reach the job store) is logged once (``job_claim_lost``); the
+    job's outcome will then be refused as ``stale`` and its rerun elsewhere counts.
+    """
+
+    def __init__(self, store: SqlJobStore, job: Job, every: float):
+        self.store, self.job, self.every = store, job, max(0.05, every)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job.id}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        failing = lost = False
+        while not self._stop.wait(self.every):
+            try:
+                ok = self.store.heartbeat(self.job)
+            except Exception as exc:
+                if not failing:
+                    logs.event("heartbeat_failed", level="WARNING", job_id=self.job.id,
+                               error=f"{type(exc).__name__}: {exc}"[:300])
+                failing = True
+                continue
+            failing = False
+            if not ok and not lost:
+                logs.event("job_claim_lost", level="WARNING", job_id=self.job.id,
+                           hint="the lease ran out (workers.lease_seconds); another worker runs the job")
+                lost = True
+
+
 def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float = 0.2) -> None:
     """Claim and run jobs until the parent process is gone (or SIGTERM).
 
@@ -110,7 +195,10 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
     poll_seconds
         Wait between job-store polls when no job is queued, in seconds.
     """
-    store = JobStore(config.layout.jobstore)
+    store = open_jobstore(config)
+    identity = worker_identity("local")
+    storage_id = check_storage(config, store)
+    store.register_worker("local@" + socket.gethostname(), socket.gethostname(), os.getpid(), storage_id)
     stopping = False
 
     def _stop(signum, frame):
@@ -146,7 +234,7 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
             logs.event("worker_orphaned", level="WARNING")
             return
         try:
-            job = store.claim_job()
+            job = store.claim_job(worker=identity)
         except Exception as exc:
             if not is_storage_error(exc):
                 raise
@@ -156,10 +244,17 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
         if job is None:
             time.sleep(poll_seconds)
             continue
-        _run_job(job, pipeline, config, store, trouble, lambda: stopping)
+        run_claimed_job(job, pipeline, config, store, trouble, lambda: stopping)
 
 
-def _run_job(job: Job, pipeline, config: NodeConfig, store: JobStore, trouble: StorageTrouble,
+def run_claimed_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble: StorageTrouble,
+                    stopping: Callable[[], bool]) -> None:
+    """Process one claimed job and record its outcome, renewing its lease while it runs."""
+    with Heartbeat(store, job, config.workers.lease_seconds / 3):
+        _run_job(job, pipeline, config, store, trouble, stopping)
+
+
+def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble: StorageTrouble,
              stopping: Callable[[], bool]) -> None:
     """Process one claimed job and record its outcome, waiting out storage errors on the way."""
     started = time.monotonic()
@@ -258,7 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     config = NodeConfig.from_json(Path(args.config_json).read_text())
     logs.configure("worker", config.logging.level, config.log_file)
-    serve(config, parent_pid=args.parent_pid)
+    try:
+        serve(config, parent_pid=args.parent_pid)
+    except StorageIdentityError as exc:
+        logs.event("storage_mismatch", level="ERROR", error=str(exc))
+        time.sleep(5)  # the node restarts the worker; do not spin
+        return 3
     logs.event("worker_exiting")
     # Everything is committed and fsynced; skip the interpreter teardown (seconds with
     # highdicom/SimpleITK loaded) so the node stops promptly.

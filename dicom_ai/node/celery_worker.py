@@ -1,0 +1,142 @@
+"""``dicom-ai worker``: inference workers on any host, as a Celery worker fed job ids by the broker.
+
+One ``dicom-ai worker --config node.toml`` per GPU (``--device cuda:N``), or one with
+``--concurrency N`` on a CPU host. It reads the same ``node.toml`` as the node (the shared
+storage path, ``[jobstore] url``, ``[workers] broker_url``, ``[pipeline]``, ``[results]``).
+
+At start, before taking any message, the worker checks that it sees the node's storage
+(:func:`~dicom_ai.node.worker.check_storage`) and records itself in the job store; a mismatch
+stops it with exit status 2 and a message naming the path. Then Celery's prefork pool starts
+``--concurrency`` processes; each opens its own job-store pool, loads the model pipeline once
+and runs tasks. A task (:data:`~dicom_ai.node.dispatch.TASK_NAME`) claims the job it names in
+one job-store transaction and runs it exactly as the embedded worker does
+(:func:`~dicom_ai.node.worker.run_claimed_job`: outbox, lease renewal, complete/fail/stale);
+a job that is not claimable (done, cancelled, running elsewhere) is left alone. With
+``workers.deliver_on_workers`` each pool process also runs a delivery thread (leased
+deliveries, :mod:`~dicom_ai.node.delivery`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from celery.signals import worker_process_init
+
+from dicom_ai.node import logs
+from dicom_ai.node.config import NodeConfig
+from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
+from dicom_ai.node.dispatch import TASK_NAME, make_app
+from dicom_ai.node.engines import open_jobstore
+from dicom_ai.node.processing import load_pipeline
+from dicom_ai.node.storage import PRIVATE_UMASK, is_storage_error
+from dicom_ai.node.worker import StorageTrouble, check_storage, run_claimed_job, worker_identity
+
+__all__ = ["run"]
+
+#: Longest a task waits for an unreachable job store before it gives up its message (the
+#: node announces the job again later), in seconds.
+CLAIM_PATIENCE_SECONDS = 600.0
+
+
+class _PoolProcess:
+    """What one pool process keeps between tasks: its job store, pipeline and storage backoff."""
+
+    def __init__(self, config: NodeConfig, name: str):
+        self.config = config
+        self.identity = worker_identity(name)
+        self.store = open_jobstore(config)
+        started = time.monotonic()
+        self.pipeline = load_pipeline(config)
+        self.trouble = StorageTrouble(self.store, config.layout.root, config.node.reserve_free_mb * 2**20)
+        self.delivery = None
+        if config.workers.deliver_on_workers:
+            self.delivery = DeliveryThread(DeliveryAgent(config, self.store))
+            self.delivery.start()
+        logs.event("worker_started", worker=self.identity, factory=config.pipeline.factory or "bundles",
+                   models=",".join(config.pipeline.models), device=config.pipeline.device,
+                   load_seconds=round(time.monotonic() - started, 1),
+                   delivers=config.workers.deliver_on_workers)
+
+    def run(self, job_id: int) -> str:
+        """Claim and run one job; returns ``ran``, or ``not_claimable``/``gave_up``."""
+        waited = time.monotonic()
+        while True:
+            try:
+                job = self.store.claim_job(job_id, worker=self.identity)
+                break
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                if time.monotonic() - waited > CLAIM_PATIENCE_SECONDS:
+                    logs.event("claim_gave_up", level="ERROR", job_id=job_id, error=f"{type(exc).__name__}: {exc}",
+                               hint="the job stays queued; the node announces it again")
+                    return "gave_up"
+                self.trouble.failed(exc, "claim", job_id=job_id)
+        self.trouble.succeeded()
+        if job is None:
+            logs.event("job_not_claimable", job_id=job_id, worker=self.identity,
+                       rule="a repeated or redelivered message: the job is running elsewhere, done or cancelled")
+            return "not_claimable"
+        run_claimed_job(job, self.pipeline, self.config, self.store, self.trouble, lambda: False)
+        return "ran"
+
+
+_process: _PoolProcess | None = None
+
+
+def _pool_process(config: NodeConfig, name: str) -> _PoolProcess:
+    global _process
+    if _process is None:
+        _process = _PoolProcess(config, name)
+    return _process
+
+
+def run(config: NodeConfig, name: str = "worker", concurrency: int = 1, loglevel: str = "WARNING") -> int:
+    """Run a Celery worker until SIGTERM (warm shutdown: the running jobs finish first).
+
+    Parameters
+    ----------
+    config : NodeConfig
+        The site's configuration; ``workers.broker_url`` and a PostgreSQL ``jobstore.url``
+        are required.
+    name : str
+        This worker's name (``<name>@<host>`` in ``status`` and in Celery).
+    concurrency : int
+        Pool processes, each with its own pipeline: 1 per GPU.
+    loglevel : str
+        Celery's own log level (the worker's events go to the JSON log as everywhere).
+
+    Returns
+    -------
+    int
+        0 after a clean stop, 2 when the configuration or the storage check refuses to start.
+    """
+    os.umask(PRIVATE_UMASK)
+    host = socket.gethostname()
+    store = open_jobstore(config)
+    try:
+        storage_id = check_storage(config, store)
+        store.register_worker(f"{name}@{host}", host, os.getpid(), storage_id)
+    finally:
+        store.close()  # not across the fork: each pool process opens its own pool
+    app = make_app(config)
+
+    @app.task(name=TASK_NAME, ignore_result=True)
+    def run_job(job_id: int) -> str:
+        return _pool_process(config, name).run(int(job_id))
+
+    def _init(**_):
+        try:
+            _pool_process(config, name)
+        except Exception as exc:  # the first task retries, and its error is in the log
+            logs.event("pipeline_load_failed", level="ERROR", error=f"{type(exc).__name__}: {exc}")
+
+    worker_process_init.connect(_init, weak=False)
+    logs.event("celery_worker_starting", worker=f"{name}@{host}", queue=config.workers.queue,
+               concurrency=concurrency, storage_id=storage_id)
+    app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork",
+                     f"--hostname={name}@{host}", "-Q", config.workers.queue, "--prefetch-multiplier=1",
+                     "--without-gossip", "--without-mingle", "--without-heartbeat"])
+    return 0
