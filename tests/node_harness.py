@@ -236,7 +236,7 @@ def write_node_config(path: Path, storage: Path, port: int, peers: list[tuple[st
         else:
             cfg[section] = values
     lines = []
-    for section in ("node", "study", "pipeline", "results", "limits", "retry", "logging"):
+    for section in ("node", "study", "pipeline", "results", "limits", "retry", "logging", "jobstore", "workers"):
         if section in cfg:
             lines.append(f"[{section}]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in cfg[section].items()]
@@ -266,8 +266,18 @@ def start_node(config: Path, port: int, log: Path, env: dict | None = None) -> P
     return proc
 
 
-def store_status(storage: Path) -> dict:
-    """States straight from the job store (read-only)."""
+_TABLES = ("studies", "instances", "jobs", "deliveries", "outbox", "sent", "notices")
+
+
+def store_status(storage: Path, url: str | None = None) -> dict:
+    """States straight from the job store (read-only): the SQLite file in ``storage``, or the
+    PostgreSQL database at ``url``."""
+    if url:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        with psycopg.connect(url, row_factory=dict_row, connect_timeout=5) as pg:
+            return {t: [dict(r) for r in pg.execute(f"SELECT * FROM {t} ORDER BY 1")] for t in _TABLES}
     conn = sqlite3.connect(f"file:{storage / 'jobs.sqlite'}?mode=ro", uri=True, timeout=10)
     conn.row_factory = sqlite3.Row
     try:
@@ -341,10 +351,15 @@ def delivered_uids(pacs_folder: Path, study_uid: str | None = None) -> list[str]
                   if ds.Modality != "MG" and (study_uid is None or ds.StudyInstanceUID == study_uid))
 
 
-def wait_delivered(storage: Path, jobs: int, timeout: float = 60) -> dict:
+def wait_delivered(storage: Path, jobs: int, timeout: float = 60, url: str | None = None) -> dict:
     """Wait until ``jobs`` jobs are done and all their deliveries are done; returns the store."""
     def done():
-        s = store_status(storage)
+        try:
+            s = store_status(storage, url)
+        except Exception as exc:  # PostgreSQL restarting: ask again
+            if url and type(exc).__module__.startswith("psycopg"):
+                return None
+            raise
         failed = [j for j in s["jobs"] if j["state"] == "failed"]
         if failed:
             raise AssertionError(f"job {failed[0]['id']} failed: {failed[0]['error']}")

@@ -1,0 +1,222 @@
+"""Past one machine: a receiving node, PostgreSQL, Redis and several Celery workers (issue 19).
+
+Every server is real and started here on loopback: a throw-away PostgreSQL cluster
+(``postgres_server``), redis-server without persistence, dcmtk's storescp as the PACS, the node
+(``dicom-ai serve``) and two or more ``dicom-ai worker`` processes. The checks: every study is
+processed once; a worker SIGKILLed mid-job has its job finished by another worker, with the
+results at the PACS exactly once; PostgreSQL and Redis restarted mid-run lose nothing and the
+system resumes by itself; a worker that does not see the node's storage refuses to start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pydicom
+import pytest
+
+from node_harness import (PYTHON, REPO, Proc, Redis, delivered_uids, free_port, node_env, outbox_uids, start_node,
+                          start_storescp, store_status, storescu, wait_delivered, wait_for, write_node_config,
+                          write_study)
+
+pytestmark = pytest.mark.slow
+
+
+class Site:
+    """One receiving node + PostgreSQL database + Redis + storescp PACS; workers started on demand."""
+
+    def __init__(self, tmp_path, postgres_server, infer_seconds: float = 1.0, pipeline: dict | None = None,
+                 workers: dict | None = None, pacs_extra: list[str] | None = None):
+        self.tmp = tmp_path
+        self.pg = postgres_server
+        self.url = postgres_server.new_database()
+        self.redis = Redis(tmp_path / "redis")
+        self.pacs, pacs_port = start_storescp(tmp_path / "pacs", "PACS", extra=pacs_extra)
+        self.port = free_port()
+        self.storage = tmp_path / "shared"
+        self.cfg = write_node_config(
+            tmp_path / "node.toml", self.storage, self.port, [("PACS", pacs_port)],
+            jobstore={"url": self.url, "connect_timeout_seconds": 2.0},
+            workers={"broker_url": self.redis.url, "lease_seconds": 2.0, "requeue_seconds": 3.0,
+                     "visibility_timeout_seconds": 60.0, **(workers or {})},
+            **({"pipeline": pipeline} if pipeline else {}))
+        self.env = node_env(DICOM_AI_TEST_INFER_SECONDS=str(infer_seconds))
+        self.workers: dict[str, Proc] = {}
+        self.node = start_node(self.cfg, self.port, tmp_path / "node.log", env=self.env)
+
+    def start_worker(self, name: str, timeout: float = 120) -> Proc:
+        log = self.tmp / f"worker-{name}.log"
+        proc = Proc([PYTHON, "-m", "dicom_ai", "worker", "--config", str(self.cfg), "--name", name], log,
+                    env=self.env, cwd=REPO)
+        self.workers[name] = proc
+        # Ready once a pool process has loaded the pipeline (and so Celery consumes).
+        wait_for(lambda: '"worker_started"' in log.read_text() or not proc.alive(), timeout, f"worker {name}")
+        assert proc.alive(), log.read_text()[-3000:]
+        return proc
+
+    def kill_worker(self, name: str) -> None:
+        """SIGKILL the whole worker (Celery's main process and its pool): a host that died."""
+        proc = self.workers[name]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.popen.wait(10)
+
+    def send(self, n: int, folder: str = "studies") -> list[str]:
+        uids = []
+        for i in range(n):
+            files = write_study(self.tmp / folder / str(i), seed=i)
+            sent = storescu(self.port, files)
+            assert sent.returncode == 0 and sent.stderr.count("(Success)") == 4, sent.stderr
+            uids.append(str(pydicom.dcmread(files[0]).StudyInstanceUID))
+        return uids
+
+    def status(self) -> dict:
+        return store_status(self.storage, self.url)
+
+    def wait_done(self, jobs: int, timeout: float = 120) -> dict:
+        return wait_delivered(self.storage, jobs, timeout=timeout, url=self.url)
+
+    def assert_exactly_once(self, study_uids: list[str], status: dict) -> None:
+        """One done job per study; the PACS holds each job's outbox, each object received once."""
+        done = [j for j in status["jobs"] if j["state"] == "done"]
+        assert len(done) == len(study_uids), status["jobs"]
+        by_study = {s["id"]: s["study_uid"] for s in status["studies"]}
+        assert sorted(by_study[j["study_id"]] for j in done) == sorted(study_uids)
+        total = 0
+        for job in done:
+            expected = outbox_uids(status, job["id"])
+            assert len(expected) >= 2
+            assert delivered_uids(self.tmp / "pacs", by_study[job["study_id"]]) == expected
+            total += len(expected)
+        log = "".join(p.read_text() for p in self.tmp.glob("storescp-PACS-*.log"))
+        assert log.count("storing DICOM file") == total, "a result object reached the PACS twice"
+        assert all(d["state"] == "done" for d in status["deliveries"])
+
+    def close(self) -> None:
+        for proc in self.workers.values():
+            if proc.alive():
+                proc.stop(timeout=20)
+        self.node.stop()
+        self.pacs.stop()
+        self.redis.stop()
+
+
+@pytest.fixture
+def site_factory(tmp_path, postgres_server):
+    sites = []
+
+    def make(**kw) -> Site:
+        sites.append(Site(tmp_path, postgres_server, **kw))
+        return sites[-1]
+
+    yield make
+    for site in sites:
+        site.close()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "dicom_ai", *args], capture_output=True, text=True, timeout=60,
+                          env=node_env(), cwd=REPO)
+
+
+def test_two_workers_share_the_studies_and_a_killed_workers_job_finishes_on_the_other(site_factory):
+    # Workers deliver too: three delivery processes on one job store, still exactly once.
+    site = site_factory(infer_seconds=3.0, workers={"deliver_on_workers": True})
+    site.start_worker("w1")
+    site.start_worker("w2")
+    studies = site.send(4)
+    running = wait_for(lambda: [j for j in site.status()["jobs"] if j["state"] == "running" and j["worker"]],
+                       60, "a running job")
+    victim_job = running[0]
+    victim = victim_job["worker"].split("@")[0]
+    survivor = "w2" if victim == "w1" else "w1"
+    site.kill_worker(victim)
+    status = site.wait_done(jobs=4, timeout=120)
+    site.assert_exactly_once(studies, status)
+    job = next(j for j in status["jobs"] if j["id"] == victim_job["id"])
+    assert job["worker"].startswith(f"{survivor}@"), job  # finished on the other worker
+    assert (job["attempts"], job["interruptions"], job["failures"]) == (2, 1, 0)
+    started = [json.loads(line) for line in (site.tmp / f"worker-{victim}.log").read_text().splitlines()
+               if '"job_started"' in line]
+    assert victim_job["id"] in {e["job_id"] for e in started}  # it was running there when killed
+    node_log = (site.storage / "logs" / "node.log").read_text()
+    assert '"jobs_reclaimed"' in node_log
+    shown = _cli("status", "--config", str(site.cfg))
+    assert f"by {survivor}@" in shown.stdout and "WORKERS" in shown.stdout, shown.stdout
+    assert "Secret" not in shown.stdout
+
+
+def test_restarting_postgresql_and_redis_mid_run_loses_nothing(site_factory):
+    site = site_factory(infer_seconds=2.0)
+    site.start_worker("w1")
+    site.start_worker("w2")
+    first = site.send(3, "before")
+    wait_for(lambda: any(j["state"] == "running" for j in site.status()["jobs"]), 60, "a running job")
+    site.pg.restart(down_seconds=2.0)  # every connection of node and workers breaks mid-job
+    site.redis.restart(down_seconds=1.0)  # and every queued message is gone (no persistence)
+    second = site.send(2, "after")  # the node takes new studies once the store is back
+    status = site.wait_done(jobs=5, timeout=150)
+    site.assert_exactly_once(first + second, status)
+    assert all(p.alive() for p in site.workers.values()) and site.node.alive()
+    logs = (site.storage / "logs" / "node.log").read_text()
+    announced = [json.loads(line)["job_id"] for line in logs.splitlines() if '"job_announced"' in line]
+    assert len(announced) >= len(set(announced)) >= 5
+
+
+def test_the_shipped_models_run_on_a_celery_worker(site_factory, tmp_path):
+    from dicom_ai.data.phantom import generate_study
+    from dicom_ai.data.phantom_folder import write_study as write_phantom
+
+    site = site_factory(infer_seconds=0.0, pipeline={"factory": "", "models": ["glam", "dunet", "microcalc"],
+                                                     "device": "cpu"})
+    site.start_worker("gpu0", timeout=180)
+    write_phantom(generate_study(5, shape=(208, 160)), tmp_path / "phantom", transfer_syntax="explicit")
+    files = sorted((tmp_path / "phantom").glob("*.dcm"))
+    sent = storescu(site.port, files)
+    assert sent.returncode == 0, sent.stderr
+    status = site.wait_done(jobs=1, timeout=300)
+    site.assert_exactly_once([str(pydicom.dcmread(files[0]).StudyInstanceUID)], status)
+    models = json.loads(status["jobs"][0]["model_seconds"])
+    assert set(models) == {"glam", "dunet", "microcalc"}
+    assert status["jobs"][0]["worker"].startswith("gpu0@")
+
+
+def test_a_worker_that_does_not_see_the_nodes_storage_refuses_to_start(tmp_path, postgres_server):
+    from dicom_ai.node.jobstore_postgres import PostgresJobStore
+
+    url = postgres_server.new_database()
+    store = PostgresJobStore(url)
+    store.bind_storage("0123456789abcdef")  # what the node recorded for its storage
+    store.close()
+    redis = f"redis://127.0.0.1:{free_port()}/0"  # never reached: the check comes first
+
+    def worker(storage) -> subprocess.CompletedProcess:
+        cfg = write_node_config(tmp_path / "w.toml", storage, free_port(), [], jobstore={"url": url},
+                                workers={"broker_url": redis})
+        return _cli("worker", "--config", str(cfg))
+
+    empty = worker(tmp_path / "not-mounted")
+    assert empty.returncode == 2 and "storage-id does not exist" in empty.stderr, empty.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "storage-id").write_text("fedcba9876543210\n")
+    wrong = worker(other)
+    assert wrong.returncode == 2 and "holds storage id fedcba9876543210" in wrong.stderr, wrong.stderr
+
+
+def test_a_node_refuses_a_job_store_bound_to_another_storage(tmp_path, postgres_server):
+    from dicom_ai.node.jobstore_postgres import PostgresJobStore
+
+    url = postgres_server.new_database()
+    store = PostgresJobStore(url)
+    store.bind_storage("0123456789abcdef")
+    store.close()
+    port = free_port()
+    cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("PACS", 104)],
+                            jobstore={"url": url})
+    serve = subprocess.run([PYTHON, "-m", "dicom_ai", "serve", "--config", str(cfg)], capture_output=True,
+                           text=True, timeout=60, env=node_env(), cwd=REPO)
+    assert serve.returncode == 2 and "belongs to the storage with id 0123456789abcdef" in serve.stderr, serve.stderr
