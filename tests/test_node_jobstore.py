@@ -231,3 +231,163 @@ def test_recovery_at_node_start_requeues_without_counting_an_interruption(store)
         assert store.recover(max_interruptions=1, count_interruption=False)["jobs_failed"] == 0
     (row,) = store.status()["jobs"]
     assert (row["state"], row["interruptions"]) == ("queued", 0)
+
+
+# -- scale-out: leases, broker announcements, concurrent claims, storage identity ------------
+
+def _one_queued(store, study="S"):
+    _receive(store, study, VIEWS, t=0.0, prefix="1.7")
+    (job_id,) = store.close_ready_studies(1.0, 5.0, _uids, now=10.0)
+    return job_id
+
+
+def test_a_claim_names_its_worker_and_a_repeated_message_claims_nothing(store):
+    job_id = _one_queued(store)
+    job = store.claim_job(job_id, worker="w1@host pid 1")
+    assert job.id == job_id
+    assert store.claim_job(job_id, worker="w2@host pid 2") is None  # the same broker message again
+    assert store.complete_job(job, [("9.1", "c", "/o/1.dcm")], [("PACS", "h", 104)]) == "done"
+    assert store.claim_job(job_id, worker="w2@host pid 2") is None  # redelivered after the job finished
+    (row,) = store.status()["jobs"]
+    assert (row["state"], row["worker"], row["attempts"]) == ("done", "w1@host pid 1", 1)
+
+
+def test_an_expired_lease_requeues_the_job_and_voids_the_dead_workers_claim(store):
+    job_id = _one_queued(store)
+    dead = store.claim_job(job_id, worker="w1")
+    assert store.heartbeat(dead)
+    assert store.reclaim_expired(60.0) == {"jobs_requeued": 0, "jobs_failed": 0}  # lease fresh
+    assert store.reclaim_expired(60.0, now=time.time() + 61) == {"jobs_requeued": 1, "jobs_failed": 0}
+    assert not store.heartbeat(dead)  # the claim is gone
+    alive = store.claim_job(job_id, worker="w2")
+    assert store.complete_job(dead, [("9.1", "c", "/o/1.dcm")], [("PACS", "h", 104)]) == "stale"
+    assert store.complete_job(alive, [("9.1", "c", "/o/1.dcm")], [("PACS", "h", 104)]) == "done"
+    (row,) = store.status()["jobs"]
+    assert (row["worker"], row["attempts"], row["interruptions"], row["failures"]) == ("w2", 2, 1, 0)
+    assert len(store.status()["deliveries"]) == 1
+
+
+def test_a_lease_expiring_too_often_fails_the_job(store):
+    job_id = _one_queued(store)
+    for _ in range(2):
+        store.claim_job(job_id)
+        store.reclaim_expired(1.0, max_interruptions=3, now=time.time() + 5)
+    store.claim_job(job_id)
+    assert store.reclaim_expired(1.0, max_interruptions=3, now=time.time() + 5)["jobs_failed"] == 1
+
+
+def test_queued_jobs_are_announced_again_only_while_unclaimed(store):
+    job_id = _one_queued(store)
+    assert store.jobs_to_enqueue(30.0) == [job_id]  # never announced
+    store.mark_enqueued([job_id], now=1000.0)
+    assert store.jobs_to_enqueue(30.0, now=1010.0) == []
+    assert store.jobs_to_enqueue(30.0, now=1031.0) == [job_id]  # the message was lost: again
+    job = store.claim_job(job_id)
+    assert store.jobs_to_enqueue(30.0, now=5000.0) == []
+    store.fail_job(job, "boom", max_attempts=3)  # back in the queue: announced at once
+    assert store.jobs_to_enqueue(30.0, now=5000.0) == [job_id]
+
+
+def test_concurrent_claims_take_each_job_once(store):
+    import threading
+
+    jobs = {_one_queued(store, f"S{i}") for i in range(12)}
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def claim_all():
+        while (job := store.claim_job(worker=threading.current_thread().name)) is not None:
+            with lock:
+                taken.append(job.id)
+
+    threads = [threading.Thread(target=claim_all, name=f"w{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(taken) == sorted(jobs)
+
+
+def test_a_delivery_is_leased_to_one_process_at_a_time(store):
+    job_id = _one_queued(store)
+    store.complete_job(store.claim_job(job_id), [("9.1", "c", "/o/1.dcm")], [("PACS", "h", 104)])
+    (d,) = store.due_deliveries()
+    assert store.claim_delivery(d.id, "node", 60.0).pending == [("9.1", "c", "/o/1.dcm")]
+    assert store.claim_delivery(d.id, "worker", 60.0) is None  # held by the node
+    assert store.due_deliveries() == []  # nobody else sees it while leased
+    assert store.claim_delivery(d.id, "node", 60.0) is not None  # the holder may renew
+    store.mark_sending(d.id, "9.1", 60.0)
+    store.mark_sent(d.id, "9.1")
+    store.delivery_done(d.id)
+    assert store.claim_delivery(d.id, "worker", 60.0) is None  # done: nothing to lease
+
+
+def test_an_expired_delivery_lease_is_taken_over_with_its_object_in_doubt(store):
+    job_id = _one_queued(store)
+    store.complete_job(store.claim_job(job_id), [("9.1", "c", "/o/1.dcm")], [("PACS", "h", 104)])
+    (d,) = store.due_deliveries()
+    store.claim_delivery(d.id, "dead", 0.2)
+    store.mark_sending(d.id, "9.1", 0.2)  # then the process died
+    time.sleep(0.3)
+    taken = store.claim_delivery(d.id, "next", 60.0)
+    assert taken is not None and taken.in_doubt == {"9.1"}
+
+
+def test_the_store_is_bound_to_one_storage(store):
+    from dicom_ai.core.errors import StorageIdentityError
+
+    assert store.storage_id() is None
+    store.bind_storage("aaaa")
+    store.bind_storage("aaaa")  # the same node again
+    assert store.storage_id() == "aaaa"
+    with pytest.raises(StorageIdentityError, match="belongs to the storage with id aaaa"):
+        store.bind_storage("bbbb")
+    store.register_worker("w1@h", "h", 7, "aaaa")
+    assert [w["name"] for w in store.status()["workers"]] == ["w1@h"]
+
+
+def test_a_store_newer_than_this_version_is_refused(tmp_path, postgres_server):
+    import sqlite3
+
+    from dicom_ai.core.errors import JobStoreError
+    from dicom_ai.node.jobstore import SCHEMA_VERSION
+    from dicom_ai.node.jobstore_postgres import PostgresJobStore
+
+    path = tmp_path / "new.sqlite"
+    sqlite3.connect(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(JobStoreError, match="newer than this"):
+        JobStore(path)
+    url = postgres_server.new_database()
+    PostgresJobStore(url).close()
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(JobStoreError, match="newer than this"):
+        PostgresJobStore(url)
+
+
+def test_postgresql_migrates_once_when_node_and_workers_start_together(postgres_server):
+    import threading
+
+    from dicom_ai.node.jobstore import SCHEMA_VERSION
+    from dicom_ai.node.jobstore_postgres import PostgresJobStore
+
+    url = postgres_server.new_database()
+    opened, errors = [], []
+
+    def open_one():
+        try:
+            opened.append(PostgresJobStore(url, pool_size=1))
+        except Exception as exc:  # pragma: no cover - the failure this test looks for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(opened) == 4
+    assert opened[0].schema_version() == SCHEMA_VERSION
+    for s in opened:
+        s.close()
