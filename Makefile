@@ -10,11 +10,11 @@ VENV ?= .venv
 VENV_ARGS ?=
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
-DEBS := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb openssl systemd
+DEBS := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb openssl systemd postgresql redis-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: all test demo debs venv bench viewer-check status-page-check clean fuzz crash-storm
+.PHONY: all test demo debs venv bench viewer-check status-page-check clean fuzz crash-storm bench-scaleout
 
 all: test
 
@@ -96,3 +96,9 @@ glam-bundle: venv
 	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --out build/glam-phantom
 	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --baseline cam --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --out build/glam-cam
 	nice $(PY) benchmarks/bench_glam_mias.py --mias $(MIAS_DIR) --bundle build/glam-phantom --cam build/glam-cam/cam.safetensors --ship models/glam
+
+# Issue 19's scale-out benchmark: study throughput with 1, 2 and 4 Celery workers on a
+# PostgreSQL job store and a Redis broker (all started on loopback), against the embedded
+# node; report in benchmarks/results/scaleout.json.
+bench-scaleout: venv debs
+	nice -n 5 $(PY) benchmarks/bench_scaleout.py
