@@ -1,7 +1,7 @@
 """Scale-out: study throughput with 1, 2 and 4 Celery workers, and the distributed path's per-job overhead.
 
 Everything runs on this machine on loopback, started here: a throw-away PostgreSQL cluster
-(the job store), redis-server (the broker), dcmtk's storescp (the PACS), the receiving node
+(the job store, with fsync on like the embedded SQLite store's synchronous=FULL), redis-server (the broker), dcmtk's storescp (the PACS), the receiving node
 (``dicom-ai serve``) and N ``dicom-ai worker`` processes (``--concurrency 1`` each, as one per
 GPU). The pipeline is the tests' stand-in with a fixed cost: it sleeps ``--infer-seconds`` per
 study (a quarter per image) and then writes the real SEG/SR/GSPS objects of a small study, so
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.workers.split(",")]
-    pg = Postgres()
+    pg = Postgres(durable=True)  # fsync on, as the embedded SQLite store (synchronous=FULL)
     runs = []
     with tempfile.TemporaryDirectory(prefix="dicom-ai-scaleout-") as tmp:
         tmp = Path(tmp)

@@ -386,13 +386,15 @@ class Postgres:
     """A throw-away PostgreSQL cluster on a loopback port (``initdb`` + ``pg_ctl`` in a temp folder).
 
     PostgreSQL refuses to run as root, so as root the server runs as ``nobody`` (``setpriv``)
-    in a folder owned by it. Trust authentication on 127.0.0.1 only; ``fsync = off`` (tests
-    stop it with ``-m immediate``, which the OS page cache survives).
+    in a folder owned by it. Trust authentication on 127.0.0.1 only. ``durable=False`` (tests)
+    sets ``fsync = off``: tests stop it with ``-m immediate``, which the OS page cache survives;
+    benchmarks keep PostgreSQL's durable default, as the embedded SQLite store fsyncs too.
     """
 
     available = _pg_bin() is not None
 
-    def __init__(self):
+    def __init__(self, durable: bool = False):
+        self.durable = durable
         import pwd
         import shutil
         import tempfile
@@ -420,8 +422,8 @@ class Postgres:
 
     def start(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-w", "-t", "60",
-                  "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-                        "-c max_connections=200", "start")
+                  "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
+                        f"-c fsync={'on' if self.durable else 'off'} -c max_connections=200", "start")
 
     def stop(self, mode: str = "immediate") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)

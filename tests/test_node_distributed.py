@@ -50,11 +50,13 @@ class Site:
 
     def start_worker(self, name: str, timeout: float = 120) -> Proc:
         log = self.tmp / f"worker-{name}.log"
+        before = log.read_text().count('"worker_started"') if log.exists() else 0
         proc = Proc([PYTHON, "-m", "dicom_ai", "worker", "--config", str(self.cfg), "--name", name], log,
                     env=self.env, cwd=REPO)
         self.workers[name] = proc
         # Ready once a pool process has loaded the pipeline (and so Celery consumes).
-        wait_for(lambda: '"worker_started"' in log.read_text() or not proc.alive(), timeout, f"worker {name}")
+        wait_for(lambda: log.read_text().count('"worker_started"') > before or not proc.alive(), timeout,
+                 f"worker {name}")
         assert proc.alive(), log.read_text()[-3000:]
         return proc
 
@@ -148,6 +150,20 @@ def test_two_workers_share_the_studies_and_a_killed_workers_job_finishes_on_the_
     assert f"by {survivor}@" in shown.stdout and "WORKERS" in shown.stdout, shown.stdout
     assert "Secret" not in shown.stdout
 
+    # Now only the pool process running a job dies (the OOM killer's way): Celery's main process
+    # stays, requeues the message (task_reject_on_worker_lost) and starts a new pool process.
+    site.start_worker(victim)
+    more = site.send(2, "more")
+    running = wait_for(lambda: [j for j in site.status()["jobs"] if j["state"] == "running" and j["worker"]],
+                       60, "a running job")
+    pool_pid = int(running[0]["worker"].rsplit(" ", 1)[-1])
+    os.kill(pool_pid, signal.SIGKILL)
+    status = site.wait_done(jobs=6, timeout=120)
+    site.assert_exactly_once(studies + more, status)
+    job = next(j for j in status["jobs"] if j["id"] == running[0]["id"])
+    assert job["interruptions"] == 1 and job["state"] == "done"
+    assert all(p.alive() for name, p in site.workers.items())  # the Celery main processes lived on
+
 
 def test_restarting_postgresql_and_redis_mid_run_loses_nothing(site_factory):
     site = site_factory(infer_seconds=2.0)
@@ -155,11 +171,17 @@ def test_restarting_postgresql_and_redis_mid_run_loses_nothing(site_factory):
     site.start_worker("w2")
     first = site.send(3, "before")
     wait_for(lambda: any(j["state"] == "running" for j in site.status()["jobs"]), 60, "a running job")
-    site.pg.restart(down_seconds=2.0)  # every connection of node and workers breaks mid-job
+    site.pg.stop("immediate")  # every connection of node and workers breaks mid-job
+    during = write_study(site.tmp / "during", seed=99)
+    refused = storescu(site.port, during)  # nothing can be recorded: no Success for any image
+    assert "(Success)" not in refused.stderr and "OutOfResources" in refused.stderr, refused.stderr
+    site.pg.start()
     site.redis.restart(down_seconds=1.0)  # and every queued message is gone (no persistence)
-    second = site.send(2, "after")  # the node takes new studies once the store is back
-    status = site.wait_done(jobs=5, timeout=150)
-    site.assert_exactly_once(first + second, status)
+    resent = storescu(site.port, during)  # what the modality does after a refusal
+    assert resent.returncode == 0 and resent.stderr.count("(Success)") == 4, resent.stderr
+    second = site.send(2, "after")
+    status = site.wait_done(jobs=6, timeout=150)
+    site.assert_exactly_once(first + [str(pydicom.dcmread(during[0]).StudyInstanceUID)] + second, status)
     assert all(p.alive() for p in site.workers.values()) and site.node.alive()
     logs = (site.storage / "logs" / "node.log").read_text()
     announced = [json.loads(line)["job_id"] for line in logs.splitlines() if '"job_announced"' in line]

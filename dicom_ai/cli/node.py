@@ -206,11 +206,23 @@ def _check_config(args: argparse.Namespace) -> int:
         return 2
     if not args.quiet:
         effective = dataclasses.asdict(config)
+        for section, key in (("jobstore", "url"), ("workers", "broker_url")):  # never print a password
+            effective[section][key] = _without_password(effective[section][key])
         effective["derived"] = {"storage": str(config.storage_dir), "log_file": str(config.log_file),
                                 "audit_file": str(config.audit_file) if config.audit.sink == "file" else None}
         print(f"# {args.config}: valid. Effective configuration (defaults filled in):")
         print(json.dumps(effective, indent=2))
     return 0
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _retry(args: argparse.Namespace) -> int:
