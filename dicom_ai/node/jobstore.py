@@ -600,8 +600,8 @@ class SqlJobStore:
         count_interruption : bool
             Whether this recovery counts an interruption for each running job.
         jobs : bool
-            False: leave running jobs alone (workers on other hosts may be running them; their
-            leases decide, :meth:`reclaim_expired`) and only make deliveries due.
+            False: leave running jobs and delivery leases alone (workers on other hosts may hold
+            them; their leases decide, :meth:`reclaim_expired`) and only make deliveries due.
 
         Returns
         -------
@@ -613,8 +613,10 @@ class SqlJobStore:
         with self._write() as db:
             if jobs:
                 requeued, failed = self._interrupted(db, "1 = 1", (), max_interruptions, count_interruption, now)
-            due = db.execute("UPDATE deliveries SET next_attempt = ?, lease_owner = NULL, lease_until = NULL "
-                             "WHERE state = 'pending'", (now,)).rowcount
+            # Leases are left to expire when other processes may hold them (jobs=False).
+            leases = ", lease_owner = NULL, lease_until = NULL" if jobs else ""
+            due = db.execute(f"UPDATE deliveries SET next_attempt = ?{leases} WHERE state = 'pending'",
+                             (now,)).rowcount
         return {"jobs_requeued": requeued, "jobs_failed": failed, "deliveries_pending": due}
 
     def reclaim_expired(self, lease_seconds: float, max_interruptions: int = MAX_JOB_INTERRUPTIONS,

@@ -174,7 +174,11 @@ class PostgresJobStore(SqlJobStore):
             check=ConnectionPool.check_connection, name="dicom-ai-jobstore",
             # Keep trying for a server that is down at start or restarts: the callers retry.
             reconnect_timeout=365 * 86400.0)
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self._pool.close()  # its threads would otherwise outlive the failed open
+            raise
 
     def __repr__(self) -> str:
         return "PostgresJobStore(<url>)"  # the URL may hold a password
