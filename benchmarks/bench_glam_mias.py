@@ -141,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--folds", type=int, nargs="*", default=list(range(MIAS_FOLDS)))
     parser.add_argument("--ship", default=None, help="also fine-tune on all folds and write the bundle here")
+    parser.add_argument("--save-folds", type=Path, default=ROOT / "build" / "glam-mias",
+                        help="write each fold's fine-tuned bundle to DIR/fold<k> (for bench_mias_node.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if not (args.mias / "Info.txt").is_file():
@@ -159,6 +161,11 @@ def main(argv=None) -> int:
         test_idx = np.flatnonzero(folds == fold)
         model, cam, history = fine_tune(bundle, cam_state, subset(data, train_idx), args, seed=fold)
         histories[str(fold)] = history
+        if args.save_folds:
+            manifest = copy.deepcopy(bundle.manifest)
+            manifest["version"] = f"{manifest['version']}+mias-fold{fold}"
+            manifest["training"]["fine_tuning"] = {"data": f"mini-MIAS folds other than {fold}", "history": history}
+            save_bundle(args.save_folds / f"fold{fold}", manifest, model.network.state_dict())
         g_train, c_train = glam_maps(model, subset(data, train_idx)), cam_maps(cam, subset(data, train_idx), model.config)
         g_test, c_test = glam_maps(model, subset(data, test_idx)), cam_maps(cam, subset(data, test_idx), model.config)
         tr_items, te_items = _drawn_items(train_idx, drawn), _drawn_items(test_idx, drawn)

@@ -32,7 +32,6 @@ RUNS = {
     "lr3e-4": dict(lr=3e-4, balance="none", schedule="constant", init=True),
     "lr1e-3": dict(lr=1e-3, balance="none", schedule="constant", init=True),
     "lr1e-3_sqrt": dict(lr=1e-3, balance="sqrt", schedule="constant", init=True),
-    "lr1e-3_sqrt_cosine": dict(lr=1e-3, balance="sqrt", schedule="cosine", init=True),
     "lr1e-3_sqrt_random_init": dict(lr=1e-3, balance="sqrt", schedule="constant", init=False),
 }
 
@@ -40,7 +39,7 @@ RUNS = {
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--init", required=True, help="glam-pretrain safetensors file")
-    parser.add_argument("--studies", type=int, default=300)
+    parser.add_argument("--studies", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--runs", nargs="*", default=list(RUNS))
     parser.add_argument("--cache", default=str(ROOT / "build" / "glam-cache"))

@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", type=Path, default=Path("/work/shared/data/real"))
     p.add_argument("--dunet-folds", type=Path, action="append", default=None,
                    help="folder with fold0..fold4 U-Net bundles fine-tuned on the other folds (CV of the MIAS U-Net)")
+    p.add_argument("--glam-folds", type=Path, default=None,
+                   help="folder with fold0..fold4 GLAM bundles fine-tuned on the other folds "
+                        "(benchmarks/bench_glam_mias.py); adds a config with both MIAS-tuned models, the shipped one")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="first N images only (a dry run; figures not valid)")
     p.add_argument("--no-real", action="store_true", help="skip the four shared real images")
@@ -311,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
             ((_, mm),) = predict_marks([s], fold_pipes[images[i].fold], cache=args.cache)
             tuned.append({**{k: v for k, v in marks[i].items() if k != "dunet"}, "dunet": mm["dunet"]})
         configs[f"MIAS-tuned U-Net {epochs} epochs (CV) + phantom GLAM/microcalc"] = tuned
+    if args.glam_folds and len(configs) > 1:
+        glam_pipes = {k: Pipeline.from_bundles([str(args.glam_folds / f"fold{k}")], device="cpu")
+                      for k in range(MIAS_FOLDS)}
+        both = []
+        for i, s in enumerate(samples):
+            ((_, mm),) = predict_marks([s], glam_pipes[images[i].fold], cache=args.cache)
+            both.append({**tuned[i], "glam": mm["glam"]})
+        configs["MIAS-tuned U-Net and GLAM (CV) + phantom microcalc"] = both
     result: dict = {"benchmark": "node's sent marks on mini-MIAS, 5-fold CV (issue 14 part 2)",
                     "data": {"images": len(images), "normal": int(sum(im.normal for im in images)),
                              "licence": data.licence,
@@ -346,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     # Pectoral detections.
     result["pectoral_found"] = int(sum(bool(s.image.pectoral_mask.any()) for s in samples))
     # Shipped thresholds: chosen on all five folds, per config; manifests get the tuned config's.
-    ship_name = list(configs)[1 if len(configs) > 1 else 0]
+    ship_name = list(configs)[-1]
     ship_tables = _tables(images, configs[ship_name])
     ship = {pn: choose_thresholds(ship_tables, range(len(images)), b) for pn, b in POINTS.items()}
     result["shipped_thresholds"] = {"config": ship_name,

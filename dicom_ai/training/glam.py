@@ -827,7 +827,7 @@ def glam_manifest(config: GlamConfig, *, thresholds: dict[str, float], metrics: 
     """
     return {
         "name": "glam",
-        "version": f"0.1.0-{config.name}",
+        "version": f"0.2.0-{config.name}",
         "family": "Artificial Intelligence",
         "architecture": {"kind": "glam", **config.to_dict()},
         "input": {
