@@ -242,3 +242,20 @@ def test_a_node_refuses_a_job_store_bound_to_another_storage(tmp_path, postgres_
     serve = subprocess.run([PYTHON, "-m", "dicom_ai", "serve", "--config", str(cfg)], capture_output=True,
                            text=True, timeout=60, env=node_env(), cwd=REPO)
     assert serve.returncode == 2 and "belongs to the storage with id 0123456789abcdef" in serve.stderr, serve.stderr
+
+
+def test_a_worker_whose_models_cannot_load_says_so_and_its_jobs_wait(site_factory):
+    site = site_factory(pipeline={"factory": "node_harness:no_such_pipeline"})
+    log = site.tmp / "worker-broken.log"
+    site.workers["broken"] = Proc([PYTHON, "-m", "dicom_ai", "worker", "--config", str(site.cfg), "--name", "broken"],
+                                  log, env=site.env, cwd=REPO)
+    (study,) = site.send(1)
+
+    def notice():
+        return [n for n in site.status()["notices"] if n["key"].startswith("worker broken@")]
+
+    (shown,) = wait_for(notice, 60, "the worker's notice")
+    assert "cannot be loaded" in shown["message"] and "no_such_pipeline" in shown["message"]
+    assert [j["state"] for j in site.status()["jobs"]] == ["queued"]  # not failed: a fixed worker runs it
+    status = _cli("status", "--config", str(site.cfg))
+    assert status.returncode == 1 and "PROBLEM (worker broken@" in status.stdout, status.stdout

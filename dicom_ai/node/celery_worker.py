@@ -48,7 +48,18 @@ class _PoolProcess:
         self.identity = worker_identity(name)
         self.store = open_jobstore(config)
         started = time.monotonic()
-        self.pipeline = load_pipeline(config)
+        notice = f"worker {name}@{socket.gethostname()}"
+        try:
+            self.pipeline = load_pipeline(config)
+        except Exception as exc:
+            # Its messages fail and the jobs stay queued (announced again later); status says why.
+            try:
+                self.store.set_notice(notice, f"the model pipeline cannot be loaded, this worker runs no job: "
+                                              f"{type(exc).__name__}: {exc}")
+            finally:
+                self.store.close()
+            raise
+        self.store.set_notice(notice, None)
         self.trouble = StorageTrouble(self.store, config.layout.root, config.node.reserve_free_mb * 2**20)
         self.delivery = None
         if config.workers.deliver_on_workers:

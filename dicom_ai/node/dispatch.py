@@ -42,6 +42,7 @@ JSON serializer only
 
 from __future__ import annotations
 
+import threading
 import time
 
 from celery import Celery
@@ -50,7 +51,7 @@ from dicom_ai.node import logs
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.jobstore import SqlJobStore
 
-__all__ = ["TASK_NAME", "Dispatcher", "make_app"]
+__all__ = ["TASK_NAME", "DispatchThread", "Dispatcher", "make_app"]
 
 #: The Celery task name of "run this job" (its only argument: the job id).
 TASK_NAME = "dicom_ai.run_job"
@@ -123,3 +124,33 @@ class Dispatcher:
 
     def close(self) -> None:
         self.app.close()
+
+
+class DispatchThread(threading.Thread):
+    """Runs :meth:`Dispatcher.sweep` every ``poll_seconds`` in a thread of its own, so a broker
+    that is down (each send then waits up to its connection timeout) delays announcements only,
+    never study assembly or the supervisor's watchdog; errors back off up to 10 s."""
+
+    def __init__(self, dispatcher: Dispatcher, poll_seconds: float = 0.2):
+        super().__init__(name="dispatch", daemon=True)
+        self.dispatcher = dispatcher
+        self.poll_seconds = poll_seconds
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        failures = 0
+        while not self.stopping.is_set():
+            try:
+                self.dispatcher.sweep()
+            except Exception as exc:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    logs.event("dispatch_error", level="ERROR", error=f"{type(exc).__name__}: {exc}"[:500],
+                               failures=failures, hint="jobs stay queued in the job store and are announced "
+                               "when the broker (workers.broker_url) and the job store answer again")
+                self.stopping.wait(min(10.0, self.poll_seconds * 2 ** failures))
+                continue
+            if failures:
+                logs.event("dispatch_recovered", after_failures=failures)
+                failures = 0
+            self.stopping.wait(self.poll_seconds)

@@ -258,6 +258,12 @@ class SqlJobStore:
     def close(self) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def _clock(self, db) -> float:
+        """The time leases are written and compared in, epoch seconds: this host's clock for
+        SQLite (one host); the database server's for PostgreSQL, so the hosts' clock skew
+        cannot make a lease look expired while its holder still works."""
+        return time.time()
+
     def rows(self, sql: str, params: Sequence = ()) -> list[dict]:
         """Rows of a read-only query as dicts (for metrics and tests)."""
         with self._read() as db:
@@ -428,8 +434,8 @@ class SqlJobStore:
             Who runs it (``name host pid``), kept in ``jobs.worker`` for ``status``.
         """
         token = uuid.uuid4().hex
-        now = time.time()
         with self._write() as db:
+            now = self._clock(db)
             if job_id is None:
                 row = db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1" + self.SKIP_LOCKED
                                  ).fetchone()
@@ -468,7 +474,7 @@ class SqlJobStore:
         """Renew a running job's lease; False when the claim is lost (reclaimed, or the job was reset)."""
         with self._write() as db:
             return db.execute("UPDATE jobs SET heartbeat = ? WHERE id = ? AND state = 'running' AND claim_token = ?",
-                              (time.time(), job.id, job.claim_token)).rowcount == 1
+                              (self._clock(db), job.id, job.claim_token)).rowcount == 1
 
     def _claimed(self, db, job: Job) -> dict | None:
         """Lock the job's study and the job (in that order); the job row, or None when the claim is lost."""
@@ -627,8 +633,8 @@ class SqlJobStore:
         interruption (``max_interruptions`` of them fail it). Returns ``jobs_requeued`` and
         ``jobs_failed`` counts.
         """
-        now = time.time() if now is None else now
         with self._write() as db:
+            now = self._clock(db) if now is None else now
             requeued, failed = self._interrupted(db, "heartbeat < ?", (now - lease_seconds,), max_interruptions,
                                                  True, now)
         return {"jobs_requeued": requeued, "jobs_failed": failed}
@@ -655,11 +661,12 @@ class SqlJobStore:
 
     def due_deliveries(self, now: float | None = None) -> list[Delivery]:
         """Pending deliveries whose next attempt is due and that no process holds, oldest first."""
-        now = time.time() if now is None else now
         with self._read() as db:
+            lease_now = self._clock(db) if now is None else now
+            now = time.time() if now is None else now
             rows = [dict(d) for d in db.execute(
                 "SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt <= ? "
-                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY id", (now, now)).fetchall()]
+                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY id", (now, lease_now)).fetchall()]
             return [self._delivery(db, d) for d in rows]
 
     def _delivery(self, db, d: dict) -> Delivery:
@@ -686,8 +693,8 @@ class SqlJobStore:
         lease_seconds : float
             How long the lease holds without renewal (:meth:`mark_sending` renews it).
         """
-        now = time.time()
         with self._write() as db:
+            now = self._clock(db)
             taken = db.execute("UPDATE deliveries SET lease_owner = ?, lease_until = ? WHERE id = ? AND state = 'pending' "
                                "AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?)",
                                (owner, now + lease_seconds, delivery_id, now, owner)).rowcount
@@ -700,13 +707,12 @@ class SqlJobStore:
                      lease_seconds: float = DELIVERY_LEASE_SECONDS) -> None:
         """About to C-STORE one object: from now until :meth:`mark_sent` it is in doubt (the
         delivery's lease, if any, is renewed)."""
-        now = time.time()
         with self._write() as db:
             db.execute("INSERT INTO sending (delivery_id, sop_instance_uid, started) VALUES (?, ?, ?) "
                        "ON CONFLICT (delivery_id, sop_instance_uid) DO UPDATE SET started = excluded.started",
-                       (delivery_id, sop_instance_uid, now))
+                       (delivery_id, sop_instance_uid, time.time()))
             db.execute("UPDATE deliveries SET lease_until = ? WHERE id = ? AND lease_until IS NOT NULL",
-                       (now + lease_seconds, delivery_id))
+                       (self._clock(db) + lease_seconds, delivery_id))
 
     def clear_sending(self, delivery_id: int, sop_instance_uid: str) -> None:
         """The destination answered a failure status: the object is known not to be stored."""

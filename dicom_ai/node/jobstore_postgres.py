@@ -14,6 +14,9 @@ runs the same SQL; ``?`` placeholders become psycopg's ``%s`` here). What differ
   after ``connect_timeout`` seconds; :func:`dicom_ai.node.storage.is_storage_error` classes it
   with a full disk, so the SCP answers Out of Resources, the worker and the delivery back off
   and everything resumes by itself when the server is back.
+* Clock: leases (``jobs.heartbeat``, ``deliveries.lease_until``) are written and compared in
+  the server's clock (``clock_timestamp()``), so clock skew between hosts cannot expire a lease
+  early.
 * Schema: :data:`_MIGRATIONS`, applied in order under a transaction-scoped advisory lock; the
   version is ``meta.schema_version``. Timestamps are ``DOUBLE PRECISION`` epoch seconds (the
   assembly compares them for equality; ``REAL`` would be single precision here).
@@ -193,6 +196,9 @@ class PostgresJobStore(SqlJobStore):
     def _read(self) -> Iterator[_Db]:
         with self._pool.connection() as conn:
             yield _Db(conn)
+
+    def _clock(self, db: _Db) -> float:
+        return float(db.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now").fetchone()["now"])
 
     def _migrate(self) -> None:
         with self._write() as db:

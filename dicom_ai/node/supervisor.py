@@ -53,7 +53,7 @@ from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
-from dicom_ai.node.dispatch import Dispatcher
+from dicom_ai.node.dispatch import Dispatcher, DispatchThread
 from dicom_ai.node.engines import open_jobstore
 from dicom_ai.node.http_server import StatusServer
 from dicom_ai.node.scp import StorageSCP
@@ -141,7 +141,7 @@ class Node:
         self.layout.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = open_jobstore(config)
         self.distributed = config.workers.distributed
-        self.dispatcher = Dispatcher(config, self.store) if self.distributed else None
+        self.dispatch = DispatchThread(Dispatcher(config, self.store), poll_seconds) if self.distributed else None
         self._storage_bound = False
         self.scp = StorageSCP(config, self.store)
         self.delivery = DeliveryThread(DeliveryAgent(config, self.store), poll_seconds)
@@ -156,7 +156,7 @@ class Node:
         self._disk_low: bool | None = None
         self._disk_notice_written = False
         self._steps = {name: _Step(name, poll_seconds)
-                       for name in ("startup", "assembly", "worker_recovery", "purge", "disk_check", "dispatch")}
+                       for name in ("startup", "assembly", "worker_recovery", "purge", "disk_check")}
         self.http: StatusServer | None = None
         watchdog_usec = os.environ.get("WATCHDOG_USEC", "")
         self._watchdog_every = int(watchdog_usec) / 2e6 if watchdog_usec.isdigit() else 0.0
@@ -239,7 +239,9 @@ class Node:
         recovered = self.store.recover(self.config.pipeline.max_job_interruptions, count_interruption=False,
                                        jobs=not self.distributed)
         logs.event("node_recovered", **recovered)
-        if not self.distributed:
+        if self.dispatch is not None:
+            self.dispatch.start()
+        else:
             self._start_worker()
         self.delivery.start()
         self._ready = True
@@ -251,9 +253,7 @@ class Node:
             if not self._ready:
                 steps["startup"].run(self._prepare)
             steps["assembly"].run(self._assemble)
-            if self._ready and self.dispatcher is not None:
-                steps["dispatch"].run(self.dispatcher.sweep)
-            elif self._ready:
+            if self._ready and self.dispatch is None:
                 self._check_worker()
             steps["purge"].run(self._purge)
             steps["disk_check"].run(self._check_disk)
@@ -345,6 +345,8 @@ class Node:
         logs.event("scp_drained" if drained else "scp_drain_timeout", level="INFO" if drained else "WARNING",
                    seconds=DRAIN_SECONDS)
         self.delivery.stopping.set()
+        if self.dispatch is not None:
+            self.dispatch.stopping.set()
         if self.worker is not None and self.worker.poll() is None:
             self.worker.terminate()
             try:
