@@ -19,7 +19,10 @@ rate measured in the same run; ``ratio`` = measured model seconds / floor.
 
 ``--before REV`` also runs the node from ``git archive REV`` (its own code and bundles) on
 the same study, and compares the results the PACS received from both (same SEG masks per
-image and segment; same SR regions), so one JSON holds before and after.
+image and segment, same region counts), so one JSON holds before and after. Each pair runs
+per ``--operating-points`` value: the bundles' default (``fp1``, chosen on mini-MIAS, switches
+GLAM's and the microcalcification maps off, so only the U-Net's masses are sent) and
+``phantom`` (every finding on at 0.5: the microcalcification cascade's marks are compared too).
 
 Writes benchmarks/results/turnaround.json and prints a table. Run at normal priority; the
 load average at each run is recorded (other jobs share this machine's two cores).
@@ -146,15 +149,18 @@ def _ts(event: dict) -> float:
     return datetime.strptime(event["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
 
 
-def run_node(label: str, code: Path, files: list[Path], work: Path, grace: float, timeout: float = 900) -> dict:
-    """Send ``files`` to a node run from source tree ``code``; returns the run's figures."""
+def run_node(label: str, code: Path, files: list[Path], work: Path, grace: float, operating_point: str = "",
+             device: str = "cpu", timeout: float = 900) -> dict:
+    """Send ``files`` to a node run from source tree ``code`` (``pipeline.operating_point``
+    and ``pipeline.device`` as given); returns the run's figures."""
     work.mkdir(parents=True)
     pacs_dir = work / "pacs"
     pacs, pacs_port = start_storescp(pacs_dir, ae_title="PACS")
     port = free_port()
     storage = work / "storage"
     config = write_node_config(work / "node.toml", storage, port, [("PACS", pacs_port)],
-                               pipeline={"factory": "", "device": "cpu", "previews": True},
+                               pipeline={"factory": "", "device": device, "previews": True,
+                                         "operating_point": operating_point},
                                study={"grace_seconds": grace, "idle_seconds": 60.0})
     env = dict(os.environ, PYTHONPATH=str(code))
     # cwd = the code tree, so `python -m dicom_ai` imports that tree's package (and its models/).
@@ -207,6 +213,8 @@ def run_node(label: str, code: Path, files: list[Path], work: Path, grace: float
     return {
         "label": label,
         "code": str(code),
+        "operating_point": operating_point or "each bundle's default",
+        "models_switched_off": [e["model"] for e in events if e["event"] == "model_switched_off"],
         "turnaround_s": round(last_delivery - sent_at, 2),
         "job_s": round(job_seconds, 2),
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
@@ -245,7 +253,7 @@ def _region_count(mask: np.ndarray) -> int:
 
     if not mask.any():
         return 0
-    return int(sitk.GetArrayViewFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)).max())
+    return int(sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)).max())
 
 
 def compare_marks(before: Path, after: Path) -> dict:
@@ -267,11 +275,11 @@ def compare_marks(before: Path, after: Path) -> dict:
 
 # -- the compute floor -----------------------------------------------------------------------------
 
-def compute_floor(files: list[Path], model_seconds: dict[str, float]) -> dict:
-    """FLOPs of each model on the study (torch engine), the fp32 matmul rate, and the ratios."""
+def model_study_flops(files: list[Path]) -> dict[str, float]:
+    """FLOPs of each shipped model on the study's four images (torch engine)."""
     import torch
 
-    from compute_floor import matmul_rate, model_flops
+    from compute_floor import model_flops
     from dicom_ai.imaging import read_mammogram
     from dicom_ai.networks.bundle import load_bundle
     from dicom_ai.networks.microcalc import MicrocalcModel
@@ -282,21 +290,25 @@ def compute_floor(files: list[Path], model_seconds: dict[str, float]) -> dict:
     models = [MicrocalcModel.from_bundle(load_bundle(n), "cpu", engine="torch") if n == "microcalc"
               else model_from_bundle(load_bundle(n), "cpu") for n in DEFAULT_MODELS]
     with torch.inference_mode():
-        flops = model_flops(models, mammograms)
-    rate = matmul_rate("cpu", torch.float32)
-    rate_bf16 = matmul_rate("cpu", torch.bfloat16)
+        return model_flops(models, mammograms)
+
+
+def compute_floor(flops: dict[str, float], rates: tuple[float, float], model_seconds: dict[str, float]) -> dict:
+    """The models that ran (``model_seconds``): their floor (FLOPs / fp32 matmul rate) and ratios."""
+    import torch
+
+    rate, rate_bf16 = rates
     per_model = {}
-    for name, f in flops.items():
-        floor = f / rate
-        measured = model_seconds.get(name)
-        per_model[name] = {"gflop": round(f / 1e9, 1), "floor_s": round(floor, 3),
-                           "measured_s": measured, "ratio": round(measured / floor, 2) if measured else None}
-    total_floor = sum(flops.values()) / rate
+    for name, measured in model_seconds.items():
+        floor = flops[name] / rate
+        per_model[name] = {"gflop": round(flops[name] / 1e9, 1), "floor_s": round(floor, 3),
+                           "measured_s": measured, "ratio": round(measured / floor, 2)}
+    total_floor = sum(flops[n] for n in model_seconds) / rate
     total_measured = sum(model_seconds.values())
     return {"matmul_gflops_fp32": round(rate / 1e9, 1), "matmul_gflops_bf16": round(rate_bf16 / 1e9, 1),
             "threads": torch.get_num_threads(), "per_model": per_model,
             "models_floor_s": round(total_floor, 3), "models_measured_s": round(total_measured, 3),
-            "ratio": round(total_measured / total_floor, 2),
+            "ratio": round(total_measured / total_floor, 2) if total_floor else None,
             "note": "FLOPs counted by torch.utils.flop_counter.FlopCounterMode on the torch engine "
                     "(convolutions and matrix products, 2 FLOPs per multiply-add); floor = FLOPs / fp32 "
                     "matmul rate of this run"}
@@ -317,21 +329,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", type=Path, default=REPO / "build" / "turnaround-study",
                         help="where the phantom study is generated (once)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "turnaround.json")
+    parser.add_argument("--operating-points", default=",phantom",
+                        help="comma-separated pipeline.operating_point values, one pair of runs each "
+                             "('' = each bundle's default, fp1, which switches GLAM's and the microcalcification "
+                             "maps off; 'phantom' = every finding on at 0.5)")
     parser.add_argument("--no-floor", action="store_true", help="skip the FLOP count (about a minute)")
     args = parser.parse_args(argv)
 
+    import torch
+
+    from compute_floor import matmul_rate
+
     files = make_study(args.study)
-    runs = {}
+    runs, marks, speed_up = {}, {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-turnaround-") as tmp:
         tmp = Path(tmp)
-        if args.before:
-            code = _archive(args.before, tmp / "before-code")
-            runs["before"] = run_node(f"before ({args.before})", code, files, tmp / "before", args.grace)
-        runs["after"] = run_node("after (this tree)", REPO, files, tmp / "after", args.grace)
-        marks = compare_marks(Path(runs["before"]["pacs_folder"]), Path(runs["after"]["pacs_folder"])) \
-            if "before" in runs else None
-    floor = None if args.no_floor else compute_floor(files, runs["after"]["model_seconds"])
-    import torch
+        code = _archive(args.before, tmp / "before-code") if args.before else None
+        for op in args.operating_points.split(","):
+            key = op or "default"
+            if code is not None:
+                runs[f"{key}/before"] = run_node(f"before ({args.before}), operating point {key}", code, files,
+                                                 tmp / f"{key}-before", args.grace, op)
+            runs[f"{key}/after"] = run_node(f"after (this tree), operating point {key}", REPO, files,
+                                            tmp / f"{key}-after", args.grace, op)
+            if code is not None:
+                before, after = runs[f"{key}/before"], runs[f"{key}/after"]
+                marks[key] = compare_marks(Path(before["pacs_folder"]), Path(after["pacs_folder"]))
+                speed_up[key] = round(before["turnaround_s"] / after["turnaround_s"], 2)
+    floor = None
+    if not args.no_floor:
+        flops = model_study_flops(files)
+        rates = (matmul_rate("cpu", torch.float32), matmul_rate("cpu", torch.bfloat16))
+        floor = {key: compute_floor(flops, rates, run["model_seconds"]) for key, run in runs.items()}
 
     result = {
         "benchmark": "turnaround",
@@ -340,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "device": "cpu"},
         "grace_seconds": args.grace,
         "runs": runs,
-        "speed_up": round(runs["before"]["turnaround_s"] / runs["after"]["turnaround_s"], 2) if "before" in runs else None,
+        "speed_up_before_over_after": speed_up,
         "marks_before_vs_after": marks,
         "compute_floor": floor,
         "targets": {"turnaround_s": 15.0, "peak_rss_mb_per_process": 1024},
@@ -354,13 +383,14 @@ def main(argv: list[str] | None = None) -> int:
               f"load {run['loadavg_1min']}, peak RSS MB {run['peak_rss_mb']}")
         for stage, seconds in run["stages_s"].items():
             print(f"  {stage:<52} {seconds:8.2f} s")
-    if marks is not None:
-        print(f"\nmarks before vs after: identical SEG masks {marks['identical_masks']}, "
-              f"same region counts {marks['same_region_counts']}")
-    if floor:
-        print(f"\nmodels: {floor['models_measured_s']:.1f} s measured, floor {floor['models_floor_s']:.2f} s "
-              f"(fp32 matmul {floor['matmul_gflops_fp32']} GFLOP/s) -> {floor['ratio']} x")
-        for name, row in floor["per_model"].items():
+    for key, m in marks.items():
+        segments = sorted({r["segment"] for r in m["segments"]})
+        print(f"\n{key}: before/after turnaround {speed_up[key]} x; identical SEG masks {m['identical_masks']}, "
+              f"same region counts {m['same_region_counts']} ({len(m['segments'])} segments: {', '.join(segments)})")
+    for key, f in (floor or {}).items():
+        print(f"\n{key} models: {f['models_measured_s']:.1f} s measured, floor {f['models_floor_s']:.2f} s "
+              f"(fp32 matmul {f['matmul_gflops_fp32']} GFLOP/s) -> {f['ratio']} x")
+        for name, row in f["per_model"].items():
             print(f"  {name:<10} {row['gflop']:8.1f} GFLOP  floor {row['floor_s']:.3f} s  measured {row['measured_s']} s"
                   f"  ratio {row['ratio']}")
     print(f"\nwrote {args.out}")

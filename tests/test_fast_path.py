@@ -213,3 +213,37 @@ def test_gpu_benchmark_runs_on_the_cpu(tmp_path):
     assert result["matmul_tflops"]["fp32"] > 0
     # GLAM keeps fp32 on the CPU in both variants (glam.py enables autocast on a GPU only).
     assert result["bf16_vs_fp32"]["glam"]["max_abs_probability"] == 0.0
+
+
+class _Counting:
+    """A model that counts its calls; ``scores`` and ``off`` as given."""
+
+    def __init__(self, name, off, scores):
+        from dicom_ai.networks.bundle import OperatingIdentity
+
+        self.identity = OperatingIdentity(name=name, version="1", operating_point="fp1", off=off)
+        self.findings, self.scores, self.calls = ("calcification", "calcification_cluster"), scores, 0
+
+    def predict(self, mammogram):
+        from dicom_ai.core.findings import ImageScore
+
+        self.calls += 1
+        zero = np.zeros(mammogram.shape, dtype=np.float32)
+        return ModelOutput(maps=[ProbabilityMap(k, zero, 0.5, self.identity) for k in self.findings],
+                           scores=[ImageScore(s, 0.5, self.identity) for s in self.scores])
+
+
+def test_a_model_whose_every_finding_is_off_is_not_run():
+    from dicom_ai.networks.pipeline import Pipeline
+    from node_harness import make_mg
+
+    off = _Counting("all-off", ("calcification", "calcification_cluster"), ())
+    partly = _Counting("one-on", ("calcification",), ())
+    scored = _Counting("scores", ("calcification", "calcification_cluster"), ("malignant",))
+    pipeline = Pipeline([off, partly, scored])
+    assert pipeline.skipped == [off]
+    (findings,) = pipeline.run([make_mg("L", "CC", "1.2.3", "1.2.3.4", 1, shape=(120, 90))])
+    assert (off.calls, partly.calls, scored.calls) == (0, 1, 1)
+    assert [m.finding for m in findings.maps] == ["calcification_cluster"]  # only what is on
+    assert [s.name for s in findings.scores] == ["malignant"]  # a model with scores runs for them
+    assert "all-off" not in pipeline.take_model_seconds()

@@ -260,6 +260,8 @@ class DUNetModel:
         #: The finding key of the lesion map: ``malignant_lesion`` (trained on malignancy, the
         #: phantom bundles) or ``mass`` (trained on masses of either severity).
         self.finding = finding
+        #: What :meth:`predict` makes (see :class:`~dicom_ai.networks.pipeline.ImageModel`).
+        self.findings, self.scores = (finding,), ("malignant",)
 
     @property
     def config(self) -> DUNetConfig:

@@ -471,6 +471,10 @@ class MicrocalcResult:
 class MicrocalcModel:
     """The Detector -> Segmentator cascade behind the node's model interface."""
 
+    #: What :meth:`predict` makes (the pipeline skips a model whose every finding is off).
+    findings = ("calcification", "calcification_cluster")
+    scores: tuple[str, ...] = ()
+
     def __init__(self, detector: PatchCNN, segmentator: PatchCNN, identity: ModelIdentity,
                  thresholds: dict | None = None, device: torch.device | str = "cpu", engine: str = "auto"):
         if detector.config != segmentator.config:

@@ -31,7 +31,7 @@ from dicom_ai.networks.bundle import load_bundle
 from dicom_ai.networks.registry import model_from_bundle
 
 __all__ = ["DEFAULT_MODELS", "ImageModel", "Pipeline", "model_from_bundle", "resolve_device", "allowed_region",
-           "restrict_to_breast"]
+           "restrict_to_breast", "switched_off"]
 
 # The node's event logger by name (networks may not import node): the worker's JSON log gets
 # one ``orientation`` event per image; elsewhere the record goes wherever logging sends it.
@@ -42,7 +42,12 @@ DEFAULT_MODELS: tuple[str, ...] = ("glam", "dunet", "microcalc")
 
 
 class ImageModel(Protocol):
-    """What the pipeline needs of a model."""
+    """What the pipeline needs of a model.
+
+    A model may also say what it produces: ``findings`` (the map keys) and ``scores`` (the
+    image-score names). A model that says so, produces no score, and whose every finding its
+    bundle's operating point switches off is not run (nothing it makes would be sent).
+    """
 
     identity: ModelIdentity
 
@@ -103,6 +108,15 @@ def restrict_to_breast(output: ModelOutput, mammogram: Mammogram, allowed: np.nd
     return ModelOutput(maps=maps, scores=list(output.scores))
 
 
+def switched_off(model: ImageModel) -> bool:
+    """Whether nothing ``model`` makes would be sent: it declares its ``findings`` and
+    ``scores``, has no score, and its operating point switches every finding off."""
+    findings, scores = getattr(model, "findings", None), getattr(model, "scores", None)
+    if findings is None or scores is None or scores:
+        return False
+    return set(findings) <= set(getattr(model.identity, "off", ()))
+
+
 class Pipeline:
     """Runs a fixed list of models on each image; marks are restricted to the breast."""
 
@@ -110,6 +124,13 @@ class Pipeline:
         self.models = list(models)
         self._model_seconds: dict[str, list[float]] = {}
         self._stage_seconds: dict[str, float] = {}
+        #: Models not run: every map they make is switched off by the operating point and
+        #: they make no image score (:func:`switched_off`).
+        self.skipped = [m for m in self.models if switched_off(m)]
+        for m in self.skipped:
+            _events.info("model_switched_off", extra={"event_fields": {
+                "model": m.identity.name, "operating_point": getattr(m.identity, "operating_point", ""),
+                "findings": ",".join(m.findings)}})
 
     @classmethod
     def from_bundles(cls, names: Sequence[str] = DEFAULT_MODELS, device: str = "auto",
@@ -143,15 +164,18 @@ class Pipeline:
             allowed = allowed_region(mammogram)
             stages["prepare"] = stages.get("prepare", 0.0) + time.perf_counter() - started
             for model in self.models:
+                if model in self.skipped:
+                    continue
                 started = time.perf_counter()
                 output = model.predict(mammogram)
                 self._model_seconds.setdefault(model.identity.name, []).append(time.perf_counter() - started)
+                # Findings the bundle's operating point switches off are not sent (and so
+                # not restricted either).
+                off = set(getattr(model.identity, "off", ()))
+                output.maps = [m for m in output.maps if m.finding not in off]
                 started = time.perf_counter()
                 output = restrict_to_breast(output, mammogram, allowed)
                 stages["restrict"] = stages.get("restrict", 0.0) + time.perf_counter() - started
-                # Findings the bundle's operating point switches off are not sent.
-                off = set(getattr(model.identity, "off", ()))
-                output.maps = [m for m in output.maps if m.finding not in off]
                 findings.add(output)
             results.append(findings)
         return results
