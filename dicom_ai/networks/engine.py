@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import warnings
 from collections.abc import Callable
 
@@ -78,7 +79,8 @@ class OnnxFunction:
 
     ``example`` fixes the rank and channels; batch, rows and columns stay dynamic, so ``fn``
     must not branch on them (the tracer records one path). ``threads`` is ONNX Runtime's
-    intra-op thread count (default: torch's, so both engines use the same cores).
+    intra-op thread count (default: every core this process may run on; torch's own count is
+    kept low by the node for its small networks, see ``dicom_ai.node.processing``).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, example: torch.Tensor,
@@ -92,7 +94,7 @@ class OnnxFunction:
                               dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "oh", 3: "ow"}},
                               opset_version=17, dynamo=False)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.intra_op_num_threads = int(threads or len(os.sched_getaffinity(0)))
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         # Idle ONNX Runtime threads otherwise spin for a while after each run and take the
