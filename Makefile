@@ -91,11 +91,15 @@ crash-storm: venv debs
 # fine-tuning and the all-folds bundle (needs mini-MIAS at MIAS_DIR, see the README).
 MIAS_DIR ?= /work/data/mias
 GLAM_ARGS ?= --train-studies 1200 --val-studies 50 --workers 2 --no-progress
+GLAM_TRAIN ?= --lr 1e-3 --balance sqrt --schedule cosine --warmup-steps 50 --epochs-global 12 --seed 0 --threads 1
 glam-bundle: venv
 	nice $(PY) -m dicom_ai train glam-pretrain --epochs-global 1 --epochs-local 1 --workers 2 --no-progress --out build/glam/pretrain.safetensors
-	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --out build/glam-phantom
+	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --epochs-local 2 --epochs-joint 1 --out build/glam-phantom
 	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --baseline cam --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --out build/glam-cam
 	nice $(PY) benchmarks/bench_glam_mias.py --mias $(MIAS_DIR) --bundle build/glam-phantom --cam build/glam-cam/cam.safetensors --ship models/glam
+	nice $(PY) benchmarks/bench_mias_node.py --root $(MIAS_DIR) --dunet-folds build/dunet-mias --glam-folds build/glam-mias --write-manifests
+	nice $(PY) benchmarks/bench_glam.py --bundle build/glam-phantom --cam build/glam-cam/cam.safetensors --skip-overlays --skip-speed
+	nice $(PY) benchmarks/bench_glam.py --bundle models/glam --skip-quality
 
 # Issue 19's scale-out benchmark: study throughput with 1, 2 and 4 Celery workers on a
 # PostgreSQL job store and a Redis broker (all started on loopback), against the embedded
