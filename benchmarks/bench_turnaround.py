@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated pipeline.operating_point values, one pair of runs each "
                              "('' = each bundle's default, fp1, which switches GLAM's and the microcalcification "
                              "maps off; 'phantom' = every finding on at 0.5)")
+    parser.add_argument("--device", default="cpu", help="pipeline.device of the node (cpu, auto, cuda:N)")
     parser.add_argument("--no-floor", action="store_true", help="skip the FLOP count (about a minute)")
     args = parser.parse_args(argv)
 
@@ -349,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             key = op or "default"
             if code is not None:
                 runs[f"{key}/before"] = run_node(f"before ({args.before}), operating point {key}", code, files,
-                                                 tmp / f"{key}-before", args.grace, op)
+                                                 tmp / f"{key}-before", args.grace, op, args.device)
             runs[f"{key}/after"] = run_node(f"after (this tree), operating point {key}", REPO, files,
-                                            tmp / f"{key}-after", args.grace, op)
+                                            tmp / f"{key}-after", args.grace, op, args.device)
             if code is not None:
                 before, after = runs[f"{key}/before"], runs[f"{key}/after"]
                 marks[key] = compare_marks(Path(before["pacs_folder"]), Path(after["pacs_folder"]))
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "turnaround",
         "study": {"shape": list(SHAPE), "views": 4, "seed": SEED, "spacing_mm": 0.07},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__, "device": "cpu"},
+                    "torch": torch.__version__, "device": args.device},
         "grace_seconds": args.grace,
         "runs": runs,
         "speed_up_before_over_after": speed_up,
