@@ -192,8 +192,10 @@ def test_the_shipped_models_run_on_a_celery_worker(site_factory, tmp_path):
     from dicom_ai.data.phantom import generate_study
     from dicom_ai.data.phantom_folder import write_study as write_phantom
 
+    # Operating point "phantom" switches every finding on, so every model runs (at the default
+    # point microcalc's maps are off and the pipeline does not run it).
     site = site_factory(infer_seconds=0.0, pipeline={"factory": "", "models": ["glam", "dunet", "microcalc"],
-                                                     "device": "cpu"})
+                                                     "device": "cpu", "operating_point": "phantom"})
     site.start_worker("gpu0", timeout=180)
     write_phantom(generate_study(5, shape=(208, 160)), tmp_path / "phantom", transfer_syntax="explicit")
     files = sorted((tmp_path / "phantom").glob("*.dcm"))
