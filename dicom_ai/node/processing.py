@@ -10,7 +10,7 @@ Received files are untrusted. Their compressed pixel data is decoded in a
 :class:`~dicom_ai.node.sandbox.DecodeSandbox` (a child process under the ``[limits]`` memory
 and time limits), so a codec that panics, crashes, exhausts memory or never returns costs
 that image only. The attributes the result writers copy from the sources are checked against
-their VRs by :func:`~dicom_ai.results.build_results` (``results.notes``), so an invalid Patient's
+their VRs by :class:`~dicom_ai.results.ResultsBuilder` (``results.notes``), so an invalid Patient's
 Birth Date costs that attribute, not the job. Text that is stored or logged (notes, a job's
 error) goes through :func:`~dicom_ai.node.logs.scrub`: it never carries a data set value.
 """
@@ -34,7 +34,7 @@ from dicom_ai.node import logs
 from dicom_ai.node.jobstore import Instance, Job
 from dicom_ai.node.sandbox import DecodeSandbox
 from dicom_ai.node.storage import fsync_dir, write_durably
-from dicom_ai.results import build_results
+from dicom_ai.results import ResultsBuilder
 
 PipelineFactory = Callable[[Sequence[str], str], object]
 
@@ -113,6 +113,42 @@ def run_pipeline(pipeline, sources: list[pydicom.Dataset]) -> tuple[list[pydicom
     if not kept:
         raise ImagingError("no image of the study could be processed: " + "; ".join(skipped))
     return kept, findings, skipped
+
+
+def run_into_builder(pipeline, sources: list[pydicom.Dataset], builder: ResultsBuilder,
+                     timings: dict[str, float]) -> list[str]:
+    """Run the pipeline image by image and add each image's findings to ``builder`` at once,
+    its full-size maps released once its SEG is built; returns the skipped notes.
+
+    As :func:`run_pipeline`, an image the pipeline cannot handle is skipped and named in the
+    notes. ``timings["pipeline"]`` gets the seconds spent in the pipeline. ``sources[i]`` is
+    set to None once image i has run: the writers copy from the builder's cleaned sources.
+
+    Raises
+    ------
+    ImagingError
+        No image of the study could be processed.
+    """
+    skipped, kept, seconds = [], 0, 0.0
+    for i, ds in enumerate(sources):
+        started = time.perf_counter()
+        try:
+            image_findings = list(pipeline.run([ds]))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # not only Exception: see run_pipeline
+            skipped.append(skipped_note(str(ds.SOPInstanceUID), error_text(exc)))
+            continue
+        finally:
+            seconds += time.perf_counter() - started
+            sources[i] = None
+        kept += 1
+        for f in image_findings:
+            builder.add(f, release_maps=True)
+    timings["pipeline"] = seconds
+    if not kept:
+        raise ImagingError("no image of the study could be processed: " + "; ".join(skipped))
+    return skipped
 
 
 def read_sources(instances: Sequence[Instance], config: NodeConfig,
@@ -213,11 +249,12 @@ def process_job(job: Job, pipeline, config: NodeConfig,
         timings["decode"] = clock() - started
         if not sources:
             raise ImagingError("no image of the study could be read and decoded: " + "; ".join(notes))
-        started = clock()
-        sources, findings, skipped = run_pipeline(pipeline, sources)
-        timings["pipeline"] = clock() - started
         uids = ResultUIDs.from_json(job.result_uids)
-        results = build_results(sources, findings, uids, options=result_options(config, job.revision))
+        builder = ResultsBuilder(sources, uids, options=result_options(config, job.revision))
+        # Each image's results are built, and its full-size maps released, as soon as its
+        # models have run: the worker holds one image's maps at a time, not the study's.
+        skipped = run_into_builder(pipeline, sources, builder, timings)
+        results = builder.finish()
         timings.update(results.seconds)
         notes += skipped + results.notes
     except OSError:

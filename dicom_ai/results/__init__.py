@@ -14,7 +14,7 @@ models saw it); highdicom, pydicom, SimpleITK, matplotlib (polygon tests), Pillo
 imports another; each reads :mod:`~dicom_ai.results.types`.
 """
 
-from dicom_ai.results.build import StudyResults, analyse_image, build_results
+from dicom_ai.results.build import ResultsBuilder, StudyResults, analyse_image, build_results
 from dicom_ai.results.cad_sr import MAMMOGRAPHY_CAD_SR, build_mammography_cad_sr
 from dicom_ai.results.gsps import GRAPHIC_LAYER, build_presentation_state
 from dicom_ai.results.preview import render_preview
@@ -25,7 +25,7 @@ from dicom_ai.results.tid1500 import build_measurement_report
 from dicom_ai.results.types import ImageResult, ObjectIdentity, Segment, order_maps
 
 __all__ = [
-    "build_results", "StudyResults", "analyse_image",
+    "build_results", "ResultsBuilder", "StudyResults", "analyse_image",
     "ImageResult", "ObjectIdentity", "Segment", "order_maps",
     "Spacing", "Region", "RegionSet", "area_spacing", "find_regions", "DEFAULT_MIN_AREA_MM2",
     "build_segmentation", "transfer_syntax_for", "build_measurement_report",

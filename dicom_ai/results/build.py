@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from pydicom.uid import generate_uid
 
@@ -50,7 +51,7 @@ from dicom_ai.results.sources import clean_sources
 from dicom_ai.results.tid1500 import build_measurement_report
 from dicom_ai.results.types import ImageResult, ObjectIdentity, Segment, order_maps
 
-__all__ = ["StudyResults", "analyse_image", "build_results"]
+__all__ = ["ResultsBuilder", "StudyResults", "analyse_image", "build_results"]
 
 
 @dataclass
@@ -152,57 +153,120 @@ def build_results(
     options
         Segmentation type, compression, equipment, series numbers and region limits.
     """
-    if not sources:
-        raise ResultError("no source images")
-    sources, notes = clean_sources(sources)
-    equipment = options.equipment
-    images: list[ImageResult] = []
-    out: list[pydicom.Dataset] = []
-    seconds: dict[str, float] = {}
+    builder = ResultsBuilder(sources, uids, options)
+    for ds, f in _pair(builder.sources, findings):
+        builder.add(f)
+    return builder.finish()
 
-    def span(step: str, started: float) -> None:
-        seconds[step] = seconds.get(step, 0.0) + time.perf_counter() - started
 
-    for ds, f in _pair(sources, findings):
+class ResultsBuilder:
+    """A study's results built image by image, as :func:`build_results` builds them.
+
+    The worker adds each image's findings as soon as its models have run and asks for its
+    full-size maps to be released once its SEG is built (``add(..., release_maps=True)``): the
+    writers that come after (presentation state, overlay capture, SR, previews) read only the
+    regions, so a study's peak memory holds one image's maps rather than all of them. The
+    objects are the same, in the same order, as :func:`build_results` makes.
+
+    Parameters
+    ----------
+    sources
+        Every image of the study that may be added (one study); the Patient and Study
+        attributes of the results come from the first (:func:`~dicom_ai.results.sources.clean_sources`).
+    uids, options
+        As for :func:`build_results`.
+    """
+
+    def __init__(self, sources: Sequence[pydicom.Dataset], uids: ResultUIDs,
+                 options: ResultOptions = ResultOptions()) -> None:
+        if not sources:
+            raise ResultError("no source images")
+        if len({str(ds.StudyInstanceUID) for ds in sources}) > 1:
+            raise ResultError("sources belong to more than one study; build results per study")
+        #: Cleaned copies of the sources, in order (what the writers copy from).
+        self.sources, self.notes = clean_sources(sources)
+        self._by_uid = {str(ds.SOPInstanceUID): ds for ds in self.sources}
+        self._uids, self._options = uids, options
+        self._images: list[ImageResult] = []
+        self._segs: list[pydicom.Dataset] = []
+        self._seconds: dict[str, float] = {}
+
+    def _span(self, step: str, started: float) -> None:
+        self._seconds[step] = self._seconds.get(step, 0.0) + time.perf_counter() - started
+
+    def add(self, findings: ImageFindings, release_maps: bool = False) -> ImageResult | None:
+        """Analyse one image and build its SEG; returns its result, or None if it was left out
+        (with a note).
+
+        With ``release_maps`` the probability arrays of ``findings`` are replaced by empty
+        ``(0, 0)`` arrays once the SEG is built, so nothing holds them: a writer that still read
+        one would fail on its shape rather than draw from stale pixels.
+        """
+        uid = findings.sop_instance_uid
+        ds = self._by_uid.get(uid)
+        if ds is None:
+            raise ResultError(f"findings for image(s) not among the sources: {[uid]}")
+        if any(str(image.source.SOPInstanceUID) == uid for image in self._images):
+            raise ResultError(f"two findings objects for image {uid}")
+        options = self._options
         try:
             started = time.perf_counter()
-            image = ImageResult(ds, f, analyse_image(ds, f, options))
-            span("regions", started)
+            image = ImageResult(ds, findings, analyse_image(ds, findings, options))
+            self._span("regions", started)
             started = time.perf_counter()
             if image.segments:
-                identity = ObjectIdentity(uids.seg_series_for(str(ds.SOPInstanceUID)),
-                                          uids.seg_instance(str(ds.SOPInstanceUID)), options.seg_series_number,
+                identity = ObjectIdentity(self._uids.seg_series_for(uid), self._uids.seg_instance(uid),
+                                          options.seg_series_number,
                                           f"{options.seg_series_description} {image_name(ds)}".strip()[:64])
-                image.segmentation = build_segmentation(ds, image.segments, identity, equipment,
+                image.segmentation = build_segmentation(ds, image.segments, identity, options.equipment,
                                                         segmentation_type=options.segmentation_type,
                                                         compression=options.compression)
                 _check_encodes(image.segmentation)
-                span("seg", started)
+                self._span("seg", started)
         except Exception as exc:  # this image only; highdicom's and pydicom's errors may quote values
             why = f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError) else type(exc).__name__
-            notes.append(f"image {ds.SOPInstanceUID} left out of the results: {why}")
-            continue
-        images.append(image)
+            self.notes.append(f"image {ds.SOPInstanceUID} left out of the results: {why}")
+            image = None
+        if release_maps:
+            for m in findings.maps:
+                m.probability = _RELEASED
+        if image is None:
+            return None
+        self._images.append(image)
         if image.segmentation is not None:
-            out.append(image.segmentation)
-    if not images:
-        raise ResultError("no image's results could be built: " + "; ".join(notes))
-    out += _per_image_views(images, uids, options, notes, seconds)
-    started = time.perf_counter()
-    sr = ObjectIdentity(uids.sr_series, uids.sr_instance, options.sr_series_number, options.sr_series_description)
-    out.append(build_measurement_report(images, sr, equipment,
-                                        max_regions_per_segment=options.max_regions_per_segment))
-    span("sr", started)
-    if options.cad_sr:
+            self._segs.append(image.segmentation)
+        return image
+
+    def finish(self) -> StudyResults:
+        """The per-image views, the SR and the CAD SR of the images added, and every object.
+
+        Raises ResultError when no image's results could be built.
+        """
+        images, notes, seconds, options, uids = self._images, self.notes, self._seconds, self._options, self._uids
+        if not images:
+            raise ResultError("no image's results could be built: " + "; ".join(notes))
+        out = list(self._segs)
+        out += _per_image_views(images, uids, options, notes, seconds)
         started = time.perf_counter()
-        cad = ObjectIdentity(uids.cad_series, uids.cad_instance, options.cad_series_number,
-                             options.cad_series_description)
-        out.append(build_mammography_cad_sr(images, cad, equipment,
+        sr = ObjectIdentity(uids.sr_series, uids.sr_instance, options.sr_series_number, options.sr_series_description)
+        out.append(build_measurement_report(images, sr, options.equipment,
                                             max_regions_per_segment=options.max_regions_per_segment))
-        span("cad_sr", started)
-    for ds in out:
-        _pin_creation(ds, uids.created)
-    return StudyResults(images=images, datasets=out, notes=notes, seconds=seconds)
+        self._span("sr", started)
+        if options.cad_sr:
+            started = time.perf_counter()
+            cad = ObjectIdentity(uids.cad_series, uids.cad_instance, options.cad_series_number,
+                                 options.cad_series_description)
+            out.append(build_mammography_cad_sr(images, cad, options.equipment,
+                                                max_regions_per_segment=options.max_regions_per_segment))
+            self._span("cad_sr", started)
+        for ds in out:
+            _pin_creation(ds, uids.created)
+        return StudyResults(images=images, datasets=out, notes=notes, seconds=seconds)
+
+
+#: What a released map's probability becomes (:meth:`ResultsBuilder.add`).
+_RELEASED = np.empty((0, 0), dtype=np.float32)
+_RELEASED.flags.writeable = False
 
 
 def _check_encodes(ds: pydicom.Dataset) -> None:
@@ -246,6 +310,7 @@ def _pin_creation(ds: pydicom.Dataset, created: str) -> None:
     """Replace the values highdicom takes from the clock or a random source with ones derived
     from the job, so a rebuild is identical: Series, Content and Instance Creation Date/Time,
     highdicom's own Contribution DateTime, a presentation state's Presentation Creation Date/Time,
+    a Secondary Capture's Date/Time of Secondary Capture,
     and the SEG Dimension Organization UID."""
     date, time = created[:8], created[8:14]
     ds.SeriesDate, ds.SeriesTime = date, time
@@ -254,6 +319,8 @@ def _pin_creation(ds: pydicom.Dataset, created: str) -> None:
     else:
         ds.ContentDate, ds.ContentTime = date, time
     ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    if "TimeOfSecondaryCapture" in ds:  # highdicom takes it from the clock
+        ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = date, time
     for item in ds.get("ContributingEquipmentSequence", []):
         if item.get("ManufacturerModelName") == "highdicom":
             item.ContributionDateTime = created

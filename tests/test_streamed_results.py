@@ -1,0 +1,88 @@
+"""Results built image by image (ResultsBuilder, the worker's run_into_builder): the same objects
+as build_results, with each image's full-size maps released before the next image runs."""
+
+import copy
+
+import pytest
+
+from dicom_ai.core.errors import ImagingError, ResultError
+from dicom_ai.core.options import ResultOptions
+from dicom_ai.core.uids import ResultUIDs
+from dicom_ai.node.processing import run_into_builder
+from dicom_ai.results import ResultsBuilder, build_results
+
+from _results_sources import make_study, roundtrip
+
+OPTIONS = ResultOptions(cad_sr=True, gsps=True, secondary_capture=True)
+
+
+def _study():
+    sources, findings = make_study()
+    return sources, findings, ResultUIDs.generate([str(d.SOPInstanceUID) for d in sources])
+
+
+def test_builder_with_released_maps_makes_the_same_objects():
+    sources, findings, uids = _study()
+    reference = build_results(sources, copy.deepcopy(findings), uids, OPTIONS)
+    builder = ResultsBuilder(sources, uids, OPTIONS)
+    for f in findings:
+        builder.add(f, release_maps=True)
+        assert all(m.probability.shape == (0, 0) for m in f.maps)
+    streamed = builder.finish()
+    assert [d.Modality for d in streamed.datasets] == [d.Modality for d in reference.datasets]
+    assert {"SEG", "PR", "SR"} <= {d.Modality for d in streamed.datasets}
+    for a, b in zip(streamed.datasets, reference.datasets):
+        assert roundtrip(a) == roundtrip(b)
+    assert streamed.notes == reference.notes
+
+
+def test_builder_refuses_unknown_and_repeated_images():
+    sources, findings, uids = _study()
+    builder = ResultsBuilder(sources[:2], uids)
+    builder.add(findings[0])
+    with pytest.raises(ResultError, match="two findings"):
+        builder.add(findings[0])
+    with pytest.raises(ResultError, match="not among the sources"):
+        builder.add(findings[3])
+    with pytest.raises(ResultError, match="no source images"):
+        ResultsBuilder([], uids)
+
+
+class _Pipeline:
+    """Returns the prepared findings of each image; checks that the earlier images' maps are
+    already released when the next image runs (what bounds the worker's memory)."""
+
+    def __init__(self, findings, fail=()):
+        self.by_uid = {f.sop_instance_uid: f for f in findings}
+        self.done, self.fail = [], set(fail)
+
+    def run(self, datasets):
+        assert all(m.probability.size == 0 for f in self.done for m in f.maps)
+        uid = str(datasets[0].SOPInstanceUID)
+        if uid in self.fail:
+            raise ValueError("cannot analyse")
+        self.done.append(self.by_uid[uid])
+        return [self.by_uid[uid]]
+
+
+def test_run_into_builder_streams_and_skips():
+    sources, findings, uids = _study()
+    reference = build_results([sources[0]] + sources[2:], copy.deepcopy([findings[0]] + findings[2:]), uids,
+                              OPTIONS)
+    pipeline = _Pipeline(findings, fail={str(sources[1].SOPInstanceUID)})
+    builder = ResultsBuilder(sources, uids, OPTIONS)
+    timings = {}
+    skipped = run_into_builder(pipeline, list(sources), builder, timings)
+    assert len(pipeline.done) == 3 and timings["pipeline"] >= 0.0
+    assert len(skipped) == 1 and str(sources[1].SOPInstanceUID) in skipped[0] and "ValueError" in skipped[0]
+    streamed = builder.finish()
+    assert len(streamed.datasets) == len(reference.datasets)
+    for a, b in zip(streamed.datasets, reference.datasets):
+        assert roundtrip(a) == roundtrip(b)
+
+
+def test_run_into_builder_with_no_image_left():
+    sources, findings, uids = _study()
+    pipeline = _Pipeline(findings, fail={str(d.SOPInstanceUID) for d in sources})
+    with pytest.raises(ImagingError, match="no image of the study"):
+        run_into_builder(pipeline, list(sources), ResultsBuilder(sources, uids), {})
