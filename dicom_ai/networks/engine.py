@@ -100,6 +100,10 @@ class OnnxFunction:
         # Idle ONNX Runtime threads otherwise spin for a while after each run and take the
         # cores from the torch models that run next in the same process.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Inputs change shape from image to image, so the arena would keep growing to the
+        # largest tiles seen and hold that between jobs; plain allocation keeps the worker's
+        # resident memory to what the image in hand needs.
+        options.enable_cpu_mem_arena = False
         self._session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
