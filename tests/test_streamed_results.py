@@ -3,6 +3,8 @@ as build_results, with each image's full-size maps released before the next imag
 
 import copy
 
+import numpy as np
+
 import pytest
 
 from dicom_ai.core.errors import ImagingError, ResultError
@@ -86,3 +88,19 @@ def test_run_into_builder_with_no_image_left():
     pipeline = _Pipeline(findings, fail={str(d.SOPInstanceUID) for d in sources})
     with pytest.raises(ImagingError, match="no image of the study"):
         run_into_builder(pipeline, list(sources), ResultsBuilder(sources, uids), {})
+
+
+def test_region_set_mask_is_the_union_of_its_regions_with_holes_filled():
+    from dicom_ai.results.regions import Spacing, find_regions
+
+    prob = np.zeros((60, 80), np.float32)
+    prob[10:30, 10:30] = 0.9
+    prob[12:28, 12:28] = 0.0  # a ring ...
+    prob[18:21, 18:21] = 0.8  # ... with a component inside its hole, swallowed by the fill
+    prob[40:50, 50:70] = 0.7
+    rs = find_regions(prob, 0.5, Spacing(0.1, 0.1, "detector"))
+    expected = np.zeros(prob.shape, bool)
+    expected[10:30, 10:30] = True
+    expected[40:50, 50:70] = True
+    assert len(rs.regions) == 2 and rs.shape == prob.shape
+    np.testing.assert_array_equal(rs.mask, expected)

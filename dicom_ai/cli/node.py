@@ -244,9 +244,9 @@ def _infer(args: argparse.Namespace) -> int:
     import pydicom
 
     from dicom_ai.core.uids import ResultUIDs
-    from dicom_ai.node.processing import error_text, load_pipeline, result_options, run_pipeline
+    from dicom_ai.node.processing import error_text, load_pipeline, result_options, run_into_builder
     from dicom_ai.node.sandbox import DecodeSandbox
-    from dicom_ai.results import build_results
+    from dicom_ai.results import ResultsBuilder
 
     config = _load(args, **{"pipeline.device": args.device})
     sources, notes = [], []
@@ -269,12 +269,14 @@ def _infer(args: argparse.Namespace) -> int:
         print("dicom-ai: no file could be decoded: " + "; ".join(notes), file=sys.stderr)
         return 2
     pipeline = load_pipeline(config)
-    sources, findings, skipped = run_pipeline(pipeline, sources)
+    uids = ResultUIDs.generate([str(ds.SOPInstanceUID) for ds in sources])
+    # As the worker: each image's results are built as soon as its models have run.
+    builder = ResultsBuilder(sources, uids, options=result_options(config))
+    skipped = run_into_builder(pipeline, sources, builder, {})
     for note in notes + skipped:
         print(f"skipped {note}", file=sys.stderr)
-    uids = ResultUIDs.generate([str(ds.SOPInstanceUID) for ds in sources])
     args.out.mkdir(parents=True, exist_ok=True)
-    results = build_results(sources, findings, uids, options=result_options(config))
+    results = builder.finish()
     for note in results.notes:
         print(f"note: {note}", file=sys.stderr)
     for ds in results.datasets:
