@@ -1,4 +1,5 @@
-"""C-STORE receive throughput of the node vs dcmtk's storescp, four full-size MG images.
+"""C-STORE receive throughput of the node vs dcmtk's storescp, four full-size MG images, with
+the node's worker idle ("quiet") and with it running real inference ("busy").
 
 Both receivers run on loopback in the same run; dcmtk's ``storescu`` sends the same four
 uncompressed 3328 x 2560 x 16-bit images (17 MB each) over one association to each of them
@@ -6,11 +7,22 @@ in turn (A B A B ...), with fresh SOP Instance UIDs every round so the node real
 every image (it answers a known UID without storing it again). Wall time is measured around
 storescu. ``ratio`` = node throughput / storescp throughput, median over the paired rounds.
 
+Phases (in one run):
+
+- ``quiet``: the node's study grace is an hour, so its worker stays idle; the stand-in
+  pipeline is configured (nothing is inferred).
+- ``busy``: a second node with the shipped models at operating point ``phantom`` and a
+  0.5 s grace: a warm-up study is sent first and the rounds start once the worker has begun
+  inferring it; every study received becomes a job too, so the worker stays busy through the
+  rounds. Both receivers (node and storescp) are measured while that worker runs, and the
+  worker's CPU use during each round is recorded (``worker_cpu_share_per_round``: CPU seconds
+  over wall seconds, up to the number of cores), so a round with an idle worker would show.
+
 Settings: both receivers offer the same maximum PDU (128 KiB, dcmtk's own cap for sending);
 storescp writes files without fsync, while the node fsyncs the file and its directory and
 commits a job-store row before answering Success: the comparison is against a receiver
-doing less durable work. Peak memory is the node process's VmHWM (the receiving process;
-the worker process is idle during the benchmark).
+doing less durable work. Peak memory is the node process's VmHWM (the receiving process).
+Everything runs at the caller's priority; the machine's load average is recorded.
 
 Writes benchmarks/results/ingest.json and prints a table.
 """
@@ -82,11 +94,95 @@ def write_rounds(work: Path, rounds: int, targets: tuple[str, ...],
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc/<pid>/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids = [int(k) for k in (task / "children").read_text().split()]
+                out += kids
+                todo += kids
+        except OSError:
+            continue
+    return out
+
+
+def _worker_pid(node_pid: int) -> int | None:
+    """The node's worker process (``dicom-ai`` runs it as a child whose command names the worker)."""
+    for pid in _descendants(node_pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "worker" in cmd:
+            return pid
+    return None
+
+
+def _events(log: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines() if f'"{name}"' in line]
+
+
+def _paired_rounds(rounds: list[dict[str, list[Path]]], ports: dict[str, int], pids: dict[str, int],
+                   worker: int | None) -> dict:
+    """storescu to storescp, then to the node, per round; wall and receiver CPU seconds, and
+    the worker's CPU share during each send (if a worker pid is given)."""
+    times = {"storescp": [], "node": []}
+    cpu = {"storescp": 0.0, "node": 0.0}
+    share = {"storescp": [], "node": []}
+    called = {"storescp": "STORESCP", "node": "AINODE"}
+    for r, paths in enumerate(rounds):
+        for target in ("storescp", "node"):
+            c0 = _cpu_seconds(pids[target])
+            w0 = _cpu_seconds(worker) if worker else 0.0
+            t0 = time.perf_counter()
+            res = storescu(ports[target], paths[target], calling="BENCH", called=called[target])
+            dt = time.perf_counter() - t0
+            cpu[target] += _cpu_seconds(pids[target]) - c0
+            if worker:
+                share[target].append(round((_cpu_seconds(worker) - w0) / dt, 2))
+            ok = res.returncode == 0 and res.stderr.count("Received Store Response (Success)") == 4
+            if not ok:
+                raise SystemExit(f"{target} round {r}: storescu failed:\n{res.stderr[-2000:]}")
+            times[target].append(dt)
+    return {"times": times, "cpu": cpu, "worker_share": share}
+
+
+def _phase_result(name: str, measured: dict, nbytes: int, rounds: int, node: Proc, log: Path,
+                  load: tuple[float, float]) -> dict:
+    times, cpu = measured["times"], measured["cpu"]
+    ratios = [s / n for s, n in zip(times["storescp"], times["node"])]
+    # The node logs how long each C-STORE took from "data set received" to "answer Success"
+    # (checks, fsync, rename, directory fsync, job-store commit): the durability share.
+    handler = [e["seconds"] for e in _events(log, "instance_received")]
+    mb = nbytes / 1e6
+    out = {
+        "phase": name,
+        "seconds": {k: [round(v, 4) for v in vs] for k, vs in times.items()},
+        "median_seconds": {k: round(statistics.median(vs), 4) for k, vs in times.items()},
+        "median_mb_per_s": {k: round(mb / statistics.median(vs), 1) for k, vs in times.items()},
+        "ratio_node_over_storescp": round(statistics.median(ratios), 3),
+        "ratios_per_round": [round(x, 3) for x in ratios],
+        "node_store_handler_seconds_per_image_median": round(statistics.median(handler), 4),
+        "node_peak_rss_mib": round(_rss_kib(node.pid, "VmHWM") / 1024, 1),
+        "receiver_cpu_seconds_per_study": {k: round(v / rounds, 3) for k, v in cpu.items()},
+        "load_average_1min": {"before": round(load[0], 2), "after": round(load[1], 2)},
+    }
+    if any(measured["worker_share"].values()):
+        out["worker_cpu_share_per_round"] = measured["worker_share"]
+        out["worker_cpu_share_min"] = min(min(v) for v in measured["worker_share"].values())
+        out["worker_jobs_started_by_end"] = len(_events(log, "job_started"))
+    return out
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=REPO / "benchmarks"))
     procs: list[Proc] = []
     try:
-        rounds = write_rounds(work, ROUNDS, ("storescp", "node"))
+        rounds = write_rounds(work, 2 * ROUNDS + 1, ("storescp", "node"))
+        quiet_rounds, warmup, busy_rounds = rounds[:ROUNDS], rounds[ROUNDS], rounds[ROUNDS + 1:]
         nbytes = sum(p.stat().st_size for p in rounds[0]["node"])
 
         scp_port = free_port()
@@ -95,6 +191,8 @@ def main() -> int:
                          "--max-pdu", str(PDU), str(scp_port)], work / "storescp.log")
         procs.append(storescp)
         wait_port(scp_port)
+
+        # Quiet: the worker never starts a job (an hour's grace).
         node_port = free_port()
         cfg = write_node_config(work / "node.toml", work / "node-storage", node_port, [("BENCH", 1)],
                                 node={"max_pdu_size": PDU},
@@ -102,51 +200,65 @@ def main() -> int:
         node = start_node(cfg, node_port, work / "node.log", env=node_env())
         procs.append(node)
         baseline_rss = _rss_kib(node.pid, "VmRSS")
-
-        times = {"storescp": [], "node": []}
-        cpu = {"storescp": 0.0, "node": 0.0}
-        pids = {"storescp": storescp.pid, "node": node.pid}
-        load_before = os.getloadavg()[0]
-        for r, paths in enumerate(rounds):
-            for target, port, called in (("storescp", scp_port, "STORESCP"), ("node", node_port, "AINODE")):
-                c0 = _cpu_seconds(pids[target])
-                t0 = time.perf_counter()
-                res = storescu(port, paths[target], calling="BENCH", called=called)
-                dt = time.perf_counter() - t0
-                cpu[target] += _cpu_seconds(pids[target]) - c0
-                ok = res.returncode == 0 and res.stderr.count("Received Store Response (Success)") == 4
-                if not ok:
-                    raise SystemExit(f"{target} round {r}: storescu failed:\n{res.stderr[-2000:]}")
-                times[target].append(dt)
-        peak_rss = _rss_kib(node.pid, "VmHWM")
-        storescp_peak_rss = _rss_kib(storescp.pid, "VmHWM")
+        load0 = os.getloadavg()[0]
+        measured = _paired_rounds(quiet_rounds, {"storescp": scp_port, "node": node_port},
+                                  {"storescp": storescp.pid, "node": node.pid}, None)
+        quiet = _phase_result("quiet", measured, nbytes, ROUNDS, node, work / "node.log",
+                              (load0, os.getloadavg()[0]))
         stored = len(list((work / "node-storage" / "spool").rglob("*.dcm")))
         if stored != 4 * ROUNDS:
             raise SystemExit(f"node stored {stored} files, expected {4 * ROUNDS}")
+        quiet["node_rss_before_receiving_mib"] = round(baseline_rss / 1024, 1)
+        node.stop()
+        procs.remove(node)
 
-        ratios = [s / n for s, n in zip(times["storescp"], times["node"])]
-        # The node logs how long each C-STORE took from "data set received" to "answer Success"
-        # (checks, fsync, rename, directory fsync, job-store commit): the durability share.
-        handler = [json.loads(line)["seconds"] for line in (work / "node.log").read_text().splitlines()
-                   if '"instance_received"' in line]
-        mb = nbytes / 1e6
+        # Busy: the shipped models at the phantom operating point on every study received.
+        node_port = free_port()
+        log = work / "node-busy.log"
+        cfg = write_node_config(work / "node-busy.toml", work / "node-busy-storage", node_port, [("BENCH", 1)],
+                                node={"max_pdu_size": PDU},
+                                pipeline={"factory": "", "device": "cpu", "previews": False,
+                                          "operating_point": "phantom"},
+                                study={"grace_seconds": 0.5, "idle_seconds": 60.0},
+                                retry={"max_attempts": 1, "initial_delay_seconds": 60.0, "max_delay_seconds": 60.0})
+        node = start_node(cfg, node_port, log, env=node_env())
+        procs.append(node)
+        res = storescu(node_port, warmup["node"], calling="BENCH")
+        if res.returncode != 0:
+            raise SystemExit(f"warm-up study not sent:\n{res.stderr[-2000:]}")
+        deadline = time.monotonic() + 300
+        while not _events(log, "job_started"):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the worker never started the warm-up job; log:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        worker = _worker_pid(node.pid)
+        if worker is None:
+            raise SystemExit("no worker process found under the node")
+        time.sleep(2.0)  # into the models (decode and the first image's preparation come first)
+        load0 = os.getloadavg()[0]
+        measured = _paired_rounds(busy_rounds, {"storescp": scp_port, "node": node_port},
+                                  {"storescp": storescp.pid, "node": node.pid}, worker)
+        busy = _phase_result("busy", measured, nbytes, ROUNDS, node, log, (load0, os.getloadavg()[0]))
+        finished = _events(log, "job_finished")
+        busy["worker_jobs_finished_by_end"] = len(finished)
+        stored = len(list((work / "node-busy-storage" / "spool").rglob("*.dcm")))
+        if stored < 4 * ROUNDS:
+            raise SystemExit(f"busy node stored {stored} files, expected at least {4 * ROUNDS}")
+
         result = {
             "benchmark": "ingest",
             "what": "C-STORE receive of 4 uncompressed full-size MG images over one association (storescu sender)",
             "image_shape": list(SHAPE), "bytes_per_study": nbytes, "rounds": ROUNDS, "max_pdu": PDU,
-            "seconds": {k: [round(v, 4) for v in vs] for k, vs in times.items()},
-            "median_seconds": {k: round(statistics.median(vs), 4) for k, vs in times.items()},
-            "median_mb_per_s": {k: round(mb / statistics.median(vs), 1) for k, vs in times.items()},
-            "ratio_node_over_storescp": round(statistics.median(ratios), 3),
-            "ratios_per_round": [round(x, 3) for x in ratios],
             "target_ratio": 1.0,
-            "node_store_handler_seconds_per_image_median": round(statistics.median(handler), 4),
-            "node_peak_rss_mib": round(peak_rss / 1024, 1),
-            "node_rss_before_receiving_mib": round(baseline_rss / 1024, 1),
-            "storescp_peak_rss_mib": round(storescp_peak_rss / 1024, 1),
-            "receiver_cpu_seconds_per_study": {k: round(v / ROUNDS, 3) for k, v in cpu.items()},
-            "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+            "ratio_node_over_storescp": {"quiet": quiet["ratio_node_over_storescp"],
+                                         "busy": busy["ratio_node_over_storescp"]},
+            "quiet": quiet,
+            "busy": busy,
+            "busy_worker": "the node's own worker: shipped glam, dunet, microcalc at operating point 'phantom', "
+                           "ONNX Runtime / torch on the CPU, inferring the warm-up study and then each round's",
+            "storescp_peak_rss_mib": round(_rss_kib(storescp.pid, "VmHWM") / 1024, 1),
             "cpu_cores": os.cpu_count(),
+            "priority": f"nice {os.nice(0)} (the caller's)",
             "node_durability": "fsync file + rename + fsync directory + SQLite WAL commit (synchronous=FULL)",
             "storescp_durability": "plain write, no fsync",
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -154,19 +266,21 @@ def main() -> int:
         out = REPO / "benchmarks" / "results" / "ingest.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"{'receiver':<10} {'median s':>9} {'MB/s':>8}")
-        for k in ("storescp", "node"):
-            print(f"{k:<10} {result['median_seconds'][k]:>9.3f} {result['median_mb_per_s'][k]:>8.1f}")
-        print(f"ratio node/storescp (median of {ROUNDS} paired rounds): {result['ratio_node_over_storescp']:.3f} "
-              f"(target >= 1.0)")
-        print(f"node time per image after the data arrived (checks, fsync, rename, commit): "
-              f"{result['node_store_handler_seconds_per_image_median']:.3f} s (median)")
-        print(f"receiver CPU s per study: node {result['receiver_cpu_seconds_per_study']['node']}, "
-              f"storescp {result['receiver_cpu_seconds_per_study']['storescp']}")
-        print(f"peak RSS: node {result['node_peak_rss_mib']} MiB (before receiving: "
-              f"{result['node_rss_before_receiving_mib']} MiB), storescp {result['storescp_peak_rss_mib']} MiB")
-        print(f"machine load average (1 min) before/after: {result['load_average_1min']['before']}/"
-              f"{result['load_average_1min']['after']} on {os.cpu_count()} cores")
+        print(f"{'phase':<6} {'receiver':<10} {'median s':>9} {'MB/s':>8} {'CPU s/study':>12}")
+        for phase in (quiet, busy):
+            for k in ("storescp", "node"):
+                print(f"{phase['phase']:<6} {k:<10} {phase['median_seconds'][k]:>9.3f} "
+                      f"{phase['median_mb_per_s'][k]:>8.1f} {phase['receiver_cpu_seconds_per_study'][k]:>12.3f}")
+        for phase in (quiet, busy):
+            print(f"{phase['phase']}: ratio node/storescp (median of {ROUNDS} paired rounds) "
+                  f"{phase['ratio_node_over_storescp']:.3f} (target >= 1.0); node time per image after the data "
+                  f"arrived {phase['node_store_handler_seconds_per_image_median']:.3f} s; load "
+                  f"{phase['load_average_1min']['before']}/{phase['load_average_1min']['after']}")
+        print(f"busy: worker CPU share during the sends (min over rounds) {busy['worker_cpu_share_min']} "
+              f"of {os.cpu_count()} cores; jobs started/finished by the end "
+              f"{busy['worker_jobs_started_by_end']}/{busy['worker_jobs_finished_by_end']}")
+        print(f"peak RSS: node {quiet['node_peak_rss_mib']} MiB quiet, {busy['node_peak_rss_mib']} MiB busy; "
+              f"storescp {result['storescp_peak_rss_mib']} MiB")
         print(f"wrote {out}")
         return 0
     finally:
