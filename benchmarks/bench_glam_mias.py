@@ -166,9 +166,11 @@ def main(argv=None) -> int:
             manifest["version"] = f"{manifest['version']}+mias-fold{fold}"
             manifest["training"]["fine_tuning"] = {"data": f"mini-MIAS folds other than {fold}", "history": history}
             save_bundle(args.save_folds / f"fold{fold}", manifest, model.network.state_dict())
-        g_train, c_train = glam_maps(model, subset(data, train_idx)), cam_maps(cam, subset(data, train_idx), model.config)
+        # Thresholds need only the training images with a drawn mass.
+        tr_drawn = [i for i in train_idx if drawn[i]]
+        g_train, c_train = glam_maps(model, subset(data, tr_drawn)), cam_maps(cam, subset(data, tr_drawn), model.config)
         g_test, c_test = glam_maps(model, subset(data, test_idx)), cam_maps(cam, subset(data, test_idx), model.config)
-        tr_items, te_items = _drawn_items(train_idx, drawn), _drawn_items(test_idx, drawn)
+        tr_items, te_items = _drawn_items(tr_drawn, drawn), _drawn_items(test_idx, drawn)
         for name, key, mtr, mte in (("glam_fused", "fused", g_train, g_test), ("global_only", "global", g_train, g_test),
                                     ("cam", "cam", c_train, c_test)):
             dice_rows[name].append(_dice_block(mte, key, te_items, _best_threshold(mtr, key, tr_items)))
