@@ -335,8 +335,12 @@ def overlays(bundle_dir: str) -> list[dict]:
     return notes
 
 
-def _save_overlay(raw, maps, pred, config, out_path: Path, rows: int = 360) -> None:
-    from PIL import Image, ImageDraw
+def overlay_panels(raw: np.ndarray, maps: dict, rows: int, alpha: float, scale_to_max: bool) -> tuple[np.ndarray, tuple]:
+    """Image, benign-map and malignant-map panels side by side ((rows, 3 * cols, 3) in [0, 1]) and the panel size.
+
+    ``scale_to_max`` divides each map by its maximum before blending (shape of the map, not its level).
+    """
+    from PIL import Image
 
     h, w = raw.shape
     size = (int(round(w * rows / h)), rows)
@@ -344,10 +348,20 @@ def _save_overlay(raw, maps, pred, config, out_path: Path, rows: int = 360) -> N
                       dtype=np.float32) / 255
     panels = [np.stack([gray] * 3, -1)]
     for finding, colour in (("benign_lesion", (0.1, 1.0, 0.1)), ("malignant_lesion", (1.0, 0.15, 0.1))):
-        p = np.asarray(Image.fromarray(maps[finding]).resize(size, Image.BILINEAR))
-        a = np.clip(p / max(float(p.max()), 1e-6), 0, 1)[..., None] * 0.6
+        p = np.asarray(Image.fromarray(maps[finding].astype(np.float32)).resize(size, Image.BILINEAR))
+        if scale_to_max:
+            p = p / max(float(p.max()), 1e-6)
+        a = np.clip(p, 0, 1)[..., None] * alpha
         panels.append(np.stack([gray] * 3, -1) * (1 - a) + np.array(colour) * a)
-    canvas = Image.fromarray((np.concatenate(panels, axis=1) * 255).astype(np.uint8))
+    return np.concatenate(panels, axis=1), size
+
+
+def _save_overlay(raw, maps, pred, config, out_path: Path, rows: int = 360) -> None:
+    from PIL import Image, ImageDraw
+
+    h, w = raw.shape
+    panels, size = overlay_panels(raw, maps, rows, alpha=0.6, scale_to_max=True)
+    canvas = Image.fromarray((panels * 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     # Selected patches, mapped from the input grid through the geometry to the source grid.
     geo = pred.geometry

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_glam import THRESHOLDS, bootstrap_auc, cam_maps, glam_maps  # noqa: E402
+from bench_glam import THRESHOLDS, bootstrap_auc, overlay_panels, cam_maps, glam_maps  # noqa: E402
 from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset  # noqa: E402
 from dicom_ai.data.metrics import detections_from_map, dice, lesion_froc, roc_auc, soft_dice  # noqa: E402
 from dicom_ai.networks.bundle import load_bundle, save_bundle  # noqa: E402
@@ -259,16 +259,8 @@ def _overlays(g_all, order, data: GlamData, refs, result: dict, n: int = 4) -> N
 def _save_overlay_plain(raw: np.ndarray, maps: dict, out_path: Path, rows: int = 300) -> None:
     from PIL import Image
 
-    h, w = raw.shape
-    size = (int(round(w * rows / h)), rows)
-    gray = np.asarray(Image.fromarray((np.clip(raw, 0, 1) * 255).astype(np.uint8)).resize(size, Image.BILINEAR),
-                      dtype=np.float32) / 255
-    panels = [np.stack([gray] * 3, -1)]
-    for finding, colour in (("benign_lesion", (0.1, 1.0, 0.1)), ("malignant_lesion", (1.0, 0.15, 0.1))):
-        p = np.asarray(Image.fromarray(maps[finding].astype(np.float32)).resize(size, Image.BILINEAR))
-        a = np.clip(p, 0, 1)[..., None] * 0.7
-        panels.append(np.stack([gray] * 3, -1) * (1 - a) + np.array(colour) * a)
-    Image.fromarray((np.concatenate(panels, axis=1) * 255).astype(np.uint8)).save(out_path, optimize=True)
+    panels, _ = overlay_panels(raw, maps, rows, alpha=0.7, scale_to_max=False)
+    Image.fromarray((panels * 255).astype(np.uint8)).save(out_path, optimize=True)
 
 
 def _print(result: dict) -> None:
