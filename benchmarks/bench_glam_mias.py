@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_glam import THRESHOLDS, bootstrap_auc, overlay_panels, cam_maps, glam_maps  # noqa: E402
+from bench_glam import THRESHOLDS, bootstrap_auc, mean_ci, overlay_panels, cam_maps, glam_maps  # noqa: E402
 from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset  # noqa: E402
 from dicom_ai.data.metrics import detections_from_map, dice, lesion_froc, roc_auc, soft_dice  # noqa: E402
 from dicom_ai.networks.bundle import load_bundle, save_bundle  # noqa: E402
@@ -115,14 +115,12 @@ def _dice_block(maps, key, items, threshold) -> dict:
             "soft_dice": [float(soft_dice(maps[k][key][c], m)) for k, c, m in items]}
 
 
-def _mean_ci(values, n: int = 2000, seed: int = 0) -> dict:
+def _mean_ci(values) -> dict:
+    """Mean, bootstrap 95 % interval (bench_glam.mean_ci) and count of per-mass values."""
     v = np.asarray(values, float)
     if v.size == 0:
         return {"mean": None, "ci95": None, "n": 0}
-    rng = np.random.default_rng(seed)
-    boots = [v[rng.integers(0, v.size, v.size)].mean() for _ in range(n)]
-    return {"mean": round(float(v.mean()), 4), "ci95": [round(float(np.percentile(boots, 2.5)), 4),
-                                                        round(float(np.percentile(boots, 97.5)), 4)], "n": int(v.size)}
+    return {"mean": round(float(v.mean()), 4), "ci95": mean_ci(v), "n": int(v.size)}
 
 
 def _regions(fused: np.ndarray) -> list[tuple[float, float, float]]:
