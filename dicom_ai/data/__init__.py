@@ -13,7 +13,7 @@ runs bundles); numpy, pydicom, SimpleITK, Pillow, matplotlib. Nothing of the nod
 """
 
 from dicom_ai.data.cache import generator_version
-from dicom_ai.data.datasets import FORMATS, MIASDataset, mias_folds, open_dataset
+from dicom_ai.data.datasets import FORMATS, MIASDataset, mias_folds, open_dataset, patient_folds
 from dicom_ai.data.mg import MG_FOR_PRESENTATION, MG_FOR_PROCESSING, TRANSFER_SYNTAXES, encode, mg_dataset
 from dicom_ai.data.phantom import FULL_SHAPE, FULL_SPACING_MM, PhantomImage, PhantomStudy, generate_study
 from dicom_ai.data.phantom_folder import FORMAT, read_manifest, write_study
@@ -24,4 +24,5 @@ __all__ = [
     "mg_dataset", "encode", "MG_FOR_PRESENTATION", "MG_FOR_PROCESSING", "TRANSFER_SYNTAXES",
     "FORMAT", "write_study", "read_manifest", "generator_version",
     "MASK_KEYS", "Sample", "Lesion", "LESION_KINDS", "FORMATS", "open_dataset", "MIASDataset", "mias_folds",
+    "patient_folds",
 ]
