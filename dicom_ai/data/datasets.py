@@ -1145,8 +1145,28 @@ class RealPNGDataset(_Dataset):
                            rec.labels, lesions, rec.path.name)
 
 
+#: Keyword arguments of ``open_dataset("hybrid:...")`` that go to the hybrid data set (the
+#: others go to the background's adapter).
+HYBRID_KEYWORDS = ("seed", "copies", "lesion_counts", "kinds", "config")
+
+
 def open_dataset(fmt: str, root: str | Path, **kwargs) -> _Dataset:
-    """The adapter for ``fmt`` (one of FORMATS) on ``root``."""
+    """The adapter for ``fmt`` (one of FORMATS, or ``hybrid:<format>[-normals]``) on ``root``.
+
+    ``hybrid:<format>`` yields real images of ``<format>`` with inserted lesions
+    (:class:`dicom_ai.data.insertion.HybridDataset`); with the ``-normals`` suffix only the
+    images without findings are backgrounds (``hybrid:mias-normals``: the 207 NORM images).
+    Keywords named in :data:`HYBRID_KEYWORDS` go to the hybrid data set, the rest (``folds``
+    of MIAS, ...) to the background adapter.
+    """
+    if fmt.startswith("hybrid:"):
+        from dicom_ai.data.insertion import HybridDataset
+
+        background = fmt[len("hybrid:"):]
+        normals_only = background.endswith("-normals")
+        background = background[:-len("-normals")] if normals_only else background
+        hybrid = {k: kwargs.pop(k) for k in list(kwargs) if k in HYBRID_KEYWORDS}
+        return HybridDataset(open_dataset(background, root, **kwargs), normals_only=normals_only, **hybrid)
     adapters = {"phantom": PhantomDataset, "inbreast": INbreastDataset, "cbis-ddsm": CBISDDSMDataset,
                 "vindr": VinDrMammoDataset, "mias": MIASDataset, "cbis-ddsm-squashed": CBISSquashedDataset,
                 "inbreast-crops": INbreastCropsDataset, "cbis-ddsm-cases": CBISCasesDataset, "cesm": CESMDataset,
