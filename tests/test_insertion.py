@@ -150,3 +150,17 @@ def test_hybrid_dataset_from_any_adapter(tmp_path):
     assert len(everything) == 4
     with pytest.raises(DatasetError, match="kinds"):
         HybridDataset(everything.background, kinds={"tumour": 1.0})
+
+
+def test_given_centre_size_and_shape():
+    bg = _sample(_background(seed=6))
+    cfg = InsertionConfig(mass_radius_mm=(4.0, 4.0), mass_shapes=("round",))
+    out = insert_lesions(bg, seed=2, masses=1, config=cfg, at=[(160.0, 60.0)])
+    lesion = out.lesions[0]
+    assert lesion.label.startswith("inserted round") and lesion.radius_px == 4.0 / SPACING
+    assert abs(lesion.centre_rc[0] - 160) < 3 and abs(lesion.centre_rc[1] - 60) < 3
+    # Equivalent radius of the round mask close to the asked 20 pixels.
+    assert abs(np.sqrt(lesion.mask.sum() / np.pi) - 20) < 3
+    assert insert_lesions(bg, seed=2, masses=1, config=cfg, at=[(5.0, 235.0)]).lesions == []  # outside the breast
+    with pytest.raises(DatasetError, match="unknown mass shape"):
+        insert_lesions(bg, seed=2, masses=1, config=InsertionConfig(mass_shapes=("star",)))

@@ -59,7 +59,7 @@ from dicom_ai.data.sample import MASK_KEYS, Lesion, Sample
 from dicom_ai.imaging import Mammogram
 
 __all__ = ["SourceModel", "InsertionConfig", "estimate_source", "insert_lesions", "HybridDataset",
-           "gaussian_blur", "LESION_MODEL_SOURCE"]
+           "gaussian_blur", "LESION_MODEL_SOURCE", "MASS_SHAPES"]
 
 #: What a manifest records about the inserted lesions.
 LESION_MODEL_SOURCE = {"name": "dicom_ai-phantom-lesions", "origin": "dicom_ai.data.phantom lesion models, "
@@ -115,6 +115,8 @@ class InsertionConfig:
     mass's internal power-law texture. ``calc_contrast``: speck contrast (the phantom's
     per-speck values 0.45-0.75 are multiplied by it). ``mass_radius_mm``: optional override
     of the radius range (default: the phantom's calibrated log-normal, 2.5-15 mm).
+    ``mass_shapes``: optional override of the mass shapes, one drawn uniformly (of round,
+    oval, lobulated, irregular, spiculated; default: the phantom's choice by severity).
     """
 
     mass_contrast: tuple[float, float] = (0.10, 0.45)
@@ -124,6 +126,7 @@ class InsertionConfig:
     malignant_share: float = 0.5
     skin_margin_mm: float = 3.0
     mass_radius_mm: tuple[float, float] | None = None
+    mass_shapes: tuple[str, ...] | None = None
 
 
 # --------------------------------------------------------------------------- the source
@@ -329,14 +332,33 @@ def _add(values: np.ndarray, window: tuple[slice, slice], increment: np.ndarray,
         values[window] = 1.0 - (1.0 - values[window]) * np.exp(-increment)
 
 
+MASS_SHAPES = ("round", "oval", "lobulated", "irregular", "spiculated")
+
+
+def _given_centre(sample: Sample, at: tuple[float, float]) -> tuple[int, int] | None:
+    """``at`` rounded to a pixel, or None when it is off the grid or outside the breast."""
+    r, c = int(round(at[0])), int(round(at[1]))
+    rows, cols = sample.image.shape
+    return (r, c) if 0 <= r < rows and 0 <= c < cols and sample.image.breast_mask[r, c] else None
+
+
 def _insert_mass(rng: np.random.Generator, values: np.ndarray, sample: Sample, src: SourceModel,
-                 cfg: InsertionConfig, malignant: bool, taken: np.ndarray) -> Lesion | None:
+                 cfg: InsertionConfig, malignant: bool, taken: np.ndarray,
+                 at: tuple[float, float] | None = None) -> Lesion | None:
     spacing = src.spacing_mm
     shape_name, radius = mass_design(rng, malignant)
     if cfg.mass_radius_mm is not None:
         radius = float(rng.uniform(*cfg.mass_radius_mm))
-    allowed = _allowed(sample, spacing, cfg.skin_margin_mm + 0.5 * _PLACEMENT_GRID_MM, taken)
-    centre = _pick_centre(rng, allowed, radius, values.shape)
+    if cfg.mass_shapes:
+        bad = [s for s in cfg.mass_shapes if s not in MASS_SHAPES]
+        if bad:
+            raise DatasetError(f"unknown mass shape {bad[0]!r}; choose from {', '.join(MASS_SHAPES)}")
+        shape_name = str(cfg.mass_shapes[int(rng.integers(len(cfg.mass_shapes)))])
+    if at is None:
+        allowed = _allowed(sample, spacing, cfg.skin_margin_mm + 0.5 * _PLACEMENT_GRID_MM, taken)
+        centre = _pick_centre(rng, allowed, radius, values.shape)
+    else:
+        centre = _given_centre(sample, at)
     if centre is None:
         return None
     finding = Finding("mass", malignant, shape_name, radius, 0.0, 0.0, 0.0, int(rng.integers(2 ** 31)))
@@ -372,11 +394,14 @@ def _insert_mass(rng: np.random.Generator, values: np.ndarray, sample: Sample, s
 
 def _insert_cluster(rng: np.random.Generator, values: np.ndarray, sample: Sample, src: SourceModel,
                     cfg: InsertionConfig, malignant: bool, taken: np.ndarray,
-                    speck_masks: dict[str, np.ndarray]) -> Lesion | None:
+                    speck_masks: dict[str, np.ndarray], at: tuple[float, float] | None = None) -> Lesion | None:
     spacing = src.spacing_mm
     shape_name, n, radius = cluster_design(rng, malignant)
-    allowed = _allowed(sample, spacing, cfg.skin_margin_mm + 0.5 * _PLACEMENT_GRID_MM, taken)
-    centre = _pick_centre(rng, allowed, radius + 1.0, values.shape)
+    if at is None:
+        allowed = _allowed(sample, spacing, cfg.skin_margin_mm + 0.5 * _PLACEMENT_GRID_MM, taken)
+        centre = _pick_centre(rng, allowed, radius + 1.0, values.shape)
+    else:
+        centre = _given_centre(sample, at)
     if centre is None:
         return None
     offsets, sizes = cluster_specks(rng, shape_name, n, radius)
@@ -410,7 +435,7 @@ def _insert_cluster(rng: np.random.Generator, values: np.ndarray, sample: Sample
 
 def insert_lesions(sample: Sample, seed: int | Sequence[int], masses: int = 1, clusters: int = 0,
                    malignant: bool | Sequence[bool] | None = None, config: InsertionConfig | None = None,
-                   source: SourceModel | None = None) -> Sample:
+                   source: SourceModel | None = None, at: Sequence[tuple[float, float] | None] | None = None) -> Sample:
     """Insert ``masses`` masses and ``clusters`` calcification clusters into a real mammogram.
 
     Parameters
@@ -430,6 +455,10 @@ def insert_lesions(sample: Sample, seed: int | Sequence[int], masses: int = 1, c
     source
         The background's :class:`SourceModel` (measured with :func:`estimate_source` when
         None; pass it to save the measurement when inserting into one image many times).
+    at
+        Optional centre (row, column) on the stored grid per lesion (masses first; None
+        entries are drawn): a given centre must lie in the breast (else the lesion is
+        skipped) and is not checked against the skin, muscle or other lesions.
 
     Returns
     -------
@@ -460,16 +489,19 @@ def insert_lesions(sample: Sample, seed: int | Sequence[int], masses: int = 1, c
     order = ["mass"] * masses + ["cluster"] * clusters
     if malignant is not None and not isinstance(malignant, (bool, np.bool_)) and len(malignant) != len(order):
         raise DatasetError(f"malignant gives {len(malignant)} severities for {len(order)} lesions")
+    if at is not None and len(at) != len(order):
+        raise DatasetError(f"at gives {len(at)} centres for {len(order)} lesions")
     for n, kind in enumerate(order):
         draw = bool(rng.random() < cfg.malignant_share)  # drawn always, so the stream does not depend on it
         if malignant is None:
             bad = draw
         else:
             bad = bool(malignant) if isinstance(malignant, (bool, np.bool_)) else bool(malignant[n])
+        where = at[n] if at is not None else None
         if kind == "mass":
-            lesion = _insert_mass(rng, values, sample, src, cfg, bad, taken)
+            lesion = _insert_mass(rng, values, sample, src, cfg, bad, taken, where)
         else:
-            lesion = _insert_cluster(rng, values, sample, src, cfg, bad, taken, specks)
+            lesion = _insert_cluster(rng, values, sample, src, cfg, bad, taken, specks, where)
         if lesion is None:
             continue
         inserted.append(lesion)
