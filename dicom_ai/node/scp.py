@@ -1,6 +1,9 @@
 """The node's Storage SCP: C-ECHO and C-STORE of digital mammograms into a durable spool.
 
 Association policy
+    * Both AE titles must be AE values as sent: no control character (a TAB included), no
+      backslash, no byte outside ASCII, not only spaces (else rejected permanently, reason 3
+      for the calling, 7 for the called AE title; logged as ``connection_refused``).
     * The Called AE Title must be the node's AE title (else rejected, reason 7).
     * The Calling AE Title must be a configured peer unless ``allow_any_caller`` (else
       rejected permanently, reason 3 "calling AE title not recognized").
