@@ -351,7 +351,10 @@ def _remove_partial_outbox(config: NodeConfig, job: Job) -> None:
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the node dies, so no orphan keeps working."""
+    """Ask Linux to SIGKILL this process when the node dies, so no orphan keeps working.
+
+    The node starts the worker through :data:`~dicom_ai.node.supervisor.WORKER_BOOT`, which
+    sets the signal before any import; set again here for a worker started otherwise."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
