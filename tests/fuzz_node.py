@@ -9,7 +9,10 @@ about:
 * ``hangs``: a C-STORE got no answer within the sender's timeout (must be 0);
 * ``worker_restarts``: the inference worker exited and was restarted (must be 0);
 * ``accepted_unprocessed``: an image answered Success that neither appears in a result object
-  nor is named, as skipped, in its job's note (must be 0);
+  nor is named, with a reason, as left out in its job's note (must be 0); the images left out
+  with a reason are counted by reason (``accepted_skipped_reasons``);
+* ``jobs_failed``: jobs that ended failed (a study none of whose images can be decoded ends
+  done with its note, not failed after three identical attempts);
 * ``patient_data_leaks``: a patient value of the cases found in the node's log or console;
 * the turnaround of a valid four-view study sent before and after the cases (the second must
   be within its normal time).
@@ -35,7 +38,9 @@ from pynetdicom import AE, _config
 from pynetdicom.status import code_to_category
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's dicom_ai, as the node runs it
 
+from dicom_ai.node.jobstore import left_out_images  # noqa: E402
 from mutations import Case, cases  # noqa: E402
 from node_harness import (ACCESSION, PATIENT_ID, PATIENT_NAME, REPO, free_port, start_node,  # noqa: E402
                           start_storescp, store_status, write_node_config, write_study)
@@ -161,7 +166,7 @@ def _worker_pid(storage: Path) -> int | None:
 
 
 def run_fuzz(workdir: Path, count: int, seed: int = 0, store_timeout: float = 40.0,
-             settle_timeout: float = 600.0, progress: bool = False) -> dict:
+             settle_timeout: float = 600.0, progress: bool = False, families: list[str] | None = None) -> dict:
     """Send ``count`` mutated data sets (and two valid studies) to a fresh node; returns the report."""
     workdir.mkdir(parents=True, exist_ok=True)
     pacs_dir, storage = workdir / "pacs", workdir / "storage"
@@ -180,7 +185,7 @@ def run_fuzz(workdir: Path, count: int, seed: int = 0, store_timeout: float = 40
         hangs, slowest = [], 0.0
         tmp = workdir / "case.dcm"
         started = time.monotonic()
-        for i, case in enumerate(cases(count, seed)):
+        for i, case in enumerate(cases(count, seed, families=families)):
             tmp.write_bytes(case.data)
             try:
                 sop_uid = str(pydicom.dcmread(tmp, stop_before_pixels=True, force=True).file_meta
@@ -233,12 +238,13 @@ def run_fuzz(workdir: Path, count: int, seed: int = 0, store_timeout: float = 40
 
 
 def _judge_accepted(s: dict, accepted: dict[str, Case]) -> dict:
-    """Every accepted image is in a result object or named as skipped in its job's note."""
+    """Every accepted image is in a result object or named, with a reason, as left out in its
+    job's note (:func:`~dicom_ai.node.jobstore.left_out_images`); the reasons are counted."""
     instances = {i["sop_instance_uid"]: i for i in s["instances"]}
     outbox: dict[int, list[str]] = collections.defaultdict(list)
     for o in s["outbox"]:
         outbox[o["job_id"]].append(o["path"])
-    unrecorded, unprocessed, skipped = [], [], collections.Counter()
+    unrecorded, unprocessed, skipped, reasons = [], [], collections.Counter(), collections.Counter()
     referenced_by_job: dict[int, set[str]] = {}
     for uid, case in accepted.items():
         inst = instances.get(uid)
@@ -255,12 +261,15 @@ def _judge_accepted(s: dict, accepted: dict[str, Case]) -> dict:
             referenced_by_job[job["id"]] = _referenced_uids(outbox[job["id"]])
         if uid in referenced_by_job[job["id"]]:
             continue
-        if uid in (job["error"] or ""):
+        why = [reason for named, reason in left_out_images(job["error"]) if named == uid]
+        if why:  # left out, and the note says why
             skipped[case.family] += 1
+            reasons[why[0]] += 1
             continue
-        unprocessed.append(f"{case.family}/{case.name}: not in results, not named in the note")
+        unprocessed.append(f"{case.family}/{case.name}: not in results, not named with a reason in the note")
     return {"accepted": len(accepted), "accepted_unrecorded": len(unrecorded),
             "accepted_unprocessed": len(unprocessed), "accepted_skipped_with_note": dict(skipped),
+            "accepted_skipped_reasons": dict(reasons.most_common()),
             "unprocessed_cases": (unrecorded + unprocessed)[:20],
             "jobs_failed": sum(1 for j in s["jobs"] if j["state"] == "failed"),
             "deliveries_failed": sum(1 for d in s["deliveries"] if d["state"] == "failed")}
@@ -272,12 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fuzz.json")
     parser.add_argument("--workdir", type=Path, help="keep the node's storage and logs here (default: a temporary folder)")
+    parser.add_argument("--families", help="comma-separated mutation families (default: all)")
     args = parser.parse_args(argv)
+    families = args.families.split(",") if args.families else None
     if args.workdir:
-        report = run_fuzz(args.workdir, args.cases, args.seed, progress=True)
+        report = run_fuzz(args.workdir, args.cases, args.seed, progress=True, families=families)
     else:
         with tempfile.TemporaryDirectory(prefix="dicom-ai-fuzz-") as tmp:
-            report = run_fuzz(Path(tmp), args.cases, args.seed, progress=True)
+            report = run_fuzz(Path(tmp), args.cases, args.seed, progress=True, families=families)
     report["machine"] = f"{os.cpu_count()} cores"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -286,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 "jobs_failed", "patient_data_leaks", "turnaround_before_s", "turnaround_after_s",
                 "node_peak_rss_mb", "worker_peak_rss_mb", "send_seconds"):
         print(f"{key:28s} {report.get(key)}")
+    print("accepted images left out, by reason: " + (", ".join(f"{k} {v}" for k, v in
+                                                         report["accepted_skipped_reasons"].items()) or "none"))
     print("outcomes per family:")
     for family, c in report["outcomes"].items():
         print(f"  {family:20s} " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.filereader import data_element_generator
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
@@ -439,6 +440,85 @@ def charsets(rng: random.Random, study: StudyContext) -> list[tuple[str, bytes]]
     return [(name, _raw(ds, 0x00100010, "PN", value))]
 
 
+def _fragments(ds: Dataset, fragments: list[bytes], offset_table: bytes = b"") -> Dataset:
+    """``ds`` (encapsulated) with its Pixel Data items replaced: the Basic Offset Table, then ``fragments``."""
+    items = [offset_table] + [f + b"\x00" * (len(f) % 2) for f in fragments]
+    ds.PixelData = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, len(v)) + v for v in items)
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+def _first_frame(ds: Dataset) -> bytes:
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def pixel_module(rng: random.Random, study: StudyContext) -> list[tuple[str, bytes]]:
+    """Image Pixel attributes outside their allowed values and Pixel Data of more than one frame
+    (issue 24, faults 2 and 3): each must be refused at admission, never accepted and dropped."""
+    ds = study.image(rng)
+
+    def j2k_siz(at: int, value: int) -> Dataset:
+        j2k = compressed(ds, JPEG2000Lossless)
+        frame = bytearray(_first_frame(j2k))
+        struct.pack_into(">I", frame, frame.find(b"\xff\x4f\xff\x51") + 2 + at, value)
+        return _fragments(j2k, [bytes(frame)])
+
+    def two(ts: str) -> Dataset:
+        enc = compressed(ds, ts)
+        return _fragments(enc, [_first_frame(enc)] * 2)
+
+    choices: list[tuple[str, Callable[[], Dataset]]] = [
+        ("native-twice-as-long", lambda: _with(ds, PixelData=ds.PixelData * 2)),
+        ("native-2x1-266240-bytes", lambda: _with(ds, Rows=2, Columns=1, PixelData=bytes(266240))),
+        ("native-two-bytes-more", lambda: _with(ds, PixelData=ds.PixelData + b"\x00\x00")),
+        ("rle-pixel-representation-65535", lambda: _with(compressed(ds, RLELossless), PixelRepresentation=65535)),
+        ("pixel-representation-2", lambda: _with(ds, PixelRepresentation=2)),
+        ("high-bit-15-of-12", lambda: _with(ds, HighBit=15)),
+        ("no-high-bit", lambda: _with(ds, HighBit=None)),
+        ("planar-configuration-7", lambda: _with(ds, PlanarConfiguration=7)),
+        ("j2k-siz-height-0", lambda: j2k_siz(12, 0)),
+        ("j2k-siz-width-0", lambda: j2k_siz(8, 0)),
+        ("j2k-two-frames", lambda: two(JPEG2000Lossless)),
+        ("rle-two-fragments", lambda: two(RLELossless)),
+        ("jpegls-two-frames", lambda: two(JPEGLSLossless)),
+        ("offset-table-two-frames", lambda: _fragments(compressed(ds, JPEG2000Lossless),
+                                                       [_first_frame(compressed(ds, JPEG2000Lossless))],
+                                                       struct.pack("<II", 0, 64))),
+    ]
+    name, change = rng.choice(choices)
+    return [(name, part10(change()))]
+
+
+def copied_attributes(rng: random.Random, study: StudyContext) -> list[tuple[str, bytes]]:
+    """A damaged attribute the models do not read (issue 24, fault 4): the image keeps its results."""
+    ds = study.image(rng)
+    how = rng.choice(["manufacturer-UL", "root-attribute-UL", "flip-near-0028-1040"])
+    if how == "manufacturer-UL":
+        return [(how, _raw(ds, 0x00080070, "UL", bytes(range(1, 9))))]
+    if how == "root-attribute-UL":
+        tags = [int(e.tag) for e in ds if e.keyword not in _NEEDED_BY_ADMISSION and not e.tag.is_private]
+        return [(how, _raw(ds, rng.choice(tags), "UL", bytes(range(1, 9))))]
+    data = part10(ds)
+    at = data.find(struct.pack("<HH", 0x0028, 0x1040))
+    return [(how, _flip(data, rng, at - 16, at + 40, 1))]
+
+
+#: What the admission checks read: a wrong VR there is refused, not a case for copied_attributes.
+_NEEDED_BY_ADMISSION = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows",
+                        "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
+                        "HighBit", "PixelRepresentation", "PixelData", "NumberOfFrames"}
+
+
+def lone_undecodable(rng: random.Random, study: StudyContext) -> list[tuple[str, bytes]]:
+    """A study of one image whose codec fails on its bytes (issue 24, fault 5): accepted (it is
+    structurally valid), left out with a reason, and the job ends done after one attempt."""
+    alone = StudyContext(generate_uid(), generate_uid())
+    ds = compressed(alone.image(rng), RLELossless)
+    frame = bytearray(_first_frame(ds))
+    frame[8:12] = struct.pack("<I", 100)  # the second segment's offset inside the first: pylibjpeg-rle panics
+    return [("rle-panic-alone", part10(_fragments(ds, [bytes(frame)])))]
+
+
 def transfer_syntaxes(rng: random.Random, study: StudyContext) -> list[tuple[str, bytes]]:
     """Valid images in every accepted transfer syntax: the controls."""
     ds = study.image(rng)
@@ -454,7 +534,8 @@ FAMILIES: dict[str, Callable[[random.Random, StudyContext], list[tuple[str, byte
     "truncation": truncations, "byte-flip": byte_flips, "length": lengths, "wrong-value": wrong_values,
     "geometry": geometry, "j2k": codec_j2k, "jpegls": codec_jpegls, "jpeg": codec_jpeg, "rle": codec_rle,
     "deflate": deflate, "uid": uids, "deep-sequence": deep_sequences, "private-giant": private_giant,
-    "missing": missing, "charset": charsets, "valid": transfer_syntaxes,
+    "missing": missing, "charset": charsets, "pixel-module": pixel_module, "copied-attribute": copied_attributes,
+    "lone-undecodable": lone_undecodable, "valid": transfer_syntaxes,
 }
 
 

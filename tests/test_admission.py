@@ -456,3 +456,88 @@ def test_a_c_store_without_a_usable_affected_sop_instance_uid_gets_a_failure_sta
     finally:
         assoc.release()
     node.assert_clean([str(ds.SOPInstanceUID)])
+
+
+# -- issue 24, faults 2 and 3: every Image Pixel attribute and the Pixel Data's extent -------------
+
+
+def _encapsulated(ds: Dataset, fragments: list[bytes], offset_table: bytes = b"") -> Dataset:
+    """``ds`` with its encapsulated Pixel Data rebuilt from exactly these fragments (each padded to even)."""
+    items = [offset_table] + [f + b"\x00" * (len(f) % 2) for f in fragments]
+    ds.PixelData = b"".join(struct.pack("<HHI", 0xFFFE, 0xE000, len(v)) + v for v in items)
+    ds["PixelData"].is_undefined_length = True
+    return ds
+
+
+def test_every_image_pixel_attribute_and_the_pixel_data_extent_are_checked_at_admission(node, tmp_path):
+    """Refused with a status, never Success-then-left-out: longer Pixel Data (issue 24 fault 2),
+    an invalid Pixel Representation, High Bit or Planar Configuration, a JPEG 2000 SIZ of height 0,
+    a second frame in the fragments or the Basic Offset Table (fault 3)."""
+    cases: dict[str, Path] = {}
+
+    def variant(name, change, ts=None):
+        ds = make_mg("L", "CC", generate_uid(), generate_uid(), len(cases) + 1)
+        if ts:
+            ds.compress(ts)
+        change(ds)
+        cases[name] = save(ds, tmp_path / f"{len(cases)}.dcm")
+
+    def j2k_siz(ds, at, value):  # rewrite one 32-bit field of the SIZ segment (Xsiz at 8, Ysiz at 12)
+        frame = bytearray(next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)))
+        siz = frame.find(b"\xff\x4f\xff\x51") + 2
+        struct.pack_into(">I", frame, siz + at, value)
+        _encapsulated(ds, [bytes(frame)])
+
+    def one_frame(ds):
+        return next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+
+    variant("native longer", lambda ds: setattr(ds, "PixelData", ds.PixelData * 2))
+    variant("native 2x1 with 266240 bytes", lambda ds: (setattr(ds, "Rows", 2), setattr(ds, "Columns", 1),
+                                                         setattr(ds, "PixelData", bytes(266240))))
+    variant("native one byte more", lambda ds: setattr(ds, "PixelData", ds.PixelData + b"\x00\x00"))
+    variant("pixel representation 65535", lambda ds: setattr(ds, "PixelRepresentation", 65535), RLELossless)
+    variant("pixel representation 2", lambda ds: setattr(ds, "PixelRepresentation", 2))
+    variant("high bit", lambda ds: setattr(ds, "HighBit", 15))
+    variant("no high bit", lambda ds: delattr(ds, "HighBit"))
+    variant("planar configuration", lambda ds: setattr(ds, "PlanarConfiguration", 7))
+    variant("j2k siz height 0", lambda ds: j2k_siz(ds, 12, 0), JPEG2000Lossless)
+    variant("j2k siz width 0", lambda ds: j2k_siz(ds, 8, 0), JPEG2000Lossless)
+    variant("j2k two frames", lambda ds: _encapsulated(ds, [one_frame(ds)] * 2), JPEG2000Lossless)
+    variant("rle two fragments", lambda ds: _encapsulated(ds, [one_frame(ds)] * 2), RLELossless)
+    variant("offset table of two frames", lambda ds: _encapsulated(ds, [one_frame(ds)], struct.pack("<II", 0, 99)),
+            JPEG2000Lossless)
+    got = dict(zip(cases, send(node.port, list(cases.values()))))
+    assert got == {
+        "native longer": (CANNOT_UNDERSTAND, "Pixel Data has 24576 bytes, 12288 expected"),
+        "native 2x1 with 266240 bytes": (CANNOT_UNDERSTAND, "Pixel Data has 266240 bytes, 4 expected"),
+        "native one byte more": (CANNOT_UNDERSTAND, "Pixel Data has 12290 bytes, 12288 expected"),
+        "pixel representation 65535": (DOES_NOT_MATCH_SOP_CLASS, "PixelRepresentation is not 0 or 1"),
+        "pixel representation 2": (DOES_NOT_MATCH_SOP_CLASS, "PixelRepresentation is not 0 or 1"),
+        "high bit": (DOES_NOT_MATCH_SOP_CLASS, "HighBit is not BitsStored - 1"),
+        "no high bit": (DOES_NOT_MATCH_SOP_CLASS, "missing HighBit"),
+        "planar configuration": (DOES_NOT_MATCH_SOP_CLASS, "PlanarConfiguration is not 0 or 1"),
+        "j2k siz height 0": (CANNOT_UNDERSTAND, "codestream is 0x64, header says 96x64"),
+        "j2k siz width 0": (CANNOT_UNDERSTAND, "codestream is 96x0, header says 96x64"),
+        "j2k two frames": (CANNOT_UNDERSTAND, "encapsulated Pixel Data holds more than one frame"),
+        "rle two fragments": (CANNOT_UNDERSTAND, "encapsulated Pixel Data holds more than one frame"),
+        "offset table of two frames": (CANNOT_UNDERSTAND, "Basic Offset Table lists more than one frame"),
+    }
+    node.assert_clean([])
+
+    # What the standard allows stays accepted, and decodes to the one frame: a codestream split
+    # over two fragments, an offset table of one frame, signed pixels, Planar Configuration 0.
+    accepted: dict[str, Path] = {}
+    cases = accepted
+
+    def split(ds):
+        frame = one_frame(ds)
+        _encapsulated(ds, [frame[:len(frame) // 2 & ~1], frame[len(frame) // 2 & ~1:]], struct.pack("<I", 0))
+
+    variant("j2k split over two fragments", split, JPEG2000Lossless)
+    variant("signed", lambda ds: setattr(ds, "PixelRepresentation", 1))
+    variant("planar configuration 0", lambda ds: setattr(ds, "PlanarConfiguration", 0))
+    assert send(node.port, list(accepted.values())) == [(0, "")] * 3
+    uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in accepted.values()]
+    node.assert_clean(uids)
+    for path in node.spooled():
+        assert pydicom.dcmread(path).pixel_array.shape == (96, 64)

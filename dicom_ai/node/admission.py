@@ -104,6 +104,7 @@ class _Layout:
     pixel_offset: int | None = None   # file offset of the Pixel Data value
     pixel_length: int | None = None   # its declared length (None: undefined, encapsulated)
     fragments: list[tuple[int, int]] = field(default_factory=list)  # (offset, length), BOT excluded
+    offset_table_length: int = 0      # bytes of the Basic Offset Table item (4 per frame, or 0)
     elements: int = 0
 
 
@@ -344,7 +345,9 @@ def _walk_fragments(fp: BinaryIO, limit: int, layout: _Layout) -> None:
         at = fp.tell()
         if at + length > limit:
             raise _Broken(f"cut off in a Pixel Data fragment: {max(limit - at, 0)} of {length} bytes present")
-        if not first:
+        if first:
+            layout.offset_table_length = length
+        else:
             layout.fragments.append((at, length))
         first = False
         fp.seek(at + length)
@@ -421,7 +424,10 @@ def _check_header(ds: pydicom.Dataset, sop_class: str, sop_uid: str, limits: Lim
     spp, bits = _number(ds, "SamplesPerPixel"), _number(ds, "BitsAllocated")
     # Type 1 in the Image Pixel module, and needed to decode: no default.
     stored = _number(ds, "BitsStored")
-    _number(ds, "PixelRepresentation")
+    high_bit = _number(ds, "HighBit")
+    representation = _number(ds, "PixelRepresentation")
+    # Type 1C (only with more than one sample), Enumerated Values 0 and 1 where present.
+    planar = _number(ds, "PlanarConfiguration", 0)
     photometric = _text(ds, "PhotometricInterpretation")
     if not photometric:
         raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "missing PhotometricInterpretation")
@@ -441,6 +447,14 @@ def _check_header(ds: pydicom.Dataset, sop_class: str, sop_uid: str, limits: Lim
         raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "BitsAllocated is not 8 or 16")
     if not 1 <= stored <= bits:
         raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "BitsStored is not 1 to BitsAllocated")
+    # The DX Image module the MG IOD includes (PS3.3 C.8.11.3): High Bit is Bits Stored - 1.
+    if high_bit != stored - 1:
+        raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "HighBit is not BitsStored - 1")
+    # Enumerated Values of PS3.3 C.7.6.3.1.4 and C.7.6.3.1.3: anything else cannot be decoded.
+    if representation not in (0, 1):
+        raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "PixelRepresentation is not 0 or 1")
+    if planar not in (0, 1):
+        raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "PlanarConfiguration is not 0 or 1")
     if photometric not in _MONOCHROME:
         raise Rejected(DOES_NOT_MATCH_SOP_CLASS, "PhotometricInterpretation is not MONOCHROME1/2")
     return Admitted(study_uid=study_uid, laterality=laterality_of(ds), view=view_of(ds), dataset=ds)
@@ -457,20 +471,30 @@ def _check_pixel_data(path: Path, ds: pydicom.Dataset, ts: str, layout: _Layout)
         if layout.pixel_length is None:
             raise Rejected(CANNOT_UNDERSTAND, "Pixel Data is encapsulated in a native transfer syntax")
         expected = rows * cols * bits // 8  # one frame, one sample (checked above)
-        # The walk proved pixel_length bytes are present in the file; an odd count is padded.
-        if layout.pixel_length < expected:
+        # The walk proved pixel_length bytes are present in the file. PS3.5 8.1.1: the value
+        # is exactly one frame, padded to even; more would be read as further frames.
+        if layout.pixel_length not in (expected, expected + expected % 2):
             raise Rejected(CANNOT_UNDERSTAND, f"Pixel Data has {layout.pixel_length} bytes, {expected} expected")
         return
     if layout.pixel_length is not None:
         raise Rejected(CANNOT_UNDERSTAND, "Pixel Data is not encapsulated in an encapsulated transfer syntax")
     if not layout.fragments or all(length == 0 for _, length in layout.fragments):
         raise Rejected(CANNOT_UNDERSTAND, "encapsulated Pixel Data holds no frame")
+    if layout.offset_table_length not in (0, 4):  # PS3.5 A.4: one 32-bit offset per frame, or empty
+        raise Rejected(CANNOT_UNDERSTAND, "Basic Offset Table lists more than one frame")
     offset, length = layout.fragments[0]
     if length == 0:
         raise Rejected(CANNOT_UNDERSTAND, "first Pixel Data fragment is empty")
     with open(path, "rb") as fp:
         fp.seek(offset)
         head = fp.read(min(length, _HEAD_BYTES))
+        # A later fragment may continue the frame (PS3.5 A.4), but one that starts a codestream
+        # of its own is a second frame; RLE has exactly one fragment per frame (A.4.2).
+        for at, n in layout.fragments[1:]:
+            fp.seek(at)
+            lead = fp.read(min(n, 12))
+            if ts == RLE or any(lead.startswith(m) for m in _MARKERS[ts]):
+                raise Rejected(CANNOT_UNDERSTAND, "encapsulated Pixel Data holds more than one frame")
     if ts == RLE:
         segments = int.from_bytes(head[:4], "little") if len(head) >= 64 else 0
         if segments != bits // 8:
@@ -478,11 +502,14 @@ def _check_pixel_data(path: Path, ds: pydicom.Dataset, ts: str, layout: _Layout)
         return
     if not any(head.startswith(m) for m in _MARKERS[ts]):
         raise Rejected(CANNOT_UNDERSTAND, "Pixel Data is not a codestream of its transfer syntax")
-    size = _jpeg2000_size(head) if ts.startswith("1.2.840.10008.1.2.4.9") else _jpeg_size(head)
+    j2k = ts.startswith("1.2.840.10008.1.2.4.9")
+    size = _jpeg2000_size(head) if j2k else _jpeg_size(head)
     if size is None:
         raise Rejected(CANNOT_UNDERSTAND, "codestream has no readable image header (SIZ/SOF)")
     c_rows, c_cols, components = size
-    if (c_rows and c_rows != rows) or c_cols != cols:
+    # Only a JPEG frame header may leave the number of lines to a later DNL marker (rows 0);
+    # a JPEG 2000 SIZ always states its height.
+    if (c_rows != rows and (j2k or c_rows != 0)) or c_cols != cols:
         raise Rejected(CANNOT_UNDERSTAND, f"codestream is {c_rows}x{c_cols}, header says {rows}x{cols}")
     if components != 1:
         raise Rejected(CANNOT_UNDERSTAND, "codestream has more than one component")

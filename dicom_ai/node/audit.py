@@ -25,6 +25,7 @@ association accepted                 110102 Begin Transferring DICOM    -
 association ended (per study got)    110104 DICOM Instances Transferred -
 association refused (peer identity)  110113 Security Alert              110126 Node Authentication
 results sent / delivery failed       110104 DICOM Instances Transferred -
+images left out of an analysis       110103 DICOM Instances Accessed    - (outcome 4, UIDs and why)
 ``dicom-ai retry`` (operator)        110113 Security Alert              110131 Software Configuration
 ===================================  =================================  =========================
 
@@ -54,7 +55,7 @@ from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.tls import client_context
 
 __all__ = ["Participant", "StudyObject", "configure", "emit", "application_activity", "association_started",
-           "instances_transferred", "security_alert", "RFC5424Formatter", "AUDIT_LOGGER"]
+           "instances_transferred", "instances_left_out", "security_alert", "RFC5424Formatter", "AUDIT_LOGGER"]
 
 AUDIT_LOGGER = "dicom_ai.audit"
 _logger = logging.getLogger(AUDIT_LOGGER)
@@ -313,6 +314,13 @@ def instances_transferred(source: Participant, destination: Participant, studies
     action = "C" if destination.user_id == _state["node_ae"] else "R"
     emit(message(("110104", "DICOM Instances Transferred"), outcome, action, [source, destination], studies,
                  description=description), failed=outcome != SUCCESS)
+
+
+def instances_left_out(study: StudyObject, description: str) -> None:
+    """110103 DICOM Instances Accessed (read, minor failure): the worker analysed ``study`` but
+    left images out; ``description`` names their SOP Instance UIDs and why (no data set values)."""
+    emit(message(("110103", "DICOM Instances Accessed"), MINOR_FAILURE, "R", [_node(APPLICATION_ROLE)], [study],
+                 description=description), failed=True)
 
 
 def security_alert(event_type: tuple[str, str], description: str, who: Participant | None = None,

@@ -52,6 +52,7 @@ this version is refused (:class:`~dicom_ai.core.errors.JobStoreError`).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -83,6 +84,18 @@ MAX_JOB_INTERRUPTIONS = 50
 
 #: Seconds a delivery attempt holds its lease (renewed with every object it starts to send).
 DELIVERY_LEASE_SECONDS = 120.0
+
+#: How a finished job's note (``jobs.error``) names an image it left out: ``image <SOP Instance
+#: UID> skipped (<reason>): <why>`` (processing.skipped_note) or the result writers' ``image
+#: <uid> left out of the results: <why>``; :func:`left_out_images` reads them back.
+_LEFT_OUT_NOTE = re.compile(r"image ([0-9.]+) (?:skipped \(([a-z_]+)\)|left out of the (results))")
+
+
+def left_out_images(note: str | None) -> list[tuple[str, str]]:
+    """(SOP Instance UID, reason) of each image a job's note names as left out; reason
+    ``results`` for one whose result objects could not be built."""
+    return [(uid, reason or results) for uid, reason, results in _LEFT_OUT_NOTE.findall(note or "")]
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (

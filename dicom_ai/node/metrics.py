@@ -26,7 +26,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 
-from dicom_ai.node.jobstore import JobStore, SqlJobStore
+from dicom_ai.node.jobstore import JobStore, SqlJobStore, left_out_images
 from dicom_ai.node.storage import is_storage_error
 
 __all__ = ["REGISTRY", "JobStoreCollector", "watch_store"]
@@ -109,6 +109,8 @@ class JobStoreCollector:
             durations = [r[0] for r in self._rows("SELECT updated - created FROM jobs WHERE state = 'done'")]
             model_seconds = [r[0] for r in self._rows("SELECT model_seconds FROM jobs WHERE state IN "
                                                       "('done', 'superseded') AND model_seconds IS NOT NULL")]
+            job_notes = [r[0] for r in self._rows("SELECT error FROM jobs WHERE state IN ('done', 'superseded') "
+                                                  "AND error IS NOT NULL")]
         except Exception as exc:
             if isinstance(exc, sqlite3.Error) or is_storage_error(exc):
                 return  # no store yet, locked for longer than 2 s, PostgreSQL down: /readyz says so
@@ -132,6 +134,15 @@ class JobStoreCollector:
                               labels=["destination", "state"])
         for ae, state, n in deliveries:
             g.add_metric([ae, state], n)
+        yield g
+        left_out: dict[str, int] = {}
+        for text in job_notes:
+            for _, reason in left_out_images(text):
+                left_out[reason] = left_out.get(reason, 0) + 1
+        g = GaugeMetricFamily("dicom_ai_images_left_out", "Images left out of finished jobs, by reason (the job's "
+                              "note and `dicom-ai status` name each; jobs still in the job store)", labels=["reason"])
+        for reason, n in sorted(left_out.items()):
+            g.add_metric([reason], n)
         yield g
         buckets, total = [], 0.0
         for bound in _JOB_BUCKETS:

@@ -21,6 +21,7 @@ import ctypes
 import importlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pydicom
 import torch
@@ -33,7 +34,7 @@ from dicom_ai.networks.pipeline import Pipeline, resolve_device
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node import logs
 from dicom_ai.node.jobstore import Instance, Job
-from dicom_ai.node.sandbox import DecodeSandbox
+from dicom_ai.node.sandbox import DecodeFailed, DecodeSandbox
 from dicom_ai.node.storage import fsync_dir, write_durably
 from dicom_ai.results import ResultsBuilder
 
@@ -102,9 +103,25 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {logs.scrub(str(exc))}"
 
 
-def skipped_note(sop_instance_uid: str, why: str) -> str:
-    """The note for an image left out of a job (``why`` already scrubbed)."""
-    return f"image {sop_instance_uid} skipped: {why}"
+def skipped_note(sop_instance_uid: str, why: str, reason: str) -> str:
+    """The note for an image left out of a job (``why`` already scrubbed): ``image <SOP Instance
+    UID> skipped (<reason>): <why>``, ``reason`` a metric label (read back by
+    :func:`~dicom_ai.node.jobstore.left_out_images`)."""
+    return f"image {sop_instance_uid} skipped ({reason}): {why}"
+
+
+@dataclass
+class LeftOut:
+    """An image of a job that could not be read or decoded."""
+
+    sop_instance_uid: str
+    reason: str        # unreadable, codec_error, decode_memory, decoder_crashed, decode_timeout, ...
+    why: str           # error type and scrubbed message
+    repeatable: bool   # the same file fails the same way on every try (see DecodeFailed)
+
+    @property
+    def note(self) -> str:
+        return skipped_note(self.sop_instance_uid, self.why, self.reason)
 
 
 def run_pipeline(pipeline, sources: list[pydicom.Dataset]) -> tuple[list[pydicom.Dataset], list[ImageFindings], list[str]]:
@@ -130,7 +147,7 @@ def run_pipeline(pipeline, sources: list[pydicom.Dataset]) -> tuple[list[pydicom
             # Not only Exception: a Rust codec's panic (pyo3 PanicException) derives from
             # BaseException. In the node the sandbox has decoded the pixels already; this is
             # for `dicom-ai infer` and for pipelines that decode on their own.
-            skipped.append(skipped_note(str(ds.SOPInstanceUID), error_text(exc)))
+            skipped.append(skipped_note(str(ds.SOPInstanceUID), error_text(exc), "analysis_error"))
     if not kept:
         raise ImagingError("no image of the study could be processed: " + "; ".join(skipped))
     return kept, findings, skipped
@@ -158,7 +175,7 @@ def run_into_builder(pipeline, sources: list[pydicom.Dataset], builder: ResultsB
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # not only Exception: see run_pipeline
-            skipped.append(skipped_note(str(ds.SOPInstanceUID), error_text(exc)))
+            skipped.append(skipped_note(str(ds.SOPInstanceUID), error_text(exc), "analysis_error"))
             continue
         finally:
             seconds += time.perf_counter() - started
@@ -173,7 +190,7 @@ def run_into_builder(pipeline, sources: list[pydicom.Dataset], builder: ResultsB
 
 
 def read_sources(instances: Sequence[Instance], config: NodeConfig,
-                 job_id: int | None = None) -> tuple[list[pydicom.Dataset], list[str]]:
+                 job_id: int | None = None) -> tuple[list[pydicom.Dataset], list[LeftOut]]:
     """The job's spooled images, read and with their pixel data decoded in a sandbox.
 
     Parameters
@@ -190,10 +207,11 @@ def read_sources(instances: Sequence[Instance], config: NodeConfig,
     -------
     sources : list of pydicom.Dataset
         Every image that could be read and decoded, in order, with native Pixel Data.
-    notes : list of str
-        One per image left out, naming its SOP Instance UID (never a value).
+    left_out : list of LeftOut
+        One per image left out: its SOP Instance UID, why (never a value), and whether a
+        retry could change it.
     """
-    sources, notes = [], []
+    sources, left_out = [], []
 
     def sandbox_warning(message: str, category: str, filename: str, lineno: int) -> None:
         logs.log_warning(message, category, filename, lineno)
@@ -207,11 +225,15 @@ def read_sources(instances: Sequence[Instance], config: NodeConfig,
             except OSError:
                 raise  # the spool or the disk, not the image: the job is retried
             except Exception as exc:
-                why = error_text(exc)
-                notes.append(skipped_note(instance.sop_instance_uid, why))
+                # A file that passed admission but pydicom cannot read, or a codec that fails on
+                # its bytes, fails the same way on every try; a timeout or an outside kill may not.
+                failed = isinstance(exc, DecodeFailed)
+                item = LeftOut(instance.sop_instance_uid, exc.reason if failed else "unreadable", error_text(exc),
+                               exc.repeatable if failed else True)
+                left_out.append(item)
                 logs.event("image_skipped", level="WARNING", job_id=job_id, sop_instance_uid=instance.sop_instance_uid,
-                           error=why)
-    return sources, notes
+                           reason=item.reason, repeatable=item.repeatable, error=item.why)
+    return sources, left_out
 
 
 def result_options(config: NodeConfig, revision: int = 0) -> ResultOptions:
@@ -251,7 +273,9 @@ def process_job(job: Job, pipeline, config: NodeConfig,
         ``gsps``, ``sr``, ...), ``outbox`` (durable writes) and ``previews``.
 
     Every result object is durable in ``<storage>/outbox/job-<id>/`` before this returns;
-    previews are best effort (a failure becomes a note, never a failed job).
+    previews are best effort (a failure becomes a note, never a failed job). When no image
+    could be read and decoded and every failure is repeatable (:class:`LeftOut`), there is
+    nothing to make and nothing a retry could change: no entries, and the notes say why.
 
     Raises
     ------
@@ -266,9 +290,14 @@ def process_job(job: Job, pipeline, config: NodeConfig,
     clock = time.perf_counter
     try:
         started = clock()
-        sources, notes = read_sources(job.instances, config, job.id)
+        sources, left_out = read_sources(job.instances, config, job.id)
+        notes = [item.note for item in left_out]
         timings["decode"] = clock() - started
         if not sources:
+            if all(item.repeatable for item in left_out):
+                # Another attempt would read the same bytes and fail the same way: the job ends
+                # here, done with nothing to send, its notes naming each image and why.
+                return [], notes
             raise ImagingError("no image of the study could be read and decoded: " + "; ".join(notes))
         uids = ResultUIDs.from_json(job.result_uids)
         builder = ResultsBuilder(sources, uids, options=result_options(config, job.revision))

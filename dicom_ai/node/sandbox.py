@@ -56,7 +56,25 @@ from pydicom.valuerep import VR
 
 from dicom_ai.core.errors import ImagingError
 
-__all__ = ["DecodeSandbox", "WarningSink", "needs_sandbox"]
+__all__ = ["DecodeFailed", "DecodeSandbox", "WarningSink", "needs_sandbox"]
+
+
+class DecodeFailed(ImagingError):
+    """The pixel data of one image cannot be decoded.
+
+    ``reason`` says how (``codec_error``: the codec raised or panicked on the bytes;
+    ``decode_memory``: over ``[limits] decode_memory_mb``; ``decoder_crashed``: the child
+    died of a signal or exit status; ``decode_timeout``: over ``[limits]
+    decode_timeout_seconds``). ``repeatable`` is True when the same bytes under the same limits
+    fail the same way (a codec error, a panic, the memory limit, a crash by a signal other than
+    SIGKILL): retrying the job cannot change it. A timeout depends on the machine's load and a
+    SIGKILL may come from outside (the kernel's OOM killer), so those are not.
+    """
+
+    def __init__(self, message: str, reason: str, repeatable: bool):
+        super().__init__(message)
+        self.reason = reason
+        self.repeatable = repeatable
 
 #: ``sink(message, category_name, filename, lineno)`` receives each warning or pydicom log
 #: record of the child; its text may hold data set values and must be scrubbed by the sink.
@@ -135,7 +153,7 @@ class DecodeSandbox:
 
         Raises
         ------
-        ImagingError
+        DecodeFailed
             The pixel data cannot be decoded: the codec raised (its type and message, which
             may quote values and must be scrubbed before it is stored), panicked, crashed,
             ran out of memory or time. The child is restarted for the next image.
@@ -150,12 +168,15 @@ class DecodeSandbox:
                 if self.on_warning is not None:
                     self.on_warning(str(w[0]), str(w[1]), str(w[2]), int(w[3]))
             if not reply.get("ok"):
-                raise ImagingError(f"pixel data cannot be decoded: {reply.get('error')}: {reply.get('message', '')}")
+                reason, repeatable = _classify(reply)
+                raise DecodeFailed(f"pixel data cannot be decoded: {reply.get('error')}: {reply.get('message', '')}",
+                                   reason, repeatable)
             data = out.read_bytes()
         finally:
             out.unlink(missing_ok=True)
-        if len(data) != reply["bytes"]:
-            raise ImagingError("pixel data cannot be decoded: the decoder's output is incomplete")
+        if len(data) != reply["bytes"]:  # the scratch disk, not the image
+            raise DecodeFailed("pixel data cannot be decoded: the decoder's output is incomplete", "decoder_output",
+                               False)
         _apply(ds, data, reply)
         return ds
 
@@ -219,7 +240,20 @@ class DecodeSandbox:
         code = proc.wait()
         self._stop()
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        return {"ok": False, "error": "DecoderCrashed", "message": f"the decoder process ended ({how})"}
+        return {"ok": False, "error": "DecoderCrashed", "message": f"the decoder process ended ({how})",
+                "killed": code == -signal.SIGKILL}
+
+
+def _classify(reply: dict) -> tuple[str, bool]:
+    """(reason, repeatable) of a failed decode reply (see :class:`DecodeFailed`)."""
+    error = reply.get("error")
+    if error == "DecodeTimeout":
+        return "decode_timeout", False
+    if error == "DecoderCrashed":
+        return "decoder_crashed", not reply.get("killed")
+    if error == "MemoryError":
+        return "decode_memory", True
+    return "codec_error", True
 
 
 def _apply(ds: pydicom.Dataset, data: bytes, reply: dict) -> None:

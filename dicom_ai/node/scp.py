@@ -1,6 +1,9 @@
 """The node's Storage SCP: C-ECHO and C-STORE of digital mammograms into a durable spool.
 
 Association policy
+    * Both AE titles must be AE values as sent: no control character (a TAB included), no
+      backslash, no byte outside ASCII, not only spaces (else rejected permanently, reason 3
+      for the calling, 7 for the called AE title; logged as ``connection_refused``).
     * The Called AE Title must be the node's AE title (else rejected, reason 7).
     * The Calling AE Title must be a configured peer unless ``allow_any_caller`` (else
       rejected permanently, reason 3 "calling AE title not recognized").
@@ -31,12 +34,14 @@ C-STORE statuses
     * ``0xA900`` Error: Data Set Does Not Match SOP Class (permanent): readable, but no Pixel
       Data, a required attribute missing or of the wrong type, SOP Class or Modality not
       mammography, not single-frame MONOCHROME1/2 with one sample and 8 or 16 bits
-      allocated, beyond ``[limits]`` (``max_rows``, ``max_columns``, ``max_pixels``,
+      allocated, an Image Pixel attribute outside its allowed values (High Bit not Bits
+      Stored - 1, Pixel Representation or Planar Configuration not 0/1), beyond ``[limits]`` (``max_rows``, ``max_columns``, ``max_pixels``,
       ``max_dataset_mb`` as received or inflated).
     * ``0xC000`` Error: Cannot Understand (permanent): the data set does not parse to the end
       of the file (cut off, trailing bytes, bad VR, unterminated sequence, broken deflate
-      stream), its Pixel Data is shorter than its attributes require or holds no frame, the
-      codestream is not of its transfer syntax or states other dimensions than Rows/Columns,
+      stream), its native Pixel Data is not one frame long (shorter or longer), its
+      encapsulated Pixel Data holds no frame or more than one, the codestream is not of its
+      transfer syntax or states other dimensions than Rows/Columns (a JPEG 2000 height 0),
       or the Affected SOP Instance UID is missing, empty or invalid.
     * ``0x0110`` Processing Failure: a fault of the node itself while recording (logged as
       ``store_failed``).

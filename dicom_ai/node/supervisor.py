@@ -60,6 +60,15 @@ from dicom_ai.node.scp import StorageSCP
 from dicom_ai.node.storage import (PRIVATE_UMASK, ensure_storage_id, is_storage_error, make_private,
                                    write_durably)
 
+#: How the worker process starts: the parent-death signal (SIGKILL, Linux prctl
+#: PR_SET_PDEATHSIG) is set before anything of the node is imported (dicom_ai.node, torch,
+#: highdicom: seconds), and a node that died before it was set is noticed by the parent pid;
+#: so the worker dies with its node at any moment. Then ``python -m dicom_ai.node.worker``.
+WORKER_BOOT = ("import ctypes, os, runpy, signal, sys\n"
+               "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGKILL)\nexcept (OSError, AttributeError):\n    pass\n"
+               "if os.getppid() != int(sys.argv[sys.argv.index('--parent-pid') + 1]):\n    sys.exit(1)\n"
+               "runpy.run_module('dicom_ai.node.worker', run_name='__main__', alter_sys=True)\n")
+
 #: Longest wait between two tries of a supervisor step (assembly, worker recovery, purge,
 #: start-up recovery) that failed, in seconds; the wait doubles from ``poll_seconds``.
 MAX_BACKOFF_SECONDS = 10.0
@@ -309,7 +318,7 @@ class Node:
     # -- the worker process --------------------------------------------------------------
 
     def _start_worker(self) -> None:
-        self.worker = subprocess.Popen([sys.executable, "-m", "dicom_ai.node.worker", "--config-json",
+        self.worker = subprocess.Popen([sys.executable, "-c", WORKER_BOOT, "--config-json",
                                         str(self.layout.config_json), "--parent-pid", str(os.getpid())])
         logs.event("worker_spawned", worker_pid=self.worker.pid)
 

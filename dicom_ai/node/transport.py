@@ -46,6 +46,16 @@ A-ASSOCIATE-RQ through TLS. A failed handshake (a plain DICOM client on the TLS 
 client certificate, a certificate from an unknown CA, TLS < ``tls.min_version``) is
 ``tls_handshake_failed``, TCP close.
 
+AE titles and decoding. Once read, the A-ASSOCIATE-RQ's Calling and Called AE Title fields
+must be AE values as sent (PS3.5 Table 6.2-1: no control characters, backslash or bytes
+outside ASCII, not only spaces; pynetdicom would strip a TAB and match ``PACS<TAB>`` to
+``PACS``): else A-ASSOCIATE-RJ rejected-permanent, service-user, reason 3 (calling) or 7
+(called), reasons ``invalid_calling_ae`` / ``invalid_called_ae``. A request pynetdicom could
+not decode is answered A-ABORT (source 2, reason 6; ``undecodable_association_request``)
+here, as pynetdicom's would be, but without its association thread then waiting the ACSE
+timeout for an indication that never comes: the slot is free as soon as the peer has the
+answer.
+
 Peer identity. After the A-ASSOCIATE-RQ is read and before pynetdicom sees it, the
 server's ``identity_check(calling_ae, address, certificate)`` (from
 :mod:`~dicom_ai.node.scp`) may refuse it (it returns ``(reason, why)``, e.g.
@@ -69,7 +79,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pynetdicom import AE, _config, dimse_messages, evt, transport
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.sop_class import Verification
 
 from dicom_ai.node import logs, metrics
@@ -138,6 +148,44 @@ def _calling_ae_of(pdu: bytes) -> str | None:
     if len(pdu) < 42:
         return None
     return pdu[26:42].decode("ascii", "replace").strip() or None
+
+
+def _called_rj() -> bytes:
+    pdu = A_ASSOCIATE_RJ()
+    pdu.result = 0x01  # rejected-permanent
+    pdu.source = 0x01  # DICOM UL service-user
+    pdu.reason_diagnostic = 0x07  # called-AE-title-not-recognized
+    return pdu.encode()
+
+
+def _ae_title_problem(field: bytes) -> str | None:
+    """Why a 16-byte AE title field of an A-ASSOCIATE-RQ is not an AE value, or None.
+
+    PS3.5 Table 6.2-1: the default character repertoire without backslash and control
+    characters, not only spaces; PS3.8 9.3.2 pads it with spaces. pynetdicom strips
+    whitespace (a TAB included) before it compares, so ``PACS<TAB>`` would pass as ``PACS``:
+    the bytes are checked here, as sent.
+    """
+    if not field.strip(b" "):
+        return "only spaces"
+    if any(b < 0x20 or b > 0x7E for b in field):
+        return "a control character or a byte outside ASCII"
+    if b"\\" in field:
+        return "a backslash"
+    return None
+
+
+def _undecodable(pdu: bytes) -> str | None:
+    """Why pynetdicom could not take this A-ASSOCIATE-RQ (its own decoding, as its DUL would run
+    it), or None. Its DUL would answer A-ABORT and its association thread then wait for an
+    indication that never comes, holding the connection's slot for the ACSE timeout."""
+    try:
+        request = A_ASSOCIATE_RQ()
+        request.decode(pdu)
+        request.to_primitive()
+    except Exception as exc:  # pynetdicom raises many types on hostile bytes
+        return type(exc).__name__
+    return None
 
 
 def normalise_address(address: str) -> str:
@@ -503,6 +551,20 @@ class _RequestHandler(transport.RequestHandler):
             return
         pdu = self._read_association_request(server, conn)
         if pdu is None:
+            return
+        # Refused here, by the connection's own thread, so the slot is free when it returns.
+        for reason, field, answer in (("invalid_calling_ae", bytes(pdu[26:42]), _identity_rj),
+                                      ("invalid_called_ae", bytes(pdu[10:26]), _called_rj)):
+            why = _ae_title_problem(field) if len(pdu) >= 42 else "A-ASSOCIATE-RQ too short"
+            if why is not None:
+                server.refusals.note(reason, conn.address, response="A-ASSOCIATE-RJ", why=f"AE title with {why}",
+                                     ae_title=field.decode("ascii", "backslashreplace"))
+                _send_and_finish(self.request, answer())
+                return
+        error = _undecodable(bytes(pdu))
+        if error is not None:
+            server.refusals.note("undecodable_association_request", conn.address, response="A-ABORT", error=error)
+            _send_and_finish(self.request, _abort_pdu(_ABORT_INVALID_PARAMETER))
             return
         if server.identity_check is not None:
             calling = _calling_ae_of(pdu)

@@ -30,10 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_ai.core.errors import StorageIdentityError
-from dicom_ai.node import logs
+from dicom_ai.node import audit, logs
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.engines import open_jobstore
-from dicom_ai.node.jobstore import Job, SqlJobStore
+from dicom_ai.node.jobstore import Job, SqlJobStore, left_out_images
 from dicom_ai.node.processing import destinations_for, load_pipeline, process_job
 from dicom_ai.node.storage import PRIVATE_UMASK, is_disk_full, is_storage_error, read_storage_id
 
@@ -291,7 +291,9 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble
             logs.event("job_failed", level="ERROR", job_id=job.id, study_instance_uid=job.study_uid, state=state,
                        error=error, trace=traceback.format_exc(limit=3)[-800:])
             return
-    destinations = destinations_for(config, job.calling_ae)
+    # A job with no result objects (every image left out for a reason a retry cannot change)
+    # has nothing to deliver.
+    destinations = destinations_for(config, job.calling_ae) if entries else []
     note = "; ".join(notes) or None
     model_seconds = timings()
     stages.update(stage_timings())
@@ -316,9 +318,26 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble
     logs.event("job_finished", job_id=job.id, study_instance_uid=job.study_uid, state=state,
                results=len(entries), destinations=",".join(d[0] for d in destinations) or "none",
                seconds=round(time.monotonic() - started, 2), notes="; ".join(notes)[:500])
-    if not destinations:
+    if not destinations and entries:
         logs.event("no_destination", level="WARNING", job_id=job.id, calling_ae=job.calling_ae,
                    hint="the caller is not a configured peer and no [[destinations]] are set")
+    _audit_left_out(job, note, state)
+
+
+def _audit_left_out(job: Job, note: str | None, state: str) -> None:
+    """An audit message naming the images the job left out and why (SOP Instance UIDs and reasons)."""
+    left_out = left_out_images(note)
+    if not left_out or state not in ("done", "superseded"):
+        return
+    classes: dict[str, int] = {}
+    for instance in job.instances:
+        classes[instance.sop_class_uid] = classes.get(instance.sop_class_uid, 0) + 1
+    try:
+        audit.instances_left_out(audit.StudyObject(job.study_uid, classes),
+                                 f"{len(left_out)} of {len(job.instances)} image(s) left out of the analysis: "
+                                 + "; ".join(f"{uid} ({reason})" for uid, reason in left_out))
+    except Exception as exc:  # the audit trail never fails a job; audit.py reports a sink that is down
+        logs.event("audit_failed", level="ERROR", job_id=job.id, error=type(exc).__name__)
 
 
 def _remove_partial_outbox(config: NodeConfig, job: Job) -> None:
@@ -332,7 +351,10 @@ def _remove_partial_outbox(config: NodeConfig, job: Job) -> None:
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the node dies, so no orphan keeps working."""
+    """Ask Linux to SIGKILL this process when the node dies, so no orphan keeps working.
+
+    The node starts the worker through :data:`~dicom_ai.node.supervisor.WORKER_BOOT`, which
+    sets the signal before any import; set again here for a worker started otherwise."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -353,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     config = NodeConfig.from_json(Path(args.config_json).read_text())
     logs.configure("worker", config.logging.level, config.log_file)
+    audit.configure(config)  # the images a job leaves out are audited where the job runs
     try:
         serve(config, parent_pid=args.parent_pid)
     except StorageIdentityError as exc:

@@ -12,8 +12,10 @@ The one entry point::
 Regions are found once per image (:func:`analyse_image`) and every writer and the preview
 read that one analysis. The writers copy the Patient and Study attributes from cleaned copies
 of the sources (:func:`~dicom_ai.results.sources.clean_sources`): an attribute that is not
-valid for its VR is emptied or left out, and ``results.notes`` says which (keywords, never
-values), so a malformed Patient's Birth Date never costs a study its results.
+valid for its VR is emptied or left out, as is any other attribute with a VR its tag does not
+allow or a value that cannot be read or encoded, and ``results.notes`` says which (keywords,
+never values), so a malformed Patient's Birth Date or a Manufacturer sent as UL never costs an
+image its results.
 
 One image's results that cannot be built (no usable pixel spacing, a map on the wrong grid, a
 region highdicom refuses) leave that image out of the results, with a note naming it and the

@@ -112,6 +112,10 @@ def build_overlay_capture(image: ImageResult, identity: ObjectIdentity, equipmen
     if not image.segments:
         raise ResultError(f"image {source.SOPInstanceUID} has no segments: nothing to overlay")
     orientation = source.get("PatientOrientation")
+    # highdicom needs an orientation for the PATIENT coordinate system (its only choice for a
+    # mammogram); a source without a usable one (absent, or dropped as invalid by clean_sources)
+    # gets an overlay whose Patient Orientation is sent empty (type 2), not a guessed one.
+    orientation = tuple(orientation) if orientation and len(orientation) == 2 else None
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=overlay_pixels(image, max_regions_per_segment),
@@ -124,9 +128,11 @@ def build_overlay_capture(image: ImageResult, identity: ObjectIdentity, equipmen
         instance_number=identity.instance_number,
         manufacturer=equipment.manufacturer,
         laterality=source.get("ImageLaterality") or source.get("Laterality") or None,
-        patient_orientation=tuple(orientation) if orientation and len(orientation) == 2 else None,
+        patient_orientation=orientation or ("A", "F"),  # replaced by an empty value below
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
     )
+    if orientation is None:
+        sc.PatientOrientation = None  # type 2 in the General Image module of the SC IOD
     sc.SeriesDescription = identity.series_description[:64]
     sc.ManufacturerModelName = equipment.model_name
     sc.SoftwareVersions = equipment.software_version

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -32,12 +33,15 @@ import pydicom
 from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
 from highdicom.valuerep import _check_specific_character_set
 from pydicom import config
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.tag import Tag
 from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
-__all__ = ["copied_attributes", "clean_sources", "invalid_attributes"]
+__all__ = ["copied_attributes", "clean_sources", "invalid_attributes", "unwritable_attributes"]
 
 #: The information entities whose root attributes highdicom copies into every SEG and SR.
 COPIED_ENTITIES = ("Patient", "Study")
@@ -51,8 +55,20 @@ _READ_BY_WRITERS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex"
                     "StudyDate", "StudyTime")
 
 # Outside the Patient and Study modules, what highdicom's image-based constructors (SEG) copy
-# from the source: checked the same way, removed when invalid (then "00", not lossy, is written).
-_ALSO_COPIED = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod")
+# from the source: checked the same way, removed when invalid (then "00", not lossy, is written);
+# and the source's acquisition equipment, which the SEG and SC constructors copy into a
+# Contributing Equipment Sequence item (highdicom's ContributingEquipment.for_image_acquisition,
+# skipped by highdicom when Manufacturer is absent).
+_ALSO_COPIED = ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod",
+                "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber", "InstitutionName",
+                "InstitutionalDepartmentName", "InstitutionAddress", "StationName", "AcquisitionDateTime",
+                "AcquisitionDate", "AcquisitionTime")
+
+# Checked when the image was received and read by the models: never altered here.
+_ADMITTED = frozenset({"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns",
+                       "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
+                       "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames", "PixelData",
+                       "SpecificCharacterSet"})
 
 # Values that are not text and that pydicom's validators do not check.
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "AT"})
@@ -103,6 +119,12 @@ def _valid(elem: DataElement) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _specimen_attributes() -> tuple[str, ...]:
+    """Root attributes of the Specimen module, which highdicom's SEG constructor copies."""
+    return tuple(str(item["keyword"]) for item in get_module_attribute_map()["specimen"] if not item["path"])
+
+
 def invalid_attributes(ds: pydicom.Dataset) -> list[str]:
     """Keywords of the attributes in ``ds`` the writers copy whose value or VR is not valid.
 
@@ -110,7 +132,7 @@ def invalid_attributes(ds: pydicom.Dataset) -> list[str]:
     invalid too.
     """
     bad = []
-    for keyword in [*copied_attributes(str(ds.get("SOPClassUID", ""))), *_ALSO_COPIED]:
+    for keyword in [*copied_attributes(str(ds.get("SOPClassUID", ""))), *_ALSO_COPIED, *_specimen_attributes()]:
         if keyword in _NEEDED or keyword not in ds:
             continue
         # The checks quote the value in their messages; the note names the keyword instead.
@@ -118,6 +140,59 @@ def invalid_attributes(ds: pydicom.Dataset) -> list[str]:
             warnings.simplefilter("ignore")
             try:
                 ok = _valid(ds[keyword])
+            except Exception:
+                ok = False
+        if not ok:
+            bad.append(keyword)
+    return bad
+
+
+#: Attributes the presentation state and overlay writers read together (Modality LUT, VOI LUT).
+_TOGETHER = (("RescaleIntercept", "RescaleSlope", "RescaleType"),
+             ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation", "VOILUTFunction"))
+
+
+def _writable(elem: DataElement) -> bool:
+    """Whether ``elem`` has a VR its tag allows (recursively for SQ) and pydicom can encode its value."""
+    try:
+        allowed = dictionary_VR(elem.tag).split(" or ")
+    except KeyError:
+        allowed = [elem.VR]
+    if elem.VR not in allowed:
+        return False
+    if elem.VR == "SQ":
+        return all(_writable(inner) for item in elem.value for inner in item)
+    if elem.VR in ("DS", "IS"):  # the writers compute with them (a VOI window): each must be a number
+        values = elem.value if isinstance(elem.value, (MultiValue, list, tuple)) else [elem.value]
+        if not all(v is None or v == "" or math.isfinite(float(v)) for v in values):
+            return False
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_data_element(fp, elem)
+    return True
+
+
+def unwritable_attributes(ds: pydicom.Dataset, skip: Sequence[str] = ()) -> list[str]:
+    """Keywords (or ``(gggg,eeee)`` tags) of the other public root attributes of ``ds`` that the
+    writers could trip on: a VR the tag does not allow, a value that cannot be read or encoded.
+
+    Neither copied wholesale nor needed by the models, they are still read by the writers
+    here and there (a presentation state's VOI, an overlay's labels), and a Manufacturer sent
+    as UL or a header byte flipped into a neighbour tag must cost that attribute, not the
+    image's results. The attributes checked at admission, private ones and ``skip`` are left
+    alone.
+    """
+    bad = []
+    for tag in list(ds.keys()):
+        if tag.is_private or tag.group == 0x0002:
+            continue
+        keyword = keyword_for_tag(tag) or f"({tag.group:04X},{tag.element:04X})"
+        if keyword in _ADMITTED or keyword in skip:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's messages quote the value
+            try:
+                ok = _writable(ds[tag])
             except Exception:
                 ok = False
         if not ok:
@@ -207,19 +282,35 @@ def clean_sources(sources: Sequence[pydicom.Dataset]) -> tuple[list[pydicom.Data
     if charset_note:
         notes.append(charset_note)
     changed: dict[str, list[str]] = {}
+    partners: dict[str, list[str]] = {}
     for ds in cleaned:
         types = copied_attributes(str(ds.get("SOPClassUID", "")))
-        for keyword in invalid_attributes(ds):
+        invalid = invalid_attributes(ds)
+        for keyword in invalid:
             if types.get(keyword, "3").startswith("2"):
                 ds[keyword] = _empty(keyword)
             else:
                 del ds[keyword]
             changed.setdefault(keyword, []).append(str(ds.SOPInstanceUID))
+        dropped = unwritable_attributes(ds, skip=invalid)
+        for keyword in dropped:
+            del ds[tag_for_keyword(keyword) or Tag(int(keyword[1:5], 16), int(keyword[6:10], 16))]
+            changed.setdefault(keyword, []).append(str(ds.SOPInstanceUID))
+        # A modality rescale or a VOI window is only usable whole: half of one goes with the other.
+        for group in _TOGETHER:
+            if any(k in dropped or k in invalid for k in group):
+                for keyword in group:
+                    if keyword in ds:
+                        del ds[keyword]
+                        partners.setdefault(keyword, []).append(str(ds.SOPInstanceUID))
     for keyword, uids in changed.items():
         how = "sent empty" if copied_attributes(str(cleaned[0].get("SOPClassUID", ""))).get(keyword, "3").startswith("2") \
             else "left out"
         notes.append(f"{keyword} is not valid for its VR in {len(uids)} image(s) ({', '.join(uids)}); "
                      f"{how} in the results")
+    for keyword, uids in partners.items():
+        notes.append(f"{keyword} left out in the results of {len(uids)} image(s) ({', '.join(uids)}) with the "
+                     "invalid attribute it is used together with")
     if cleaned:
         first = cleaned[0]
         differ = []
