@@ -21,7 +21,7 @@ import ssl
 from dicom_ai.core.errors import ConfigError
 from dicom_ai.node.config import TlsSection
 
-__all__ = ["TLS12_CIPHERS", "certificate_names", "client_context", "server_context"]
+__all__ = ["TLS12_CIPHERS", "certificate_names", "client_context", "handshake_failure", "server_context"]
 
 #: OpenSSL cipher list for TLS 1.2: forward secrecy (ECDHE/DHE) with AEAD ciphers only.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS:!PSK:!SRP"
@@ -77,3 +77,65 @@ def certificate_names(cert: dict | None) -> list[str]:
     names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
     names += [value for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
     return list(dict.fromkeys(names))
+
+
+# OpenSSL's reason codes (``SSLError.reason``) -> the node's name for the failure, as seen by
+# either side of the handshake. A code not listed is ``tls_handshake_failed``.
+_HANDSHAKE_REASONS = {
+    # The other side does not speak TLS (a plain DICOM association on a TLS port, or a TLS
+    # client at a plain port): its first bytes are no TLS record.
+    "WRONG_VERSION_NUMBER": "tls_not_tls",
+    "HTTP_REQUEST": "tls_not_tls",
+    "PACKET_LENGTH_TOO_LONG": "tls_not_tls",
+    "RECORD_LAYER_FAILURE": "tls_not_tls",
+    # The certificate the other side presented does not chain to tls.ca_bundle (or has expired,
+    # or does not name the host): verify_message says which.
+    "CERTIFICATE_VERIFY_FAILED": "tls_certificate_verify_failed",
+    "TLSV1_ALERT_UNKNOWN_CA": "tls_certificate_rejected_by_peer",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "tls_certificate_rejected_by_peer",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "tls_certificate_rejected_by_peer",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "tls_certificate_rejected_by_peer",
+    # A client certificate was required and none was sent.
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "tls_no_client_certificate",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "tls_no_client_certificate",
+    # No TLS version or cipher suite in common (TLS < tls.min_version, non-BCP 195 suites).
+    "UNSUPPORTED_PROTOCOL": "tls_version_refused",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "tls_version_refused",
+    "NO_PROTOCOLS_AVAILABLE": "tls_version_refused",
+    "NO_SHARED_CIPHER": "tls_no_shared_cipher",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE": "tls_no_shared_cipher",
+}
+
+_HANDSHAKE_TEXT = {
+    "tls_not_tls": "the other side does not speak TLS (a plain DICOM connection on a TLS port, or TLS to a plain port)",
+    "tls_certificate_verify_failed": "certificate verify failed",
+    "tls_certificate_rejected_by_peer": "the other side rejected this node's certificate (not issued by a CA it trusts, "
+                                        "or expired)",
+    "tls_no_client_certificate": "no client certificate (the TLS port requires one)",
+    "tls_version_refused": "no TLS version in common (BCP 195: TLS 1.2 or newer)",
+    "tls_no_shared_cipher": "no cipher suite in common (BCP 195: forward secrecy with AEAD) or the handshake was refused",
+    "tls_handshake_failed": "TLS handshake failed",
+}
+
+
+def handshake_failure(exc: BaseException) -> tuple[str, str] | None:
+    """Name a failed TLS handshake: ``(reason, text)``, or None if ``exc`` is no TLS error.
+
+    ``reason`` is one of ``tls_not_tls``, ``tls_certificate_verify_failed`` (the other side's
+    certificate: ``text`` carries OpenSSL's verify message, e.g. "unable to get local issuer
+    certificate" for an unknown CA, "certificate has expired", "Hostname mismatch"),
+    ``tls_certificate_rejected_by_peer``, ``tls_no_client_certificate``,
+    ``tls_version_refused``, ``tls_no_shared_cipher`` or ``tls_handshake_failed``; ``text``
+    is for the log, the delivery status and the audit trail.
+    """
+    if not isinstance(exc, ssl.SSLError):
+        return None
+    code = str(getattr(exc, "reason", None) or "")
+    reason = _HANDSHAKE_REASONS.get(code, "tls_handshake_failed")
+    text = _HANDSHAKE_TEXT[reason]
+    verify = getattr(exc, "verify_message", None)
+    if verify:
+        text = f"{text}: {verify}"
+    elif reason == "tls_handshake_failed":
+        text = f"{text}: {code or type(exc).__name__}"
+    return reason, text
