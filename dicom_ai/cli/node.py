@@ -200,6 +200,16 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dicom-ai: configuration error: {exc}", file=sys.stderr)
         return 2
+    if config.tls_in_use:
+        from dicom_ai.node.certificates import check_certificates
+
+        report = check_certificates(config.tls)
+        for text in report.warnings:  # printed even with --quiet: systemd's journal keeps them
+            print(f"dicom-ai: warning: {text}", file=sys.stderr)
+        if report.errors:
+            for text in report.errors:
+                print(f"dicom-ai: configuration error: {text}", file=sys.stderr)
+            return 2
     if not config.peers and not config.node.allow_any_caller:
         print("dicom-ai: configuration error: no [[peers]] are configured and node.allow_any_caller is false, "
               "so every association would be refused", file=sys.stderr)

@@ -316,6 +316,11 @@ class NodeConfig:
     def audit_file(self) -> Path:
         return Path(self.audit.file).resolve() if self.audit.file else self.layout.root / "logs" / "audit.log"
 
+    @property
+    def tls_in_use(self) -> bool:
+        """True when ``[tls]`` files are used: a TLS port, a ``tls = true`` peer or destination, or TLS audit."""
+        return bool(self.tls.port or any(r.tls for r in (*self.peers, *self.destinations)) or self.audit.sink == "tls")
+
     def remote(self, ae_title: str) -> RemoteNode | None:
         """The configured peer or destination with this AE title, if any."""
         for r in (*self.peers, *self.destinations):
@@ -622,6 +627,10 @@ def _check(cfg: NodeConfig) -> None:
     h = cfg.http
     _host(h.bind_address, "http.bind_address")
     _port(h.port, "http.port", allow_zero=True)
+    if h.port and h.port in (n.port, cfg.tls.port):
+        # Caught here, not as "Address already in use" from serve without a key named.
+        key = "node.port" if h.port == n.port else "tls.port"
+        raise ConfigError(f"http.port {h.port} is {key} too: give the metrics/status server a port of its own")
     cfg.logging.level = cfg.logging.level.upper()
     if cfg.logging.level not in _LEVELS:
         raise ConfigError(f"logging.level must be one of {', '.join(_LEVELS)}, got {cfg.logging.level!r}")

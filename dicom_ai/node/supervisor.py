@@ -50,7 +50,7 @@ from pathlib import Path
 
 from dicom_ai.core.errors import ConfigError, JobStoreError, StorageIdentityError
 from dicom_ai.core.uids import ResultUIDs
-from dicom_ai.node import audit, logs, metrics
+from dicom_ai.node import audit, certificates, logs, metrics
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
 from dicom_ai.node.dispatch import Dispatcher, DispatchThread
@@ -177,6 +177,7 @@ class Node:
             if not is_storage_error(exc):
                 raise
         metrics.watch_store(self.store, self.layout.root, self.config.node.reserve_free_mb * 2**20)
+        self._check_certificates()
         port = self.scp.start()
         if self.config.http.port:
             self.http = StatusServer(self.config.http.bind_address, self.config.http.port, self.config.node.ae_title,
@@ -191,6 +192,18 @@ class Node:
         audit.application_activity(started=True, who=audit.operator())
         sd_notify(f"READY=1\nSTATUS=listening on port {port}\nMAINPID={os.getpid()}")
         return port
+
+    def _check_certificates(self) -> None:
+        """Log what ``check-config`` would say of the ``[tls]`` files; export their expiry as metrics."""
+        if not self.config.tls_in_use:
+            certificates.watch_expiry(None)
+            return
+        report = certificates.check_certificates(self.config.tls)
+        for text in report.errors:
+            logs.event("certificate_problem", level="ERROR", problem=text)
+        for text in report.warnings:
+            logs.event("certificate_warning", level="WARNING", problem=text)
+        certificates.watch_expiry(self.config.tls)
 
     def readiness(self) -> dict[str, bool]:
         """The ``/readyz`` checks: SCP accepting, worker alive, job store writable, disk above reserve."""
