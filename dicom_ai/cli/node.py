@@ -143,13 +143,16 @@ def _disk(config) -> dict:
 
 
 def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts)) if ts else "-"
 
 
 def _status(args: argparse.Namespace) -> int:
     config = _load(args, **{"node.storage": args.storage})
+    from dicom_ai.node.liveness import describe_workers
+
     status = _open_store(args, config).status()
     status["disk"] = disk = _disk(config)
+    status["workers"] = describe_workers(status.get("workers", []), config.workers.lease_seconds)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -177,9 +180,13 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  {d['id']:>4}  job {d['job_id']:>4}  {d['state']:<10} {d['sent']}/{d['total']} sent{doubt}  "
               f"to {d['ae_title']}@{d['host']}:{d['port']}  attempts {d['attempts']}{nxt}{err}")
     if status.get("workers"):
-        print(f"WORKERS ({len(status['workers'])}, job store {status['engine']})")
+        print(f"WORKERS ({len(status['workers'])}, job store {status['engine']}, lost after "
+              f"workers.lease_seconds = {config.workers.lease_seconds:g} s without a heartbeat)")
         for w in status["workers"]:
-            print(f"  {w['name']:<32} pid {w['pid']:<8} started {_when(w['started'])}  storage {w['storage_id'][:8]}")
+            job = ", ".join(f"job {j}" for j in w["jobs"]) or "idle"
+            print(f"  {w['name']:<32} {w['state'].upper():<5}  last heartbeat {_when(w['seen'])} "
+                  f"({w['age']:.0f} s ago)  {job}  pid {w['pid']}  started {_when(w['started'])}  "
+                  f"storage {w['storage_id'][:8]}")
     failed = sum(d["state"] == "failed" for d in status["deliveries"]) + sum(j["state"] == "failed"
                                                                              for j in status["jobs"])
     return 1 if failed or status["notices"] or disk["low"] else 0
