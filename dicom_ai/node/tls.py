@@ -16,12 +16,14 @@ directions share, so that the SCP's listener and result delivery negotiate alike
 
 from __future__ import annotations
 
+import socket
 import ssl
 
 from dicom_ai.core.errors import ConfigError
 from dicom_ai.node.config import TlsSection
 
-__all__ = ["TLS12_CIPHERS", "certificate_names", "client_context", "handshake_failure", "server_context"]
+__all__ = ["TLS12_CIPHERS", "certificate_names", "client_context", "handshake_failure", "probe_handshake",
+           "server_context"]
 
 #: OpenSSL cipher list for TLS 1.2: forward secrecy (ECDHE/DHE) with AEAD ciphers only.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1:!DSS:!PSK:!SRP"
@@ -139,3 +141,46 @@ def handshake_failure(exc: BaseException) -> tuple[str, str] | None:
     elif reason == "tls_handshake_failed":
         text = f"{text}: {code or type(exc).__name__}"
     return reason, text
+
+
+def probe_handshake(context: ssl.SSLContext, host: str, port: int, timeout: float) -> tuple[str, str] | None:
+    """Why a TLS connection to ``host:port`` fails, as :func:`handshake_failure` names it; None if it works.
+
+    pynetdicom reports a failed TLS association only as "could not connect"; after such a
+    failure this opens one more connection and runs the handshake alone, so the delivery log,
+    ``status``, the audit trail and ``dicom-ai echo`` can say *why*. With TLS 1.3 a server
+    refuses the client's certificate after the client's side of the handshake is done, so
+    the probe then waits up to one second for that alert. Connection errors below TLS
+    (refused, unreachable, timed out) give None: the caller's own message covers them.
+
+    Parameters
+    ----------
+    context : ssl.SSLContext
+        The client context the association used (:func:`client_context`).
+    host, port : str, int
+        The destination; ``host`` is also the name its certificate must carry.
+    timeout : float
+        Seconds for the TCP connect and the handshake.
+    """
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    try:
+        with context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.settimeout(min(timeout, 1.0))
+            try:
+                tls.recv(1)
+            except TimeoutError:
+                pass  # no alert: the server took the handshake and waits for an A-ASSOCIATE-RQ
+    except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
+        # A plain DICOM SCP reads the ClientHello as a bad PDU and drops the connection.
+        return "tls_not_tls", ("the destination closed the connection during the TLS handshake: most likely a "
+                               "plain (non-TLS) DICOM port")
+    except ssl.SSLError as exc:
+        return handshake_failure(exc)
+    except OSError:
+        return None
+    finally:
+        raw.close()
+    return None
