@@ -10,7 +10,7 @@ VENV ?= .venv
 VENV_ARGS ?=
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
-DEBS := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb openssl systemd postgresql redis-server
+DEBS := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb openssl systemd postgresql redis-server logrotate
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 

@@ -20,7 +20,8 @@ import pytest
 
 from tls_certs import make_all
 from node_harness import (ACCESSION, PATIENT_ID, PATIENT_NAME, PYTHON, REPO, free_port, node_env, start_node,
-                          start_storescp, storescu, wait_delivered, wait_for, write_node_config, write_study)
+                          start_storescp, storescu, wait_delivered, wait_for, wait_port, write_node_config,
+                          write_study)
 
 pytestmark = pytest.mark.slow
 
@@ -226,3 +227,114 @@ def test_audit_over_tls_rfc5425_with_the_node_certificate(tmp_path):
     assert event_id(root) == "110113"
     subject = dict(x[0] for x in collector.peer_certificates[0]["subject"])
     assert subject["commonName"] == "AINODE"
+
+
+def _node_log_refusals(log: Path) -> list[dict]:
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "connection_refused":
+            out.append(e)
+    return out
+
+
+def _plain_association_from(address: str, port: int) -> None:
+    """A plain A-ASSOCIATE-RQ's first bytes sent from ``address`` (a loopback alias) to the TLS port."""
+    with socket.socket() as s:
+        s.bind((address, 0))
+        s.settimeout(5)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"\x01\x00\x00\x00\x00\x44" + b"\x00" * 0x44)
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+def test_every_refused_connection_is_one_security_alert_with_reason_and_address(tmp_path):
+    """Each kind of refusal (TLS and AE identity) is one 110113/110126 Security Alert naming the
+    reason and the source address, parsed from a real UDP syslog socket; repeats from one address
+    within the window are one more message with their number, a second address has its own."""
+    certs = make_all(tmp_path / "certs")
+    collector = SyslogReceiver("udp")
+    port, tls_port = free_port(), free_port()
+    lines = ["[node]", 'ae_title = "AINODE"', 'bind_address = "127.0.0.1"', f"port = {port}",
+             f"storage = {json.dumps(str(tmp_path / 'storage'))}", "reserve_free_mb = 1",
+             "[pipeline]", 'factory = "node_harness:stand_in_pipeline"', 'device = "cpu"', "previews = false",
+             "[tls]", f"port = {tls_port}", f"certificate = {json.dumps(str(certs['node'][0]))}",
+             f"private_key = {json.dumps(str(certs['node'][1]))}", f"ca_bundle = {json.dumps(str(certs['ca'][0]))}",
+             "require_client_certificate = true",
+             "[audit]", 'sink = "udp"', f"port = {collector.port}",
+             "[[peers]]", 'ae_title = "PACS"', 'host = "127.0.0.1"', "port = 104", 'certificate_subject = "PACS"',
+             "[[peers]]", 'ae_title = "FARAWAY"', 'host = "127.0.0.2"', "port = 104", "require_address = true"]
+    cfg = tmp_path / "node.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    node = start_node(cfg, port, tmp_path / "node.log")
+    ca = ["+cf", str(certs["ca"][0])]
+
+    def echo(p, extra, calling="PACS"):
+        return subprocess.run(["echoscu", "-aet", calling, "-aec", "AINODE", *extra, "127.0.0.1", str(p)],
+                              capture_output=True, text=True, timeout=30)
+
+    def tls_as(name):
+        return ["+tls", str(certs[name][1]), str(certs[name][0]), *ca]
+
+    expected = {  # reason -> what the alert's description must say
+        "tls_not_tls": "does not speak TLS",
+        "tls_certificate_verify_failed": "unable to get local issuer certificate",
+        "tls_no_client_certificate": "no client certificate",
+        "peer_certificate_mismatch": "names OTHER",
+        "peer_certificate_missing": "must connect over TLS",
+        "peer_address_mismatch": "127.0.0.2",
+        "calling_ae_not_recognised": "STRANGER",
+    }
+    try:
+        wait_port(tls_port)
+        assert echo(tls_port, tls_as("pacs")).returncode == 0  # the real peer gets in
+        for _ in range(5):  # a plain association on the TLS port, five times from one address
+            assert echo(tls_port, []).returncode != 0
+        assert echo(tls_port, tls_as("rogue")).returncode != 0  # a certificate of an unknown CA
+        assert echo(tls_port, ["+tla", *ca]).returncode != 0  # anonymous TLS client
+        assert echo(tls_port, tls_as("other")).returncode != 0  # right CA, another peer's name (AE pinning)
+        assert echo(port, []).returncode != 0  # PACS without its certificate
+        assert echo(port, [], calling="FARAWAY").returncode != 0  # pinned to another host
+        assert echo(port, [], calling="STRANGER").returncode != 0  # no such peer
+        _plain_association_from("127.0.0.3", tls_port)  # a second address: its own alert
+
+        def alerts():
+            out = []
+            for text in list(collector.messages):
+                _, root = parse(text)
+                if event_id(root) == "110113":
+                    out.append(root)
+            return out
+        wait_for(lambda: len(alerts()) >= len(expected) + 1, 20, "one Security Alert per kind of refusal")
+    finally:
+        node.stop()
+    wait_for(lambda: sum('110121' in m for m in collector.messages), 5, "the Application Stop message")
+    collector.close()
+    found = []
+    for root in alerts():
+        ev = root.find("EventIdentification")
+        assert ev.find("EventTypeCode").get("csd-code") == "110126"  # Node Authentication
+        assert ev.get("EventOutcomeIndicator") == "4"
+        remote = [p for p in root.findall("ActiveParticipant") if p.get("UserIsRequestor") == "true"]
+        assert len(remote) == 1 and remote[0].get("NetworkAccessPointTypeCode") == "2"
+        found.append((ev.find("EventOutcomeDescription").text, remote[0].get("NetworkAccessPointID")))
+    for reason, says in expected.items():
+        first = [(d, a) for d, a in found if f"({reason}," in d and " more times " not in d]
+        assert len(first) == (2 if reason == "tls_not_tls" else 1), (reason, found)
+        assert says in first[0][0], (reason, first[0][0])
+    by_address = {a for d, a in found if "(tls_not_tls," in d and " more times " not in d}
+    assert by_address == {"127.0.0.1", "127.0.0.3"}
+    # The four repeats from 127.0.0.1 were one message with their number (sent when the node stopped).
+    repeats = [d for d, a in found if " more times " in d]
+    assert repeats == [d for d in repeats if d.startswith("4 more times") and "(tls_not_tls," in d] and len(repeats) == 1
+    assert len(found) == len(expected) + 2
+    # The node's log says each reason too; the unknown CA is not folded into the plain client's line.
+    logged = {e["reason"] for e in _node_log_refusals(tmp_path / "node.log")}
+    assert set(expected) <= logged, logged

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dicom_ai.cli import main
@@ -151,3 +153,13 @@ def test_serve_refuses_a_bad_file_before_starting(tmp_path, capsys):
 def test_serve_refuses_to_start_when_nobody_could_send(tmp_path, capsys):
     assert main(["serve", "--storage", str(tmp_path / "st"), "--port", "0"]) == 2
     assert "no [[peers]]" in capsys.readouterr().err
+
+
+def test_storage_defaults_to_systemds_state_directory_when_the_file_names_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/dicom-ai")
+    cfg = load_config(_write(tmp_path, '[node]\nae_title = "AINODE"\n'))
+    assert cfg.storage_dir == Path("/var/lib/dicom-ai")  # not <cwd>/dicom-ai-storage under systemd
+    named = load_config(_write(tmp_path, '[node]\nstorage = "/mnt/shared"\n'))
+    assert named.storage_dir == Path("/mnt/shared")  # what the file says wins
+    monkeypatch.delenv("STATE_DIRECTORY")
+    assert load_config(_write(tmp_path, "[node]\n")).node.storage == "dicom-ai-storage"

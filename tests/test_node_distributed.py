@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -30,7 +31,7 @@ class Site:
     """One receiving node + PostgreSQL database + Redis + storescp PACS; workers started on demand."""
 
     def __init__(self, tmp_path, postgres_server, infer_seconds: float = 1.0, pipeline: dict | None = None,
-                 workers: dict | None = None, pacs_extra: list[str] | None = None):
+                 workers: dict | None = None, pacs_extra: list[str] | None = None, http_port: int = 0):
         self.tmp = tmp_path
         self.pg = postgres_server
         self.url = postgres_server.new_database()
@@ -44,6 +45,8 @@ class Site:
             workers={"broker_url": self.redis.url, "lease_seconds": 2.0, "requeue_seconds": 3.0,
                      "visibility_timeout_seconds": 60.0, **(workers or {})},
             **({"pipeline": pipeline} if pipeline else {}))
+        if http_port:
+            self.cfg.write_text(self.cfg.read_text() + f"[http]\nport = {http_port}\n")
         self.env = node_env(DICOM_AI_TEST_INFER_SECONDS=str(infer_seconds))
         self.workers: dict[str, Proc] = {}
         self.node = start_node(self.cfg, self.port, tmp_path / "node.log", env=self.env)
@@ -261,3 +264,117 @@ def test_a_worker_whose_models_cannot_load_says_so_and_its_jobs_wait(site_factor
     assert [j["state"] for j in site.status()["jobs"]] == ["queued"]  # not failed: a fixed worker runs it
     status = _cli("status", "--config", str(site.cfg))
     assert status.returncode == 1 and "PROBLEM (worker broken@" in status.stdout, status.stdout
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _metric(text: str, name: str, worker: str) -> float | None:
+    import re
+    m = re.search(rf'^{name}\{{worker="{re.escape(worker)}"\}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_a_killed_worker_shows_as_lost_and_readyz_fails_while_jobs_wait(site_factory):
+    """Heartbeats: each worker's last heartbeat, current job and alive/lost in status, the status
+    page and /metrics; a SIGKILLed worker is lost within workers.lease_seconds (2 s here); /readyz
+    turns 503 with its reason only once no worker is alive and a job waits."""
+    import socket
+    http = free_port()
+    site = site_factory(infer_seconds=4.0, http_port=http)
+    host = socket.gethostname()
+    site.start_worker("w1")
+    site.start_worker("w2")
+    site.send(1)
+    (running,) = wait_for(lambda: [j for j in site.status()["jobs"] if j["state"] == "running" and j["worker"]],
+                          60, "a running job")
+    victim = running["worker"].split(" pid ")[0]  # name@host
+    survivor = f"w2@{host}" if victim.startswith("w1@") else f"w1@{host}"
+    metrics = _get(http, "/metrics")[1]
+    assert _metric(metrics, "dicom_ai_worker_current_job", victim) == running["id"]
+    assert _metric(metrics, "dicom_ai_worker_alive", victim) == 1 and _metric(metrics, "dicom_ai_worker_alive",
+                                                                             survivor) == 1
+    shown = _cli("status", "--config", str(site.cfg)).stdout
+    assert any(victim in line and "ALIVE" in line and f"job {running['id']}" in line for line in shown.splitlines())
+
+    site.kill_worker(victim.split("@")[0])
+    killed = time.monotonic()
+    wait_for(lambda: _metric(_get(http, "/metrics")[1], "dicom_ai_worker_alive", victim) == 0, 10,
+             "the killed worker lost in /metrics")
+    lost_after = time.monotonic() - killed
+    assert lost_after <= 2.0 + 1.5, lost_after  # the lease, plus one scrape's slack
+    shown = _cli("status", "--config", str(site.cfg)).stdout
+    assert any(victim in line and "LOST" in line for line in shown.splitlines()), shown
+    assert any(survivor in line and "ALIVE" in line for line in shown.splitlines()), shown
+    page = _get(http, "/")[1]
+    assert "Workers (lost after 2 s" in page and victim in page and ">lost<" in page and ">alive<" in page
+    assert re.search(r"\d\d:\d\d:\d\d [+-]\d{4}", page)  # times carry their UTC offset
+    assert "<th>worker</th>" in page  # the jobs table names each job's worker
+    # The survivor is alive: nothing waits for long, so /readyz stays ready.
+    site.wait_done(jobs=1, timeout=60)
+    assert _get(http, "/readyz")[0] == 200
+
+    # Now every worker is dead and a study arrives: not ready, and it says why.
+    site.kill_worker(survivor.split("@")[0])
+    wait_for(lambda: _metric(_get(http, "/metrics")[1], "dicom_ai_worker_alive", survivor) == 0, 10,
+             "the second worker lost")
+    assert _get(http, "/readyz")[0] == 200  # no job waits yet
+    site.send(1, "later")
+    code, body = wait_for(lambda: (lambda r: r if r[0] == 503 else None)(_get(http, "/readyz")), 30,
+                          "/readyz 503 with a job waiting")
+    checks = json.loads(body)
+    assert checks["worker_alive"] is False and checks["scp_accepting"] is True
+    assert "no live worker" in checks["reasons"]["worker_alive"] and "1 job(s) waiting" in checks["reasons"]["worker_alive"]
+    assert "NOT READY (worker_alive)" in _get(http, "/")[1]
+    # A worker back: ready again, the job runs.
+    site.start_worker("w3")
+    wait_for(lambda: _get(http, "/readyz")[0] == 200, 30, "/readyz 200 with a live worker")
+    site.wait_done(jobs=2, timeout=60)
+    site.workers["w3"].stop(timeout=20)
+    # The worker's output (stdout and stderr together here) is JSON lines only: no Celery banner, no
+    # shutdown message outside JSON, and Celery's warnings keep their text.
+    for name in ("w1", "w2", "w3"):
+        lines = [line for line in (site.tmp / f"worker-{name}.log").read_text().splitlines() if line.strip()]
+        assert lines and all(line.startswith("{") for line in lines), [l for l in lines if not l.startswith("{")][:5]
+        for e in map(json.loads, lines):
+            if e["event"] == "warning" and e["module"].startswith("celery"):
+                assert e.get("message"), e
+
+
+def test_a_missing_database_password_is_one_line_naming_the_setting(tmp_path, postgres_server):
+    """A worker (and the node) whose PostgreSQL login needs a password it does not have: exit 2,
+    one line naming jobstore.url and where the password goes, no traceback, no pool retry noise."""
+    import psycopg
+    role = f"needpw{os.getpid()}"
+    with psycopg.connect(postgres_server.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'secret-pw'")
+        conn.execute(f"CREATE DATABASE {role} OWNER {role}")
+    hba = postgres_server.data / "pg_hba.conf"
+    hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+    postgres_server._run("pg_ctl", "-D", str(postgres_server.data), "reload")
+    time.sleep(1)
+    storage = tmp_path / "shared"
+    cfg = write_node_config(tmp_path / "node.toml", storage, free_port(), [("PACS", 104)],
+                            jobstore={"url": f"postgresql://{role}@127.0.0.1:{postgres_server.port}/{role}",
+                                      "connect_timeout_seconds": 2.0},
+                            workers={"broker_url": "redis://127.0.0.1:1/0"})
+    env = node_env(PGPASSFILE=str(tmp_path / "no-such-pgpass"))
+    for command in (["worker", "--config", str(cfg), "--name", "w1"], ["serve", "--config", str(cfg)]):
+        r = subprocess.run([PYTHON, "-m", "dicom_ai", *command], capture_output=True, text=True, timeout=120,
+                           env=env, cwd=REPO)
+        out = r.stdout + r.stderr
+        assert r.returncode == 2, out
+        assert "Traceback" not in out and "error connecting in" not in out, out
+        plain = [line for line in out.splitlines() if line.strip() and not line.startswith("{")]
+        assert len(plain) == 1 and "jobstore.url" in plain[0] and "password" in plain[0], out
+        assert "PGPASSFILE" in plain[0] and "secret-pw" not in out
+        errors = [json.loads(line) for line in out.splitlines() if line.startswith("{")
+                  and json.loads(line)["level"] == "ERROR"]
+        assert len(errors) == 1 and "jobstore.url" in errors[0]["error"], out

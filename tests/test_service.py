@@ -30,22 +30,87 @@ def _events(log: Path, name: str) -> list[dict]:
     return out
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (apt-get install systemd)")
-def test_the_shipped_unit_passes_systemd_analyze_verify(tmp_path):
-    text = UNIT.read_text()
-    assert "Type=notify" in text and "WatchdogSec=" in text and "KillSignal=SIGTERM" in text
-    # The unit names /opt/dicom-ai/.venv/bin/dicom-ai; verify checks that it exists, so point it
-    # at this checkout's command (everything else is the shipped file).
+def _install_steps() -> str:
+    """The shell lines of the README's install block (the fenced block after its marker)."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("<!-- install-steps:")
+    block = text[text.index("```sh\n", start) + len("```sh\n"):]
+    return block[:block.index("```")]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None or shutil.which("systemd-sysusers") is None,
+                    reason="systemd-analyze/systemd-sysusers missing (apt-get install systemd)")
+def test_the_readmes_install_steps_give_units_that_pass_systemd_analyze_verify(tmp_path):
+    """Exactly the README's install lines, with DESTDIR a temporary root; both units then pass
+    ``systemd-analyze verify --root``. The root gets what a machine has before: the OS's own units
+    (sysinit.target, ...) and the virtual environment's command at /opt/dicom-ai/.venv."""
+    root = tmp_path / "root"
+    (root / "usr" / "lib" / "systemd").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr" / "lib" / "systemd" / "system", symlinks=True)
+    venv_bin = root / "opt" / "dicom-ai" / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
     exe = Path(PYTHON).parent / "dicom-ai"
     assert exe.exists(), "pip install -e . (make venv) installs the dicom-ai command"
-    unit = tmp_path / "dicom-ai.service"
-    unit.write_text(text.replace("/opt/dicom-ai/.venv/bin/dicom-ai", str(exe)))
-    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    (venv_bin / "dicom-ai").write_text(f'#!/bin/sh\nexec {exe} "$@"\n')
+    (venv_bin / "dicom-ai").chmod(0o755)
+
+    steps = _install_steps()
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", steps], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "DESTDIR": str(root)})
+    assert r.returncode == 0, steps + r.stdout + r.stderr
+    units = root / "etc" / "systemd" / "system"
+    assert (units / "dicom-ai.service").read_text() == UNIT.read_text()
+    assert "dicom-ai:x:" in (root / "etc" / "passwd").read_text()  # the system user
+    assert oct((root / "etc" / "dicom-ai" / "pgpass").stat().st_mode & 0o777) == "0o600"
+    for name in ("dicom-ai.service", "dicom-ai-worker@.service"):
+        text = (units / name).read_text()
+        for needed in ("User=dicom-ai", "StateDirectory=dicom-ai", "WorkingDirectory=/var/lib/dicom-ai",
+                       "LoadCredential=pgpass:/etc/dicom-ai/pgpass", "Environment=PGPASSFILE=%d/pgpass"):
+            assert needed in text, (name, needed)
+    assert "Type=notify" in UNIT.read_text() and "WatchdogSec=" in UNIT.read_text()
+    r = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "dicom-ai.service",
+                        "dicom-ai-worker@gpu0.service"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
-    broken = tmp_path / "broken.service"
-    broken.write_text(unit.read_text().replace("Type=notify", "Type=notifyy"))
-    r = subprocess.run(["systemd-analyze", "verify", str(broken)], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 or "notifyy" in r.stderr  # the check can fail
+    # The check can fail: a unit broken the same way is refused.
+    broken = units / "dicom-ai.service"
+    broken.write_text(broken.read_text().replace("Type=notify", "Type=notifyy"))
+    r = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "dicom-ai.service"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode != 0 or "notifyy" in r.stderr
+    # The installed configuration passes check-config as shipped, and names the storage the units make.
+    r = subprocess.run([PYTHON, "-m", "dicom_ai", "check-config", "--config", str(root / "etc" / "dicom-ai" / "node.toml")],
+                       capture_output=True, text=True, timeout=60, env=node_env(), cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.split("\n", 1)[1])["node"]["storage"] == "/var/lib/dicom-ai"
+    # Running the steps again (an upgrade) keeps the edited configuration and password file.
+    (root / "etc" / "dicom-ai" / "pgpass").write_text("db:5432:dicom_ai:dicom_ai:pw\n")
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", steps], cwd=REPO, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "DESTDIR": str(root)})
+    assert r.returncode == 0 and "pw" in (root / "etc" / "dicom-ai" / "pgpass").read_text()
+
+
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate missing (apt-get install logrotate)")
+def test_the_logrotate_rule_rotates_node_and_audit_logs(tmp_path):
+    """The shipped rule, pointed at a temporary log folder, rotates node.log and audit.log (no copytruncate:
+    the node reopens moved files)."""
+    import grp
+    import pwd
+    logs_dir = tmp_path / "logs"
+    logs_dir.mkdir()
+    for name in ("node.log", "audit.log"):
+        (logs_dir / name).write_text("line\n")
+    user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    rule = (REPO / "dicom_ai" / "node" / "dicom-ai.logrotate").read_text()
+    assert "copytruncate" not in rule.split("{", 1)[1]
+    rule = rule.replace("/var/lib/dicom-ai/logs", str(logs_dir)).replace("dicom-ai dicom-ai", f"{user} {group}")
+    conf = tmp_path / "dicom-ai.logrotate"
+    conf.write_text(rule)
+    r = subprocess.run(["logrotate", "--force", "--state", str(tmp_path / "state"), str(conf)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for name in ("node.log", "audit.log"):
+        assert (logs_dir / f"{name}.1").read_text() == "line\n"  # moved, not copied (delaycompress)
+        assert oct((logs_dir / name).stat().st_mode & 0o777) == "0o600"
 
 
 def test_check_config_prints_the_effective_configuration_and_names_bad_keys(tmp_path):

@@ -7,6 +7,7 @@ plain port and a TLS port; results go back over TLS to peers configured ``tls = 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -111,13 +112,15 @@ def test_dcmtk_over_tls_both_ways_and_the_refusals(tmp_path, certs):
 
         def seen():
             got = refusals(tmp_path / "node.log")
-            return got if sum(e["reason"] == "tls_handshake_failed" for e in got) >= 1 and \
+            reasons = {e["reason"] for e in got}
+            return got if {"tls_not_tls", "tls_certificate_verify_failed"} <= reasons and \
                 sum(e["reason"].startswith("peer_") for e in got) >= 3 else None
         got = wait_for(seen, 10, "the refusals in the node's log")
         whys = " | ".join(e.get("why", "") for e in got if e["reason"].startswith("peer_"))
         assert "names OTHER" in whys and "must connect over TLS" in whys and "127.0.0.2" in whys, whys
-        handshake = [e for e in got if e["reason"] == "tls_handshake_failed"]
-        assert len(handshake) >= 1  # both the plain client and the rogue CA (one line per address and window)
+        # The plain client and the rogue CA each have their line: one does not hide the other.
+        rogue, = [e for e in got if e["reason"] == "tls_certificate_verify_failed"]
+        assert "unable to get local issuer certificate" in rogue["why"]
     finally:
         if node is not None:
             node.stop()
@@ -125,11 +128,19 @@ def test_dcmtk_over_tls_both_ways_and_the_refusals(tmp_path, certs):
 
 
 def test_tls_below_1_2_and_weak_ciphers_are_refused(tmp_path, certs):
-    port, tls_port = free_port(), free_port()
+    port, tls_port, http_port = free_port(), free_port(), free_port()
     cfg = write_config(tmp_path / "node.toml", tmp_path / "storage", port, tls_port, certs,
-                       [{"ae_title": "PACS", "host": "127.0.0.1", "port": 104}], tls={"plain_port": False})
+                       [{"ae_title": "PACS", "host": "127.0.0.1", "port": 104}], tls={"plain_port": False},
+                       extra=f"[http]\nport = {http_port}\n")
     node = start_node(cfg, tls_port, tmp_path / "node.log")
     try:
+        # The node's certificate (2 days) and its CA in /metrics as seconds until expiry.
+        wait_port(http_port)
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
+        expiry = {k: float(v) for k, v in re.findall(
+            r'dicom_ai_certificate_expiry_seconds\{certificate="(\w+)",subject="[^"]+"\} (\S+)', text)}
+        assert set(expiry) == {"node", "ca"} and all(0 < v <= 2 * 86400 for v in expiry.values()), expiry
         with socket.create_connection(("127.0.0.1", port), timeout=2) if False else socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0  # plain_port = false: nothing on node.port
 

@@ -54,9 +54,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu or cuda:N")
     p.set_defaults(handler=_infer)
 
-    p = subparsers.add_parser("echo", help="C-ECHO a peer: AE@HOST:PORT")
-    p.add_argument("peer", metavar="AE@HOST:PORT")
-    p.add_argument("--ae-title", default="DICOM_AI", help="calling AE title (default DICOM_AI)")
+    p = subparsers.add_parser("echo", help="C-ECHO a peer (AE@HOST:PORT, or a configured peer's AE title), "
+                                           "optionally over DICOM TLS as a delivery would")
+    p.add_argument("peer", metavar="AE@HOST:PORT|AE", help="a remote AE, or the AE title of a [[peers]] or "
+                   "[[destinations]] entry of --config (its host, port and tls setting)")
+    p.add_argument("--config", type=Path, help="node.toml: calling AE title (node.ae_title), [tls] files, peers")
+    p.add_argument("--ae-title", help="calling AE title (default: node.ae_title, DICOM_AI without --config)")
+    p.add_argument("--tls", action="store_true", help="DICOM TLS as for a tls = true destination: the [tls] "
+                   "certificate and key are presented, the peer's certificate must chain to the CA bundle and "
+                   "name HOST")
+    p.add_argument("--certificate", help="PEM certificate to present (default tls.certificate)")
+    p.add_argument("--private-key", help="its PEM private key (default tls.private_key)")
+    p.add_argument("--ca-bundle", help="PEM CA certificates the peer's certificate must chain to (default tls.ca_bundle)")
+    p.add_argument("--min-version", choices=("1.2", "1.3"), help="lowest TLS version (default tls.min_version)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds for connect, handshake and each reply")
     p.set_defaults(handler=_echo)
 
 
@@ -143,13 +154,16 @@ def _disk(config) -> dict:
 
 
 def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts)) if ts else "-"
 
 
 def _status(args: argparse.Namespace) -> int:
     config = _load(args, **{"node.storage": args.storage})
+    from dicom_ai.node.liveness import describe_workers
+
     status = _open_store(args, config).status()
     status["disk"] = disk = _disk(config)
+    status["workers"] = describe_workers(status.get("workers", []), config.workers.lease_seconds)
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
@@ -177,9 +191,13 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  {d['id']:>4}  job {d['job_id']:>4}  {d['state']:<10} {d['sent']}/{d['total']} sent{doubt}  "
               f"to {d['ae_title']}@{d['host']}:{d['port']}  attempts {d['attempts']}{nxt}{err}")
     if status.get("workers"):
-        print(f"WORKERS ({len(status['workers'])}, job store {status['engine']})")
+        print(f"WORKERS ({len(status['workers'])}, job store {status['engine']}, lost after "
+              f"workers.lease_seconds = {config.workers.lease_seconds:g} s without a heartbeat)")
         for w in status["workers"]:
-            print(f"  {w['name']:<32} pid {w['pid']:<8} started {_when(w['started'])}  storage {w['storage_id'][:8]}")
+            job = ", ".join(f"job {j}" for j in w["jobs"]) or "idle"
+            print(f"  {w['name']:<32} {w['state'].upper():<5}  last heartbeat {_when(w['seen'])} "
+                  f"({w['age']:.0f} s ago)  {job}  pid {w['pid']}  started {_when(w['started'])}  "
+                  f"storage {w['storage_id'][:8]}")
     failed = sum(d["state"] == "failed" for d in status["deliveries"]) + sum(j["state"] == "failed"
                                                                              for j in status["jobs"])
     return 1 if failed or status["notices"] or disk["low"] else 0
@@ -200,6 +218,16 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dicom-ai: configuration error: {exc}", file=sys.stderr)
         return 2
+    if config.tls_in_use:
+        from dicom_ai.node.certificates import check_certificates
+
+        report = check_certificates(config.tls)
+        for text in report.warnings:  # printed even with --quiet: systemd's journal keeps them
+            print(f"dicom-ai: warning: {text}", file=sys.stderr)
+        if report.errors:
+            for text in report.errors:
+                print(f"dicom-ai: configuration error: {text}", file=sys.stderr)
+            return 2
     if not config.peers and not config.node.allow_any_caller:
         print("dicom-ai: configuration error: no [[peers]] are configured and node.allow_any_caller is false, "
               "so every association would be refused", file=sys.stderr)
@@ -290,29 +318,67 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _echo(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     from dicom_ai.node.config import ConfigError, parse_remote
+    from dicom_ai.node.tls import client_context, probe_handshake
 
-    try:
-        peer = parse_remote(args.peer, "peer")
-    except ConfigError as exc:
-        print(f"dicom-ai: {exc}", file=sys.stderr)
-        return 2
-    ae = AE(ae_title=args.ae_title)
-    ae.acse_timeout = ae.network_timeout = 10
+    config = _load(args)
+    if "@" in args.peer:
+        try:
+            peer = parse_remote(args.peer, "peer")
+        except ConfigError as exc:
+            print(f"dicom-ai: {exc}", file=sys.stderr)
+            return 2
+        use_tls = args.tls
+    else:
+        peer = config.remote(args.peer)
+        if peer is None:
+            print(f"dicom-ai: {args.peer!r} is neither AE@HOST:PORT nor the AE title of a [[peers]] or "
+                  f"[[destinations]] entry{' of ' + str(args.config) if args.config else ' (give --config)'}",
+                  file=sys.stderr)
+            return 2
+        use_tls = args.tls or peer.tls
+    context = None
+    if use_tls:
+        tls = dataclasses.replace(config.tls, certificate=args.certificate or config.tls.certificate,
+                                  private_key=args.private_key or config.tls.private_key,
+                                  ca_bundle=args.ca_bundle or config.tls.ca_bundle,
+                                  min_version=args.min_version or config.tls.min_version)
+        for key, option in (("certificate", "--certificate"), ("private_key", "--private-key"),
+                            ("ca_bundle", "--ca-bundle")):
+            if not getattr(tls, key):
+                print(f"dicom-ai: --tls needs tls.{key} in --config or {option}", file=sys.stderr)
+                return 2
+        try:
+            context = client_context(tls)
+        except ConfigError as exc:
+            print(f"dicom-ai: configuration error: {exc}", file=sys.stderr)
+            return 2
+    ae = AE(ae_title=args.ae_title or config.node.ae_title)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+                         tls_args=(context, peer.host) if context is not None else None)
+    shown = f"{peer.ae_title}@{peer.host}:{peer.port}{' (TLS)' if context is not None else ''}"
     if not assoc.is_established:
         why = "rejected the association" if assoc.is_rejected else "could not be reached or aborted"
-        print(f"echo {peer}: FAILED ({peer.ae_title} {why})")
+        if not assoc.is_rejected and context is not None:
+            found = probe_handshake(context, peer.host, peer.port, args.timeout)
+            if found is not None:
+                why = f"TLS handshake failed ({found[0]}): {found[1]}"
+        print(f"echo {shown}: FAILED ({peer.ae_title} {why})" if not why.startswith("TLS") else
+              f"echo {shown}: FAILED ({why})")
         return 1
+    version = assoc.dul.socket.socket.version() if context is not None else None
     status = assoc.send_c_echo()
     assoc.release()
     code = int(status.Status) if "Status" in status else None
     if code == 0:
-        print(f"echo {peer}: success")
+        print(f"echo {shown}: success{f' over {version}' if version else ''}")
         return 0
-    print(f"echo {peer}: FAILED (status {code if code is None else hex(code)})")
+    print(f"echo {shown}: FAILED (status {code if code is None else hex(code)})")
     return 1

@@ -23,7 +23,7 @@ node action                          EventID                            EventTyp
 node start / stop                    110100 Application Activity        110120 / 110121
 association accepted                 110102 Begin Transferring DICOM    -
 association ended (per study got)    110104 DICOM Instances Transferred -
-association refused (peer identity)  110113 Security Alert              110126 Node Authentication
+connection refused (any reason)      110113 Security Alert              110126 Node Authentication
 results sent / delivery failed       110104 DICOM Instances Transferred -
 images left out of an analysis       110103 DICOM Instances Accessed    - (outcome 4, UIDs and why)
 ``dicom-ai retry`` (operator)        110113 Security Alert              110131 Software Configuration

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 from celery.signals import worker_process_init
@@ -94,6 +95,46 @@ class _PoolProcess:
         return "ran"
 
 
+class _WorkerHeartbeat:
+    """Writes ``workers.seen`` for ``<name>@<host>`` every ``lease_seconds / 3`` from a pool process.
+
+    In the pool processes (started after Celery's fork, so no job-store connection crosses a
+    fork), before the pipeline loads: a worker whose models do not load still shows alive,
+    with its notice. It stops when its Celery main process is gone (SIGKILLed: the pool
+    process is an orphan that takes no new job), so ``status`` shows such a worker as lost
+    once ``workers.lease_seconds`` have passed. A job store that cannot be reached is
+    retried at the next beat.
+    """
+
+    def __init__(self, config: NodeConfig, worker: str):
+        self.config, self.worker = config, worker
+        self.interval = max(0.2, config.workers.lease_seconds / 3)
+        self.parent = os.getppid()
+        self._thread = threading.Thread(target=self._run, name="worker-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        store = None
+        failing = False
+        while os.getppid() == self.parent:
+            try:
+                if store is None:
+                    store = open_jobstore(self.config)
+                store.worker_seen(self.worker)
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    logs.event("worker_heartbeat_failed", level="WARNING", worker=self.worker,
+                               error=f"{type(exc).__name__}: {exc}"[:300], hint="retried; status may show the "
+                               "worker as lost until the job store is reachable again")
+                failing = True
+            time.sleep(self.interval)
+        logs.event("worker_heartbeat_stopped", level="WARNING", worker=self.worker,
+                   reason="the Celery main process is gone")
+
+
 _process: _PoolProcess | None = None
 
 
@@ -102,6 +143,16 @@ def _pool_process(config: NodeConfig, name: str) -> _PoolProcess:
     if _process is None:
         _process = _PoolProcess(config, name)
     return _process
+
+
+def _quiet_celery_console() -> None:
+    """Turn Celery's direct console messages ("worker: Warm shutdown (MainProcess)", written to
+    the real stderr by ``celery.apps.worker.safe_say``, which no logging setting reaches) into
+    JSON ``celery_console`` events, so the worker's output stays one JSON object per line."""
+    import celery.apps.worker as celery_worker_app
+
+    if hasattr(celery_worker_app, "safe_say"):
+        celery_worker_app.safe_say = lambda msg, f=None: logs.event("celery_console", message=str(msg).strip()[:300])
 
 
 def run(config: NodeConfig, name: str = "worker", concurrency: int = 1, loglevel: str = "WARNING") -> int:
@@ -139,6 +190,7 @@ def run(config: NodeConfig, name: str = "worker", concurrency: int = 1, loglevel
         return _pool_process(config, name).run(int(job_id))
 
     def _init(**_):
+        _WorkerHeartbeat(config, f"{name}@{host}").start()
         try:
             _pool_process(config, name)
         except Exception as exc:  # the first task retries, and its error is in the log
@@ -147,7 +199,10 @@ def run(config: NodeConfig, name: str = "worker", concurrency: int = 1, loglevel
     worker_process_init.connect(_init, weak=False)
     logs.event("celery_worker_starting", worker=f"{name}@{host}", queue=config.workers.queue,
                concurrency=concurrency, storage_id=storage_id)
-    app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork",
+    _quiet_celery_console()
+    # --quiet: no start-up banner on stdout (the worker's log is JSON lines; the same facts are
+    # in celery_worker_starting above).
+    app.worker_main(["--quiet", "worker", f"--loglevel={loglevel}", f"--concurrency={concurrency}", "--pool=prefork",
                      f"--hostname={name}@{host}", "-Q", config.workers.queue, "--prefetch-multiplier=1",
                      "--without-gossip", "--without-mingle", "--without-heartbeat"])
     return 0

@@ -6,7 +6,9 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     ae_title = "DICOM_AI"
     bind_address = "127.0.0.1"     # "0.0.0.0" to listen on every interface
     port = 11112
-    storage = "dicom-ai-storage"   # spool, job store, outbox, previews, logs
+    storage = "dicom-ai-storage"   # spool, job store, outbox, previews, logs; relative to this
+                                    # file; unset under the shipped systemd units: $STATE_DIRECTORY
+                                    # (/var/lib/dicom-ai)
     allow_any_caller = false        # true: accept associations from any calling AE title
     max_associations = 10
     max_pdu_size = 1048576          # bytes; 0 = unlimited
@@ -118,6 +120,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -316,6 +319,11 @@ class NodeConfig:
     def audit_file(self) -> Path:
         return Path(self.audit.file).resolve() if self.audit.file else self.layout.root / "logs" / "audit.log"
 
+    @property
+    def tls_in_use(self) -> bool:
+        """True when ``[tls]`` files are used: a TLS port, a ``tls = true`` peer or destination, or TLS audit."""
+        return bool(self.tls.port or any(r.tls for r in (*self.peers, *self.destinations)) or self.audit.sink == "tls")
+
     def remote(self, ae_title: str) -> RemoteNode | None:
         """The configured peer or destination with this AE title, if any."""
         for r in (*self.peers, *self.destinations):
@@ -375,6 +383,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             value = data.get(section, {}).get(name) if isinstance(data.get(section), dict) else None
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 data[section][name] = str(base / value)
+    node = data.get("node") if isinstance(data.get("node"), dict) else {}
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if "storage" not in node and state and Path(state).is_absolute():
+        # Under systemd (the shipped units' StateDirectory=dicom-ai) the default storage is
+        # /var/lib/dicom-ai, not a folder relative to the service's working directory.
+        data.setdefault("node", {})["storage"] = state
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -622,6 +636,10 @@ def _check(cfg: NodeConfig) -> None:
     h = cfg.http
     _host(h.bind_address, "http.bind_address")
     _port(h.port, "http.port", allow_zero=True)
+    if h.port and h.port in (n.port, cfg.tls.port):
+        # Caught here, not as "Address already in use" from serve without a key named.
+        key = "node.port" if h.port == n.port else "tls.port"
+        raise ConfigError(f"http.port {h.port} is {key} too: give the metrics/status server a port of its own")
     cfg.logging.level = cfg.logging.level.upper()
     if cfg.logging.level not in _LEVELS:
         raise ConfigError(f"logging.level must be one of {', '.join(_LEVELS)}, got {cfg.logging.level!r}")

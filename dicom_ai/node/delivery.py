@@ -56,7 +56,7 @@ from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.jobstore import DELIVERY_LEASE_SECONDS, Delivery, SqlJobStore
 from dicom_ai.node.storage import is_storage_error
 from dicom_ai.node.stow import StowSender, is_dicomweb
-from dicom_ai.node.tls import client_context
+from dicom_ai.node.tls import client_context, probe_handshake
 
 __all__ = ["DeliveryAgent", "DeliveryThread"]
 
@@ -229,6 +229,17 @@ class DeliveryAgent:
             assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return assoc
 
+    def _tls_problem(self, d: Delivery) -> str | None:
+        """For a ``tls = true`` destination whose association failed: the TLS handshake failure, named."""
+        remote = self.config.remote(d.ae_title)
+        if remote is None or not remote.tls:
+            return None
+        found = probe_handshake(client_context(self.config.tls), d.host, d.port, self.config.retry.timeout_seconds)
+        if found is None:
+            return None
+        reason, text = found
+        return f"TLS handshake with the destination failed ({reason}): {text}"
+
     def _send(self, d: Delivery, pending: list[tuple[str, str, str]]) -> str | None:
         """Send the pending objects; None on success, else why it stopped.
 
@@ -255,6 +266,9 @@ class DeliveryAgent:
         if not assoc.is_established:
             if assoc.is_rejected:
                 return "association rejected by the destination (check its AE title and that it knows this node)"
+            tls_problem = self._tls_problem(d)
+            if tls_problem is not None:
+                return tls_problem
             return "could not connect, association aborted or timed out (destination down, unreachable or hung)"
         can_ask = any(cx.abstract_syntax == _FIND for cx in assoc.accepted_contexts)
         try:

@@ -8,11 +8,15 @@ CLI action, audited).
 * ``/metrics``: Prometheus text format from :data:`dicom_ai.node.metrics.REGISTRY`.
 * ``/healthz``: 200 while the process answers (liveness).
 * ``/readyz``: 200 when every check passes, else 503; the body is JSON with each check:
-  ``scp_accepting`` (every listener open), ``worker_alive``, ``job_store_writable`` (the
-  write lock can be taken within 1 s) and ``disk_above_reserve``.
-* ``/`` : the status page (:func:`render_status_page`): studies, jobs and deliveries with
-  their states, times and errors, failed deliveries first; UIDs and AE titles only, never
-  patient data (the job store holds none); refreshes itself every 10 s.
+  ``scp_accepting`` (every listener open), ``worker_alive`` (the worker child; in distributed
+  mode: false only while jobs wait and no worker's heartbeat is within
+  ``workers.lease_seconds``), ``job_store_writable`` (the write lock can be taken within 1 s)
+  and ``disk_above_reserve``; when one fails, ``reasons`` says why (check -> text).
+* ``/`` : the status page (:func:`render_status_page`): the node's version, workers (distributed
+  mode: last heartbeat, current job, alive / lost), deliveries, jobs (with their worker) and
+  studies with their states, times (local, with UTC offset) and errors, failed deliveries
+  first; UIDs and AE titles only, never patient data (the job store holds none); refreshes
+  itself every 10 s.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ _FAILED_FIRST = {"failed": 0, "pending": 1, "sending": 2}
 
 
 def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+    """Local time with its UTC offset (a reader in another time zone, or at a DST change, is not misled)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts)) if ts else "-"
 
 
 def _table(title: str, columns: list[str], rows: list[list], row_class: Callable[[list], str] | None = None) -> str:
@@ -52,7 +57,8 @@ def _table(title: str, columns: list[str], rows: list[list], row_class: Callable
             f"<tbody>{''.join(body) or '<tr><td colspan=99>none</td></tr>'}</tbody></table>")
 
 
-def render_status_page(status: dict, ae_title: str, ready: dict[str, bool]) -> str:
+def render_status_page(status: dict, ae_title: str, ready: dict[str, bool], reasons: dict[str, str] | None = None,
+                       lease_seconds: float | None = None) -> str:
     """The HTML status page from :meth:`JobStore.status` (UIDs, AE titles, states, times, errors).
 
     Parameters
@@ -63,11 +69,20 @@ def render_status_page(status: dict, ae_title: str, ready: dict[str, bool]) -> s
         The node's AE title (the page title).
     ready : dict
         The ``/readyz`` checks (name -> passed).
+    reasons : dict, optional
+        Why a failing check fails (name -> text).
+    lease_seconds : float, optional
+        ``workers.lease_seconds`` in distributed mode: the Workers table (alive / lost); None: no table.
     """
+    from dicom_ai import __version__
+    from dicom_ai.node.liveness import describe_workers
+
     deliveries = sorted(status["deliveries"], key=lambda d: (_FAILED_FIRST.get(d["state"], 3), -d["id"]))
     checks = " ".join(f'<span class="{"ok" if v else "bad"}">{html.escape(k)}: {"ok" if v else "FAILING"}</span>'
                       for k, v in ready.items())
-    notices = "".join(f'<p class="bad">PROBLEM ({html.escape(n["key"])}, {_when(n["updated"])}): '
+    notices = "".join(f'<p class="bad">NOT READY ({html.escape(k)}): {html.escape(v)}</p>'
+                      for k, v in (reasons or {}).items())
+    notices += "".join(f'<p class="bad">PROBLEM ({html.escape(n["key"])}, {_when(n["updated"])}): '
                       f'{html.escape(n["message"])}</p>' for n in status["notices"])
     parts = [
         _table("Deliveries", ["id", "job", "state", "sent", "to", "attempts", "next attempt", "error"],
@@ -75,14 +90,24 @@ def render_status_page(status: dict, ae_title: str, ready: dict[str, bool]) -> s
                  f'{d["ae_title"]}@{d["host"]}:{d["port"]}', d["attempts"],
                  _when(d["next_attempt"]) if d["state"] == "pending" else "-", d["error"]] for d in deliveries],
                lambda r: "bad" if r[2] == "failed" else ""),
-        _table("Jobs", ["id", "state", "study", "from", "attempts", "results", "created", "updated", "error"],
+        _table("Jobs", ["id", "state", "study", "from", "attempts", "results", "worker", "created", "updated",
+                        "error"],
                [[j["id"], j["state"], j["study_uid"], j["calling_ae"], j["attempts"], j["results"],
-                 _when(j["created"]), _when(j["updated"]), j["error"]] for j in reversed(status["jobs"])],
+                 j.get("worker") or "-", _when(j["created"]), _when(j["updated"]), j["error"]]
+                for j in reversed(status["jobs"])],
                lambda r: "bad" if r[1] == "failed" else ""),
         _table("Studies", ["id", "state", "study", "from", "images", "last received"],
                [[s["id"], s["state"], s["study_uid"], s["calling_ae"], s["instances"], _when(s["last_received"])]
                 for s in reversed(status["studies"])]),
     ]
+    if lease_seconds is not None:
+        workers = describe_workers(status.get("workers", []), lease_seconds)
+        parts.insert(0, _table(
+            f"Workers (lost after {lease_seconds:g} s without a heartbeat)",
+            ["worker", "state", "last heartbeat", "current job", "pid", "started"],
+            [[w["name"], w["state"], f'{_when(w["seen"])} ({w["age"]:.0f} s ago)',
+              ", ".join(map(str, w["jobs"])) or "idle", w["pid"], _when(w["started"])] for w in workers],
+            lambda r: "bad" if r[1] == "lost" else ""))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{REFRESH_SECONDS}">
 <title>{html.escape(ae_title)} - dicom-ai node status</title>
@@ -94,7 +119,7 @@ th {{ background: #eee; }}
 tr.bad td {{ background: #fdd; }}
 .ok {{ color: #060; margin-right: 1em; }} .bad {{ color: #a00; margin-right: 1em; font-weight: bold; }}
 </style></head><body>
-<h1>{html.escape(ae_title)}: dicom-ai node</h1>
+<h1>{html.escape(ae_title)}: dicom-ai node {html.escape(__version__)}</h1>
 <p>Read-only; refreshes every {REFRESH_SECONDS} s; shown {_when(time.time())}. Failed deliveries are re-queued with
 <code>dicom-ai retry</code>.</p>
 <p>{checks}</p>{notices}
@@ -116,10 +141,15 @@ class StatusServer:
         Returns ``JobStore.status()``.
     ready : callable
         Returns the readiness checks, name -> bool.
+    reasons : callable, optional
+        Returns why failing checks fail (name -> text), after ``ready()``.
+    lease_seconds : float, optional
+        ``workers.lease_seconds`` in distributed mode (the Workers table).
     """
 
     def __init__(self, address: str, port: int, ae_title: str, status: Callable[[], dict],
-                 ready: Callable[[], dict[str, bool]]):
+                 ready: Callable[[], dict[str, bool]], reasons: Callable[[], dict[str, str]] | None = None,
+                 lease_seconds: float | None = None):
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -132,10 +162,15 @@ class StatusServer:
                         self._send(200, "text/plain; charset=utf-8", b"ok\n")
                     elif path == "/readyz":
                         checks = outer.ready()
+                        body = dict(checks)
+                        if not all(checks.values()) and outer.reasons():
+                            body["reasons"] = outer.reasons()  # why, for a person reading it
                         self._send(200 if all(checks.values()) else 503, "application/json",
-                                   json.dumps(checks).encode())
+                                   json.dumps(body).encode())
                     elif path in ("/", "/status"):
-                        page = render_status_page(outer.status(), outer.ae_title, outer.ready())
+                        ready = outer.ready()
+                        page = render_status_page(outer.status(), outer.ae_title, ready, outer.reasons(),
+                                                  outer.lease_seconds)
                         self._send(200, "text/html; charset=utf-8", page.encode())
                     else:
                         self._send(404, "text/plain; charset=utf-8", b"not found: /metrics /healthz /readyz /\n")
@@ -154,6 +189,8 @@ class StatusServer:
                 pass  # scrapes every few seconds would flood the node's log
 
         self.ae_title, self.status, self.ready = ae_title, status, ready
+        self.reasons = reasons or dict
+        self.lease_seconds = lease_seconds
         self.httpd = ThreadingHTTPServer((address, port), Handler)
         self.httpd.daemon_threads = True
         self.port = int(self.httpd.server_address[1])

@@ -326,6 +326,28 @@ class SqlJobStore:
                        "storage_id = excluded.storage_id, started = excluded.started, seen = excluded.seen",
                        (name, host, pid, storage_id, now, now))
 
+    def worker_seen(self, name: str, now: float | None = None) -> None:
+        """A registered worker's heartbeat: ``workers.seen`` = now (POSIX seconds, the job store's clock)."""
+        with self._write() as db:
+            db.execute("UPDATE workers SET seen = ? WHERE name = ?", (self._clock(db) if now is None else now, name))
+
+    def workers(self) -> list[dict]:
+        """The registered workers' rows, each with ``jobs`` (the ids of the jobs it runs now) and
+        ``age`` (seconds since its last heartbeat, on the job store's clock: hosts' clocks may differ)."""
+        with self._read() as db:
+            now = self._clock(db)
+            workers = [dict(r) for r in db.execute("SELECT * FROM workers ORDER BY name").fetchall()]
+            running = db.execute("SELECT id, worker FROM jobs WHERE state = 'running' ORDER BY id").fetchall()
+        for w in workers:  # jobs.worker is "<name>@<host> pid <pid>" of the pool process
+            w["jobs"] = [r["id"] for r in running if (r["worker"] or "").startswith(f"{w['name']} pid ")]
+            w["age"] = max(0.0, now - w["seen"])
+        return workers
+
+    def queued_jobs(self) -> int:
+        """How many jobs wait for a worker."""
+        with self._read() as db:
+            return int(db.execute("SELECT COUNT(*) AS n FROM jobs WHERE state = 'queued'").fetchone()["n"])
+
     # -- receiving -----------------------------------------------------------------------
 
     def find_instance(self, sop_instance_uid: str) -> str | None:
@@ -861,7 +883,7 @@ class SqlJobStore:
                 "(SELECT COUNT(*) FROM outbox o WHERE o.job_id = d.job_id) AS total "
                 "FROM deliveries d ORDER BY d.id").fetchall()]
             notices = [dict(r) for r in db.execute("SELECT * FROM notices ORDER BY key").fetchall()]
-            workers = [dict(r) for r in db.execute("SELECT * FROM workers ORDER BY name").fetchall()]
+        workers = self.workers()
         return {"engine": self.engine, "notices": notices, "studies": studies, "jobs": jobs,
                 "deliveries": deliveries, "workers": workers}
 

@@ -27,8 +27,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from dicom_ai.core.errors import JobStoreError
 from dicom_ai.node.jobstore import SCHEMA_VERSION, SqlJobStore
@@ -179,8 +181,12 @@ class PostgresJobStore(SqlJobStore):
             reconnect_timeout=365 * 86400.0)
         try:
             self._migrate()
-        except BaseException:
+        except BaseException as exc:
             self._pool.close()  # its threads would otherwise outlive the failed open
+            if isinstance(exc, PoolTimeout):
+                # The pool only says it got no connection; the reason (no password, wrong
+                # password, unknown database) is in its own retries. Ask once, directly.
+                raise JobStoreError(_login_problem(url, connect_timeout)) from None
             raise
 
     def __repr__(self) -> str:
@@ -222,3 +228,30 @@ class PostgresJobStore(SqlJobStore):
 
     def close(self) -> None:
         self._pool.close()
+
+
+#: SQLSTATE classes of a refused login (28: invalid authorization) and an unknown database (3D).
+_LOGIN_SQLSTATES = ("28", "3D")
+
+
+def _login_problem(url: str, connect_timeout: float) -> str:
+    """One line naming ``jobstore.url`` and what PostgreSQL said when a first connection failed."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        info = {}
+    where = (f"{info.get('user') or '(user from the environment)'}@{info.get('host', 'localhost')}:"
+             f"{info.get('port', 5432)}/{info.get('dbname', '')}")
+    try:
+        psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
+    except psycopg.Error as exc:
+        said = " ".join(str(exc).split())[:300]
+        state = getattr(exc, "sqlstate", None) or ""
+        if "password" in said or state.startswith(_LOGIN_SQLSTATES):
+            return (f"jobstore.url: PostgreSQL refused the login {where}: {said}. Give the password in the "
+                    "file PGPASSFILE names (the shipped units: /etc/dicom-ai/pgpass via LoadCredential=, "
+                    "mode 0600) or ~/.pgpass of the user the process runs as; never in node.toml")
+        return (f"jobstore.url: cannot connect to PostgreSQL {where}: {said} (is the server running and "
+                "reachable from this host?)")
+    return (f"jobstore.url: PostgreSQL {where} gave no connection within jobstore.connect_timeout_seconds = "
+            f"{connect_timeout:g} s (the server is overloaded or max_connections is reached)")

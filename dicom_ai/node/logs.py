@@ -144,6 +144,9 @@ def configure(proc: str, level: str = "INFO", path: Path | None = None, stream=s
         handler.setLevel(number)
     _install(_events, handlers, number)
     _install(_pynetdicom, handlers, logging.WARNING)
+    # psycopg_pool warns at every failed reconnect (plain text on stderr through logging's
+    # last resort); the job store's callers report an unreachable server themselves, once.
+    _install(logging.getLogger("psycopg"), handlers, logging.ERROR)
     capture_warnings()
 
 
@@ -255,8 +258,18 @@ def log_warning(message: Warning | str, category: type[Warning] | str, filename:
     lineno : int
         The line in that file.
     """
-    event("warning", level="WARNING", category=getattr(category, "__name__", str(category)), module=_module_of(filename), line=lineno,
-          attributes=dicom_references(str(message)))
+    module = _module_of(filename)
+    fields = {}
+    if module.split(".", 1)[0] in _OWN_TEXT_MODULES:
+        # Celery's own warnings (running as root, broker settings) carry no data set value and
+        # only make sense with their text; an empty line helps nobody.
+        fields["message"] = " ".join(str(message).split())[:500]
+    event("warning", level="WARNING", category=getattr(category, "__name__", str(category)), module=module,
+          line=lineno, attributes=dicom_references(str(message)), **fields)
+
+
+#: Modules whose warnings keep their text: they never see a data set.
+_OWN_TEXT_MODULES = frozenset({"celery", "kombu", "billiard"})
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -272,9 +272,7 @@ class StorageSCP:
                 why = (f"the client certificate names {', '.join(names)[:200]}, not {peer.certificate_subject!r} "
                        f"configured for AE title {calling_ae}")
         if why is not None:
-            audit.security_alert(("110126", "Node Authentication"), why,
-                                 audit.Participant(calling_ae, audit.SOURCE_ROLE, True, address))
-            return reason, why
+            return reason, why  # logged and audited (Security Alert) by the refusal log
         return None
 
     # -- event handlers ------------------------------------------------------------------
@@ -302,8 +300,20 @@ class StorageSCP:
     def _on_rejected(self, event: evt.Event) -> None:
         a = event.assoc
         metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
-        logs.event("association_rejected", level="WARNING", calling_ae=a.requestor.ae_title,
-                   called_ae=a.acceptor.ae_title, address=a.requestor.address)
+        # pynetdicom's own A-ASSOCIATE-RJ (AE titles): one refusal like the transport's, so
+        # it is logged and audited (Security Alert) with the rest.
+        calling = a.requestor.ae_title
+        called = str(getattr(a.requestor.primitive, "called_ae_title", "") or "").strip()
+        if self._ae.require_calling_aet and calling not in self._ae.require_calling_aet:
+            reason, why = "calling_ae_not_recognised", (f"calling AE title {calling!r} is no configured peer "
+                                                        f"(peers.ae_title, node.allow_any_caller = false)")
+        elif called != self.config.node.ae_title:
+            reason, why = "called_ae_not_recognised", (f"called AE title {called!r}; this node is "
+                                                       f"{self.config.node.ae_title!r} (node.ae_title)")
+        else:
+            reason, why = "association_rejected", "rejected by the DICOM upper layer"
+        self._ae.refusals.note(reason, normalise_address(a.requestor.address), response="A-ASSOCIATE-RJ",
+                               calling_ae=calling, why=why)
 
     def _on_aborted(self, event: evt.Event) -> None:
         metrics.ASSOCIATIONS.labels(outcome="aborted").inc()

@@ -50,7 +50,8 @@ from pathlib import Path
 
 from dicom_ai.core.errors import ConfigError, JobStoreError, StorageIdentityError
 from dicom_ai.core.uids import ResultUIDs
-from dicom_ai.node import audit, logs, metrics
+from dicom_ai.node import audit, certificates, logs, metrics
+from dicom_ai.node.liveness import no_live_worker, watch_workers
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
 from dicom_ai.node.dispatch import Dispatcher, DispatchThread
@@ -167,6 +168,8 @@ class Node:
         self._steps = {name: _Step(name, poll_seconds)
                        for name in ("startup", "assembly", "worker_recovery", "purge", "disk_check")}
         self.http: StatusServer | None = None
+        #: Why a failing ``/readyz`` check fails (check name -> text), from the last :meth:`readiness`.
+        self.ready_reasons: dict[str, str] = {}
         watchdog_usec = os.environ.get("WATCHDOG_USEC", "")
         self._watchdog_every = int(watchdog_usec) / 2e6 if watchdog_usec.isdigit() else 0.0
         self._next_watchdog = 0.0
@@ -186,10 +189,13 @@ class Node:
             if not is_storage_error(exc):
                 raise
         metrics.watch_store(self.store, self.layout.root, self.config.node.reserve_free_mb * 2**20)
+        watch_workers(self.store if self.distributed else None, self.config.workers.lease_seconds)
+        self._check_certificates()
         port = self.scp.start()
         if self.config.http.port:
             self.http = StatusServer(self.config.http.bind_address, self.config.http.port, self.config.node.ae_title,
-                                     self.store.status, self.readiness)
+                                     self.store.status, self.readiness, reasons=lambda: self.ready_reasons,
+                                     lease_seconds=self.config.workers.lease_seconds if self.distributed else None)
             self.http.start()
         self._steps["startup"].run(self._prepare)
         if not self._ready:
@@ -201,11 +207,34 @@ class Node:
         sd_notify(f"READY=1\nSTATUS=listening on port {port}\nMAINPID={os.getpid()}")
         return port
 
+    def _check_certificates(self) -> None:
+        """Log what ``check-config`` would say of the ``[tls]`` files; export their expiry as metrics."""
+        if not self.config.tls_in_use:
+            certificates.watch_expiry(None)
+            return
+        report = certificates.check_certificates(self.config.tls)
+        for text in report.errors:
+            logs.event("certificate_problem", level="ERROR", problem=text)
+        for text in report.warnings:
+            logs.event("certificate_warning", level="WARNING", problem=text)
+        certificates.watch_expiry(self.config.tls)
+
     def readiness(self) -> dict[str, bool]:
         """The ``/readyz`` checks: SCP accepting, worker alive, job store writable, disk above reserve."""
         checks = {"scp_accepting": self.scp.accepting}
-        if not self.distributed:  # workers on other hosts are watched through their leases
+        self.ready_reasons = {}
+        if not self.distributed:
             checks["worker_alive"] = self.worker is not None and self.worker.poll() is None
+        else:  # workers on other hosts: their heartbeats, and only when jobs wait for one
+            try:
+                why = no_live_worker(self.store, self.config.workers.lease_seconds)
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                why = None  # job_store_writable below says it
+            checks["worker_alive"] = why is None
+            if why is not None:
+                self.ready_reasons["worker_alive"] = why
         if self.config.jobstore.url:
             checks["job_store_writable"] = self.store.writable()
         else:

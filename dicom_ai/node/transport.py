@@ -44,7 +44,8 @@ accept loop only accepts, and the connection's own thread runs the handshake aga
 same absolute ``limits.association_request_seconds`` deadline, then reads the
 A-ASSOCIATE-RQ through TLS. A failed handshake (a plain DICOM client on the TLS port, no
 client certificate, a certificate from an unknown CA, TLS < ``tls.min_version``) is
-``tls_handshake_failed``, TCP close.
+refused with TCP close under the name :func:`~dicom_ai.node.tls.handshake_failure` gives it
+(``tls_not_tls``, ``tls_no_client_certificate``, ``tls_certificate_verify_failed``, ...).
 
 AE titles and decoding. Once read, the A-ASSOCIATE-RQ's Calling and Called AE Title fields
 must be AE values as sent (PS3.5 Table 6.2-1: no control characters, backslash or bytes
@@ -65,6 +66,8 @@ service-user, reason 3 (calling AE title not recognized), logged with its reason
 Every refusal is logged as a ``connection_refused`` event (address, reason, what was sent),
 once per (reason, address) and then as one summary line with the number of repeats per
 :data:`REFUSAL_LOG_WINDOW` seconds (:class:`_RefusalLog`): no line per attacker connection.
+Each such line is also one audit Security Alert (PS3.15 A.5, Node Authentication) with the
+reason and the address, rate-limited the same way.
 """
 
 from __future__ import annotations
@@ -82,8 +85,9 @@ from pynetdicom import AE, _config, dimse_messages, evt, transport
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.sop_class import Verification
 
-from dicom_ai.node import logs, metrics
+from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.config import NodeConfig
+from dicom_ai.node.tls import handshake_failure
 
 #: The largest PDU other than P-DATA-TF the node reads (A-ASSOCIATE-RQ included): 256 KiB.
 #: 128 presentation contexts of 20 maximal-length transfer syntaxes each fit (about 180 KiB).
@@ -398,10 +402,12 @@ class _RefusalLog:
         if ended is not None:
             self._summary(key, ended[1], ended[2])
         logs.event("connection_refused", level="WARNING", address=key[1], reason=reason, **fields)
+        _audit_refusal(reason, key[1], fields)
 
     def _summary(self, key: tuple[str, str], repeats: int, fields: dict) -> None:
         logs.event("connection_refused", level="WARNING", address=key[1], reason=key[0], repeated=repeats,
                    window_seconds=self.window, **fields)
+        _audit_refusal(key[0], key[1], fields, repeats, self.window)
 
     def flush(self, force: bool = False) -> None:
         now = self._clock()
@@ -417,6 +423,28 @@ class _RefusalLog:
 
 
 _RefusalLog.direct = _RefusalLog()
+
+
+def _audit_refusal(reason: str, address: str, fields: dict, repeats: int = 0, window: float = 0.0) -> None:
+    """One PS3.15 A.5 Security Alert (110113, Node Authentication 110126) for a refused connection.
+
+    Sent where the refusal log writes a line: the first refusal of each (reason, address) at
+    once, later ones of the same window as one message with their number, so a flood costs
+    at most one message per reason, address and window (and 1024 addresses per window).
+    """
+    text = f"connection refused ({reason}"
+    text += f", {fields['response']})" if fields.get("response") else ")"
+    if fields.get("why"):
+        text += f": {fields['why']}"
+    elif fields.get("limit"):
+        text += f": limit {fields['limit']}"
+    elif fields.get("seconds"):
+        text += f": nothing complete after {fields['seconds']} s"
+    if repeats:
+        text = f"{repeats} more times in {window:g} s: {text}"
+    calling = fields.get("calling_ae") or ""
+    audit.security_alert(("110126", "Node Authentication"), text,
+                         audit.Participant(calling or address, audit.SOURCE_ROLE, True, address))
 
 
 @dataclass(frozen=True)
@@ -590,6 +618,18 @@ class _RequestHandler(transport.RequestHandler):
     def _handshake(self, server: "NodeServer", conn: _Connection) -> bool:
         """Run the TLS handshake against the connection's deadline; False once refused and closed."""
         try:
+            # A connection closed before its first byte (a port probe, a load balancer's TCP
+            # check) is no refusal, as on the plain port: nothing to log or audit.
+            self.request.settimeout(max(0.001, conn.deadline - time.monotonic()))
+            if not self.request.recv(1, socket.MSG_PEEK):
+                return False
+        except TimeoutError:
+            server.refusals.note("association_request_timeout", conn.address, response="TCP close",
+                                 seconds=server.limits.association_request_seconds, during="TLS handshake")
+            return False
+        except OSError:
+            return False
+        try:
             tls = server.tls_context.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
         except OSError:
             return False
@@ -606,8 +646,11 @@ class _RequestHandler(transport.RequestHandler):
                                  seconds=server.limits.association_request_seconds, during="TLS handshake")
             return False
         except (ssl.SSLError, OSError) as exc:
-            server.refusals.note("tls_handshake_failed", conn.address, response="TCP close",
-                                 error=str(getattr(exc, "reason", None) or type(exc).__name__)[:100])
+            # Each kind of failure is its own reason, so one never hides behind another in the
+            # rate-limited log and audit (a plain client and an unknown CA from one address).
+            reason, why = handshake_failure(exc) or ("tls_handshake_failed", f"connection lost during the TLS "
+                                                                             f"handshake ({type(exc).__name__})")
+            server.refusals.note(reason, conn.address, response="TCP close", why=why[:300])
             return False
         conn.certificate = tls.getpeercert() or None
         return True
