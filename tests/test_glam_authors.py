@@ -22,6 +22,7 @@ from dicom_ai.cli import main
 from dicom_ai.core.errors import BundleError, ImagingError, ModelError
 from dicom_ai.imaging import mammogram_from_array
 from dicom_ai.imaging.nyu_window import crop_to_breast, nyu_input, nyu_window, standardise
+from dicom_ai.core.research import research_notices
 from dicom_ai.networks.bundle import load_bundle
 from dicom_ai.networks.glam import run_reference
 from dicom_ai.networks.glam_authors import (AUTHORS_TENSORS, GlamAuthors, GlamAuthorsConfig, GlamAuthorsModel,
@@ -200,10 +201,13 @@ def test_bundle_runs_in_the_node_pipeline_and_makes_a_seg_on_a_phantom_study(bun
     from dicom_ai.networks.pipeline import Pipeline
     from dicom_ai.results import build_results
 
-    with caplog.at_level(logging.WARNING, logger="dicom_ai.networks.glam_authors"):
+    with caplog.at_level(logging.WARNING, logger="dicom_ai.node.events"):
         pipeline = Pipeline.from_bundles([str(bundle_dir)], device="cpu", operating_point="fp1")
     assert isinstance(pipeline.models[0], GlamAuthorsModel)
-    assert any("NYU non-commercial" in r.getMessage() for r in caplog.records)
+    (event,) = [r for r in caplog.records if r.getMessage() == "research_only_model"]
+    assert event.levelno == logging.WARNING and "NYU non-commercial" in event.event_fields["licence"]
+    (notice,) = research_notices([str(bundle_dir), "glam"])  # the shipped glam is not research-only
+    assert "RESEARCH ONLY" in notice and "NYU non-commercial" in notice
 
     study = generate_study(11, shape=(416, 320))
     sources = [im.dataset for im in study.images]
@@ -308,3 +312,42 @@ def test_standardise_is_the_authors_z_score_and_nyu_input_ignores_an_intensity_o
 def test_empty_image_is_a_clear_error():
     with pytest.raises(ImagingError, match="no breast found"):
         crop_to_breast(np.zeros((300, 200), np.float32), False)
+
+
+# --------------------------------------------------------------------------- node integration
+
+
+def test_research_only_bundle_is_named_by_check_config_status_page_and_start_up_log(bundle_dir, tmp_path, capsys):
+    import sys
+    import urllib.request
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from node_harness import free_port, start_node, wait_for, write_node_config
+
+    port, http = free_port(), free_port()
+    cfg = write_node_config(tmp_path / "node.toml", tmp_path / "storage", port, [("PACS", 1)],
+                            pipeline={"factory": "", "models": [str(bundle_dir)]})
+    cfg.write_text(cfg.read_text() + f"[http]\nport = {http}\n")
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    captured = capsys.readouterr()
+    assert "RESEARCH ONLY" in captured.err and "NYU non-commercial" in captured.err
+    assert "RESEARCH ONLY" not in captured.out  # the effective configuration stays plain JSON
+    json.loads(captured.out.split("\n", 1)[1])
+
+    node = start_node(cfg, port, tmp_path / "node.log")
+    try:
+        def page() -> str:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/", timeout=5) as r:
+                    return r.read().decode()
+            except OSError:
+                return ""
+        wait_for(lambda: "RESEARCH ONLY" in page(), 30, "the research notice on the status page")
+        assert "NYU non-commercial" in page() and "PROBLEM" not in page()
+        log = (tmp_path / "node.log").read_text()
+        assert "research_only_model" in log and "NYU non-commercial" in log
+    finally:
+        node.stop()
+    # `dicom-ai status`: a note, not a problem (the exit status stays 0 for a healthy node).
+    assert main(["status", "--config", str(cfg)]) == 0
+    assert "NOTE (research): model glam-authors" in capsys.readouterr().out

@@ -34,6 +34,7 @@ from dicom_ai.core.errors import BundleError, ModelError
 from dicom_ai.core.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Geometry, Mammogram, resize
 from dicom_ai.networks.bundle import Bundle, load_bundle, load_weights, require_kind
+from dicom_ai.networks.glam_authors import GlamAuthors, GlamAuthorsConfig, GlamAuthorsModel, is_authors_bundle
 
 __all__ = [
     "GlamConfig",
@@ -682,9 +683,7 @@ class GlamModel:
         weights that do not match the manifest's architecture (:func:`load_weights`).
         """
         require_kind(bundle, "glam")
-        if dict(bundle.manifest["architecture"]).get("name") == "authors":
-            # Imported here: glam_authors builds on this module's blocks.
-            from dicom_ai.networks.glam_authors import GlamAuthorsModel
+        if is_authors_bundle(bundle):
             return GlamAuthorsModel.from_bundle(bundle, device)  # type: ignore[return-value]
         network = load_weights(Glam(GlamConfig.from_dict(bundle.manifest["architecture"])), bundle, "glam")
         thresholds = {k: float(v) for k, v in bundle.manifest["thresholds"].items()}
@@ -775,8 +774,6 @@ def run_reference(bundle_dir: str, x: np.ndarray) -> dict[str, np.ndarray]:
     BundleError
         Not a GLAM bundle of the authors' architecture, or weights that do not fit it.
     """
-    from dicom_ai.networks.glam_authors import GlamAuthors, GlamAuthorsConfig, is_authors_bundle
-
     bundle = load_bundle(bundle_dir)
     require_kind(bundle, "glam")
     if not is_authors_bundle(bundle):

@@ -29,6 +29,10 @@ for the measured agreement with their implementation):
 * fusion: the local maps upsampled nearest to the crop and pasted into zeros (a later patch
   over an earlier one), averaged with ``S_g`` upsampled nearest to the input.
 
+The blocks, the top-t% pooling and the greedy proposal are written here rather than shared
+with the trained GLAM (:mod:`dicom_ai.networks.glam`): this network must keep the authors'
+layout and arithmetic whatever the trained GLAM's code becomes (its masks, its own naming).
+
 Channel 0 of every map is benign, channel 1 malignant. Arrays are ``(rows, columns)``.
 """
 
@@ -47,7 +51,6 @@ from dicom_ai.core.errors import BundleError, ModelError
 from dicom_ai.core.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Mammogram
 from dicom_ai.imaging.nyu_window import NyuWindow, nyu_input
-from dicom_ai.networks import glam as _glam
 from dicom_ai.networks.bundle import Bundle, OperatingIdentity, load_weights
 from dicom_ai.networks.glam_authors_tensors import AUTHORS_GLAM_COMMIT, AUTHORS_TENSORS
 
@@ -64,10 +67,12 @@ __all__ = [
     "AUTHORS_GLAM_COMMIT",
 ]
 
-_log = logging.getLogger(__name__)
+_events = logging.getLogger("dicom_ai.node.events")
 
 #: ``architecture.name`` of a GLAM bundle that holds the authors' network.
 ARCHITECTURE_NAME = "authors"
+
+CLASSES: tuple[str, str] = ("benign", "malignant")
 
 #: Widths of the authors' networks; fixed by the checkpoint's tensor shapes, so not in the config.
 _GLOBAL_WIDTHS = (16, 32, 64, 128, 256)
@@ -152,14 +157,69 @@ class GlamAuthorsConfig:
 # --------------------------------------------------------------------------- network
 
 
-class _PreActBlock(_glam._PreActBlock):
-    """The compact GLAM's BasicBlockV2, with the projection stored as ``downsample.0`` (a
-    one-conv Sequential) as in the authors' checkpoint."""
+class _PreActBlock(nn.Module):
+    """BasicBlockV2: BN-ReLU-conv3x3(s)-BN-ReLU-conv3x3, plus the shortcut; the projection (a 1x1
+    conv without BN, on the pre-activated input) is stored as ``downsample.0`` as in the checkpoint."""
 
     def __init__(self, cin: int, cout: int, stride: int, project: bool):
-        super().__init__(cin, cout, stride, project)
-        if project:
-            self.downsample = nn.Sequential(self.downsample)
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False)) if project else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.downsample(out) if self.downsample is not None else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class _BasicBlock(nn.Module):
+    """torchvision's post-activation BasicBlock at stride 1; projection conv+BN where the width changes."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+                           if cin != cout else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.downsample(x) if self.downsample is not None else x
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + identity)
+
+
+def _top_pool(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(N, C, ...) -> (N, C): the mean of the top ``int(round(fraction * n))`` values of each map."""
+    flat = maps.flatten(2)
+    return flat.topk(max(1, int(round(fraction * flat.shape[-1]))), dim=-1).values.mean(dim=-1)
+
+
+def _greedy_corners(saliency: torch.Tensor, k: int, window: tuple[int, int]) -> np.ndarray:
+    """(N, k, 2) upper-left (row, column) saliency-grid corners of the greedy region proposal.
+
+    Each class map min-max normalised per image, the classes summed; k times the ``window``
+    with the largest mean (first in row-major order on ties) is taken and zeroed.
+    """
+    s = saliency.detach().float()
+    lo = s.flatten(2).min(-1).values[..., None, None]
+    hi = s.flatten(2).max(-1).values[..., None, None]
+    m = ((s - lo) / (hi - lo)).sum(1, keepdim=True)
+    wh, ww = window
+    corners = np.zeros((s.shape[0], k, 2), dtype=np.int64)
+    for j in range(k):
+        pooled = F.avg_pool2d(m, (wh, ww), stride=1)
+        flat = pooled.flatten(1).max(1).indices
+        for b in range(s.shape[0]):
+            r, c = divmod(int(flat[b]), pooled.shape[-1])
+            corners[b, j] = r, c
+            m[b, :, r:r + wh, c:c + ww] = 0
+    return corners
 
 
 class _DownsamplingBranch(nn.Module):
@@ -223,7 +283,7 @@ class _LocalResNet(nn.Module):
         cin = _LOCAL_WIDTHS[0]
         for i, (cout, blocks) in enumerate(zip(_LOCAL_WIDTHS, _LOCAL_BLOCKS)):
             setattr(self, f"layer{i + 1}",
-                    nn.Sequential(*[_glam._BasicBlock(cin if b == 0 else cout, cout) for b in range(blocks)]))
+                    nn.Sequential(*[_BasicBlock(cin if b == 0 else cout, cout) for b in range(blocks)]))
             cin = cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,17 +346,17 @@ class GlamAuthors(nn.Module):
         w1, w2, w3 = cfg.saliency_weights
         saliency = w3 * s3 + w2 * s2 + w1 * s1  # the authors' order of the terms (float rounding)
         t = cfg.percent_k
-        y_global = (_glam.top_t_pool(s1, t) + _glam.top_t_pool(s2, t) + _glam.top_t_pool(s3, t)) / 3
+        y_global = (_top_pool(s1, t) + _top_pool(s2, t) + _top_pool(s3, t)) / 3
 
         k = cfg.top_k_per_class
-        corners = _glam.select_patches(saliency, k, cfg.map_window).cpu().numpy()
+        corners = _greedy_corners(saliency, k, cfg.map_window)
         (h, w) = cfg.cam_size
         # float64 numpy, np.around, as the authors' _convert_crop_position (half to even).
         locations = np.stack([np.around(corners[..., 0] / h * rows), np.around(corners[..., 1] / w * cols)], axis=-1)
         crops = _crop(x, locations, cfg.crop_shape)
         maps = self.detection_network(crops)
         maps = maps.reshape(n, k, *maps.shape[1:])
-        y_local = _glam.top_t_pool(maps.transpose(1, 2), cfg.detection_pooling_percent_k)
+        y_local = _top_pool(maps.transpose(1, 2), cfg.detection_pooling_percent_k)
 
         ch, cw = cfg.crop_shape
         canvas = x.new_zeros(n, 2, rows, cols)
@@ -460,9 +520,10 @@ class GlamAuthorsModel:
             identity = _research_identity(identity)
         model = cls(network, identity, thresholds, device, licence=licence,
                     intended_use=str(bundle.manifest.get("intended_use", "")))
-        _log.warning("model %s %s: the authors' GLAM weights, licence %s; %s",
-                     bundle.manifest["name"], bundle.manifest["version"], licence or "not stated",
-                     model.intended_use or "research use only")
+        # The worker's JSON log (the node's event logger by name: networks may not import node).
+        _events.warning("research_only_model", extra={"event_fields": {
+            "model": bundle.manifest["name"], "version": str(bundle.manifest["version"]),
+            "licence": licence or "not stated", "intended_use": model.intended_use or "research use only"}})
         return model
 
     def run(self, mammogram: Mammogram) -> tuple[GlamAuthorsOutput, NyuWindow]:
@@ -487,5 +548,5 @@ class GlamAuthorsModel:
                                        threshold=self.thresholds.get(finding, 0.5), model=self.identity))
         y = out.y_global[0].float().cpu().numpy()
         scores = [ImageScore(name=name, value=float(np.clip(y[i], 0.0, 1.0)), model=self.identity)
-                  for i, name in enumerate(_glam.CLASSES)]
+                  for i, name in enumerate(CLASSES)]
         return ModelOutput(maps=maps, scores=scores)

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_ai.core.errors import ConfigError, JobStoreError, StorageIdentityError
+from dicom_ai.core.research import research_notices
 from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.config import NodeConfig
@@ -178,9 +179,12 @@ class Node:
                 raise
         metrics.watch_store(self.store, self.layout.root, self.config.node.reserve_free_mb * 2**20)
         port = self.scp.start()
+        research = research_notices(self.config.pipeline.models)
+        for note in research:
+            logs.event("research_only_model", level="WARNING", notice=note)
         if self.config.http.port:
             self.http = StatusServer(self.config.http.bind_address, self.config.http.port, self.config.node.ae_title,
-                                     self.store.status, self.readiness)
+                                     lambda: dict(self.store.status(), research=research), self.readiness)
             self.http.start()
         self._steps["startup"].run(self._prepare)
         if not self._ready:
