@@ -80,7 +80,7 @@ OPERATING_POINT_RULE = (
     "point is the fused map at 0.5 (the sigmoid's midpoint; the fused map is the mean of the local and global "
     "maps, so 0.5 keeps mostly the selected patch), chosen on no data and stated as such in the SR. "
     "A site re-chooses them on its own annotated, patient-disjoint validation studies: run the bundle over them "
-    "(dicom-ai evaluate or the node), pick per finding the threshold meeting the target (for example at most 1 "
+    "(dicom-ai evaluate --bundle BUNDLE, or the node), pick per finding the threshold meeting the target (for example at most 1 "
     "false mark per image) on validation folds only, and write it into this manifest's operating_points with the "
     "data it was chosen on (editing the manifest does not touch the weights or their digest)."
 )
