@@ -80,9 +80,10 @@ OPERATING_POINT_RULE = (
     "point is the fused map at 0.5 (the sigmoid's midpoint; the fused map is the mean of the local and global "
     "maps, so 0.5 keeps mostly the selected patch), chosen on no data and stated as such in the SR. "
     "A site re-chooses them on its own annotated, patient-disjoint validation studies: run the bundle over them "
-    "(dicom-ai evaluate --bundle BUNDLE, or the node), pick per finding the threshold meeting the target (for example at most 1 "
-    "false mark per image) on validation folds only, and write it into this manifest's operating_points with the "
-    "data it was chosen on (editing the manifest does not touch the weights or their digest)."
+    "(dicom-ai evaluate --bundle BUNDLE, or the node), pick per finding the threshold meeting the target "
+    "(for example at most 1 false mark per image) on validation folds only, and write it into this manifest's "
+    "operating_points with the data it was chosen on (editing the manifest does not touch the weights or their "
+    "digest)."
 )
 
 #: The node's operating-point names: each present so that ``pipeline.operating_point`` works,
@@ -118,15 +119,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc)) or re.search(r"WeightsUnpickler error: ([^\n]+)", str(exc))
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"WeightsUnpickler error: ([^\n]+)", text)
         if not found:  # not torch's refusal: a damaged or foreign file
-            raise BundleError(f"checkpoint {path} cannot be read as a torch checkpoint: {str(exc).splitlines()[0]}") from None
+            raise BundleError(f"checkpoint {path} cannot be read as a torch checkpoint: "
+                              f"{text.splitlines()[0] if text else type(exc).__name__}") from None
         what = f"it refers to {found.group(1)}" if found.re.pattern.startswith("Unsupported") else found.group(1)
         raise BundleError(f"checkpoint {path} refused: it carries something other than tensors and plain containers "
                           f"({what}); nothing in it was executed. The authors' checkpoints are plain state_dicts: "
                           "use the file as downloaded from the authors.") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors... for damaged files
-        raise BundleError(f"checkpoint {path} cannot be read as a torch checkpoint: {type(exc).__name__}: {exc}") from None
+        raise BundleError(f"checkpoint {path} cannot be read as a torch checkpoint: "
+                          f"{type(exc).__name__}: {exc}") from None
     wrapper = ""
     if isinstance(obj, dict) and len(obj) == 1 and next(iter(obj)) in ("state_dict", "model") \
             and isinstance(next(iter(obj.values())), dict):
