@@ -4,7 +4,7 @@ Owns argument parsing and what each sub-command prints: ``serve``, ``check-confi
 (audited),
 ``infer``, ``echo`` (:mod:`~dicom_ai.cli.node`), ``phantom``, ``preview``, ``evaluate``
 (:mod:`~dicom_ai.cli.data`), ``train glam | dunet-pretrain | dunet-seg | microcalc``
-(:mod:`~dicom_ai.cli.train`) and the demo (:mod:`~dicom_ai.cli.demo`).
+(:mod:`~dicom_ai.cli.train`), ``import glam`` (:mod:`~dicom_ai.cli.importer`) and the demo (:mod:`~dicom_ai.cli.demo`).
 
 May import: every other part. Handlers import what they need when they run, so that
 ``dicom-ai --help`` is fast and ``dicom-ai serve`` (the receiving process) never loads torch;
@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from dicom_ai import __version__
-from dicom_ai.cli import data, node, train
+from dicom_ai.cli import data, importer, node, train
 
 __all__ = ["build_parser", "main"]
 
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.register(sub)
     node.register(sub)
     train.register(sub)
+    importer.register(sub)
     return parser
 
 

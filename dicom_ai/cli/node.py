@@ -173,6 +173,10 @@ def _status(args: argparse.Namespace) -> int:
               "results wait until space is freed")
     for n in status["notices"]:
         print(f"PROBLEM ({n['key']}, {_when(n['updated'])}): {n['message']}")
+    from dicom_ai.core.research import research_notices
+
+    for note in research_notices(config.pipeline.models):  # a warning, not a problem: no exit status
+        print(f"NOTE (research): {note}")
     print(f"STUDIES ({len(status['studies'])})")
     for s in status["studies"]:
         print(f"  {s['id']:>4}  {s['state']:<7} {s['instances']:>3} img  from {s['calling_ae']:<16} "
@@ -240,6 +244,10 @@ def _check_config(args: argparse.Namespace) -> int:
                                 "audit_file": str(config.audit_file) if config.audit.sink == "file" else None}
         print(f"# {args.config}: valid. Effective configuration (defaults filled in):")
         print(json.dumps(effective, indent=2))
+        from dicom_ai.core.research import research_notices
+
+        for note in research_notices(config.pipeline.models):
+            print(f"dicom-ai: warning: {note}", file=sys.stderr)
     return 0
 
 

@@ -26,6 +26,11 @@ Manifest keys (all required unless noted):
                                :func:`load_bundle` (``pipeline.operating_point``) replaces
                                ``thresholds`` for the findings it lists.
 ``weights``                    file name of the safetensors file, ``weights_sha256`` its digest
+``research_only``              (optional) true for weights under a research licence (the GLAM
+                               authors'): :mod:`dicom_ai.core.research` states it in the node's log,
+                               the status page, ``status``, ``check-config``; the model, in the SR
+``licence``, ``citation``,     (optional) ``{"name", "text", ...}`` of third-party weights, how to cite
+``provenance``                 them, and where they came from (``dicom-ai import glam``)
 """
 
 from __future__ import annotations
@@ -42,15 +47,13 @@ from torch import nn
 
 from dicom_ai.core.errors import BundleError
 from dicom_ai.core.findings import ModelIdentity
+from dicom_ai.core.research import MODELS_DIR  # where the shipped bundles live (models/)
 
 __all__ = ["MODELS_DIR", "REQUIRED_KEYS", "Bundle", "OperatingIdentity", "resolve_bundle_dir", "load_bundle",
            "save_bundle", "require_kind", "load_weights", "operating_point", "BundleError"]
 
 REQUIRED_KEYS = ("name", "version", "architecture", "input", "thresholds", "intended_use",
                  "training", "weights", "weights_sha256")
-
-#: Where the shipped bundles live (the repository's models/ folder).
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 
 
 @dataclass(frozen=True)

@@ -30,10 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dicom_ai.core.errors import ModelError
+from dicom_ai.core.errors import BundleError, ModelError
 from dicom_ai.core.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Geometry, Mammogram, resize
-from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
+from dicom_ai.networks.bundle import Bundle, load_bundle, load_weights, require_kind
+from dicom_ai.networks.glam_authors import GlamAuthors, GlamAuthorsConfig, GlamAuthorsModel, is_authors_bundle
 
 __all__ = [
     "GlamConfig",
@@ -54,6 +55,7 @@ __all__ = [
     "standardise",
     "GlamModel",
     "GlamPrediction",
+    "run_reference",
 ]
 
 CLASSES: tuple[str, str] = ("benign", "malignant")
@@ -675,10 +677,14 @@ class GlamModel:
     def from_bundle(cls, bundle: Bundle, device: torch.device | str = "cpu") -> "GlamModel":
         """Build from a :class:`~dicom_ai.networks.bundle.Bundle` whose architecture kind is ``glam``.
 
+        A bundle whose ``architecture.name`` is ``authors`` (the authors' checkpoint, imported
+        by ``dicom-ai import glam``) gets :class:`~dicom_ai.networks.glam_authors.GlamAuthorsModel`.
         Raises :class:`~dicom_ai.core.errors.BundleError` for a bundle of another kind or
         weights that do not match the manifest's architecture (:func:`load_weights`).
         """
         require_kind(bundle, "glam")
+        if is_authors_bundle(bundle):
+            return GlamAuthorsModel.from_bundle(bundle, device)  # type: ignore[return-value]
         network = load_weights(Glam(GlamConfig.from_dict(bundle.manifest["architecture"])), bundle, "glam")
         thresholds = {k: float(v) for k, v in bundle.manifest["thresholds"].items()}
         return cls(network, bundle.identity, thresholds, device)
@@ -741,3 +747,40 @@ class GlamPrediction:
     local_scores: np.ndarray
     patch_corners: np.ndarray
     geometry: Geometry
+
+
+def run_reference(bundle_dir: str, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The authors' GLAM outputs for their input ``x``, from an ``authors`` bundle (for checking).
+
+    Parameters
+    ----------
+    bundle_dir
+        Folder (or name under models/) of a bundle written by ``dicom-ai import glam``.
+    x
+        float32 (N, 1, *input_shape) standardised images facing right, as the authors' model
+        reads them ((N, 1, 2944, 1920) for the imported configuration).
+
+    Returns
+    -------
+    dict
+        numpy arrays: ``y_global`` (N, 2) float32 image-level probabilities (benign,
+        malignant); ``saliency_global`` (N, 2, *cam_size) float32; ``saliency_fused``
+        (N, 2, *input_shape) float32; ``patch_locations`` (N, K, 2) float64 upper-left
+        (row, column) input pixels, the numbers the authors' model holds in its
+        ``patch_locations`` after a forward pass.
+
+    Raises
+    ------
+    BundleError
+        Not a GLAM bundle of the authors' architecture, or weights that do not fit it.
+    """
+    bundle = load_bundle(bundle_dir)
+    require_kind(bundle, "glam")
+    if not is_authors_bundle(bundle):
+        raise BundleError(f"bundle {bundle.where} is not an authors' GLAM bundle (architecture.name 'authors'); "
+                          "run_reference reproduces the authors' network only")
+    network = load_weights(GlamAuthors(GlamAuthorsConfig.from_dict(bundle.manifest["architecture"])), bundle, "glam")
+    with torch.inference_mode():
+        out = network.eval()(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+    return {"y_global": out.y_global.numpy(), "saliency_global": out.saliency_global.numpy(),
+            "saliency_fused": out.saliency_fused.numpy(), "patch_locations": out.patch_locations}

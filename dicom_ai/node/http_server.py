@@ -84,6 +84,7 @@ def render_status_page(status: dict, ae_title: str, ready: dict[str, bool], reas
                       for k, v in (reasons or {}).items())
     notices += "".join(f'<p class="bad">PROBLEM ({html.escape(n["key"])}, {_when(n["updated"])}): '
                       f'{html.escape(n["message"])}</p>' for n in status["notices"])
+    notices += "".join(f'<p class="bad">{html.escape(note)}</p>' for note in status.get("research", ()))
     parts = [
         _table("Deliveries", ["id", "job", "state", "sent", "to", "attempts", "next attempt", "error"],
                [[d["id"], d["job_id"], d["state"], f'{d["sent"]}/{d["total"]}',

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_ai.core.errors import ConfigError, JobStoreError, StorageIdentityError
+from dicom_ai.core.research import research_notices
 from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.node import audit, certificates, logs, metrics
 from dicom_ai.node.liveness import no_live_worker, watch_workers
@@ -192,9 +193,13 @@ class Node:
         watch_workers(self.store if self.distributed else None, self.config.workers.lease_seconds)
         self._check_certificates()
         port = self.scp.start()
+        research = research_notices(self.config.pipeline.models)
+        for note in research:
+            logs.event("research_only_model", level="WARNING", notice=note)
         if self.config.http.port:
             self.http = StatusServer(self.config.http.bind_address, self.config.http.port, self.config.node.ae_title,
-                                     self.store.status, self.readiness, reasons=lambda: self.ready_reasons,
+                                     lambda: dict(self.store.status(), research=research), self.readiness,
+                                     reasons=lambda: self.ready_reasons,
                                      lease_seconds=self.config.workers.lease_seconds if self.distributed else None)
             self.http.start()
         self._steps["startup"].run(self._prepare)
