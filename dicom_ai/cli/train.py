@@ -457,16 +457,18 @@ def _dunet_argv_echo(args: argparse.Namespace) -> list[str]:
 
 # --------------------------------------------------------------------------- U-Net, any data set
 
-#: ``--dataset`` names of ``dicom-ai train dunet``: the adapters of dicom_ai.data.datasets, and
-#: ``phantom`` without a folder for studies generated on the fly.
-DUNET_DATASETS = ("phantom", "mias", "cbis-ddsm", "inbreast", "vindr")
+#: Examples of ``--dataset`` names of ``dicom-ai train dunet``: any format of
+#: :func:`dicom_ai.data.datasets.open_dataset` (``hybrid:<format>[-normals]`` too, where the
+#: insertion module is there), and ``phantom`` without a folder for studies generated on the fly.
+DUNET_DATASETS = ("phantom", "mias", "cbis-ddsm", "inbreast", "vindr", "hybrid:mias-normals")
 
 
 def _dataset_spec(text: str) -> tuple[str, str | None]:
-    """``NAME`` or ``NAME=FOLDER`` -> (name, folder or None)."""
+    """``NAME`` or ``NAME=FOLDER`` -> (name, folder or None); the name is checked when the
+    data set is opened (:func:`~dicom_ai.data.datasets.open_dataset` lists the formats)."""
     name, _, root = text.partition("=")
-    if name not in DUNET_DATASETS:
-        raise argparse.ArgumentTypeError(f"unknown data set {name!r}; choose one of {', '.join(DUNET_DATASETS)}")
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME[=FOLDER], got {text!r}")
     if name != "phantom" and not root:
         raise argparse.ArgumentTypeError(f"--dataset {name} needs its folder: {name}=FOLDER")
     return name, root or None
@@ -489,8 +491,8 @@ def _register_dunet_any(subparsers: argparse._SubParsersAction) -> None:
                     "model bundle whose manifest names the data sources and their licences.")
     p.add_argument("--stage", choices=("pretrain", "segment"), required=True)
     p.add_argument("--dataset", type=_dataset_spec, action="append", required=True, metavar="NAME[=FOLDER]",
-                   help=f"a data source, repeatable: {', '.join(DUNET_DATASETS)} (phantom without a folder: "
-                        "generated studies, --phantom-seeds)")
+                   help=f"a data source, repeatable: any format of open_dataset, e.g. {', '.join(DUNET_DATASETS)} "
+                        "(phantom without a folder: generated studies, --phantom-seeds)")
     p.add_argument("--folds", type=_int_list, default=None,
                    help="patient-level folds to train on, e.g. 1,2,3,4 (MIAS: mias_folds; other layouts: CRC-32 of "
                         "the study id mod --k-folds); the rest give the validation curve. Default: all")
@@ -524,10 +526,27 @@ def _register_dunet_any(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_dunet_any)
 
 
+def _fold_function(ds, k: int):
+    """Patient-level fold of image ``index`` of adapter ``ds``: mini-MIAS its fixed mias_folds (a
+    hybrid of MIAS backgrounds: its background's), any other layout a hash of the patient."""
+    from dicom_ai.data.datasets import MIASDataset
+    from dicom_ai.training.dunet_patches import patient_fold
+
+    background = getattr(ds, "background", None)
+    if isinstance(background, MIASDataset):
+        return lambda i: background.fold_of[Path(ds.records[i].path).stem]
+    if isinstance(ds, MIASDataset):
+        return lambda i: ds.fold_of[Path(ds.records[i].path).stem]
+    patient = getattr(ds, "patient", None)
+    if patient is not None:
+        return lambda i: patient_fold(patient(i), k)
+    return lambda i: patient_fold(ds.records[i].study, k)
+
+
 def _load_sources(args: argparse.Namespace, spacings: list[float], multiple: int):
     """(working images, per-source summaries) of every --dataset at every spacing."""
     from dicom_ai.core.errors import DatasetError
-    from dicom_ai.data.datasets import MIASDataset, open_dataset
+    from dicom_ai.data.datasets import open_dataset
     from dicom_ai.training.dunet_patches import phantom_working_images, working_images
 
     images, sources = [], []
@@ -543,10 +562,8 @@ def _load_sources(args: argparse.Namespace, spacings: list[float], multiple: int
                     ds = open_dataset(name, root)
                 except DatasetError as exc:
                     raise SystemExit(str(exc)) from None
-                fold_of = None
-                if isinstance(ds, MIASDataset):
-                    fold_of = lambda s, ds=ds: ds.fold_of[s.source.rsplit("/", 1)[-1].split(".")[0]]  # noqa: E731
-                part = working_images(ds, name, spacing, multiple, fold_of=fold_of, cache_dir=args.cache_dir)
+                part = working_images(ds, name, spacing, multiple, fold_of=_fold_function(ds, args.k_folds),
+                                      cache_dir=args.cache_dir)
                 licence = getattr(ds, "licence", "") or f"{name}: see the data set's own terms"
                 what = name
             images += part

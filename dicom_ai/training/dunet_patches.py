@@ -96,10 +96,13 @@ def _mass_target(sample: Sample) -> np.ndarray:
     return target
 
 
-def _cache_key(sample: Sample, dataset: str) -> str:
+def _cache_key(record, index: int, dataset: str) -> str:
+    """A file name for image ``index`` that names no patient: the MIAS reference, else the
+    index and a hash of the source path (hybrids of one background differ by index)."""
+    path = str(getattr(record, "path", ""))
     if dataset == "mias":
-        return str(sample.source).rsplit("/", 1)[-1].split(".")[0]
-    return hashlib.sha1(str(sample.source).encode("utf-8")).hexdigest()[:16]
+        return path.rsplit("/", 1)[-1].split(".")[0]
+    return f"{index:06d}-" + hashlib.sha1(path.encode("utf-8")).hexdigest()[:12]
 
 
 def _to_working(mammogram: Mammogram, target: np.ndarray, spacing_mm: float, multiple: int
@@ -123,40 +126,49 @@ def _cached(folder: Path | None, key: str, make: Callable[[], tuple[np.ndarray, 
     return image.astype(np.float16), lesion, breast
 
 
-def working_images(samples: Iterable[Sample], dataset: str, spacing_mm: float, multiple: int = 16,
-                   fold_of: Callable[[Sample], int] | None = None, cache_dir: Path | str | None = None
-                   ) -> list[WorkingImage]:
-    """Samples of any adapter on the working grid with their mass targets.
+def working_images(dataset, name: str, spacing_mm: float, multiple: int = 16,
+                   fold_of: Callable[[int], int] | None = None, cache_dir: Path | str | None = None,
+                   cache_tag: str = "") -> list[WorkingImage]:
+    """Every image of an adapter on the working grid, with its mass target.
 
     Parameters
     ----------
-    samples : iterable of Sample
-        From :func:`dicom_ai.data.datasets.open_dataset` (any layout).
-    dataset : str
-        Its name (``mias``, ``cbis-ddsm``, ...), recorded and used in cache folder names.
+    dataset
+        Any adapter of :mod:`dicom_ai.data.datasets` (``records`` and indexing; hybrids too).
+    name : str
+        Its name (``mias``, ``hybrid:mias-normals``, ...), recorded and used in cache names.
     spacing_mm : float
         Working pixel size in mm.
     multiple : int
         Working grids are multiples of it (the network's total stride).
     fold_of : callable, optional
-        Patient-level fold of a sample; default :func:`patient_fold` of ``sample.study``.
+        Patient-level fold of image ``index``; default :func:`patient_fold` of its study.
     cache_dir : Path or str, optional
-        Root of the per-image cache (``<root>/<dataset>-<spacing>mm-m<multiple>-v<version>/``).
+        Root of the per-image cache
+        (``<root>/<name><cache_tag>-<spacing>mm-m<multiple>-v<version>/``); a cached image is
+        read back without decoding its source.
+    cache_tag : str
+        Distinguishes variants of one name in the cache (e.g. a hybrid seed).
 
-    Images are stored as float16 (the PGM and DICOM sources have at most 16 bits; the
-    network's input resolution in intensity is not the bottleneck).
+    Images are stored as float16 (the sources have at most 16 bits; intensity resolution is
+    not the bottleneck of the network's input).
     """
     folder = None
     if cache_dir is not None:
-        folder = Path(cache_dir) / f"{dataset}-{spacing_mm:g}mm-m{multiple}-v{CACHE_VERSION}"
+        safe = name.replace(":", "_").replace("/", "_")
+        folder = Path(cache_dir) / f"{safe}{cache_tag}-{spacing_mm:g}mm-m{multiple}-v{CACHE_VERSION}"
         folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for sample in samples:
-        key = _cache_key(sample, dataset)
-        image, lesion, breast = _cached(
-            folder, key, lambda: _to_working(sample.image, _mass_target(sample), spacing_mm, multiple))
-        fold = fold_of(sample) if fold_of is not None else patient_fold(sample.study)
-        out.append(WorkingImage(image, lesion, breast, int(fold), key, dataset, spacing_mm))
+    for index, record in enumerate(dataset.records):
+        key = _cache_key(record, index, name)
+
+        def make(index=index):
+            sample = dataset[index]
+            return _to_working(sample.image, _mass_target(sample), spacing_mm, multiple)
+
+        image, lesion, breast = _cached(folder, key, make)
+        fold = fold_of(index) if fold_of is not None else patient_fold(str(getattr(record, "study", index)))
+        out.append(WorkingImage(image, lesion, breast, int(fold), key, name, spacing_mm))
     return out
 
 
