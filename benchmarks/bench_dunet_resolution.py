@@ -60,15 +60,25 @@ TODAY = {"node_mass_sensitivity": {"0.125": 0.0, "0.25": 0.0, "0.5": 0.0, "1.0":
          "source": "models/dunet/manifest.json metrics.cross_validation (bench_mias_node.py, 128x96 whole-image U-Net)"}
 
 
+#: Training data of the hybrid-vs-real ablation (the held-out folds are always real MIAS images).
+TRAIN_DATA = {"real": ("mias",), "hybrid": ("hybrid:mias-normals",), "both": ("mias", "hybrid:mias-normals")}
+
+
+def run_name(spacing: float, data: str) -> str:
+    """Folder of one configuration under ``--runs``: ``res-<mm>`` (real data) or ``res-<mm>-<data>``."""
+    return f"res-{spacing:g}" + ("" if data == "real" else f"-{data}")
+
+
 def train_folds(args, spacing: float) -> list[Path]:
     """The five fold bundles at ``spacing`` (trained, or resumed, where missing)."""
     out = []
     for k in range(MIAS_FOLDS):
-        folder = args.runs / f"res-{spacing:g}" / f"fold{k}"
+        folder = args.runs / run_name(spacing, args.train_data) / f"fold{k}"
         bundle = folder / "bundle"
         if not (bundle / "manifest.json").is_file():
             others = ",".join(str(f) for f in range(MIAS_FOLDS) if f != k)
-            argv = ["train", "dunet", "--stage", "segment", "--dataset", f"mias={args.root}", "--folds", others,
+            datasets = [a for name in TRAIN_DATA[args.train_data] for a in ("--dataset", f"{name}={args.root}")]
+            argv = ["train", "dunet", "--stage", "segment", *datasets, "--folds", others,
                     "--pixel-size", f"{spacing:g}", "--patch", str(args.patch), "--epochs", str(args.epochs),
                     "--steps-per-epoch", str(args.steps), "--batch-size", str(args.batch), "--seed", str(k),
                     "--run-dir", str(folder), "--out", str(bundle), "--resume", "--version", f"cv-fold{k}"]
@@ -167,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="first N images only (a dry run; figures not valid)")
     p.add_argument("--train-only", action="store_true", help="train the fold models, do not evaluate")
+    p.add_argument("--train-data", choices=sorted(TRAIN_DATA), default="real",
+                   help="real: MIAS training folds; hybrid: phantom lesions inserted into the training folds' "
+                        "MIAS normals (dicom_ai.data.insertion); both (the held-out folds are real either way)")
     p.add_argument("--out", type=Path, default=RESULTS / "dunet_resolution.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -178,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         bundles = train_folds(args, spacing)
         if args.train_only:
             continue
-        cached = args.runs / f"res-{spacing:g}" / "eval.json"
+        cached = args.runs / run_name(spacing, args.train_data) / "eval.json"
         if args.limit is None and cached.is_file():
             continue
         result = evaluate(args, spacing, bundles)
+        result["train_data"] = args.train_data
         result["training"] = {"epochs": args.epochs, "steps_per_epoch": args.steps, "batch_size": args.batch,
                               "patch": args.patch, "init": str(args.init) if args.init else None,
                               "seconds": [load_bundle(str(b)).manifest["training"]["seconds_this_run"]
@@ -193,16 +207,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if args.train_only:
         return 0
-    by_spacing = {}
+    by_spacing, ablation = {}, {}
     for folder in sorted(args.runs.glob("res-*")):
         if (folder / "eval.json").is_file():
             r = json.loads((folder / "eval.json").read_text())
-            by_spacing[f"{r['pixel_spacing_mm']:g}"] = r
+            if r.get("train_data", "real") == "real":
+                by_spacing[f"{r['pixel_spacing_mm']:g}"] = r
+            ablation.setdefault(f"{r['pixel_spacing_mm']:g}", {})[r.get("train_data", "real")] = r["variants"]
     result = {"benchmark": "U-Net mass sensitivity vs working pixel size, mini-MIAS 5-fold patient-level CV",
               "protocol": __doc__.split("\n\n", 1)[1].split("    nice")[0].strip(),
               "data": {"images": 322, "licence": MIASDataset(args.root).licence,
                        "split": "dicom_ai.data.datasets.mias_folds (patient level, fixed 5 folds)"},
-              "today": TODAY, "by_pixel_size_mm": by_spacing}
+              "today": TODAY, "by_pixel_size_mm": by_spacing,
+              "hybrid_vs_real": {mm: v for mm, v in ablation.items() if len(v) > 1}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
