@@ -147,3 +147,110 @@ def test_mias_is_registered(tmp_path):
     (tmp_path / "Info.txt").write_text("mdb001 G NORM\n")
     with pytest.raises(DatasetError, match="no mdbNNN.pgm"):
         MIASDataset(tmp_path)
+
+
+# --------------------------------------------------------------------------- small public sets
+
+
+def _png(path, array, mode=None):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path) if mode else Image.fromarray(array).save(path)
+
+
+def _breast8(faces_left=False) -> np.ndarray:
+    return (_breast(faces_left) // 10).astype(np.uint8)
+
+
+def test_patient_folds_keep_women_together_and_are_stable():
+    from dicom_ai.data.datasets import patient_folds
+
+    patients = ["P1", "P2", "P1", "P3", "P4", "P2", "P5", "P6"]
+    folds = patient_folds(patients, k=3)
+    assert len(folds) == len(patients) and set(folds) <= {0, 1, 2}
+    for p in set(patients):
+        assert len({f for q, f in zip(patients, folds) if q == p}) == 1
+    assert folds == patient_folds(patients, k=3)
+    assert patient_folds(list(reversed(patients)), k=3) == list(reversed(folds))  # order of files does not matter
+    with pytest.raises(DatasetError, match="k >= 2"):
+        patient_folds(patients, k=1)
+
+
+def test_cbis_squashed_layout(tmp_path):
+    d = tmp_path / "sample" / "P_00007"
+    _png(d / "Mass-Training_P_00007_RIGHT_MLO_FULL.png", _breast8(True))
+    mask = np.zeros((ROWS, COLS), np.uint8)
+    mask[30:36, 20:25] = 2
+    _png(d / "Mass-Training_P_00007_RIGHT_MLO_MASK.png", mask)
+    with pytest.raises(DatasetError, match="pathology of P_00007 unknown"):
+        open_dataset("cbis-ddsm-squashed", tmp_path)
+    data = open_dataset("cbis-ddsm-squashed", tmp_path, pathology={"P_00007": "benign"})
+    s = data[0]
+    assert (s.laterality, s.view, s.study, s.labels) == ("R", "MLO", "P_00007", {"benign": True, "malignant": False})
+    assert s.masks["mass_benign"].sum() == 30 and not s.masks["mass_malignant"].any()
+    assert len(s.lesions) == 1 and s.lesions[0].centre_rc == (32.5, 22.0)
+    assert data.patients() == ["P_00007"] and "CC BY 3.0" in data.licence
+    assert data.sources[0]["name"] == "cbis-ddsm-squashed" and data.sources[0]["images"] == 1
+
+
+def test_inbreast_crops_layout(tmp_path):
+    for split, ids in (("train", ["20586934", "20586960"]), ("test", ["51049053"])):
+        for i in ids:
+            crop = np.full((32, 32, 3), 90, np.uint8)
+            _png(tmp_path / f"{split}_data_in" / f"{i}.png", crop)
+            m = np.zeros((32, 32, 3), np.uint8)
+            m[8:16, 8:12] = 250
+            _png(tmp_path / f"{split}_data_out" / f"{i}.png", m)
+    data = open_dataset("inbreast-crops", tmp_path)
+    assert len(data) == 3
+    # Consecutive ids of one exam share a patient group; a split never separates them.
+    assert data.patients() == ["inbreast-exam-205869", "inbreast-exam-205869", "inbreast-exam-510490"]
+    s = data[2]
+    assert s.masks["mass_malignant"].sum() == 32 and s.labels["malignant"]
+    assert open_dataset("inbreast-crops", tmp_path, severity="benign")[0].masks["mass_benign"].sum() == 32
+    (tmp_path / "test_data_out" / "51049053.png").unlink()
+    with pytest.raises(DatasetError, match="no mask"):
+        open_dataset("inbreast-crops", tmp_path)
+
+
+def test_cbis_cases_layout(tmp_path):
+    for case, pid in (("sfm-benign-0", "P_00173"), ("sfm-malign-0", "P_00820")):
+        for n, (side, view) in enumerate((("LEFT", "CC"), ("RIGHT", "MLO"))):
+            path = tmp_path / case / f"1-{n}.dcm"
+            ds = _write_mg(path, side[0], view, seed=10 + n, orientation=False)
+            ds.PatientID = f"Mass-Test_{pid}_{side}_{view}"
+            ds.save_as(path, enforce_file_format=True)
+    data = open_dataset("cbis-ddsm-cases", tmp_path)
+    assert len(data) == 4 and sorted(set(data.patients())) == ["P_00173", "P_00820"]
+    s = data[3]
+    assert (s.laterality, s.view, s.labels) == ("R", "MLO", {"benign": False, "malignant": True})
+    assert s.image.spacing_mm == (0.05, 0.05) and s.image.faces_left
+    assert s.lesions[0].kind == "mass" and s.lesions[0].mask is None and not any(m.any() for m in s.masks.values())
+
+
+def test_cesm_thumbnails_and_real_png_layouts(tmp_path):
+    cesm = tmp_path / "cesm" / "finalProject"
+    _png(cesm / "Normal" / "P4_L_CM_MLO .png", np.stack([_breast8()] * 3, -1))  # a published name with a space
+    _png(cesm / "Malignant" / "P4_R_CM_CC.png", np.stack([_breast8(True)] * 3, -1))
+    (cesm / "Image_labels.csv").write_text("Image_name,PathologyClassification,CategoryCode\n"
+                                           "P4_L_CM_MLO,Normal,2\nP4_R_CM_CC,Malignant,1\n")
+    data = open_dataset("cesm", tmp_path / "cesm")
+    assert len(data) == 2 and data.patients() == ["P4", "P4"]
+    assert [d.labels["malignant"] for d in data] == [True, False]
+    assert data[0].image.faces_left and "CC BY 4.0" in data.licence
+
+    _png(tmp_path / "thumbs" / "image0.png", np.stack([_breast8(True)] * 4, -1))
+    _png(tmp_path / "thumbs" / "image1.png", np.stack([_breast8(False)] * 4, -1))
+    thumbs = open_dataset("inbreast-thumbnails", tmp_path / "thumbs")
+    assert thumbs.patients() == ["inbreast-thumb-000", "inbreast-thumb-001"]
+    assert [t.laterality for t in thumbs] == ["R", "L"]  # from the content, by convention
+
+    real = tmp_path / "real"
+    _png(real / "1_R_CC.png", _breast(True).astype(np.uint16) * 16)
+    _png(real / "1_L_CC.png", _breast(False).astype(np.uint16) * 16)
+    data = open_dataset("real-png", real)
+    assert data.patients() == ["exam-1", "exam-1"]
+    by_name = {s.laterality: s for s in data}
+    assert by_name["R"].labels["benign"] and not by_name["L"].labels["benign"]
+    assert abs(float(by_name["L"].image.pixels.max()) - 2500 * 16 / 65535) < 1e-4

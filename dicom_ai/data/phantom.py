@@ -51,7 +51,10 @@ from dicom_ai.data.mg import mg_dataset
 from dicom_ai.data.sample import MASK_KEYS
 from dicom_ai.imaging import resize
 
-__all__ = ["PhantomImage", "PhantomStudy", "generate_study", "MASK_KEYS", "FULL_SHAPE", "FULL_SPACING_MM"]
+__all__ = ["PhantomImage", "PhantomStudy", "generate_study", "MASK_KEYS", "FULL_SHAPE", "FULL_SPACING_MM",
+           # Lesion models, reused by dicom_ai.data.insertion to put lesions into real images.
+           "Finding", "mass_design", "mass_radius_mm", "mass_conspicuity", "render_mass", "cluster_design",
+           "cluster_specks", "draw_cluster", "power_law_field"]
 
 FULL_SHAPE = (3328, 2560)
 FULL_SPACING_MM = 0.07
@@ -262,19 +265,33 @@ def mass_conspicuity(finding_seed: int) -> float:
     return 1.0 if subtle else MASS_CONTRAST
 
 
-def _mass(rng: np.random.Generator, breast: _Breast, malignant: bool) -> Finding:
+def mass_design(rng: np.random.Generator, malignant: bool) -> tuple[str, float]:
+    """Shape and radius (mm) of one mass drawn from the phantom's population.
+
+    Malignant: spiculated (55 %) or irregular; benign: round, oval or lobulated (2:2:1).
+    Radius from :func:`mass_radius_mm` (fitted to the mini-MIAS outlines). Two draws of ``rng``.
+    """
     # One uniform draw per size, as before the calibration, so the seeds of studies without
     # masses still give the same pixels.
     if malignant:
         shape = "spiculated" if rng.random() < 0.55 else "irregular"
     else:
         shape = rng.choice(["round", "oval", "oval", "round", "lobulated"])
-    radius = mass_radius_mm(float(rng.random()))
+    return str(shape), mass_radius_mm(float(rng.random()))
+
+
+def _mass(rng: np.random.Generator, breast: _Breast, malignant: bool) -> Finding:
+    shape, radius = mass_design(rng, malignant)
     d, l, s = _place(rng, breast, radius)
-    return Finding("mass", malignant, str(shape), radius, d, l, s, int(rng.integers(2**31)))
+    return Finding("mass", malignant, shape, radius, d, l, s, int(rng.integers(2**31)))
 
 
-def _cluster(rng: np.random.Generator, breast: _Breast, malignant: bool) -> Finding:
+def cluster_design(rng: np.random.Generator, malignant: bool) -> tuple[str, int, float]:
+    """Morphology, number of specks and radius (mm) of one calcification cluster.
+
+    Malignant: fine linear/branching (45 %) or fine pleomorphic, 8-30 specks within 2.5-5 mm;
+    benign: punctate, 5-15 specks within 3-5 mm.
+    """
     if malignant:
         shape = "linear" if rng.random() < 0.45 else "pleomorphic"
         n = int(rng.integers(8, 31))
@@ -283,7 +300,16 @@ def _cluster(rng: np.random.Generator, breast: _Breast, malignant: bool) -> Find
         shape = "punctate"
         n = int(rng.integers(5, 16))
         radius = rng.uniform(3.0, 5.0)
-    d, l, s = _place(rng, breast, radius)
+    return shape, n, float(radius)
+
+
+def cluster_specks(rng: np.random.Generator, shape: str, n: int, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Speck positions and sizes of a cluster of :func:`cluster_design`.
+
+    Returns ``(offsets, sizes)``: (n, 3) float32 offsets in mm (depth, lateral, superior) from
+    the cluster centre, all within ``radius``, and (n, 2) float32 (length, width) in mm.
+    Linear clusters lie along one or two branches of a duct running towards the nipple.
+    """
     if shape == "linear":
         # Specks along one or two branches of a duct running roughly towards the nipple.
         branches = 1 + int(rng.random() < 0.6)
@@ -307,8 +333,14 @@ def _cluster(rng: np.random.Generator, breast: _Breast, malignant: bool) -> Find
     # Keep every speck within the cluster radius (about 1 cm across at most).
     norm = np.linalg.norm(offsets, axis=1, keepdims=True)
     offsets = np.where(norm > radius, offsets * radius / np.maximum(norm, 1e-6), offsets)
-    return Finding("cluster", malignant, shape, radius, d, l, s, int(rng.integers(2**31)),
-                   offsets.astype(np.float32), np.stack([lengths, widths], 1).astype(np.float32))
+    return offsets.astype(np.float32), np.stack([lengths, widths], 1).astype(np.float32)
+
+
+def _cluster(rng: np.random.Generator, breast: _Breast, malignant: bool) -> Finding:
+    shape, n, radius = cluster_design(rng, malignant)
+    d, l, s = _place(rng, breast, radius)
+    offsets, sizes = cluster_specks(rng, shape, n, radius)
+    return Finding("cluster", malignant, shape, radius, d, l, s, int(rng.integers(2**31)), offsets, sizes)
 
 
 def _macro(rng: np.random.Generator, breast: _Breast) -> Finding:
@@ -359,7 +391,7 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _power_law_field(rng: np.random.Generator, shape: tuple[int, int], spacing: float, beta: float,
+def power_law_field(rng: np.random.Generator, shape: tuple[int, int], spacing: float, beta: float,
                      f_low: float = 1 / 80.0, f_high_pass: float | None = None,
                      f_low_pass: float | None = None) -> np.ndarray:
     """Zero-mean, unit-variance Gaussian field with power spectrum ~ 1/f^beta (f in cycles/mm).
@@ -383,9 +415,18 @@ def _rotate(dr: np.ndarray, dc: np.ndarray, angle: float) -> tuple[np.ndarray, n
     return c * dr - s * dc, s * dr + c * dc
 
 
-def _render_mass(f: Finding, center: tuple[float, float], spacing: float, shape: tuple[int, int],
-                 rng: np.random.Generator) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
-    """Density increment and mask of a mass, in a local window. Returns (window, density, mask)."""
+def render_mass(f: Finding, center: tuple[float, float], spacing: float, shape: tuple[int, int],
+                angle: float) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
+    """Relative density (thickness) profile and mask of a mass, in a local window.
+
+    ``f`` gives the shape (round, oval, lobulated, irregular, spiculated), radius
+    ``f.size_mm`` and ``f.seed`` (the outline: margins, lobes, spicules); ``center`` is the
+    centre (row, column) in mm from the grid's top-left corner, ``spacing`` the square pixel
+    size (mm), ``shape`` the grid, ``angle`` the in-plane rotation (radians). Returns
+    ``(window, density, mask)``: slices of the grid, float32 density in [0, 1] (1 at the
+    thickest point; spicules included) and the boolean mass region (spicules excluded), or
+    None when the window is off the grid.
+    """
     srng = np.random.default_rng(f.seed)  # shape is the same in both views
     R = f.size_mm
     if f.shape == "round":
@@ -407,7 +448,6 @@ def _render_mass(f: Finding, center: tuple[float, float], spacing: float, shape:
     spic_ang = srng.uniform(0, 2 * np.pi, size=n_spic)
     spic_len = R * srng.uniform(1.0, 2.5, size=n_spic)
     spic_w = srng.uniform(0.35, 0.8, size=n_spic)
-    angle = rng.uniform(0, 2 * np.pi)  # per-view rotation: a different projection of the same mass
 
     reach = R * (1 + 4 * abs(harm)) + (spic_len.max(initial=0) + R) + 3 * blur + 1
     r0, c0 = center[0] / spacing, center[1] / spacing
@@ -464,6 +504,46 @@ def _render_ellipse(out: np.ndarray, center: tuple[float, float], length: float,
     window = (slice(ra, rb), slice(ca, cb))
     out[window] += value * cover  # attenuation of overlapping specks adds up
     return r0, c0, cover, window
+
+
+def draw_cluster(image: np.ndarray, speck_mask: np.ndarray, cluster_mask: np.ndarray, center: tuple[float, float],
+                 offsets_rc: np.ndarray, sizes: np.ndarray, shape: str, malignant: bool, spacing: float,
+                 rng: np.random.Generator, gain: float = 1.0) -> int | None:
+    """Draw the specks of a calcification cluster into ``image`` and its ground truth into the masks.
+
+    ``center`` is the cluster centre (row, column) in mm from the grid's top-left corner,
+    ``offsets_rc`` (n, 2) the projected speck offsets in mm, ``sizes`` (n, 2) their length and
+    width in mm (:func:`cluster_specks`), ``shape`` the morphology (linear specks are turned
+    along the cluster's main axis), ``spacing`` the square pixel size in mm. Each speck adds
+    its area-weighted coverage times a value in 0.45-0.75 (malignant) or 0.5-0.6 (benign)
+    times ``gain`` (presentation units); ``speck_mask`` gets every speck (coverage >= 0.5 and
+    its centre pixel), ``cluster_mask`` the convex hull of the speck centres grown by 1 mm.
+    Returns the number of cluster-region pixels added, or None when no speck fell on the grid.
+    """
+    rows, cols = image.shape
+    pr, pc = offsets_rc[:, 0], offsets_rc[:, 1]
+    centers = []
+    for i in range(len(offsets_rc)):
+        pos = (center[0] + float(pr[i]), center[1] + float(pc[i]))
+        if shape == "linear":
+            # Linear specks lie along their duct: orient them along the cluster's main axis.
+            a = math.atan2(float(pr[i] - pr.mean()), float(pc[i] - pc.mean()) + 1e-6) + rng.normal(0, 0.3)
+        else:
+            a = rng.uniform(0, np.pi)
+        value = (0.45 + 0.3 * rng.random()) if malignant else (0.5 + 0.1 * rng.random())
+        res = _render_ellipse(image, pos, float(sizes[i, 0]), float(sizes[i, 1]), a, spacing, value * gain)
+        if res is None:
+            continue
+        r0, c0, cover, window = res
+        if 0 <= r0 < rows and 0 <= c0 < cols:
+            speck_mask[r0, c0] = True  # every speck marks its centre pixel
+        speck_mask[window] |= cover >= 0.5
+        centers.append((pos[0] / spacing, pos[1] / spacing))
+    if not centers:
+        return None
+    before = cluster_mask.sum()
+    _cluster_region(cluster_mask, np.array(centers), max(1.0 / spacing, 1.0))
+    return int(cluster_mask.sum() - before)
 
 
 def _convex_hull(points: np.ndarray) -> np.ndarray:
@@ -603,16 +683,16 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
     # The angle is discontinuous behind the nipple (outside the breast), so it is not interpolated.
     ang = np.arctan2(wy - np.float32(nr), np.float32(nc) - wx)
     thick = np.sqrt(np.clip(1 - (1 - np.clip(edge / np.float32(breast.thickness / 2), 0, 1)) ** 2, 0, 1))
-    n_iso = _power_law_field(rng, wshape, wsp, beta)
+    n_iso = power_law_field(rng, wshape, wsp, beta)
     # Smooth (beta = 3) gland field: a 0.5 mm canvas is enough and 10x cheaper.
     n_rad = _radial_field(rng, max(wsp, 0.5), beta, nip_d, ang, stretch=3.0)
     n1 = 0.8 * n_iso + 0.5 * n_rad
     # Fat lobules: the high parts of a one-octave band around 1/10 mm^-1.
-    n2 = _power_law_field(rng, wshape, wsp, beta, f_high_pass=1 / 15.0, f_low_pass=1 / 6.0)
+    n2 = power_law_field(rng, wshape, wsp, beta, f_high_pass=1 / 15.0, f_low_pass=1 / 6.0)
     # Fibrous strands and ducts converging on the nipple: the peaks of a field stretched 12x
     # along the radius give streaks about 0.5-1 mm wide and 5-15 mm long that fade in and out,
     # curved by a gentle warp of the angle (nothing finer than 40 mm, so the map never folds).
-    warp = up(_power_law_field(rng, lshape, field_h / lshape[0], beta, f_low_pass=1 / 40.0), wshape)
+    warp = up(power_law_field(rng, lshape, field_h / lshape[0], beta, f_low_pass=1 / 40.0), wshape)
     n3 = _radial_field(rng, wsp, beta, nip_d, ang + np.float32(0.08) * warp, stretch=12.0, f_high_pass=1 / 4.0,
                        f_low_pass=1 / 1.5)
     frac = DENSITY_FRACTION[density]
@@ -688,7 +768,8 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
         suffix = "malignant" if f.malignant else "benign"
         gain = 1.0 if for_presentation else 0.6 * float(np.clip(outline.edge_distance(*center) / (breast.thickness / 2), 0.3, 1.0))
         if f.kind == "mass":
-            res = _render_mass(f, center, spacing, shape, rng)
+            # Per-view rotation: a different projection of the same mass.
+            res = render_mass(f, center, spacing, shape, rng.uniform(0, 2 * np.pi))
             if res is None:
                 continue
             window, dens, m = res
@@ -712,28 +793,11 @@ def _render_view(breast: _Breast, view: str, shape: tuple[int, int], spacing: fl
                 pr, pc = -offs[:, 1], -offs[:, 0]
             else:
                 pr, pc = -0.7071 * (offs[:, 2] + offs[:, 1]), -offs[:, 0] * k_mlo
-            centers = []
-            for i in range(len(offs)):
-                pos = (center[0] + float(pr[i]), center[1] + float(pc[i]))
-                if f.shape == "linear":
-                    # Linear specks lie along their duct: orient them along the cluster's main axis.
-                    a = math.atan2(float(pr[i] - pr.mean()), float(pc[i] - pc.mean()) + 1e-6) + rng.normal(0, 0.3)
-                else:
-                    a = rng.uniform(0, np.pi)
-                value = (0.45 + 0.3 * rng.random()) if f.malignant else (0.5 + 0.1 * rng.random())
-                res = _render_ellipse(img, pos, float(sizes[i, 0]), float(sizes[i, 1]), a, spacing, value * gain)
-                if res is None:
-                    continue
-                r0, c0, cover, window = res
-                if 0 <= r0 < rows and 0 <= c0 < cols:
-                    masks["calcification_" + suffix][r0, c0] = True  # every speck marks its centre pixel
-                masks["calcification_" + suffix][window] |= cover >= 0.5
-                centers.append((pos[0] / spacing, pos[1] / spacing))
-            if not centers:
+            drawn = draw_cluster(img, masks["calcification_" + suffix], masks["cluster_" + suffix], center,
+                                 np.stack([pr, pc], 1), sizes, f.shape, f.malignant, spacing, rng, gain)
+            if drawn is None:
                 continue
-            before = masks["cluster_" + suffix].sum()
-            _cluster_region(masks["cluster_" + suffix], np.array(centers), max(1.0 / spacing, 1.0))
-            area = int(masks["cluster_" + suffix].sum() - before)
+            area = drawn
         records.append({"kind": f.kind, "malignant": f.malignant, "shape": f.shape,
                         "size_mm": round(float(f.size_mm), 3),
                         "center_rc": [round(center[0] / spacing, 2), round(center[1] / spacing, 2)],
