@@ -141,3 +141,27 @@ def test_calibrated_model_maps_do_not_saturate(tmp_path):
     out = model.predict(read_mammogram(study.images[0].dataset))
     p = out.maps[0].probability
     assert 0.0 <= p.min() and p.max() < 1.0
+
+
+def test_an_adapter_folder_trains_with_patient_level_folds(tmp_path):
+    from dicom_ai.data import write_study
+
+    for seed in (1, 2, 4):
+        write_study(generate_study(seed, shape=(128, 96)), tmp_path / "studies" / f"s{seed}")
+    out = tmp_path / "bundle"
+    assert main(["train", "dunet", "--stage", "segment", "--dataset", f"phantom={tmp_path / 'studies'}",
+                 "--folds", "0,1,2", "--k-folds", "3", "--pixel-size", "2.0", "--patch", "32", "--channels", "4,8,16",
+                 "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"),
+                 "--run-dir", str(tmp_path / "run"), "--out", str(out)]) == 0
+    (source,) = json.loads((out / "manifest.json").read_text())["training"]["data"]
+    assert source["dataset"] == "phantom" and source["images"] == 12 and source["with_mass"] >= 4
+    assert source["folds"] == [0, 1, 2]
+    # Every view of one study (one patient) lands in one fold.
+    from dicom_ai.data.datasets import open_dataset
+    from dicom_ai.cli.train import _fold_function
+    ds = open_dataset("phantom", tmp_path / "studies")
+    fold = _fold_function(ds, 3)
+    by_patient = {}
+    for i in range(len(ds)):
+        by_patient.setdefault(ds.patient(i), set()).add(fold(i))
+    assert all(len(f) == 1 for f in by_patient.values())

@@ -528,7 +528,8 @@ def _register_dunet_any(subparsers: argparse._SubParsersAction) -> None:
 
 def _fold_function(ds, k: int):
     """Patient-level fold of image ``index`` of adapter ``ds``: mini-MIAS its fixed mias_folds (a
-    hybrid of MIAS backgrounds: its background's), any other layout a hash of the patient."""
+    hybrid of MIAS backgrounds: its background's), any other layout
+    :func:`~dicom_ai.data.datasets.patient_folds` of its patients."""
     from dicom_ai.data.datasets import MIASDataset
     from dicom_ai.training.dunet_patches import patient_fold
 
@@ -537,9 +538,11 @@ def _fold_function(ds, k: int):
         return lambda i: background.fold_of[Path(ds.records[i].path).stem]
     if isinstance(ds, MIASDataset):
         return lambda i: ds.fold_of[Path(ds.records[i].path).stem]
-    patient = getattr(ds, "patient", None)
-    if patient is not None:
-        return lambda i: patient_fold(patient(i), k)
+    if hasattr(ds, "patients"):
+        from dicom_ai.data.datasets import patient_folds
+
+        folds = patient_folds(ds.patients(), k)
+        return lambda i: folds[i]
     return lambda i: patient_fold(ds.records[i].study, k)
 
 
@@ -564,7 +567,8 @@ def _load_sources(args: argparse.Namespace, spacings: list[float], multiple: int
                     raise SystemExit(str(exc)) from None
                 part = working_images(ds, name, spacing, multiple, fold_of=_fold_function(ds, args.k_folds),
                                       cache_dir=args.cache_dir)
-                licence = getattr(ds, "licence", "") or f"{name}: see the data set's own terms"
+                licence = " | ".join(getattr(ds, "licences", []) or [getattr(ds, "licence", "")]) \
+                    or f"{name}: see the data set's own terms"
                 what = name
             images += part
             if spacing == spacings[0]:
