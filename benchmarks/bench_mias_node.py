@@ -58,9 +58,9 @@ BUNDLES = ("glam", "dunet", "microcalc")
 #: Node-level budgets (false marks per image) of the named operating points.
 POINTS = {"fp0.25": 0.25, "fp0.5": 0.5, "fp1": 1.0, "fp2": 2.0}
 DEFAULT_POINT = "fp1"  # figures, worst cases and real images are shown at this point
-TYPE_OF = {"malignant_lesion": "mass", "benign_lesion": "mass", "calcification_cluster": "calcification_cluster",
-           "calcification": "calcification_cluster"}
-MERGE_KIND = {"malignant_lesion": "lesion", "benign_lesion": "lesion", "calcification_cluster": "cluster"}
+TYPE_OF = {"malignant_lesion": "mass", "benign_lesion": "mass", "mass": "mass",
+           "calcification_cluster": "calcification_cluster", "calcification": "calcification_cluster"}
+MERGE_KIND = {"malignant_lesion": "lesion", "benign_lesion": "lesion", "mass": "lesion", "calcification_cluster": "cluster"}
 OFF = float("inf")  # switched off: the map is not sent (manifest "off": true)
 MIN_USEFUL = 0.05
 

@@ -1,4 +1,9 @@
-"""``dicom-ai train glam | dunet-pretrain | dunet-seg | microcalc``: train a model, write its bundle.
+"""``dicom-ai train glam | dunet | dunet-pretrain | dunet-seg | dunet-mias | microcalc``: train a model.
+
+``dicom-ai train dunet`` is the U-Net's one command for every data layout (``--dataset``,
+``--folds``, ``--stage pretrain|segment``, ``--resume``; patch training at a working pixel size,
+:mod:`dicom_ai.training.dunet_patches`); ``dunet-pretrain``, ``dunet-seg`` and ``dunet-mias``
+remain for the whole-image 128x96 recipe of the bundles shipped before it.
 
 Every sub-command trains on phantom studies generated on the fly and cached under ``build/``
 (folders named with :func:`dicom_ai.data.cache.generator_version`), and writes a model bundle
@@ -34,6 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train_sub.required = True
     _register_glam(train_sub)
     _register_glam_pretrain(train_sub)
+    _register_dunet_any(train_sub)
     _register_dunet(train_sub)
     _register_microcalc(train_sub)
 
@@ -446,6 +452,219 @@ def _dunet_argv_echo(args: argparse.Namespace) -> list[str]:
     out.append(f"--phantom-shape {args.phantom_shape[0]}x{args.phantom_shape[1]}")
     if args.input_shape is not None:
         out.append(f"--input-shape {args.input_shape[0]}x{args.input_shape[1]}")
+    return out
+
+
+# --------------------------------------------------------------------------- U-Net, any data set
+
+#: Examples of ``--dataset`` names of ``dicom-ai train dunet``: any format of
+#: :func:`dicom_ai.data.datasets.open_dataset` (``hybrid:<format>[-normals]`` too, where the
+#: insertion module is there), and ``phantom`` without a folder for studies generated on the fly.
+DUNET_DATASETS = ("phantom", "mias", "cbis-ddsm", "inbreast", "vindr", "hybrid:mias-normals")
+
+
+def _dataset_spec(text: str) -> tuple[str, str | None]:
+    """``NAME`` or ``NAME=FOLDER`` -> (name, folder or None); the name is checked when the
+    data set is opened (:func:`~dicom_ai.data.datasets.open_dataset` lists the formats)."""
+    name, _, root = text.partition("=")
+    if not name:
+        raise argparse.ArgumentTypeError(f"expected NAME[=FOLDER], got {text!r}")
+    if name != "phantom" and not root:
+        raise argparse.ArgumentTypeError(f"--dataset {name} needs its folder: {name}=FOLDER")
+    return name, root or None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _register_dunet_any(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "dunet", help="the U-Net at a working pixel size, patch-trained on any supported data set",
+        description="Train the discriminative U-Net on windows of the breast at a working pixel size from any "
+                    "supported layout (--dataset, repeatable), stage 1 (Genesis restoration, no labels) or stage 2 "
+                    "(mass segmentation, subtraction head); checkpoints, curves.csv and curves.png after every epoch "
+                    "in --run-dir, --resume continues an interrupted run. Stage 1 writes a checkpoint, stage 2 a "
+                    "model bundle whose manifest names the data sources and their licences.")
+    p.add_argument("--stage", choices=("pretrain", "segment"), required=True)
+    p.add_argument("--dataset", type=_dataset_spec, action="append", required=True, metavar="NAME[=FOLDER]",
+                   help=f"a data source, repeatable: any format of open_dataset, e.g. {', '.join(DUNET_DATASETS)} "
+                        "(phantom without a folder: generated studies, --phantom-seeds)")
+    p.add_argument("--folds", type=_int_list, default=None,
+                   help="patient-level folds to train on, e.g. 1,2,3,4 (MIAS: mias_folds; other layouts: CRC-32 of "
+                        "the study id mod --k-folds); the rest give the validation curve. Default: all")
+    p.add_argument("--k-folds", type=int, default=5)
+    p.add_argument("--pixel-size", type=float, nargs="+", default=[0.4],
+                   help="working pixel size in mm (stage pretrain may name several: windows of each)")
+    p.add_argument("--patch", type=int, default=128, help="training window side in working pixels")
+    p.add_argument("--channels", type=_int_list, default=[8, 16, 32, 64, 64], help="widths per level")
+    p.add_argument("--phantom-seeds", type=seed_range, default=range(0, 8), help="generated phantom studies START:STOP")
+    p.add_argument("--phantom-shape", type=shape, default=(1664, 1280),
+                   help="generated phantom ROWSxCOLS (default 1664x1280: 0.14 mm)")
+    p.add_argument("--init", default=None,
+                   help="start from a stage-1 checkpoint (.safetensors) or a U-Net bundle folder")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--steps-per-epoch", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3 pretrain, 5e-4 segment)")
+    p.add_argument("--lesion-rate", type=float, default=0.5, help="share of windows centred near a mass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda:N or auto")
+    p.add_argument("--cache-dir", default="build/dunet-work", help="per-image working-grid cache")
+    p.add_argument("--run-dir", default="build/dunet-run", help="checkpoints and curves of this run")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
+    p.add_argument("--metrics", default=None, help="JSON file of cross-validated figures to put in the manifest")
+    p.add_argument("--calibration", default=None,
+                   help="JSON file with a Platt calibration (fitted on validation folds) for the manifest")
+    p.add_argument("--name", default="dunet")
+    p.add_argument("--version", default="0.3.0")
+    p.add_argument("--out", required=True, help="stage pretrain: checkpoint .safetensors; segment: bundle folder")
+    p.set_defaults(handler=_dunet_any)
+
+
+def _fold_function(ds, k: int):
+    """Patient-level fold of image ``index`` of adapter ``ds``: mini-MIAS its fixed mias_folds (a
+    hybrid of MIAS backgrounds: its background's), any other layout
+    :func:`~dicom_ai.data.datasets.patient_folds` of its patients."""
+    from dicom_ai.data.datasets import MIASDataset
+    from dicom_ai.training.dunet_patches import patient_fold
+
+    background = getattr(ds, "background", None)
+    if isinstance(background, MIASDataset):
+        return lambda i: background.fold_of[Path(ds.records[i].path).stem]
+    if isinstance(ds, MIASDataset):
+        return lambda i: ds.fold_of[Path(ds.records[i].path).stem]
+    if hasattr(ds, "patients"):
+        from dicom_ai.data.datasets import patient_folds
+
+        folds = patient_folds(ds.patients(), k)
+        return lambda i: folds[i]
+    return lambda i: patient_fold(ds.records[i].study, k)
+
+
+def _load_sources(args: argparse.Namespace, spacings: list[float], multiple: int):
+    """(working images, per-source summaries) of every --dataset at every spacing."""
+    from dicom_ai.core.errors import DatasetError
+    from dicom_ai.data.datasets import open_dataset
+    from dicom_ai.training.dunet_patches import phantom_working_images, working_images
+
+    images, sources = [], []
+    for name, root in args.dataset:
+        for spacing in spacings:
+            if name == "phantom" and root is None:
+                part = phantom_working_images(args.phantom_seeds, args.phantom_shape, spacing, multiple, args.cache_dir)
+                licence = ""
+                what = f"generated phantom studies {args.phantom_seeds.start}:{args.phantom_seeds.stop} at " \
+                       f"{args.phantom_shape[0]}x{args.phantom_shape[1]}"
+            else:
+                try:
+                    ds = open_dataset(name, root)
+                except DatasetError as exc:
+                    raise SystemExit(str(exc)) from None
+                part = working_images(ds, name, spacing, multiple, fold_of=_fold_function(ds, args.k_folds),
+                                      cache_dir=args.cache_dir)
+                licence = " | ".join(getattr(ds, "licences", []) or [getattr(ds, "licence", "")]) \
+                    or f"{name}: see the data set's own terms"
+                what = name
+            images += part
+            if spacing == spacings[0]:
+                sources.append({"dataset": what, "images": len(part),
+                                "with_mass": int(sum(im.lesion.any() for im in part)), "licence": licence})
+    return images, sources
+
+
+def _dunet_any(args: argparse.Namespace) -> int:
+    import torch
+
+    from dicom_ai.networks.bundle import load_bundle, save_bundle
+    from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig
+    from dicom_ai.networks.pipeline import resolve_device
+    from dicom_ai.training.checkpoint import RunState
+    from dicom_ai.training.dunet import load_checkpoint, save_checkpoint, seed_everything
+    from dicom_ai.training import dunet_patches
+
+    torch.set_num_threads(max(1, args.threads))
+    device = resolve_device(args.device)
+    if args.stage == "segment" and len(args.pixel_size) != 1:
+        raise SystemExit("--stage segment trains at one working pixel size; give one --pixel-size")
+    config = DUNetConfig(input_shape=(args.patch, args.patch), channels=tuple(args.channels),
+                         pixel_spacing_mm=args.pixel_size[0])
+    seed_everything(args.seed)
+    network = DiscriminativeUNet(config)
+    pretraining = None
+    if args.init:
+        init = Path(args.init)
+        if init.is_dir():
+            bundle = load_bundle(str(init))
+            state, pretraining = bundle.state_dict, {"bundle": f"{bundle.identity.name} {bundle.identity.version}"}
+            init_channels = tuple(bundle.manifest["architecture"]["channels"])
+        else:
+            init_config, state, info = load_checkpoint(init)
+            init_channels = init_config.channels
+            pretraining = {k: v for k, v in info.items() if k != "history"}
+        if init_channels != config.channels:
+            raise SystemExit(f"--init {init} has channels {list(init_channels)}, this run {args.channels}")
+        network.load_state_dict(state)
+    images, sources = _load_sources(args, args.pixel_size, config.multiple)
+    train_folds = set(args.folds) if args.folds is not None else None
+    train_set = [im for im in images if train_folds is None or im.fold < 0 or im.fold in train_folds]
+    validation = [im for im in images if train_folds is not None and im.fold >= 0 and im.fold not in train_folds]
+    if args.stage == "segment" and not any(im.lesion.any() for im in train_set):
+        raise SystemExit("no training image has a located mass; add a --dataset with mass outlines")
+    for s in sources:
+        s["folds"] = sorted(train_folds) if train_folds is not None else "all"
+    lr = args.lr if args.lr is not None else (1e-3 if args.stage == "pretrain" else 5e-4)
+    command = "dicom-ai train dunet " + " ".join(_dunet_any_echo(args))
+    print(f"{args.stage}: {len(train_set)} training views, {len(validation)} validation views "
+          f"({', '.join(s['dataset'] for s in sources)})", file=sys.stderr, flush=True)
+    if args.resume and not RunState(Path(args.run_dir)).exists():
+        print(f"--resume: no checkpoint in {args.run_dir} yet; starting at epoch 1", file=sys.stderr)
+    started = time.time()
+    history = dunet_patches.train(network, train_set, stage=args.stage, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                    batch_size=args.batch_size, patch=args.patch, lr=lr, seed=args.seed, lesion_rate=args.lesion_rate,
+                    validation=validation, state=RunState(Path(args.run_dir)), resume=args.resume,
+                    info={"command": command}, device=device,
+                    on_epoch=lambda e, r: print(f"epoch {e}: " + ", ".join(
+                        f"{k} {v:.5g}" for k, v in r.items() if k != "epoch"), flush=True))
+    seconds = round(time.time() - started, 1)
+    hyper = {"stage": args.stage, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
+             "batch_size": args.batch_size, "patch": args.patch, "lr": lr, "lesion_rate": args.lesion_rate,
+             "seed": args.seed, "pixel_sizes_mm": args.pixel_size, "seconds_this_run": seconds}
+    if args.stage == "pretrain":
+        path = save_checkpoint(args.out, network, dict(hyper, sources=sources, history=history))
+        print(f"wrote {path} ({len(train_set)} views, {args.epochs} epochs)")
+        return 0
+    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    calibration = json.loads(Path(args.calibration).read_text()) if args.calibration else None
+    manifest = dunet_patches.patch_manifest(config, name=args.name, version=args.version, sources=sources, command=command,
+                              history=history, pretraining=pretraining, training=hyper, metrics=metrics,
+                              calibration=calibration)
+    path = save_bundle(args.out, manifest, network.state_dict())
+    print(f"wrote bundle {path} ({len(train_set)} views, {args.epochs} epochs, {seconds} s)")
+    return 0
+
+
+def _dunet_any_echo(args: argparse.Namespace) -> list[str]:
+    """The command's arguments without data folders (which may name a site or a patient)."""
+    out = [f"--stage {args.stage}"] + [f"--dataset {name}" + ("=<folder>" if root else "")
+                                       for name, root in args.dataset]
+    if args.folds is not None:
+        out.append("--folds " + ",".join(str(f) for f in args.folds))
+    out.append("--pixel-size " + " ".join(f"{v:g}" for v in args.pixel_size))
+    for key in ("patch", "epochs", "steps_per_epoch", "batch_size", "lr", "lesion_rate", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            out.append(f"--{key.replace('_', '-')} {value}")
+    out.append("--channels " + ",".join(str(c) for c in args.channels))
+    if any(name == "phantom" and root is None for name, root in args.dataset):
+        out.append(f"--phantom-seeds {args.phantom_seeds.start}:{args.phantom_seeds.stop} "
+                   f"--phantom-shape {args.phantom_shape[0]}x{args.phantom_shape[1]}")
+    if args.init:
+        out.append("--init <init>")
     return out
 
 

@@ -14,8 +14,10 @@ instance normalisation and leaky ReLU. The same backbone ``f`` serves three purp
 * the comparison baseline, the standard head: ``p = sigmoid(f(x))``.
 
 Image convention: the network sees the breast crop in canonical orientation (chest wall at
-column 0, see :mod:`dicom_ai.imaging`), resized to ``DUNetConfig.input_shape``, intensities
-in [0, 1] with dense tissue bright.
+column 0, see :mod:`dicom_ai.imaging`), resized to ``DUNetConfig.input_shape`` or, when
+``DUNetConfig.pixel_spacing_mm`` is set, resampled to that working pixel size whatever its shape
+(:func:`working_grid`; such networks are trained on patches), intensities in [0, 1] with dense
+tissue bright. The map goes back to the source grid either way.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ __all__ = [
     "HEADS",
     "top_k_score",
     "model_grid",
+    "working_grid",
+    "network_grid",
+    "calibrate",
 ]
 
 #: Output heads: ``subtraction`` is the paper's method, ``sigmoid`` the standard baseline.
@@ -67,6 +72,11 @@ class DUNetConfig:
     head: str = "subtraction"
     #: Fraction of model-grid pixels averaged (the highest ones) into the image-level score.
     score_top_fraction: float = 0.005
+    #: Working pixel size in mm (None: the whole breast crop is resized to ``input_shape``).
+    #: When set, the network sees the breast crop resampled to this pixel size, its rows and
+    #: columns rounded up to a multiple of ``2 ** (levels - 1)`` (:func:`working_grid`), and
+    #: ``input_shape`` is only the training patch size: the network is fully convolutional.
+    pixel_spacing_mm: float | None = None
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -75,6 +85,8 @@ class DUNetConfig:
             raise ModelError("the U-Net needs at least two resolution levels")
         if not 0 <= self.top_levels_without_skip <= len(self.channels) - 1:
             raise ModelError(f"top_levels_without_skip must lie in [0, {len(self.channels) - 1}]")
+        if self.pixel_spacing_mm is not None and not self.pixel_spacing_mm > 0:
+            raise ModelError(f"pixel_spacing_mm must be positive, got {self.pixel_spacing_mm}")
         step = 2 ** (len(self.channels) - 1)
         if self.input_shape[0] % step or self.input_shape[1] % step:
             raise ModelError(f"input_shape {self.input_shape} must be divisible by {step} "
@@ -107,7 +119,14 @@ class DUNetConfig:
             kwargs["input_shape"] = tuple(int(v) for v in kwargs["input_shape"])
         if "channels" in kwargs:
             kwargs["channels"] = tuple(int(v) for v in kwargs["channels"])
+        if kwargs.get("pixel_spacing_mm") is not None:
+            kwargs["pixel_spacing_mm"] = float(kwargs["pixel_spacing_mm"])
         return cls(**kwargs)
+
+    @property
+    def multiple(self) -> int:
+        """Rows and columns of any input must be a multiple of this (``2 ** (levels - 1)``)."""
+        return 2 ** (len(self.channels) - 1)
 
 
 class SeparableConv2d(nn.Module):
@@ -241,6 +260,82 @@ def model_grid(mammogram: Mammogram, input_shape: tuple[int, int]) -> tuple[Geom
     return geo, image, model_mask
 
 
+#: Largest working grid side, in model pixels (a guard against a wrong pixel spacing in a header
+#: turning one view into a multi-gigabyte tensor).
+MAX_WORKING_SIDE = 4096
+
+
+def working_grid(mammogram: Mammogram, pixel_spacing_mm: float, multiple: int = 16
+                 ) -> tuple[Geometry, np.ndarray, np.ndarray]:
+    """The breast crop resampled to a working pixel size: geometry, image and breast mask.
+
+    The box is the breast bounding box in canonical orientation (chest wall at column 0,
+    as :func:`~dicom_ai.imaging.geometry_for`), grown to whole multiples of ``multiple``
+    working pixels (extra rows evenly above and below, extra columns away from the chest
+    wall), so a working pixel is exactly ``pixel_spacing_mm`` up to the rounding of the box
+    to source pixels.
+
+    Parameters
+    ----------
+    mammogram : Mammogram
+        The decoded view; ``spacing_mm`` (row, column) in mm sets the scale.
+    pixel_spacing_mm : float
+        Working pixel size in mm (both axes).
+    multiple : int
+        The working grid's rows and columns are multiples of it (the U-Net's total stride).
+
+    Returns
+    -------
+    tuple
+        (:class:`~dicom_ai.imaging.Geometry`, float32 image in [0, 1], boolean breast mask),
+        both arrays on the working grid.
+    """
+    mask = mammogram.breast_mask
+    rows, cols = mammogram.shape
+    sr, sc = (float(v) for v in mammogram.spacing_mm)
+    canonical = mask[:, ::-1] if mammogram.faces_left else mask
+    if canonical.any():
+        r_idx = np.flatnonzero(canonical.any(axis=1))
+        c_idx = np.flatnonzero(canonical.any(axis=0))
+        r0, r1, c1 = int(r_idx[0]), int(r_idx[-1]) + 1, int(c_idx[-1]) + 1
+    else:
+        r0, r1, c1 = 0, rows, cols
+    out_r = max(1, int(np.ceil((r1 - r0) * sr / pixel_spacing_mm / multiple))) * multiple
+    out_c = max(1, int(np.ceil(c1 * sc / pixel_spacing_mm / multiple))) * multiple
+    if max(out_r, out_c) > MAX_WORKING_SIDE:
+        raise ModelError(f"a {rows}x{cols} image at {sr}x{sc} mm is {out_r}x{out_c} working pixels at "
+                         f"{pixel_spacing_mm} mm, above {MAX_WORKING_SIDE}; check the pixel spacing in the header")
+    height = int(round(out_r * pixel_spacing_mm / sr))
+    width = int(round(out_c * pixel_spacing_mm / sc))
+    top = (r0 + r1) // 2 - height // 2
+    geo = Geometry(source_shape=(rows, cols), flip=mammogram.faces_left, box=(top, top + height, 0, width),
+                   out_shape=(out_r, out_c))
+    image = np.clip(geo.forward(mammogram.pixels), 0.0, 1.0).astype(np.float32)
+    return geo, image, geo.forward(mask.astype(np.float32)) > 0.5
+
+
+def network_grid(mammogram: Mammogram, config: DUNetConfig) -> tuple[Geometry, np.ndarray, np.ndarray]:
+    """:func:`working_grid` when ``config.pixel_spacing_mm`` is set, else :func:`model_grid`."""
+    if config.pixel_spacing_mm is not None:
+        return working_grid(mammogram, config.pixel_spacing_mm, config.multiple)
+    return model_grid(mammogram, config.input_shape)
+
+
+def calibrate(output: torch.Tensor, calibration: dict | None) -> torch.Tensor | None:
+    """Platt scaling of the subtraction output: ``sigmoid(slope * (x - f(x)) + intercept)``.
+
+    ``calibration`` is a manifest's ``calibration`` entry (``method`` ``"platt"``, ``slope``,
+    ``intercept``), fitted on validation folds to the peak raw output of candidate regions;
+    None (no calibration) returns None. The result does not saturate: regions whose raw
+    peaks differ keep different scores, which is what lets operating points be chosen.
+    """
+    if not calibration:
+        return None
+    if calibration.get("method") != "platt":
+        raise ModelError(f"unknown calibration method {calibration.get('method')!r}; this node knows 'platt'")
+    return torch.sigmoid(float(calibration["slope"]) * output + float(calibration["intercept"]))
+
+
 class DUNetModel:
     """The servable model: a bundle's network plus the geometry to and from the source grid.
 
@@ -252,8 +347,11 @@ class DUNetModel:
     """
 
     def __init__(self, network: DiscriminativeUNet, identity: ModelIdentity, threshold: float = 0.5,
-                 device: torch.device | str = "cpu", finding: str = "malignant_lesion"):
+                 device: torch.device | str = "cpu", finding: str = "malignant_lesion",
+                 calibration: dict | None = None):
         self.device = torch.device(device)
+        #: The manifest's ``calibration`` (:func:`calibrate`), None for the clipped map.
+        self.calibration = dict(calibration) if calibration else None
         self.network = network.to(self.device).eval()
         self.identity = identity
         self.threshold = float(threshold)
@@ -279,16 +377,19 @@ class DUNetModel:
         network = load_weights(DiscriminativeUNet(config), bundle, "dunet")
         finding = str(bundle.manifest.get("finding", "malignant_lesion"))  # what the manifest says it marks
         threshold = float(bundle.manifest["thresholds"].get(finding, 0.5))
-        return cls(network, bundle.identity, threshold, device, finding=finding)
+        return cls(network, bundle.identity, threshold, device, finding=finding,
+                   calibration=bundle.manifest.get("calibration"))
 
     @torch.no_grad()
     def run(self, mammogram: Mammogram) -> dict[str, np.ndarray | float | Geometry]:
         """All intermediate arrays on the model grid: input, reconstruction, probability, score."""
-        geo, image, _ = model_grid(mammogram, self.config.input_shape)
+        geo, image, _ = network_grid(mammogram, self.config)
         x = torch.from_numpy(image).to(self.device)[None, None]
         reconstruction = self.network.reconstruct(x)
         output = x - reconstruction if self.network.head == "subtraction" else reconstruction
-        prob = self.network.probability(output)
+        prob = calibrate(output, self.calibration)
+        if prob is None:
+            prob = self.network.probability(output)
         score = float(top_k_score(prob, self.config.score_top_fraction)[0])
         return {  # float(): under bf16 autocast (bench_gpu.py) the network's outputs are bf16
             "geometry": geo,
