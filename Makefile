@@ -14,7 +14,7 @@ DEBS := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb openssl systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: all test demo debs venv bench viewer-check status-page-check clean fuzz crash-storm bench-scaleout
+.PHONY: all test demo debs venv bench viewer-check status-page-check clean fuzz crash-storm crash-storm-distributed bench-scaleout
 
 all: test
 
@@ -85,6 +85,12 @@ fuzz: venv debs
 # counting every receipt); report in benchmarks/results/crash_storm.json.
 crash-storm: venv debs
 	$(PY) benchmarks/bench_crash_storm.py
+
+# Issue 24: the same storm against the distributed node (PostgreSQL, Redis, two dicom-ai
+# workers; also kills pool processes, restarts PostgreSQL and Redis);
+# benchmarks/results/crash_storm_distributed.json.
+crash-storm-distributed: venv debs
+	$(PY) benchmarks/bench_crash_storm.py --distributed
 
 # The shipped GLAM bundle (models/glam): Models-Genesis pretraining of both networks, GLAM from
 # image-level phantom labels, the CAM baseline on the same data, then five-fold mini-MIAS
