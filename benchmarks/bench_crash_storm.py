@@ -321,15 +321,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     sender = threading.Thread(target=modality, daemon=True)
     sender.start()
+    killer = random.Random(args.seed + 1)  # its own stream: the sender thread draws from rng meanwhile
+    schedule: list[str] = []
     while sum(kills.values()) < args.kills:
-        time.sleep(rng.uniform(*args.interval))
-        target = rng.choice(node.targets)
-        if target == "node" and rng.random() < args.delivery_kills:
+        time.sleep(killer.uniform(*args.interval))
+        if not schedule:  # every kind of target equally often, in a shuffled order
+            schedule = list(node.targets)
+            killer.shuffle(schedule)
+        target = schedule.pop()
+        if target == "node" and killer.random() < args.delivery_kills:
             # Aim at a delivery: wait (up to 10 s) for an object in flight, then kill the node.
             aimed = wait_until(node.sending, 10)
             aims["during_send" if aimed else "missed"] += 1
-        if node.strike(target, rng):
+        if node.strike(target, killer):
             kills[target] += 1
+        elif not sending_done.is_set():
+            schedule.append(target)  # nothing to kill yet (no job running): try it next time
     storm_seconds = time.monotonic() - started
     sender.join(timeout=600)
 
