@@ -14,7 +14,7 @@ DEBS := dcmtk dicom3tools pixelmed-apps orthanc orthanc-dicomweb openssl systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: all test demo debs venv bench viewer-check status-page-check clean fuzz crash-storm bench-scaleout
+.PHONY: all test demo debs venv bench viewer-check status-page-check clean fuzz fuzz-distributed crash-storm crash-storm-distributed bench-scaleout
 
 all: test
 
@@ -81,10 +81,20 @@ FUZZ_CASES ?= 1200
 fuzz: venv debs
 	cd tests && $(abspath $(PY)) fuzz_node.py --cases $(FUZZ_CASES) --out $(CURDIR)/benchmarks/results/fuzz.json
 
+# Issue 24: the same cases against the distributed node (PostgreSQL, Redis, two dicom-ai workers).
+fuzz-distributed: venv debs
+	cd tests && $(abspath $(PY)) fuzz_node.py --distributed --cases $(FUZZ_CASES) --out $(CURDIR)/benchmarks/results/fuzz_distributed.json
+
 # Issue 13's crash storm: >= 25 SIGKILLs of node and worker while studies flow (Orthanc PACS
 # counting every receipt); report in benchmarks/results/crash_storm.json.
 crash-storm: venv debs
 	$(PY) benchmarks/bench_crash_storm.py
+
+# Issue 24: the same storm against the distributed node (PostgreSQL, Redis, two dicom-ai
+# workers; also kills pool processes, restarts PostgreSQL and Redis);
+# benchmarks/results/crash_storm_distributed.json.
+crash-storm-distributed: venv debs
+	$(PY) benchmarks/bench_crash_storm.py --distributed
 
 # The shipped GLAM bundle (models/glam): Models-Genesis pretraining of both networks, GLAM from
 # image-level phantom labels, the CAM baseline on the same data, then five-fold mini-MIAS

@@ -8,7 +8,11 @@ truth. Orthanc also answers C-FIND, which the node uses for objects whose delive
 when it was killed. Meanwhile a killer SIGKILLs, at random intervals, either the whole node
 (which is then restarted, as systemd would) or only its worker process (which the node restarts
 itself). The stand-in pipeline of the node tests takes ``--infer-seconds`` per study so kills
-land during inference as well as during receive and delivery.
+land during inference as well as during receive and delivery. Each result C-STORE takes
+``--pacs-delay`` seconds at the PACS, and a ``--delivery-kills`` share of the node kills waits
+for an object in flight (a "sending" row in the job store) before it strikes, so objects are
+left in doubt and the exactly-once rule (ask the PACS by C-FIND, resend only if absent) is
+exercised, not only the receive and inference paths (issue 24, fault 8).
 
 The run passes when, with no manual step (no ``dicom-ai retry``): every study the modality got
 Success for is processed and its results are at the PACS; every result object of every
@@ -25,6 +29,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -38,14 +43,17 @@ sys.path.insert(0, str(REPO))
 
 import pydicom  # noqa: E402
 
-from node_harness import (Orthanc, Proc, free_port, node_env, start_node, store_status, wait_for,  # noqa: E402
-                          write_node_config, write_study)
+from node_harness import (Orthanc, Postgres, Proc, Redis, free_port, node_env, start_node, store_status,  # noqa: E402
+                          wait_for, write_node_config, write_study)
 
 LUA = """
 function ReceivedInstanceFilter(dicom, origin, info)
   local f = io.open("{path}", "a")
   f:write(dicom.SOPInstanceUID .. " " .. (dicom.Modality or "") .. "\\n")
   f:close()
+  if {delay} > 0 and dicom.Modality ~= "MG" then
+    os.execute("sleep {delay}")
+  end
   return true
 end
 """
@@ -54,11 +62,13 @@ end
 class OrthancPACS(Orthanc):
     """Orthanc as the result PACS (AE title PACS), logging every C-STORE it receives."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, delay: float = 0.0):
+        """``delay``: seconds each result C-STORE takes at the PACS (after it is logged), so a
+        kill can land while an object is in flight."""
         folder.mkdir(parents=True, exist_ok=True)
         self.received = folder / "received.txt"
         self.received.touch()
-        (folder / "count.lua").write_text(LUA.replace("{path}", str(self.received)))
+        (folder / "count.lua").write_text(LUA.replace("{path}", str(self.received)).replace("{delay}", f"{delay:g}"))
         # The node is never called back (results arrive by C-STORE), so its modality port is moot.
         super().__init__(folder, node_port=free_port(), ae_title="PACS",
                          config={"Name": "STORM-PACS", "DicomAlwaysAllowFind": True,
@@ -101,6 +111,161 @@ class StormNode:
         if self.proc is not None:
             self.proc.stop()
 
+    #: What the killer may strike.
+    targets = ("node", "worker")
+
+    def strike(self, target: str, rng: random.Random) -> bool:
+        """SIGKILL ``target`` (the node is started again after up to 1 s, as systemd would; the
+        node restarts its worker itself); False when there was nothing to kill."""
+        with self.lock:
+            if target == "worker":
+                pid = self.worker_pid()
+                try:
+                    os.kill(pid, signal.SIGKILL) if pid else None
+                    return bool(pid)
+                except ProcessLookupError:
+                    return False
+            self.proc.kill()
+        time.sleep(rng.uniform(0.0, 1.0))
+        with self.lock:
+            self.start()
+        return True
+
+    def up(self) -> bool:
+        with self.lock:
+            return self.proc is not None and self.proc.alive()
+
+    def status(self) -> dict:
+        return store_status(self.storage)
+
+    def close(self) -> None:
+        self.stop()
+
+    def sending(self) -> bool:
+        """Whether an object is being sent now (a "sending" row without its "sent" row)."""
+        db = self.storage / "jobs.sqlite"
+        if not db.exists():
+            return False
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+            try:
+                return conn.execute(_IN_FLIGHT).fetchone() is not None
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return False
+
+
+_IN_FLIGHT = ("SELECT 1 FROM sending x WHERE NOT EXISTS (SELECT 1 FROM sent y WHERE y.delivery_id = x.delivery_id "
+              "AND y.sop_instance_uid = x.sop_instance_uid) LIMIT 1")
+
+
+class DistributedSite(StormNode):
+    """The distributed node under the same storm: PostgreSQL job store (durable), Redis broker,
+    the receiving node and two ``dicom-ai worker`` processes (Celery, one pool process each) on
+    one shared storage folder.
+
+    The killer SIGKILLs the node (restarted), a whole worker (Celery's main process and its
+    pool, restarted as systemd would), only the pool process running a job (Celery's main
+    process starts another), and restarts PostgreSQL (``-m immediate``: every connection
+    breaks) or Redis (its queue is lost) after up to 2 s down.
+    """
+
+    targets = ("node", "worker", "pool", "postgres", "redis")
+
+    def __init__(self, work: Path, pacs_port: int, infer_seconds: float, workers: int = 2):
+        super().__init__(work, pacs_port, infer_seconds)
+        self.pg = Postgres(durable=True)
+        self.url = self.pg.new_database()
+        self.redis = Redis(work / "redis")
+        self.config = write_node_config(work / "node.toml", self.storage, self.port, [("PACS", pacs_port)],
+                                        study={"grace_seconds": 0.5, "idle_seconds": 3.0},
+                                        retry={"max_attempts": 50, "initial_delay_seconds": 0.5,
+                                               "max_delay_seconds": 2.0},
+                                        jobstore={"url": self.url, "connect_timeout_seconds": 2.0},
+                                        workers={"broker_url": self.redis.url, "lease_seconds": 6.0,
+                                                 "requeue_seconds": 4.0, "visibility_timeout_seconds": 60.0})
+        self.work = work
+        self.names = [f"w{i + 1}" for i in range(workers)]
+        self.workers: dict[str, Proc] = {}
+        self.restarts = collections.Counter()
+
+    def start(self) -> None:
+        super().start()
+        for name in self.names:
+            if name not in self.workers or not self.workers[name].alive():
+                self._start_worker(name)
+
+    def _start_worker(self, name: str) -> None:
+        self.workers[name] = Proc([sys.executable, "-m", "dicom_ai", "worker", "--config", str(self.config), "--name",
+                                   name], self.work / f"worker-{name}.log", env=self.env, cwd=REPO)
+
+    def strike(self, target: str, rng: random.Random) -> bool:
+        if target == "node":
+            return super().strike("node", rng)
+        if target == "worker":
+            name = rng.choice(self.names)
+            with self.lock:
+                proc = self.workers[name]
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.popen.wait(10)
+            time.sleep(rng.uniform(0.0, 1.0))
+            with self.lock:
+                self._start_worker(name)
+            return True
+        if target == "pool":  # the pool process running a job (the OOM killer's way)
+            running = [j for j in self.status()["jobs"] if j["state"] == "running" and j.get("worker")]
+            if not running:
+                return False
+            try:
+                os.kill(int(rng.choice(running)["worker"].rsplit(" ", 1)[-1]), signal.SIGKILL)
+                return True
+            except (ProcessLookupError, ValueError):
+                return False
+        down = rng.uniform(0.0, 2.0)
+        (self.pg if target == "postgres" else self.redis).restart(down)
+        return True
+
+    def status(self) -> dict:
+        return wait_for(lambda: _try(lambda: store_status(self.storage, self.url)), 120, "the job store")
+
+    def sending(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(self.url, connect_timeout=2) as conn:
+                return conn.execute(_IN_FLIGHT).fetchone() is not None
+        except psycopg.Error:
+            return False
+
+    def close(self) -> None:
+        for proc in self.workers.values():
+            if proc.alive():
+                proc.stop(timeout=20)
+        self.stop()
+        self.redis.stop()
+        self.pg.close()
+
+
+def _try(read):
+    """``read()``, or None while the job store is restarting."""
+    try:
+        return read()
+    except Exception:
+        return None
+
+
+def wait_until(predicate, seconds: float, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
 
 def _send_study(port: int, files: list[Path]) -> bool:
     r = subprocess.run(["storescu", "-aet", "PACS", "-aec", "AINODE", "-to", "10", "-ta", "10", "-td", "10",
@@ -115,13 +280,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, nargs=2, default=(0.8, 3.0), metavar=("MIN", "MAX"),
                         help="seconds between kills, drawn uniformly")
     parser.add_argument("--infer-seconds", type=float, default=1.0, help="stand-in pipeline time per study")
+    parser.add_argument("--pacs-delay", type=float, default=0.2,
+                        help="seconds each result C-STORE takes at the PACS (Orthanc Lua), to widen the delivery window")
+    parser.add_argument("--delivery-kills", type=float, default=0.5, metavar="FRACTION",
+                        help="share of node kills aimed at a moment an object is being sent (in doubt afterwards)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="PostgreSQL + Redis + two `dicom-ai worker` processes; also kills pool processes and "
+                             "restarts PostgreSQL and Redis (default out: crash_storm_distributed.json)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "crash_storm.json")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    args.out = args.out or REPO / "benchmarks" / "results" / (
+        "crash_storm_distributed.json" if args.distributed else "crash_storm.json")
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="crash-storm-"))
-    pacs = OrthancPACS(work / "pacs")
-    node = StormNode(work, pacs.dicom, args.infer_seconds)
+    pacs = OrthancPACS(work / "pacs", args.pacs_delay)
+    node = (DistributedSite if args.distributed else StormNode)(work, pacs.dicom, args.infer_seconds)
     node.start()
     studies = {}
     for i in range(args.studies):
@@ -130,15 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     sends = collections.Counter()
     accepted: set[str] = set()
     kills = collections.Counter()
+    aims = collections.Counter()  # node kills aimed at a delivery: landed while an object was in flight, or not
     sending_done = threading.Event()
 
     def modality():
         for uid, files in studies.items():
             while True:
                 sends[uid] += 1
-                with node.lock:
-                    port_up = node.proc is not None and node.proc.alive()
-                if port_up and _send_study(node.port, files):
+                if node.up() and _send_study(node.port, files):
                     accepted.add(uid)
                     break
                 time.sleep(1.0)
@@ -148,29 +321,27 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     sender = threading.Thread(target=modality, daemon=True)
     sender.start()
+    killer = random.Random(args.seed + 1)  # its own stream: the sender thread draws from rng meanwhile
+    schedule: list[str] = []
     while sum(kills.values()) < args.kills:
-        time.sleep(rng.uniform(*args.interval))
-        target = rng.choice(["node", "worker"])
-        with node.lock:
-            if target == "worker":
-                pid = node.worker_pid()
-                try:
-                    os.kill(pid, signal.SIGKILL) if pid else None
-                    kills["worker"] += 1 if pid else 0
-                except ProcessLookupError:
-                    pass
-            else:
-                node.proc.kill()
-                kills["node"] += 1
-        if target == "node":
-            time.sleep(rng.uniform(0.0, 1.0))
-            with node.lock:
-                node.start()
+        time.sleep(killer.uniform(*args.interval))
+        if not schedule:  # every kind of target equally often, in a shuffled order
+            schedule = list(node.targets)
+            killer.shuffle(schedule)
+        target = schedule.pop()
+        if target == "node" and killer.random() < args.delivery_kills:
+            # Aim at a delivery: wait (up to 10 s) for an object in flight, then kill the node.
+            aimed = wait_until(node.sending, 10)
+            aims["during_send" if aimed else "missed"] += 1
+        if node.strike(target, killer):
+            kills[target] += 1
+        elif not sending_done.is_set():
+            schedule.append(target)  # nothing to kill yet (no job running): try it next time
     storm_seconds = time.monotonic() - started
     sender.join(timeout=600)
 
     def settled():
-        s = store_status(node.storage)
+        s = node.status()
         if any(x["state"] == "open" for x in s["studies"]):
             return None
         if any(j["state"] in ("queued", "running") for j in s["jobs"]):
@@ -184,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         time.sleep(1.0)  # let Orthanc's Lua log the last receipt
         counts = pacs.counts()
-        node.stop()
+        node.close()
         pacs.stop()
 
     log = (node.storage / "logs" / "node.log").read_text(errors="replace")
@@ -201,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     unexpected = [u for u in counts if u not in expected]
     report = {
         "studies": args.studies, "studies_accepted": len(accepted), "sends_per_study_max": max(sends.values()),
-        "kills": dict(kills), "kills_total": sum(kills.values()), "storm_seconds": round(storm_seconds, 1),
+        "kills": dict(kills), "node_kills_aimed_at_a_send": dict(aims), "kills_total": sum(kills.values()),
+        "storm_seconds": round(storm_seconds, 1),
         "settle_seconds": round(settle_seconds, 1),
         "accepted_not_delivered": sorted(accepted - delivered_studies),
         "jobs": collections.Counter(j["state"] for j in s["jobs"]),
@@ -209,7 +381,11 @@ def main(argv: list[str] | None = None) -> int:
         "result_objects_expected": len(expected), "received_at_pacs": sum(counts.values()),
         "missing_at_pacs": len(missing), "duplicated_at_pacs": duplicated, "unexpected_at_pacs": len(unexpected),
         "log_events": in_doubt,
-        "infer_seconds_per_study": args.infer_seconds, "seed": args.seed, "machine": f"{os.cpu_count()} cores",
+        "infer_seconds_per_study": args.infer_seconds, "pacs_delay_seconds": args.pacs_delay,
+        "delivery_kill_share": args.delivery_kills, "seed": args.seed, "machine": f"{os.cpu_count()} cores",
+        "pacs": "Orthanc (answers C-FIND)",
+        "site": ("distributed: PostgreSQL job store, Redis broker, 2 dicom-ai workers, shared storage"
+                 if args.distributed else "embedded: SQLite job store, one worker process"),
     }
     report["passed"] = (not report["accepted_not_delivered"] and not missing and not duplicated
                         and report["jobs"].get("failed", 0) == 0 and report["deliveries"].get("failed", 0) == 0

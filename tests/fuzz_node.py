@@ -42,8 +42,9 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from dicom_ai.node.jobstore import left_out_images  # noqa: E402
 from mutations import Case, cases  # noqa: E402
-from node_harness import (ACCESSION, PATIENT_ID, PATIENT_NAME, REPO, free_port, start_node,  # noqa: E402
-                          start_storescp, store_status, write_node_config, write_study)
+from node_harness import (ACCESSION, PATIENT_ID, PATIENT_NAME, PYTHON, REPO, Postgres, Proc, Redis,  # noqa: E402
+                          free_port, node_env, start_node, start_storescp, store_status, write_node_config,
+                          write_study)
 
 MG = "1.2.840.10008.5.1.4.1.1.1.2"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -108,8 +109,8 @@ def _referenced_uids(paths: list[str]) -> set[str]:
     return found
 
 
-def _settled(storage: Path) -> dict | None:
-    s = store_status(storage)
+def _settled(status) -> dict | None:
+    s = status()
     busy = [j for j in s["jobs"] if j["state"] in ("queued", "running")]
     pending = [d for d in s["deliveries"] if d["state"] == "pending"]
     open_studies = [x for x in s["studies"] if x["state"] == "open"]
@@ -126,7 +127,7 @@ def _wait(predicate, timeout: float):
     return None
 
 
-def _turnaround(sender: Sender, storage: Path, folder: Path, timeout: float = 120) -> float | None:
+def _turnaround(sender: Sender, status, folder: Path, timeout: float = 120) -> float | None:
     """Seconds from the last C-STORE response of a valid four-view study to its results being delivered."""
     files = write_study(folder)
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
@@ -138,7 +139,7 @@ def _turnaround(sender: Sender, storage: Path, folder: Path, timeout: float = 12
     done_at = time.monotonic()
 
     def delivered():
-        s = store_status(storage)
+        s = status()
         study = [x for x in s["studies"] if x["study_uid"] == study_uid]
         if not study:
             return False
@@ -166,19 +167,41 @@ def _worker_pid(storage: Path) -> int | None:
 
 
 def run_fuzz(workdir: Path, count: int, seed: int = 0, store_timeout: float = 40.0,
-             settle_timeout: float = 600.0, progress: bool = False, families: list[str] | None = None) -> dict:
-    """Send ``count`` mutated data sets (and two valid studies) to a fresh node; returns the report."""
+             settle_timeout: float = 600.0, progress: bool = False, families: list[str] | None = None,
+             distributed: bool = False) -> dict:
+    """Send ``count`` mutated data sets (and two valid studies) to a fresh node; returns the report.
+
+    ``distributed``: the node with a PostgreSQL job store, a Redis broker and two ``dicom-ai
+    worker`` processes on the same storage, instead of its own worker and SQLite.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     pacs_dir, storage = workdir / "pacs", workdir / "storage"
     pacs, pacs_port = start_storescp(pacs_dir)
     port = free_port()
-    config = write_node_config(workdir / "node.toml", storage, port, [("PACS", pacs_port)],
-                               study={"grace_seconds": 0.5, "idle_seconds": 2.0})
+    sections: dict = {"study": {"grace_seconds": 0.5, "idle_seconds": 2.0}}
+    pg = redis = url = None
+    workers: list[Proc] = []
+    if distributed:
+        pg = Postgres()
+        url = pg.new_database()
+        redis = Redis(workdir / "redis")
+        sections.update(jobstore={"url": url, "connect_timeout_seconds": 2.0},
+                        workers={"broker_url": redis.url, "lease_seconds": 10.0, "requeue_seconds": 5.0,
+                                 "visibility_timeout_seconds": 120.0})
+    config = write_node_config(workdir / "node.toml", storage, port, [("PACS", pacs_port)], **sections)
     node = start_node(config, port, workdir / "node.stdout")
+    for name in ("w1", "w2") if distributed else ():
+        workers.append(Proc([PYTHON, "-m", "dicom_ai", "worker", "--config", str(config), "--name", name],
+                            workdir / f"worker-{name}.log", env=node_env(), cwd=REPO))
+
+    def status() -> dict:
+        return store_status(storage, url)
+
     sender = Sender(port, store_timeout)
-    report: dict = {"cases": 0, "seed": seed}
+    report: dict = {"cases": 0, "seed": seed,
+                    "site": "distributed: PostgreSQL, Redis, 2 dicom-ai workers" if distributed else "embedded"}
     try:
-        report["turnaround_before_s"] = _turnaround(sender, storage, workdir / "valid-before")
+        report["turnaround_before_s"] = _turnaround(sender, status, workdir / "valid-before")
         outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         statuses: collections.Counter = collections.Counter()
         accepted: dict[str, Case] = {}
@@ -213,27 +236,34 @@ def run_fuzz(workdir: Path, count: int, seed: int = 0, store_timeout: float = 40
         sender.release()
         report["send_seconds"] = round(time.monotonic() - started, 1)
         report["slowest_store_s"] = round(slowest, 2)
-        settled = _wait(lambda: _settled(storage), settle_timeout)
+        settled = _wait(lambda: _settled(status), settle_timeout)
         report["settled"] = settled is not None
-        s = settled or store_status(storage)
-        report["turnaround_after_s"] = _turnaround(sender, storage, workdir / "valid-after")
+        s = settled or status()
+        report["turnaround_after_s"] = _turnaround(sender, status, workdir / "valid-after")
         report["crashes"] = 0 if node.alive() else 1
         report["hangs"] = len(hangs)
         report["hang_cases"] = hangs[:20]
         log = (storage / "logs" / "node.log").read_text(errors="replace")
-        report["worker_restarts"] = log.count('"event": "worker_exited"')
+        # Embedded: the node restarts its worker (and logs it); distributed: a worker that died.
+        report["worker_restarts"] = log.count('"event": "worker_exited"') + sum(not w.alive() for w in workers)
         report["outcomes"] = {family: dict(c) for family, c in sorted(outcomes.items())}
         report["statuses"] = dict(statuses)
         report.update(_judge_accepted(s, accepted))
-        console = (workdir / "node.stdout").read_text(errors="replace")
-        report["patient_data_leaks"] = sum(text.count(secret) for secret in SECRETS for text in (log, console))
+        consoles = [p.read_text(errors="replace") for p in [workdir / "node.stdout", *(w.log for w in workers)]]
+        report["patient_data_leaks"] = sum(text.count(secret) for secret in SECRETS for text in (log, *consoles))
         report["node_peak_rss_mb"] = _peak_rss_mb(node.pid)
-        worker = _worker_pid(storage)
+        worker = None if distributed else _worker_pid(storage)
         report["worker_peak_rss_mb"] = _peak_rss_mb(worker) if worker else None
     finally:
         sender.release()
+        for w in workers:
+            w.stop(timeout=20)
         node.stop()
         pacs.stop()
+        if redis is not None:
+            redis.stop()
+        if pg is not None:
+            pg.close()
     return report
 
 
@@ -282,13 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fuzz.json")
     parser.add_argument("--workdir", type=Path, help="keep the node's storage and logs here (default: a temporary folder)")
     parser.add_argument("--families", help="comma-separated mutation families (default: all)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="PostgreSQL job store, Redis and two dicom-ai workers (out: fuzz_distributed.json)")
     args = parser.parse_args(argv)
     families = args.families.split(",") if args.families else None
+    if args.distributed and args.out == parser.get_default("out"):
+        args.out = args.out.with_name("fuzz_distributed.json")
     if args.workdir:
-        report = run_fuzz(args.workdir, args.cases, args.seed, progress=True, families=families)
+        report = run_fuzz(args.workdir, args.cases, args.seed, progress=True, families=families,
+                          distributed=args.distributed)
     else:
         with tempfile.TemporaryDirectory(prefix="dicom-ai-fuzz-") as tmp:
-            report = run_fuzz(Path(tmp), args.cases, args.seed, progress=True, families=families)
+            report = run_fuzz(Path(tmp), args.cases, args.seed, progress=True, families=families,
+                              distributed=args.distributed)
     report["machine"] = f"{os.cpu_count()} cores"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
