@@ -173,6 +173,8 @@ def test_sd_notify_sigterm_drains_a_store_in_progress_and_logs_can_rotate(tmp_pa
         assert node.popen.wait(60) == 0
         assert len(_events(log, "instance_received")) == 4
         assert _events(log, "scp_drained") and _events(log, "node_stopped")
+        drain = _events(log, "scp_drained")[0]  # the time the drain took, not its 30 s limit
+        assert drain["limit_seconds"] == 30.0 and 0 <= drain["seconds"] < 29, drain
         assert any(m.startswith("STOPPING=1") for m in got)
         with socket.socket() as s:  # nothing listens any more
             assert s.connect_ex(("127.0.0.1", port)) != 0

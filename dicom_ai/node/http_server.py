@@ -46,6 +46,14 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts)) if ts else "-"
 
 
+def _models(text: str | None) -> str:
+    """``jobs.models`` (JSON name -> version) as "glam 0.2.0, dunet 1.0"; "-" before any result."""
+    try:
+        return ", ".join(f"{k} {v}" for k, v in sorted(json.loads(text).items())) if text else "-"
+    except (ValueError, AttributeError):
+        return "-"
+
+
 def _table(title: str, columns: list[str], rows: list[list], row_class: Callable[[list], str] | None = None) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
@@ -90,10 +98,11 @@ def render_status_page(status: dict, ae_title: str, ready: dict[str, bool], reas
                  f'{d["ae_title"]}@{d["host"]}:{d["port"]}', d["attempts"],
                  _when(d["next_attempt"]) if d["state"] == "pending" else "-", d["error"]] for d in deliveries],
                lambda r: "bad" if r[2] == "failed" else ""),
-        _table("Jobs", ["id", "state", "study", "from", "attempts", "results", "worker", "created", "updated",
-                        "error"],
+        _table("Jobs", ["id", "state", "study", "from", "attempts", "results", "models", "worker", "created",
+                        "updated", "error"],
                [[j["id"], j["state"], j["study_uid"], j["calling_ae"], j["attempts"], j["results"],
-                 j.get("worker") or "-", _when(j["created"]), _when(j["updated"]), j["error"]]
+                 _models(j.get("models")), j.get("worker") or "-", _when(j["created"]), _when(j["updated"]),
+                 j["error"]]
                 for j in reversed(status["jobs"])],
                lambda r: "bad" if r[1] == "failed" else ""),
         _table("Studies", ["id", "state", "study", "from", "images", "last received"],

@@ -367,12 +367,14 @@ class Node:
         self._start_worker()
 
     def _shutdown(self) -> None:
+        stopping = time.monotonic()
         logs.event("node_stopping")
         sd_notify("STOPPING=1")
         self.scp.stop()
         drained = self.scp.wait_idle(DRAIN_SECONDS)
+        # seconds: how long the drain took; limit_seconds: the most it may take.
         logs.event("scp_drained" if drained else "scp_drain_timeout", level="INFO" if drained else "WARNING",
-                   seconds=DRAIN_SECONDS)
+                   seconds=round(time.monotonic() - stopping, 3), limit_seconds=DRAIN_SECONDS)
         self.delivery.stopping.set()
         if self.dispatch is not None:
             self.dispatch.stopping.set()
@@ -388,7 +390,7 @@ class Node:
         if self.http is not None:
             self.http.stop()
         audit.application_activity(started=False, who=audit.operator())
-        logs.event("node_stopped")
+        logs.event("node_stopped", seconds=round(time.monotonic() - stopping, 3))
 
 
 def _limit_malloc_arenas(arenas: int = 1) -> None:
