@@ -30,7 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dicom_ai import __version__
 from dicom_ai.node import logs
+from dicom_ai.node.liveness import describe_workers
 from dicom_ai.node.metrics import REGISTRY
 
 __all__ = ["StatusServer", "render_status_page"]
@@ -82,8 +84,6 @@ def render_status_page(status: dict, ae_title: str, ready: dict[str, bool], reas
     lease_seconds : float, optional
         ``workers.lease_seconds`` in distributed mode: the Workers table (alive / lost); None: no table.
     """
-    from dicom_ai import __version__
-    from dicom_ai.node.liveness import describe_workers
 
     deliveries = sorted(status["deliveries"], key=lambda d: (_FAILED_FIRST.get(d["state"], 3), -d["id"]))
     checks = " ".join(f'<span class="{"ok" if v else "bad"}">{html.escape(k)}: {"ok" if v else "FAILING"}</span>'
