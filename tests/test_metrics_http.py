@@ -31,6 +31,8 @@ def get(port: int, path: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+    except urllib.error.URLError:
+        return 0, ""  # not listening yet: the HTTP server starts just after the DICOM port opens
 
 
 def sample(text: str, name: str, **labels: str) -> float:

@@ -43,10 +43,12 @@ def _install_steps() -> str:
 def test_the_readmes_install_steps_give_units_that_pass_systemd_analyze_verify(tmp_path):
     """Exactly the README's install lines, with DESTDIR a temporary root; both units then pass
     ``systemd-analyze verify --root``. The root gets what a machine has before: the OS's own units
-    (sysinit.target, ...) and the virtual environment's command at /opt/dicom-ai/.venv."""
+    (sysinit.target, ...), /bin/kill and the virtual environment's command at /opt/dicom-ai/.venv."""
     root = tmp_path / "root"
     (root / "usr" / "lib" / "systemd").mkdir(parents=True)
     shutil.copytree("/usr/lib/systemd/system", root / "usr" / "lib" / "systemd" / "system", symlinks=True)
+    (root / "bin").mkdir()
+    shutil.copy(shutil.which("kill") or "/bin/kill", root / "bin" / "kill")  # ExecReload's command
     venv_bin = root / "opt" / "dicom-ai" / ".venv" / "bin"
     venv_bin.mkdir(parents=True)
     exe = Path(PYTHON).parent / "dicom-ai"
@@ -173,6 +175,8 @@ def test_sd_notify_sigterm_drains_a_store_in_progress_and_logs_can_rotate(tmp_pa
         assert node.popen.wait(60) == 0
         assert len(_events(log, "instance_received")) == 4
         assert _events(log, "scp_drained") and _events(log, "node_stopped")
+        drain = _events(log, "scp_drained")[0]  # the time the drain took, not its 30 s limit
+        assert drain["limit_seconds"] == 30.0 and 0 <= drain["seconds"] < 29, drain
         assert any(m.startswith("STOPPING=1") for m in got)
         with socket.socket() as s:  # nothing listens any more
             assert s.connect_ex(("127.0.0.1", port)) != 0

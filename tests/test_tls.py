@@ -242,3 +242,49 @@ def test_connection_limits_hold_across_the_plain_and_tls_ports(tmp_path, certs):
         for s in silent:
             s.close()
         node.stop()
+
+
+def test_sighup_reloads_the_certificate_without_a_restart(tmp_path, certs):
+    """Replace tls.certificate/private_key, SIGHUP: the next TLS connection gets the new certificate;
+    a broken file keeps the old one in use and says so."""
+    import shutil
+    import signal
+
+    from tls_certs import make_cert
+
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("node.crt", "node.key"):
+        shutil.copy(certs["node"][0].parent / name, live / name)
+    mine = dict(certs, node=(live / "node.crt", live / "node.key"))
+    port, tls_port = free_port(), free_port()
+    cfg = write_config(tmp_path / "node.toml", tmp_path / "storage", port, tls_port, mine,
+                       [{"ae_title": "PACS", "host": "127.0.0.1", "port": 104}])
+    log = tmp_path / "node.log"
+    node = start_node(cfg, port, log)
+
+    def served_serial() -> int:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(str(certs["ca"][0]))
+        ctx.load_cert_chain(str(certs["pacs"][0]), str(certs["pacs"][1]))
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return int(tls.getpeercert()["serialNumber"], 16)
+
+    try:
+        wait_port(tls_port)
+        first = served_serial()
+        ca = (certs["ca"][0], certs["ca"][0].parent / "ca.key")
+        renewed = make_cert(tmp_path, "renewed", ca, "AINODE")
+        shutil.copy(renewed[0], live / "node.crt")
+        shutil.copy(renewed[1], live / "node.key")
+        node.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: '"tls_reloaded"' in log.read_text(), 10, "tls_reloaded")
+        second = served_serial()
+        assert second != first
+        (live / "node.crt").write_text("not a certificate\n")
+        node.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: '"tls_reload_failed"' in log.read_text(), 10, "tls_reload_failed")
+        assert served_serial() == second and node.alive()
+    finally:
+        node.stop()

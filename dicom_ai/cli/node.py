@@ -185,6 +185,8 @@ def _status(args: argparse.Namespace) -> int:
     for j in status["jobs"]:
         note = f"  ! {j['error']}" if j["error"] else ""
         ran = f"  by {j['worker']}" if j.get("worker") else ""
+        if j.get("models"):
+            ran += "  models " + ", ".join(f"{k} {v}" for k, v in sorted(json.loads(j["models"]).items()))
         print(f"  {j['id']:>4}  {j['state']:<10} attempts {j['attempts']} (failed {j['failures']}, "
               f"interrupted {j['interruptions']})  results {j['results']:>2}  {j['study_uid']}{ran}{note}")
     print(f"DELIVERIES ({len(status['deliveries'])})")

@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 
+import celery.apps.worker as celery_worker_app
 from celery.signals import worker_process_init
 
 from dicom_ai.node import logs
@@ -149,8 +150,6 @@ def _quiet_celery_console() -> None:
     """Turn Celery's direct console messages ("worker: Warm shutdown (MainProcess)", written to
     the real stderr by ``celery.apps.worker.safe_say``, which no logging setting reaches) into
     JSON ``celery_console`` events, so the worker's output stays one JSON object per line."""
-    import celery.apps.worker as celery_worker_app
-
     if hasattr(celery_worker_app, "safe_say"):
         celery_worker_app.safe_say = lambda msg, f=None: logs.event("celery_console", message=str(msg).strip()[:300])
 

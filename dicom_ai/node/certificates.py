@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 from prometheus_client.core import GaugeMetricFamily
 
 from dicom_ai.node.config import TlsSection
+from dicom_ai.node.metrics import REGISTRY
 
 __all__ = ["WARN_DAYS", "Certificate", "CertificateReport", "check_certificates", "ExpiryCollector", "read_pem"]
 
@@ -183,8 +184,6 @@ _watched: ExpiryCollector | None = None
 
 def watch_expiry(tls: TlsSection | None) -> None:
     """Report ``tls``'s certificates in the node's metrics (replacing an earlier call; None: stop)."""
-    from dicom_ai.node.metrics import REGISTRY
-
     global _watched
     if _watched is not None:
         REGISTRY.unregister(_watched)

@@ -30,7 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from dicom_ai import __version__
 from dicom_ai.node import logs
+from dicom_ai.node.liveness import describe_workers
 from dicom_ai.node.metrics import REGISTRY
 
 __all__ = ["StatusServer", "render_status_page"]
@@ -44,6 +46,14 @@ _FAILED_FIRST = {"failed": 0, "pending": 1, "sending": 2}
 def _when(ts: float | None) -> str:
     """Local time with its UTC offset (a reader in another time zone, or at a DST change, is not misled)."""
     return time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(ts)) if ts else "-"
+
+
+def _models(text: str | None) -> str:
+    """``jobs.models`` (JSON name -> version) as "glam 0.2.0, dunet 1.0"; "-" before any result."""
+    try:
+        return ", ".join(f"{k} {v}" for k, v in sorted(json.loads(text).items())) if text else "-"
+    except (ValueError, AttributeError):
+        return "-"
 
 
 def _table(title: str, columns: list[str], rows: list[list], row_class: Callable[[list], str] | None = None) -> str:
@@ -74,8 +84,6 @@ def render_status_page(status: dict, ae_title: str, ready: dict[str, bool], reas
     lease_seconds : float, optional
         ``workers.lease_seconds`` in distributed mode: the Workers table (alive / lost); None: no table.
     """
-    from dicom_ai import __version__
-    from dicom_ai.node.liveness import describe_workers
 
     deliveries = sorted(status["deliveries"], key=lambda d: (_FAILED_FIRST.get(d["state"], 3), -d["id"]))
     checks = " ".join(f'<span class="{"ok" if v else "bad"}">{html.escape(k)}: {"ok" if v else "FAILING"}</span>'
@@ -91,10 +99,11 @@ def render_status_page(status: dict, ae_title: str, ready: dict[str, bool], reas
                  f'{d["ae_title"]}@{d["host"]}:{d["port"]}', d["attempts"],
                  _when(d["next_attempt"]) if d["state"] == "pending" else "-", d["error"]] for d in deliveries],
                lambda r: "bad" if r[2] == "failed" else ""),
-        _table("Jobs", ["id", "state", "study", "from", "attempts", "results", "worker", "created", "updated",
-                        "error"],
+        _table("Jobs", ["id", "state", "study", "from", "attempts", "results", "models", "worker", "created",
+                        "updated", "error"],
                [[j["id"], j["state"], j["study_uid"], j["calling_ae"], j["attempts"], j["results"],
-                 j.get("worker") or "-", _when(j["created"]), _when(j["updated"]), j["error"]]
+                 _models(j.get("models")), j.get("worker") or "-", _when(j["created"]), _when(j["updated"]),
+                 j["error"]]
                 for j in reversed(status["jobs"])],
                lambda r: "bad" if r[1] == "failed" else ""),
         _table("Studies", ["id", "state", "study", "from", "images", "last received"],

@@ -71,8 +71,9 @@ STANDARD_VIEWS = frozenset({("L", "CC"), ("L", "MLO"), ("R", "CC"), ("R", "MLO")
 #: ``jobs.interruptions`` and the ``sending`` table; 3: ``jobs.model_seconds`` (JSON: model
 #: name -> seconds per image); 4: ``jobs.worker``, ``jobs.heartbeat``, ``jobs.enqueued``,
 #: ``deliveries.lease_owner``, ``deliveries.lease_until``, the ``meta`` and ``workers`` tables
-#: (the first PostgreSQL schema).
-SCHEMA_VERSION = 4
+#: (the first PostgreSQL schema); 5: ``jobs.models`` (JSON: model name -> version [@ operating
+#: point] of the models that produced the job's results).
+SCHEMA_VERSION = 5
 
 #: Default of ``pipeline.max_job_interruptions``: interruptions (the worker died under a running
 #: node while the job ran) before a job is marked failed. Far larger than
@@ -195,6 +196,7 @@ _ADDED_COLUMNS = [
     ("jobs", "enqueued", "REAL"),
     ("deliveries", "lease_owner", "TEXT"),
     ("deliveries", "lease_until", "REAL"),
+    ("jobs", "models", "TEXT"),
 ]
 
 
@@ -522,7 +524,7 @@ class SqlJobStore:
 
     def complete_job(self, job: Job, outputs: Sequence[tuple[str, str, str]],
                      destinations: Sequence[tuple[str, str, int]], note: str | None = None,
-                     model_seconds: dict[str, list[float]] | None = None) -> str:
+                     model_seconds: dict[str, list[float]] | None = None, models: dict[str, str] | None = None) -> str:
         """Record the job's outbox objects and queue one delivery per destination, atomically.
 
         Parameters
@@ -538,6 +540,9 @@ class SqlJobStore:
         model_seconds : dict or None
             Inference wall time per model name, one value per image, in seconds (for the
             node's metrics).
+        models : dict or None
+            Model name -> version (``@operating point`` appended when there is one) of the
+            models that produced the results (``status``, the status page, metrics).
 
         Returns
         -------
@@ -555,8 +560,9 @@ class SqlJobStore:
             db.executemany("INSERT INTO outbox (job_id, sop_instance_uid, sop_class_uid, path) VALUES (?, ?, ?, ?) "
                            "ON CONFLICT (job_id, sop_instance_uid) DO UPDATE SET sop_class_uid = excluded.sop_class_uid, "
                            "path = excluded.path", [(job.id, uid, cls, path) for uid, cls, path in outputs])
-            db.execute("UPDATE jobs SET state = ?, error = ?, updated = ?, model_seconds = ? WHERE id = ?",
-                       (state, note, now, json.dumps(model_seconds) if model_seconds else None, job.id))
+            db.execute("UPDATE jobs SET state = ?, error = ?, updated = ?, model_seconds = ?, models = ? WHERE id = ?",
+                       (state, note, now, json.dumps(model_seconds) if model_seconds else None,
+                        json.dumps(models, sort_keys=True) if models else None, job.id))
             if state == "done":
                 db.executemany("INSERT INTO deliveries (job_id, ae_title, host, port, state, next_attempt, created, "
                                "updated) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
@@ -873,7 +879,7 @@ class SqlJobStore:
                 "FROM studies s LEFT JOIN instances i ON i.study_id = s.id GROUP BY s.id ORDER BY s.id").fetchall()]
             jobs = [dict(r) for r in db.execute(
                 "SELECT j.id, s.study_uid, s.calling_ae, j.state, j.attempts, j.failures, j.interruptions, j.error, "
-                "j.created, j.updated, j.worker, j.heartbeat, "
+                "j.created, j.updated, j.worker, j.heartbeat, j.models, "
                 "(SELECT COUNT(*) FROM outbox o WHERE o.job_id = j.id) AS results "
                 "FROM jobs j JOIN studies s ON s.id = j.study_id ORDER BY j.id").fetchall()]
             deliveries = [dict(r) for r in db.execute(

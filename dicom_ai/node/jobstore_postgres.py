@@ -133,6 +133,7 @@ CREATE TABLE IF NOT EXISTS workers (
 #: Version 4 is the first PostgreSQL schema (the SQLite schema's version 4, in PostgreSQL types).
 _MIGRATIONS: list[tuple[int, list[str]]] = [
     (4, [s for s in _SCHEMA_4.split(";") if s.strip()]),
+    (5, ["ALTER TABLE jobs ADD COLUMN IF NOT EXISTS models TEXT"]),
 ]
 assert _MIGRATIONS[-1][0] == SCHEMA_VERSION
 

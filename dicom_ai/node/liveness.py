@@ -14,6 +14,7 @@ from __future__ import annotations
 from prometheus_client.core import GaugeMetricFamily
 
 from dicom_ai.node.jobstore import SqlJobStore
+from dicom_ai.node.metrics import REGISTRY
 from dicom_ai.node.storage import is_storage_error
 
 __all__ = ["describe_workers", "no_live_worker", "WorkerCollector"]
@@ -77,8 +78,6 @@ _watched: WorkerCollector | None = None
 
 def watch_workers(store: SqlJobStore | None, lease_seconds: float = 0.0) -> None:
     """Report ``store``'s workers in the node's metrics (replacing an earlier call; None: stop)."""
-    from dicom_ai.node.metrics import REGISTRY
-
     global _watched
     if _watched is not None:
         REGISTRY.unregister(_watched)

@@ -111,6 +111,8 @@ class JobStoreCollector:
                                                       "('done', 'superseded') AND model_seconds IS NOT NULL")]
             job_notes = [r[0] for r in self._rows("SELECT error FROM jobs WHERE state IN ('done', 'superseded') "
                                                   "AND error IS NOT NULL")]
+            versions = self._rows("SELECT models, COUNT(*) FROM jobs WHERE state IN ('done', 'superseded') "
+                                  "AND models IS NOT NULL GROUP BY models")
         except Exception as exc:
             if isinstance(exc, sqlite3.Error) or is_storage_error(exc):
                 return  # no store yet, locked for longer than 2 s, PostgreSQL down: /readyz says so
@@ -167,6 +169,20 @@ class JobStoreCollector:
             buckets.append(("+Inf", len(values)))
             h.add_metric([model], buckets, float(sum(values)))
         yield h
+        by_version: dict[tuple[str, str], int] = {}
+        for text, n in versions:
+            try:
+                for model, version in json.loads(text).items():
+                    key = (str(model), str(version))
+                    by_version[key] = by_version.get(key, 0) + int(n)
+            except (ValueError, TypeError, AttributeError):
+                continue
+        g = GaugeMetricFamily("dicom_ai_jobs_by_model_version", "Finished jobs still in the job store, by the "
+                              "model versions that made their results (version@operating point)",
+                              labels=["model", "version"])
+        for (model, version), n in sorted(by_version.items()):
+            g.add_metric([model, version], n)
+        yield g
 
 
 _watched: JobStoreCollector | None = None

@@ -52,15 +52,16 @@ from dicom_ai.core.errors import ConfigError, JobStoreError, StorageIdentityErro
 from dicom_ai.core.research import research_notices
 from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.node import audit, certificates, logs, metrics
-from dicom_ai.node.liveness import no_live_worker, watch_workers
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
 from dicom_ai.node.dispatch import Dispatcher, DispatchThread
 from dicom_ai.node.engines import open_jobstore
 from dicom_ai.node.http_server import StatusServer
+from dicom_ai.node.liveness import no_live_worker, watch_workers
 from dicom_ai.node.scp import StorageSCP
 from dicom_ai.node.storage import (PRIVATE_UMASK, ensure_storage_id, is_storage_error, make_private,
                                    write_durably)
+from dicom_ai.node.tls import server_context
 
 #: How the worker process starts: the parent-death signal (SIGKILL, Linux prctl
 #: PR_SET_PDEATHSIG) is set before anything of the node is imported (dicom_ai.node, torch,
@@ -159,6 +160,7 @@ class Node:
         self.worker: subprocess.Popen | None = None
         self._worker_restarts: list[float] = []
         self._stopping = threading.Event()
+        self._reload = threading.Event()
         self._next_purge = 0.0
         # Recovery (re-queue what a stopped worker left running) must run, and succeed, before
         # a worker is started: run later, it would take the new worker's claim away.
@@ -300,6 +302,9 @@ class Node:
                 self._check_worker()
             steps["purge"].run(self._purge)
             steps["disk_check"].run(self._check_disk)
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload_certificates()
             if self._watchdog_every and time.monotonic() >= self._next_watchdog:
                 sd_notify("WATCHDOG=1")
                 self._next_watchdog = time.monotonic() + self._watchdog_every
@@ -308,6 +313,34 @@ class Node:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: re-read the ``[tls]`` files at the next turn of :meth:`run`."""
+        self._reload.set()
+
+    def reload_certificates(self) -> None:
+        """Load ``tls.certificate``, ``tls.private_key`` and ``tls.ca_bundle`` again (SIGHUP).
+
+        The TLS listener's next handshake uses the new files (each connection's thread reads
+        the listener's context when it starts); associations already established keep theirs.
+        Deliveries load the files for every association anyway, and the audit sink reconnects
+        with them. Files that do not load keep the old ones in use (``tls_reload_failed``).
+        """
+        if not self.config.tls_in_use:
+            logs.event("tls_reload_skipped", reason="no [tls] in use")
+            return
+        try:
+            context = server_context(self.config.tls) if self.config.tls.port else None
+        except ConfigError as exc:
+            logs.event("tls_reload_failed", level="ERROR", error=str(exc), hint="the previous certificate stays in use")
+            return
+        for server in self.scp.servers:
+            if getattr(server, "tls_context", None) is not None and context is not None:
+                server.tls_context = context
+        audit.configure(self.config)
+        self._check_certificates()
+        node = certificates.read_pem(self.config.tls.certificate)[0]
+        logs.event("tls_reloaded", certificate=node.subject, expires=node.expires)
 
     def _assemble(self) -> None:
         for job_id in self.store.close_ready_studies(self.config.study.grace_seconds,
@@ -381,12 +414,14 @@ class Node:
         self._start_worker()
 
     def _shutdown(self) -> None:
+        stopping = time.monotonic()
         logs.event("node_stopping")
         sd_notify("STOPPING=1")
         self.scp.stop()
         drained = self.scp.wait_idle(DRAIN_SECONDS)
+        # seconds: how long the drain took; limit_seconds: the most it may take.
         logs.event("scp_drained" if drained else "scp_drain_timeout", level="INFO" if drained else "WARNING",
-                   seconds=DRAIN_SECONDS)
+                   seconds=round(time.monotonic() - stopping, 3), limit_seconds=DRAIN_SECONDS)
         self.delivery.stopping.set()
         if self.dispatch is not None:
             self.dispatch.stopping.set()
@@ -402,7 +437,7 @@ class Node:
         if self.http is not None:
             self.http.stop()
         audit.application_activity(started=False, who=audit.operator())
-        logs.event("node_stopped")
+        logs.event("node_stopped", seconds=round(time.monotonic() - stopping, 3))
 
 
 def _limit_malloc_arenas(arenas: int = 1) -> None:
@@ -453,6 +488,7 @@ def serve(config: NodeConfig) -> int:
         node = Node(config)
         signal.signal(signal.SIGTERM, lambda *_: node.stop())
         signal.signal(signal.SIGINT, lambda *_: node.stop())
+        signal.signal(signal.SIGHUP, lambda *_: node.request_reload())
         node.start()
     except ConfigError as exc:  # what the CLI checks first; a library caller gets the same answer
         print(f"dicom-ai: configuration error: {exc}", file=sys.stderr)

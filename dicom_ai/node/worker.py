@@ -305,7 +305,8 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble
                **{f"model_{k}_seconds": round(sum(v), 3) for k, v in sorted(model_seconds.items())})
     while True:
         try:
-            state = store.complete_job(job, entries, destinations, note=note, model_seconds=model_seconds)
+            state = store.complete_job(job, entries, destinations, note=note, model_seconds=model_seconds,
+                                       models=model_versions(pipeline, model_seconds))
             break
         except Exception as exc:
             if not is_storage_error(exc):
@@ -317,7 +318,8 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble
     trouble.succeeded()
     logs.event("job_finished", job_id=job.id, study_instance_uid=job.study_uid, state=state,
                results=len(entries), destinations=",".join(d[0] for d in destinations) or "none",
-               seconds=round(time.monotonic() - started, 2), notes="; ".join(notes)[:500])
+               seconds=round(time.monotonic() - started, 2), notes="; ".join(notes)[:500],
+               models=",".join(f"{k} {v}" for k, v in sorted(model_versions(pipeline, model_seconds).items())))
     if not destinations and entries:
         logs.event("no_destination", level="WARNING", job_id=job.id, calling_ae=job.calling_ae,
                    hint="the caller is not a configured peer and no [[destinations]] are set")
@@ -338,6 +340,21 @@ def _audit_left_out(job: Job, note: str | None, state: str) -> None:
                                  + "; ".join(f"{uid} ({reason})" for uid, reason in left_out))
     except Exception as exc:  # the audit trail never fails a job; audit.py reports a sink that is down
         logs.event("audit_failed", level="ERROR", job_id=job.id, error=type(exc).__name__)
+
+
+def model_versions(pipeline, ran: dict | None = None) -> dict[str, str]:
+    """Model name -> version (``@operating point`` when the bundle has one) of the models that
+    made a job's results: those that ran (``ran``, the pipeline's per-model timings), or every
+    model of the pipeline when it keeps no timings."""
+    identities = pipeline.identities() if hasattr(pipeline, "identities") else \
+        [pipeline.identity] if hasattr(pipeline, "identity") else []
+    out = {}
+    for ident in identities:
+        if ran and ident.name not in ran:
+            continue  # switched off at the operating point: it made nothing
+        point = getattr(ident, "operating_point", "")
+        out[ident.name] = f"{ident.version}@{point}" if point else str(ident.version)
+    return out
 
 
 def _remove_partial_outbox(config: NodeConfig, job: Job) -> None:
