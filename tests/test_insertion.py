@@ -184,4 +184,4 @@ def test_grain_follows_the_level_like_film():
     core = out.lesions[0].mask.copy()
     core[:, :] &= (r - 160) ** 2 + (c - 60) ** 2 < 15 ** 2
     fine = lambda a: a - gaussian_blur(a, 1.0)  # noqa: E731
-    assert fine(out.image.pixels)[core].std() < 0.85 * fine(bg.image.pixels)[core].std()
+    assert fine(out.image.pixels)[core].std() < 0.9 * fine(bg.image.pixels)[core].std()  # 1.0 without the curve
