@@ -164,3 +164,24 @@ def test_given_centre_size_and_shape():
     assert insert_lesions(bg, seed=2, masses=1, config=cfg, at=[(5.0, 235.0)]).lesions == []  # outside the breast
     with pytest.raises(DatasetError, match="unknown mass shape"):
         insert_lesions(bg, seed=2, masses=1, config=InsertionConfig(mass_shapes=("star",)))
+
+
+def test_grain_follows_the_level_like_film():
+    """Noise that falls with brightness (film) is measured, and a bright mass gets the smoother grain."""
+    rng = np.random.default_rng(8)
+    r, c = np.mgrid[0:ROWS, 0:COLS]
+    inside = ((r - ROWS / 2) / (0.46 * ROWS)) ** 2 + (c / (0.85 * COLS)) ** 2 < 1
+    level = 0.3 + 0.4 * c / COLS + 0.02 * power_law_field(rng, (ROWS, COLS), SPACING, 3.0)
+    grain = rng.standard_normal((ROWS, COLS)).astype(np.float32) * (0.03 * (1.0 - level))
+    img = np.where(inside, np.clip(level + grain, 0.05, 0.95), 0.0).astype(np.float32)
+    bg = _sample(np.round(img * 65535) / 65535)
+    src = estimate_source(bg.image)
+    levels, sds = src.noise_curve
+    assert sds[0] > 1.5 * sds[-1] and levels[0] < levels[-1]
+    cfg = InsertionConfig(mass_radius_mm=(5.0, 5.0), mass_contrast=(0.6, 0.6), margin_blur=(0.0, 0.0),
+                          mass_texture=(0.0, 0.0), mass_shapes=("round",))
+    out = insert_lesions(bg, seed=3, masses=1, config=cfg, source=src, at=[(160.0, 60.0)])
+    core = out.lesions[0].mask.copy()
+    core[:, :] &= (r - 160) ** 2 + (c - 60) ** 2 < 15 ** 2
+    fine = lambda a: a - gaussian_blur(a, 1.0)  # noqa: E731
+    assert fine(out.image.pixels)[core].std() < 0.9 * fine(bg.image.pixels)[core].std()  # 1.0 without the curve

@@ -91,6 +91,12 @@ class SourceModel:
         The sorted grey levels the image uses (at most 65,536), or None when it uses more:
         inserted values are put back on them, since off-grid values would give the
         insertion away (an 8-bit film scan, a 12-bit detector stored in 16 bits).
+    noise_curve
+        ``(levels, sds)``: robust standard deviation of the fine-grain residual (the image
+        minus its Gaussian blur of :data:`GRAIN_SIGMA_PX`) against the local level, over the
+        breast. On film the grain depends on the density (a bright mass is smoother than
+        the fat around it); insertion rescales the residual under a lesion from the sd at
+        the old level to the sd at the new one. None when not measured.
     """
 
     spacing_mm: float
@@ -101,6 +107,7 @@ class SourceModel:
     tissue_levels: tuple[float, float, float]
     log_domain: bool = True
     levels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    noise_curve: tuple[tuple[float, ...], tuple[float, ...]] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -112,16 +119,19 @@ class InsertionConfig:
     where the background is at its 95th percentile); calibrated so the contrast-to-texture
     ratios of inserted masses follow those of the 58 outlined mini-MIAS masses
     (benchmarks/bench_insertion_realism.py). ``mass_texture``: relative depth of the
-    mass's internal power-law texture. ``calc_contrast``: speck contrast (the phantom's
+    mass's internal power-law texture. ``margin_blur``: extra Gaussian blur of the mass
+    profile, as a fraction of its radius (the phantom's margins are near steps, which made
+    inserted masses carry more fine structure inside than real ones). ``calc_contrast``: speck contrast (the phantom's
     per-speck values 0.45-0.75 are multiplied by it). ``mass_radius_mm``: optional override
     of the radius range (default: the phantom's calibrated log-normal, 2.5-15 mm).
     ``mass_shapes``: optional override of the mass shapes, one drawn uniformly (of round,
     oval, lobulated, irregular, spiculated; default: the phantom's choice by severity).
     """
 
-    mass_contrast: tuple[float, float] = (0.10, 0.45)
+    mass_contrast: tuple[float, float] = (0.2, 0.6)
     dense_reduction: float = 0.5
-    mass_texture: tuple[float, float] = (0.1, 0.3)
+    mass_texture: tuple[float, float] = (0.0, 0.1)
+    margin_blur: tuple[float, float] = (0.05, 0.15)
     calc_contrast: tuple[float, float] = (0.5, 1.2)
     malignant_share: float = 0.5
     skin_margin_mm: float = 3.0
@@ -283,7 +293,37 @@ def estimate_source(image: Mammogram, patch_mm: float = 6.4, max_patches: int = 
     quantum = float(np.median(np.diff(levels))) if levels is not None and levels.size > 1 else 0.0
     return SourceModel(spacing_mm=spacing, psf_sigma_px=round(sigma, 3), noise_sigma=float(math.sqrt(noise_power)),
                        quantum=quantum, tissue_range=max(p95 - p5, 1e-3), tissue_levels=(p5, p50, p95),
-                       log_domain=log_domain, levels=levels)
+                       log_domain=log_domain, levels=levels,
+                       noise_curve=_noise_curve(vals, _erode_mm(breast, 2.0, spacing)) if log_domain else None)
+
+
+#: Width (pixels) of the Gaussian whose residual is taken as the fine grain (noise) of an image.
+GRAIN_SIGMA_PX = 1.0
+
+
+def _noise_curve(values: np.ndarray, region: np.ndarray, bins: int = 16) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Robust sd (1.4826 MAD) of the fine-grain residual per quantile bin of the local level."""
+    if region.sum() < 1000:
+        return None
+    # At most about 4 megapixels are needed: a band of rows keeps the cost down on 50 um scans.
+    step = max(1, int(math.sqrt(region.sum() / 4e6)))
+    v = values[::step, ::step] if step > 1 else values
+    reg = region[::step, ::step] if step > 1 else region
+    low = gaussian_blur(v, GRAIN_SIGMA_PX * 2)
+    grain = (v - gaussian_blur(v, GRAIN_SIGMA_PX))[reg]
+    level = low[reg]
+    edges = np.quantile(level, np.linspace(0.005, 0.995, bins + 1))
+    centres, sds = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (level >= lo) & (level < hi)
+        if sel.sum() < 200:
+            continue
+        g = grain[sel]
+        centres.append(float(np.median(level[sel])))
+        sds.append(float(1.4826 * np.median(np.abs(g - np.median(g)))))
+    if len(centres) < 2:
+        return None
+    return tuple(centres), tuple(sds)
 
 
 # --------------------------------------------------------------------------- placing and drawing
@@ -323,9 +363,22 @@ def _local_level(pixels: np.ndarray, mask: np.ndarray) -> float:
 
 
 def _add(values: np.ndarray, window: tuple[slice, slice], increment: np.ndarray, src: SourceModel) -> None:
-    """Add ``increment`` (attenuation units of the image) inside ``window``, in the log domain."""
+    """Add ``increment`` (attenuation units of the image) inside ``window``, in the log domain.
+
+    With a noise curve, the fine grain under the lesion is rescaled from the noise level of
+    the old local level to that of the new one (where the increment is above 1e-6).
+    """
     if src.log_domain:
-        values[window] += increment
+        old = values[window]
+        new = old + increment
+        if src.noise_curve is not None:
+            levels, sds = (np.asarray(a, np.float32) for a in src.noise_curve)
+            low = gaussian_blur(old, GRAIN_SIGMA_PX)
+            grain = old - low
+            ratio = np.interp(low + increment, levels, sds) / np.maximum(np.interp(low, levels, sds), 1e-6)
+            ratio = np.clip(ratio, 0.25, 4.0).astype(np.float32)
+            new = np.where(increment > 1e-6, low + increment + grain * ratio, new)
+        values[window] = new
     else:
         # Linear in exposure, dense bright (inverted transmission): attenuation multiplies the
         # transmitted signal 1 - value.
@@ -378,9 +431,12 @@ def _insert_mass(rng: np.random.Generator, values: np.ndarray, sample: Sample, s
     level = _local_level(values[window], mask)
     dense = float(np.clip((level - p5) / max(p95 - p5, 1e-6), 0.0, 1.0))
     amplitude = contrast * src.tissue_range * (1.0 - cfg.dense_reduction * dense)
-    # The system blur acts on the lesion as on everything else in the image.
-    pad = int(math.ceil(3.5 * src.psf_sigma_px)) + 1
-    increment = gaussian_blur(np.pad(density, pad), src.psf_sigma_px)[pad:-pad, pad:-pad] * np.float32(amplitude)
+    # Margins softer than the phantom's (a fraction of the radius), then the system blur,
+    # which acts on the lesion as on everything else in the image.
+    margin_px = float(rng.uniform(*cfg.margin_blur)) * radius / spacing
+    sigma = math.sqrt(margin_px ** 2 + src.psf_sigma_px ** 2)
+    pad = int(math.ceil(3.5 * sigma)) + 1
+    increment = gaussian_blur(np.pad(density, pad), sigma)[pad:-pad, pad:-pad] * np.float32(amplitude)
     _add(values, window, increment, src)
     full = np.zeros(values.shape, bool)
     full[window] = mask
