@@ -100,13 +100,13 @@ def torch11_integer_division():
         torch.Tensor.__truediv__ = original
 
 
-def _authors_model(repo: Path, state: dict[str, torch.Tensor], k: int = 1):
+def _authors_model(repo: Path, state: dict[str, torch.Tensor], k: int = 1, **overrides):
     _stub_modules()
     if str(repo) not in sys.path:
         sys.path.insert(0, str(repo))
     from src.modeling import glam as authors_glam  # their code, from the checkout
 
-    model = authors_glam.MILSingleImageModel(dict(PARAMETERS, top_k_per_class=k))
+    model = authors_glam.MILSingleImageModel(dict(PARAMETERS, top_k_per_class=k, **overrides))
     table = [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()]
     model.load_state_dict(state, strict=True)
     return model.eval(), table == [tuple(r) for r in AUTHORS_TENSORS]
@@ -119,6 +119,35 @@ def _run_authors(model, x: torch.Tensor) -> tuple[dict[str, np.ndarray], float]:
     cpu = time.process_time() - started
     return {"y_global": y.numpy(), "saliency_global": model.saliency_map_global.numpy(),
             "saliency_fused": model.saliency_map.numpy(), "patch_locations": np.asarray(model.patch_locations)}, cpu
+
+
+def _small_trials(repo: Path, state: dict[str, torch.Tensor], trials: int, seed: int) -> dict:
+    """Many small inputs (512 x 320, 32 x 32 crops, K = 3) with a bright blob at a random place, so
+    that patches are also chosen inside the map, not only at its border as the full-size runs do."""
+    cfg = GlamAuthorsConfig(input_shape=(512, 320), cam_size=(32, 20), crop_shape=(32, 32), top_k_per_class=3)
+    model, _ = _authors_model(repo, state, k=3, cam_size=cfg.cam_size, crop_shape=cfg.crop_shape)
+    rng = np.random.default_rng(seed + 1)
+    rows, cols = cfg.input_shape
+    rr, cc = np.mgrid[:rows, :cols]
+    x = []
+    for _ in range(trials):
+        r, c, radius = rng.uniform(40, rows - 40), rng.uniform(40, cols - 40), rng.uniform(8, 30)
+        blob = 4.0 * np.exp(-((rr - r) ** 2 + (cc - c) ** 2) / (2 * radius ** 2))
+        x.append((rng.standard_normal((rows, cols)) + blob).astype(np.float32))
+    x = np.stack(x)[:, None]
+    with torch11_integer_division():
+        theirs, _ = _run_authors(model, torch.from_numpy(x))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model_synthetic.ckpt"
+        torch.save(state, ckpt)
+        ours = run_reference(str(import_glam(ckpt, Path(tmp) / "bundle", config=cfg)), x)
+    loc = theirs["patch_locations"]
+    inside = (loc[..., 0] > 0) & (loc[..., 0] < rows - 32) & (loc[..., 1] > 0) & (loc[..., 1] < cols - 32)
+    return {"config": cfg.to_dict(), "inputs": f"{trials} x (N(0, 1) noise + a Gaussian blob of peak 4 at a random "
+                                                f"place), numpy seed {seed + 1}",
+            "max_abs_diff": _diffs(ours, theirs),
+            "patch_locations_identical": bool(np.array_equal(ours["patch_locations"], loc)),
+            "patches_away_from_the_border": int(inside.sum()), "patches": int(inside.size)}
 
 
 def _diffs(ours: dict, theirs: dict) -> dict[str, float]:
@@ -160,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--authors-repo", required=True, help="checkout of nyukat/GLAM (src/modeling is imported)")
     parser.add_argument("--authors-git-dir", default="", help="its git directory, to record the commit")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--small-trials", type=int, default=0,
+                        help="also compare on this many small inputs with a blob (interior patches)")
     parser.add_argument("--k3", action="store_true", help="also compare with K = 3 patches (the greedy suppression)")
     parser.add_argument("--skip-as-is", action="store_true", help="do not also run their code unshimmed on torch 2")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "glam_authors_equivalence.json"))
@@ -227,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     if k3:
         result["k3_not_released_config"] = k3
+    if args.small_trials:
+        result["small_inputs_k3"] = small = _small_trials(repo, state, args.small_trials, args.seed)
+        print(f"small inputs, K = 3: max |diff| {small['max_abs_diff']}; locations identical "
+              f"{small['patch_locations_identical']}; {small['patches_away_from_the_border']}/{small['patches']} "
+              "patches away from the border")
     if as_is_error:
         result["theirs_as_is_on_torch2"] = {"error": as_is_error}
     elif as_is is not None:
@@ -251,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"K = 3: max |diff| {k3['max_abs_diff']}; patch locations identical {k3['patch_locations']['identical']}: "
               f"{k3['patch_locations']['ours']}")
     ok = table_matches and same_locations and all(v <= TARGET for v in diffs.values())
+    if args.small_trials:
+        ok = ok and small["patch_locations_identical"] and all(v <= TARGET for v in small["max_abs_diff"].values())
     return 0 if ok else 1
 
 

@@ -3,8 +3,9 @@
 Owns the error hierarchy (:mod:`~dicom_ai.core.errors`), the findings interface between the
 models and the result writers (:mod:`~dicom_ai.core.findings`), the view/laterality reader and
 its code table (:mod:`~dicom_ai.core.views`), the UIDs of a job's results
-(:mod:`~dicom_ai.core.uids`), what the result objects look like (:mod:`~dicom_ai.core.options`)
-and how a compute device is spelled (:mod:`~dicom_ai.core.device`).
+(:mod:`~dicom_ai.core.uids`), what the result objects look like (:mod:`~dicom_ai.core.options`),
+how a compute device is spelled (:mod:`~dicom_ai.core.device`) and the notice of a research-only
+model bundle (:mod:`~dicom_ai.core.research`, read from its manifest without torch).
 
 May import: numpy and pydicom only. The receiving process (SCP, job store, delivery) stands on
 this layer alone, which is why these contracts are not inside the heavier subpackages.
