@@ -13,7 +13,8 @@ about:
   with a reason are counted by reason (``accepted_skipped_reasons``);
 * ``jobs_failed``: jobs that ended failed (a study none of whose images can be decoded ends
   done with its note, not failed after three identical attempts);
-* ``patient_data_leaks``: a patient value of the cases found in the node's log or console;
+* ``patient_data_leaks``: a patient value of the cases found in any log under ``<storage>/logs`` (node,
+  workers, audit) or any console;
 * the turnaround of a valid four-view study sent before and after the cases (the second must
   be within its normal time).
 
@@ -249,8 +250,12 @@ def run_fuzz(workdir: Path, count: int, seed: int = 0, store_timeout: float = 40
         report["outcomes"] = {family: dict(c) for family, c in sorted(outcomes.items())}
         report["statuses"] = dict(statuses)
         report.update(_judge_accepted(s, accepted))
-        consoles = [p.read_text(errors="replace") for p in [workdir / "node.stdout", *(w.log for w in workers)]]
-        report["patient_data_leaks"] = sum(text.count(secret) for secret in SECRETS for text in (log, *consoles))
+        # Every log the node and its workers wrote (node.log, a distributed worker's own log,
+        # audit.log) and every console.
+        texts = [p.read_text(errors="replace") for p in [*sorted((storage / "logs").glob("*.log")),
+                                                          workdir / "node.stdout", *(w.log for w in workers)]]
+        report["logs_checked_for_patient_data"] = len(texts)
+        report["patient_data_leaks"] = sum(text.count(secret) for secret in SECRETS for text in texts)
         report["node_peak_rss_mb"] = _peak_rss_mb(node.pid)
         worker = None if distributed else _worker_pid(storage)
         report["worker_peak_rss_mb"] = _peak_rss_mb(worker) if worker else None
