@@ -209,6 +209,8 @@ def test_the_shipped_models_run_on_a_celery_worker(site_factory, tmp_path):
     models = json.loads(status["jobs"][0]["model_seconds"])
     assert set(models) == {"glam", "dunet", "microcalc"}
     assert status["jobs"][0]["worker"].startswith("gpu0@")
+    versions = json.loads(status["jobs"][0]["models"])  # which model versions made the results
+    assert set(versions) == {"glam", "dunet", "microcalc"} and all(v.endswith("@phantom") for v in versions.values())
 
 
 def test_a_worker_that_does_not_see_the_nodes_storage_refuses_to_start(tmp_path, postgres_server):
