@@ -311,6 +311,7 @@ def test_a_killed_worker_shows_as_lost_and_readyz_fails_while_jobs_wait(site_fac
     wait_for(lambda: _metric(_get(http, "/metrics")[1], "dicom_ai_worker_alive", victim) == 0, 10,
              "the killed worker lost in /metrics")
     lost_after = time.monotonic() - killed
+    print(f"\nworker lost in /metrics {lost_after:.2f} s after SIGKILL (workers.lease_seconds = 2)")
     assert lost_after <= 2.0 + 1.5, lost_after  # the lease, plus one scrape's slack
     shown = _cli("status", "--config", str(site.cfg)).stdout
     assert any(victim in line and "LOST" in line for line in shown.splitlines()), shown
