@@ -209,6 +209,8 @@ def test_the_shipped_models_run_on_a_celery_worker(site_factory, tmp_path):
     models = json.loads(status["jobs"][0]["model_seconds"])
     assert set(models) == {"glam", "dunet", "microcalc"}
     assert status["jobs"][0]["worker"].startswith("gpu0@")
+    versions = json.loads(status["jobs"][0]["models"])  # which model versions made the results
+    assert set(versions) == {"glam", "dunet", "microcalc"} and all(v.endswith("@phantom") for v in versions.values())
 
 
 def test_a_worker_that_does_not_see_the_nodes_storage_refuses_to_start(tmp_path, postgres_server):
@@ -309,6 +311,7 @@ def test_a_killed_worker_shows_as_lost_and_readyz_fails_while_jobs_wait(site_fac
     wait_for(lambda: _metric(_get(http, "/metrics")[1], "dicom_ai_worker_alive", victim) == 0, 10,
              "the killed worker lost in /metrics")
     lost_after = time.monotonic() - killed
+    print(f"\nworker lost in /metrics {lost_after:.2f} s after SIGKILL (workers.lease_seconds = 2)")
     assert lost_after <= 2.0 + 1.5, lost_after  # the lease, plus one scrape's slack
     shown = _cli("status", "--config", str(site.cfg)).stdout
     assert any(victim in line and "LOST" in line for line in shown.splitlines()), shown

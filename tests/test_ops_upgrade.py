@@ -223,3 +223,20 @@ def test_postgresql_dump_and_restore(tmp_path, postgres_server):
         assert claimed is not None and claimed.id == job
     finally:
         restored.close()
+
+
+def test_model_versions_name_the_models_that_ran():
+    from dicom_ai.core.findings import ModelIdentity
+    from dicom_ai.node.worker import model_versions
+
+    class Bundles:  # the shape of networks.pipeline.Pipeline: identities is a property
+        @property
+        def identities(self):
+            return [ModelIdentity(name="glam", version="0.2.0"), ModelIdentity(name="dunet", version="1.1")]
+
+    class StandIn:
+        identity = ModelIdentity(name="stand-in", version="0.0")
+
+    assert model_versions(Bundles(), {"glam": [0.1]}) == {"glam": "0.2.0"}  # dunet was off: it made nothing
+    assert model_versions(Bundles(), {}) == {"glam": "0.2.0", "dunet": "1.1"}
+    assert model_versions(StandIn()) == {"stand-in": "0.0"}

@@ -346,8 +346,9 @@ def model_versions(pipeline, ran: dict | None = None) -> dict[str, str]:
     """Model name -> version (``@operating point`` when the bundle has one) of the models that
     made a job's results: those that ran (``ran``, the pipeline's per-model timings), or every
     model of the pipeline when it keeps no timings."""
-    identities = pipeline.identities() if hasattr(pipeline, "identities") else \
-        [pipeline.identity] if hasattr(pipeline, "identity") else []
+    identities = getattr(pipeline, "identities", None)  # Pipeline: a property; a stand-in may have one identity
+    if identities is None:
+        identities = [pipeline.identity] if hasattr(pipeline, "identity") else []
     out = {}
     for ident in identities:
         if ran and ident.name not in ran:
