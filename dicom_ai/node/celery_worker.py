@@ -26,7 +26,7 @@ import time
 import celery.apps.worker as celery_worker_app
 from celery.signals import worker_process_init
 
-from dicom_ai.node import logs
+from dicom_ai.node import audit, logs
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
 from dicom_ai.node.dispatch import TASK_NAME, make_app
@@ -48,6 +48,8 @@ class _PoolProcess:
     def __init__(self, config: NodeConfig, name: str):
         self.config = config
         self.identity = worker_identity(name)
+        # The images a job leaves out and the deliveries a worker makes are audited where they happen.
+        audit.configure(config)
         self.store = open_jobstore(config)
         started = time.monotonic()
         notice = f"worker {name}@{socket.gethostname()}"
