@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -107,14 +108,9 @@ def write_curves(folder: Path | str, history: list[dict]) -> tuple[Path, Path | 
     numeric = [k for k in keys if k != "epoch" and any(isinstance(r.get(k), (int, float)) for r in history)]
     if not numeric:
         return csv_path, None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib is a declared dependency
-        return csv_path, None
-    fig, axes = plt.subplots(1, len(numeric), figsize=(3.2 * len(numeric), 2.8), squeeze=False)
+    # A bare Figure (no pyplot): no GUI backend, no global figure state in a training process.
+    fig = Figure(figsize=(3.2 * len(numeric), 2.8))
+    axes = fig.subplots(1, len(numeric), squeeze=False)
     for ax, key in zip(axes[0], numeric):
         pts = [(r.get("epoch", i + 1), r[key]) for i, r in enumerate(history)
                if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
@@ -126,5 +122,4 @@ def write_curves(folder: Path | str, history: list[dict]) -> tuple[Path, Path | 
     fig.tight_layout()
     png = folder / "curves.png"
     fig.savefig(png, dpi=80)
-    plt.close(fig)
     return csv_path, png

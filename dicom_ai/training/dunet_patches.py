@@ -35,6 +35,7 @@ import torch
 
 from dicom_ai.data.evaluate import lesions_of
 from dicom_ai.data.metrics import label_regions
+from dicom_ai.data.phantom import generate_study
 from dicom_ai.data.sample import Sample
 from dicom_ai.imaging import Mammogram, read_mammogram
 from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig, working_grid
@@ -179,8 +180,6 @@ def phantom_working_images(seeds: Iterable[int], shape: tuple[int, int], spacing
     ``shape`` is the generated (rows, columns) (pixel spacing ``0.07 * 3328 / rows`` mm); the
     target is every mass, benign or malignant, as for the real data sets.
     """
-    from dicom_ai.data.phantom import generate_study  # the generator only when phantoms are asked for
-
     folder = None
     if cache_dir is not None:
         folder = Path(cache_dir) / f"phantom-p{shape[0]}x{shape[1]}-{spacing_mm:g}mm-m{multiple}-v{CACHE_VERSION}"
