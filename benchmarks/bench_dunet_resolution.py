@@ -12,7 +12,10 @@ Region scores, two ways:
   saturate at 1.0, so no operating point can tell the strongest regions apart);
 * ``platt``: ``sigmoid(slope * (x - f(x)) + intercept)``, Platt scaling fitted for held-out
   fold k on the candidate regions of the other four folds only, each scored by its own
-  out-of-fold network (validation folds only; nothing of fold k is used).
+  out-of-fold network (validation folds only; nothing of fold k is used). The map's threshold
+  is the calibrated value of raw output 0.1, so the candidate regions are those of the
+  clipped map and only their scores change (calibrated probabilities of a region being a
+  mass are small: about 2 % of candidates are); mass Dice is the clipped map's.
 
 Then the node's protocol of ``benchmarks/bench_mias_node.py`` (the U-Net alone): maps
 restricted to the breast less the pectoral muscle, candidate regions at p >= 0.1 scored by
@@ -51,7 +54,7 @@ from dicom_ai.data.metrics import LESION_FROC_RATES, bootstrap_ci, dice, roc_auc
 from dicom_ai.networks.bundle import load_bundle  # noqa: E402
 from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig, calibrate, working_grid  # noqa: E402
 from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast  # noqa: E402
-from dicom_ai.training.dunet_patches import candidate_regions, fit_platt, predict_raw  # noqa: E402
+from dicom_ai.training.dunet_patches import candidate_level, candidate_regions, fit_platt, predict_raw  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path("build") / "runs"
@@ -138,20 +141,26 @@ def evaluate(args, spacing: float, bundles: list[Path]) -> dict:  # noqa: C901
         marks, dices, peaks = [], [], []
         for im, d in zip(images, kept):
             raw = torch.from_numpy(d["raw"].astype(np.float32))
-            prob = calibrate(raw, calibrations[im.fold]) if variant == "platt" else raw.clamp(0.0, 1.0)
+            if variant == "platt":
+                prob = calibrate(raw, calibrations[im.fold])
+                # The candidate regions stay those of raw >= 0.1 (as clipped): only their scores change.
+                level = candidate_level(calibrations[im.fold])
+            else:
+                prob, level = raw.clamp(0.0, 1.0), 0.5
             source = np.clip(d["geo"].inverse(prob.numpy()), 0.0, 1.0).astype(np.float32)
-            output = ModelOutput(maps=[ProbabilityMap("mass", source, 0.5, identity)], scores=[])
+            output = ModelOutput(maps=[ProbabilityMap("mass", source, level, identity)], scores=[])
             output = restrict_to_breast(output, None, d["allowed"])  # type: ignore[arg-type]
             mm = ModelMarks.from_prediction(_output_prediction(output), d["allowed"])
             marks.append({"dunet": mm})
             peaks.append(float(mm.candidates["mass"][:, 0].max()) if len(mm.candidates["mass"]) else 0.0)
-            if d["target"] is not None:
+            if d["target"] is not None and variant == "clipped":
                 dices.append(dice(mm.binary["mass"], d["target"], 0.5))
         cv = node.cross_validate(images, marks)
         cv.pop("sent_default")
         abnormal = np.array([not im.normal for im in images])
         iv = bootstrap_ci(roc_auc, np.array(peaks), abnormal, n=2000)
-        dices_a = np.array(dices)
+        if variant == "clipped":
+            dices_a = np.array(dices)  # calibration changes region scores, not regions: one Dice
         out["variants"][variant] = {
             "node_mass_sensitivity": {str(b): cv["froc"][str(b)]["sensitivity"]["mass"] for b in LESION_FROC_RATES},
             "false_marks_per_image": {str(b): cv["froc"][str(b)]["false_marks_per_image"] for b in LESION_FROC_RATES},
