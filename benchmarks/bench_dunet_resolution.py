@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         bundles = train_folds(args, spacing)
         if args.train_only:
             continue
-        cached = args.runs / run_name(spacing, args.train_data) / "eval.json"
+        cached = args.runs / run_name(spacing, args.train_data) / (
+            "eval.json" if args.eval_folds is None else f"eval-folds{''.join(str(k) for k in args.eval_folds)}.json")
         if args.limit is None and cached.is_file():
             continue
         result = evaluate(args, spacing, bundles)
@@ -223,19 +224,23 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     if args.train_only:
         return 0
-    by_spacing, ablation = {}, {}
-    for folder in sorted(args.runs.glob("res-*")):
-        if (folder / "eval.json").is_file():
-            r = json.loads((folder / "eval.json").read_text())
-            if r.get("train_data", "real") == "real":
-                by_spacing[f"{r['pixel_spacing_mm']:g}"] = r
-            ablation.setdefault(f"{r['pixel_spacing_mm']:g}", {})[r.get("train_data", "real")] = r["variants"]
+    by_folds: dict = {}
+    ablation: dict = {}
+    for path in sorted(args.runs.glob("res-*/eval*.json")):
+        r = json.loads(path.read_text())
+        if "held_out_folds" not in r:
+            continue  # an evaluation of an older version of this benchmark
+        folds = "held-out folds " + ",".join(str(k) for k in r["held_out_folds"])
+        if r.get("train_data", "real") == "real":
+            by_folds.setdefault(folds, {})[f"{r['pixel_spacing_mm']:g}"] = r
+        ablation.setdefault(folds, {}).setdefault(f"{r['pixel_spacing_mm']:g}", {})[r.get("train_data", "real")] = \
+            r["variants"]
     result = {"benchmark": "U-Net mass sensitivity vs working pixel size, mini-MIAS 5-fold patient-level CV",
               "protocol": __doc__.split("\n\n", 1)[1].split("    nice")[0].strip(),
               "data": {"images": 322, "licence": MIASDataset(args.root).licence,
                        "split": "dicom_ai.data.datasets.mias_folds (patient level, fixed 5 folds)"},
-              "today": TODAY, "by_pixel_size_mm": by_spacing,
-              "hybrid_vs_real": {mm: v for mm, v in ablation.items() if len(v) > 1}}
+              "today": TODAY, "by_held_out_folds": by_folds,
+              "hybrid_vs_real": {f: {mm: v for mm, v in by.items() if len(v) > 1} for f, by in ablation.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
@@ -247,16 +252,17 @@ def table(result: dict) -> str:
     lines = ["| pixel size | scores | mass sens @ 0.125 / 0.25 / 0.5 / 1 / 2 / 4 FP/img | FP/normal @ 0.5 / 1 | "
              "AUC abnormal [95 % CI] | mass Dice mean |", "|---|---|---|---|---|---|"]
     t = result["today"]["node_mass_sensitivity"]
-    lines.append(f"| today (128x96, 1.2-1.6 mm) | clipped | {' / '.join(f'{t[str(b)]:.2f}' for b in LESION_FROC_RATES)} "
-                 f"| - | - | 0.20 |")
-    for mm, r in sorted(result["by_pixel_size_mm"].items(), key=lambda kv: float(kv[0])):
+    lines.append(f"| today (128x96, 1.2-1.6 mm), 5 folds | clipped | "
+                 f"{' / '.join(f'{t[str(b)]:.2f}' for b in LESION_FROC_RATES)} | - / 1.16 | - | 0.20 |")
+    rows = [(folds, mm, r) for folds, by in result["by_held_out_folds"].items() for mm, r in by.items()]
+    for folds, mm, r in sorted(rows, key=lambda x: (x[0], float(x[1]))):
         for variant, v in r["variants"].items():
             s = v["node_mass_sensitivity"]
             fpn = v["false_marks_per_normal_image"]
             a = v["auc_abnormal_image_highest_region"]
-            lines.append(f"| {mm} mm | {variant} | {' / '.join(f'{s[str(b)]:.2f}' for b in LESION_FROC_RATES)} | "
+            lines.append(f"| {mm} mm, {folds} | {variant} | {' / '.join(f'{s[str(b)]:.2f}' for b in LESION_FROC_RATES)} | "
                          f"{fpn['0.5']} / {fpn['1.0']} | {a['value']:.2f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] | "
-                         f"{v['mass_dice_at_0.5']['mean']:.2f} |")
+                         f"{r['variants']['clipped']['mass_dice_at_0.5']['mean']:.2f} |")
     return "\n".join(lines)
 
 
