@@ -260,7 +260,8 @@ def table(result: dict) -> str:
             s = v["node_mass_sensitivity"]
             fpn = v["false_marks_per_normal_image"]
             a = v["auc_abnormal_image_highest_region"]
-            lines.append(f"| {mm} mm, {folds} | {variant} | {' / '.join(f'{s[str(b)]:.2f}' for b in LESION_FROC_RATES)} | "
+            sens = " / ".join(f"{s[str(b)]:.2f}" for b in LESION_FROC_RATES)
+            lines.append(f"| {mm} mm, {folds} | {variant} | {sens} | "
                          f"{fpn['0.5']} / {fpn['1.0']} | {a['value']:.2f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] | "
                          f"{r['variants']['clipped']['mass_dice_at_0.5']['mean']:.2f} |")
     return "\n".join(lines)
