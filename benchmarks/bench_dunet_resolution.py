@@ -264,6 +264,16 @@ def table(result: dict) -> str:
             lines.append(f"| {mm} mm, {folds} | {variant} | {sens} | "
                          f"{fpn['0.5']} / {fpn['1.0']} | {a['value']:.2f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] | "
                          f"{r['variants']['clipped']['mass_dice_at_0.5']['mean']:.2f} |")
+    ablation = [(f, mm, d, v) for f, by in result.get("hybrid_vs_real", {}).items() for mm, runs in by.items()
+                for d, v in runs.items()]
+    if ablation:
+        lines += ["", "| hybrid vs real: size, held-out folds | training data | Platt mass sens @ 0.125 ... 4 FP/img | "
+                      "AUC abnormal |", "|---|---|---|---|"]
+        for f, mm, d, v in sorted(ablation):
+            s = v["platt"]["node_mass_sensitivity"]
+            a = v["platt"]["auc_abnormal_image_highest_region"]
+            lines.append(f"| {mm} mm, {f} | {d} | {' / '.join(f'{s[str(b)]:.2f}' for b in LESION_FROC_RATES)} | "
+                         f"{a['value']:.2f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}] |")
     return "\n".join(lines)
 
 
