@@ -5,8 +5,9 @@ Protocol (everything held out is held out by fold):
 
 * Marks: each bundle's marks of :func:`dicom_ai.data.evaluate.predict_marks` (maps restricted to
   the breast mask less the pectoral muscle, as :class:`dicom_ai.networks.Pipeline` does), i.e.
-  connected regions of each map at p >= 0.1 scored by their peak; a map at threshold t sends
-  the regions whose peak is >= t.
+  connected regions of each map at p >= 0.1 (or at the bundle's threshold where lower: a
+  calibrated map) scored by their peak; a map at threshold t sends the regions whose peak is
+  >= t, and no threshold is chosen below that candidate level.
 * Operating points (:func:`choose_thresholds`): for a node-level budget R false marks per image,
   on the validation images each map alone is checked at budget R; a map that finds under 5 % of
   its lesion type there is switched off (threshold above its highest score); the others share R
@@ -46,7 +47,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset
-from dicom_ai.data.evaluate import UNION, ModelMarks, _output_prediction, evaluate_lesions, lesions_of, predict_marks
+from dicom_ai.data.evaluate import FROC_CANDIDATE_THRESHOLD, UNION, ModelMarks, _output_prediction, evaluate_lesions, lesions_of, predict_marks
 from dicom_ai.data.metrics import LESION_FROC_RATES, bootstrap_ci, roc_auc
 from dicom_ai.imaging.mammogram import mammogram_from_array, orient
 from dicom_ai.networks import Pipeline
@@ -108,6 +109,11 @@ class _MapTable:
                 false.append(not inside and not any(_at(m, r, cc) for m in im.any))
             self.lesion_image += [i] * len(im.truth[typ])
             offset += len(im.truth[typ])
+        # The lowest threshold the map's candidates support: FROC_CANDIDATE_THRESHOLD, or the
+        # bundle's own threshold where lower (a calibrated map whose probabilities are small).
+        levels = [marks[i][model].thresholds[key] for i in range(len(images))
+                  if model in marks[i] and key in marks[i][model].thresholds]
+        self.floor = min([FROC_CANDIDATE_THRESHOLD] + levels)
         self.img, self.score = np.array(img, dtype=int), np.array(score, dtype=float)
         self.false, self.hit = np.array(false, dtype=bool), np.array(hit, dtype=int)
         self.lesion_image = np.array(self.lesion_image, dtype=int)
@@ -145,7 +151,7 @@ def choose_thresholds(tables: dict, idx, budget: float) -> dict[tuple[str, str],
                 best = float(scores[j])
             else:
                 break
-        return best if best == OFF else max(best, 0.1)
+        return best if best == OFF else max(best, tab.floor)
 
     useful = [mk for mk, tab in tables.items() if tab.stats(idx, lowest(tab, budget))[1] >= MIN_USEFUL]
     out = {mk: OFF for mk in tables}

@@ -15,7 +15,7 @@ from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig, DUNetModel,
 from dicom_ai.networks.pipeline import Pipeline
 from dicom_ai.training.checkpoint import RunState
 from dicom_ai.training import dunet_patches as patches
-from dicom_ai.training.dunet_patches import fit_platt, phantom_working_images, sample_patches
+from dicom_ai.training.dunet_patches import candidate_level, fit_platt, phantom_working_images, sample_patches
 
 TINY = ["--dataset", "phantom", "--phantom-seeds", "0:3", "--phantom-shape", "128x96", "--pixel-size", "2.0",
         "--patch", "32", "--channels", "4,8,16", "--steps-per-epoch", "2", "--batch-size", "2"]
@@ -57,6 +57,8 @@ def test_platt_scaling_orders_and_spreads_scores():
     assert cal["slope"] > 0
     p = calibrate(torch.tensor([0.7, 1.0, 1.3]), cal).numpy()
     assert (np.diff(p) > 0).all() and p.max() < 0.999  # no saturation at 1
+    # As a map threshold, the candidate level keeps the regions of raw >= 0.1.
+    assert candidate_level(cal) == pytest.approx(float(calibrate(torch.tensor(0.1), cal)), rel=1e-5)
     with pytest.raises(ValueError):
         fit_platt([0.5, 0.6], [False, False])
 

@@ -624,12 +624,13 @@ def _dunet_any(args: argparse.Namespace) -> int:
     if args.resume and not RunState(Path(args.run_dir)).exists():
         print(f"--resume: no checkpoint in {args.run_dir} yet; starting at epoch 1", file=sys.stderr)
     started = time.time()
-    history = dunet_patches.train(network, train_set, stage=args.stage, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
-                    batch_size=args.batch_size, patch=args.patch, lr=lr, seed=args.seed, lesion_rate=args.lesion_rate,
-                    validation=validation, state=RunState(Path(args.run_dir)), resume=args.resume,
-                    info={"command": command}, device=device,
-                    on_epoch=lambda e, r: print(f"epoch {e}: " + ", ".join(
-                        f"{k} {v:.5g}" for k, v in r.items() if k != "epoch"), flush=True))
+    history = dunet_patches.train(
+        network, train_set, stage=args.stage, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size, patch=args.patch, lr=lr, seed=args.seed, lesion_rate=args.lesion_rate,
+        validation=validation, state=RunState(Path(args.run_dir)), resume=args.resume,
+        info={"command": command}, device=device,
+        on_epoch=lambda e, r: print(f"epoch {e}: " + ", ".join(
+            f"{k} {v:.5g}" for k, v in r.items() if k != "epoch"), flush=True))
     seconds = round(time.time() - started, 1)
     hyper = {"stage": args.stage, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
              "batch_size": args.batch_size, "patch": args.patch, "lr": lr, "lesion_rate": args.lesion_rate,
@@ -640,9 +641,9 @@ def _dunet_any(args: argparse.Namespace) -> int:
         return 0
     metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
     calibration = json.loads(Path(args.calibration).read_text()) if args.calibration else None
-    manifest = dunet_patches.patch_manifest(config, name=args.name, version=args.version, sources=sources, command=command,
-                              history=history, pretraining=pretraining, training=hyper, metrics=metrics,
-                              calibration=calibration)
+    manifest = dunet_patches.patch_manifest(
+        config, name=args.name, version=args.version, sources=sources, command=command, history=history,
+        pretraining=pretraining, training=hyper, metrics=metrics, calibration=calibration)
     path = save_bundle(args.out, manifest, network.state_dict())
     print(f"wrote bundle {path} ({len(train_set)} views, {args.epochs} epochs, {seconds} s)")
     return 0

@@ -55,6 +55,7 @@ __all__ = [
     "predict_raw",
     "candidate_regions",
     "fit_platt",
+    "candidate_level",
     "patch_manifest",
 ]
 
@@ -419,6 +420,12 @@ def fit_platt(scores: Sequence[float], hits: Sequence[bool], iterations: int = 5
             "fitted_on": f"{len(y)} validation candidates ({n_pos} on a mass)"}
 
 
+def candidate_level(calibration: dict, raw_level: float = 0.1) -> float:
+    """The calibrated map's value at raw output ``raw_level``: as a map threshold it keeps the
+    candidate regions of the uncalibrated map (raw >= 0.1) and changes only their scores."""
+    return float(torch.sigmoid(torch.tensor(calibration["slope"] * raw_level + calibration["intercept"])))
+
+
 # --------------------------------------------------------------------------- the bundle
 
 
@@ -468,7 +475,7 @@ def patch_manifest(config: DUNetConfig, *, name: str, version: str, sources: lis
             "malignant": f"image score = mean of the top {config.score_top_fraction:.1%} of the working-grid map",
         },
         "finding": "mass",
-        "thresholds": {"mass": 0.5},
+        "thresholds": {"mass": round(candidate_level(calibration), 6) if calibration else 0.5},
         "intended_use": common.INTENDED_USE + ". Segments masses (benign or malignant) on 2-D mammography views; "
                         "trained on real images of the sources listed (research use only).",
         "licence": " | ".join(licences) if licences else "synthetic phantoms only",
