@@ -28,6 +28,11 @@ spiculated, MISC -> irregular) and its severity. The real images are never backg
     package) and 70 um (the shared FFDM images), one malignant and one benign per image:
     the speck contrast over the local texture (mean increment of the speck pixels over the
     standard deviation of the high-pass residual around the cluster), and an example PNG.
+(d) Calcification clusters at 200 um, real vs inserted, one measure on both (no speck
+    outlines exist for the real ones): in the cluster's circle (MIAS circle; for an inserted
+    cluster its radius plus 1 mm), the mean of the ten highest values of the 1 mm high-pass
+    residual, over the residual's standard deviation in the ring of one to two radii. Real:
+    the located mini-MIAS CALC rows; inserted: two clusters in each of 30 NORM images.
 
 The default contrast range of :class:`~dicom_ai.data.insertion.InsertionConfig` was chosen
 with (b) on these same 58 outlines (there are no others), so (b) is a calibration check,
@@ -332,6 +337,53 @@ def calcification_examples(seed: int) -> tuple[dict, list]:
     return report, panels
 
 
+def speck_score(pixels: np.ndarray, breast: np.ndarray, centre: tuple[float, float], radius_px: float,
+                spacing_mm: float = 0.2) -> float | None:
+    """Mean of the ten highest 1 mm high-pass values in the disc over the ring's high-pass sd."""
+    r0, c0 = int(round(centre[0])), int(round(centre[1]))
+    half = int(np.ceil(2 * radius_px)) + 8
+    ra, rb = max(r0 - half, 0), min(r0 + half + 1, pixels.shape[0])
+    ca, cb = max(c0 - half, 0), min(c0 + half + 1, pixels.shape[1])
+    win = pixels[ra:rb, ca:cb]
+    hp = win - gaussian_blur(win, 1.0 / spacing_mm)
+    rr, cc = np.mgrid[ra:rb, ca:cb]
+    d = np.sqrt((rr - centre[0]) ** 2 + (cc - centre[1]) ** 2)
+    inside = (d <= radius_px) & breast[ra:rb, ca:cb]
+    ring = (d > radius_px) & (d <= 2 * radius_px) & breast[ra:rb, ca:cb]
+    if inside.sum() < 10 or ring.sum() < 30:
+        return None
+    top = np.sort(hp[inside])[-10:]
+    return float((top.mean() - np.median(hp[ring])) / max(float(hp[ring].std()), 1e-6))
+
+
+def mias_clusters(mias: MIASDataset, seed: int, backgrounds: int = 30) -> dict:
+    """Speck scores of real mini-MIAS clusters and of clusters inserted into NORM images."""
+    real, ins = [], []
+    for i, rec in enumerate(mias.records):
+        rows = [r for r in rec.extra["rows"] if r.cls == "CALC" and r.x is not None]
+        if not rows:
+            continue
+        s = mias[i]
+        for lesion in s.lesions:
+            if lesion.kind == "calcification_cluster" and lesion.centre_rc is not None:
+                v = speck_score(s.image.pixels, s.image.breast_mask, lesion.centre_rc, lesion.radius_px)
+                if v is not None:
+                    real.append(v)
+    normals = [i for i, rec in enumerate(mias.records) if all(r.cls == "NORM" for r in rec.extra["rows"])]
+    for k, i in enumerate(normals[:: max(1, len(normals) // backgrounds)][:backgrounds]):
+        s = mias[i]
+        out = insert_lesions(s, (seed, 77, k), masses=0, clusters=2)
+        for lesion in out.lesions:
+            v = speck_score(out.image.pixels, s.image.breast_mask, lesion.centre_rc, lesion.radius_px + 5)
+            if v is not None:
+                ins.append(v)
+    pct = lambda a: {f"p{q}": round(float(np.percentile(a, q)), 2) for q in (10, 50, 90)}  # noqa: E731
+    ra, ia = np.array(real), np.array(ins)
+    return {"real_mias_clusters": {"n": len(ra), **pct(ra)}, "inserted_200um": {"n": len(ia), **pct(ia)},
+            "ks_distance": round(ks_distance(ra, ia), 3),
+            "auc_of_score_alone": round(roc_auc(np.r_[ra, ia], np.r_[np.zeros(len(ra), bool), np.ones(len(ia), bool)]), 3)}
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -430,6 +482,7 @@ def main(argv=None) -> int:
     classifiers = {"cnn": auc_report(cnn, y, groups), "logistic_features": auc_report(logi, y, groups)}
 
     calcs, panels = ({}, []) if args.no_calcifications else calcification_examples(args.seed)
+    mias_calcs = {} if args.no_calcifications else mias_clusters(mias, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     _save_mass_png(real, ins, args.out / "insertion_realism_masses.png")
     _save_calc_png(panels, args.out / "insertion_realism_calcifications.png")
@@ -443,6 +496,7 @@ def main(argv=None) -> int:
         "classifier_auc_inserted_vs_real": classifiers,
         "contrast_to_texture": contrast,
         "calcifications": calcs,
+        "calcifications_mias_200um": mias_calcs,
         "seconds": round(time.time() - t0, 1),
     }
     (args.out / "insertion_realism.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -452,6 +506,9 @@ def main(argv=None) -> int:
     print(f"contrast-to-texture p10/p50/p90: real {[rs and contrast['real_outlined']['contrast_to_texture'][q] for q in ('p10', 'p50', 'p90')]}"
           f"  inserted {[contrast['inserted']['contrast_to_texture'][q] for q in ('p10', 'p50', 'p90')]}"
           f"  KS {contrast['ks_distance']}  AUC(ratio) {contrast['auc_of_ratio_alone']}")
+    if mias_calcs:
+        print(f"MIAS clusters speck score p10/p50/p90: real {mias_calcs['real_mias_clusters']}  "
+              f"inserted {mias_calcs['inserted_200um']}  KS {mias_calcs['ks_distance']}  AUC {mias_calcs['auc_of_score_alone']}")
     for name, rows in calcs.items():
         if isinstance(rows, list):
             for r in rows:
