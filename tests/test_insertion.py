@@ -185,3 +185,15 @@ def test_grain_follows_the_level_like_film():
     core[:, :] &= (r - 160) ** 2 + (c - 60) ** 2 < 15 ** 2
     fine = lambda a: a - gaussian_blur(a, 1.0)  # noqa: E731
     assert fine(out.image.pixels)[core].std() < 0.9 * fine(bg.image.pixels)[core].std()  # 1.0 without the curve
+
+
+def test_bright_lesions_follow_the_sources_shoulder_not_a_clip():
+    bg = _sample(_background(seed=9))
+    src = estimate_source(bg.image)
+    knee, top = src.shoulder
+    assert knee < top <= float(bg.image.pixels[bg.image.breast_mask].max())
+    cfg = InsertionConfig(mass_radius_mm=(6.0, 6.0), mass_contrast=(3.0, 3.0), dense_reduction=0.0)
+    out = insert_lesions(bg, seed=4, masses=1, config=cfg, source=src)
+    lesion = out.lesions[0]
+    assert out.image.pixels[lesion.mask].max() <= top + 1e-6  # approaches the source's top, never 1.0
+    assert out.image.pixels[lesion.mask].mean() > knee

@@ -97,6 +97,12 @@ class SourceModel:
         breast. On film the grain depends on the density (a bright mass is smoother than
         the fat around it); insertion rescales the residual under a lesion from the sd at
         the old level to the sd at the new one. None when not measured.
+    shoulder
+        ``(knee, top)``: the 90th and 99.9th percentiles of the breast. Film and display
+        processing compress the brightest levels instead of clipping them; above ``knee``
+        the values are taken as ``knee + s tanh((u - knee) / s)`` of an uncompressed level
+        ``u`` (``s = top - knee``), so a lesion added over dense tissue approaches ``top``
+        as the source's own dense tissue does, never a flat 1.0.
     """
 
     spacing_mm: float
@@ -108,6 +114,7 @@ class SourceModel:
     log_domain: bool = True
     levels: np.ndarray | None = field(default=None, repr=False, compare=False)
     noise_curve: tuple[tuple[float, ...], tuple[float, ...]] | None = field(default=None, repr=False, compare=False)
+    shoulder: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,9 @@ class InsertionConfig:
     mass's internal power-law texture. ``margin_blur``: extra Gaussian blur of the mass
     profile, as a fraction of its radius (the phantom's margins are near steps, which made
     inserted masses carry more fine structure inside than real ones). ``calc_contrast``: speck contrast (the phantom's
-    per-speck values 0.45-0.75 are multiplied by it). ``mass_radius_mm``: optional override
+    per-speck values 0.45-0.75 are multiplied by it); chosen so clusters inserted into
+    mini-MIAS NORM images match the 26 located MIAS clusters on the speck measure of the
+    realism benchmark. ``mass_radius_mm``: optional override
     of the radius range (default: the phantom's calibrated log-normal, 2.5-15 mm).
     ``mass_shapes``: optional override of the mass shapes, one drawn uniformly (of round,
     oval, lobulated, irregular, spiculated; default: the phantom's choice by severity).
@@ -132,7 +141,7 @@ class InsertionConfig:
     dense_reduction: float = 0.5
     mass_texture: tuple[float, float] = (0.0, 0.1)
     margin_blur: tuple[float, float] = (0.05, 0.15)
-    calc_contrast: tuple[float, float] = (0.5, 1.2)
+    calc_contrast: tuple[float, float] = (0.15, 0.45)
     malignant_share: float = 0.5
     skin_margin_mm: float = 3.0
     mass_radius_mm: tuple[float, float] | None = None
@@ -291,10 +300,12 @@ def estimate_source(image: Mammogram, patch_mm: float = 6.4, max_patches: int = 
     p5, p50, p95 = (float(v) for v in np.percentile(sample, [5, 50, 95]))
     levels = _levels(pixels)
     quantum = float(np.median(np.diff(levels))) if levels is not None and levels.size > 1 else 0.0
+    knee, top = (float(v) for v in np.percentile(pixels[breast][::step], [90, 99.9]))
     return SourceModel(spacing_mm=spacing, psf_sigma_px=round(sigma, 3), noise_sigma=float(math.sqrt(noise_power)),
                        quantum=quantum, tissue_range=max(p95 - p5, 1e-3), tissue_levels=(p5, p50, p95),
                        log_domain=log_domain, levels=levels,
-                       noise_curve=_noise_curve(vals, _erode_mm(breast, 2.0, spacing)) if log_domain else None)
+                       noise_curve=_noise_curve(vals, _erode_mm(breast, 2.0, spacing)) if log_domain else None,
+                       shoulder=(knee, top) if log_domain and top - knee > 1e-3 else None)
 
 
 #: Width (pixels) of the Gaussian whose residual is taken as the fine grain (noise) of an image.
@@ -370,19 +381,39 @@ def _add(values: np.ndarray, window: tuple[slice, slice], increment: np.ndarray,
     """
     if src.log_domain:
         old = values[window]
-        new = old + increment
+        u = _uncompress(old, src.shoulder)
+        new = u + increment
         if src.noise_curve is not None:
             levels, sds = (np.asarray(a, np.float32) for a in src.noise_curve)
-            low = gaussian_blur(old, GRAIN_SIGMA_PX)
-            grain = old - low
+            low = gaussian_blur(u, GRAIN_SIGMA_PX)
+            grain = u - low
             ratio = np.interp(low + increment, levels, sds) / np.maximum(np.interp(low, levels, sds), 1e-6)
             ratio = np.clip(ratio, 0.25, 4.0).astype(np.float32)
-            new = np.where(increment > 1e-6, low + increment + grain * ratio, new)
-        values[window] = new
+            new = low + increment + grain * ratio
+        values[window] = np.where(increment > 1e-6, _compress(new, src.shoulder), old)
     else:
         # Linear in exposure, dense bright (inverted transmission): attenuation multiplies the
         # transmitted signal 1 - value.
         values[window] = 1.0 - (1.0 - values[window]) * np.exp(-increment)
+
+
+def _compress(u: np.ndarray, shoulder: tuple[float, float] | None) -> np.ndarray:
+    """Apply the source's shoulder (:attr:`SourceModel.shoulder`) to uncompressed levels."""
+    if shoulder is None:
+        return u
+    knee, top = shoulder
+    s = np.float32(top - knee)
+    return np.where(u > knee, knee + s * np.tanh((u - knee) / s), u).astype(np.float32)
+
+
+def _uncompress(v: np.ndarray, shoulder: tuple[float, float] | None) -> np.ndarray:
+    """Inverse of :func:`_compress` (values at or above ``top`` are taken just below it)."""
+    if shoulder is None:
+        return v
+    knee, top = shoulder
+    s = np.float32(top - knee)
+    t = np.clip((v - knee) / s, 0.0, 0.999)
+    return np.where(v > knee, knee + s * np.arctanh(t), v).astype(np.float32)
 
 
 MASS_SHAPES = ("round", "oval", "lobulated", "irregular", "spiculated")
