@@ -11,7 +11,8 @@ Phases (in one run):
 
 - ``quiet``: the node's study grace is an hour, so its worker stays idle; the stand-in
   pipeline is configured (nothing is inferred).
-- ``busy``: a second node with the shipped models at operating point ``phantom`` and a
+- ``busy``: (once per worker niceness in :data:`BUSY_NICE`: 0, the receiver's own priority
+  as before issue 28, then the default ``workers.nice``) a node with the shipped models at operating point ``phantom`` and a
   0.5 s grace: a warm-up study is sent first and the rounds start once the worker has begun
   inferring it; every study received becomes a job too, so the worker stays busy through the
   rounds. Both receivers (node and storescp) are measured while that worker runs, and the
@@ -48,6 +49,9 @@ from node_harness import (Proc, free_port, make_mg, node_env, start_node, stores
                           wait_port, write_node_config)
 
 ROUNDS = 7
+#: Worker niceness of the busy phases: 0 = the receiver's own priority (the node before issue 28),
+#: 10 = the default ``workers.nice``.
+BUSY_NICE = (0, 10)
 SHAPE = (3328, 2560)
 PDU = 131072
 
@@ -177,12 +181,57 @@ def _phase_result(name: str, measured: dict, nbytes: int, rounds: int, node: Pro
     return out
 
 
+def _busy_phase(work: Path, nice: int, warmup: dict, busy_rounds: list, scp_port: int, storescp: Proc,
+                procs: list[Proc]) -> dict:
+    """Rounds against a node whose own worker infers (shipped models, operating point 'phantom')
+    at niceness ``nice`` (``workers.nice``), storescp measured in the same rounds."""
+    nbytes = sum(p.stat().st_size for p in busy_rounds[0]["node"])
+    node_port = free_port()
+    log = work / f"node-busy-{nice}.log"
+    cfg = write_node_config(work / f"node-busy-{nice}.toml", work / f"node-busy-{nice}-storage", node_port,
+                            [("BENCH", 1)],
+                            node={"max_pdu_size": PDU},
+                            pipeline={"factory": "", "device": "cpu", "previews": False,
+                                      "operating_point": "phantom"},
+                            study={"grace_seconds": 0.5, "idle_seconds": 60.0},
+                            retry={"max_attempts": 1, "initial_delay_seconds": 60.0, "max_delay_seconds": 60.0},
+                            workers={"nice": nice})
+    node = start_node(cfg, node_port, log, env=node_env())
+    procs.append(node)
+    res = storescu(node_port, warmup["node"], calling="BENCH")
+    if res.returncode != 0:
+        raise SystemExit(f"warm-up study not sent:\n{res.stderr[-2000:]}")
+    deadline = time.monotonic() + 300
+    while not _events(log, "job_started"):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the worker never started the warm-up job; log:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    worker = _worker_pid(node.pid)
+    if worker is None:
+        raise SystemExit("no worker process found under the node")
+    time.sleep(2.0)  # into the models (decode and the first image's preparation come first)
+    load0 = os.getloadavg()[0]
+    measured = _paired_rounds(busy_rounds, {"storescp": scp_port, "node": node_port},
+                              {"storescp": storescp.pid, "node": node.pid}, worker)
+    busy = _phase_result(f"busy-nice{nice}", measured, nbytes, ROUNDS, node, log, (load0, os.getloadavg()[0]))
+    finished = _events(log, "job_finished")
+    busy["worker_jobs_finished_by_end"] = len(finished)
+    stored = len(list((work / f"node-busy-{nice}-storage" / "spool").rglob("*.dcm")))
+    if stored < 4 * ROUNDS:
+        raise SystemExit(f"busy node stored {stored} files, expected at least {4 * ROUNDS}")
+    busy["worker_nice"] = nice
+    node.stop()
+    procs.remove(node)
+    return busy
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-", dir=REPO / "benchmarks"))
     procs: list[Proc] = []
     try:
-        rounds = write_rounds(work, 2 * ROUNDS + 1, ("storescp", "node"))
-        quiet_rounds, warmup, busy_rounds = rounds[:ROUNDS], rounds[ROUNDS], rounds[ROUNDS + 1:]
+        n_busy = len(BUSY_NICE)
+        rounds = write_rounds(work, (1 + n_busy) * ROUNDS + n_busy, ("storescp", "node"))
+        quiet_rounds, warm, busy_rounds = rounds[:ROUNDS], rounds[ROUNDS:ROUNDS + n_busy], rounds[ROUNDS + n_busy:]
         nbytes = sum(p.stat().st_size for p in rounds[0]["node"])
 
         scp_port = free_port()
@@ -212,38 +261,14 @@ def main() -> int:
         node.stop()
         procs.remove(node)
 
-        # Busy: the shipped models at the phantom operating point on every study received.
-        node_port = free_port()
-        log = work / "node-busy.log"
-        cfg = write_node_config(work / "node-busy.toml", work / "node-busy-storage", node_port, [("BENCH", 1)],
-                                node={"max_pdu_size": PDU},
-                                pipeline={"factory": "", "device": "cpu", "previews": False,
-                                          "operating_point": "phantom"},
-                                study={"grace_seconds": 0.5, "idle_seconds": 60.0},
-                                retry={"max_attempts": 1, "initial_delay_seconds": 60.0, "max_delay_seconds": 60.0})
-        node = start_node(cfg, node_port, log, env=node_env())
-        procs.append(node)
-        res = storescu(node_port, warmup["node"], calling="BENCH")
-        if res.returncode != 0:
-            raise SystemExit(f"warm-up study not sent:\n{res.stderr[-2000:]}")
-        deadline = time.monotonic() + 300
-        while not _events(log, "job_started"):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the worker never started the warm-up job; log:\n{log.read_text()[-3000:]}")
-            time.sleep(0.2)
-        worker = _worker_pid(node.pid)
-        if worker is None:
-            raise SystemExit("no worker process found under the node")
-        time.sleep(2.0)  # into the models (decode and the first image's preparation come first)
-        load0 = os.getloadavg()[0]
-        measured = _paired_rounds(busy_rounds, {"storescp": scp_port, "node": node_port},
-                                  {"storescp": storescp.pid, "node": node.pid}, worker)
-        busy = _phase_result("busy", measured, nbytes, ROUNDS, node, log, (load0, os.getloadavg()[0]))
-        finished = _events(log, "job_finished")
-        busy["worker_jobs_finished_by_end"] = len(finished)
-        stored = len(list((work / "node-busy-storage" / "spool").rglob("*.dcm")))
-        if stored < 4 * ROUNDS:
-            raise SystemExit(f"busy node stored {stored} files, expected at least {4 * ROUNDS}")
+        # Busy: the shipped models at the phantom operating point on every study received, the
+        # worker first at the receiver's priority (the node before issue 28), then at the default
+        # niceness, in one run so that the ratios compare on the same machine state.
+        busy_by_nice = {}
+        for i, nice in enumerate(BUSY_NICE):
+            busy_by_nice[nice] = _busy_phase(work, nice, warm[i], busy_rounds[i * ROUNDS:(i + 1) * ROUNDS],
+                                             scp_port, storescp, procs)
+        busy = busy_by_nice[BUSY_NICE[-1]]
 
         result = {
             "benchmark": "ingest",
@@ -251,14 +276,16 @@ def main() -> int:
             "image_shape": list(SHAPE), "bytes_per_study": nbytes, "rounds": ROUNDS, "max_pdu": PDU,
             "target_ratio": 1.0,
             "ratio_node_over_storescp": {"quiet": quiet["ratio_node_over_storescp"],
-                                         "busy": busy["ratio_node_over_storescp"]},
+                                         **{f"busy_worker_nice_{n}": b["ratio_node_over_storescp"]
+                                            for n, b in busy_by_nice.items()}},
             "quiet": quiet,
-            "busy": busy,
+            "busy": busy_by_nice,
             "busy_worker": "the node's own worker: shipped glam, dunet, microcalc at operating point 'phantom', "
                            "ONNX Runtime / torch on the CPU, inferring the warm-up study and then each round's",
             "storescp_peak_rss_mib": round(_rss_kib(storescp.pid, "VmHWM") / 1024, 1),
             "cpu_cores": os.cpu_count(),
-            "priority": f"nice {os.nice(0)} (the caller's)",
+            "priority": f"receivers at nice {os.nice(0)} (the caller's); the busy node's worker at "
+                        f"{', '.join(str(n) for n in BUSY_NICE)} in turn (workers.nice)",
             "node_durability": "fsync file + rename + fsync directory + SQLite WAL commit (synchronous=FULL)",
             "storescp_durability": "plain write, no fsync",
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -267,11 +294,11 @@ def main() -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"{'phase':<6} {'receiver':<10} {'median s':>9} {'MB/s':>8} {'CPU s/study':>12}")
-        for phase in (quiet, busy):
+        for phase in (quiet, *busy_by_nice.values()):
             for k in ("storescp", "node"):
                 print(f"{phase['phase']:<6} {k:<10} {phase['median_seconds'][k]:>9.3f} "
                       f"{phase['median_mb_per_s'][k]:>8.1f} {phase['receiver_cpu_seconds_per_study'][k]:>12.3f}")
-        for phase in (quiet, busy):
+        for phase in (quiet, *busy_by_nice.values()):
             print(f"{phase['phase']}: ratio node/storescp (median of {ROUNDS} paired rounds) "
                   f"{phase['ratio_node_over_storescp']:.3f} (target >= 1.0); node time per image after the data "
                   f"arrived {phase['node_store_handler_seconds_per_image_median']:.3f} s; load "

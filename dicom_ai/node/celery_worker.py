@@ -33,7 +33,8 @@ from dicom_ai.node.dispatch import TASK_NAME, make_app
 from dicom_ai.node.engines import open_jobstore
 from dicom_ai.node.processing import load_pipeline
 from dicom_ai.node.storage import PRIVATE_UMASK, is_storage_error
-from dicom_ai.node.worker import StorageTrouble, check_storage, run_claimed_job, worker_identity
+from dicom_ai.node.worker import (StorageTrouble, check_storage, lower_priority, run_claimed_job,
+                                  worker_identity)
 
 __all__ = ["run"]
 
@@ -177,6 +178,7 @@ def run(config: NodeConfig, name: str = "worker", concurrency: int = 1, loglevel
         0 after a clean stop, 2 when the configuration or the storage check refuses to start.
     """
     os.umask(PRIVATE_UMASK)
+    lower_priority(config.workers.nice)  # inherited by the pool processes
     host = socket.gethostname()
     store = open_jobstore(config)
     try:

@@ -111,6 +111,7 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     requeue_seconds = 300.0         # a queued job not claimed this long after its message is announced again
     visibility_timeout_seconds = 3600.0  # Redis: an unacknowledged message is redelivered after this
     deliver_on_workers = false      # true: workers also send results (the node always does)
+    nice = 10                       # scheduling niceness of inference (0-19): reception goes first on shared cores
 
 Every error names the offending key (``peers[1].port``) so the file can be fixed before the
 node starts.
@@ -276,6 +277,7 @@ class WorkersSection:
     requeue_seconds: float = 300.0
     visibility_timeout_seconds: float = 3600.0
     deliver_on_workers: bool = False
+    nice: int = 10
 
     @property
     def distributed(self) -> bool:
@@ -664,6 +666,9 @@ def _check_scale_out(cfg: NodeConfig) -> None:
     for name in ("lease_seconds", "requeue_seconds", "visibility_timeout_seconds"):
         if getattr(w, name) <= 0:
             raise ConfigError(f"workers.{name} must be a positive number of seconds, got {getattr(w, name)}")
+    if isinstance(w.nice, bool) or not isinstance(w.nice, int) or not 0 <= w.nice <= 19:
+        raise ConfigError(f"workers.nice must be a whole number from 0 (the receiver's priority) to 19 (lowest), "
+                          f"got {w.nice!r}")
     if w.visibility_timeout_seconds < w.lease_seconds:
         raise ConfigError("workers.visibility_timeout_seconds must not be shorter than workers.lease_seconds: "
                           "Redis would hand a running job's message to a second worker while the first still "
