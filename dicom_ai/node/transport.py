@@ -139,11 +139,16 @@ def _local_limit_rj() -> bytes:
     return pdu.encode()
 
 
-def _identity_rj() -> bytes:
+#: A-ASSOCIATE-RJ reasons (source: DICOM UL service-user) for the AE title fields.
+_CALLING_AE_NOT_RECOGNIZED = 0x03
+_CALLED_AE_NOT_RECOGNIZED = 0x07
+
+
+def _identity_rj(reason: int = _CALLING_AE_NOT_RECOGNIZED) -> bytes:
     pdu = A_ASSOCIATE_RJ()
     pdu.result = 0x01  # rejected-permanent
     pdu.source = 0x01  # DICOM UL service-user
-    pdu.reason_diagnostic = 0x03  # calling-AE-title-not-recognized
+    pdu.reason_diagnostic = reason
     return pdu.encode()
 
 
@@ -152,14 +157,6 @@ def _calling_ae_of(pdu: bytes) -> str | None:
     if len(pdu) < 42:
         return None
     return pdu[26:42].decode("ascii", "replace").strip() or None
-
-
-def _called_rj() -> bytes:
-    pdu = A_ASSOCIATE_RJ()
-    pdu.result = 0x01  # rejected-permanent
-    pdu.source = 0x01  # DICOM UL service-user
-    pdu.reason_diagnostic = 0x07  # called-AE-title-not-recognized
-    return pdu.encode()
 
 
 def _ae_title_problem(field: bytes) -> str | None:
@@ -581,13 +578,13 @@ class _RequestHandler(transport.RequestHandler):
         if pdu is None:
             return
         # Refused here, by the connection's own thread, so the slot is free when it returns.
-        for reason, field, answer in (("invalid_calling_ae", bytes(pdu[26:42]), _identity_rj),
-                                      ("invalid_called_ae", bytes(pdu[10:26]), _called_rj)):
+        for reason, field, rj_reason in (("invalid_calling_ae", bytes(pdu[26:42]), _CALLING_AE_NOT_RECOGNIZED),
+                                         ("invalid_called_ae", bytes(pdu[10:26]), _CALLED_AE_NOT_RECOGNIZED)):
             why = _ae_title_problem(field) if len(pdu) >= 42 else "A-ASSOCIATE-RQ too short"
             if why is not None:
                 server.refusals.note(reason, conn.address, response="A-ASSOCIATE-RJ", why=f"AE title with {why}",
                                      ae_title=field.decode("ascii", "backslashreplace"))
-                _send_and_finish(self.request, answer())
+                _send_and_finish(self.request, _identity_rj(rj_reason))
                 return
         error = _undecodable(bytes(pdu))
         if error is not None:

@@ -97,13 +97,17 @@ def copied_attributes(sop_class_uid: str) -> dict[str, str]:
     return out
 
 
+def _vr_allowed(elem: DataElement) -> bool:
+    """Whether ``elem``'s VR is one its tag allows (any VR for a tag the dictionary lacks)."""
+    try:
+        return elem.VR in dictionary_VR(elem.tag).split(" or ")
+    except KeyError:
+        return True
+
+
 def _valid(elem: DataElement) -> bool:
     """Whether ``elem`` has its dictionary VR and a value that VR allows (recursively for SQ)."""
-    try:
-        allowed = dictionary_VR(elem.tag).split(" or ")
-    except KeyError:
-        allowed = [elem.VR]
-    if elem.VR not in allowed:
+    if not _vr_allowed(elem):
         return False
     value = elem.value
     if elem.VR == "SQ":
@@ -154,11 +158,7 @@ _TOGETHER = (("RescaleIntercept", "RescaleSlope", "RescaleType"),
 
 def _writable(elem: DataElement) -> bool:
     """Whether ``elem`` has a VR its tag allows (recursively for SQ) and pydicom can encode its value."""
-    try:
-        allowed = dictionary_VR(elem.tag).split(" or ")
-    except KeyError:
-        allowed = [elem.VR]
-    if elem.VR not in allowed:
+    if not _vr_allowed(elem):
         return False
     if elem.VR == "SQ":
         return all(_writable(inner) for item in elem.value for inner in item)
