@@ -193,6 +193,19 @@ class Proc:
         self.stop(signal.SIGKILL)
 
 
+def log_events(log: Path, name: str) -> list[dict]:
+    """The JSON log records of event ``name`` in ``log`` (lines that are not JSON are skipped)."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("event") == name:
+            out.append(record)
+    return out
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

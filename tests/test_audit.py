@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from tls_certs import make_all
-from node_harness import (ACCESSION, PATIENT_ID, PATIENT_NAME, PYTHON, REPO, free_port, node_env, start_node,
-                          start_storescp, storescu, wait_delivered, wait_for, wait_port, write_node_config,
+from node_harness import (ACCESSION, PATIENT_ID, PATIENT_NAME, PYTHON, REPO, free_port, log_events, node_env,
+                          start_node, start_storescp, storescu, wait_delivered, wait_for, wait_port, write_node_config,
                           write_study)
 
 pytestmark = pytest.mark.slow
@@ -229,18 +229,6 @@ def test_audit_over_tls_rfc5425_with_the_node_certificate(tmp_path):
     assert subject["commonName"] == "AINODE"
 
 
-def _node_log_refusals(log: Path) -> list[dict]:
-    out = []
-    for line in log.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("event") == "connection_refused":
-            out.append(e)
-    return out
-
-
 def _plain_association_from(address: str, port: int) -> None:
     """A plain A-ASSOCIATE-RQ's first bytes sent from ``address`` (a loopback alias) to the TLS port."""
     with socket.socket() as s:
@@ -336,5 +324,5 @@ def test_every_refused_connection_is_one_security_alert_with_reason_and_address(
     assert repeats == [d for d in repeats if d.startswith("4 more times") and "(tls_not_tls," in d] and len(repeats) == 1
     assert len(found) == len(expected) + 2
     # The node's log says each reason too; the unknown CA is not folded into the plain client's line.
-    logged = {e["reason"] for e in _node_log_refusals(tmp_path / "node.log")}
+    logged = {e["reason"] for e in log_events(tmp_path / "node.log", "connection_refused")}
     assert set(expected) <= logged, logged

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from node_harness import (Orthanc, Proc, delivered_uids, free_port, outbox_uids, start_node, wait_delivered,
-                          wait_for, wait_port, write_study)
+from node_harness import (Orthanc, Proc, delivered_uids, free_port, log_events, outbox_uids, start_node,
+                          wait_delivered, wait_for, wait_port, write_study)
 from tls_certs import make_all
 
 pytestmark = pytest.mark.slow
@@ -61,15 +61,7 @@ def storescu(port: int, files, extra: list[str], calling: str = "PACS") -> subpr
 
 
 def refusals(log: Path) -> list[dict]:
-    out = []
-    for line in log.read_text().splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        if e.get("event") == "connection_refused":
-            out.append(e)
-    return out
+    return log_events(log, "connection_refused")
 
 
 def test_dcmtk_over_tls_both_ways_and_the_refusals(tmp_path, certs):

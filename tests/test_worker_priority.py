@@ -3,14 +3,13 @@ worker must not slow the C-STOREs a modality waits on."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 
 from dicom_ai.node.config import ConfigError, load_config
-from node_harness import free_port, start_node, wait_for, write_node_config
+from node_harness import free_port, log_events, start_node, wait_for, write_node_config
 
 
 def _niceness(pid: int) -> int:
@@ -20,14 +19,8 @@ def _niceness(pid: int) -> int:
 
 
 def _worker_pid(log: Path) -> int | None:
-    for line in log.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("event") == "worker_spawned":
-            return int(record["worker_pid"])
-    return None
+    spawned = log_events(log, "worker_spawned")
+    return int(spawned[0]["worker_pid"]) if spawned else None
 
 
 @pytest.mark.parametrize("value", [-1, 20, 2.5, "10", True])
