@@ -156,7 +156,7 @@ def evaluate(args, spacing: float, bundles: list[Path]) -> dict:  # noqa: C901
             if d["target"] is not None and variant == "clipped":
                 dices.append(dice(mm.binary["mass"], d["target"], 0.5))
         cv = node.cross_validate(images, marks)
-        cv.pop("sent_default")
+        cv.pop("sent")
         abnormal = np.array([not im.normal for im in images])
         iv = bootstrap_ci(roc_auc, np.array(peaks), abnormal, n=2000)
         if variant == "clipped":

@@ -3,6 +3,14 @@ merging and operating points chosen on validation folds (issue 14 part 2).
 
 Protocol (everything held out is held out by fold):
 
+* Which marks are scored (:func:`model_sources`): a model with fold bundles (``--dunet-folds``,
+  ``--glam-folds``, ``--microcalc-folds``: fold0..fold4, each trained without its fold) is
+  scored by them, each image by the bundle that did not see it; a bundle that saw no mini-MIAS
+  image (the shipped one, or ``--microcalc-bundle``) on every image; a shipped bundle trained or
+  fine-tuned on mini-MIAS without fold bundles is NOT scored (it would be tested on its own
+  training images): it is kept off, with the reason in the JSON and the table, and
+  ``--write-manifests`` switches it off at every named point. Bundles are run at their plain
+  manifest thresholds (their candidate level), whatever point their manifest makes default.
 * Marks: each bundle's marks of :func:`dicom_ai.data.evaluate.predict_marks` (maps restricted to
   the breast mask less the pectoral muscle, as :class:`dicom_ai.networks.Pipeline` does), i.e.
   connected regions of each map at p >= 0.1 (or at the bundle's threshold where lower: a
@@ -26,16 +34,25 @@ Protocol (everything held out is held out by fold):
   image's triangle background level (no morphology, no component selection); (c) by eye, the
   PNG previews of the four shared images and the worst MIAS cases in benchmarks/results/.
 
-    nice -n 10 python benchmarks/bench_mias_node.py --root /work/data/mias --cache /work/data/mias_cache
+* Default point (:func:`choose_default`): the loosest named point whose validation false marks
+  per normal image (shipped thresholds, chosen on all five folds, scored on those images) stay
+  within ``--max-normal-fp`` (0.5) with every map that has signal on; held-out figures play no
+  part in the choice.
+
+    nice -n 10 python benchmarks/bench_mias_node.py --root /work/data/mias --cache /work/data/mias_cache \
+        --dunet-folds /work/data/dunet-0.8-folds --write-manifests
 
 Writes benchmarks/results/mias_node.json, mias_node.md and PNG previews; with
-``--write-manifests`` also the shipped bundles' ``operating_points``.
+``--write-manifests`` also the shipped bundles' ``operating_points``. ``--cache`` keeps each
+bundle's marks (keyed by its weights digest, calibration and thresholds), so a rerun only
+computes the models that changed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import hashlib
 import math
 import os
 import time
@@ -53,17 +70,23 @@ from dicom_ai.imaging.mammogram import mammogram_from_array, orient
 from dicom_ai.networks import Pipeline
 from dicom_ai.networks.bundle import MODELS_DIR, load_bundle
 from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast
+from dicom_ai.networks.registry import model_from_bundle
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUNDLES = ("glam", "dunet", "microcalc")
 #: Node-level budgets (false marks per image) of the named operating points.
 POINTS = {"fp0.25": 0.25, "fp0.5": 0.5, "fp1": 1.0, "fp2": 2.0}
-DEFAULT_POINT = "fp1"  # figures, worst cases and real images are shown at this point
 TYPE_OF = {"malignant_lesion": "mass", "benign_lesion": "mass", "mass": "mass",
            "calcification_cluster": "calcification_cluster", "calcification": "calcification_cluster"}
 MERGE_KIND = {"malignant_lesion": "lesion", "benign_lesion": "lesion", "mass": "lesion", "calcification_cluster": "cluster"}
 OFF = float("inf")  # switched off: the map is not sent (manifest "off": true)
 MIN_USEFUL = 0.05
+#: Today's node figures before issue 26 (benchmarks/results/mias_node.json of commit c8dc25b: U-Net
+#: 0.2.0 128x96 fold models, GLAM fine-tuned per fold (glam-mias), phantom microcalc; default fp1).
+TODAY = {"config": "dunet 0.2.0 128x96 CV folds + GLAM MIAS folds + phantom microcalc 0.1.0, mias_node.json of c8dc25b",
+         "mass": [0.0, 0.0, 0.0, 0.4138, 0.5345, 0.5517], "calcification_cluster": [0.0, 0.0, 0.0],
+         "default": "fp1", "fp_normal_default": 1.1594, "fp_all_default": 1.0683, "auc": [0.5532, 0.4967, 0.605],
+         "share": [0.0, 1.0, 0.0], "outside": "0 / 0 of 379", "real_marks_per_image_default": 1.75}
 
 
 class Image_:
@@ -230,8 +253,7 @@ def cross_validate(images, marks) -> dict:
         for name, b in POINTS.items():
             if b == budget:
                 out["points"][name] = result
-        if budget == POINTS[DEFAULT_POINT]:
-            out["sent_default"] = sent
+                out.setdefault("sent", {})[name] = sent
     return out
 
 
@@ -283,96 +305,234 @@ def _preview(pixels, breast, sent, path: Path, title: str) -> None:
     rgb.save(path)
 
 
-def main(argv: list[str] | None = None) -> int:
+#: Where each model's MIAS marks come from (``model_sources``): fold bundles (each held-out fold
+#: run by the bundle that did not see it), one bundle that saw no mini-MIAS image (every image
+#: held out), or none: a bundle trained or fine-tuned on mini-MIAS without fold bundles would be
+#: scored on its own training images, so it is kept off.
+FOLDS, HELD_OUT, OFF_LEAK = "folds", "bundle (MIAS fully held out)", "off"
+
+
+def saw_mias(manifest: dict) -> bool:
+    """Whether a bundle's manifest says it was trained or fine-tuned on mini-MIAS (its
+    ``training``, ``licence``, ``version`` or ``intended_use`` name MIAS)."""
+    text = json.dumps([manifest.get("training"), manifest.get("licence"), manifest.get("version"),
+                       manifest.get("intended_use")]).lower()
+    return "mias" in text
+
+
+def model_sources(args) -> dict[str, dict]:
+    """Per model of BUNDLES: ``{"kind": FOLDS | HELD_OUT | OFF_LEAK, "path", "ship", "reason"}``.
+
+    ``path`` is the folder of fold0..fold4 (FOLDS) or the bundle (HELD_OUT); ``ship`` the bundle
+    the node runs (the real images are run by it and ``--write-manifests`` writes its points).
+    """
+    out = {}
+    for name in BUNDLES:
+        folds = getattr(args, f"{name}_folds", None)
+        if isinstance(folds, list):  # --dunet-folds may repeat: the last folder is the shipped recipe
+            folds = folds[-1] if folds else None
+        bundle = getattr(args, f"{name}_bundle", None)
+        ship = Path(bundle) if bundle else MODELS_DIR / name
+        manifest = json.loads((ship / "manifest.json").read_text())
+        if folds:
+            out[name] = {"kind": FOLDS, "path": Path(folds), "ship": ship,
+                         "reason": f"fold bundles {Path(folds).name}/fold0..4: each held-out fold run by the bundle "
+                                   "trained without it"}
+        elif saw_mias(manifest):
+            if bundle:
+                raise SystemExit(f"--{name}-bundle {bundle}: its manifest names mini-MIAS in its training; "
+                                 f"scoring it on mini-MIAS would test it on its training images (give --{name}-folds)")
+            out[name] = {"kind": OFF_LEAK, "path": None, "ship": ship,
+                         "reason": f"{name} {manifest['version']} was trained or fine-tuned on mini-MIAS and no fold "
+                                   f"bundles were given (--{name}-folds): scoring it on mini-MIAS would test it on its "
+                                   "own training images, so it is kept off (not scored, not sent)"}
+        else:
+            out[name] = {"kind": HELD_OUT, "path": ship, "ship": ship,
+                         "reason": f"{name} {manifest['version']} saw no mini-MIAS image: every image is held out "
+                                   "(thresholds still chosen on the other folds)"}
+    return out
+
+
+def candidate_model(bundle_dir: Path, device: str = "cpu"):
+    """A bundle's model at its plain manifest thresholds (no operating point applied), so its
+    candidate regions start at the bundle's own candidate level whatever point the manifest's
+    default is (the bench chooses the points)."""
+    b = load_bundle(bundle_dir)
+    plain = json.loads((b.path / "manifest.json").read_text())["thresholds"]
+    b.manifest = dict(b.manifest, thresholds={k: float(v) for k, v in plain.items()},
+                      operating_point={"name": "", "target": "", "off": []})
+    return model_from_bundle(b, device)
+
+
+def _cache_for(args, bundle_dir: Path) -> Path | None:
+    """``--cache`` subfolder keyed by what sets a bundle's marks (weights digest, calibration,
+    plain thresholds), so a changed bundle of the same name and version never reads old marks."""
+    if args.cache is None:
+        return None
+    m = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    key = json.dumps([m["weights_sha256"], m.get("calibration"), m["thresholds"], m.get("architecture")], sort_keys=True)
+    return args.cache / ("w" + hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+def marks_of(args, samples, images, name: str, source: dict) -> list[ModelMarks] | None:
+    """Model ``name``'s marks on every sample from ``source`` (None when it is kept off)."""
+    if source["kind"] == OFF_LEAK:
+        return None
+    out = []
+    if source["kind"] == FOLDS:
+        folders = {k: source["path"] / f"fold{k}" for k in range(MIAS_FOLDS)}
+        pipes = {k: Pipeline([candidate_model(f)]) for k, f in folders.items()}
+        for i, s in enumerate(samples):
+            k = images[i].fold
+            ((_, mm),) = predict_marks([s], pipes[k], cache=_cache_for(args, folders[k]))
+            out.append(mm[name])
+        return out
+    pipe, cache = Pipeline([candidate_model(source["path"])]), _cache_for(args, source["path"])
+    for _, mm in predict_marks(samples, pipe, cache=cache):
+        out.append(mm[name])
+    return out
+
+
+def choose_default(result: dict, configs_name: str, max_normal: float) -> tuple[str, str]:
+    """The default point: the loosest named point whose VALIDATION false marks per normal image
+    (the shipped thresholds, chosen on all five folds, on those same images) are <= ``max_normal``
+    and at which as many maps are on as at any point (every map with signal stays on); returns
+    (name, reason). Held-out figures play no part in the choice."""
+    val = result["validation_shipped"]
+    most_on = max(v["maps_on"] for v in val.values())
+    ok = [pn for pn in sorted(POINTS, key=POINTS.get)
+          if val[pn]["false_marks_per_normal_image"] is not None
+          and val[pn]["false_marks_per_normal_image"] <= max_normal and val[pn]["maps_on"] == most_on]
+    if not ok:
+        pn = min(POINTS, key=POINTS.get)
+        return pn, (f"no named point keeps validation false marks per normal image <= {max_normal:g} with every "
+                    f"map that has signal on; the strictest ({pn}) is the default")
+    pn = ok[-1]
+    return pn, (f"loosest named point whose validation false marks per normal image "
+                f"({val[pn]['false_marks_per_normal_image']:.2f}, thresholds chosen on all 5 folds, scored on them) "
+                f"are <= {max_normal:g} with the {most_on} map(s) that have signal on ({configs_name})")
+
+
+def main(argv: list[str] | None = None) -> int:  # noqa: C901
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path(os.environ.get("DICOM_AI_MIAS", "/work/data/mias")))
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("DICOM_AI_MIAS_CACHE", "/work/data/mias_cache")))
     p.add_argument("--real", type=Path, default=Path("/work/shared/data/real"))
     p.add_argument("--dunet-folds", type=Path, action="append", default=None,
-                   help="folder with fold0..fold4 U-Net bundles fine-tuned on the other folds (CV of the MIAS U-Net)")
+                   help="folder with fold0..fold4 U-Net bundles, each trained on the other folds (repeatable: one "
+                        "config per folder; the last is the shipped models/dunet's recipe)")
     p.add_argument("--glam-folds", type=Path, default=None,
-                   help="folder with fold0..fold4 GLAM bundles fine-tuned on the other folds "
-                        "(benchmarks/bench_glam_mias.py); adds a config with both MIAS-tuned models, the shipped one")
+                   help="folder with fold0..fold4 GLAM bundles, each fine-tuned on the other folds")
+    p.add_argument("--microcalc-folds", type=Path, default=None,
+                   help="folder with fold0..fold4 microcalcification bundles, each trained on the other folds")
+    p.add_argument("--microcalc-bundle", type=Path, default=None,
+                   help="a microcalcification bundle trained with NO mini-MIAS image (every MIAS image held out; "
+                        "thresholds still chosen on the other folds); it also runs the real images. Without it "
+                        "the shipped models/microcalc is used (if it saw no MIAS image)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="first N images only (a dry run; figures not valid)")
     p.add_argument("--no-real", action="store_true", help="skip the four shared real images")
-    p.add_argument("--write-manifests", action="store_true", help="write operating_points into models/*/manifest.json")
-    p.add_argument("--default-point", default="fp1", choices=sorted(POINTS), help="the manifests' default point")
+    p.add_argument("--write-manifests", action="store_true",
+                   help="write operating_points (and the node's CV figures) into the shipped bundles under models/")
+    p.add_argument("--default-point", default="auto", choices=["auto", *sorted(POINTS)],
+                   help="the default point; auto: chosen on validation folds (choose_default)")
+    p.add_argument("--max-normal-fp", type=float, default=0.5,
+                   help="auto default: most validation false marks per normal image at the default point")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
+    sources = model_sources(args)
     data = MIASDataset(args.root)
-    pipeline = Pipeline.from_bundles(BUNDLES, device="cpu")
-    samples, images, marks = [], [], []
     n = len(data) if args.limit is None else min(args.limit, len(data))
-    for sample, by_model in predict_marks((data[i] for i in range(n)), pipeline, cache=args.cache):
-        samples.append(sample)
-        images.append(Image_(sample, data.fold_of[sample.source.rsplit("/", 1)[-1].split(".")[0]]))
-        marks.append(by_model)
-    configs = {"phantom bundles (breast-filtered)": marks}
-    for folder in args.dunet_folds or []:
-        tuned = []
-        fold_pipes = {k: Pipeline.from_bundles([str(folder / f"fold{k}")], device="cpu") for k in range(MIAS_FOLDS)}
-        epochs = load_bundle(folder / "fold0").manifest["training"]["epochs"]
-        for i, s in enumerate(samples):
-            ((_, mm),) = predict_marks([s], fold_pipes[images[i].fold], cache=args.cache)
-            tuned.append({**{k: v for k, v in marks[i].items() if k != "dunet"}, "dunet": mm["dunet"]})
-        configs[f"MIAS-tuned U-Net {epochs} epochs (CV) + phantom GLAM/microcalc"] = tuned
-    if args.glam_folds and len(configs) > 1:
-        glam_pipes = {k: Pipeline.from_bundles([str(args.glam_folds / f"fold{k}")], device="cpu")
-                      for k in range(MIAS_FOLDS)}
-        both = []
-        for i, s in enumerate(samples):
-            ((_, mm),) = predict_marks([s], glam_pipes[images[i].fold], cache=args.cache)
-            both.append({**tuned[i], "glam": mm["glam"]})
-        configs["MIAS-tuned U-Net and GLAM (CV) + phantom microcalc"] = both
-    result: dict = {"benchmark": "node's sent marks on mini-MIAS, 5-fold CV (issue 14 part 2)",
+    samples = [data[i] for i in range(n)]
+    images = [Image_(s, data.fold_of[s.source.rsplit("/", 1)[-1].split(".")[0]]) for s in samples]
+    per_model = {name: marks_of(args, samples, images, name, src) for name, src in sources.items()}
+    # Configs: the shipped one last; before it, the same with each earlier --dunet-folds folder,
+    # and with the shipped microcalc where another one replaces it (comparisons).
+    comparisons: list[tuple[str, dict, dict]] = []
+    for folder in (args.dunet_folds or [])[:-1]:
+        src = {"kind": FOLDS, "path": folder, "ship": None, "reason": f"fold bundles {folder.name}/fold0..4"}
+        comparisons.append(("dunet", src, {"dunet": marks_of(args, samples, images, "dunet", src)}))
+    shipped_mc = json.loads((MODELS_DIR / "microcalc" / "manifest.json").read_text())
+    if sources["microcalc"]["path"] != MODELS_DIR / "microcalc" and not saw_mias(shipped_mc):
+        src = {"kind": HELD_OUT, "path": MODELS_DIR / "microcalc", "ship": MODELS_DIR / "microcalc",
+               "reason": f"shipped microcalc {shipped_mc['version']} (phantoms only): every image held out"}
+        comparisons.append(("microcalc", src, {"microcalc": marks_of(args, samples, images, "microcalc", src)}))
+    config_sources = [dict(sources, **{name: src}) for name, src, _ in comparisons] + [sources]
+    config_marks = [dict(per_model, **extra) for _, _, extra in comparisons] + [per_model]
+    configs = {}
+    for srcs, pm in zip(config_sources, config_marks):
+        on = [m for m in BUNDLES if pm.get(m) is not None]
+        marks = [{m: pm[m][i] for m in on} for i in range(len(samples))]
+        configs[_config_name(srcs)] = (srcs, marks)
+    result: dict = {"benchmark": "node's sent marks on mini-MIAS, 5-fold CV (issue 14 part 2, issue 26)",
                     "data": {"images": len(images), "normal": int(sum(im.normal for im in images)),
                              "licence": data.licence,
                              "split": "dicom_ai.data.datasets.mias_folds (patient level, fixed 5 folds)"},
                     "protocol": __doc__.split("Protocol (everything held out is held out by fold):")[1].split("    nice")[0].strip(),
-                    "configs": {}}
+                    "today": TODAY, "configs": {}}
+    cvs = {name: cross_validate(images, mk) for name, (_, mk) in configs.items()}
+    # Shipped thresholds: chosen on all five folds of the shipped (last) config; the default
+    # point is chosen on their validation figures (the same images they were chosen on).
+    ship_name = list(configs)[-1]
+    ship_srcs, ship_marks = configs[ship_name]
+    ship_tables = _tables(images, ship_marks)
+    ship = {pn: choose_thresholds(ship_tables, range(len(images)), b) for pn, b in POINTS.items()}
+    result["validation_shipped"] = {
+        pn: {**score_sent(images, [sent_marks(ship_marks[i], thr) for i in range(len(images))], range(len(images))),
+             "maps_on": sum(t != OFF for t in thr.values())} for pn, thr in ship.items()}
+    if args.default_point == "auto":
+        default, why = choose_default(result, ship_name, args.max_normal_fp)
+    else:
+        default, why = args.default_point, "given on the command line (--default-point)"
+    result["default_point"] = {"name": default, "reason": why, "max_false_marks_per_normal_image": args.max_normal_fp}
     worst_ref = None
-    for name, mk in configs.items():
-        cv = cross_validate(images, mk)
-        sent = cv.pop("sent_default")
+    for name, (srcs, mk) in configs.items():
+        cv = cvs[name]
+        sent = cv.pop("sent")[default]
         ev = evaluate_lesions(zip(samples, mk), bootstrap=0, progress=False).summary()
+        cv["models"] = {m: {"source": s["kind"], "reason": s["reason"],
+                            "bundle": None if s["path"] is None else str(s["path"])} for m, s in srcs.items()}
         cv["per_model_froc_candidates"] = {m: {t: f["sensitivity_at"] for t, f in by.items()} for m, by in ev["froc"].items()}
         cv["mass_dice_per_model_at_0.5"] = ev["mass_dice"]
         cv["auc_sent_default"] = _auc(images, sent)
+        total = sum(len(v) for v in sent.values())
+        cv["share_of_sent_marks_default"] = {m: round(sum(m in f["models"] for v in sent.values() for f in v)
+                                                      / max(total, 1), 4) for m in BUNDLES}
         cv["outside_breast_default"] = {
-            "node_mask": sum(not _at(allowed_region(s.image), f["row"], f["col"]) for s, i in zip(samples, range(len(samples)))
+            "node_mask": sum(not _at(allowed_region(s.image), f["row"], f["col"]) for i, s in enumerate(samples)
                              for f in sent[i]),
             "independent_intensity_check": sum(_independent_outside(s, sent[i]) for i, s in enumerate(samples)),
-            "marks_sent": sum(len(v) for v in sent.values())}
+            "marks_sent": total}
         result["configs"][name] = cv
-        worst_ref = (name, sent)
-    # Previews of the worst MIAS cases (most false marks at the default point, last config).
-    name, sent = worst_ref
+        worst_ref = sent
+    # Previews of the worst MIAS cases (most false marks at the default point, shipped config).
+    sent = worst_ref
     falses = sorted(range(len(images)), key=lambda i: -sum(not any(_at(m, f["row"], f["col"]) for m in images[i].any)
                                                             for f in sent[i]))[:4]
+    for old in args.out.glob("mias_node_worst_*.png"):
+        old.unlink()
     previews = []
     for i in falses:
         path = args.out / f"mias_node_worst_{images[i].reference}.png"
         _preview(samples[i].image.pixels, allowed_region(samples[i].image), sent[i], path,
-                 f"{images[i].reference}: {len(sent[i])} marks at {DEFAULT_POINT}")
+                 f"{images[i].reference}: {len(sent[i])} marks at {default}")
         previews.append(path.name)
     result["previews"] = previews
-    # Pectoral detections.
     result["pectoral_found"] = int(sum(bool(s.image.pectoral_mask.any()) for s in samples))
-    # Shipped thresholds: chosen on all five folds, per config; manifests get the tuned config's.
-    ship_name = list(configs)[-1]
-    ship_tables = _tables(images, configs[ship_name])
-    ship = {pn: choose_thresholds(ship_tables, range(len(images)), b) for pn, b in POINTS.items()}
     result["shipped_thresholds"] = {"config": ship_name,
+                                    "bundles": {m: None if s["kind"] == OFF_LEAK else _ident(s["ship"])
+                                                for m, s in ship_srcs.items()},
                                     "points": {pn: {f"{m}/{k}": (None if t == OFF else t) for (m, k), t in thr.items()}
                                                for pn, thr in ship.items()},
-                                    "note": "null: switched off"}
-    # The four shared real images at the default point.
+                                    "note": "null: switched off; models kept off are not listed"}
+    # The four shared real images at the default point, run by the bundles the node ships.
     real = {}
-    pipes = Pipeline.from_bundles(BUNDLES, device="cpu")
+    models_on = [m for m, s in ship_srcs.items() if s["kind"] != OFF_LEAK
+                 and any(t != OFF for (mm, _), t in ship[default].items() if mm == m)]
+    ship_models = {m: candidate_model(ship_srcs[m]["ship"]) for m in models_on}
     for png in [] if args.no_real else sorted(args.real.glob("*.png")):
         arr = np.asarray(Image.open(png)).astype(np.float32)
         arr = arr / (65535.0 if arr.max() > 255 else 255.0)
@@ -381,43 +541,60 @@ def main(argv: list[str] | None = None) -> int:
         # The file name's laterality plays the header's part, cross-checked against the pixels.
         m.faces_left, m.orientation = orient(lat == "R", m.breast_mask)
         by_model = {}
-        for model in pipes.models:
+        for name, model in ship_models.items():
             out = restrict_to_breast(model.predict(m), m)
-            by_model[model.identity.name] = ModelMarks.from_prediction(_output_prediction(out), allowed_region(m))
-        if "dunet" in by_model and args.dunet_folds:
-            tuned_pipe = Pipeline.from_bundles([str(args.dunet_folds[0] / "fold0")], device="cpu")
-            out = restrict_to_breast(tuned_pipe.models[0].predict(m), m)
-            by_model["dunet"] = ModelMarks.from_prediction(_output_prediction(out), allowed_region(m))
-        s = sent_marks(by_model, ship[args.default_point])
+            by_model[name] = ModelMarks.from_prediction(_output_prediction(out), allowed_region(m))
+        s = sent_marks(by_model, ship[default])
         path = args.out / f"mias_node_real_{png.stem}.png"
-        _preview(m.pixels, allowed_region(m), s, path, f"{png.stem}: {len(s)} marks at {args.default_point}")
+        _preview(m.pixels, allowed_region(m), s, path, f"{png.stem}: {len(s)} marks at {default}")
         real[png.stem] = {"marks": len(s), "by_model": {k: sum(k in f["models"] for f in s) for k in by_model},
                           "orientation": m.orientation, "preview": path.name}
     result["shared_real_images"] = {"note": "four CC FFDM images, one benign mass in exam 1 R (no masks): "
-                                            "every mark counted as a false mark except by-eye hits",
-                                    "images": real,
+                                            "every mark counted as a false mark except by-eye hits; run by the "
+                                            "shipped bundles of the models on at the default point",
+                                    "point": default, "models_run": models_on, "images": real,
                                     "marks_per_image": round(sum(v["marks"] for v in real.values()) / max(len(real), 1), 3)}
     result["seconds"] = round(time.time() - t0, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mias_node.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "mias_node.md").write_text(_table(result))
     print(_table(result))
     if args.write_manifests:
-        _write_manifests(ship, result, ship_name, args)
-    print(json.dumps({n: {"points": c["points"], "outside": c["outside_breast_default"]} for n, c in result["configs"].items()},
-                     indent=1))
+        _write_manifests(ship, result, ship_name, ship_srcs, default)
     return 0
 
 
+def _ident(bundle_dir: Path) -> str:
+    m = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    return f"{m['name']} {m['version']} ({bundle_dir})"
+
+
+def _config_name(srcs: dict) -> str:
+    """A config's name: per model its version and where its MIAS marks come from."""
+    parts = []
+    for m, s in srcs.items():
+        if s["kind"] == OFF_LEAK:
+            parts.append(f"{m} off (saw MIAS, no folds)")
+        elif s["kind"] == FOLDS:
+            v = json.loads((s["path"] / "fold0" / "manifest.json").read_text())["version"]
+            parts.append(f"{m} {v.replace('fold0', 'fold*')} (CV folds)")
+        else:
+            v = json.loads((s["path"] / "manifest.json").read_text())["version"]
+            parts.append(f"{m} {v} (held out)")
+    return "; ".join(parts)
+
+
 def _table(result: dict) -> str:
-    """Markdown: the node's held-out figures per config next to the part-1 baseline."""
+    """Markdown: the node's held-out figures per config next to today's and the part-1 baseline."""
     def f(v):
         return "n/a" if v is None else f"{v:.2f}"
 
+    default = result["default_point"]["name"]
     lines = ["# mini-MIAS, what the node sends (5-fold CV, held-out folds pooled)", "",
-             "| marks | mass sens @ 0.25 / 0.5 / 1 / 2 / 4 FP/img | calc-cluster sens @ 1 / 4 | FP/image on normals "
-             "@ default | AUC abnormal (image) | marks outside breast (node mask / independent) |",
-             "|---|---|---|---|---|---|"]
+             f"Default point: **{default}** ({result['default_point']['reason']}).", "",
+             "| marks | mass sens @ 0.125 / 0.25 / 0.5 / 1 / 2 / 4 FP/img | calc-cluster sens @ 0.5 / 1 / 4 | "
+             "FP/image @ default: normals (all images) | AUC abnormal (image) @ default | share of sent marks "
+             "glam / dunet / microcalc | marks outside breast (node mask / independent) |",
+             "|---|---|---|---|---|---|---|"]
     base_path = RESULTS / "mias_baseline.json"
     if base_path.is_file():
         b = json.loads(base_path.read_text())["pooled"]
@@ -426,40 +603,72 @@ def _table(result: dict) -> str:
         auc = b["auc"][UNION]["abnormal (image)"]
         rob = b["robustness"][UNION]
         lines.append(f"| baseline (part 1): phantom bundles, threshold mask, thresholds 0.5, no merging, FROC over "
-                     f"candidates | {' / '.join(f(mass[k]) for k in ('0.25', '0.5', '1.0', '2.0', '4.0'))} | "
-                     f"{f(calc['1.0'])} / {f(calc['4.0'])} | {f(rob['false_marks_per_normal_image'])} (at 0.5) | "
-                     f"{f(auc['value'])} [{f(auc['ci95'][0])}, {f(auc['ci95'][1])}] | "
+                     f"candidates | {' / '.join(f(mass.get(k)) for k in ('0.125', '0.25', '0.5', '1.0', '2.0', '4.0'))} | "
+                     f"{f(calc.get('0.5'))} / {f(calc['1.0'])} / {f(calc['4.0'])} | "
+                     f"{f(rob['false_marks_per_normal_image'])} (at 0.5) | "
+                     f"{f(auc['value'])} [{f(auc['ci95'][0])}, {f(auc['ci95'][1])}] | - | "
                      f"{rob['marks_outside_breast']} / n.a. of {rob['marks_sent']} |")
+    t = result.get("today")
+    if t:
+        lines.append(f"| today ({t['config']}) | {' / '.join(f(v) for v in t['mass'])} | "
+                     f"{' / '.join(f(v) for v in t['calcification_cluster'])} | "
+                     f"{f(t['fp_normal_default'])} ({f(t['fp_all_default'])}) at {t['default']} | "
+                     f"{f(t['auc'][0])} [{f(t['auc'][1])}, {f(t['auc'][2])}] at {t['default']} | "
+                     f"{' / '.join(f(v) for v in t['share'])} | {t['outside']} |")
     for name, c in result["configs"].items():
         fr = c["froc"]
-        mass = [fr[k]["sensitivity"]["mass"] for k in ("0.25", "0.5", "1.0", "2.0", "4.0")]
-        calc = [fr[k]["sensitivity"]["calcification_cluster"] for k in ("1.0", "4.0")]
-        d = c["points"][DEFAULT_POINT]
+        mass = [fr[k]["sensitivity"]["mass"] for k in ("0.125", "0.25", "0.5", "1.0", "2.0", "4.0")]
+        calc = [fr[k]["sensitivity"]["calcification_cluster"] for k in ("0.5", "1.0", "4.0")]
+        d = c["points"][default]
         a = c["auc_sent_default"]["abnormal"]
         o = c["outside_breast_default"]
-        lines.append(f"| {name}: breast-filtered, merged, thresholds chosen on the other folds | "
-                     f"{' / '.join(f(v) for v in mass)} | {' / '.join(f(v) for v in calc)} | "
-                     f"{f(d['false_marks_per_normal_image'])} ({DEFAULT_POINT}; all images {f(d['false_marks_per_image'])}) | "
+        share = c["share_of_sent_marks_default"]
+        lines.append(f"| {name} | {' / '.join(f(v) for v in mass)} | {' / '.join(f(v) for v in calc)} | "
+                     f"{f(d['false_marks_per_normal_image'])} ({f(d['false_marks_per_image'])}) | "
                      f"{f(a['value'])} [{f(a['ci95'][0])}, {f(a['ci95'][1])}] | "
+                     f"{' / '.join(f(share[m]) for m in BUNDLES)} | "
                      f"{o['node_mask']} / {o['independent_intensity_check']} of {o['marks_sent']} |")
+    last = list(result["configs"].values())[-1]
+    lines += ["", "Models in the shipped (last) config:"]
+    lines += [f"- {m}: {s['source']}: {s['reason']}" for m, s in last["models"].items()]
+    val = result.get("validation_shipped", {})
+    if val:
+        lines += ["", "Validation figures of the shipped thresholds (chosen on all 5 folds, scored on them; what "
+                  "the default point is chosen on): " + "; ".join(
+                      f"{pn}: {f(v['false_marks_per_normal_image'])} false marks per normal image, "
+                      f"{f(v['false_marks_per_image'])} per image, mass {f(v['sensitivity']['mass'])}, "
+                      f"{v['maps_on']} map(s) on" for pn, v in val.items())]
     real = result.get("shared_real_images", {})
     if real.get("images"):
-        lines += ["", f"Four shared real CC images at {DEFAULT_POINT}: "
+        lines += ["", f"Four shared real CC images at {real['point']} (run by the shipped bundles of "
+                  f"{', '.join(real['models_run']) or 'no model'}): "
                   + ", ".join(f"{k} {v['marks']} marks ({v['orientation']})" for k, v in real["images"].items())
                   + f"; {real['marks_per_image']} marks per image."]
     lines += ["", f"Pectoral muscle found on {result.get('pectoral_found')} of {result['data']['images']} MLO images.",
               "Baseline FROC reads each model's candidates at any threshold; the node rows are operating points "
-              "chosen on validation folds (a stricter protocol). Sensitivities per lesion type: masses 58, "
-              "calcification clusters 27 located (mini-MIAS Info.txt)."]
+              "chosen on validation folds (a stricter protocol), held-out folds pooled. Sensitivities per lesion "
+              "type: masses 58, calcification clusters 27 located (mini-MIAS Info.txt)."]
     return "\n".join(lines) + "\n"
 
 
-def _write_manifests(ship, result, ship_name, args) -> None:
+def _write_manifests(ship, result, ship_name, ship_srcs, default) -> None:
+    """The shipped bundles' ``operating_points`` (and the node's CV figures in ``metrics``).
+
+    Only bundles under models/ are written; a model kept off gets every finding off at every
+    point, with the reason."""
     cv = result["configs"][ship_name]
-    for bundle in BUNDLES:
-        path = MODELS_DIR / bundle / "manifest.json"
+    for bundle, src in ship_srcs.items():
+        path = Path(src["ship"]) / "manifest.json"
+        if Path(src["ship"]).resolve().parent != MODELS_DIR.resolve():
+            print(f"not writing {path}: not a shipped bundle under {MODELS_DIR}")
+            continue
         manifest = json.loads(path.read_text())
         findings: dict = {}
+        if src["kind"] == OFF_LEAK:
+            for k in manifest["thresholds"]:
+                findings[k] = [{"name": pn, "off": True, "target": f"node <= {b:g} false marks per image (mini-MIAS); "
+                                "off: trained on mini-MIAS without fold bundles, not validated on held-out images"}
+                               for pn, b in POINTS.items()]
         for pn, thr in ship.items():
             held = cv["points"][pn]
             for (m, k), t in thr.items():
@@ -467,7 +676,7 @@ def _write_manifests(ship, result, ship_name, args) -> None:
                     continue
                 per_map = held["per_map_held_out"].get(f"{m}/{k}", {})
                 findings.setdefault(k, []).append({
-                    "name": pn, **({"off": True} if t == OFF else {"threshold": round(t, 4)}),
+                    "name": pn, **({"off": True} if t == OFF else {"threshold": round(t, 6)}),
                     "target": f"node <= {POINTS[pn]:g} false marks per image (mini-MIAS), this map's share"
                               + (" (off: no signal on validation, or no threshold strict enough: saturated scores)"
                                  if t == OFF else ""),
@@ -479,11 +688,35 @@ def _write_manifests(ship, result, ship_name, args) -> None:
                     "data": "threshold chosen on all 5 mini-MIAS folds (322 MLO images); sensitivity and false marks: "
                             "5-fold CV, each held-out fold at thresholds chosen on the other 4 "
                             "(benchmarks/bench_mias_node.py)"})
-        if findings:
-            manifest["operating_points"] = {"default": args.default_point, "findings": findings,
-                                            "licence": result["data"]["licence"]}
-            manifest["thresholds"] = {k: v for k, v in manifest["thresholds"].items()}
-            path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        if not findings:
+            continue
+        # Points this bench does not choose (e.g. "phantom": every finding on at the bundle's own
+        # threshold, used by tests and by sites debugging a model) are kept; a bundle without one
+        # gets "phantom" at its plain manifest threshold.
+        kept = dict(manifest.get("operating_points") or {}).get("findings", {})
+        for k in findings:
+            extra = [pt for pt in kept.get(k, []) if pt.get("name") not in POINTS]
+            if not any(pt.get("name") == "phantom" for pt in extra):
+                extra.append({"name": "phantom", "threshold": float(manifest["thresholds"][k]), "sensitivity": None,
+                              "data": "none on real images", "target": "the bundle's own threshold (its candidate "
+                              "level): every finding on; not validated on real images"})
+            findings[k] += extra
+        manifest["operating_points"] = {
+            "default": default, "default_reason": result["default_point"]["reason"], "findings": findings,
+            "licence": result["data"]["licence"], "how_validated": src["reason"],
+            "note": "Named points fp0.25/fp0.5/fp1/fp2: node budgets of false marks per image on mini-MIAS, chosen by "
+                    "benchmarks/bench_mias_node.py; 'off' = the map is not sent (no signal on MIAS validation folds, "
+                    "or not validated on held-out images); 'phantom' = every finding on at the bundle's own threshold "
+                    "(not validated on real images)."}
+        manifest.setdefault("metrics", {})["node_cross_validation"] = {
+            "config": ship_name, "source": "benchmarks/results/mias_node.json", "this_model": src["reason"],
+            "node_sensitivity_at_budget": {b: c["sensitivity"] for b, c in cv["froc"].items()},
+            "node_false_marks_per_image_at_budget": {b: c["false_marks_per_image"] for b, c in cv["froc"].items()},
+            "node_false_marks_per_normal_image_at_budget": {b: c["false_marks_per_normal_image"]
+                                                            for b, c in cv["froc"].items()},
+            "share_of_sent_marks_default": cv["share_of_sent_marks_default"].get(bundle)}
+        path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        print(f"wrote operating points of {path} (default {default})")
 
 
 if __name__ == "__main__":

@@ -265,9 +265,11 @@ def test_top_k_score():
 def test_shipped_bundle_loads_and_predicts():
     bundle = load_bundle("dunet")
     assert "not for clinical use" in bundle.manifest["intended_use"]
-    assert "synthetic phantoms" in bundle.manifest["intended_use"]
-    # Since issue 14 the shipped U-Net is fine-tuned on mini-MIAS masses (phantom-pretrained).
-    assert bundle.manifest["training"]["lesion_mask"].startswith("MIAS masses")
+    # Since issue 26 the shipped U-Net works at 0.8 mm, is trained on mini-MIAS masses (all
+    # five folds, Genesis-pretrained) and its region scores are Platt-calibrated.
+    assert bundle.manifest["architecture"]["pixel_spacing_mm"] == 0.8
+    assert [d["dataset"] for d in bundle.manifest["training"]["data"]] == ["mias"]
+    assert bundle.manifest["calibration"]["method"] == "platt"
     assert "Suckling" in bundle.manifest["licence"] and bundle.manifest["operating_points"]["default"]
     model = DUNetModel.from_bundle(bundle, "cpu")
     img = _half_disc(rows=200, cols=150)

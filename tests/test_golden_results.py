@@ -28,6 +28,15 @@ SEG segment, SR finding, GSPS labels and previews say "Mass" instead of "Maligna
 Regenerated for issue 15 (same job, same versions): GLAM 0.2.0 (Genesis-pretrained, trained on
 the calibrated phantoms, fine-tuned on mini-MIAS) replaces 0.1.0, and the shipped operating
 points were re-chosen on mini-MIAS with both MIAS-tuned models (benchmarks/bench_mias_node.py).
+
+Regenerated for issue 26 (same job, same versions), intentionally: dunet 0.3.0 replaces 0.2.0
+(the whole breast crop at 0.8 mm working pixels instead of 128x96, Platt-calibrated region
+scores), and the shipped operating points were re-chosen by bench_mias_node.py with the 0.3.0
+fold bundles; the default point is now fp0.25 (the loosest point whose validation false marks
+per normal MIAS image stay within 0.5), the U-Net's threshold 0.0971 on its calibrated map, and
+GLAM is off at every named point (fine-tuned on all of mini-MIAS without fold bundles, so not
+validated on held-out images). The SEGs carry the U-Net's segment only, as before; every
+digest changed (maps, thresholds, Algorithm Parameters, previews).
 """
 
 from __future__ import annotations

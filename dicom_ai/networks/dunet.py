@@ -300,8 +300,10 @@ def working_grid(mammogram: Mammogram, pixel_spacing_mm: float, multiple: int = 
         r0, r1, c1 = int(r_idx[0]), int(r_idx[-1]) + 1, int(c_idx[-1]) + 1
     else:
         r0, r1, c1 = 0, rows, cols
-    out_r = max(1, int(np.ceil((r1 - r0) * sr / pixel_spacing_mm / multiple))) * multiple
-    out_c = max(1, int(np.ceil(c1 * sc / pixel_spacing_mm / multiple))) * multiple
+    # At least two multiples per side: the deepest level then has 2x2 pixels (InstanceNorm
+    # needs more than one), so a small view (a thumbnail, a 13 mm test image) runs too.
+    out_r = max(2, int(np.ceil((r1 - r0) * sr / pixel_spacing_mm / multiple))) * multiple
+    out_c = max(2, int(np.ceil(c1 * sc / pixel_spacing_mm / multiple))) * multiple
     if max(out_r, out_c) > MAX_WORKING_SIDE:
         raise ModelError(f"a {rows}x{cols} image at {sr}x{sc} mm is {out_r}x{out_c} working pixels at "
                          f"{pixel_spacing_mm} mm, above {MAX_WORKING_SIDE}; check the pixel spacing in the header")
