@@ -68,12 +68,18 @@ status-page-check: venv debs
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
 
-# The shipped discriminative U-Net bundle (models/dunet), trained on phantoms by the
-# project's own commands at 128x96 input; about 15 minutes on two busy CPU cores.
-DUNET_ARGS ?= --train-seeds 0:60 --input-shape 128x96 --lr 2e-3 --no-progress
+# The shipped discriminative U-Net bundle (models/dunet 0.3.0; needs mini-MIAS at MIAS_DIR):
+# Genesis pretraining without labels on every mini-MIAS image and generated phantoms at 0.4,
+# 0.8 and 1.6 mm, the five fold bundles at 0.8 mm and their held-out evaluation (Platt
+# calibration per held-out fold, exported with --export), the all-folds bundle with the pooled
+# calibration, then the node's operating points. About an hour on two busy CPU cores.
+DUNET_RUNS ?= build/runs
+DUNET_SEG ?= --pixel-size 0.8 --patch 128 --epochs 4 --steps-per-epoch 150 --batch-size 8 --lesion-rate 0.5
 dunet-bundle: venv
-	nice $(PY) -m dicom_ai train dunet-pretrain $(DUNET_ARGS) --epochs 2 --out build/dunet/pretrain.safetensors
-	nice $(PY) -m dicom_ai train dunet-seg $(DUNET_ARGS) --epochs 8 --test-seeds 100000:100024 --init build/dunet/pretrain.safetensors --out models/dunet
+	nice $(PY) -m dicom_ai train dunet --stage pretrain --dataset mias=$(MIAS_DIR) --dataset phantom --phantom-seeds 0:6 --pixel-size 0.4 0.8 1.6 --epochs 6 --steps-per-epoch 200 --run-dir $(DUNET_RUNS)/pretrain --resume --out $(DUNET_RUNS)/pretrain.safetensors
+	nice $(PY) benchmarks/bench_dunet_resolution.py --root $(MIAS_DIR) --runs $(DUNET_RUNS) --init $(DUNET_RUNS)/pretrain.safetensors --spacings 0.8 --epochs 4 --steps 150 --export $(DUNET_RUNS)/dunet-0.8-folds
+	nice $(PY) -m dicom_ai train dunet --stage segment --dataset mias=$(MIAS_DIR) --folds 0,1,2,3,4 $(DUNET_SEG) --seed 0 --init $(DUNET_RUNS)/pretrain.safetensors --run-dir $(DUNET_RUNS)/all-folds --resume --calibration $(DUNET_RUNS)/dunet-0.8-folds/calibration.json --metrics $(DUNET_RUNS)/dunet-0.8-folds/metrics.json --version 0.3.0 --out models/dunet
+	nice $(PY) benchmarks/bench_mias_node.py --root $(MIAS_DIR) --dunet-folds $(DUNET_RUNS)/dunet-0.8-folds --write-manifests
 
 # Issue 13's fuzz target: 1,200 mutated C-STOREs against a real node (tests/fuzz_node.py);
 # report in benchmarks/results/fuzz.json. `make test` runs a 96-case sample (tests/test_fuzz.py).
@@ -107,7 +113,7 @@ glam-bundle: venv
 	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --epochs-local 2 --epochs-joint 1 --out build/glam-phantom
 	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --baseline cam --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --out build/glam-cam
 	nice $(PY) benchmarks/bench_glam_mias.py --mias $(MIAS_DIR) --bundle build/glam-phantom --cam build/glam-cam/cam.safetensors --ship models/glam
-	nice $(PY) benchmarks/bench_mias_node.py --root $(MIAS_DIR) --dunet-folds build/dunet-mias --glam-folds build/glam-mias --write-manifests
+	nice $(PY) benchmarks/bench_mias_node.py --root $(MIAS_DIR) --dunet-folds $(DUNET_RUNS)/dunet-0.8-folds --glam-folds build/glam-mias --write-manifests
 	nice $(PY) benchmarks/bench_glam.py --bundle build/glam-phantom --cam build/glam-cam/cam.safetensors --skip-overlays --skip-speed
 	nice $(PY) benchmarks/bench_glam.py --bundle models/glam --skip-quality
 

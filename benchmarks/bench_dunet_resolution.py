@@ -51,7 +51,7 @@ from dicom_ai.core.findings import ModelIdentity, ModelOutput, ProbabilityMap  #
 from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset  # noqa: E402
 from dicom_ai.data.evaluate import ModelMarks, _output_prediction  # noqa: E402
 from dicom_ai.data.metrics import LESION_FROC_RATES, bootstrap_ci, dice, roc_auc  # noqa: E402
-from dicom_ai.networks.bundle import load_bundle  # noqa: E402
+from dicom_ai.networks.bundle import load_bundle, save_bundle  # noqa: E402
 from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig, calibrate, working_grid  # noqa: E402
 from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast  # noqa: E402
 from dicom_ai.training.dunet_patches import candidate_level, candidate_regions, fit_platt, predict_raw  # noqa: E402
@@ -91,6 +91,47 @@ def train_folds(args, spacing: float) -> list[Path]:
                 raise SystemExit(f"training fold {k} at {spacing} mm failed")
         out.append(bundle)
     return out
+
+
+def export(folder: Path, spacing: float, bundles: list[Path], evaluation: dict, version: str) -> None:
+    """What shipping the recipe at ``spacing`` needs (``--export``), from its 5-fold evaluation:
+
+    * ``folder/fold<k>``: fold k's bundle with ``calibration_per_held_out_fold[k]`` (fitted on the
+      other folds' candidates only) as its ``calibration``, version ``<version>-cv-fold<k>``, so
+      ``bench_mias_node.py --dunet-folds folder`` runs each held-out fold as the node runs the
+      shipped bundle;
+    * ``folder/calibration.json``: ``calibration_all_folds`` (the pooled held-out candidates), for
+      ``dicom-ai train dunet ... --folds 0,1,2,3,4 --calibration``;
+    * ``folder/metrics.json``: the Platt variant's CV figures, for ``--metrics``.
+    """
+    if evaluation["held_out_folds"] != list(range(MIAS_FOLDS)):
+        raise SystemExit("--export needs the 5-fold evaluation (no --eval-folds)")
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, bundle in enumerate(bundles):
+        b = load_bundle(str(bundle))
+        manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+        cal = dict(evaluation["calibration_per_held_out_fold"][str(k)])
+        cal["fitted_on"] += (f"; validation folds only: the candidate regions of the other four folds (not fold {k}), "
+                             "each scored by its own out-of-fold network")
+        manifest.update(version=f"{version}-cv-fold{k}", calibration=cal,
+                        thresholds={"mass": round(candidate_level(cal), 6)})
+        manifest["outputs"]["mass"] = ("probability map on the source grid of a MASS (benign or malignant), "
+                                       "Platt-calibrated subtraction output sigmoid(slope * (x - f(x)) + intercept)")
+        save_bundle(folder / f"fold{k}", manifest, b.state_dict)
+    (folder / "calibration.json").write_text(json.dumps(evaluation["calibration_all_folds"], indent=1) + "\n")
+    platt = evaluation["variants"]["platt"]
+    metrics = {"cross_validation_unet_alone": {
+        "protocol": "mini-MIAS 5-fold patient-level CV (mias_folds); each held-out fold run by the network trained on "
+                    "the other four (same recipe, seed = fold), Platt calibration fitted on the other folds' "
+                    "candidates; node protocol of bench_mias_node.py with the U-Net alone",
+        "source": f"benchmarks/results/dunet_resolution.json ({spacing:g} mm, 5 folds, platt)",
+        "held_out_folds": evaluation["held_out_folds"],
+        **{k: platt[k] for k in ("node_mass_sensitivity", "false_marks_per_image", "false_marks_per_normal_image",
+                                 "auc_abnormal_image_highest_region", "mass_dice_at_0.5")}},
+        "shipped_weights": "trained on all 5 folds with the fold recipe; no mini-MIAS image is held out from these "
+                           "weights, so the figures above are the recipe's (the fold models), not these weights'"}
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print(f"exported fold bundles, calibration.json and metrics.json to {folder}")
 
 
 def _network(bundle: Path) -> DiscriminativeUNet:
@@ -197,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="real: MIAS training folds; hybrid: phantom lesions inserted into the training folds' "
                         "MIAS normals (dicom_ai.data.insertion); both (the held-out folds are real either way)")
     p.add_argument("--out", type=Path, default=RESULTS / "dunet_resolution.json")
+    p.add_argument("--export", type=Path, default=None,
+                   help="with one --spacings value: write the calibrated fold bundles, calibration.json and "
+                        "metrics.json for shipping the recipe here (export)")
+    p.add_argument("--export-version", default="0.3.0", help="version of the shipped bundle the folds validate")
     args = p.parse_args(argv)
+    if args.export and len(args.spacings) != 1:
+        raise SystemExit("--export needs exactly one --spacings value")
     torch.set_num_threads(args.threads)
     if str(args.init) == "none":
         args.init = None
@@ -210,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         cached = args.runs / run_name(spacing, args.train_data) / (
             "eval.json" if args.eval_folds is None else f"eval-folds{''.join(str(k) for k in args.eval_folds)}.json")
         if args.limit is None and cached.is_file():
+            if args.export:
+                export(args.export, spacing, bundles, json.loads(cached.read_text()), args.export_version)
             continue
         result = evaluate(args, spacing, bundles)
         result["train_data"] = args.train_data
@@ -219,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                                           for b in bundles]}
         if args.limit is None:
             cached.write_text(json.dumps(result, indent=1) + "\n")
+            if args.export:
+                export(args.export, spacing, bundles, result, args.export_version)
         else:
             print(json.dumps({k: v for k, v in result["variants"]["platt"].items() if k != "per_fold_thresholds"}))
             return 0

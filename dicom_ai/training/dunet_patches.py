@@ -39,7 +39,6 @@ from dicom_ai.data.phantom import generate_study
 from dicom_ai.data.sample import Sample
 from dicom_ai.imaging import Mammogram, read_mammogram
 from dicom_ai.networks.dunet import DiscriminativeUNet, DUNetConfig, working_grid
-from dicom_ai.training import common
 from dicom_ai.training.checkpoint import RunState
 from dicom_ai.training.dunet import masked_mse, segmentation_loss
 from dicom_ai.training.genesis import GenesisConfig, distort
@@ -476,8 +475,10 @@ def patch_manifest(config: DUNetConfig, *, name: str, version: str, sources: lis
         },
         "finding": "mass",
         "thresholds": {"mass": round(candidate_level(calibration), 6) if calibration else 0.5},
-        "intended_use": common.INTENDED_USE + ". Segments masses (benign or malignant) on 2-D mammography views; "
-                        "trained on real images of the sources listed (research use only).",
+        # Not common.INTENDED_USE ("trained on synthetic phantoms"): these bundles are trained on
+        # the real sources listed.
+        "intended_use": "research / demonstration, not for clinical use. Segments masses (benign or malignant) on "
+                        "2-D mammography views; trained on the images of the sources listed (research use only).",
         "licence": " | ".join(licences) if licences else "synthetic phantoms only",
         "training": {"data": sources, "command": command, "pretraining": pretraining, **training,
                      "history": history},
