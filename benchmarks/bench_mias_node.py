@@ -429,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                    help="a microcalcification bundle trained with NO mini-MIAS image (every MIAS image held out; "
                         "thresholds still chosen on the other folds); it also runs the real images. Without it "
                         "the shipped models/microcalc is used (if it saw no MIAS image)")
+    p.add_argument("--compare-microcalc", type=Path, default=None,
+                   help="another microcalcification bundle that saw no MIAS image, scored as a comparison config "
+                        "(default: the shipped models/microcalc when --microcalc-bundle/--microcalc-folds replace it)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="first N images only (a dry run; figures not valid)")
     p.add_argument("--no-real", action="store_true", help="skip the four shared real images")
@@ -455,10 +458,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     for folder in (args.dunet_folds or [])[:-1]:
         src = {"kind": FOLDS, "path": folder, "ship": None, "reason": f"fold bundles {folder.name}/fold0..4"}
         comparisons.append(("dunet", src, {"dunet": marks_of(args, samples, images, "dunet", src)}))
-    shipped_mc = json.loads((MODELS_DIR / "microcalc" / "manifest.json").read_text())
-    if sources["microcalc"]["path"] != MODELS_DIR / "microcalc" and not saw_mias(shipped_mc):
-        src = {"kind": HELD_OUT, "path": MODELS_DIR / "microcalc", "ship": MODELS_DIR / "microcalc",
-               "reason": f"shipped microcalc {shipped_mc['version']} (phantoms only): every image held out"}
+    other_mc = args.compare_microcalc or MODELS_DIR / "microcalc"
+    other = json.loads((other_mc / "manifest.json").read_text())
+    if sources["microcalc"]["path"] != other_mc and not saw_mias(other):
+        src = {"kind": HELD_OUT, "path": other_mc, "ship": other_mc,
+               "reason": f"microcalc {other['version']} ({other_mc}), for comparison: saw no mini-MIAS image, "
+                         "every image held out"}
         comparisons.append(("microcalc", src, {"microcalc": marks_of(args, samples, images, "microcalc", src)}))
     config_sources = [dict(sources, **{name: src}) for name, src, _ in comparisons] + [sources]
     config_marks = [dict(per_model, **extra) for _, _, extra in comparisons] + [per_model]
