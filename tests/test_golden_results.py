@@ -33,14 +33,10 @@ Regenerated for issue 26 (same job, same versions), intentionally: dunet 0.3.0 r
 (the whole breast crop at 0.8 mm working pixels instead of 128x96, Platt-calibrated region
 scores), and the shipped operating points were re-chosen by bench_mias_node.py with the 0.3.0
 fold bundles; the default point is now fp0.25 (the loosest point whose validation false marks
-per normal MIAS image stay within 0.5), the U-Net's threshold 0.0971 on its calibrated map (0.1402 after
-the microcalc change below), and
+per normal MIAS image stay within 0.5), the U-Net's threshold 0.0971 on its calibrated map, and
 GLAM is off at every named point (fine-tuned on all of mini-MIAS without fold bundles, so not
-validated on held-out images). Every digest changed (maps, thresholds, Algorithm Parameters,
-previews). Regenerated again in the same issue: microcalc 0.2.0 (trained on clusters inserted
-into real anatomy, no mini-MIAS image) replaces 0.1.0 and carries signal on mini-MIAS, so at
-fp0.25 its maps are on and the microcalcification cascade runs in the job (thresholds re-chosen
-with it; the U-Net's fp0.25 threshold changed with the shared budget).
+validated on held-out images). The SEGs carry the U-Net's segment only, as before; every
+digest changed (maps, thresholds, Algorithm Parameters, previews).
 """
 
 from __future__ import annotations
