@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom.uid
 import torch
 from matplotlib.figure import Figure
 
@@ -137,6 +138,8 @@ def _coarse(sample: Sample, spacing_mm: float = 0.2, bits: int = 8) -> Sample:
     pixels = np.round(np.clip(resize(mg.pixels, shape), 0, 1) * levels) / levels
     image = mammogram_from_array(pixels.astype(np.float32), mg.laterality, mg.view, (spacing_mm, spacing_mm),
                                  faces_left=mg.faces_left)
+    if mg.sop_instance_uid:  # a UID of its own, derived from the source's, keys the mark cache
+        image.sop_instance_uid = pydicom.uid.generate_uid(entropy_srcs=[mg.sop_instance_uid, f"{spacing_mm}mm"])
 
     def small(mask):
         return resize(mask.astype(np.float32), shape, mode="nearest") > 0.5
