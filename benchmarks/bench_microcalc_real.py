@@ -49,6 +49,7 @@ from dicom_ai.data.datasets import MIASDataset, open_dataset, patient_folds
 from dicom_ai.data.evaluate import evaluate_lesions, lesions_of, predict_marks
 from dicom_ai.data.sample import Sample
 from dicom_ai.imaging import mammogram_from_array, resize
+from dicom_ai.imaging.mask import MASK_VERSION
 from dicom_ai.networks import Pipeline
 from dicom_ai.networks.bundle import load_bundle
 from dicom_ai.networks.microcalc import MicrocalcModel
@@ -79,6 +80,21 @@ def _marks(sample: Sample, models: dict, cache: Path) -> dict:
         folder = cache / f"{label}-{digest}" if sample.image.sop_instance_uid else None
         out[label] = next(predict_marks([sample], Pipeline([model]), cache=folder))[1][model.identity.name]
     return out
+
+
+def _mias_order(ds: MIASDataset) -> list[int]:
+    """Image indices, those with a calcification cluster (Info.txt CALC) first, the rest in a
+    fixed random order (seed 0)."""
+    calc = [i for i, r in enumerate(ds.records) if any(row.cls == "CALC" for row in r.extra["rows"])]
+    rest = [i for i in range(len(ds)) if i not in set(calc)]
+    return calc + [rest[j] for j in np.random.default_rng(0).permutation(len(rest))]
+
+
+def _cached(record, model: MicrocalcModel, digest: str, label: str, cache: Path) -> bool:
+    """Whether the marks of a MIAS record are in the cache (named by the adapter's stable UID)."""
+    uid = pydicom.uid.generate_uid(entropy_srcs=["dicom_ai-mini-MIAS", record.extra["reference"]])
+    ident = model.identity
+    return (cache / f"{label}-{digest}" / f"{ident.name}-{ident.version}-mask{MASK_VERSION}" / f"{uid}.npz").is_file()
 
 
 def _has_cluster(sample: Sample) -> bool:
@@ -207,9 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real", default="/work/shared/data/real", help="the shared real PNG images")
     p.add_argument("--cache", type=Path, default=Path("/work/data/microcalc-real/marks"),
                    help="mark cache outside the repository")
-    p.add_argument("--limit", type=int, default=None, help="score the first N MIAS images only (dry run)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="score the first N MIAS images only (dry run; clusters first, see _mias_order)")
+    p.add_argument("--shard", default="0/1", help="K/N: run every N-th MIAS image from the K-th (parallel cache fill)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="score only the MIAS images whose marks every bundle has in the cache")
     p.add_argument("--holdout-fold", type=int, default=0, help="patient fold of the held-out hybrid backgrounds")
-    p.add_argument("--hybrid-copies", type=int, default=3)
+    p.add_argument("--hybrid-copies", type=int, default=2)
     p.add_argument("--skip-mias", action="store_true")
     p.add_argument("--skip-hybrids", action="store_true")
     p.add_argument("--skip-real", action="store_true")
@@ -233,14 +253,24 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     if not args.skip_mias:
         ds = MIASDataset(args.root)
-        n = len(ds) if args.limit is None else min(args.limit, len(ds))
+        order = _mias_order(ds)
+        if args.limit is not None:
+            order = order[:args.limit]
+        k, n_shards = (int(v) for v in args.shard.split("/"))
+        order = order[k::n_shards]
+        if args.cached_only:
+            order = [i for i in order if all(_cached(ds.records[i], m, d, l, args.cache)
+                                             for l, (m, d) in models.items())]
         t0 = time.time()
-        pairs = ((ds[i], _marks(ds[i], models, args.cache)) for i in range(n))
+        pairs = ((ds[i], _marks(ds[i], models, args.cache)) for i in order)
         ev, auc = _score(pairs, labels, args.bootstrap, _has_cluster,
                          lambda s: not lesions_of(s) and not any(s.labels.values()))
         result["mias"] = _cluster_summary(ev, auc, labels)
         result["mias"]["seconds"] = round(time.time() - t0, 1)
-        result["mias"]["limit"] = args.limit
+        result["mias"]["subset"] = {"limit": args.limit, "shard": args.shard, "cached_only": args.cached_only,
+                                    "images": len(order), "order": "images with a CALC lesion first, then the others "
+                                    "in a fixed random order (seed 0), so any prefix is all clusters + a random "
+                                    "sample of the other images"}
         _table("mini-MIAS (0.2 mm film, held out)", result["mias"], labels)
     if not args.skip_hybrids:
         items = _heldout_hybrids(args.holdout_fold, args.hybrid_copies, args.real)
@@ -264,17 +294,22 @@ def main(argv: list[str] | None = None) -> int:
         real = open_dataset("real-png", args.real)
         result["real_png"] = {}
         for i, rec in enumerate(real.records):
-            sample = real[i]
             name = Path(rec.path).stem
-            found = {l: m.analyse(sample.image) for l, (m, _) in models.items()}
-            path = RESULTS / f"microcalc_real_{name}.png"
-            _preview(sample, found, path)
-            result["real_png"][name] = {"labels": dict(sample.labels), "preview": path.name,
-                                        **{l: {"clusters": len(r.clusters),
-                                               "scores": [round(c.score, 3) for c in r.clusters],
-                                               "seconds": round(r.timings_s.get("total", 0.0), 1)}
-                                           for l, r in found.items()}}
-            print(f"{name}: " + ", ".join(f"{l} {len(r.clusters)} clusters" for l, r in found.items()))
+            files = {l: args.cache / f"{l}-{d}" / "real-png" / f"{name}.json" for l, (_, d) in models.items()}
+            per_model = {l: json.loads(f.read_text()) for l, f in files.items() if f.is_file()}
+            sample = real[i]
+            if len(per_model) < len(models):  # run every bundle and draw the preview once
+                found = {l: m.analyse(sample.image) for l, (m, _) in models.items()}
+                _preview(sample, found, RESULTS / f"microcalc_real_{name}.png")
+                for l, r in found.items():
+                    per_model[l] = {"clusters": len(r.clusters), "scores": [round(c.score, 3) for c in r.clusters],
+                                    "calcification_pixels_ge_0.5": int((r.calcification >= 0.5).sum()),
+                                    "seconds": round(r.timings_s.get("total", 0.0), 1)}
+                    files[l].parent.mkdir(parents=True, exist_ok=True)
+                    files[l].write_text(json.dumps(per_model[l]))
+            result["real_png"][name] = {"labels": dict(sample.labels), "preview": f"microcalc_real_{name}.png",
+                                        **per_model}
+            print(f"{name}: " + ", ".join(f"{l} {r['clusters']} clusters" for l, r in per_model.items()))
     result["timing"] = {"seconds": round(time.time() - t_start, 1), "cpu": platform.processor() or platform.machine(),
                         "torch_threads": args.threads, "note": "0 s for marks read from the cache"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
