@@ -779,8 +779,8 @@ def _microcalc_sources(args: argparse.Namespace, degradation):
                                                    progress=not args.no_progress))
         pick = np.unique(np.linspace(0, len(train_idx) - 1, min(args.mine_images, len(train_idx))).round().astype(int))
         mining.append((ds, [train_idx[j] for j in pick]))
-        with_cluster = sum(bool(ds.records[i].labels.get("benign") or ds.records[i].labels.get("malignant"))
-                           for i in train_idx) if name.startswith("hybrid:") else None
+        # Planned insertions, not labels: a CBIS background is labelled by its own (unlocated) mass.
+        with_cluster = sum(ds.plans[i].clusters > 0 for i in train_idx) if name.startswith("hybrid:") else None
         licence = " | ".join(getattr(ds, "licences", []) or [getattr(ds, "licence", "")]) \
             or f"{name}: see the data set's own terms"
         sources.append({"dataset": name, "images": len(train_idx), "held_out_images": len(val_idx),
