@@ -105,9 +105,16 @@ def _score(pairs, labels: list[str], bootstrap: int, positive, negative) -> tupl
     """evaluate_lesions summary (FROC of the cluster map etc.), and image AUCs positive vs negative."""
     scores = {l: {"cluster": [], "calcification": []} for l in labels}
     y = []
+    cluster_marks = {l: [] for l in labels}
+    truth, ignore = [], []
 
     def tap():
         for sample, marks in pairs:
+            located = [l for l in lesions_of(sample) if l.mask is not None]
+            truth.append([l.mask for l in located if l.kind == CLUSTER])
+            ignore.append([l.mask for l in located if l.kind != CLUSTER])
+            for l in labels:
+                cluster_marks[l].append(marks[l].marks([CLUSTER]))
             pos, neg = positive(sample), negative(sample)
             if pos or neg:
                 y.append(pos)
@@ -119,6 +126,11 @@ def _score(pairs, labels: list[str], bootstrap: int, positive, negative) -> tupl
     ev = evaluate_lesions(tap(), bootstrap=0, progress=False).summary()
     auc = {}
     for l in labels:
+        # The cluster-score threshold that reaches each FROC rate (descriptive: where the curve is read).
+        f = M.lesion_froc(cluster_marks[l], truth, ignore)
+        ev.setdefault("cluster_threshold_at", {})[l] = {
+            str(r): (None if not np.isfinite(t := float(f.thresholds[np.flatnonzero(f.fp_per_image <= r + 1e-12)[-1]]))
+                     else round(t, 4)) for r in M.LESION_FROC_RATES}
         auc[l] = {}
         for key, s in scores[l].items():
             if len(set(y)) < 2:
@@ -139,7 +151,8 @@ def _cluster_summary(ev: dict, auc: dict, labels: list[str]) -> dict:
                   "operating_point": op, "marks_per_image": ev["robustness"][l]["marks_per_image"],
                   "false_marks_per_normal_image": ev["robustness"][l]["false_marks_per_normal_image"],
                   "marks_outside_breast": ev["robustness"][l]["marks_outside_breast"],
-                  "auc_cluster_vs_normal": auc[l]}
+                  "auc_cluster_vs_normal": auc[l],
+                  "cluster_threshold_at_rate": ev.get("cluster_threshold_at", {}).get(l)}
     out["n_images"] = ev["n_images"]
     out["n_clusters"] = ev["n_lesions"].get(CLUSTER, 0)
     return out
@@ -307,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "seconds": round(r.timings_s.get("total", 0.0), 1)}
                     files[l].parent.mkdir(parents=True, exist_ok=True)
                     files[l].write_text(json.dumps(per_model[l]))
+            for l, r in per_model.items():  # clusters that would be sent at the score reaching each MIAS rate
+                at = result.get("mias", {}).get(l, {}).get("cluster_threshold_at_rate") or {}
+                r["clusters_at_mias_rate"] = {k: (None if t is None else sum(v >= t for v in r["scores"]))
+                                              for k, t in at.items()}
             result["real_png"][name] = {"labels": dict(sample.labels), "preview": f"microcalc_real_{name}.png",
                                         **per_model}
             print(f"{name}: " + ", ".join(f"{l} {r['clusters']} clusters" for l, r in per_model.items()))
