@@ -149,7 +149,8 @@ def _cluster_summary(ev: dict, auc: dict, labels: list[str]) -> dict:
         op = ev["operating_point"].get(l, {}).get(CLUSTER, {})
         out[l] = {"froc": f.get("sensitivity_at"), "mean_sensitivity": f.get("mean_sensitivity"),
                   "operating_point": op, "marks_per_image": ev["robustness"][l]["marks_per_image"],
-                  "false_marks_per_normal_image": ev["robustness"][l]["false_marks_per_normal_image"],
+                  # every map's marks (each calcification component too), not clusters only
+                  "all_map_marks_per_normal_image": ev["robustness"][l]["false_marks_per_normal_image"],
                   "marks_outside_breast": ev["robustness"][l]["marks_outside_breast"],
                   "auc_cluster_vs_normal": auc[l],
                   "cluster_threshold_at_rate": ev.get("cluster_threshold_at", {}).get(l)}
