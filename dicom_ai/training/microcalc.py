@@ -1,7 +1,16 @@
 """Training of the microcalcification Detector and Segmentator: patches, training, the manifest.
 
 Data: phantom studies (:mod:`dicom_ai.data.phantom`) at full size, decoded with the node's own
-preprocessing, resampled to the method's 0.05 mm pixels. Around every image, patches of the
+preprocessing, resampled to the method's 0.05 mm pixels; or any adapter of
+:mod:`dicom_ai.data.datasets` (:func:`dataset_patches`), typically calcification clusters
+inserted into real backgrounds (``hybrid:cbis-ddsm-cases``, ``hybrid:real-png-normals``).
+
+Generalising across resolution: the model works at 0.05 mm, but real images come at 0.05-0.2 mm
+(mini-MIAS film at 0.2 mm, where a speck is about one pixel). A share of the training images is
+therefore degraded (:func:`degrade_resolution`: shrunk to a pixel size drawn in 0.1-0.2 mm,
+quantised to 8 bits as a film digitiser stores it, and resampled back to 0.05 mm exactly as the
+node upsamples a coarse image), and every training patch can get a random gamma, contrast,
+brightness and noise (:func:`intensity_augment`: sites differ in exposure and processing). Around every image, patches of the
 largest size (49 px) are cut at centres drawn by distance to the nearest calcification (on,
 next to, near, in the periphery of, far from one), so every patch class C1-C4 is present for
 every patch size; smaller patch sizes are centre crops. The patches and their MC masks are
@@ -12,19 +21,28 @@ read stale patches.
 Training draws class-balanced batches over C1-C4 (Detector: half C4, half C1-C3 in equal
 thirds; Segmentator: a quarter of each), with random 90-degree rotations and flips, and
 minimises the cross-entropy with Adam; a second round adds the false positives of the first
-(:func:`mine_hard_negatives`). Everything is seeded. :func:`microcalc_manifest` writes what the
+(:func:`mine_hard_negatives`, :func:`mine_views`). Everything is seeded. :func:`train_cascade`
+runs the four phases (Detector, Segmentator, both again with hard negatives) in blocks of steps,
+with a :class:`~dicom_ai.training.checkpoint.RunState` checkpoint and curves after every block,
+so an interrupted run resumes where it stopped. :func:`microcalc_manifest` writes what the
 bundle was trained on; ``dicom-ai train microcalc`` (:mod:`dicom_ai.cli.train`) is the
 command line over these functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
@@ -32,17 +50,19 @@ from tqdm import tqdm
 from dicom_ai.core.findings import ModelIdentity
 from dicom_ai.data.cache import cache_folder, read_marker, write_marker
 from dicom_ai.data.phantom import FULL_SHAPE, generate_study
-from dicom_ai.imaging import read_mammogram, resize
-from dicom_ai.networks.microcalc import (C4, MicrocalcConfig, MicrocalcModel, PatchCNN, box_any, patch_classes,
-                                         role_targets)
+from dicom_ai.imaging import Mammogram, read_mammogram, resize
+from dicom_ai.networks.microcalc import (C4, ROLES, MicrocalcConfig, MicrocalcModel, PatchCNN, box_any,
+                                         patch_classes, role_targets)
+from dicom_ai.training.checkpoint import RunState
 from dicom_ai.training.common import INTENDED_USE
 
 __all__ = [
     "CACHE_PATCH", "STRATA", "STRATUM_BOUNDS", "DEFAULT_PER_STRATUM", "INTENDED_USE",
-    "PatchSet", "microcalcification_mask", "extract_patches", "cut_patches", "working_grid",
-    "phantom_image_patches", "mine_hard_negatives", "patch_cache_folder", "phantom_patches",
-    "has_cluster", "load_patches", "balanced_indices", "augment", "train_network", "evaluate_patches",
-    "select_seeds", "mining_seeds", "microcalc_manifest",
+    "PatchSet", "microcalcification_mask", "extract_patches", "cut_patches", "working_grid", "working_grid_of",
+    "Degradation", "degrade_resolution", "dataset_views", "dataset_patches", "WorkingView",
+    "phantom_image_patches", "mine_hard_negatives", "mine_views", "patch_cache_folder", "phantom_patches",
+    "has_cluster", "load_patches", "balanced_indices", "augment", "intensity_augment", "train_network",
+    "train_cascade", "evaluate_patches", "select_seeds", "mining_seeds", "microcalc_manifest",
 ]
 
 #: Largest patch size: the cache stores patches of this size, smaller ones are centre crops.
@@ -187,19 +207,184 @@ def cut_patches(image: np.ndarray, mc_mask: np.ndarray, centres: np.ndarray, sou
     return PatchSet(padded_img[rows, cols], padded_mask[rows, cols], np.full(len(rr), source, dtype=np.int64))
 
 
-def working_grid(img, spacing_mm: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A PhantomImage's breast box on the 0.05 mm grid, decoded as the node does:
-    (image [0, 1], MC mask, breast mask)."""
-    mg = read_mammogram(img.dataset)
-    mc = microcalcification_mask(img.masks, mg.spacing_mm[0])
-    breast = np.asarray(img.breast_mask, dtype=bool)
+def working_grid_of(mammogram: Mammogram, masks: dict[str, np.ndarray], breast: np.ndarray,
+                    spacing_mm: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The breast box of a decoded image on the working grid, as the node crops and resamples it.
+
+    Parameters
+    ----------
+    mammogram : Mammogram
+        The decoded image (intensities [0, 1], ``spacing_mm`` per pixel).
+    masks : dict
+        Its ground truth on the stored grid (``calcification_benign``/``_malignant`` used).
+    breast : numpy.ndarray
+        Boolean breast mask on the stored grid (the crop box is its bounding box).
+    spacing_mm : float
+        Working pixel size, mm.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (image [0, 1], MC mask, breast mask) on the working grid.
+    """
+    mc = microcalcification_mask(masks, mammogram.spacing_mm[0])
+    breast = np.asarray(breast, dtype=bool)
     r_idx, c_idx = np.flatnonzero(breast.any(axis=1)), np.flatnonzero(breast.any(axis=0))
     r0, r1, c0, c1 = r_idx[0], r_idx[-1] + 1, c_idx[0], c_idx[-1] + 1
-    shape = (round((r1 - r0) * mg.spacing_mm[0] / spacing_mm), round((c1 - c0) * mg.spacing_mm[1] / spacing_mm))
-    image = resize(mg.pixels[r0:r1, c0:c1], shape)
+    sr, sc = (float(v) for v in mammogram.spacing_mm)
+    shape = (max(1, round((r1 - r0) * sr / spacing_mm)), max(1, round((c1 - c0) * sc / spacing_mm)))
+    image = resize(mammogram.pixels[r0:r1, c0:c1], shape)
     mc_w = resize(mc[r0:r1, c0:c1].astype(np.float32), shape, mode="nearest") > 0.5
     br_w = resize(breast[r0:r1, c0:c1].astype(np.float32), shape, mode="nearest") > 0.5
     return image, mc_w, br_w
+
+
+def working_grid(img, spacing_mm: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A PhantomImage's breast box on the 0.05 mm grid, decoded as the node does:
+    (image [0, 1], MC mask, breast mask)."""
+    return working_grid_of(read_mammogram(img.dataset), img.masks, img.breast_mask, spacing_mm)
+
+
+# --------------------------------------------------------------------------------------------
+# Real backgrounds: any adapter, resolution degradation, cached patches
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """Resolution augmentation of whole training images (:func:`degrade_resolution`).
+
+    ``share`` of the images (drawn per image, seeded) are shrunk to a pixel size drawn
+    uniformly in ``spacing_mm`` (mm), quantised to ``bits`` (None: not quantised) and
+    resampled back to the working grid.
+    """
+
+    share: float = 0.0
+    spacing_mm: tuple[float, float] = (0.1, 0.2)
+    bits: int | None = 8
+
+    def draw(self, seed: int, index: int) -> float | None:
+        """The coarse pixel size (mm) of image ``index``, or None when it stays as it is."""
+        if self.share <= 0:
+            return None
+        rng = np.random.default_rng([int(seed), int(index), 0xDE6])
+        if rng.random() >= self.share:
+            return None
+        return round(float(rng.uniform(*self.spacing_mm)), 3)
+
+
+def degrade_resolution(image: np.ndarray, coarse_mm: float, spacing_mm: float = 0.05,
+                       bits: int | None = 8) -> np.ndarray:
+    """``image`` (working grid, ``spacing_mm`` pixels) as a scan at ``coarse_mm`` pixels would give it
+    to the node: antialiased shrink to ``coarse_mm`` (the digitiser's aperture), quantised to
+    ``bits``, then resampled back to the working grid with the node's own bilinear resize.
+
+    Returns float32 of ``image.shape`` in [0, 1]; the microcalcification mask is not changed
+    (a speck that fades below the noise at 0.2 mm stays a target, as a radiologist's
+    annotation of a coarse scan would)."""
+    factor = coarse_mm / spacing_mm
+    small = (max(1, round(image.shape[0] / factor)), max(1, round(image.shape[1] / factor)))
+    coarse = resize(image, small)
+    if bits:
+        levels = float(2 ** bits - 1)
+        coarse = np.round(np.clip(coarse, 0.0, 1.0) * levels) / levels
+    return np.clip(resize(coarse, image.shape), 0.0, 1.0).astype(np.float32)
+
+
+@dataclass
+class WorkingView:
+    """One training image on the 0.05 mm working grid (``coarse_mm``: its degradation, or None)."""
+
+    image: np.ndarray
+    mc: np.ndarray
+    breast: np.ndarray
+    index: int
+    coarse_mm: float | None
+
+
+def dataset_views(dataset, indices: Iterable[int], spacing_mm: float = 0.05,
+                  degradation: Degradation = Degradation(), seed: int = 0) -> Iterator[WorkingView]:
+    """Images ``indices`` of an adapter on the working grid (hybrids are generated on the fly),
+    each degraded as ``degradation`` draws for ``(seed, index)``."""
+    for index in indices:
+        sample = dataset[int(index)]
+        image, mc, breast = working_grid_of(sample.image, sample.masks, sample.image.breast_mask, spacing_mm)
+        coarse = degradation.draw(seed, index)
+        if coarse is not None:
+            image = degrade_resolution(image, coarse, spacing_mm, degradation.bits)
+        yield WorkingView(image, mc, breast, int(index), coarse)
+
+
+#: Source files whose content decides what a cached patch of a real data set holds.
+_DATA_SOURCES = ("insertion.py", "datasets.py")
+
+
+def data_tag(name: str, options: dict) -> str:
+    """Short hash naming a data set variant in cache folders: its name, its keyword options
+    (hybrid seed, copies, lesion counts ...) and the code of insertion and adapters."""
+    digest = hashlib.sha256(json.dumps([name, options], sort_keys=True, default=str).encode())
+    for file in _DATA_SOURCES:
+        digest.update((Path(__file__).resolve().parent.parent / "data" / file).read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def dataset_patches(dataset, name: str, indices: Sequence[int], cache_dir: str | Path, tag: str,
+                    degradation: Degradation = Degradation(), seed: int = 0,
+                    per_stratum: dict[str, int] | None = None, progress: bool = True) -> PatchSet:
+    """Patches of images ``indices`` of an adapter, cached per image (``.npy`` as for phantoms).
+
+    Parameters
+    ----------
+    dataset
+        Any :mod:`dicom_ai.data.datasets` adapter (hybrid data sets included).
+    name : str
+        Its ``--dataset`` name (cache folder names; no patient data in it).
+    indices : sequence of int
+        The images to use (e.g. the training folds').
+    cache_dir : str or Path
+        Root of the patch cache; one folder per image,
+        ``<name>-<tag>-i<index>-<degradation>-<generator version>``.
+    tag : str
+        :func:`data_tag` of the data set's options.
+    degradation : Degradation
+        Resolution augmentation (drawn per image from ``(seed, index)``).
+    seed : int
+        Seeds the degradation draw and the choice of patch centres.
+    per_stratum : dict, optional
+        Patches per centre stratum and image (default :data:`DEFAULT_PER_STRATUM`).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    PatchSet
+        ``source`` is the image index.
+    """
+    safe = name.replace(":", "_").replace("/", "_").replace("=", "_")
+    deg = json.dumps(asdict(degradation), sort_keys=True)
+    strata = "" if per_stratum is None else json.dumps(per_stratum, sort_keys=True)
+    key = hashlib.sha256(f"{deg}|{strata}|{seed}".encode()).hexdigest()[:8]
+    sets = []
+    for index in tqdm(indices, desc=f"{name} patches", disable=not progress):
+        folder = cache_folder(cache_dir, f"{safe}-{tag}-i{int(index)}-{key}")
+        if read_marker(folder) is not None:
+            sets.append(PatchSet(np.load(folder / "images.npy").astype(np.float32), np.load(folder / "masks.npy"),
+                                 np.load(folder / "source.npy")))
+            continue
+        view = next(dataset_views(dataset, [index], degradation=degradation, seed=seed))
+        rng = np.random.default_rng([int(seed), int(index), 0x9A7])
+        patches = extract_patches(view.image, view.mc, view.breast, rng, per_stratum, source=int(index))
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "images.npy", patches.images.astype(np.float16))
+        np.save(folder / "masks.npy", patches.masks)
+        np.save(folder / "source.npy", patches.source)
+        write_marker(folder, {"dataset": name, "index": int(index), "coarse_mm": view.coarse_mm,
+                              "count": len(patches), "mc_pixels": int(view.mc.sum())})
+        patches.images = patches.images.astype(np.float16).astype(np.float32)  # as if read back
+        sets.append(patches)
+    if not sets:
+        return PatchSet(np.zeros((0, CACHE_PATCH, CACHE_PATCH), np.float32),
+                        np.zeros((0, CACHE_PATCH, CACHE_PATCH), bool), np.zeros(0, np.int64))
+    return PatchSet.concat(sets)
 
 
 def phantom_image_patches(img, rng: np.random.Generator, spacing_mm: float = 0.05,
@@ -225,10 +410,7 @@ def phantom_image_patches(img, rng: np.random.Generator, spacing_mm: float = 0.0
 
 def mine_hard_negatives(detector, segmentator, seeds: list[int], shape: tuple[int, int] = FULL_SHAPE,
                         per_image: int = 300, seed: int = 0, progress: bool = True) -> tuple[PatchSet, PatchSet]:
-    """False positives of a first-round cascade on whole training images.
-
-    Detector: grid points where it fires on a C4 patch. Segmentator: pixels inside the
-    fired area, not MC, where it says MC (tested on a random sample of such pixels).
+    """False positives of a first-round cascade on whole phantom training images (:func:`mine_views`).
 
     Parameters
     ----------
@@ -238,12 +420,40 @@ def mine_hard_negatives(detector, segmentator, seeds: list[int], shape: tuple[in
         Phantom studies to mine.
     shape : tuple of int
         Stored (rows, columns) of the generated views, in pixels.
+    per_image, seed, progress
+        As :func:`mine_views`.
+    """
+    def views():
+        for study_seed in seeds:
+            study = generate_study(study_seed, shape=shape)
+            for k, img in enumerate(study.images):
+                image, mc, breast = working_grid(img, detector.config.pixel_spacing_mm)
+                yield WorkingView(image, mc, breast, study_seed * 10 + k, None)
+
+    return mine_views(detector, segmentator, views(), per_image, seed, progress, total=len(seeds) * 4)
+
+
+def mine_views(detector, segmentator, views: Iterable[WorkingView], per_image: int = 300, seed: int = 0,
+               progress: bool = True, total: int | None = None) -> tuple[PatchSet, PatchSet]:
+    """False positives of a first-round cascade on whole working-grid training images.
+
+    Detector: grid points where it fires on a C4 patch. Segmentator: pixels inside the
+    fired area, not MC, where it says MC (tested on a random sample of such pixels).
+
+    Parameters
+    ----------
+    detector, segmentator : PatchCNN
+        The first-round networks (the cascade's thresholds come from their config).
+    views : iterable of WorkingView
+        Training images on the working grid (their ``index`` tags the patches).
     per_image : int
         At most this many hard negatives of each network per image.
     seed : int
         Seeds the choice among the candidates.
     progress : bool
         Show a progress bar.
+    total : int, optional
+        Length of ``views`` for the progress bar.
 
     Returns
     -------
@@ -254,34 +464,32 @@ def mine_hard_negatives(detector, segmentator, seeds: list[int], shape: tuple[in
     model = MicrocalcModel(detector, segmentator, ModelIdentity("mining", "0"))
     cfg, s, half = model.config, model.config.detector_stride, model.config.patch_size // 2
     det_sets, seg_sets = [], []
-    for study_seed in tqdm(seeds, desc="mining hard negatives", disable=not progress):
-        study = generate_study(study_seed, shape=shape)
-        for k, img in enumerate(study.images):
-            image, mc, breast = working_grid(img, cfg.pixel_spacing_mm)
-            det = model.detector_map(image, breast)
-            grid_breast = breast[::s, ::s][:det.shape[0], :det.shape[1]]
-            grid_class = patch_classes(mc, cfg.patch_size)[::s, ::s][:det.shape[0], :det.shape[1]]
-            fired = (det >= cfg.detector_threshold) & grid_breast
-            hard = np.flatnonzero(fired & (grid_class == C4))
-            if len(hard):
-                pick = rng.choice(hard, size=min(per_image, len(hard)), replace=False)
-                gi, gj = np.divmod(pick, det.shape[1])
-                det_sets.append(cut_patches(image, mc, gi * s * image.shape[1] + gj * s, study_seed * 10 + k))
-            # Pixels the Segmentator would visit: within half a patch of a fired grid point.
-            fired_px = np.zeros(image.shape, dtype=bool)
-            fired_px[::s, ::s][:fired.shape[0], :fired.shape[1]] = fired
-            fired_px = box_any(fired_px, half) & breast & ~mc
-            cand = np.flatnonzero(fired_px)
-            if len(cand):
-                cand = rng.choice(cand, size=min(20 * per_image, len(cand)), replace=False)
-                patches = cut_patches(image, mc, cand, study_seed * 10 + k)
-                x = torch.from_numpy(patches.crop(cfg.patch_size)[0].copy())[:, None]
-                with torch.no_grad():
-                    p = torch.cat([torch.softmax(segmentator(x[i:i + 512]), 1)[:, 1]
-                                   for i in range(0, len(x), 512)]).numpy()
-                wrong = np.flatnonzero(p >= cfg.calcification_threshold)[:per_image]
-                if len(wrong):
-                    seg_sets.append(PatchSet(patches.images[wrong], patches.masks[wrong], patches.source[wrong]))
+    for view in tqdm(views, desc="mining hard negatives", disable=not progress, total=total):
+        image, mc, breast, tag = view.image, view.mc, view.breast, view.index
+        det = model.detector_map(image, breast)
+        grid_breast = breast[::s, ::s][:det.shape[0], :det.shape[1]]
+        grid_class = patch_classes(mc, cfg.patch_size)[::s, ::s][:det.shape[0], :det.shape[1]]
+        fired = (det >= cfg.detector_threshold) & grid_breast
+        hard = np.flatnonzero(fired & (grid_class == C4))
+        if len(hard):
+            pick = rng.choice(hard, size=min(per_image, len(hard)), replace=False)
+            gi, gj = np.divmod(pick, det.shape[1])
+            det_sets.append(cut_patches(image, mc, gi * s * image.shape[1] + gj * s, tag))
+        # Pixels the Segmentator would visit: within half a patch of a fired grid point.
+        fired_px = np.zeros(image.shape, dtype=bool)
+        fired_px[::s, ::s][:fired.shape[0], :fired.shape[1]] = fired
+        fired_px = box_any(fired_px, half) & breast & ~mc
+        cand = np.flatnonzero(fired_px)
+        if len(cand):
+            cand = rng.choice(cand, size=min(20 * per_image, len(cand)), replace=False)
+            patches = cut_patches(image, mc, cand, tag)
+            x = torch.from_numpy(patches.crop(cfg.patch_size)[0].copy())[:, None]
+            with torch.no_grad():
+                p = torch.cat([torch.softmax(segmentator(x[i:i + 512]), 1)[:, 1]
+                               for i in range(0, len(x), 512)]).numpy()
+            wrong = np.flatnonzero(p >= cfg.calcification_threshold)[:per_image]
+            if len(wrong):
+                seg_sets.append(PatchSet(patches.images[wrong], patches.masks[wrong], patches.source[wrong]))
     empty = PatchSet(np.zeros((0, CACHE_PATCH, CACHE_PATCH), np.float32),
                      np.zeros((0, CACHE_PATCH, CACHE_PATCH), bool), np.zeros(0, np.int64))
     return (PatchSet.concat(det_sets) if det_sets else empty, PatchSet.concat(seg_sets) if seg_sets else empty)
@@ -433,10 +641,98 @@ def augment(batch, generator):
     return out
 
 
+@dataclass(frozen=True)
+class IntensityAugmentation:
+    """Per-patch intensity changes (:func:`intensity_augment`): ``gamma`` range (drawn
+    log-uniformly), ``contrast`` factor range about the patch mean, ``brightness`` offset
+    range, ``noise`` standard deviation range (Gaussian, per pixel); intensities in [0, 1]."""
+
+    gamma: tuple[float, float] = (0.7, 1.4)
+    contrast: tuple[float, float] = (0.7, 1.4)
+    brightness: tuple[float, float] = (-0.08, 0.08)
+    noise: tuple[float, float] = (0.0, 0.01)
+
+
+def intensity_augment(batch: torch.Tensor, generator: torch.Generator,
+                      aug: IntensityAugmentation = IntensityAugmentation()) -> torch.Tensor:
+    """Random gamma, contrast about the patch mean, brightness and noise per patch (N, 1, P, P),
+    clipped to [0, 1]; zero padding outside the image stays zero (as at inference)."""
+    n = batch.shape[0]
+
+    def draw(lo: float, hi: float) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=generator)).to(batch.dtype)
+
+    inside = batch > 0
+    gamma = torch.exp(draw(math.log(aug.gamma[0]), math.log(aug.gamma[1])))
+    x = batch.clamp(0.0, 1.0) ** gamma
+    mean = x.mean(dim=(-2, -1), keepdim=True)
+    x = mean + (x - mean) * draw(*aug.contrast) + draw(*aug.brightness)
+    x = x + torch.randn(batch.shape, generator=generator).to(batch.dtype) * draw(*aug.noise)
+    return torch.where(inside, x.clamp(0.0, 1.0), batch)
+
+
+class _Pool:
+    """Training patches of one role as tensors: the class-balanced pool, plus mined hard negatives."""
+
+    def __init__(self, config, role: str, patches: PatchSet, hard: PatchSet | None, batch: int, hard_share: float):
+        images, _ = patches.crop(config.patch_size)
+        self.classes = patches.classes(config.patch_size)
+        targets = torch.from_numpy(role_targets(self.classes, role).astype(np.int64))
+        self.role = role
+        self.n_hard = int(round(batch * hard_share)) if hard is not None and len(hard) else 0
+        self.hard_count = len(hard) if self.n_hard else 0
+        if self.n_hard:
+            hard_images, _ = hard.crop(config.patch_size)
+            images = np.concatenate([images, hard_images])
+            targets = torch.cat([targets, torch.from_numpy(
+                role_targets(hard.classes(config.patch_size), role).astype(np.int64))])
+        self.images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self.targets = targets
+        self.batch = batch
+
+    def draw(self, rng: np.random.Generator) -> torch.Tensor:
+        idx = balanced_indices(self.classes, self.role, self.batch - self.n_hard, rng)
+        if self.n_hard:
+            idx = np.concatenate([idx, len(self.classes) + rng.integers(0, self.hard_count, self.n_hard)])
+        return torch.from_numpy(idx)
+
+
+def _cosine(lr: float, step: int, steps: int) -> float:
+    """Cosine decay from ``lr`` to 5 % of it over ``steps`` (as CosineAnnealingLR, eta_min 0.05 lr)."""
+    return lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / max(steps, 1))))
+
+
+def _steps(net: PatchCNN, opt: torch.optim.Optimizer, pool: _Pool, first: int, last: int, steps: int, lr: float,
+           rng: np.random.Generator, gen: torch.Generator, intensity: IntensityAugmentation | None,
+           bar=None) -> list[float]:
+    """Optimisation steps ``first`` .. ``last - 1`` of a phase of ``steps`` steps; their losses."""
+    losses = []
+    net.train()
+    for step in range(first, last):
+        for group in opt.param_groups:
+            group["lr"] = _cosine(lr, step, steps)
+        idx = pool.draw(rng)
+        x = augment(pool.images[idx][:, None], gen)
+        if intensity is not None:
+            x = intensity_augment(x, gen, intensity)
+        loss = F.cross_entropy(net(x), pool.targets[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if bar is not None:
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    net.eval()
+    return losses
+
+
 def train_network(config, role: str, patches: PatchSet, steps: int = 1000, batch: int = 64,
                   lr: float = 1e-3, seed: int = 0, checkpoint: Path | None = None,
                   progress: bool = True, desc: str | None = None, init=None,
-                  hard: PatchSet | None = None, hard_share: float = 0.25):
+                  hard: PatchSet | None = None, hard_share: float = 0.25,
+                  intensity: IntensityAugmentation | None = None):
     """Train one network for ``role`` on class-balanced batches.
 
     Parameters
@@ -467,6 +763,8 @@ def train_network(config, role: str, patches: PatchSet, steps: int = 1000, batch
         Mined hard negatives, which fill ``hard_share`` of every batch.
     hard_share : float
         Fraction of a batch taken from ``hard``.
+    intensity : IntensityAugmentation, optional
+        Per-patch intensity augmentation on top of rotations and flips (None: none).
 
     Returns
     -------
@@ -480,38 +778,191 @@ def train_network(config, role: str, patches: PatchSet, steps: int = 1000, batch
     if init is not None:
         net.load_state_dict(init.state_dict())
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05)
-    images, _ = patches.crop(config.patch_size)
-    classes = patches.classes(config.patch_size)
-    targets = torch.from_numpy(role_targets(classes, role).astype(np.int64))
-    n_hard = int(round(batch * hard_share)) if hard is not None and len(hard) else 0
-    if n_hard:
-        hard_images, _ = hard.crop(config.patch_size)
-        images = np.concatenate([images, hard_images])
-        targets = torch.cat([targets, torch.from_numpy(role_targets(hard.classes(config.patch_size), role).astype(np.int64))])
-    images_t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    losses = []
-    net.train()
-    bar = tqdm(range(steps), desc=desc or f"{role} {config.patch_size}px {config.padding}", disable=not progress)
-    for step in bar:
-        idx = balanced_indices(classes, role, batch - n_hard, rng)
-        if n_hard:
-            idx = np.concatenate([idx, len(classes) + rng.integers(0, len(hard), n_hard)])
-        idx = torch.from_numpy(idx)
-        x = augment(images_t[idx][:, None], gen)
-        loss = F.cross_entropy(net(x), targets[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        if checkpoint is not None and ((step + 1) % 200 == 0 or step + 1 == steps):
-            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(checkpoint))
+    pool = _Pool(config, role, patches, hard, batch, hard_share)
+    losses: list[float] = []
+    with tqdm(total=steps, desc=desc or f"{role} {config.patch_size}px {config.padding}", disable=not progress) as bar:
+        for first in range(0, steps, 200):
+            last = min(first + 200, steps)
+            losses += _steps(net, opt, pool, first, last, steps, lr, rng, gen, intensity, bar)
+            if checkpoint is not None:
+                Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(checkpoint))
     net.eval()
     return net, losses
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase of :func:`train_cascade`: ``role`` trained ``steps`` steps at initial ``lr``,
+    with mined hard negatives in its batches when ``hard``."""
+
+    role: str
+    round: int
+    steps: int
+    lr: float
+    hard: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.round}"
+
+
+def cascade_phases(steps: int, hard_steps: int, lr: float) -> list[Phase]:
+    """The schedule: Detector then Segmentator for ``steps`` each at ``lr``; then, when
+    ``hard_steps`` > 0, both again with hard negatives at ``lr / 3``."""
+    phases = [Phase(role, 1, steps, lr, False) for role in ROLES]
+    if hard_steps > 0:
+        phases += [Phase(role, 2, hard_steps, lr / 3, True) for role in ROLES]
+    return [p for p in phases if p.steps > 0]
+
+
+def _validation_batches(config, val: PatchSet | None, per_class: int, seed: int) -> dict:
+    """Fixed, class-balanced held-out patches per role for the learning curves."""
+    if val is None or not len(val):
+        return {}
+    rng = np.random.default_rng([seed, 0xA11])
+    classes = val.classes(config.patch_size)
+    images, _ = val.crop(config.patch_size)
+    out = {}
+    for role in ROLES:
+        idx = balanced_indices(classes, role, per_class * (6 if role == "detector" else 4), rng, replace=False)
+        out[role] = (torch.from_numpy(np.ascontiguousarray(images[idx], dtype=np.float32))[:, None],
+                     torch.from_numpy(role_targets(classes[idx], role).astype(np.int64)))
+    return out
+
+
+@torch.no_grad()
+def _validate(net: PatchCNN, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    net.eval()
+    x, y = batch
+    logits = torch.cat([net(x[i:i + 512]) for i in range(0, len(x), 512)])
+    pred = logits.argmax(1)
+    sens = float((pred[y == 1] == 1).float().mean()) if (y == 1).any() else float("nan")
+    spec = float((pred[y == 0] == 0).float().mean()) if (y == 0).any() else float("nan")
+    return {"val_loss": float(F.cross_entropy(logits, y)), "val_balanced_accuracy": 0.5 * (sens + spec)}
+
+
+def train_cascade(config: MicrocalcConfig, patches: PatchSet, *, steps: int, hard_steps: int, batch: int = 64,
+                  lr: float = 1e-3, seed: int = 0, block: int = 100,
+                  mine: Callable[[PatchCNN, PatchCNN], tuple[PatchSet, PatchSet]] | None = None,
+                  intensity: IntensityAugmentation | None = None, val: PatchSet | None = None,
+                  state: RunState | None = None, resume: bool = False, info: dict | None = None,
+                  progress: bool = True, on_block: Callable[[dict], None] | None = None
+                  ) -> tuple[dict[str, PatchCNN], list[dict], dict[str, int]]:
+    """Train Detector and Segmentator through :func:`cascade_phases`, checkpointed per block.
+
+    Parameters
+    ----------
+    config : MicrocalcConfig
+        Configuration of both networks.
+    patches : PatchSet
+        Training patches.
+    steps, hard_steps : int
+        Steps per network in the first round and in the hard-negative round (0: no second round).
+    batch, lr, seed
+        Patches per step, first-round Adam learning rate (cosine decay to 5 % per phase), seed.
+        Block ``b`` of a phase draws its batches from ``(seed, phase, b)``, so a resumed run
+        continues as an uninterrupted one would (up to floating-point non-determinism).
+    block : int
+        Steps per block: a record in the curves and a checkpoint.
+    mine : callable, optional
+        ``mine(detector, segmentator) -> (detector hard negatives, segmentator hard negatives)``
+        after the first round (e.g. :func:`mine_views` on training images); kept in the run
+        folder (``hard_negatives.npz``) so a resumed run does not mine again.
+    intensity : IntensityAugmentation, optional
+        Per-patch intensity augmentation (None: rotations and flips only).
+    val : PatchSet, optional
+        Held-out patches: ``val_loss`` and ``val_balanced_accuracy`` of the phase's network per block.
+    state : RunState, optional
+        Run folder: both networks (``detector.*``, ``segmentator.*``), the optimiser of the
+        current phase, ``curves.csv`` and ``curves.png`` after every block.
+    resume : bool
+        Continue from ``state``'s last block.
+    info : dict, optional
+        Stored with every checkpoint (JSON).
+    progress : bool
+        Progress bars.
+    on_block : callable, optional
+        Called with each block's record.
+
+    Returns
+    -------
+    tuple
+        ``({"detector": net, "segmentator": net}, history, {"detector": n, "segmentator": n}
+        mined hard negatives)``; one history record per block: ``epoch`` (block number over
+        the run), ``phase``, ``step`` (within the phase), ``<role>_loss``, ``<role>_val_loss``,
+        ``<role>_val_balanced_accuracy``, ``lr``, ``seconds``.
+    """
+    torch.manual_seed(seed)
+    nets = nn.ModuleDict({role: PatchCNN(config) for role in ROLES})
+    phases = cascade_phases(steps, hard_steps, lr)
+    plan = [(k, b) for k, ph in enumerate(phases) for b in range(math.ceil(ph.steps / block))]
+    history: list[dict] = []
+    done = 0
+    if resume and state is not None and state.exists():
+        done, history, _ = state.load(nets)
+    val_batches = _validation_batches(config, val, 100, seed)
+    hard: dict[str, PatchSet] | None = None
+    mined = {role: 0 for role in ROLES}
+    hard_file = state.folder / "hard_negatives.npz" if state is not None else None
+    opt, opt_phase = None, None
+    pools: dict[int, _Pool] = {}
+    for e in range(done, len(plan)):
+        k, b = plan[e]
+        ph = phases[k]
+        if ph.hard and hard is None:
+            hard = _hard_negatives(nets, mine, hard_file)
+            mined = {role: len(hard[role]) for role in ROLES}
+        if opt_phase != k:
+            net = nets[ph.role]
+            opt, opt_phase = torch.optim.Adam(net.parameters(), lr=ph.lr), k
+            if b > 0 and state is not None and state.exists():
+                state.load(nets, opt)  # resumed inside a phase: its optimiser state too
+            if k not in pools:
+                pools = {k: _Pool(config, ph.role, patches, hard[ph.role] if ph.hard and hard else None, batch, 0.25)}
+        t0 = time.time()
+        first, last = b * block, min((b + 1) * block, ph.steps)
+        rng = np.random.default_rng([seed, k, b])
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        torch.manual_seed(int(rng.integers(2**62)))  # dropout
+        with tqdm(total=last - first, desc=f"{ph.name} block {b + 1}", disable=not progress, leave=False) as bar:
+            losses = _steps(nets[ph.role], opt, pools[k], first, last, ph.steps, ph.lr, rng, gen, intensity, bar)
+        record = {"epoch": e + 1, "phase": ph.name, "step": last, f"{ph.role}_loss": float(np.mean(losses))}
+        if ph.role in val_batches:
+            record.update({f"{ph.role}_{key}": v for key, v in _validate(nets[ph.role], val_batches[ph.role]).items()})
+        record["lr"] = _cosine(ph.lr, last, ph.steps)
+        record["seconds"] = round(time.time() - t0, 1)
+        history.append(record)
+        if state is not None:
+            state.save(nets, opt, e + 1, history, dict(info or {}, config=config.to_dict(), mined=mined))
+        if on_block is not None:
+            on_block(record)
+    if hard is None and any(ph.hard for ph in phases) and hard_file is not None and hard_file.is_file():
+        hard = _hard_negatives(nets, None, hard_file)
+        mined = {role: len(hard[role]) for role in ROLES}
+    for net in nets.values():
+        net.eval()
+    return {role: nets[role] for role in ROLES}, history, mined
+
+
+def _hard_negatives(nets, mine, hard_file: Path | None) -> dict[str, PatchSet]:
+    """The mined hard negatives: read back from the run folder, or mined now and kept there."""
+    if hard_file is not None and hard_file.is_file():
+        with np.load(hard_file, allow_pickle=False) as z:
+            return {role: PatchSet(z[f"{role}_images"].astype(np.float32), z[f"{role}_masks"], z[f"{role}_source"])
+                    for role in ROLES}
+    if mine is None:
+        raise ValueError("the hard-negative round needs a mining function")
+    for net in nets.values():
+        net.eval()
+    found = dict(zip(ROLES, mine(nets["detector"], nets["segmentator"])))
+    if hard_file is not None:
+        hard_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = hard_file.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, **{f"{role}_{part}": getattr(found[role], part)
+                                    for role in ROLES for part in ("images", "masks", "source")})
+        tmp.replace(hard_file)
+    return found
 
 
 def evaluate_patches(net, role: str, patches: PatchSet, per_class: int = 500, seed: int = 1) -> dict:
@@ -605,9 +1056,10 @@ def mining_seeds(train_seeds: list[int], cluster_studies: int, normal_studies: i
     return (train_seeds[split:] + train_seeds[:split])[:mine_studies]
 
 
-def microcalc_manifest(config: MicrocalcConfig, *, version: str, train_seeds: list[int], val_seeds: str,
-                       command: str, seed: int, steps: int, batch: int, lr: float, hard_steps: int,
-                       patches: dict, loss: dict, wall_time_s: float, metrics: dict) -> dict:
+def microcalc_manifest(config: MicrocalcConfig, *, version: str, data: str, command: str, seed: int, steps: int,
+                       batch: int, lr: float, hard_steps: int, patches: dict, loss: dict, wall_time_s: float,
+                       metrics: dict, held_out: str, sources: list[dict] | None = None,
+                       training: dict | None = None) -> dict:
     """The manifest of a microcalcification bundle (Detector and Segmentator).
 
     Parameters
@@ -616,12 +1068,10 @@ def microcalc_manifest(config: MicrocalcConfig, *, version: str, train_seeds: li
         The configuration of both networks (patch size in px at ``pixel_spacing_mm``).
     version : str
         Bundle version.
-    train_seeds : list of int
-        Phantom seeds of the training studies.
-    val_seeds : str
-        The held-out seeds as given on the command line (``a:b`` or ``a,b,c``).
+    data : str
+        What the bundle was trained on, in words (phantom seeds, data sets and folds).
     command : str
-        The command line that trained the bundle.
+        The command line that trained the bundle (no data folders: they may name a site).
     seed : int
         Training seed.
     steps : int
@@ -640,8 +1090,16 @@ def microcalc_manifest(config: MicrocalcConfig, *, version: str, train_seeds: li
         Training time, seconds.
     metrics : dict
         Held-out patch metrics per network (:func:`evaluate_patches`).
+    held_out : str
+        What the patch metrics were measured on (phantom seeds, or held-out folds).
+    sources : list of dict, optional
+        Per data source: ``dataset``, ``images``, ``with_cluster``, ``folds``, ``licence``
+        and the adapter's own ``sources`` entries; the manifest's ``licence`` joins their licences.
+    training : dict, optional
+        More training facts (augmentation, curves, run folder ...), merged into ``training``.
     """
-    return {
+    licences = sorted({s["licence"] for s in sources or [] if s.get("licence")})
+    manifest = {
         "name": "microcalc",
         "version": version,
         "family": "Artificial Intelligence",
@@ -651,14 +1109,21 @@ def microcalc_manifest(config: MicrocalcConfig, *, version: str, train_seeds: li
                   "intensity": "dicom_ai.preprocess [0, 1], dense tissue bright"},
         "thresholds": {"calcification": config.calcification_threshold,
                        "calcification_cluster": config.cluster_threshold},
-        "intended_use": INTENDED_USE,
+        "intended_use": INTENDED_USE if not licences else
+        "research / demonstration, not for clinical use; trained on the real images of the sources listed "
+        "(with inserted synthetic calcification clusters)",
         "training": {
-            "data": f"dicom_ai.phantom full-size studies (3328x2560 at 0.07 mm), seeds {train_seeds}",
+            "data": data,
             "command": command,
             "seed": seed, "steps_per_network": steps, "batch": batch, "lr": lr,
             "patches": patches,
             "hard_negative_steps_per_network": hard_steps,
             "loss": loss, "wall_time_s": wall_time_s,
+            **(training or {}),
         },
-        "metrics": {"held_out_seeds": val_seeds, **metrics},
+        "metrics": {"held_out": held_out, **metrics},
     }
+    if sources is not None:
+        manifest["training"]["sources"] = sources
+        manifest["licence"] = " | ".join(licences) if licences else "synthetic phantoms only"
+    return manifest
