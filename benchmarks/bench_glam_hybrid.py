@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dicom_ai.data.datasets import MIASDataset, mias_woman, open_dataset  # noqa: E402
+from dicom_ai.data.insertion import InsertionConfig  # noqa: E402
 from dicom_ai.data.metrics import bootstrap_ci, detections_from_map, lesion_froc, roc_auc  # noqa: E402
 from dicom_ai.networks.bundle import load_bundle  # noqa: E402
 from dicom_ai.networks.glam import GlamModel  # noqa: E402
@@ -149,17 +150,24 @@ def localisation(ev: dict) -> dict:
                                    "masses": froc.n_regions, "images": froc.n_images}}
 
 
-def hybrid_check(model: GlamModel, mias: Path, fold: int, copies: int, seed: int, cache: Path) -> dict:
-    """AUC (inserted mass vs none) on fold ``fold``'s hybrids, on GLAM's grid (the training cache)."""
-    ds = open_dataset("hybrid:mias-normals", mias, seed=seed, copies=copies, kinds=HYBRID_KINDS)
+def hybrid_check(model: GlamModel, mias: Path, fold: int, copies: int, seed: int, cache: Path,
+                 mass_contrast: tuple[float, float] | None = None) -> dict:
+    """AUC (inserted mass vs none) on fold ``fold``'s hybrids, on GLAM's grid (the training cache);
+    ``mass_contrast`` as ``dicom-ai train glam --mass-contrast`` (None: the default insertion)."""
+    kwargs, tag = {}, f"-s{seed}-c{copies}"
+    if mass_contrast is not None:
+        kwargs["config"] = InsertionConfig(mass_contrast=tuple(mass_contrast))
+        tag += "-mc{:g}-{:g}".format(*mass_contrast)
+    ds = open_dataset("hybrid:mias-normals", mias, seed=seed, copies=copies, kinds=HYBRID_KINDS, **kwargs)
     views, _ = dataset_views(ds, "hybrid:mias-normals", model.config,
                              fold_of=lambda i: ds.background.fold_of[Path(ds.records[i].path).stem],
-                             cache_dir=cache, cache_tag=f"-s{seed}-c{copies}")
+                             cache_dir=cache, cache_tag=tag)
     idx = np.flatnonzero(views.folds == fold)
     scores = [float(np.max(model.run(views.mammograms[i], mask=views.breast_masks[i]).scores)) for i in idx]
     labels = views.labels[idx].max(1) > 0
     ci = bootstrap_ci(roc_auc, scores, labels, n=2000, seed=0)
-    return {"images": int(idx.size), "with_inserted_mass": int(labels.sum()),
+    return {"mass_contrast": list(mass_contrast or InsertionConfig().mass_contrast),
+            "images": int(idx.size), "with_inserted_mass": int(labels.sum()),
             "auc_inserted_vs_none": round(roc_auc(scores, labels), 4), "ci95_images": [round(ci.low, 4), round(ci.high, 4)]}
 
 
@@ -210,6 +218,11 @@ def main(argv=None) -> int:
         }
         if not args.no_hybrid_check:
             per_fold[str(k)]["held_out_hybrids"] = hybrid_check(model, args.mias, k, 4, 0, args.work_cache)
+            trained = [s.get("mass_contrast") for s in bundle.manifest["training"].get("sources", [])
+                       if s.get("dataset", "").startswith("hybrid:")]
+            if trained and trained[0] and list(trained[0]) != list(InsertionConfig().mass_contrast):
+                per_fold[str(k)]["held_out_hybrids_training_contrast"] = hybrid_check(
+                    model, args.mias, k, 4, 0, args.work_cache, mass_contrast=tuple(trained[0]))
         pooled["tuned"].append(ev)
         pooled["reference"].append(ev_ref)
         pooled["abnormal"].append(abnormal)
@@ -270,6 +283,10 @@ def _print(result: dict) -> None:
             h = f["held_out_hybrids"]
             print(f"{name + ' held-out hybrids':34s} AUC inserted vs none {h['auc_inserted_vs_none']:.3f} "
                   f"[{h['ci95_images'][0]:.2f},{h['ci95_images'][1]:.2f}] ({h['images']} images)")
+        if "held_out_hybrids_training_contrast" in f:
+            h = f["held_out_hybrids_training_contrast"]
+            print(f"{name + ' same, training contrast':34s} AUC inserted vs none {h['auc_inserted_vs_none']:.3f} "
+                  f"[{h['ci95_images'][0]:.2f},{h['ci95_images'][1]:.2f}] (mass contrast {h['mass_contrast']})")
     if "earlier_cv_shipped_recipe" in result:
         e = result["earlier_cv_shipped_recipe"]["any_mass_global"]
         print(f"earlier 5-fold CV (real folds only): any mass {e['auc']:.3f} [{e['ci95'][0]:.2f},{e['ci95'][1]:.2f}]")

@@ -186,7 +186,7 @@ def test_cli_trains_on_any_dataset_with_folds_resume_curves_and_manifest(tmp_pat
     names = [s["dataset"] for s in training["sources"]]
     assert names == ["phantom", "hybrid:phantom"] and training["folds"] == [0, 1]
     phantom, hybrid = training["sources"]
-    assert phantom["images"] + hybrid["images"] <= 24 and hybrid["copies"] == 1
+    assert phantom["images"] + hybrid["images"] <= 24 and hybrid["copies"] == 1 and hybrid["mass_contrast"] == [0.2, 0.6]
     assert training["licences"] and "dicom_ai" in " ".join(training["licences"])
     assert folder not in training["command"] and "phantom=<folder>" in training["command"]
     assert "<run-dir>" in training["command"]

@@ -66,6 +66,9 @@ def _register_glam(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--copies", type=int, default=4,
                    help="hybrid data sets: inserted-mass images per background (masses only, HYBRID_KINDS)")
     p.add_argument("--hybrid-seed", type=int, default=0, help="hybrid data sets: seed of the insertion")
+    p.add_argument("--mass-contrast", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="hybrid data sets: range of inserted mass contrast (default InsertionConfig's, fitted to "
+                        "the MIAS masses; higher makes masses more conspicuous than real ones)")
     p.add_argument("--work-cache", default="build/glam-work",
                    help="per-image cache of the --dataset views on GLAM's grid")
     p.add_argument("--phantom-dir", default=None,
@@ -216,6 +219,7 @@ def _glam_data(args: argparse.Namespace, config, recipe):
 
     from dicom_ai.core.errors import DatasetError
     from dicom_ai.data.datasets import open_dataset
+    from dicom_ai.data.insertion import InsertionConfig
 
     train_parts, val_parts, calib_parts, sources = [], [], [], []
     folds = set(args.folds) if args.folds is not None else None
@@ -243,13 +247,17 @@ def _glam_data(args: argparse.Namespace, config, recipe):
                             "folds": "all", "licence": "", "origin": "dicom_ai.data.phantom (synthetic)"})
             continue
         kwargs = {"seed": args.hybrid_seed, "copies": args.copies, "kinds": recipe.HYBRID_KINDS} if hybrid else {}
+        tag = f"-s{args.hybrid_seed}-c{args.copies}" if hybrid else ""
+        if hybrid and args.mass_contrast:
+            kwargs["config"] = InsertionConfig(mass_contrast=tuple(args.mass_contrast))
+            tag += "-mc{:g}-{:g}".format(*args.mass_contrast)
         try:
             ds = open_dataset(name, root, **kwargs)
         except DatasetError as exc:
             raise SystemExit(str(exc)) from None
         views, counts = recipe.dataset_views(ds, name, config, fold_of=_fold_function(ds, args.k_folds),
                                              cache_dir=args.work_cache,
-                                             cache_tag=f"-s{args.hybrid_seed}-c{args.copies}" if hybrid else "")
+                                             cache_tag=tag)
         in_train = np.array([folds is None or f < 0 or f in folds for f in views.folds], dtype=bool)
         part = views.subset(np.flatnonzero(in_train))
         train_parts.append(part)
@@ -260,7 +268,8 @@ def _glam_data(args: argparse.Namespace, config, recipe):
         sources.append({"dataset": name, "images": len(part), "with_mass": int(part.labels.max(1).sum()),
                         "left_out_no_located_mass": counts["left_out_no_located_mass"],
                         "folds": sorted(folds) if folds is not None else "all",
-                        **({"copies": args.copies, "hybrid_seed": args.hybrid_seed, "kinds": recipe.HYBRID_KINDS}
+                        **({"copies": args.copies, "hybrid_seed": args.hybrid_seed, "kinds": recipe.HYBRID_KINDS,
+                            "mass_contrast": list(args.mass_contrast or InsertionConfig().mass_contrast)}
                            if hybrid else {}),
                         "licence": " | ".join(getattr(ds, "licences", []) or [getattr(ds, "licence", "")]),
                         "origin": [{k: v for k, v in src.items() if k != "images"} for src in getattr(ds, "sources", [])]})
