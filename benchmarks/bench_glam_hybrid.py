@@ -21,6 +21,11 @@ Reported per fold and pooled over the folds given:
 * an in-domain check: the same AUC on the held-out hybrids of fold k (masses inserted into
   fold k's normals, GLAM's grid), which says whether the network learnt the inserted masses at all.
 
+Diagnostics run by hand on fold 0 (results/glam_hybrid_{conspicuous,curriculum}_fold0.json; the
+exact commands are in each bundle's manifest): the ``long`` recipe with ``--mass-contrast 0.6
+1.2`` (masses 3x the fitted contrast: can GLAM learn inserted masses at all?), then that bundle
+as ``--init`` for 12/2/2 epochs at 3e-4 on the realistic hybrids (a curriculum).
+
 Run (after the fold bundles exist, e.g. from ``--train``)::
 
     PYTHONPATH=. nice -n 10 python benchmarks/bench_glam_hybrid.py --bundles /work/data/glam-hybrid --folds 0
