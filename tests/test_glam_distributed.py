@@ -67,7 +67,7 @@ def test_torchrun_command_trains_one_bundle_on_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "dicom_ai", "train", "glam", "--train-studies", "2", "--val-studies", "1",
            "--epochs-global", "1", "--epochs-local", "1", "--epochs-joint", "0", "--batch-size", "2",
-           "--cache", str(tmp_path / "cache"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+           "--cache", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
            "--out", str(tmp_path / "bundle"), "--device", "cpu"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

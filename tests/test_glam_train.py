@@ -9,6 +9,7 @@ import torch
 from dicom_ai.networks.bundle import load_bundle, save_bundle
 from dicom_ai.networks.glam import Glam, GlamConfig, GlamModel
 from dicom_ai.imaging import mammogram_from_array
+from dicom_ai.training.checkpoint import RunState
 from dicom_ai.training.glam import GlamData, make_batch, stage_loss, train
 
 
@@ -66,29 +67,29 @@ def test_a_few_steps_reduce_the_loss(stage):
     assert np.mean(losses[-3:]) < 0.9 * losses[0], losses
 
 
-def _run(tmp_path, seed, epochs, resume=False, ckpt_name="ckpt.safetensors"):
+def _run(tmp_path, seed, epochs, resume=False, ckpt_name="ckpt"):
     torch.manual_seed(seed)
     net = Glam(TINY)
     history = train(net, _toy_data(), TINY, stages=[("global", epochs), ("local", 1), ("joint", 0)],
                     batch_size=4, lr=1e-3, beta=0.1, seed=seed, device=torch.device("cpu"),
-                    checkpoint=tmp_path / ckpt_name, resume=resume, progress=False)
+                    state=RunState(tmp_path / ckpt_name), resume=resume, progress=False)
     return net, history
 
 
 def test_fixed_seed_reproduces_and_resume_continues(tmp_path):
-    a, hist_a = _run(tmp_path, seed=3, epochs=2, ckpt_name="a.safetensors")
-    b, _ = _run(tmp_path, seed=3, epochs=2, ckpt_name="b.safetensors")
+    a, hist_a = _run(tmp_path, seed=3, epochs=2, ckpt_name="a")
+    b, _ = _run(tmp_path, seed=3, epochs=2, ckpt_name="b")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
     # Interrupted after the first global epoch, then resumed: the same as uninterrupted.
     torch.manual_seed(3)
     first = Glam(TINY)
     train(first, _toy_data(), TINY, stages=[("global", 1)], batch_size=4, lr=1e-3, beta=0.1, seed=3,
-          device=torch.device("cpu"), checkpoint=tmp_path / "c.safetensors", progress=False)
+          device=torch.device("cpu"), state=RunState(tmp_path / "c"), progress=False)
     resumed = Glam(TINY)  # different initial weights: everything must come from the checkpoint
     hist_c = train(resumed, _toy_data(), TINY, stages=[("global", 2), ("local", 1), ("joint", 0)],
                    batch_size=4, lr=1e-3, beta=0.1, seed=3, device=torch.device("cpu"),
-                   checkpoint=tmp_path / "c.safetensors", resume=True, progress=False)
+                   state=RunState(tmp_path / "c"), resume=True, progress=False)
     for (ka, va), (kc, vc) in zip(a.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(va, vc, atol=1e-6), ka
     assert [(h["stage"], h["epoch"]) for h in hist_c] == [(h["stage"], h["epoch"]) for h in hist_a]
@@ -153,3 +154,45 @@ def test_phantom_cache_is_keyed_by_the_generator_code(tmp_path):
     # A second call reads the folder back: the same views, no new folder.
     again = load_phantoms(321, 1, (148, 114), tmp_path, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == [folder.name] and len(again) == 4
+
+
+def test_cli_trains_on_any_dataset_with_folds_resume_curves_and_manifest(tmp_path):
+    """`train glam --dataset NAME=FOLDER --folds`: real views of the other folds validate, hybrids of
+    them are dropped, the manifest names sources / licences / folds without data paths, --resume
+    continues the run folder's history and curves."""
+    import csv
+
+    from dicom_ai.cli import main
+    from dicom_ai.data import write_study
+    from dicom_ai.data.phantom import generate_study
+    from dicom_ai.networks.pipeline import Pipeline
+
+    for seed in (1, 2, 4):
+        write_study(generate_study(seed, shape=(222, 170)), tmp_path / "studies" / f"s{seed}")
+    folder = str(tmp_path / "studies")
+    common = ["train", "glam", "--dataset", f"phantom={folder}", "--dataset", f"hybrid:phantom={folder}",
+              "--copies", "1", "--folds", "0,1", "--k-folds", "3", "--epochs-joint", "0",
+              "--batch-size", "4", "--no-progress", "--run-dir", str(tmp_path / "run"),
+              "--work-cache", str(tmp_path / "cache"), "--out", str(tmp_path / "bundle")]
+    # A run stopped after its first epoch (as if killed), then resumed with the full schedule.
+    assert main([*common, "--epochs-global", "1", "--epochs-local", "0"]) == 0
+    first = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["training"]
+    assert [h["stage"] for h in first["history"]] == ["global"]
+    assert main([*common, "--epochs-global", "2", "--epochs-local", "1", "--resume"]) == 0
+    training = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["training"]
+    # Resumed: the finished global epoch is kept, the second one and the local stage run after it.
+    assert [(h["stage"], h["epoch"]) for h in training["history"]] == [("global", 1), ("global", 2), ("local", 3)]
+    assert training["history"][0] == first["history"][0]
+    names = [s["dataset"] for s in training["sources"]]
+    assert names == ["phantom", "hybrid:phantom"] and training["folds"] == [0, 1]
+    phantom, hybrid = training["sources"]
+    assert phantom["images"] + hybrid["images"] <= 24 and hybrid["copies"] == 1 and hybrid["mass_contrast"] == [0.2, 0.6]
+    assert training["licences"] and "dicom_ai" in " ".join(training["licences"])
+    assert folder not in training["command"] and "phantom=<folder>" in training["command"]
+    assert "<run-dir>" in training["command"]
+    with open(tmp_path / "run" / "curves.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and "val_auc_any" in rows[0]
+    assert (tmp_path / "run" / "curves.png").is_file()
+    # The bundle is one the node loads.
+    Pipeline.from_bundles([str(tmp_path / "bundle")], device="cpu")

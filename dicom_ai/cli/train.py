@@ -54,6 +54,23 @@ def _register_glam(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", choices=("compact", "paper"), default="compact",
                    help="network configuration (default: compact, trains on a CPU)")
     p.add_argument("--out", default="models/glam", help="bundle folder to write (default: models/glam)")
+    p.add_argument("--dataset", type=_dataset_spec, action="append", default=None, metavar="NAME[=FOLDER]",
+                   help="a data source, repeatable: any format of open_dataset (e.g. mias=DIR, "
+                        "hybrid:mias-normals=DIR: masses inserted into the normals), or phantom without a folder "
+                        "(generated studies, --train-studies; the default)")
+    p.add_argument("--folds", type=_int_list, default=None,
+                   help="patient-level folds to train on, e.g. 1,2,3,4 (MIAS: mias_folds; a hybrid: its "
+                        "backgrounds'; other layouts: patient_folds over --k-folds); the real views of the other "
+                        "folds give the validation curve. Default: all")
+    p.add_argument("--k-folds", type=int, default=5)
+    p.add_argument("--copies", type=int, default=4,
+                   help="hybrid data sets: inserted-mass images per background (masses only, HYBRID_KINDS)")
+    p.add_argument("--hybrid-seed", type=int, default=0, help="hybrid data sets: seed of the insertion")
+    p.add_argument("--mass-contrast", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="hybrid data sets: range of inserted mass contrast (default InsertionConfig's, fitted to "
+                        "the MIAS masses; higher makes masses more conspicuous than real ones)")
+    p.add_argument("--work-cache", default="build/glam-work",
+                   help="per-image cache of the --dataset views on GLAM's grid")
     p.add_argument("--phantom-dir", default=None,
                    help="read studies from a phantom folder (dicom_ai.datasets) instead of generating them")
     p.add_argument("--train-studies", type=int, default=1200, help="generated training studies (4 views each)")
@@ -75,9 +92,10 @@ def _register_glam(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate within each stage after the warm-up")
     p.add_argument("--warmup-steps", type=int, default=0, help="steps of linear warm-up per stage")
-    p.add_argument("--init", default=None, metavar="SAFETENSORS",
+    p.add_argument("--init", default=None, metavar="SAFETENSORS|BUNDLE",
                    help="start from the encoders of a `dicom-ai train glam-pretrain` file (the CAM baseline "
-                        "takes its global network)")
+                        "takes its global network), or from a GLAM bundle folder or name (fine-tuning; its "
+                        "architecture replaces --config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch records still print)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
@@ -85,8 +103,9 @@ def _register_glam(subparsers: argparse._SubParsersAction) -> None:
                    help="processes generating phantom studies (the data do not depend on it)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for torch (default 1: on a shared CPU a second thread mostly waits)")
-    p.add_argument("--checkpoint-dir", default="build/glam-checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--run-dir", default="build/glam-run",
+                   help="checkpoint, curves.csv and curves.png of this run, rewritten after every epoch")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
     p.add_argument("--baseline", choices=("none", "cam"), default="none",
                    help="cam: train the plain CAM classifier baseline instead (global backbone + GAP)")
     p.set_defaults(handler=_glam)
@@ -95,52 +114,50 @@ def _register_glam(subparsers: argparse._SubParsersAction) -> None:
 def _glam(args: argparse.Namespace) -> int:
     import torch
 
-    from dicom_ai.core.errors import DatasetError
-    from dicom_ai.networks.bundle import save_bundle
-    from dicom_ai.networks.glam import CONFIGS, CamClassifier, Glam
+    from dicom_ai.networks.bundle import load_bundle, save_bundle
+    from dicom_ai.networks.glam import CONFIGS, CamClassifier, Glam, GlamConfig
     from dicom_ai.networks.pipeline import resolve_device
     from dicom_ai.training import glam as recipe
+    from dicom_ai.training.checkpoint import RunState
     from dicom_ai.training.glam_pretrain import load_pretrained
 
     torch.set_num_threads(max(1, args.threads))
     device = _init_distributed(resolve_device(args.device))
     ctx = recipe.distributed_context()
-    config = CONFIGS[args.config]
-    shape_ = tuple(args.shape) if args.shape else recipe.phantom_shape_for(config)
-    if not ctx.is_main:
-        ctx.barrier()  # rank 0 generates and caches the phantoms first; the others read them
-    if args.phantom_dir:
-        try:
-            data = recipe.load_phantom_folder(args.phantom_dir)
-        except DatasetError as exc:
-            raise SystemExit(str(exc)) from None
-        val = None
-        data_note = f"phantom folder {args.phantom_dir} ({len(data)} images)"
+    init_bundle = None
+    if args.init and not str(args.init).endswith(".safetensors"):
+        init_bundle = load_bundle(args.init)  # a bundle folder or a name under models/
+        config = GlamConfig.from_dict(init_bundle.manifest["architecture"])
     else:
-        data = recipe.load_phantoms(args.first_seed, args.train_studies, shape_, args.cache, workers=args.workers)
-        val_seed = args.first_seed + args.train_studies
-        val = (recipe.load_phantoms(val_seed, args.val_studies, shape_, args.cache, workers=args.workers)
-               if args.val_studies > 0 else None)
-        data_note = (f"{args.train_studies} generated phantom studies ({len(data)} views), seeds "
-                     f"{args.first_seed}-{args.first_seed + args.train_studies - 1}, shape {shape_[0]}x{shape_[1]}; "
-                     f"validation {args.val_studies} studies from seed {val_seed}")
+        config = CONFIGS[args.config]
+    if not ctx.is_main:
+        ctx.barrier()  # rank 0 generates and caches the data first; the others read them
+    data, val, calibration, sources = _glam_data(args, config, recipe)
+    data_note = "; ".join(f"{s['dataset']}: {s['images']} views ({s['with_mass']} with a mass), folds {s['folds']}"
+                          for s in sources)
     if ctx.is_main:
         ctx.barrier()
         print(f"training data: {data_note}; positives benign {int(data.labels[:, 0].sum())}, "
-              f"malignant {int(data.labels[:, 1].sum())} of {len(data)}", file=sys.stderr)
+              f"malignant {int(data.labels[:, 1].sum())} of {len(data)}; validation "
+              f"{len(val) if val is not None else 0} views", file=sys.stderr)
     torch.manual_seed(args.seed)
     pos_weight = recipe.class_weights(data.labels, args.balance)
-    ckpt_dir = Path(args.checkpoint_dir)
+    run = RunState(Path(args.run_dir))
+    if args.resume and not run.exists() and ctx.is_main:
+        print(f"--resume: no checkpoint in {args.run_dir} yet; starting at epoch 1", file=sys.stderr)
     start = time.time()
     if args.baseline == "cam":
         net = CamClassifier(config)
         if args.init:
             donor = Glam(config)
-            load_pretrained(donor, args.init)
+            if init_bundle is not None:
+                donor.load_state_dict(init_bundle.state_dict)
+            else:
+                load_pretrained(donor, args.init)
             net.backbone.load_state_dict(donor.global_net.state_dict())
         history = recipe.train(net, data, config, stages=[("cam", args.epochs_global)], batch_size=args.batch_size,
                                lr=args.lr, beta=0.0, seed=args.seed, device=device, progress=not args.no_progress,
-                               checkpoint=ckpt_dir / f"cam-{config.name}.safetensors", resume=args.resume,
+                               state=run, resume=args.resume,
                                loss_fn=lambda stage, n, x, mask, y: recipe.cam_loss(n, x, y, 0.0, pos_weight),
                                schedule=args.schedule, warmup_steps=args.warmup_steps)
         if not ctx.is_main:
@@ -149,31 +166,121 @@ def _glam(args: argparse.Namespace) -> int:
         print(f"wrote CAM baseline weights to {path}", file=sys.stderr)
         return 0
     net = Glam(config)
-    pretraining = load_pretrained(net, args.init) if args.init else None
+    pretraining = None
+    if init_bundle is not None:
+        net.load_state_dict(init_bundle.state_dict)
+    elif args.init:
+        pretraining = load_pretrained(net, args.init)
     stages = [("global", args.epochs_global), ("local", args.epochs_local), ("joint", args.epochs_joint)]
     history = recipe.train(net, data, config, stages=stages, batch_size=args.batch_size, lr=args.lr,
-                           beta=args.beta, seed=args.seed, device=device,
-                           checkpoint=ckpt_dir / f"glam-{config.name}.safetensors", resume=args.resume, val=val,
-                           progress=not args.no_progress, pos_weight=pos_weight, schedule=args.schedule, warmup_steps=args.warmup_steps)
+                           beta=args.beta, seed=args.seed, device=device, state=run, resume=args.resume, val=val,
+                           progress=not args.no_progress, pos_weight=pos_weight, schedule=args.schedule,
+                           warmup_steps=args.warmup_steps)
     if not ctx.is_main:
         return 0
     minutes = round((time.time() - start) / 60, 1)
     metrics, thresholds = recipe.validation_metrics(net, val, config, device)
+    if calibration is not None:
+        # Held-out folds are for figures only: operating thresholds come from the training folds.
+        thresholds, best_dice = recipe.calibrate_thresholds(net, calibration, config, device)
+        metrics.setdefault("validation", {})["dice_at_threshold_input_grid"] = best_dice
+        metrics["validation"]["thresholds_from"] = f"real training-fold views with a mass ({len(calibration)})"
     manifest = recipe.glam_manifest(
         config, thresholds=thresholds, metrics=metrics, data_note=data_note, command=_glam_command(args),
         seed=args.seed, stages=stages, batch_size=args.batch_size, lr=args.lr, beta=args.beta, device=device,
         threads=args.threads, history=history)
+    if init_bundle is not None:
+        manifest["version"] = f"{init_bundle.identity.version}+ft"
     manifest["training"].update(
+        sources=sources, folds=sorted(args.folds) if args.folds is not None else "all",
+        licences=sorted({s["licence"] for s in sources if s["licence"]}),
         class_weighting=args.balance, schedule=args.schedule, warmup_steps=args.warmup_steps,
-        processes=ctx.world_size,
+        processes=ctx.world_size, run_dir_curves="curves.csv, curves.png",
         lesions="masses only (dicom_ai.training.glam.LESION_KINDS): calcifications are below one pixel at "
                 f"{config.pixel_spacing_mm} mm",
-        initialisation=({"file": str(args.init), **{k: v for k, v in pretraining.items() if k != "history"},
+        initialisation=({"bundle": f"{init_bundle.identity.name} {init_bundle.identity.version}"}
+                        if init_bundle is not None else
+                        {"file": "<init>", **{k: v for k, v in pretraining.items() if k != "history"},
                          "history": pretraining["history"]} if pretraining else "random (Xavier / Kaiming)"))
     path = save_bundle(args.out, manifest, net.state_dict())
     print(f"wrote bundle {path} ({minutes} min); thresholds {thresholds}; metrics {json.dumps(metrics)}",
           file=sys.stderr)
     return 0
+
+
+def _glam_data(args: argparse.Namespace, config, recipe):
+    """(training views, validation views or None, threshold-calibration views or None, per-source
+    summaries) of every ``--dataset`` of ``dicom-ai train glam``.
+
+    With ``--folds``, a real data set's views of the other folds are the validation views and
+    its training views with a mass calibrate the thresholds; hybrid views of other folds are
+    dropped (validation is on real images only)."""
+    import numpy as np
+
+    from dicom_ai.core.errors import DatasetError
+    from dicom_ai.data.datasets import open_dataset
+    from dicom_ai.data.insertion import InsertionConfig
+
+    train_parts, val_parts, calib_parts, sources = [], [], [], []
+    folds = set(args.folds) if args.folds is not None else None
+    for name, root in args.dataset or [("phantom", None)]:
+        hybrid = name.startswith("hybrid:")
+        if name == "phantom" and root is None:
+            shape_ = tuple(args.shape) if args.shape else recipe.phantom_shape_for(config)
+            if args.phantom_dir:
+                try:
+                    part = recipe.load_phantom_folder(args.phantom_dir)
+                except DatasetError as exc:
+                    raise SystemExit(str(exc)) from None
+                what = "phantom folder"
+            else:
+                part = recipe.load_phantoms(args.first_seed, args.train_studies, shape_, args.cache,
+                                            workers=args.workers)
+                what = (f"generated phantom studies, seeds {args.first_seed}-"
+                        f"{args.first_seed + args.train_studies - 1}, shape {shape_[0]}x{shape_[1]}")
+                if args.val_studies > 0:
+                    val_seed = args.first_seed + args.train_studies
+                    val_parts.append(recipe.load_phantoms(val_seed, args.val_studies, shape_, args.cache,
+                                                          workers=args.workers))
+            train_parts.append(part)
+            sources.append({"dataset": what, "images": len(part), "with_mass": int(part.labels.max(1).sum()),
+                            "folds": "all", "licence": "", "origin": "dicom_ai.data.phantom (synthetic)"})
+            continue
+        kwargs = {"seed": args.hybrid_seed, "copies": args.copies, "kinds": recipe.HYBRID_KINDS} if hybrid else {}
+        tag = f"-s{args.hybrid_seed}-c{args.copies}" if hybrid else ""
+        if hybrid and args.mass_contrast:
+            kwargs["config"] = InsertionConfig(mass_contrast=tuple(args.mass_contrast))
+            tag += "-mc{:g}-{:g}".format(*args.mass_contrast)
+        try:
+            ds = open_dataset(name, root, **kwargs)
+        except DatasetError as exc:
+            raise SystemExit(str(exc)) from None
+        views, counts = recipe.dataset_views(ds, name, config, fold_of=_fold_function(ds, args.k_folds),
+                                             cache_dir=args.work_cache,
+                                             cache_tag=tag)
+        in_train = np.array([folds is None or f < 0 or f in folds for f in views.folds], dtype=bool)
+        part = views.subset(np.flatnonzero(in_train))
+        train_parts.append(part)
+        if folds is not None and not hybrid:
+            if (~in_train).any():
+                val_parts.append(views.subset(np.flatnonzero(~in_train)))
+            calib_parts.append(part.subset(np.flatnonzero(part.labels.max(1) > 0)))
+        sources.append({"dataset": name, "images": len(part), "with_mass": int(part.labels.max(1).sum()),
+                        "left_out_no_located_mass": counts["left_out_no_located_mass"],
+                        "folds": sorted(folds) if folds is not None else "all",
+                        **({"copies": args.copies, "hybrid_seed": args.hybrid_seed, "kinds": recipe.HYBRID_KINDS,
+                            "mass_contrast": list(args.mass_contrast or InsertionConfig().mass_contrast)}
+                           if hybrid else {}),
+                        "licence": " | ".join(getattr(ds, "licences", []) or [getattr(ds, "licence", "")]),
+                        "origin": [{k: v for k, v in src.items() if k != "images"} for src in getattr(ds, "sources", [])]})
+    data = recipe.GlamData.concatenate(train_parts)
+    if len(data) == 0:
+        raise SystemExit("no training views: check --dataset and --folds")
+    val = recipe.GlamData.concatenate(val_parts) if val_parts else None
+    calibration = recipe.GlamData.concatenate(calib_parts) if calib_parts else None
+    if calibration is not None and len(calibration) == 0:
+        calibration = None
+    return data, val, calibration, sources
 
 
 def _register_glam_pretrain(subparsers: argparse._SubParsersAction) -> None:
@@ -244,12 +351,36 @@ def _init_distributed(device):
 
 
 def _glam_command(args: argparse.Namespace) -> str:
-    """The command as typed when run from a shell, else rebuilt from the parsed arguments."""
+    """The command as typed when run from a shell (else rebuilt from the parsed arguments), with
+    data folders and other paths replaced by placeholders: a folder may name a site or a patient."""
+    paths = {"--out", "--run-dir", "--work-cache", "--cache", "--phantom-dir", "--init"}
     if "train" in sys.argv:
-        return f"dicom-ai {shlex.join(sys.argv[sys.argv.index('train'):])}"
-    return "dicom-ai train glam " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-        if k not in ("handler", "command", "model") and v not in (None, False))
+        argv = sys.argv[sys.argv.index("train"):]
+    else:
+        argv = ["train", "glam"]
+        for k, v in sorted(vars(args).items()):
+            if k in ("handler", "command", "model") or v in (None, False):
+                continue
+            values = v if k == "dataset" else [v]
+            for value in values:
+                if k == "dataset":
+                    value = f"{value[0]}={value[1]}" if value[1] else value[0]
+                elif isinstance(value, list):
+                    value = ",".join(str(x) for x in value)
+                argv += [f"--{k.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    out = []
+    for i, token in enumerate(argv):
+        before = argv[i - 1] if i else ""
+        if before == "--dataset" and "=" in token:
+            token = token.split("=", 1)[0] + "=<folder>"
+        elif token.startswith("--dataset="):
+            token = token.split("=", 2)[0] + "=" + token.split("=", 2)[1] + ("=<folder>" if token.count("=") > 1 else "")
+        elif before in paths:
+            token = f"<{before[2:]}>"
+        elif "=" in token and token.split("=", 1)[0] in paths:
+            token = f"{token.split('=', 1)[0]}=<{token[2:].split('=', 1)[0]}>"
+        out.append(token)
+    return f"dicom-ai {shlex.join(out)}"
 
 
 # --------------------------------------------------------------------------- discriminative U-Net

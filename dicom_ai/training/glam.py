@@ -8,12 +8,15 @@ with the sum of both losses. Only image-level benign/malignant labels reach the 
 pixel ground truth, when the data has it, is used only to report validation Dice and to
 pick the bundle's operating thresholds (:func:`validation_metrics`).
 
-Checkpoints (safetensors, model and optimiser state, progress in the metadata) are written
-after every epoch; ``resume`` continues from the last one. Every epoch draws its data order
+Checkpoints (:class:`~dicom_ai.training.checkpoint.RunState`: weights, optimiser state,
+history, curves.csv and curves.png) are written after every epoch; ``resume`` continues from
+the last one. Every epoch draws its data order
 and augmentation from ``(seed, stage, epoch)``, so a fixed seed reproduces a run, resumed or not.
 
 Owns the phantom data of GLAM (:class:`GlamData`, cached by :func:`load_phantoms` under a
-folder named by :func:`dicom_ai.data.cache.generator_version`), the losses, the training loop
+folder named by :func:`dicom_ai.data.cache.generator_version`), the views of any other data
+set (:func:`dataset_views`: every adapter of :mod:`dicom_ai.data.datasets`, hybrids too, on
+the U-Net's per-image working-grid cache), the losses, the training loop
 and the bundle manifest (:func:`glam_manifest`). ``dicom-ai train glam``
 (:mod:`dicom_ai.cli.train`) is the command line over these functions.
 """
@@ -32,8 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dicom_ai.core.errors import DatasetError
@@ -43,12 +45,15 @@ from dicom_ai.data.metrics import dice, roc_auc
 from dicom_ai.data.phantom import FULL_SHAPE, FULL_SPACING_MM, generate_study
 from dicom_ai.imaging import Mammogram, mammogram_from_array, read_mammogram
 from dicom_ai.networks.glam import GlamConfig, fuse, glam_geometry, glam_input
+from dicom_ai.training.checkpoint import RunState
 from dicom_ai.training.common import INTENDED_USE
+from dicom_ai.training.dunet_patches import WorkingImage, working_images
 
 __all__ = [
     "STAGES", "MIN_CALIBRATION_DICE", "INTENDED_USE",
     "GlamData", "phantom_shape_for", "phantom_cache_folder", "load_phantoms", "load_phantom_folder", "make_batch",
-    "bce", "class_weights", "stage_loss", "DistributedContext", "distributed_context", "cam_loss", "save_checkpoint", "load_checkpoint",
+    "HYBRID_KINDS", "dataset_views", "bce", "class_weights", "stage_loss", "DistributedContext", "distributed_context",
+    "cam_loss",
     "predict_images", "train", "calibrate_thresholds", "validation_metrics", "save_cam_weights",
     "glam_manifest",
 ]
@@ -66,17 +71,41 @@ _ARRAYS = ("pixels", "breast", "labels", "lesions")
 class GlamData:
     """Views ready for windowing: source pixels, breast masks and image-level labels.
 
-    ``lesions`` (N, 2, rows, cols) bool holds the benign / malignant lesion ground truth for
+    ``lesions`` (N, 2, rows, cols) bool (or a list of (2, rows, cols) when the views differ in
+    size, :func:`dataset_views`) holds the benign / malignant lesion ground truth for
     evaluation only; training never reads it.
     """
 
     mammograms: list[Mammogram]
     breast_masks: list[np.ndarray]
     labels: np.ndarray  # (N, 2) float32: benign, malignant
-    lesions: np.ndarray | None = None
+    lesions: np.ndarray | list[np.ndarray] | None = None
+    #: (N,) patient-level fold per view (-1: in every training split, e.g. phantoms); None: no folds.
+    folds: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.mammograms)
+
+    def subset(self, indices: Sequence[int]) -> "GlamData":
+        """The views ``indices`` (in that order)."""
+        idx = [int(i) for i in indices]
+        return GlamData([self.mammograms[i] for i in idx], [self.breast_masks[i] for i in idx], self.labels[idx],
+                        None if self.lesions is None else
+                        (self.lesions[idx] if isinstance(self.lesions, np.ndarray) else [self.lesions[i] for i in idx]),
+                        None if self.folds is None else self.folds[idx])
+
+    @staticmethod
+    def concatenate(parts: Sequence["GlamData"]) -> "GlamData":
+        """The views of ``parts`` one after the other (lesions and folds kept only when every part has them)."""
+        parts = list(parts)
+        lesions = folds = None
+        if all(p.lesions is not None for p in parts):
+            lesions = [m for p in parts for m in p.lesions]
+        if all(p.folds is not None for p in parts):
+            folds = np.concatenate([p.folds for p in parts]).astype(int)
+        return GlamData([m for p in parts for m in p.mammograms], [m for p in parts for m in p.breast_masks],
+                        np.concatenate([p.labels for p in parts]).astype(np.float32),
+                        None if lesions is None else lesions, folds)
 
 
 def phantom_shape_for(config: GlamConfig) -> tuple[int, int]:
@@ -225,6 +254,68 @@ def load_phantom_folder(path: str | Path) -> GlamData:
     return GlamData(mammograms, masks, np.asarray(labels, dtype=np.float32), np.asarray(lesions, dtype=bool))
 
 
+#: Lesion kinds inserted into real backgrounds for GLAM (``hybrid:`` data sets): masses only,
+#: as :data:`LESION_KINDS`; an inserted cluster would be a label the 0.525 mm grid cannot see.
+HYBRID_KINDS = {"mass": 1.0}
+
+
+def dataset_views(dataset, name: str, config: GlamConfig, fold_of: Callable[[int], int] | None = None,
+                  cache_dir: str | Path | None = None, cache_tag: str = "") -> tuple[GlamData, dict]:
+    """Every usable view of a data-set adapter on GLAM's pixel grid, with image-level mass labels.
+
+    The views come from :func:`dicom_ai.training.dunet_patches.working_images` at
+    ``config.pixel_spacing_mm`` (breast crop in canonical orientation, chest wall at column 0,
+    cached per image under ``cache_dir``), so GLAM and the U-Net read any layout the same way.
+
+    Parameters
+    ----------
+    dataset
+        Any adapter of :mod:`dicom_ai.data.datasets` (``open_dataset(...)``; hybrids too).
+    name : str
+        Its format name (``mias``, ``hybrid:mias-normals``, ...), used in cache names.
+    config : GlamConfig
+        The network configuration (its pixel spacing in mm).
+    fold_of : callable, optional
+        Patient-level fold of image ``index`` (see ``dicom-ai train glam --folds``).
+    cache_dir : str or Path, optional
+        Root of the per-image cache.
+    cache_tag : str
+        Distinguishes variants of one name in the cache (e.g. the hybrid seed and copies).
+
+    Returns
+    -------
+    tuple
+        (:class:`GlamData` with ``folds``, counts). Labels per class (benign, malignant): the
+        record's label of that class when the view holds a located mass, 0 for a view without
+        findings. A view labelled abnormal without a located mass (a calcification or
+        distortion only, or a mass without location) is left out: GLAM's labels are masses
+        (:data:`LESION_KINDS`), and calling it normal would be a wrong label. ``counts``:
+        ``{"views", "with_mass", "left_out_no_located_mass"}``.
+    """
+    images: list[WorkingImage] = working_images(dataset, name, config.pixel_spacing_mm, 1, fold_of=fold_of,
+                                                cache_dir=cache_dir, cache_tag=cache_tag)
+    mammograms, masks, labels, lesions, folds = [], [], [], [], []
+    left_out = 0
+    for index, im in enumerate(images):
+        record = dataset.records[index]
+        has_mass = bool(im.lesion.any())
+        if any(record.labels.values()) and not has_mass:
+            left_out += 1
+            continue
+        pair = [has_mass and bool(record.labels.get(c, False)) for c in ("benign", "malignant")]
+        # The working grid is already canonical (facing right) at the config's spacing.
+        mammograms.append(mammogram_from_array(im.image.astype(np.float32), "L", record.view or "MLO",
+                                               (config.pixel_spacing_mm, config.pixel_spacing_mm), faces_left=False))
+        masks.append(im.breast)
+        labels.append([float(v) for v in pair])
+        lesions.append(np.stack([im.lesion & pair[0], im.lesion & pair[1]]))
+        folds.append(im.fold)
+    data = GlamData(mammograms, masks, np.asarray(labels, dtype=np.float32).reshape(-1, 2), lesions,
+                    np.asarray(folds, dtype=int))
+    return data, {"views": len(data), "with_mass": int(data.labels.max(1).sum()) if len(data) else 0,
+                  "left_out_no_located_mass": left_out}
+
+
 def make_batch(data: GlamData, indices: Sequence[int], config: GlamConfig,
                rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x (B, 1, H, W) float, breast mask (B, 1, H, W) bool, y (B, 2)) tensors.
@@ -355,51 +446,6 @@ def cam_loss(net, x: torch.Tensor, y: torch.Tensor, beta: float,
     return cls, {"bce": cls.item()}
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, net: torch.nn.Module, optimiser: torch.optim.Optimizer, state: dict) -> None:
-    """Model and Adam state as safetensors; ``state`` (JSON) in the file's metadata.
-
-    Parameters
-    ----------
-    path : Path
-        The file to write; written beside it and renamed into place, so a crash mid-write
-        leaves the previous checkpoint.
-    net : torch.nn.Module
-        Whose weights.
-    optimiser : torch.optim.Optimizer
-        Whose state (tensors) and parameter groups (metadata).
-    state : dict
-        JSON-serialisable progress (stage index, epoch, history, seed).
-    """
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    opt = optimiser.state_dict()
-    for idx, pstate in opt["state"].items():
-        for key, value in pstate.items():
-            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    meta = dict(state, param_groups=opt["param_groups"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
-    tmp.replace(path)
-
-
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(model state dict, optimiser state dict, progress state) from a checkpoint."""
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads(fh.metadata()["state"])
-    tensors = load_file(str(path))
-    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    opt_state: dict = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, key = k.split(".", 2)
-            opt_state.setdefault(int(idx), {})[key] = v
-    optimiser = {"state": opt_state, "param_groups": meta.pop("param_groups")}
-    return model, optimiser, meta
-
-
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -510,7 +556,7 @@ def _learning_rate(step: int, total: int, lr: float, schedule: str, warmup: int)
 
 
 def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, int]], batch_size: int, lr: float,
-          beta: float, seed: int, device: torch.device, checkpoint: Path | None = None, resume: bool = False,
+          beta: float, seed: int, device: torch.device, state: RunState | None = None, resume: bool = False,
           val: GlamData | None = None, progress: bool = True,
           loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]] | None = None,
           pos_weight: torch.Tensor | None = None, schedule: str = "constant", warmup_steps: int = 0) -> list[dict]:
@@ -537,10 +583,11 @@ def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, in
         Seed of data order and augmentation; epoch ``e`` of stage ``s`` draws from ``(seed, s, e)``.
     device : torch.device
         Where to train; CUDA uses channels-last and bfloat16 autocast.
-    checkpoint : Path, optional
-        A checkpoint written after every epoch (:func:`save_checkpoint`).
+    state : RunState, optional
+        The run folder: weights, optimiser state, history, curves.csv and curves.png written
+        after every epoch (:class:`~dicom_ai.training.checkpoint.RunState`).
     resume : bool
-        Continue after the last completed epoch of ``checkpoint`` when it exists.
+        Continue after the last completed epoch in ``state`` when there is one.
     val : GlamData, optional
         Validation views: image-level AUCs are added to every epoch's record.
     progress : bool
@@ -574,16 +621,12 @@ def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, in
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
     history: list[dict] = []
-    done = (-1, -1)  # (stage index, last completed epoch) of the checkpoint
-    model_sd = opt_sd = None
-    if resume and checkpoint is not None and checkpoint.is_file():
-        model_sd, opt_sd, meta = load_checkpoint(checkpoint)
-        net.load_state_dict(model_sd)
-        history = meta["history"]
-        done = (meta["stage_index"], meta["epoch"])
+    done = (-1, -1)  # (stage index, last completed epoch within it) of the checkpoint
+    if resume and state is not None and state.exists():
+        _, history, info = state.load(net)
+        done = (info["stage_index"], info["stage_epoch"])
         if ctx.is_main:
-            print(f"resuming after stage {STAGES[done[0]] if done[0] < len(STAGES) else done[0]} "
-                  f"epoch {done[1] + 1}", file=sys.stderr)
+            print(f"resuming after stage {stages[done[0]][0]} epoch {done[1] + 1}", file=sys.stderr)
     for s_idx, (stage, epochs) in enumerate(stages):
         if epochs <= 0 or s_idx < done[0] or (s_idx == done[0] and done[1] + 1 >= epochs):
             continue
@@ -600,7 +643,7 @@ def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, in
         steps_per_epoch = len(data) // (batch_size * ctx.world_size) or 1
         first = 0
         if s_idx == done[0]:
-            optimiser.load_state_dict(opt_sd)
+            state.load(net, optimiser)  # the optimiser of the interrupted stage
             first = done[1] + 1
         for epoch in range(first, epochs):
             rng = np.random.default_rng([seed, s_idx, epoch])
@@ -635,7 +678,9 @@ def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, in
                 seen += len(idx)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()})
             sums, seen = _sum_over_processes(sums, seen, ctx)
-            record = {"stage": stage, "epoch": epoch + 1, "seconds": round(time.time() - t0, 1),
+            # "epoch" counts every epoch of the run (the curves' x axis), "stage_epoch" within the stage.
+            record = {"stage": stage, "epoch": len(history) + 1, "stage_epoch": epoch + 1,
+                      "seconds": round(time.time() - t0, 1),
                       **{k: round(v / max(seen, 1), 5) for k, v in sums.items()}}
             if ctx.world_size > 1:
                 record["processes"] = ctx.world_size
@@ -645,11 +690,12 @@ def train(net, data: GlamData, config: GlamConfig, *, stages: list[tuple[str, in
                     key = "local" if stage == "local" else "global"
                     record["val_auc_benign"] = round(roc_auc(pred[key][:, 0], val.labels[:, 0]), 4)
                     record["val_auc_malignant"] = round(roc_auc(pred[key][:, 1], val.labels[:, 1]), 4)
+                    record["val_auc_any"] = round(roc_auc(pred[key].max(1), val.labels.max(1)), 4)
                 history.append(record)
                 print(json.dumps(record), file=sys.stderr)
-                if checkpoint is not None:
-                    save_checkpoint(checkpoint, net, optimiser,
-                                    {"stage_index": s_idx, "epoch": epoch, "history": history, "seed": seed})
+                if state is not None:
+                    state.save(net, optimiser, len(history), history,
+                               {"stage_index": s_idx, "stage_epoch": epoch, "seed": seed})
             else:
                 history.append(record)
             ctx.barrier()
@@ -713,12 +759,12 @@ def calibrate_thresholds(net, val: GlamData, config: GlamConfig, device: torch.d
     thresholds, best_dice = {}, {}
     grid = np.round(np.arange(0.05, 0.96, 0.05), 2)
     for c, finding in ((0, "benign_lesion"), (1, "malignant_lesion")):
-        rows = [i for i in range(len(val)) if val.lesions[i, c].any()]
+        rows = [i for i in range(len(val)) if val.lesions[i][c].any()]
         if not rows:
             thresholds[finding], best_dice[finding] = 0.5, float("nan")
             continue
         gts = [glam_geometry(val.mammograms[i], config, mask=val.breast_masks[i])
-               .forward(val.lesions[i, c].astype(np.float32), mode="nearest") > 0.5 for i in rows]
+               .forward(val.lesions[i][c].astype(np.float32), mode="nearest") > 0.5 for i in rows]
         scores = []
         for t in grid:
             d = [dice(pred["fused_maps"][i, c], gt, threshold=float(t)) for i, gt in zip(rows, gts)]
