@@ -81,7 +81,8 @@ def load_pipeline(config: NodeConfig):
     if resolve_device(config.pipeline.device).type == "cpu":
         torch.set_num_threads(CPU_TORCH_THREADS)
     return Pipeline.from_bundles(config.pipeline.models, config.pipeline.device,
-                                 operating_point=config.pipeline.operating_point)
+                                 operating_point=config.pipeline.operating_point,
+                                 precision=config.pipeline.precision)
 
 
 def destinations_for(config: NodeConfig, calling_ae: str) -> list[tuple[str, str, int]]:
@@ -318,8 +319,10 @@ def process_job(job: Job, pipeline, config: NodeConfig,
     outbox.mkdir(parents=True, exist_ok=True)
     entries = []
     for ds in results.datasets:
+        encoded = results.encoded.get(str(ds.SOPInstanceUID))  # the bytes its check made: not encoded twice
         target = write_durably(outbox / f"{ds.SOPInstanceUID}.dcm",
-                               lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+                               (lambda tmp, data=encoded: tmp.write_bytes(data)) if encoded is not None else
+                               (lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True)))
         entries.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(target)))
     fsync_dir(outbox.parent)
     timings["outbox"] = clock() - started
