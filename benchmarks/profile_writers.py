@@ -119,8 +119,13 @@ def one_job(files: list[Path], maps: dict, out: Path) -> dict[str, float]:
     timings.update(pipeline.take_stage_seconds())
     models = sum(sum(v) for v in pipeline.take_model_seconds().values())
     t = time.perf_counter()
+    encoded = getattr(results, "encoded", {})  # as process_job: the bytes the writers' check made, if any
     for ds in results.datasets:
-        ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        data = encoded.get(str(ds.SOPInstanceUID))
+        if data is not None:
+            (out / f"{ds.SOPInstanceUID}.dcm").write_bytes(data)
+        else:
+            ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
     timings["outbox (save_as)"] = time.perf_counter() - t
     t = time.perf_counter()
     results.write_previews(out / "previews")
