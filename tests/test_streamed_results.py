@@ -121,3 +121,18 @@ def test_checked_encodings_are_the_files_the_outbox_writes():
             buffer = io.BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
             assert buffer.getvalue() == data
+
+
+def test_the_worker_reads_the_writers_tables_when_it_loads_its_pipeline():
+    """highdicom's standard tables (about 1 s of JSON) are read by load_pipeline at worker
+    start, not inside the first job."""
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+
+    from dicom_ai.node.config import load_config
+    from dicom_ai.node.processing import load_pipeline
+
+    tables = (get_sop_class_iod_map, get_iod_module_map, get_module_attribute_map)
+    for table in tables:
+        table.cache_clear()
+    load_pipeline(load_config(None, {"pipeline.factory": "node_harness:stand_in_pipeline"}))
+    assert [t.cache_info().currsize for t in tables] == [1, 1, 1]

@@ -37,6 +37,7 @@ from dicom_ai.node.jobstore import Instance, Job
 from dicom_ai.node.sandbox import DecodeFailed, DecodeSandbox
 from dicom_ai.node.storage import fsync_dir, write_durably
 from dicom_ai.results import ResultsBuilder
+from dicom_ai.results.sources import load_standard_tables
 
 PipelineFactory = Callable[[Sequence[str], str], object]
 
@@ -70,8 +71,10 @@ def release_freed_memory_promptly() -> bool:
 def load_pipeline(config: NodeConfig):
     """The configured pipeline: ``pipeline.factory`` if set, else the model bundles (on a
     CPU with torch at :data:`CPU_TORCH_THREADS` threads), in a process whose freed large
-    arrays go back to the system (:func:`release_freed_memory_promptly`)."""
+    arrays go back to the system (:func:`release_freed_memory_promptly`) and which has read
+    the result writers' standard tables (:func:`~dicom_ai.results.sources.load_standard_tables`)."""
     release_freed_memory_promptly()
+    load_standard_tables()  # the writers' tables, read once here rather than inside the first job
     if config.pipeline.factory:
         module, _, name = config.pipeline.factory.partition(":")
         factory = importlib.import_module(module)
