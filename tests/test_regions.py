@@ -105,3 +105,25 @@ def test_one_and_two_pixel_regions_get_an_outline_with_area():
         assert len(np.unique(r.contour, axis=0)) >= 4  # a polygon, not a point or a segment
         ok, enclosed = contour_inside(r.contour, rs.mask)
         assert ok and enclosed == r.pixel_count
+
+
+def test_regions_of_a_map_do_not_depend_on_where_it_lies_in_a_larger_one():
+    """find_regions labels the foreground's bounding box only: the same regions, in the same
+    order, with the same contours and values, shifted by the offset, whatever surrounds them."""
+    rng = np.random.default_rng(3)
+    small = np.zeros((60, 80), np.float32)
+    for _ in range(12):
+        r, c, h, w = rng.integers(0, 55), rng.integers(0, 75), rng.integers(1, 6), rng.integers(1, 6)
+        small[r:r + h, c:c + w] = rng.uniform(0.5, 1.0)
+    sp = Spacing(0.1, 0.1, "detector")
+    alone = find_regions(small, 0.5, sp)
+    big = np.zeros((300, 400), np.float32)
+    big[150:210, 230:310] = small
+    placed = find_regions(big, 0.5, sp)
+    assert len(alone.regions) == len(placed.regions) > 3
+    for a, b in zip(alone.regions, placed.regions):
+        assert (a.index, a.pixel_count, a.max_probability, a.mean_probability) == \
+            (b.index, b.pixel_count, b.max_probability, b.mean_probability)
+        assert b.bbox == (a.bbox[0] + 150, a.bbox[1] + 150, a.bbox[2] + 230, a.bbox[3] + 230)
+        assert np.array_equal(a.mask, b.mask)
+        assert np.allclose(b.contour - a.contour, [230, 150])

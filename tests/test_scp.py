@@ -275,17 +275,18 @@ def test_starting_the_scp_leaves_the_process_tempdir_and_sockets_alone(tmp_path,
                              "node.reserve_free_mb": 1, "peers": ["PACS@127.0.0.1:1"]})
     server = StorageSCP(cfg, JobStore(cfg.layout.jobstore))
     renamed, reads = [], []
-    real_rename, fast_recv = os.rename, transport_module._ReceiveSocket.recv
+    real_rename, read_pdu = os.rename, transport_module._ReceiveSocket.read_pdu
     monkeypatch.setattr("dicom_ai.node.scp.os.rename", lambda src, dst: (renamed.append(Path(src)),
                                                                           real_rename(src, dst))[1])
-    monkeypatch.setattr(transport_module._ReceiveSocket, "recv", lambda self, n: (reads.append(n), fast_recv(self, n))[1])
+    monkeypatch.setattr(transport_module._ReceiveSocket, "read_pdu", lambda self: (lambda pdu: (reads.append(len(pdu)),
+                                                                                                pdu)[1])(read_pdu(self)))
     server.start()
     try:
         assert (tempfile.tempdir, tempfile.gettempdir(), transport.AssociationSocket.recv) == before
         files = write_study(tmp_path / "in", views=[("L", "CC")])
         assert _responses(storescu(server.port, files)) == ["(Success)"]
         assert [p.parent for p in renamed] == [cfg.layout.incoming]  # streamed into storage: a rename, no copy
-        assert reads and sum(reads) > files[0].stat().st_size  # the SCP's sockets read with recv_into
+        assert reads and sum(reads) > files[0].stat().st_size  # the SCP's PDUs are read by _ReceiveSocket
         assert (tempfile.tempdir, tempfile.gettempdir(), transport.AssociationSocket.recv) == before
         with tempfile.NamedTemporaryFile() as f:  # the process's other temporary files: where they were
             assert Path(f.name).parent == Path(before[1])

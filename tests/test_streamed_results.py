@@ -2,6 +2,7 @@
 as build_results, with each image's full-size maps released before the next image runs."""
 
 import copy
+import io
 
 import numpy as np
 
@@ -104,3 +105,34 @@ def test_region_set_mask_is_the_union_of_its_regions_with_holes_filled():
     expected[40:50, 50:70] = True
     assert len(rs.regions) == 2 and rs.shape == prob.shape
     np.testing.assert_array_equal(rs.mask, expected)
+
+
+def test_checked_encodings_are_the_files_the_outbox_writes():
+    """The SEGs and presentation states are encoded once, when checked; the bytes kept are those
+    ``save_as`` gives for the final object (creation values pinned first), so the outbox may
+    write them instead of encoding again."""
+    sources, findings, uids = _study()
+    results = build_results(sources, findings, uids, OPTIONS)
+    kinds = {d.Modality for d in results.datasets if str(d.SOPInstanceUID) in results.encoded}
+    assert {"SEG", "PR"} <= kinds and "SR" not in kinds
+    for ds in results.datasets:
+        data = results.encoded.get(str(ds.SOPInstanceUID))
+        if data is not None:
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            assert buffer.getvalue() == data
+
+
+def test_the_worker_reads_the_writers_tables_when_it_loads_its_pipeline():
+    """highdicom's standard tables (about 1 s of JSON) are read by load_pipeline at worker
+    start, not inside the first job."""
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+
+    from dicom_ai.node.config import load_config
+    from dicom_ai.node.processing import load_pipeline
+
+    tables = (get_sop_class_iod_map, get_iod_module_map, get_module_attribute_map)
+    for table in tables:
+        table.cache_clear()
+    load_pipeline(load_config(None, {"pipeline.factory": "node_harness:stand_in_pipeline"}))
+    assert [t.cache_info().currsize for t in tables] == [1, 1, 1]

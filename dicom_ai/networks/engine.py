@@ -13,27 +13,39 @@ Nothing is read from or written to disk: the graph is traced from the bundle's o
 Engines: ``auto`` (ONNX Runtime on the CPU when ``onnxruntime`` and ``onnx`` are installed,
 else torch; always torch on a GPU), ``torch``, ``onnxruntime`` (an error when they are missing
 or the device is not the CPU).
+
+Precision on the CPU (``pipeline.precision``, :func:`cpu_bf16_plan`): ``fp32`` (the reference,
+the default) or ``bf16``: a model then runs under ``torch.autocast("cpu", bfloat16)`` with its
+networks in channels-last, but only where the processor has native bf16 (``avx512_bf16`` or
+``amx_bf16``) and only for a bundle version listed in :data:`BF16_CPU_ACCEPTED`, i.e. measured by
+``benchmarks/bench_cpu_precision.py`` within ``bench_gpu.py``'s tolerances of its fp32 marks and
+faster than the fp32 path the node would run instead; every other model stays fp32, and why is
+returned to be logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from dicom_ai.core.errors import ModelError
+from dicom_ai.core.device import check_precision
+from dicom_ai.core.errors import DeviceError, ModelError
 
 # A dependency of the package, but an environment made before it was one (a site's pinned
 # virtual environment) still loads every model: "auto" then picks torch.
 ort = importlib.import_module("onnxruntime") if importlib.util.find_spec("onnxruntime") else None
 
-__all__ = ["ENGINES", "onnxruntime_available", "resolve_engine", "OnnxFunction"]
+__all__ = ["BF16_CPU_ACCEPTED", "ENGINES", "OnnxFunction", "bf16_autocast", "cpu_bf16_plan", "cpu_has_native_bf16",
+           "model_networks", "onnxruntime_available", "resolve_engine"]
 
 ENGINES = ("auto", "torch", "onnxruntime")
 
@@ -109,3 +121,66 @@ class OnnxFunction:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Run on a float32 ``(N, C, H, W)`` array; returns the output as a numpy array."""
         return self._session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+#: Bundles (name -> version) whose bf16 CPU path was measured within ``bench_gpu.TOLERANCES``
+#: of their fp32 marks on every image and faster than their fp32 path, by
+#: ``benchmarks/bench_cpu_precision.py`` (``benchmarks/results/cpu_precision.json``). A new
+#: bundle version runs fp32 until it is measured again.
+BF16_CPU_ACCEPTED: dict[str, str] = {}
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this processor computes in bf16 natively (``avx512_bf16`` or ``amx_bf16`` flags)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def model_networks(model) -> list[nn.Module]:
+    """The torch networks a model runs (``network``, or a cascade's ``detector`` and ``segmentator``)."""
+    return [m for m in (getattr(model, "network", None), getattr(model, "detector", None),
+                        getattr(model, "segmentator", None)) if isinstance(m, nn.Module)]
+
+
+def cpu_bf16_plan(models: Sequence, precision: str, device: torch.device | str,
+                  accepted: dict[str, str] | None = None,
+                  native: bool | None = None) -> tuple[set[int], dict[str, str]]:
+    """Which of ``models`` run in bf16 under ``precision`` (``fp32`` or ``bf16``) on ``device``.
+
+    Returns the ``id()`` of each model to run in bf16 (its networks are put in channels-last
+    here) and, per model left in fp32 although bf16 was asked for, why. ``accepted`` defaults
+    to :data:`BF16_CPU_ACCEPTED`, ``native`` to :func:`cpu_has_native_bf16`.
+    """
+    try:
+        if check_precision(precision) == "fp32":
+            return set(), {}
+    except DeviceError as exc:
+        raise ModelError(str(exc)) from None
+    accepted = BF16_CPU_ACCEPTED if accepted is None else accepted
+    names = [m.identity.name for m in models]
+    if torch.device(device).type != "cpu":
+        return set(), dict.fromkeys(names, "bf16 is a CPU setting here; the GPU path is benchmarks/bench_gpu.py")
+    if not (cpu_has_native_bf16() if native is None else native):
+        return set(), dict.fromkeys(names, "this processor has no native bf16 (avx512_bf16 / amx_bf16)")
+    chosen, fp32 = set(), {}
+    for model in models:
+        name, version = model.identity.name, model.identity.version
+        if accepted.get(name) != version:
+            fp32[name] = (f"{name} {version} is not measured within the bf16 tolerances and faster "
+                          "(benchmarks/bench_cpu_precision.py)")
+        elif getattr(model, "engine", "torch") != "torch" or not model_networks(model):
+            fp32[name] = f"{name} does not run its networks in torch here"
+        else:
+            for net in model_networks(model):
+                net.to(memory_format=torch.channels_last)
+            chosen.add(id(model))
+    return chosen, fp32
+
+
+def bf16_autocast(enabled: bool) -> contextlib.AbstractContextManager:
+    """``torch.autocast("cpu", dtype=torch.bfloat16)`` when ``enabled``, else nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()

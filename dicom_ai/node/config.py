@@ -68,6 +68,7 @@ Example ``node.toml`` (every key shown with its default, except peers/destinatio
     max_job_interruptions = 50      # worker deaths during the job (SIGKILL, OOM, crash) before it is failed
     previews = true                 # PNG overlays per image in <storage>/previews/ for IT checks
     operating_point = ""            # each bundle's named operating point ("" = its default)
+    precision = "fp32"              # fp32 | bf16 (CPU with native bf16, models measured within tolerance only)
 
     [results]                       # what the result objects look like (dicom_ai.results)
     segmentation_type = "BINARY"    # BINARY | FRACTIONAL
@@ -129,7 +130,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from dicom_ai.core.device import DEVICE_SPELLINGS, check_device_spec
+from dicom_ai.core.device import DEVICE_SPELLINGS, check_device_spec, check_precision
 from dicom_ai.core.errors import ConfigError, DeviceError
 from dicom_ai.core.options import COMPRESSIONS, RESULT_OBJECTS, SEGMENTATION_TYPES, encoding_problem, result_object_kind
 from dicom_ai.node.storage import StorageLayout
@@ -190,6 +191,7 @@ class PipelineSection:
     max_job_interruptions: int = 50
     previews: bool = True
     operating_point: str = ""
+    precision: str = "fp32"
 
 
 @dataclass
@@ -587,6 +589,10 @@ def _check(cfg: NodeConfig) -> None:
         check_device_spec(p.device)
     except DeviceError:
         raise ConfigError(f"pipeline.device must be {DEVICE_SPELLINGS}, got {p.device!r}") from None
+    try:
+        check_precision(p.precision)
+    except DeviceError:
+        raise ConfigError(f"pipeline.precision must be 'fp32' or 'bf16', got {p.precision!r}") from None
     if p.factory and not re.fullmatch(r"[\w.]+:[\w.]+", p.factory):
         raise ConfigError(f"pipeline.factory must look like 'package.module:callable', got {p.factory!r}")
     if p.max_job_attempts < 1:

@@ -37,6 +37,7 @@ from dicom_ai.node.jobstore import Instance, Job
 from dicom_ai.node.sandbox import DecodeFailed, DecodeSandbox
 from dicom_ai.node.storage import fsync_dir, write_durably
 from dicom_ai.results import ResultsBuilder
+from dicom_ai.results.sources import load_standard_tables
 
 PipelineFactory = Callable[[Sequence[str], str], object]
 
@@ -70,8 +71,10 @@ def release_freed_memory_promptly() -> bool:
 def load_pipeline(config: NodeConfig):
     """The configured pipeline: ``pipeline.factory`` if set, else the model bundles (on a
     CPU with torch at :data:`CPU_TORCH_THREADS` threads), in a process whose freed large
-    arrays go back to the system (:func:`release_freed_memory_promptly`)."""
+    arrays go back to the system (:func:`release_freed_memory_promptly`) and which has read
+    the result writers' standard tables (:func:`~dicom_ai.results.sources.load_standard_tables`)."""
     release_freed_memory_promptly()
+    load_standard_tables()  # the writers' tables, read once here rather than inside the first job
     if config.pipeline.factory:
         module, _, name = config.pipeline.factory.partition(":")
         factory = importlib.import_module(module)
@@ -81,7 +84,8 @@ def load_pipeline(config: NodeConfig):
     if resolve_device(config.pipeline.device).type == "cpu":
         torch.set_num_threads(CPU_TORCH_THREADS)
     return Pipeline.from_bundles(config.pipeline.models, config.pipeline.device,
-                                 operating_point=config.pipeline.operating_point)
+                                 operating_point=config.pipeline.operating_point,
+                                 precision=config.pipeline.precision)
 
 
 def destinations_for(config: NodeConfig, calling_ae: str) -> list[tuple[str, str, int]]:
@@ -318,8 +322,10 @@ def process_job(job: Job, pipeline, config: NodeConfig,
     outbox.mkdir(parents=True, exist_ok=True)
     entries = []
     for ds in results.datasets:
+        encoded = results.encoded.get(str(ds.SOPInstanceUID))  # the bytes its check made: not encoded twice
         target = write_durably(outbox / f"{ds.SOPInstanceUID}.dcm",
-                               lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True))
+                               (lambda tmp, data=encoded: tmp.write_bytes(data)) if encoded is not None else
+                               (lambda tmp, ds=ds: ds.save_as(tmp, enforce_file_format=True)))
         entries.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(target)))
     fsync_dir(outbox.parent)
     timings["outbox"] = clock() - started

@@ -81,7 +81,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom import AE, _config, dimse_messages, evt, transport
+from pynetdicom import AE, _config, dimse_messages, dul, evt, transport
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.sop_class import Verification
 
@@ -105,6 +105,9 @@ LISTEN_BACKLOG = 128
 # plus max(_FIRST_CHUNK, min(received, _GROWTH_STEP)).
 _FIRST_CHUNK = 256 * 1024
 _GROWTH_STEP = 1024 * 1024
+
+# Per-connection read-ahead buffer of an established association (:class:`_ReceiveSocket`).
+_READ_AHEAD = 256 * 1024
 
 # After a refusal PDU (A-ABORT, A-ASSOCIATE-RJ) the node half-closes and discards what the
 # peer still sends for this long (at most _LINGER_BYTES), so that the peer reads the PDU
@@ -286,68 +289,158 @@ class _Refused(Exception):
 
 
 class _ReceiveSocket(transport.AssociationSocket):
-    """An ``AssociationSocket`` that reads PDUs without trusting their declared length.
+    """An ``AssociationSocket`` that reads whole PDUs with few, large reads and without trusting
+    their declared length.
 
-    * ``recv`` reads with ``recv_into`` into one buffer that grows as the data arrives
-      (:func:`_recv_growing`) and returns the same type as pynetdicom's, so every caller sees
-      the same behaviour. pynetdicom 3.0 reads 4 KiB at a time and appends each piece to a
-      bytearray; reading four 17 MB images in 128 KiB PDUs over loopback took 25 ms here
-      instead of 38 ms (benchmarks/bench_ingest.py is the whole receive).
-    * pynetdicom's DUL reads each PDU as ``recv(6)`` (type, reserved, length) and then
-      ``recv(length)``. The header's type is kept, so the body read is checked before anything
-      is read: longer than the maximum length the node offers (P-DATA-TF; the acceptor's
-      ``maximum_length``, 0 = unlimited) or than :data:`MAX_CONTROL_PDU` (any other type) ->
-      A-ABORT and the association ends (:class:`_Refused`).
-    * Each read must complete within the association's network timeout (the node's
-      ``limits.idle_seconds``); a peer that starts a PDU and then trickles it is aborted.
-    * ``_prefix``: bytes already read from the connection (the A-ASSOCIATE-RQ, read by
-      :class:`_RequestHandler` before the association existed), returned first; the socket
-      reports itself ready while any are left.
+    * :meth:`read_pdu` (called by :class:`_ReceiveDUL`) returns one PDU, 6-byte header and
+      body, in one ``bytearray``: the body is read straight into it (``recv_into``), nothing is
+      concatenated per PDU. Socket reads go through a per-connection read-ahead buffer of
+      :data:`_READ_AHEAD` bytes: one ``recv_into`` takes whatever the socket has (on plain TCP
+      usually the rest of one 128 KiB PDU and the next header), so a PDU costs about one system
+      call instead of a header read, a body read and a timeout change per read; a large rest
+      is read directly into the PDU. Over TLS each read returns at most one TLS record
+      (16 KiB), so the buffer saves the header's own read and the per-read timeout change.
+      ``benchmarks/results/tls_ingest_profile_*.md`` is the profile before and after.
+    * The header's type is checked before the body is read: longer than the maximum length the
+      node offers (P-DATA-TF; the acceptor's ``maximum_length``, 0 = unlimited) or than
+      :data:`MAX_CONTROL_PDU` (any other type) -> A-ABORT and the association ends
+      (:class:`_Refused`). A body up to 256 KiB is read into a buffer of its size; a longer
+      one (only with ``max_pdu_size`` above that or 0) into a buffer that grows as the bytes
+      arrive, as :func:`_recv_growing` does, so a declared length is never an allocation.
+    * The header, and then the body, must each arrive within the association's network
+      timeout (the node's ``limits.idle_seconds``) from when their read starts; a peer that
+      starts a PDU and then trickles it is aborted.
+    * ``recv(n)`` (pynetdicom's interface) reads through the same buffer and checks.
+    * :meth:`preload`: bytes already read from the connection (the A-ASSOCIATE-RQ, read by
+      :class:`_RequestHandler` before the association existed) are put in the read-ahead
+      buffer; the socket reports itself ready while any bytes are buffered.
 
-    State of its own is only those class-level defaults, so an ``AssociationSocket`` can
-    become one by changing its class.
+    State of its own is only class-level defaults until the first read, so an
+    ``AssociationSocket`` can become one by changing its class.
     """
 
-    _prefix: bytes = b""
+    _ahead: bytearray | None = None  # read-ahead buffer, allocated on first use
+    _ahead_view: memoryview | None = None
+    _start = 0  # buffered bytes are _ahead[_start:_end]
+    _end = 0
     _header_type: int | None = None  # type of the PDU whose header the last recv() returned
     _refusals: "_RefusalLog | None" = None
 
     @property
     def ready(self) -> bool:
-        return bool(self._prefix) or super().ready
+        return self._end > self._start or super().ready
+
+    def preload(self, data: bytes) -> None:
+        """Put ``data`` (bytes read before the association existed) ahead of the socket's bytes."""
+        self._ensure_buffer(len(data))
+        self._ahead[:len(data)] = data
+        self._start, self._end = 0, len(data)
+
+    def _ensure_buffer(self, at_least: int = 0) -> None:
+        if self._ahead is None or len(self._ahead) < at_least:
+            self._ahead = bytearray(max(_READ_AHEAD, at_least))
+            self._ahead_view = memoryview(self._ahead)
 
     def _limit_for(self, pdu_type: int) -> int:
         if pdu_type == _P_DATA_TF:
             return self.assoc.acceptor.maximum_length or 0
         return MAX_CONTROL_PDU
 
+    def _check_length(self, pdu_type: int, length: int) -> None:
+        limit = self._limit_for(pdu_type)
+        if limit and length > limit:
+            self._refuse("pdu_too_large", _ABORT_INVALID_PARAMETER, pdu_type=f"0x{pdu_type:02X}", limit=limit)
+
+    def _read_into(self, dest: memoryview, deadline: float | None) -> int:
+        """Fill ``dest`` from the read-ahead buffer, then the socket; fewer bytes only if the peer closed.
+
+        :class:`TimeoutError` when ``deadline`` (``time.monotonic()``) passes first.
+        """
+        want = len(dest)
+        got = min(want, self._end - self._start)
+        if got:
+            dest[:got] = self._ahead_view[self._start:self._start + got]
+            self._start += got
+        if got == want:
+            return got
+        self._ensure_buffer()
+        self._start = self._end = 0
+        sock = self.socket
+        timeout_set = None
+        while got < want:
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("read deadline passed")
+                # A timeout change costs a system call: only when the deadline has moved by more
+                # than 10 ms since the last one (a read can then end at most 10 ms late).
+                if timeout_set is None or timeout_set - remaining > 0.01:
+                    sock.settimeout(remaining)
+                    timeout_set = remaining
+            rest = want - got
+            if rest >= len(self._ahead) // 2:  # large: straight into the destination
+                n = sock.recv_into(dest[got:], rest)
+                if not n:
+                    break
+                got += n
+            else:  # small: as much as the socket has, the surplus stays buffered
+                n = sock.recv_into(self._ahead_view, len(self._ahead))
+                if not n:
+                    break
+                k = min(n, rest)
+                dest[got:got + k] = self._ahead_view[:k]
+                got += k
+                self._start, self._end = k, n
+        return got
+
+    def _read_timed(self, nr_bytes: int, header: bytes | bytearray = b"") -> bytearray:
+        """``header`` followed by ``nr_bytes`` read (fewer if the peer closes first), in one buffer.
+
+        The buffer holds at most 256 KiB beyond what has arrived (:func:`_recv_growing`'s
+        policy); the read must end within the association's network timeout.
+        """
+        seconds = self.assoc.network_timeout
+        deadline = None if seconds is None else time.monotonic() + seconds
+        base = len(header)
+        buf = bytearray(base + min(nr_bytes, _FIRST_CHUNK))
+        buf[:base] = header
+        nr_read = 0
+        try:
+            while True:
+                with memoryview(buf) as view, view[base + nr_read:] as dest:
+                    n = self._read_into(dest, deadline)
+                nr_read += n
+                if base + nr_read < len(buf) or nr_read == nr_bytes:  # closed, or complete
+                    break
+                buf.extend(bytes(min(nr_bytes - nr_read, min(nr_read, _GROWTH_STEP))))
+        except TimeoutError:
+            self._refuse("pdu_stalled", _ABORT_NOT_SPECIFIED, seconds=seconds)
+        finally:
+            if deadline is not None and self.socket is not None:
+                try:
+                    self.socket.settimeout(seconds)  # for pynetdicom's sends: a peer that stops reading
+                except OSError:
+                    pass
+        del buf[base + nr_read:]
+        return buf
+
+    def read_pdu(self) -> bytearray:
+        """The next PDU, header and body in one buffer; shorter than its header says if the peer
+        closed first, only the header if its type is unknown. Raises :class:`_Refused` (after
+        A-ABORT) for a length over the limit or a stalled read; ``OSError`` as the socket does."""
+        pdu = self._read_timed(6)
+        if len(pdu) < 6 or pdu[0] not in _PDU_TYPES:
+            return pdu
+        length = int.from_bytes(pdu[2:6], "big")
+        self._check_length(pdu[0], length)
+        return self._read_timed(length, pdu) if length else pdu
+
     def recv(self, nr_bytes: int) -> bytearray:
+        """pynetdicom's read: ``recv(6)`` for a header, then ``recv(length)`` for its body, checked."""
         body_of, self._header_type = self._header_type, None
         if body_of is not None:
-            limit = self._limit_for(body_of)
-            if limit and nr_bytes > limit:
-                self._refuse("pdu_too_large", _ABORT_INVALID_PARAMETER, pdu_type=f"0x{body_of:02X}", limit=limit)
-        head = b""
-        if self._prefix:
-            head, self._prefix = self._prefix[:nr_bytes], self._prefix[nr_bytes:]
-        if len(head) == nr_bytes:
-            buf = bytearray(head)
-        else:
-            seconds = self.assoc.network_timeout
-            deadline = None if seconds is None else time.monotonic() + seconds
-            sock = self.socket
-            try:
-                buf = _recv_growing(sock, nr_bytes - len(head), deadline)
-            except TimeoutError:
-                self._refuse("pdu_stalled", _ABORT_NOT_SPECIFIED, seconds=seconds)
-            finally:
-                if deadline is not None:
-                    try:
-                        sock.settimeout(seconds)  # for pynetdicom's sends: a peer that stops reading
-                    except OSError:
-                        pass
-            if head:
-                buf[:0] = head
+            self._check_length(body_of, nr_bytes)
+        buf = self._read_timed(nr_bytes)
         if body_of is None and nr_bytes == 6 and len(buf) == 6 and buf[0] in _PDU_TYPES:
             self._header_type = buf[0]
         return buf
@@ -358,6 +451,40 @@ class _ReceiveSocket(transport.AssociationSocket):
         if self.socket is not None:
             _send_and_finish(self.socket, _abort_pdu(abort_reason))
         raise _Refused(f"{reason}: association aborted by the node")
+
+
+class _ReceiveDUL(dul.DULServiceProvider):
+    """pynetdicom's DUL whose PDU read is one :meth:`_ReceiveSocket.read_pdu` call.
+
+    pynetdicom's own read asks the socket for the 6-byte header, then for the body, and
+    concatenates the two into a third buffer (one copy of every PDU); here the PDU arrives in
+    one buffer. What follows the read is pynetdicom's: the same state machine events for a
+    closed connection (Evt17), an unknown or undecodable PDU (Evt19), and ``_decode_pdu``
+    (EVT_PDU_RECV handlers included) for the rest.
+    """
+
+    def _read_pdu_data(self) -> None:
+        try:
+            pdu = self.socket.read_pdu()
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")  # transport connection closed
+            return
+        if len(pdu) < 6:
+            self.event_queue.put("Evt17")
+            return
+        if pdu[0] not in _PDU_TYPES:
+            self.event_queue.put("Evt19")  # unrecognised PDU
+            return
+        if len(pdu) != 6 + int.from_bytes(pdu[2:6], "big"):
+            self.event_queue.put("Evt17")  # closed before the whole PDU came
+            return
+        try:
+            decoded, event = self._decode_pdu(pdu)
+        except Exception:  # pynetdicom raises many types on hostile bytes
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(decoded)
 
 
 # -- refusals, slots -------------------------------------------------------------------------
@@ -691,7 +818,8 @@ class _RequestHandler(transport.RequestHandler):
         # one is equivalent.
         sock = assoc.dul.socket
         sock.__class__ = _ReceiveSocket
-        sock._prefix = self._association_request
+        sock.preload(self._association_request)
+        assoc.dul.__class__ = _ReceiveDUL
         sock._refusals = getattr(self.server, "refusals", None)
         return assoc
 

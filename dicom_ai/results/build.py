@@ -72,6 +72,9 @@ class StudyResults:
     notes: list[str] = field(default_factory=list)
     #: Wall seconds per step, summed over images: ``regions``, ``seg``, ``gsps``, ``sc``, ``sr``, ``cad_sr``.
     seconds: dict[str, float] = field(default_factory=dict)
+    #: The file bytes (``save_as(..., enforce_file_format=True)``) of the objects already encoded
+    #: when they were checked (SEGs, presentation states, overlay captures), by SOP Instance UID.
+    encoded: dict[str, bytes] = field(default_factory=dict)
 
     def write_previews(self, out_dir: str | Path) -> list[Path]:
         """One PNG per source image (segment outlines, SR contours, labels); returns the paths."""
@@ -192,6 +195,7 @@ class ResultsBuilder:
         self._images: list[ImageResult] = []
         self._segs: list[pydicom.Dataset] = []
         self._seconds: dict[str, float] = {}
+        self._encoded: dict[str, bytes] = {}
 
     def _span(self, step: str, started: float) -> None:
         self._seconds[step] = self._seconds.get(step, 0.0) + time.perf_counter() - started
@@ -223,7 +227,8 @@ class ResultsBuilder:
                 image.segmentation = build_segmentation(ds, image.segments, identity, options.equipment,
                                                         segmentation_type=options.segmentation_type,
                                                         compression=options.compression)
-                _check_encodes(image.segmentation)
+                _pin_creation(image.segmentation, self._uids.created)
+                _check_encodes(image.segmentation, self._encoded)
                 self._span("seg", started)
         except Exception as exc:  # this image only; highdicom's and pydicom's errors may quote values
             why = f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError) else type(exc).__name__
@@ -248,7 +253,7 @@ class ResultsBuilder:
         if not images:
             raise ResultError("no image's results could be built: " + "; ".join(notes))
         out = list(self._segs)
-        out += _per_image_views(images, uids, options, notes, seconds)
+        out += _per_image_views(images, uids, options, notes, seconds, self._encoded)
         started = time.perf_counter()
         sr = ObjectIdentity(uids.sr_series, uids.sr_instance, options.sr_series_number, options.sr_series_description)
         out.append(build_measurement_report(images, sr, options.equipment,
@@ -262,8 +267,11 @@ class ResultsBuilder:
                                                 max_regions_per_segment=options.max_regions_per_segment))
             self._span("cad_sr", started)
         for ds in out:
-            _pin_creation(ds, uids.created)
-        return StudyResults(images=images, datasets=out, notes=notes, seconds=seconds)
+            if str(ds.SOPInstanceUID) not in self._encoded:  # the SEGs and views are pinned already
+                _pin_creation(ds, uids.created)
+        encoded = {uid: data for uid, data in self._encoded.items()
+                   if uid in {str(ds.SOPInstanceUID) for ds in out}}
+        return StudyResults(images=images, datasets=out, notes=notes, seconds=seconds, encoded=encoded)
 
 
 #: What a released map's probability becomes (:meth:`ResultsBuilder.add`).
@@ -271,15 +279,20 @@ _RELEASED = np.empty((0, 0), dtype=np.float32)
 _RELEASED.flags.writeable = False
 
 
-def _check_encodes(ds: pydicom.Dataset) -> None:
+def _check_encodes(ds: pydicom.Dataset, encoded: dict[str, bytes]) -> None:
     """Raise if ``ds`` cannot be written as a file: a value copied from a hostile source that
     highdicom accepted but pydicom cannot encode must cost that object, not the job when the
-    worker writes its outbox."""
-    ds.save_as(io.BytesIO(), enforce_file_format=True)
+    worker writes its outbox. The file's bytes are kept in ``encoded`` (by SOP Instance UID), so
+    the outbox writes them instead of encoding the object a second time (``ds`` is final here:
+    its creation values are pinned before the check)."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    encoded[str(ds.SOPInstanceUID)] = buffer.getvalue()
 
 
 def _per_image_views(images: list[ImageResult], uids: ResultUIDs, options: ResultOptions,
-                     notes: list[str], seconds: dict[str, float]) -> list[pydicom.Dataset]:
+                     notes: list[str], seconds: dict[str, float],
+                     encoded: dict[str, bytes]) -> list[pydicom.Dataset]:
     """The presentation states, then the "AI overlay" Secondary Captures, of the images that
     have a SEG (as enabled), each in a series of its own like the SEGs; one that cannot be
     built is left out with a note."""
@@ -299,7 +312,8 @@ def _per_image_views(images: list[ImageResult], uids: ResultUIDs, options: Resul
                                       f"{description} {image_name(image.source)}".strip()[:64])
             try:
                 obj = build(image, identity, options.equipment, max_regions_per_segment=options.max_regions_per_segment)
-                _check_encodes(obj)
+                _pin_creation(obj, uids.created)
+                _check_encodes(obj, encoded)
                 out.append(obj)
             except Exception as exc:  # this object only; the SEG and SR of the image stand
                 why = f"{type(exc).__name__}: {exc}" if isinstance(exc, DicomAIError) else type(exc).__name__

@@ -340,11 +340,17 @@ def find_regions(
     prob = np.asarray(probability, dtype=np.float32)
     if prob.ndim != 2:
         raise RegionError(f"probability map must be 2-D, got shape {prob.shape}")
-    binary = (prob >= threshold).astype(np.uint8)
-    if not binary.any():
+    binary = prob >= threshold
+    rows = np.flatnonzero(binary.any(axis=1))
+    if not rows.size:
         return RegionSet(prob.shape, [], spacing)
+    # Components of the foreground's bounding box only (maps are mostly empty): the same
+    # labels in the same (raster, then size) order as on the whole map, at a fraction of the cost.
+    cols = np.flatnonzero(binary.any(axis=0))
+    top, left = int(rows[0]), int(cols[0])
+    crop = binary[top:int(rows[-1]) + 1, left:int(cols[-1]) + 1].astype(np.uint8)
     min_pixels = max(1, int(np.ceil(min_area_mm2 / spacing.pixel_area_mm2 - 1e-9)))
-    labels_img = sitk.ConnectedComponent(sitk.GetImageFromArray(binary), True)
+    labels_img = sitk.ConnectedComponent(sitk.GetImageFromArray(crop), True)
     labels_img = sitk.RelabelComponent(labels_img, minimumObjectSize=min_pixels, sortByObjectSize=True)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(labels_img)
@@ -352,8 +358,8 @@ def find_regions(
     regions: list[Region] = []
     for lab in stats.GetLabels():
         c0, r0, w, h = stats.GetBoundingBox(lab)
-        box = (r0, r0 + h, c0, c0 + w)
-        comp = labels[box[0]:box[1], box[2]:box[3]] == lab
+        comp = labels[r0:r0 + h, c0:c0 + w] == lab
+        box = (r0 + top, r0 + top + h, c0 + left, c0 + left + w)
         filled, poly = _contour_for(comp, tolerance_px, max_points)
         vals = prob[box[0]:box[1], box[2]:box[3]][filled]
         contour = np.column_stack([poly[:, 1] + box[2] + 0.5, poly[:, 0] + box[0] + 0.5])

@@ -108,9 +108,10 @@ def build_segmentation(
     if segmentation_type not in ("BINARY", "FRACTIONAL"):
         raise SegWriterError(f"segmentation type must be BINARY or FRACTIONAL, got {segmentation_type!r}")
     if segmentation_type == "BINARY":
-        pixels = np.stack([s.regions.mask for s in segments], axis=-1)[None].astype(np.uint8)
+        # Stacked straight into the output type (no second full-size copy by astype).
+        pixels = np.stack([s.regions.mask for s in segments], axis=-1, dtype=np.uint8)[None]
     else:
-        pixels = np.stack([np.clip(s.map.probability, 0.0, 1.0) for s in segments], axis=-1)[None].astype(np.float32)
+        pixels = np.stack([np.clip(s.map.probability, 0.0, 1.0) for s in segments], axis=-1, dtype=np.float32)[None]
     occurrences: dict[str, int] = {}
     descriptions = []
     for s in segments:

@@ -41,7 +41,7 @@ from pydicom.tag import Tag
 from pydicom.multival import MultiValue
 from pydicom.valuerep import validate_value
 
-__all__ = ["copied_attributes", "clean_sources", "invalid_attributes", "unwritable_attributes"]
+__all__ = ["copied_attributes", "clean_sources", "invalid_attributes", "load_standard_tables", "unwritable_attributes"]
 
 #: The information entities whose root attributes highdicom copies into every SEG and SR.
 COPIED_ENTITIES = ("Patient", "Study")
@@ -76,6 +76,17 @@ _NUMBER_VRS = frozenset({"US", "UL", "UV", "SS", "SL", "SV", "FL", "FD"})
 
 
 @functools.lru_cache(maxsize=None)
+def load_standard_tables() -> None:
+    """Read highdicom's SOP class, IOD and module tables now (cached for the process).
+
+    highdicom reads them on first use, about 1 s of JSON decoding on this kind of machine:
+    the worker calls this when it starts, so its first job does not wait for them.
+    """
+    get_sop_class_iod_map()
+    get_iod_module_map()
+    get_module_attribute_map()
+
+
 def copied_attributes(sop_class_uid: str) -> dict[str, str]:
     """Keyword -> type (``1``, ``1C``, ``2``, ``2C``, ``3``) of every attribute the writers copy
     from a source of this SOP class (the Patient and Study modules of its IOD).
