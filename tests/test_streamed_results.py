@@ -3,6 +3,10 @@ as build_results, with each image's full-size maps released before the next imag
 
 import copy
 import io
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -125,14 +129,18 @@ def test_checked_encodings_are_the_files_the_outbox_writes():
 
 def test_the_worker_reads_the_writers_tables_when_it_loads_its_pipeline():
     """highdicom's standard tables (about 1 s of JSON) are read by load_pipeline at worker
-    start, not inside the first job."""
-    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
-
-    from dicom_ai.node.config import load_config
-    from dicom_ai.node.processing import load_pipeline
-
-    tables = (get_sop_class_iod_map, get_iod_module_map, get_module_attribute_map)
-    for table in tables:
-        table.cache_clear()
-    load_pipeline(load_config(None, {"pipeline.factory": "node_harness:stand_in_pipeline"}))
-    assert [t.cache_info().currsize for t in tables] == [1, 1, 1]
+    start, not inside the first job. Checked in a fresh interpreter, as a worker starts: in
+    this test process other tests have already read (or replaced) highdicom's caches."""
+    script = (
+        "from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map\n"
+        "from dicom_ai.node.config import load_config\n"
+        "from dicom_ai.node.processing import load_pipeline\n"
+        "tables = (get_sop_class_iod_map, get_iod_module_map, get_module_attribute_map)\n"
+        "before = [t.cache_info().currsize for t in tables]\n"
+        "load_pipeline(load_config(None, {'pipeline.factory': 'node_harness:stand_in_pipeline'}))\n"
+        "print(before, [t.cache_info().currsize for t in tables])\n")
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[0, 0, 0] [1, 1, 1]"
