@@ -227,11 +227,25 @@ def start_storescp(folder: Path, ae_title: str = "PACS", port: int | None = None
                    extra: list[str] | None = None) -> tuple[Proc, int]:
     """dcmtk's storescp as the PACS receiving results into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    proc = Proc(["storescp", "-v", "--aetitle", ae_title, "--output-directory", str(folder), "+xa", "-fe", ".dcm",
-                 *(extra or []), str(port)], folder.parent / f"storescp-{ae_title}-{port}.log")
-    wait_port(port)
-    return proc, port
+    # A port picked by free_port can be taken by another process before storescp binds it
+    # ("Address already in use"): storescp then exits, and a picked port is tried again.
+    for attempt in range(3):
+        chosen = port or free_port()
+        proc = Proc(["storescp", "-v", "--aetitle", ae_title, "--output-directory", str(folder), "+xa", "-fe",
+                     ".dcm", *(extra or []), str(chosen)], folder.parent / f"storescp-{ae_title}-{chosen}.log")
+        wait_for(lambda: _listening(chosen) or not proc.alive(), 20, f"port {chosen} to listen")
+        time.sleep(0.2)  # a port another program listens on answers too: storescp must still be running
+        if proc.alive() and _listening(chosen):
+            return proc, chosen
+        proc.stop()
+        if port:
+            break
+    raise AssertionError(f"storescp did not start on port {chosen}: {proc.log.read_text(errors='replace')[-500:]}")
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def write_node_config(path: Path, storage: Path, port: int, peers: list[tuple[str, int]], **sections) -> Path:
