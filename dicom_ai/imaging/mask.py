@@ -321,6 +321,18 @@ def _candidate(small: np.ndarray, s: np.ndarray, pad: np.ndarray, level: float, 
     return _without_markers(small, breast, radius)
 
 
+def _to_grid(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``mask`` (working grid) brought to ``shape`` by nearest neighbour: the same pixels as
+    ``resize(..., mode="nearest")`` (torch's float32 ``floor(dst * in / out)`` source
+    indices, which never decrease), made by repeating each row and column as often as it is
+    used: ~15x faster on a full-size image than the float round trip."""
+    out = np.asarray(mask, dtype=bool)
+    for axis, (n, m) in enumerate(zip(shape, mask.shape)):
+        idx = np.minimum(np.floor(np.arange(n, dtype=np.float32) * np.float32(m / n)).astype(np.int64), m - 1)
+        out = np.repeat(out, np.bincount(idx, minlength=m), axis=axis)
+    return out
+
+
 def breast_mask_report(pixels: np.ndarray, max_side: int = 512) -> MaskReport:
     """The breast mask of ``pixels`` with its checks and fallback (module docstring).
 
@@ -358,14 +370,14 @@ def breast_mask_report(pixels: np.ndarray, max_side: int = 512) -> MaskReport:
         breast = _candidate(small, s, pad, level, box, radius, margin)
         problems, share = _problems(breast, box, margin, strict=True)
         if not problems:
-            return MaskReport(resize(breast.astype(np.float32), (rows, cols), mode="nearest") > 0.5,
+            return MaskReport(_to_grid(breast, (rows, cols)),
                               "breast", [], share)
         found.append((breast, problems, share, level))
     # Neither passed the strict check: the film-only level when it passes the plain one (a
     # breast that fills the film, mini-MIAS mdb151), else the fallbacks.
     breast, problems, share, level = found[1]
     if not _problems(breast, box, margin)[0]:
-        return MaskReport(resize(breast.astype(np.float32), (rows, cols), mode="nearest") > 0.5,
+        return MaskReport(_to_grid(breast, (rows, cols)),
                           "breast", [], share)
     problems = found[0][1]
     older = _mask_v3(small)
@@ -378,7 +390,7 @@ def breast_mask_report(pixels: np.ndarray, max_side: int = 512) -> MaskReport:
         breast, method = _fill(_largest(_without_labels(small, s, film, level, radius))), "fallback-field"
     # No patient data: the reasons and the fallback only (the caller's job log names the image).
     _log.warning("breast mask implausible (%s); using %s", "; ".join(problems), method)
-    mask = resize(breast.astype(np.float32), (rows, cols), mode="nearest") > 0.5
+    mask = _to_grid(breast, (rows, cols))
     return MaskReport(mask, method, problems, share)
 
 
