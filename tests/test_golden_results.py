@@ -37,6 +37,11 @@ per normal MIAS image stay within 0.5), the U-Net's threshold 0.0971 on its cali
 GLAM is off at every named point (fine-tuned on all of mini-MIAS without fold bundles, so not
 validated on held-out images). The SEGs carry the U-Net's segment only, as before; every
 digest changed (maps, thresholds, Algorithm Parameters, previews).
+
+Regenerated for issue 26 (same job, same versions), intentionally: breast mask v4 (film labels and
+markers on the skin line and film-edge strips excluded, chest-wall component, plausibility checks
+with a logged fallback). On this phantom job only two FRACTIONAL SEGs changed (the maps are
+zeroed outside a slightly different mask); the binary SEGs, SRs, GSPS and previews are unchanged.
 """
 
 from __future__ import annotations
