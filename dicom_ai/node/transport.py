@@ -42,7 +42,9 @@ every limit above holds for both ports together. pynetdicom's server would run t
 handshake inside its accept loop (one silent client would stop all accepts); here the
 accept loop only accepts, and the connection's own thread runs the handshake against the
 same absolute ``limits.association_request_seconds`` deadline, then reads the
-A-ASSOCIATE-RQ through TLS. A failed handshake (a plain DICOM client on the TLS port, no
+A-ASSOCIATE-RQ through TLS. The TLS connection is a :class:`~dicom_ai.node.tls_stream.TlsStream`
+(OpenSSL over ``ssl.MemoryBIO``, 256 KiB socket reads) rather than an ``SSLSocket``, which
+reads each 16 KiB record with two system calls; the context, verification and alerts are the same. A failed handshake (a plain DICOM client on the TLS port, no
 client certificate, a certificate from an unknown CA, TLS < ``tls.min_version``) is
 refused with TCP close under the name :func:`~dicom_ai.node.tls.handshake_failure` gives it
 (``tls_not_tls``, ``tls_no_client_certificate``, ``tls_certificate_verify_failed``, ...).
@@ -88,6 +90,7 @@ from pynetdicom.sop_class import Verification
 from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.tls import handshake_failure
+from dicom_ai.node.tls_stream import TlsStream
 
 #: The largest PDU other than P-DATA-TF the node reads (A-ASSOCIATE-RQ included): 256 KiB.
 #: 128 presentation contexts of 20 maximal-length transfer syntaxes each fit (about 180 KiB).
@@ -298,9 +301,9 @@ class _ReceiveSocket(transport.AssociationSocket):
       :data:`_READ_AHEAD` bytes: one ``recv_into`` takes whatever the socket has (on plain TCP
       usually the rest of one 128 KiB PDU and the next header), so a PDU costs about one system
       call instead of a header read, a body read and a timeout change per read; a large rest
-      is read directly into the PDU. Over TLS each read returns at most one TLS record
-      (16 KiB), so the buffer saves the header's own read and the per-read timeout change.
-      ``benchmarks/results/tls_ingest_profile_*.md`` is the profile before and after.
+      is read directly into the PDU. Over TLS (a :class:`~dicom_ai.node.tls_stream.TlsStream`)
+      every read goes straight into the PDU: OpenSSL's decrypted record is the read-ahead there.
+      ``benchmarks/results/tls_ingest_profile_*.md`` are the profiles.
     * The header's type is checked before the body is read: longer than the maximum length the
       node offers (P-DATA-TF; the acceptor's ``maximum_length``, 0 = unlimited) or than
       :data:`MAX_CONTROL_PDU` (any other type) -> A-ABORT and the association ends
@@ -328,7 +331,13 @@ class _ReceiveSocket(transport.AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        return self._end > self._start or super().ready
+        if self._end > self._start:
+            return True
+        # A TlsStream may hold decrypted bytes, or TLS bytes already read, that select() cannot see.
+        sock = self.socket
+        if isinstance(sock, TlsStream) and self._is_connected and sock.pending():
+            return True
+        return super().ready
 
     def preload(self, data: bytes) -> None:
         """Put ``data`` (bytes read before the association existed) ahead of the socket's bytes."""
@@ -366,6 +375,10 @@ class _ReceiveSocket(transport.AssociationSocket):
         self._ensure_buffer()
         self._start = self._end = 0
         sock = self.socket
+        # OpenSSL's decrypted record is the read-ahead of a TlsStream: read it straight into
+        # ``dest`` (a 6-byte header read decrypts one record and leaves the rest there), not
+        # into the buffer here first, which would copy most of every PDU once more.
+        direct = isinstance(sock, TlsStream)
         timeout_set = None
         while got < want:
             if deadline is not None:
@@ -378,7 +391,7 @@ class _ReceiveSocket(transport.AssociationSocket):
                     sock.settimeout(remaining)
                     timeout_set = remaining
             rest = want - got
-            if rest >= len(self._ahead) // 2:  # large: straight into the destination
+            if direct or rest >= len(self._ahead) // 2:  # large, or TLS: straight into the destination
                 n = sock.recv_into(dest[got:], rest)
                 if not n:
                     break
@@ -754,17 +767,13 @@ class _RequestHandler(transport.RequestHandler):
         except OSError:
             return False
         try:
-            tls = server.tls_context.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
-        except OSError:
+            tls = TlsStream(self.request, server.tls_context)
+        except (ssl.SSLError, ValueError):
             return False
-        # The plain socket is detached now: the TLS one is what is read, shut down and closed.
+        # The TLS stream owns the plain socket now: it is what is read, shut down and closed.
         self.request = conn.request = tls
         try:
-            remaining = conn.deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            tls.settimeout(remaining)
-            tls.do_handshake()
+            tls.do_handshake(conn.deadline)
         except TimeoutError:
             server.refusals.note("association_request_timeout", conn.address, response="TCP close",
                                  seconds=server.limits.association_request_seconds, during="TLS handshake")
