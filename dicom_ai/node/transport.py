@@ -84,7 +84,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pynetdicom import AE, _config, dimse_messages, dul, evt, transport
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, P_DATA_TF
 from pynetdicom.sop_class import Verification
 
 from dicom_ai.node import audit, logs, metrics
@@ -491,6 +491,15 @@ class _ReceiveDUL(dul.DULServiceProvider):
             evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": data})
             evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": request})
             return request, "Evt6"
+        if bytestream[0] == _P_DATA_TF and not self.assoc.get_handlers(evt.EVT_DATA_RECV):
+            # pynetdicom copies every PDU to bytes for EVT_DATA_RECV (nobody listens here), and
+            # its decoding then slices the copy three more times before the fragment is written
+            # (PDU body, PDV item, value): decoded from a memoryview, the fragment the C-STORE
+            # file receives is a view of the PDU as read, not its fifth copy.
+            pdu = P_DATA_TF()
+            pdu.decode(memoryview(bytestream))
+            evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+            return pdu, "Evt10"
         return super()._decode_pdu(bytestream)
 
     def _read_pdu_data(self) -> None:
