@@ -251,6 +251,7 @@ def main() -> int:
             "node_tls_versions_seen": versions,
             "tls": "node: Python ssl (OpenSSL), TLS >= 1.2, ECDHE/DHE + AES-GCM/ChaCha20; "
                    "storescp/storescu: dcmtk +tls, BCP 195 non-downgrading profile; RSA 2048 certificates",
+            "priority": f"receivers and sender at nice {os.nice(0)} (the caller's)",
             "cpu_cores": os.cpu_count(), "load_average_1min_before": round(load_before, 2),
             "load_average_1min_after": round(os.getloadavg()[0], 2),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
