@@ -48,7 +48,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from node_harness import (Proc, free_port, make_mg, node_env, start_node, storescu,  # noqa: E402
                           wait_port, write_node_config)
 
-ROUNDS = 7
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "7"))
 #: Worker niceness of the busy phases: 0 = the receiver's own priority (the node before issue 28),
 #: 10 = the default ``workers.nice``.
 BUSY_NICE = (0, 10)
@@ -123,6 +123,19 @@ def _worker_pid(node_pid: int) -> int | None:
         if "worker" in cmd:
             return pid
     return None
+
+
+def _thread_nices(pid: int) -> dict[str, int]:
+    """Niceness -> number of threads of process ``pid`` at it (from /proc/<pid>/task/*/stat): shows
+    whether ``workers.nice`` reached every thread, the model runtimes' pools included."""
+    out: dict[str, int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            nice = task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16]
+        except (OSError, IndexError):
+            continue
+        out[nice] = out.get(nice, 0) + 1
+    return out
 
 
 def _events(log: Path, name: str) -> list[dict]:
@@ -214,6 +227,8 @@ def _busy_phase(work: Path, nice: int, warmup: dict, busy_rounds: list, scp_port
     measured = _paired_rounds(busy_rounds, {"storescp": scp_port, "node": node_port},
                               {"storescp": storescp.pid, "node": node.pid}, worker)
     busy = _phase_result(f"busy-nice{nice}", measured, nbytes, ROUNDS, node, log, (load0, os.getloadavg()[0]))
+    busy["worker_threads_by_nice"] = _thread_nices(worker)  # after the rounds: every pool has started
+    busy["receiver_threads_by_nice"] = _thread_nices(node.pid)
     finished = _events(log, "job_finished")
     busy["worker_jobs_finished_by_end"] = len(finished)
     stored = len(list((work / f"node-busy-{nice}-storage" / "spool").rglob("*.dcm")))
@@ -306,6 +321,9 @@ def main() -> int:
         print(f"busy: worker CPU share during the sends (min over rounds) {busy['worker_cpu_share_min']} "
               f"of {os.cpu_count()} cores; jobs started/finished by the end "
               f"{busy['worker_jobs_started_by_end']}/{busy['worker_jobs_finished_by_end']}")
+        for phase in busy_by_nice.values():
+            print(f"{phase['phase']}: worker threads by niceness {phase['worker_threads_by_nice']}, "
+                  f"receiver {phase['receiver_threads_by_nice']}")
         print(f"peak RSS: node {quiet['node_peak_rss_mib']} MiB quiet, {busy['node_peak_rss_mib']} MiB busy; "
               f"storescp {result['storescp_peak_rss_mib']} MiB")
         print(f"wrote {out}")

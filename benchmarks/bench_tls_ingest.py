@@ -13,7 +13,8 @@ As in bench_ingest.py: both offer a 128 KiB maximum PDU; the node fsyncs each fi
 directory and commits a job-store row before Success, storescp writes without fsync.
 
 Also per receiver: CPU seconds of the receiving process (``/proc``, all its threads) and of
-the sender (storescu) per round. ``--before REV`` runs a second node from ``git archive REV``
+the sender (storescu) per round. ``--before REV`` runs a second node from ``git archive REV`` (e.g. the commit before the
+``TlsStream`` receive path)
 (targets ``node@before``, ``node_tls@before``) in the same rounds, for before/after ratios
 on a shared machine. ``--profile LABEL`` samples the node(s) with py-spy (running threads only,
 1000/s) during their sends and writes ``tls_ingest_profile_LABEL.md`` / ``.json`` (CPU ms per
@@ -201,6 +202,7 @@ def main() -> int:
 
         times = {t: [] for t in targets}
         cpu = {t: {"receiver": [], "sender": []} for t in targets}
+        load_before = os.getloadavg()[0]
         for r, paths in enumerate(rounds):
             for target in targets:
                 called = "AINODE" if target.startswith("node") else "STORESCP"
@@ -241,13 +243,17 @@ def main() -> int:
                                    for k, d in cpu.items()},
             "median_mb_per_s": {k: round(mb / statistics.median(vs), 1) for k, vs in times.items()},
             "ratio_node_tls_over_node_plain": ratio("node_tls", "node"),
+            "ratios_node_tls_over_node_plain_per_round": [round(b / a, 3) for a, b in
+                                                          zip(times["node_tls"], times["node"])],
             "ratio_storescp_tls_over_storescp_plain": ratio("storescp_tls", "storescp"),
             "ratio_node_tls_over_storescp_tls": ratio("node_tls", "storescp_tls"),
             "ratio_node_over_storescp": ratio("node", "storescp"),
             "node_tls_versions_seen": versions,
             "tls": "node: Python ssl (OpenSSL), TLS >= 1.2, ECDHE/DHE + AES-GCM/ChaCha20; "
                    "storescp/storescu: dcmtk +tls, BCP 195 non-downgrading profile; RSA 2048 certificates",
-            "cpu_cores": os.cpu_count(), "load_average_1min_after": round(os.getloadavg()[0], 2),
+            "priority": f"receivers and sender at nice {os.nice(0)} (the caller's)",
+            "cpu_cores": os.cpu_count(), "load_average_1min_before": round(load_before, 2),
+            "load_average_1min_after": round(os.getloadavg()[0], 2),
             "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         if args.before:
@@ -257,6 +263,8 @@ def main() -> int:
                 "node_over_storescp": ratio("node@before", "storescp"),
                 "after_over_before_plain": ratio("node", "node@before"),
                 "after_over_before_tls": ratio("node_tls", "node_tls@before"),
+                "node_tls_over_node_plain_per_round": [round(b / a, 3) for a, b in
+                                                       zip(times["node_tls@before"], times["node@before"])],
             }
         if PROFILE:
             write_profile(PROFILE, work, times, [t for t in targets if t.startswith("node")])
@@ -273,6 +281,8 @@ def main() -> int:
               f"storescp {result['ratio_storescp_tls_over_storescp_plain']}; node TLS / storescp TLS "
               f"{result['ratio_node_tls_over_storescp_tls']}; node / storescp {result['ratio_node_over_storescp']}; "
               f"node TLS versions: {', '.join(versions)}")
+        print(f"node TLS/plain per round: {result['ratios_node_tls_over_node_plain_per_round']}; load average "
+              f"{result['load_average_1min_before']} -> {result['load_average_1min_after']}")
         if args.before:
             print(f"before ({args.before}): " + ", ".join(f"{k} {v}" for k, v in result["before_ratios"].items()))
         print(f"wrote {out}")

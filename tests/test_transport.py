@@ -498,3 +498,23 @@ def test_refusal_log_writes_the_first_and_then_one_summary_per_window(log_file):
                      ("per_address_limit", "10.0.0.9", 49), ("per_address_limit", "*", 3)]
     log.note("per_address_limit", "10.0.0.9", response="TCP close")  # a new window: written again
     assert len(_events(log_file, "connection_refused")) == 7
+
+
+def test_the_association_request_is_decoded_once(tmp_path, monkeypatch):
+    """The connection's thread decodes the A-ASSOCIATE-RQ to check it; pynetdicom's DUL takes that
+    decoded request instead of decoding the same bytes again (a storescu request with 128
+    presentation contexts costs 10-20 ms per decode). The association works as before."""
+    decodes = []
+    original = A_ASSOCIATE_RQ.decode
+
+    def counting(self, bytestream):
+        decodes.append(len(bytestream))
+        return original(self, bytestream)
+
+    monkeypatch.setattr(A_ASSOCIATE_RQ, "decode", counting)
+    with running_scp(tmp_path) as scp:
+        r = echoscu(scp.port)
+        assert r.returncode == 0 and "Received Echo Response (Success)" in r.stderr, r.stderr
+        r = echoscu(scp.port)
+        assert r.returncode == 0, r.stderr
+    assert len(decodes) == 2, decodes  # one per association, not two

@@ -18,6 +18,17 @@ def _niceness(pid: int) -> int:
     return int(fields[16])
 
 
+def _thread_niceness(pid: int) -> set[int]:
+    """The niceness of every thread of ``pid`` (Linux keeps one per thread)."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out.add(int(task.joinpath("stat").read_text().rsplit(")", 1)[1].split()[16]))
+        except (OSError, IndexError):
+            continue
+    return out
+
+
 def _worker_pid(log: Path) -> int | None:
     spawned = log_events(log, "worker_spawned")
     return int(spawned[0]["worker_pid"]) if spawned else None
@@ -40,6 +51,10 @@ def test_the_local_worker_runs_below_the_receiving_node(tmp_path):
         wait_for(lambda: _worker_pid(log) is not None, 30, "worker_spawned in the node log")
         worker = _worker_pid(log)
         wait_for(lambda: Path(f"/proc/{worker}").exists() and _niceness(worker) == 7, 30, "the worker at nice 7")
+        wait_for(lambda: log_events(log, "worker_priority"), 30, "worker_priority in the log")
+        # Every thread, including those numpy's and ONNX Runtime's imports started before it lowered itself.
+        threads = _thread_niceness(worker)
+        assert threads == {7}, threads
         assert _niceness(node.popen.pid) == os.getpriority(os.PRIO_PROCESS, 0)  # the receiver keeps ours
     finally:
         node.stop()

@@ -131,7 +131,7 @@ def _on_pdu_received(event: evt.Event) -> None:
             continue
         fixed = _command_with_usable_uid(bytes(data[1:]))
         if fixed is not None:
-            item.presentation_data_value = data[:1] + fixed
+            item.presentation_data_value = bytes(data[:1]) + fixed  # data may be a memoryview (transport)
 
 
 def _command_with_usable_uid(command: bytes) -> bytes | None:

@@ -42,7 +42,9 @@ every limit above holds for both ports together. pynetdicom's server would run t
 handshake inside its accept loop (one silent client would stop all accepts); here the
 accept loop only accepts, and the connection's own thread runs the handshake against the
 same absolute ``limits.association_request_seconds`` deadline, then reads the
-A-ASSOCIATE-RQ through TLS. A failed handshake (a plain DICOM client on the TLS port, no
+A-ASSOCIATE-RQ through TLS. The TLS connection is a :class:`~dicom_ai.node.tls_stream.TlsStream`
+(OpenSSL over ``ssl.MemoryBIO``, 256 KiB socket reads) rather than an ``SSLSocket``, which
+reads each 16 KiB record with two system calls; the context, verification and alerts are the same. A failed handshake (a plain DICOM client on the TLS port, no
 client certificate, a certificate from an unknown CA, TLS < ``tls.min_version``) is
 refused with TCP close under the name :func:`~dicom_ai.node.tls.handshake_failure` gives it
 (``tls_not_tls``, ``tls_no_client_certificate``, ``tls_certificate_verify_failed``, ...).
@@ -82,12 +84,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pynetdicom import AE, _config, dimse_messages, dul, evt, transport
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ, P_DATA_TF
 from pynetdicom.sop_class import Verification
 
 from dicom_ai.node import audit, logs, metrics
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.tls import handshake_failure
+from dicom_ai.node.tls_stream import TlsStream
 
 #: The largest PDU other than P-DATA-TF the node reads (A-ASSOCIATE-RQ included): 256 KiB.
 #: 128 presentation contexts of 20 maximal-length transfer syntaxes each fit (about 180 KiB).
@@ -179,17 +182,21 @@ def _ae_title_problem(field: bytes) -> str | None:
     return None
 
 
-def _undecodable(pdu: bytes) -> str | None:
-    """Why pynetdicom could not take this A-ASSOCIATE-RQ (its own decoding, as its DUL would run
-    it), or None. Its DUL would answer A-ABORT and its association thread then wait for an
-    indication that never comes, holding the connection's slot for the ACSE timeout."""
+def _decode_request(pdu: bytes) -> tuple[A_ASSOCIATE_RQ | None, str | None]:
+    """This A-ASSOCIATE-RQ decoded by pynetdicom, as its DUL would decode it, or why it cannot be.
+
+    Returns ``(request, None)``, or ``(None, exception name)``: pynetdicom's DUL would answer
+    A-ABORT and its association thread then wait for an indication that never comes, holding
+    the connection's slot for the ACSE timeout. The decoded request is handed to the DUL
+    (:class:`_ReceiveDUL`), which then does not decode it again (10-20 ms of UID checks for a
+    sender proposing 128 presentation contexts, as dcmtk's storescu does by default)."""
     try:
         request = A_ASSOCIATE_RQ()
         request.decode(pdu)
         request.to_primitive()
     except Exception as exc:  # pynetdicom raises many types on hostile bytes
-        return type(exc).__name__
-    return None
+        return None, type(exc).__name__
+    return request, None
 
 
 def normalise_address(address: str) -> str:
@@ -298,9 +305,9 @@ class _ReceiveSocket(transport.AssociationSocket):
       :data:`_READ_AHEAD` bytes: one ``recv_into`` takes whatever the socket has (on plain TCP
       usually the rest of one 128 KiB PDU and the next header), so a PDU costs about one system
       call instead of a header read, a body read and a timeout change per read; a large rest
-      is read directly into the PDU. Over TLS each read returns at most one TLS record
-      (16 KiB), so the buffer saves the header's own read and the per-read timeout change.
-      ``benchmarks/results/tls_ingest_profile_*.md`` is the profile before and after.
+      is read directly into the PDU. Over TLS (a :class:`~dicom_ai.node.tls_stream.TlsStream`)
+      every read goes straight into the PDU: OpenSSL's decrypted record is the read-ahead there.
+      ``benchmarks/results/tls_ingest_profile_*.md`` are the profiles.
     * The header's type is checked before the body is read: longer than the maximum length the
       node offers (P-DATA-TF; the acceptor's ``maximum_length``, 0 = unlimited) or than
       :data:`MAX_CONTROL_PDU` (any other type) -> A-ABORT and the association ends
@@ -328,7 +335,13 @@ class _ReceiveSocket(transport.AssociationSocket):
 
     @property
     def ready(self) -> bool:
-        return self._end > self._start or super().ready
+        if self._end > self._start:
+            return True
+        # A TlsStream may hold decrypted bytes, or TLS bytes already read, that select() cannot see.
+        sock = self.socket
+        if isinstance(sock, TlsStream) and self._is_connected and sock.pending():
+            return True
+        return super().ready
 
     def preload(self, data: bytes) -> None:
         """Put ``data`` (bytes read before the association existed) ahead of the socket's bytes."""
@@ -366,6 +379,10 @@ class _ReceiveSocket(transport.AssociationSocket):
         self._ensure_buffer()
         self._start = self._end = 0
         sock = self.socket
+        # OpenSSL's decrypted record is the read-ahead of a TlsStream: read it straight into
+        # ``dest`` (a 6-byte header read decrypts one record and leaves the rest there), not
+        # into the buffer here first, which would copy most of every PDU once more.
+        direct = isinstance(sock, TlsStream)
         timeout_set = None
         while got < want:
             if deadline is not None:
@@ -378,7 +395,7 @@ class _ReceiveSocket(transport.AssociationSocket):
                     sock.settimeout(remaining)
                     timeout_set = remaining
             rest = want - got
-            if rest >= len(self._ahead) // 2:  # large: straight into the destination
+            if direct or rest >= len(self._ahead) // 2:  # large, or TLS: straight into the destination
                 n = sock.recv_into(dest[got:], rest)
                 if not n:
                     break
@@ -460,8 +477,30 @@ class _ReceiveDUL(dul.DULServiceProvider):
     concatenates the two into a third buffer (one copy of every PDU); here the PDU arrives in
     one buffer. What follows the read is pynetdicom's: the same state machine events for a
     closed connection (Evt17), an unknown or undecodable PDU (Evt19), and ``_decode_pdu``
-    (EVT_PDU_RECV handlers included) for the rest.
+    (EVT_PDU_RECV handlers included) for the rest; the A-ASSOCIATE-RQ the connection's thread
+    has already decoded (:func:`_decode_request`) is not decoded a second time.
     """
+
+    _decoded_request: tuple[bytes, A_ASSOCIATE_RQ] | None = None  # (its bytes, decoded)
+
+    def _decode_pdu(self, bytestream: bytearray):
+        cached, self._decoded_request = self._decoded_request, None
+        if cached is not None and bytestream == cached[0]:
+            data, request = cached
+            # The events pynetdicom's own decoding triggers, with what it would pass.
+            evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": data})
+            evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": request})
+            return request, "Evt6"
+        if bytestream[0] == _P_DATA_TF and not self.assoc.get_handlers(evt.EVT_DATA_RECV):
+            # pynetdicom copies every PDU to bytes for EVT_DATA_RECV (nobody listens here), and
+            # its decoding then slices the copy three more times before the fragment is written
+            # (PDU body, PDV item, value): decoded from a memoryview, the fragment the C-STORE
+            # file receives is a view of the PDU as read, not its fifth copy.
+            pdu = P_DATA_TF()
+            pdu.decode(memoryview(bytestream))
+            evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+            return pdu, "Evt10"
+        return super()._decode_pdu(bytestream)
 
     def _read_pdu_data(self) -> None:
         try:
@@ -692,6 +731,7 @@ class _RequestHandler(transport.RequestHandler):
     """
 
     _association_request: bytes = b""
+    _decoded_request: A_ASSOCIATE_RQ | None = None
 
     def handle(self) -> None:
         server = self.server
@@ -713,7 +753,7 @@ class _RequestHandler(transport.RequestHandler):
                                      ae_title=field.decode("ascii", "backslashreplace"))
                 _send_and_finish(self.request, _identity_rj(rj_reason))
                 return
-        error = _undecodable(bytes(pdu))
+        request, error = _decode_request(bytes(pdu))
         if error is not None:
             server.refusals.note("undecodable_association_request", conn.address, response="A-ABORT", error=error)
             _send_and_finish(self.request, _abort_pdu(_ABORT_INVALID_PARAMETER))
@@ -733,6 +773,7 @@ class _RequestHandler(transport.RequestHandler):
             return
         self.request.settimeout(self.ae.network_timeout)
         self._association_request = bytes(pdu)
+        self._decoded_request = request
         assoc = self._create_association()
         conn.handed_over = True
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
@@ -754,17 +795,13 @@ class _RequestHandler(transport.RequestHandler):
         except OSError:
             return False
         try:
-            tls = server.tls_context.wrap_socket(self.request, server_side=True, do_handshake_on_connect=False)
-        except OSError:
+            tls = TlsStream(self.request, server.tls_context)
+        except (ssl.SSLError, ValueError):
             return False
-        # The plain socket is detached now: the TLS one is what is read, shut down and closed.
+        # The TLS stream owns the plain socket now: it is what is read, shut down and closed.
         self.request = conn.request = tls
         try:
-            remaining = conn.deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            tls.settimeout(remaining)
-            tls.do_handshake()
+            tls.do_handshake(conn.deadline)
         except TimeoutError:
             server.refusals.note("association_request_timeout", conn.address, response="TCP close",
                                  seconds=server.limits.association_request_seconds, during="TLS handshake")
@@ -820,6 +857,8 @@ class _RequestHandler(transport.RequestHandler):
         sock.__class__ = _ReceiveSocket
         sock.preload(self._association_request)
         assoc.dul.__class__ = _ReceiveDUL
+        if self._decoded_request is not None:
+            assoc.dul._decoded_request = (self._association_request, self._decoded_request)
         sock._refusals = getattr(self.server, "refusals", None)
         return assoc
 

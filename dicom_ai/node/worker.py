@@ -386,7 +386,11 @@ def lower_priority(nice: int) -> int:
     Inference is batch work; receiving a C-STORE is what a modality waits on. On a host whose
     cores the worker shares with the receiving node, a niceness of 10 gives the receiver about
     ten times the worker's CPU share whenever both want it, while an idle receiver leaves the
-    worker every cycle. Returns the niceness now in force."""
+    worker every cycle. Returns the niceness now in force.
+
+    Linux keeps a niceness per thread, and ``setpriority(PRIO_PROCESS, 0)`` changes only the
+    calling one: the threads the imports have already started (numpy's OpenBLAS pool, ONNX
+    Runtime's) are lowered here too, by their thread ids; threads started later inherit it."""
     current = os.getpriority(os.PRIO_PROCESS, 0)
     if nice > current:
         try:
@@ -394,7 +398,18 @@ def lower_priority(nice: int) -> int:
         except OSError as exc:  # a sandbox may forbid it: run at the inherited priority, say so
             logs.event("worker_priority_unchanged", level="WARNING", nice=current, wanted=nice, error=str(exc))
             return current
-    return os.getpriority(os.PRIO_PROCESS, 0)
+    now = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = []  # no /proc: the calling thread only
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < now:
+                os.setpriority(os.PRIO_PROCESS, tid, now)
+        except OSError:
+            pass  # the thread has ended meanwhile
+    return now
 
 
 def main(argv: list[str] | None = None) -> int:
