@@ -719,7 +719,7 @@ class MicrocalcModel:
             rr, cc = np.nonzero(candidates)
             with torch.no_grad():
                 out[rr, cc] = self.detector.head_at(torch.from_numpy(both[:-1]), torch.from_numpy(rr),
-                                                    torch.from_numpy(cc), 2 ** _NUM_POOLS // s).numpy()
+                                                    torch.from_numpy(cc), 2 ** _NUM_POOLS // s).float().numpy()
         return out
 
     @torch.no_grad()
