@@ -480,11 +480,16 @@ def fill_polygon(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 CANDIDATE_RANK = 8
 
 #: Logit margin of the candidate pass: the exact Detector runs where the rank-8 estimate of its
-#: logit difference is at least ``logit(detector_threshold) - CANDIDATE_MARGIN``. Chosen on
-#: phantoms and checked on real images (benchmarks/bench_microcalc_cascade.py).
-CANDIDATE_MARGIN = 1.5
+#: logit difference is at least ``logit(detector_threshold) - CANDIDATE_MARGIN``. The largest
+#: shortfall of the estimate on a patch the shipped Detector fires on was 1.53 logits over 24
+#: full-field phantom views (six seeds), so 2.0 leaves 0.47; at 2.0 the exact layer runs on
+#: 6-12 % of the patches there (2.5: 21-38 %). Checked on real images by
+#: benchmarks/bench_microcalc_cascade.py (benchmarks/results/microcalc_cascade.json).
+CANDIDATE_MARGIN = 2.0
 
-#: A Detector tile with more candidates than this fraction runs densely (no saving left there).
+#: A Detector tile with more candidates than this fraction runs densely (no saving left there);
+#: so does the rest of an image once its tiles so far have had that many (a model that is
+#: unsure everywhere, such as microcalc 0.2.0 on phantoms, would pay the pass for nothing).
 CANDIDATE_DENSE_FRACTION = 0.35
 
 
@@ -700,18 +705,23 @@ class MicrocalcModel:
                 self._estimate, self._estimate, example)
         return fn(regions[:, None])
 
-    def _detector_candidates(self, region: np.ndarray) -> np.ndarray:
+    def _detector_candidates(self, region: np.ndarray, wanted: np.ndarray) -> np.ndarray:
         """Detector probability of one region's patches (layout of :meth:`patch_probability`):
-        exact where the estimate says it may fire, 0 elsewhere."""
+        exact where the estimate says it may fire and ``wanted`` (boolean, top-left aligned:
+        the patches centred in the breast) is set, 0 elsewhere."""
         cfg, s = self.config, self.config.detector_stride
         p = cfg.patch_size
         n_r, n_c = (region.shape[0] - p) // s + 1, (region.shape[1] - p) // s + 1
         both = self.features_and_estimate(region[None])[0]
-        candidates = both[-1, :n_r, :n_c] >= fire_logit(cfg.detector_threshold) - self.candidate_margin
-        count = int(candidates.sum())
+        candidates = np.zeros((n_r, n_c), dtype=bool)
+        h, w = min(n_r, wanted.shape[0]), min(n_c, wanted.shape[1])
+        candidates[:h, :w] = wanted[:h, :w]
+        candidates &= both[-1, :n_r, :n_c] >= fire_logit(cfg.detector_threshold) - self.candidate_margin
+        count, points = int(candidates.sum()), int(wanted.sum())
+        self.last_stats["candidate_tiles"] = self.last_stats.get("candidate_tiles", 0) + 1
         self.last_stats["candidates"] = self.last_stats.get("candidates", 0) + count
-        self.last_stats["detector_points"] = self.last_stats.get("detector_points", 0) + n_r * n_c
-        if count > CANDIDATE_DENSE_FRACTION * n_r * n_c:
+        self.last_stats["detector_points"] = self.last_stats.get("detector_points", 0) + points
+        if count > CANDIDATE_DENSE_FRACTION * points:
             self.last_stats["dense_tiles"] = self.last_stats.get("dense_tiles", 0) + 1
             return self.patch_probability("detector", region[None], s)[0]
         out = np.zeros((n_r, n_c), dtype=np.float32)
@@ -728,13 +738,14 @@ class MicrocalcModel:
         ``(i*stride, j*stride)`` of ``image``. Tiles without breast pixels are skipped (0).
 
         With :attr:`candidate_margin` set, the candidate pass (:class:`DetectorEstimate`) runs
-        first on each tile and the exact fully connected layer only where the estimate is
-        within the margin of firing; every other entry is 0.
+        first on each tile and the exact fully connected layer only on breast patches where the
+        estimate is within the margin of firing; every other entry is 0.
         """
         cfg, s, half = self.config, self.config.detector_stride, self.config.patch_size // 2
         rows, cols = image.shape
         n_r, n_c = -(-rows // s), -(-cols // s)
         out = np.zeros((n_r, n_c), dtype=np.float32)
+        self.last_stats = {}
         tile = cfg.tile - cfg.tile % s
         padded = np.pad(image, ((half, half + tile), (half, half + tile)))
         for tr in range(0, rows, tile):
@@ -742,10 +753,16 @@ class MicrocalcModel:
                 if mask is not None and not mask[tr:tr + tile, tc:tc + tile].any():
                     continue
                 region = padded[tr:tr + tile + 2 * half, tc:tc + tile + 2 * half]
-                if self.candidate_margin is None:
+                stats = self.last_stats
+                dense = self.candidate_margin is None or (
+                    stats.get("candidate_tiles", 0) >= 2
+                    and stats.get("candidates", 0) > CANDIDATE_DENSE_FRACTION * stats.get("detector_points", 0))
+                if dense:
                     p = self.patch_probability("detector", region[None], s)[0]
                 else:
-                    p = self._detector_candidates(region)
+                    wanted = (np.ones((-(-min(tile, rows - tr) // s), -(-min(tile, cols - tc) // s)), dtype=bool)
+                              if mask is None else mask[tr:tr + tile:s, tc:tc + tile:s])
+                    p = self._detector_candidates(region, wanted)
                 i0, j0 = tr // s, tc // s
                 h, w = min(p.shape[0], n_r - i0), min(p.shape[1], n_c - j0)
                 out[i0:i0 + h, j0:j0 + w] = p[:h, :w]
@@ -779,7 +796,6 @@ class MicrocalcModel:
         """
         cfg, s, half = self.config, self.config.detector_stride, self.config.patch_size // 2
         rows, cols = image.shape
-        self.last_stats = {}
         det = self.detector_map(image, mask)
         if mask is not None:
             grid_mask = mask[::s, ::s][:det.shape[0], :det.shape[1]]
