@@ -4,7 +4,7 @@ The Detector (seed 002) runs densely at stride 4 over the breast; the Segmentato
 it fires. A candidate pass must keep every patch the dense Detector fires on (its "fired
 tiles"), at a fraction of its cost. Two passes are measured on the same images:
 
-* ``estimate`` (what the node runs, :class:`dicom_ai.networks.microcalc.DetectorEstimate`): the
+* ``estimate`` (:class:`dicom_ai.networks.microcalc.DetectorEstimate`; built, off in the node): the
   Detector's own features with its fully connected layer replaced by the rank-8 truncated SVD
   of its weights; a patch is a candidate when the estimated logit difference is at least
   ``logit(detector_threshold) - margin``. Per image: the margin it needs (largest shortfall of
@@ -23,7 +23,7 @@ the whole cascade is run both ways on that image and the calcification maps comp
 Timing (same run, same image): the dense Detector vs the candidate Detector on every image; on
 the first ``--timed-images`` of each set also the whole cascade: dense Detector with the
 Segmentator on 64-pixel tiles (before) and 32-pixel tiles, and the node's cascade (candidate
-pass + 32-pixel tiles). Each once, so noisy.
+pass at CANDIDATE_MARGIN + 32-pixel tiles; "node_margin" in the JSON is that margin). Each once, so noisy.
 
     nice -n 10 python benchmarks/bench_microcalc_cascade.py [--sets phantom,png,mias,cbis]
 

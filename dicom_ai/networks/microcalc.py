@@ -479,12 +479,17 @@ def fill_polygon(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 #: Rank of the Detector's fully connected layer in the candidate pass (:class:`DetectorEstimate`).
 CANDIDATE_RANK = 8
 
-#: Logit margin of the candidate pass: the exact Detector runs where the rank-8 estimate of its
+#: Logit margin of the candidate pass (off unless a model is given it: ``candidate_margin``): the
+#: exact Detector runs where the rank-8 estimate of its
 #: logit difference is at least ``logit(detector_threshold) - CANDIDATE_MARGIN``. The largest
 #: shortfall of the estimate on a patch the shipped Detector fires on was 1.53 logits over 24
 #: full-field phantom views (six seeds), so 2.0 leaves 0.47; at 2.0 the exact layer runs on
 #: 6-12 % of the patches there (2.5: 21-38 %). Checked on real images by
-#: benchmarks/bench_microcalc_cascade.py (benchmarks/results/microcalc_cascade.json).
+#: benchmarks/bench_microcalc_cascade.py (benchmarks/results/microcalc_cascade.json): recall 1.0
+#: on mini-MIAS, but one fired patch of 8004 missed on the shared FFDM images (needs 2.2) and
+#: 7 of 10120 on CBIS-DDSM (needs 2.4), and it saves only a few per cent of the Detector's time
+#: (its full-resolution first convolutions, not the fully connected layer, dominate), so the node
+#: runs the Detector densely.
 CANDIDATE_MARGIN = 2.0
 
 #: A Detector tile with more candidates than this fraction runs densely (no saving left there);
@@ -555,7 +560,7 @@ class MicrocalcModel:
 
     def __init__(self, detector: PatchCNN, segmentator: PatchCNN, identity: ModelIdentity,
                  thresholds: dict | None = None, device: torch.device | str = "cpu", engine: str = "auto",
-                 candidate_margin: float | None = CANDIDATE_MARGIN):
+                 candidate_margin: float | None = None):
         if detector.config != segmentator.config:
             raise ModelError("Detector and Segmentator must share one MicrocalcConfig")
         self.config = detector.config
@@ -578,8 +583,8 @@ class MicrocalcModel:
             self._onnx[("detector-estimate", self.config.detector_stride)] = OnnxFunction(
                 self._estimate, self._estimate, example)
         self.identity = identity
-        #: Logit margin of the Detector's candidate pass (:data:`CANDIDATE_MARGIN`); None runs
-        #: the Detector densely everywhere (the reference path).
+        #: Logit margin of the Detector's candidate pass (:data:`CANDIDATE_MARGIN`); None (the
+        #: default) runs the Detector densely everywhere (the reference path).
         self.candidate_margin: float | None = candidate_margin
         #: Figures of the last :meth:`detector_map` / :meth:`dense_cascade` call.
         self.last_stats: dict[str, float] = {}
