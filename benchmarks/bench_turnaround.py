@@ -321,6 +321,33 @@ def _archive(rev: str, into: Path) -> Path:
     return into
 
 
+def with_microcalc_bundle(code: Path, bundle: Path, into: Path | None = None) -> Path:
+    """``code`` (a source tree) with ``models/microcalc`` replaced by ``bundle``; copied to
+    ``into`` first when given (the working tree itself is never changed).
+
+    A bundle without operating points gets one named ``phantom`` at its own thresholds (and as
+    its default), so ``pipeline.operating_point = "phantom"`` runs it as the shipped bundles'
+    ``phantom`` point does: every finding on at the bundle's threshold. Only the copy's
+    manifest is changed, not the weights.
+    """
+    import shutil
+
+    if into is not None:
+        for part in ("dicom_ai", "models"):
+            shutil.copytree(code / part, into / part, ignore=shutil.ignore_patterns("__pycache__"))
+        code = into
+    target = code / "models" / "microcalc"
+    shutil.rmtree(target)
+    shutil.copytree(bundle, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    if not manifest.get("operating_points"):
+        manifest["operating_points"] = {"default": "phantom", "findings": {
+            finding: [{"name": "phantom", "threshold": float(t), "target": "the bundle's own threshold (bench)"}]
+            for finding, t in manifest["thresholds"].items()}}
+        (target / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", default="", help="git revision to run as 'before' on the same study")
@@ -335,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                              "maps off; 'phantom' = every finding on at 0.5)")
     parser.add_argument("--device", default="cpu", help="pipeline.device of the node (cpu, auto, cuda:N)")
     parser.add_argument("--no-floor", action="store_true", help="skip the FLOP count (about a minute)")
+    parser.add_argument("--microcalc-bundle", type=Path, default=None,
+                        help="run both trees with this microcalc bundle in models/microcalc (copies; e.g. the "
+                             "unshipped 0.2.0 bundle); 'phantom' is added as its operating point if it has none")
     args = parser.parse_args(argv)
 
     import torch
@@ -346,12 +376,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-turnaround-") as tmp:
         tmp = Path(tmp)
         code = _archive(args.before, tmp / "before-code") if args.before else None
+        after_code = REPO
+        if args.microcalc_bundle is not None:
+            if code is not None:
+                with_microcalc_bundle(code, args.microcalc_bundle)
+            after_code = with_microcalc_bundle(REPO, args.microcalc_bundle, tmp / "after-code")
         for op in args.operating_points.split(","):
             key = op or "default"
             if code is not None:
                 runs[f"{key}/before"] = run_node(f"before ({args.before}), operating point {key}", code, files,
                                                  tmp / f"{key}-before", args.grace, op, args.device)
-            runs[f"{key}/after"] = run_node(f"after (this tree), operating point {key}", REPO, files,
+            runs[f"{key}/after"] = run_node(f"after (this tree), operating point {key}", after_code, files,
                                             tmp / f"{key}-after", args.grace, op, args.device)
             if code is not None:
                 before, after = runs[f"{key}/before"], runs[f"{key}/after"]
@@ -369,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "device": args.device},
         "grace_seconds": args.grace,
+        "microcalc_bundle": str(args.microcalc_bundle) if args.microcalc_bundle else "models/microcalc (each tree's own)",
         "runs": runs,
         "speed_up_before_over_after": speed_up,
         "marks_before_vs_after": marks,

@@ -192,6 +192,14 @@ class PatchCNN(nn.Module):
         """:meth:`dense_logits` before its crop to whole patches (strided pools may leave one
         more row or column): no branch on the region's size, so it exports to ONNX with
         dynamic shapes (:class:`~dicom_ai.networks.engine.OnnxFunction`)."""
+        x, dilation = self.dense_features(region, stride)
+        x = F.relu(F.conv2d(x, self.fc.weight, self.fc.bias, dilation=dilation))
+        return self.out(self.drop(x))
+
+    def dense_features(self, region: torch.Tensor, stride: int) -> tuple[torch.Tensor, int]:
+        """The part of :meth:`dense_body` before the fully connected layer, and that layer's
+        dilation: logits (i, j) are ``out(relu(fc(features[:, :, i + dilation*a, j + dilation*b])))``
+        over ``a, b = 0 .. head_size - 1``."""
         same = self.config.padding == "same"
         # A fixed pointwise affine map keeps dense and patch-wise results identical.
         x = (region - self.config.input_mean) / self.config.input_std
@@ -209,8 +217,20 @@ class PatchCNN(nn.Module):
                 # pixels the strided network would have dropped, so results are identical.
                 x = F.max_pool2d(x, 2, stride=1, dilation=dilation)
                 dilation *= 2
-        x = F.relu(F.conv2d(x, self.fc.weight, self.fc.bias, dilation=dilation))
-        return self.out(self.drop(x))
+        return x, dilation
+
+    def head_at(self, features: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, dilation: int) -> torch.Tensor:
+        """Class-1 probability of the patches at output positions ``(rows[k], cols[k])`` of one
+        region's ``features`` ``(C, H, W)`` (:meth:`dense_features`): the fully connected layer
+        and the output layer only there. Equals :meth:`dense_logits`' softmax to float32 rounding."""
+        k = self.config.head_size
+        width = features.shape[-1]
+        offsets = dilation * (torch.arange(k)[:, None] * width + torch.arange(k)[None, :]).reshape(-1)
+        windows = features.reshape(features.shape[0], -1)[:, (rows * width + cols)[None, :] + offsets[:, None]]
+        hidden = F.relu(self.fc.weight.reshape(self.fc.out_channels, -1) @ windows.reshape(-1, len(rows))
+                        + self.fc.bias[:, None])
+        logits = self.out.weight[:, :, 0, 0] @ hidden + self.out.bias[:, None]
+        return torch.sigmoid(logits[1] - logits[0])
 
 
 def sliding_window_logits(net: PatchCNN, region: torch.Tensor, stride: int = 1,
@@ -456,6 +476,69 @@ def fill_polygon(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # Whole-image model
 
+#: Rank of the Detector's fully connected layer in the candidate pass (:class:`DetectorEstimate`).
+CANDIDATE_RANK = 8
+
+#: Logit margin of the candidate pass (off unless a model is given it: ``candidate_margin``): the
+#: exact Detector runs where the rank-8 estimate of its
+#: logit difference is at least ``logit(detector_threshold) - CANDIDATE_MARGIN``. The largest
+#: shortfall of the estimate on a patch the shipped Detector fires on was 1.53 logits over 24
+#: full-field phantom views (six seeds), so 2.0 leaves 0.47; at 2.0 the exact layer runs on
+#: 6-12 % of the patches there (2.5: 21-38 %). Checked on real images by
+#: benchmarks/bench_microcalc_cascade.py (benchmarks/results/microcalc_cascade.json): recall 1.0
+#: on mini-MIAS, but one fired patch of 8004 missed on the shared FFDM images (needs 2.2) and
+#: 7 of 10120 on CBIS-DDSM (needs 2.4), and it saves only a few per cent of the Detector's time
+#: (its full-resolution first convolutions, not the fully connected layer, dominate), so the node
+#: runs the Detector densely.
+CANDIDATE_MARGIN = 2.0
+
+#: A Detector tile with more candidates than this fraction runs densely (no saving left there);
+#: so does the rest of an image once its tiles so far have had that many (a model that is
+#: unsure everywhere, such as microcalc 0.2.0 on phantoms, would pay the pass for nothing).
+CANDIDATE_DENSE_FRACTION = 0.35
+
+
+def fire_logit(threshold: float) -> float:
+    """The logit difference ``logit1 - logit0`` at which a two-class softmax reaches ``threshold``."""
+    if threshold <= 0.0:
+        return -math.inf
+    if threshold >= 1.0:
+        return math.inf
+    return math.log(threshold / (1.0 - threshold))
+
+
+class DetectorEstimate(nn.Module):
+    """The Detector's features with a cheap estimate of its logit difference beside them.
+
+    The fully connected layer (an ``F x F`` convolution from 32 to 64 channels, about 80 % of
+    the Detector's arithmetic at stride 4) is replaced by its best rank-``rank`` approximation
+    (truncated SVD of its weights): ``F x F`` to ``rank`` channels, then ``1 x 1`` to 64. The
+    estimate ``logit1 - logit0`` then costs about ``rank / 64`` of the exact layer.
+    ``forward`` returns ``(N, C + 1, H, W)``: the features of
+    :meth:`PatchCNN.dense_features` and, in the last channel, the estimate (top-left aligned,
+    zero-padded to the features' size).
+    """
+
+    def __init__(self, detector: "PatchCNN", stride: int, rank: int = CANDIDATE_RANK):
+        super().__init__()
+        self.detector, self.stride = detector, stride
+        fc = detector.fc
+        weight = fc.weight.detach().reshape(fc.out_channels, -1).double()
+        u, sv, vt = torch.linalg.svd(weight, full_matrices=False)
+        self.register_buffer("down", vt[:rank].float().reshape(rank, *fc.weight.shape[1:]))
+        self.register_buffer("up", (u[:, :rank] * sv[:rank]).float()[:, :, None, None])
+        out = detector.out.weight.detach()[:, :, 0, 0]
+        self.register_buffer("diff", (out[1] - out[0])[None, :, None, None].clone())
+        self.register_buffer("diff_bias", (detector.out.bias.detach()[1] - detector.out.bias.detach()[0]).reshape(1))
+
+    def forward(self, region: torch.Tensor) -> torch.Tensor:
+        feats, dilation = self.detector.dense_features(region, self.stride)
+        hidden = F.relu(F.conv2d(F.conv2d(feats, self.down, dilation=dilation), self.up, self.detector.fc.bias))
+        estimate = F.conv2d(hidden, self.diff, self.diff_bias)
+        reach = (self.detector.config.head_size - 1) * dilation
+        return torch.cat([feats, F.pad(estimate, (0, reach, 0, reach))], 1)
+
+
 
 @dataclass
 class MicrocalcResult:
@@ -476,7 +559,8 @@ class MicrocalcModel:
     scores: tuple[str, ...] = ()
 
     def __init__(self, detector: PatchCNN, segmentator: PatchCNN, identity: ModelIdentity,
-                 thresholds: dict | None = None, device: torch.device | str = "cpu", engine: str = "auto"):
+                 thresholds: dict | None = None, device: torch.device | str = "cpu", engine: str = "auto",
+                 candidate_margin: float | None = None):
         if detector.config != segmentator.config:
             raise ModelError("Detector and Segmentator must share one MicrocalcConfig")
         self.config = detector.config
@@ -486,6 +570,7 @@ class MicrocalcModel:
         #: ``torch`` (the reference) or ``onnxruntime`` (:func:`~dicom_ai.networks.engine.resolve_engine`).
         self.engine = resolve_engine(engine, self.device)
         self._onnx: dict[tuple[str, int], OnnxFunction] = {}
+        self._estimate = DetectorEstimate(self.detector, self.config.detector_stride).eval()
         if self.engine == "onnxruntime":
             # Exported now (about a second), so loading the model pays it, not the first image.
             example = torch.zeros(1, 1, 2 * self.config.patch_size, 2 * self.config.patch_size)
@@ -493,7 +578,16 @@ class MicrocalcModel:
                 net = self.detector if role == "detector" else self.segmentator
                 self._onnx[(role, stride)] = OnnxFunction(
                     lambda x, net=net, stride=stride: net.dense_body(x, stride), net, example)
+        if self.engine == "onnxruntime" and candidate_margin is not None:
+            example = torch.zeros(1, 1, 2 * self.config.patch_size, 2 * self.config.patch_size)
+            self._onnx[("detector-estimate", self.config.detector_stride)] = OnnxFunction(
+                self._estimate, self._estimate, example)
         self.identity = identity
+        #: Logit margin of the Detector's candidate pass (:data:`CANDIDATE_MARGIN`); None (the
+        #: default) runs the Detector densely everywhere (the reference path).
+        self.candidate_margin: float | None = candidate_margin
+        #: Figures of the last :meth:`detector_map` / :meth:`dense_cascade` call.
+        self.last_stats: dict[str, float] = {}
         thresholds = thresholds or {}
         self.calcification_threshold = float(thresholds.get("calcification", self.config.calcification_threshold))
         self.cluster_threshold = float(thresholds.get("calcification_cluster", self.config.cluster_threshold))
@@ -543,13 +637,9 @@ class MicrocalcModel:
         cluster_src = np.zeros((rows, cols), dtype=np.float32)
         if not mask.any():
             return MicrocalcResult(prob_src, cluster_src, [], {"total": time.perf_counter() - t0})
-        r_idx, c_idx = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        r0, r1, c0, c1 = int(r_idx[0]), int(r_idx[-1]) + 1, int(c_idx[0]), int(c_idx[-1]) + 1
+        image, work_mask, (r0, r1, c0, c1) = self.working_grid(mammogram, mask)
+        work_shape = image.shape
         sr, sc = (float(s) for s in mammogram.spacing_mm)
-        work_shape = (max(1, round((r1 - r0) * sr / cfg.pixel_spacing_mm)),
-                      max(1, round((c1 - c0) * sc / cfg.pixel_spacing_mm)))
-        image = resize(mammogram.pixels[r0:r1, c0:c1], work_shape)
-        work_mask = resize(mask[r0:r1, c0:c1].astype(np.float32), work_shape, mode="nearest") > 0.5
         t1 = time.perf_counter()
         prob, fired = self.dense_cascade(image, work_mask)
         t2 = time.perf_counter()
@@ -565,6 +655,23 @@ class MicrocalcModel:
                                {"resample": t1 - t0, "cascade": t2 - t1, "clusters": t3 - t2,
                                 "total": t3 - t0, "working_shape": list(work_shape)},
                                detector_fraction=fired)
+
+    def working_grid(self, mammogram: Mammogram, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+        """The breast's bounding box resampled to the working grid (``pixel_spacing_mm``).
+
+        Returns the working image (bilinear), the breast mask on it (nearest), and the box
+        ``(r0, r1, c0, c1)`` (half-open, source-grid pixels) it was cut from; ``mask`` must
+        have a set pixel.
+        """
+        cfg = self.config
+        r_idx, c_idx = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        r0, r1, c0, c1 = int(r_idx[0]), int(r_idx[-1]) + 1, int(c_idx[0]), int(c_idx[-1]) + 1
+        sr, sc = (float(s) for s in mammogram.spacing_mm)
+        work_shape = (max(1, round((r1 - r0) * sr / cfg.pixel_spacing_mm)),
+                      max(1, round((c1 - c0) * sc / cfg.pixel_spacing_mm)))
+        image = resize(mammogram.pixels[r0:r1, c0:c1], work_shape)
+        work_mask = resize(mask[r0:r1, c0:c1].astype(np.float32), work_shape, mode="nearest") > 0.5
+        return image, work_mask, (r0, r1, c0, c1)
 
     # -- the dense cascade on the 0.05 mm working grid ------------------------------------------
 
@@ -590,14 +697,60 @@ class MicrocalcModel:
         # Two-class softmax, as torch.softmax computes it for the reference engine.
         return (1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))).astype(np.float32)
 
+    def features_and_estimate(self, regions: np.ndarray) -> np.ndarray:
+        """:class:`DetectorEstimate` of ``regions`` ``(N, rows, cols)`` by this model's engine."""
+        if self.engine == "torch":
+            with torch.no_grad():
+                x = torch.from_numpy(np.ascontiguousarray(regions, dtype=np.float32))[:, None].to(self.device)
+                return self._estimate(x).float().cpu().numpy()
+        fn = self._onnx.get(("detector-estimate", self.config.detector_stride))
+        if fn is None:
+            example = torch.zeros(1, 1, 2 * self.config.patch_size, 2 * self.config.patch_size)
+            fn = self._onnx[("detector-estimate", self.config.detector_stride)] = OnnxFunction(
+                self._estimate, self._estimate, example)
+        return fn(regions[:, None])
+
+    def _detector_candidates(self, region: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        """Detector probability of one region's patches (layout of :meth:`patch_probability`):
+        exact where the estimate says it may fire and ``wanted`` (boolean, top-left aligned:
+        the patches centred in the breast) is set, 0 elsewhere."""
+        cfg, s = self.config, self.config.detector_stride
+        p = cfg.patch_size
+        n_r, n_c = (region.shape[0] - p) // s + 1, (region.shape[1] - p) // s + 1
+        both = self.features_and_estimate(region[None])[0]
+        candidates = np.zeros((n_r, n_c), dtype=bool)
+        h, w = min(n_r, wanted.shape[0]), min(n_c, wanted.shape[1])
+        candidates[:h, :w] = wanted[:h, :w]
+        candidates &= both[-1, :n_r, :n_c] >= fire_logit(cfg.detector_threshold) - self.candidate_margin
+        count, points = int(candidates.sum()), int(wanted.sum())
+        self.last_stats["candidate_tiles"] = self.last_stats.get("candidate_tiles", 0) + 1
+        self.last_stats["candidates"] = self.last_stats.get("candidates", 0) + count
+        self.last_stats["detector_points"] = self.last_stats.get("detector_points", 0) + points
+        if count > CANDIDATE_DENSE_FRACTION * points:
+            self.last_stats["dense_tiles"] = self.last_stats.get("dense_tiles", 0) + 1
+            return self.patch_probability("detector", region[None], s)[0]
+        out = np.zeros((n_r, n_c), dtype=np.float32)
+        if count:
+            rr, cc = np.nonzero(candidates)
+            with torch.no_grad():
+                out[rr, cc] = self.detector.head_at(torch.from_numpy(both[:-1]), torch.from_numpy(rr),
+                                                    torch.from_numpy(cc), 2 ** _NUM_POOLS // s).float().numpy()
+        return out
+
     @torch.no_grad()
     def detector_map(self, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         """Detector probability on the stride grid: entry (i, j) is the patch centred on pixel
-        ``(i*stride, j*stride)`` of ``image``. Tiles without breast pixels are skipped (0)."""
+        ``(i*stride, j*stride)`` of ``image``. Tiles without breast pixels are skipped (0).
+
+        With :attr:`candidate_margin` set, the candidate pass (:class:`DetectorEstimate`) runs
+        first on each tile and the exact fully connected layer only on breast patches where the
+        estimate is within the margin of firing; every other entry is 0.
+        """
         cfg, s, half = self.config, self.config.detector_stride, self.config.patch_size // 2
         rows, cols = image.shape
         n_r, n_c = -(-rows // s), -(-cols // s)
         out = np.zeros((n_r, n_c), dtype=np.float32)
+        self.last_stats = {}
         tile = cfg.tile - cfg.tile % s
         padded = np.pad(image, ((half, half + tile), (half, half + tile)))
         for tr in range(0, rows, tile):
@@ -605,7 +758,16 @@ class MicrocalcModel:
                 if mask is not None and not mask[tr:tr + tile, tc:tc + tile].any():
                     continue
                 region = padded[tr:tr + tile + 2 * half, tc:tc + tile + 2 * half]
-                p = self.patch_probability("detector", region[None], s)[0]
+                stats = self.last_stats
+                dense = self.candidate_margin is None or (
+                    stats.get("candidate_tiles", 0) >= 2
+                    and stats.get("candidates", 0) > CANDIDATE_DENSE_FRACTION * stats.get("detector_points", 0))
+                if dense:
+                    p = self.patch_probability("detector", region[None], s)[0]
+                else:
+                    wanted = (np.ones((-(-min(tile, rows - tr) // s), -(-min(tile, cols - tc) // s)), dtype=bool)
+                              if mask is None else mask[tr:tr + tile:s, tc:tc + tile:s])
+                    p = self._detector_candidates(region, wanted)
                 i0, j0 = tr // s, tc // s
                 h, w = min(p.shape[0], n_r - i0), min(p.shape[1], n_c - j0)
                 out[i0:i0 + h, j0:j0 + w] = p[:h, :w]
@@ -613,7 +775,7 @@ class MicrocalcModel:
 
     @torch.no_grad()
     def dense_cascade(self, image: np.ndarray, mask: np.ndarray | None = None,
-                      seg_tile: int = 64) -> tuple[np.ndarray, float]:
+                      seg_tile: int = 32) -> tuple[np.ndarray, float]:
         """MC probability per pixel of ``image`` (0.05 mm grid), and the fraction of the
         image the Segmentator had to visit.
 
@@ -628,7 +790,9 @@ class MicrocalcModel:
         mask
             Boolean breast mask on the same grid; pixels outside get 0. None: everywhere.
         seg_tile
-            Side of the Segmentator's tiles in working-grid pixels (speed only).
+            Side of the Segmentator's tiles in working-grid pixels (speed only: 32 covers the
+            fired patches more tightly than 64; on the phantom study 0.09 of the image instead
+            of 0.15, for the same values).
 
         Returns
         -------
@@ -647,6 +811,8 @@ class MicrocalcModel:
             fired[max(r - half, 0):r + half + 1, max(c - half, 0):c + half + 1] = True
         prob = np.zeros((rows, cols), dtype=np.float32)
         padded = np.pad(image, ((half, half + seg_tile), (half, half + seg_tile)))
+        if mask is not None:
+            fired &= mask  # outside the breast the map is 0 anyway: no tile for it
         tiles = [(tr, tc) for tr in range(0, rows, seg_tile) for tc in range(0, cols, seg_tile)
                  if fired[tr:tr + seg_tile, tc:tc + seg_tile].any()]
         batch = 16
@@ -658,8 +824,6 @@ class MicrocalcModel:
                 h, w = min(seg_tile, rows - tr), min(seg_tile, cols - tc)
                 prob[tr:tr + h, tc:tc + w] = pt[:h, :w]
         prob[~fired] = 0.0
-        if mask is not None:
-            prob[~mask] = 0.0
         visited = len(tiles) * seg_tile * seg_tile / float(rows * cols)
         return prob, min(visited, 1.0)
 
