@@ -1,9 +1,11 @@
 """The breast mask on synthetic images that real films and detectors resemble (issue 26).
 
-Each case failed with the previous method (MASK_VERSION 3) and must pass now: film padded
-to a square (the whole film became "breast"), a bright label on the skin line, a bright film
-edge strip, both laterality orientations, a collimated digital image, and an image with no
-plausible breast, which must be flagged and fall back without marking the whole frame.
+These fail with the previous method (MASK_VERSION 3) and pass now: film padded to a square
+in both laterality orientations (the whole film became "breast"), a bright label on the skin
+line, a collimated digital view whose bright bands the breast runs into, and an image with no
+plausible breast, which must be flagged and fall back with a warning, never silently the whole
+frame. Guards that passed before too: a bright film-edge strip, a blank image, a pectoral
+triangle that must stay breast.
 """
 
 from __future__ import annotations
