@@ -1,0 +1,109 @@
+"""Fitting the cluster-level stage of the microcalcification model.
+
+The cluster stage (:mod:`dicom_ai.networks.microcalc_clusters`) scores each candidate cluster
+with a logistic model over a handful of cluster features. It is fitted here on candidate
+clusters of images the networks were run on: candidates on an inserted cluster are positives,
+every candidate on a real background elsewhere a negative. Plain numpy (Newton steps with an
+L2 penalty): ten features and a few hundred candidates need nothing more.
+
+:func:`spacing_calibration` makes one threshold mean the same false-cluster rate on images of
+different pixel-size classes (film scans at 0.1-0.2 mm vs digital or high-resolution scans at
+<= 0.1 mm): the raw cluster score of a class is mapped, by the false clusters per image it
+lets through on that class's validation backgrounds, onto the score that lets through the same
+rate on the reference class.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dicom_ai.core.errors import ModelError
+from dicom_ai.networks.microcalc_clusters import FEATURES
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, balanced: bool = True,
+                 iterations: int = 50) -> dict:
+    """L2-penalised logistic regression on standardised features.
+
+    Parameters
+    ----------
+    x
+        (n, len(FEATURES)) cluster features.
+    y
+        (n,) 0/1 labels (1: the candidate lies on a true cluster).
+    l2
+        Penalty on the weights (not the bias), per unit of total sample weight.
+    balanced
+        Weight the classes equally (positives are few).
+
+    Returns
+    -------
+    dict
+        ``weights``, ``bias``, ``mean``, ``std`` as :class:`~dicom_ai.networks.microcalc_clusters.ClusterConfig` takes them.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 2 or x.shape[1] != len(FEATURES) or len(x) != len(y):
+        raise ModelError(f"cluster features must be (n, {len(FEATURES)}) with one label each, got {x.shape}, {y.shape}")
+    if y.min() == y.max():
+        raise ModelError("the cluster model needs both true clusters and false candidates to fit")
+    mean, std = x.mean(0), x.std(0)
+    std = np.where(std < 1e-6, 1.0, std)
+    z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
+    w_s = np.where(y > 0, 0.5 / y.sum(), 0.5 / (1 - y).sum()) if balanced else np.full(len(y), 1.0 / len(y))
+    beta = np.zeros(z.shape[1])
+    pen = np.full(z.shape[1], l2 / len(y))
+    pen[-1] = 0.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(z @ beta, -30, 30)))
+        grad = z.T @ (w_s * (p - y)) + pen * beta
+        hess = (z * (w_s * p * (1 - p))[:, None]).T @ z + np.diag(pen + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        beta -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return {"weights": [float(v) for v in beta[:-1]], "bias": float(beta[-1]),
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def false_rate_curve(false_scores: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores descending, false clusters per image at score >= each) of one image set."""
+    s = np.sort(np.asarray(false_scores, dtype=np.float64))[::-1]
+    return s, np.arange(1, len(s) + 1) / max(n_images, 1)
+
+
+def spacing_calibration(reference: tuple[np.ndarray, int], other: tuple[np.ndarray, int],
+                        rates: tuple[float, ...] = (0.03, 0.06, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0)) -> dict:
+    """Piecewise-linear map of the ``other`` class's raw scores onto the reference class's.
+
+    ``reference`` and ``other`` are (false-candidate scores, number of images) of validation
+    backgrounds of each class. For each false-cluster rate in ``rates`` the score reaching it
+    in ``other`` is mapped to the score reaching it in ``reference``; between knots the map is
+    linear, and it is clamped to be monotone. Returns ``{"raw": [...], "mapped": [...]}``
+    (ascending raw scores, with (0, 0) and (1, 1) as end points).
+    """
+    knots = []
+    for r in rates:
+        knots.append((_score_at_rate(*other, r), _score_at_rate(*reference, r)))
+    knots = sorted(set(knots))
+    raw, mapped = [0.0], [0.0]
+    for a, b in knots:
+        if 0.0 < a < 1.0 and a > raw[-1] and b >= mapped[-1]:
+            raw.append(float(a))
+            mapped.append(float(min(b, 1.0)))
+    raw.append(1.0)
+    mapped.append(1.0)
+    return {"raw": raw, "mapped": mapped}
+
+
+def _score_at_rate(scores: np.ndarray, n_images: int, rate: float) -> float:
+    """The lowest score at which no more than ``rate`` false clusters per image pass."""
+    s, fp = false_rate_curve(scores, n_images)
+    ok = np.flatnonzero(fp <= rate + 1e-12)
+    if not len(s):
+        return 0.0
+    if not len(ok):
+        return float(min(1.0, s[0] + 1e-6))
+    # halfway to the next score, so the rate is not exceeded by ties
+    k = ok[-1]
+    return float(s[k] if k + 1 >= len(s) else 0.5 * (s[k] + s[k + 1]))
