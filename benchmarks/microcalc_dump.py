@@ -45,11 +45,18 @@ from dicom_ai.networks.microcalc_clusters import WINDOW, components  # noqa: E40
 FLOOR = 0.2
 
 
-def dump(model: MicrocalcModel, sample, path: Path, group: str) -> float:
+def dump(model: MicrocalcModel, sample, path: Path, group: str, crop: list | None = None) -> float:
+    """``crop``: boxes (r0, r1, c0, c1 source pixels); the networks run there only (the breast
+    mask, computed on the whole image, is cleared outside them)."""
     cfg = model.config
     t0 = time.perf_counter()
     mg = sample.image
     mask = mg.breast_mask
+    if crop is not None:
+        keep = np.zeros_like(mask)
+        for r0, r1, c0, c1 in crop:
+            keep[r0:r1, c0:c1] = True
+        mask = mask & keep
     out = {"group": np.array(group), "source_spacing": np.array(mg.spacing_mm, dtype=np.float64),
            "source_shape": np.array(mg.shape), "labels": np.array(sorted(k for k, v in sample.labels.items() if v))}
     for k, les in enumerate(l for l in lesions_of(sample) if l.kind == "calcification_cluster" and l.mask is not None):
@@ -84,6 +91,18 @@ def dump(model: MicrocalcModel, sample, path: Path, group: str) -> float:
     return time.perf_counter() - t0
 
 
+def crops(sample, half_mm: float = 12.5) -> list[tuple[int, int, int, int]]:
+    """A square of 2 * ``half_mm`` around each located cluster (source pixels)."""
+    out = []
+    for les in lesions_of(sample):
+        if les.kind == "calcification_cluster" and les.mask is not None:
+            rr, cc = np.nonzero(les.mask)
+            hr, hc = (round(half_mm / s) for s in sample.image.spacing_mm)
+            r, c = int(rr.mean()), int(cc.mean())
+            out.append((max(r - hr, 0), r + hr, max(c - hc, 0), c + hc))
+    return out
+
+
 def items(name: str, args):
     """(key, group, sample thunk) of one set."""
     if name == "real":
@@ -112,6 +131,19 @@ def items(name: str, args):
                 for variant in ("native", "0.2mm"):
                     thunk = (lambda i=i, ds=ds: ds[i]) if variant == "native" else (lambda i=i, ds=ds: _coarse(ds[i]))
                     yield f"{name}/{short}-{i}-{variant}", f"{name}-{short}-fold{folds[i]}-{variant}", thunk
+    elif name in ("pos-train", "pos-train2", "pos-test"):
+        # Many inserted clusters, the networks run only around them: positives for the cluster model
+        # (and the held-out sensitivity); never used for false-cluster rates.
+        seed = {"pos-train": 100, "pos-train2": 200, "pos-test": 900}[name]
+        for bg, root in (("hybrid:cbis-ddsm-cases", None), ("hybrid:real-png-normals", args.real)):
+            ds = open_dataset(bg, root, seed=seed, copies=args.pos_copies, kinds={"cluster": 1.0},
+                              lesion_counts={1: 0.5, 2: 0.5})
+            folds = patient_folds(ds.patients(), 5)
+            short = "cbis" if "cbis" in bg else "ffdm"
+            for i in range(len(ds)):
+                if (folds[i] == 0) != (name == "pos-test"):
+                    continue
+                yield f"{name}/{short}-{i}", f"{name}-{short}-fold{folds[i]}", (lambda i=i, ds=ds: ds[i])
 
 
 def main(argv=None) -> int:
@@ -123,6 +155,7 @@ def main(argv=None) -> int:
     p.add_argument("--mias", default="/work/data/mias")
     p.add_argument("--mias-limit", type=int, default=None)
     p.add_argument("--copies", type=int, default=2)
+    p.add_argument("--pos-copies", type=int, default=8)
     p.add_argument("--shard", default="0/1")
     p.add_argument("--reverse", action="store_true", help="last image first (a second job on the same sets)")
     args = p.parse_args(argv)
@@ -134,6 +167,15 @@ def main(argv=None) -> int:
         todo = todo[::-1]
     for key, group, thunk in todo:
         path = args.out / f"{key}.npz"
+        if key.startswith("pos-"):
+            if (args.out / f"{key}-0.2mm.npz").is_file():
+                continue
+            sample = thunk()
+            coarse = _coarse(sample)
+            for variant, smp in (("native", sample), ("0.2mm", coarse)):
+                seconds = dump(model, smp, args.out / f"{key}-{variant}.npz", f"{group}-{variant}", crop=crops(smp))
+                print(f"{key}-{variant} {group} {seconds:.1f} s", flush=True)
+            continue
         if path.is_file():
             continue
         seconds = dump(model, thunk(), path, group)

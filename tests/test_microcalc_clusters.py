@@ -3,13 +3,17 @@ per pixel-size calibration, and its use by MicrocalcModel."""
 
 import numpy as np
 import pytest
+import torch
 
 from dicom_ai.core.errors import ModelError
 from dicom_ai.core.findings import ModelIdentity
+from dicom_ai.networks.bundle import load_bundle, save_bundle
 from dicom_ai.networks.microcalc import MicrocalcConfig, MicrocalcModel, PatchCNN
+from dicom_ai.networks.pipeline import model_from_bundle
+from dicom_ai.training.microcalc import INTENDED_USE
 from dicom_ai.networks.microcalc_clusters import (FEATURES, ClusterConfig, calibrated, candidate_clusters,
                                                   cluster_score, components, local_contrast)
-from dicom_ai.training.microcalc_clusters import fit_logistic, spacing_calibration
+from dicom_ai.training.microcalc_clusters import fit_logistic, spacing_calibration, write_cluster_bundle
 
 
 def drawn(spots, shape=(400, 400), noise=0.01, seed=0):
@@ -112,3 +116,28 @@ def test_model_uses_the_cluster_stage_and_the_pixel_size_class():
     assert sharp[0].score == pytest.approx(0.1 + 0.9 * 0.3 / 0.5, abs=1e-6)  # 0.8 mapped: 0.64
     # without the image the 0.2 stage runs (1-px specks count there, but are < 3 px)
     assert len(model._clusters(prob, (0.2, 0.2), (10, 20))) == 1
+
+
+def test_cluster_bundle_keeps_the_weights_and_sets_the_points(tmp_path):
+    cfg = MicrocalcConfig(patch_size=29, widths=(8, 8, 8), fc_units=16)
+    model = MicrocalcModel(PatchCNN(cfg), PatchCNN(cfg), ModelIdentity("microcalc", "0.2.0"))
+    manifest = {"name": "microcalc", "version": "0.2.0", "architecture": {"kind": "microcalc", **cfg.to_dict()},
+                "input": {"pixel_spacing_mm": 0.05}, "intended_use": INTENDED_USE, "training": {"data": "x"},
+                "thresholds": {"calcification": 0.5, "calcification_cluster": 0.5}}
+    save_bundle(tmp_path / "src", manifest, model.state_dict())
+    point = {"threshold": 0.9, "mias_rate_target": 0.125,
+             "mias_cv": {"sensitivity": 0.2, "false_clusters_per_image": 0.1}, "B_sharp_all": {"x": 1}}
+    evaluation = {"final": {"points": {"fp0.25": point, "fp1": dict(point, threshold=0.6)},
+                            "mias_froc": {}, "B_sharp_froc": {}}}
+    clusters = ClusterConfig(min_diameter_mm=0.1, max_diameter_mm=1.0, sharp_calibration={"raw": [0, 1], "mapped": [0, 1]})
+    write_cluster_bundle(tmp_path / "src", tmp_path / "new", clusters, "0.3.0", evaluation)
+    bundle = load_bundle(tmp_path / "new")
+    loaded = model_from_bundle(bundle, "cpu")
+    assert bundle.identity.version == "0.3.0" and loaded.clusters == clusters
+    assert loaded.cluster_threshold == 0.9 and bundle.identity.operating_point == "fp0.25"
+    assert "calcification" in bundle.identity.off  # single specks are not findings
+    assert model_from_bundle(load_bundle(tmp_path / "new", operating_point="fp1"), "cpu").cluster_threshold == 0.6
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+    with pytest.raises(ModelError):
+        write_cluster_bundle(tmp_path / "src", tmp_path / "bad", clusters, "0.3.0", evaluation, default="fp0.5")

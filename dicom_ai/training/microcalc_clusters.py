@@ -15,10 +15,14 @@ rate on the reference class.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from dicom_ai.core.errors import ModelError
-from dicom_ai.networks.microcalc_clusters import FEATURES
+from dicom_ai.networks.bundle import load_bundle, save_bundle
+from dicom_ai.networks.microcalc_clusters import FEATURES, ClusterConfig
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, balanced: bool = True,
@@ -107,3 +111,61 @@ def _score_at_rate(scores: np.ndarray, n_images: int, rate: float) -> float:
     # halfway to the next score, so the rate is not exceeded by ties
     k = ok[-1]
     return float(s[k] if k + 1 >= len(s) else 0.5 * (s[k] + s[k + 1]))
+
+
+def write_cluster_bundle(source: str | Path, out: str | Path, clusters: ClusterConfig, version: str,
+                         evaluation: dict, default: str = "fp0.25") -> Path:
+    """Write ``source``'s networks (same weights) with the cluster stage ``clusters`` as a new
+    microcalc bundle ``version`` in ``out``.
+
+    ``evaluation`` is what benchmarks/bench_microcalc_clusters.py measured: its ``final.points``
+    (per named point: the cluster threshold chosen on mini-MIAS, the 5-fold CV figures and the
+    held-out sharp figures) become the manifest's operating points for
+    ``calcification_cluster``; the per-calcification map stays off at every point (a mark per
+    speck is no finding). The manifest keeps the source's training data and licences and adds
+    how the cluster stage was fitted.
+    """
+    src = load_bundle(source)
+    manifest = json.loads((Path(src.path) / "manifest.json").read_text())
+    state = src.state_dict
+    points = evaluation["final"]["points"]
+    if default not in points:
+        raise ModelError(f"default operating point {default!r} is not among the measured ones ({', '.join(points)})")
+    how = ("cluster threshold: lowest score with at most mias_rate_target false clusters per image on the dumped "
+           "mini-MIAS images (the CALC images and a fixed random sample of the others); mias_cv: each mini-MIAS "
+           "fold scored at the threshold chosen on the other four (patient folds); B_*: held-out sharp backgrounds "
+           "(CBIS-DDSM P_00173, FFDM exam 1) never used for any fit or choice, scores calibrated for sharp images")
+    cluster_points = [{"name": name, "threshold": p["threshold"],
+                       "target": f"<= {p['mias_rate_target']} false clusters per image (mini-MIAS; half the node's budget)",
+                       "sensitivity": p["mias_cv"]["sensitivity"], "false_marks_per_image": p["mias_cv"]["false_clusters_per_image"],
+                       "data": how, "held_out": {k: v for k, v in p.items() if k.startswith(("B_", "A_", "shared"))}}
+                      for name, p in points.items()]
+    off_points = [{"name": name, "off": True, "threshold": 0.5,
+                   "target": "off: single calcifications are not sent as findings (their clusters are)"}
+                  for name in points]
+    arch = dict(manifest["architecture"], clusters=clusters.to_dict())
+    training = dict(manifest.get("training", {}))
+    training["cluster_stage"] = {
+        "fitted_on": "candidate clusters of the source networks on the fit side: CBIS-DDSM P_00820 (4 views) and FFDM "
+                     "exam 2 (2 views), as they are and with clusters inserted (seed 0) at native resolution and at "
+                     "0.2 mm / 8 bit; positives = candidates on an inserted cluster, negatives = the rest",
+        "chosen_by": "leave-one-woman-out inside the fit side (P_00820 vs exam 2)",
+        "never_used": "mini-MIAS clusters (no fit, no choice; the MIAS rate only sets the thresholds, and the "
+                      "sharp calibration maps sharp scores onto the MIAS false-cluster rate)",
+        "search": evaluation.get("chosen"),
+        "benchmark": "benchmarks/bench_microcalc_clusters.py -> benchmarks/results/microcalc_clusters.json",
+    }
+    manifest.update(version=version, architecture=arch, training=training,
+                    thresholds={"calcification": 0.5, "calcification_cluster": points[default]["threshold"]},
+                    operating_points={"default": default,
+                                      "default_reason": f"{default}: the node's default name; this map's share is half "
+                                                        "of that budget on mini-MIAS",
+                                      "findings": {"calcification_cluster": cluster_points, "calcification": off_points}})
+    metrics = dict(manifest.get("metrics", {}))
+    metrics["clusters"] = {"mias_froc": evaluation["final"]["mias_froc"],
+                           "held_out_sharp_hybrid_froc": evaluation["final"]["B_sharp_froc"],
+                           "points": points}
+    manifest["metrics"] = metrics
+    for key in ("weights", "weights_sha256"):
+        manifest.pop(key, None)
+    return save_bundle(out, manifest, state)
