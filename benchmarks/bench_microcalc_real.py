@@ -60,12 +60,13 @@ DEFAULT_BUNDLES = ("shipped=microcalc", "real=/work/data/microcalc-real/bundle")
 
 
 def _load(spec: str) -> tuple[str, MicrocalcModel, dict]:
-    """``LABEL=BUNDLE`` -> (label, model, facts). The shipped bundle's default operating point
-    switches the map off on MIAS, so its own ``phantom`` point (0.5) is used where it has one."""
+    """``LABEL=BUNDLE`` -> (label, model, facts). A bundle whose default operating point
+    switches the cluster map off (0.1.0) is read at its own ``phantom`` point (0.5)."""
     label, _, where = spec.partition("=")
     probe = load_bundle(where)
     points = [p["name"] for p in probe.manifest.get("operating_points", {}).get("findings", {}).get(CLUSTER, [])]
-    bundle = load_bundle(where, operating_point="phantom") if "phantom" in points else probe
+    off = CLUSTER in probe.manifest.get("operating_point", {}).get("off", ())
+    bundle = load_bundle(where, operating_point="phantom") if off and "phantom" in points else probe
     model = MicrocalcModel.from_bundle(bundle, "cpu")
     facts = {"bundle": where if not os.path.isabs(where) else Path(where).name,
              "version": bundle.identity.version, "weights_sha256": bundle.manifest.get("weights_sha256", "")[:16],

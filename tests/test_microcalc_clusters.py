@@ -137,6 +137,8 @@ def test_cluster_bundle_keeps_the_weights_and_sets_the_points(tmp_path):
     assert loaded.cluster_threshold == 0.9 and bundle.identity.operating_point == "fp0.25"
     assert "calcification" in bundle.identity.off  # single specks are not findings
     assert model_from_bundle(load_bundle(tmp_path / "new", operating_point="fp1"), "cpu").cluster_threshold == 0.6
+    demo = model_from_bundle(load_bundle(tmp_path / "new", operating_point="phantom"), "cpu")
+    assert demo.cluster_threshold == 0.5 and demo.calcification_threshold == 0.5 and not demo.identity.off
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
     with pytest.raises(ModelError):

@@ -134,7 +134,8 @@ def write_cluster_bundle(source: str | Path, out: str | Path, clusters: ClusterC
     how = ("cluster threshold: lowest score with at most mias_rate_target false clusters per image on the dumped "
            "mini-MIAS images (the CALC images and a fixed random sample of the others); mias_cv: each mini-MIAS "
            "fold scored at the threshold chosen on the other four (patient folds); B_*: held-out sharp backgrounds "
-           "(CBIS-DDSM P_00173, FFDM exam 1) never used for any fit or choice, scores calibrated for sharp images")
+           "(the held-out-fold CBIS-DDSM woman's 4 views, FFDM exam 1) never used for any fit or choice, scores "
+           "calibrated for sharp images")
     cluster_points = [{"name": name, "threshold": p["threshold"],
                        "target": f"<= {p['mias_rate_target']} false clusters per image (mini-MIAS; half the node's budget)",
                        "sensitivity": p["mias_cv"]["sensitivity"], "false_marks_per_image": p["mias_cv"]["false_clusters_per_image"],
@@ -143,13 +144,20 @@ def write_cluster_bundle(source: str | Path, out: str | Path, clusters: ClusterC
     off_points = [{"name": name, "off": True, "threshold": 0.5,
                    "target": "off: single calcifications are not sent as findings (their clusters are)"}
                   for name in points]
+    # The synthetic demo point every bundle has ('phantom': every finding on at 0.5; not
+    # validated on real images), which the demo and the distributed-node checks select.
+    phantom = {"name": "phantom", "threshold": 0.5, "sensitivity": None,
+               "data": "none on real images: pick it to get every map as before issue 14",
+               "target": "the bundle's own threshold (phantom validation only; not validated on real images)"}
+    cluster_points.append(dict(phantom))
+    off_points.append(dict(phantom))
     arch = dict(manifest["architecture"], clusters=clusters.to_dict())
     training = dict(manifest.get("training", {}))
     training["cluster_stage"] = {
-        "fitted_on": "candidate clusters of the source networks on the fit side: CBIS-DDSM P_00820 (4 views) and FFDM "
+        "fitted_on": "candidate clusters of the source networks on the fit side: the training-fold CBIS-DDSM woman (4 views) and FFDM "
                      "exam 2 (2 views), as they are and with clusters inserted (seed 0) at native resolution and at "
                      "0.2 mm / 8 bit; positives = candidates on an inserted cluster, negatives = the rest",
-        "chosen_by": "leave-one-woman-out inside the fit side (P_00820 vs exam 2)",
+        "chosen_by": "leave-one-background-out inside the fit side (6 background images, each with its hybrids)",
         "never_used": "mini-MIAS clusters (no fit, no choice; the MIAS rate only sets the thresholds, and the "
                       "sharp calibration maps sharp scores onto the MIAS false-cluster rate)",
         "search": evaluation.get("chosen"),
@@ -160,7 +168,14 @@ def write_cluster_bundle(source: str | Path, out: str | Path, clusters: ClusterC
                     operating_points={"default": default,
                                       "default_reason": f"{default}: the node's default name; this map's share is half "
                                                         "of that budget on mini-MIAS",
-                                      "findings": {"calcification_cluster": cluster_points, "calcification": off_points}})
+                                      "findings": {"calcification_cluster": cluster_points, "calcification": off_points},
+                                      "note": "Named points fp0.25/fp0.5/fp1/fp2: this map's share (half) of the node's "
+                                              "budget of false marks per image on mini-MIAS; the cluster score of an "
+                                              "image with pixel spacing <= clusters.sharp_max_spacing_mm is calibrated "
+                                              "(clusters.sharp_calibration) so the same threshold lets through about "
+                                              "the same false clusters per image on sharp images; 'phantom' = every "
+                                              "finding on at 0.5 (not validated on real images). The node-level points "
+                                              "of bench_mias_node.py may replace these thresholds."})
     metrics = dict(manifest.get("metrics", {}))
     metrics["clusters"] = {"mias_froc": evaluation["final"]["mias_froc"],
                            "held_out_sharp_hybrid_froc": evaluation["final"]["B_sharp_froc"],
