@@ -13,16 +13,21 @@ on the same network outputs in one run:
 Data split (patient level; nothing of the test side is used for any fit or choice):
 
 * **fit / validation side (A)**: the backgrounds the 0.2.0 networks were trained on: CBIS-DDSM
-  P_00820 (4 views, 50 um) and the shared FFDM exam 2 (2_L, 2_R, 70 um): those images as they
-  are, and with clusters inserted (seed 0) at native resolution and degraded to 0.2 mm / 8 bit.
+  woman of the training folds (4 views, 50 um) and the shared FFDM exam 2 (2_L, 2_R, 70 um): those images as they
+  are, with clusters inserted (seed 0) at native resolution and degraded to 0.2 mm / 8 bit, and
+  crops around many more inserted clusters (seeds 100, 200; positives only, no false rates).
   Hyper-parameters (threshold, size range, count, L2) and the sharp-class calibration are
   chosen by leave-one-background-out inside A (each of the 6 background images, with every
   hybrid made from it, scored by a model fitted on the other 5; leave-one-woman-out, 2 folds
   of one woman each, leaves models fitted on a single scanner type).
-* **held-out sharp (B)**: CBIS-DDSM P_00173 (4 views), FFDM exam 1 (1_L; 1_R has a benign
-  finding without outline, reported apart), clusters inserted with seed 777 (the bench's).
-* **mini-MIAS** (never fitted on; ``--mias`` dumped images: every image with a CALC row and a
-  fixed random sample of the others): cluster FROC and image AUC, real clusters.
+* **held-out sharp (B)**: the held-out-fold CBIS-DDSM woman (4 views), FFDM exam 1 (1_L; 1_R has a benign
+  finding without outline, reported apart), clusters inserted with seed 777 (the bench's), and
+  crops around more inserted clusters (seed 900; sensitivity only).
+* **mini-MIAS** (never fitted on; the dumped images: every image with a CALC row and a
+  fixed random sample of the others): cluster FROC and image AUC, real clusters. Its false
+  rate sets the named points' thresholds (``fpX``: half of the node's budget X, 5-fold CV
+  figures on the patient folds) and the film side of the sharp calibration.
+* ``--write-bundle``: the source bundle's weights with the chosen stage (microcalc 0.3.0).
 
 Writes benchmarks/results/microcalc_clusters.json and prints a short table.
 """
@@ -67,17 +72,9 @@ def side(d) -> str:
     raise ValueError(g)
 
 
-def woman(d) -> str:
-    if "cbis" in d.key or "cbis" in d.group:
-        return "cbis-" + ("P_00173" if side(d) == "B" else "P_00820")
-    if d.group == "mias":
-        return "mias"
-    return "ffdm-exam" + ("1" if side(d) == "B" else "2")
-
-
 def background(d) -> str:
     """The real background image of a dump (HybridDataset: background = index % backgrounds;
-    CBIS-DDSM cases 0-3 = P_00173, 4-7 = P_00820; real-png-normals 0 = 1_L, 1 = 2_L, 2 = 2_R)."""
+    CBIS-DDSM cases 0-3 = the held-out-fold woman, 4-7 = the training-fold woman; real-png-normals 0 = 1_L, 1 = 2_L, 2 = 2_R)."""
     name = d.key.split("/")[-1]
     if d.key.startswith("real/"):
         return "ffdm-" + {"1_L_CC": "0", "1_R_CC": "1R", "2_L_CC": "1", "2_R_CC": "2"}[name.replace(".npz", "")]
