@@ -60,12 +60,13 @@ DEFAULT_BUNDLES = ("shipped=microcalc", "real=/work/data/microcalc-real/bundle")
 
 
 def _load(spec: str) -> tuple[str, MicrocalcModel, dict]:
-    """``LABEL=BUNDLE`` -> (label, model, facts). The shipped bundle's default operating point
-    switches the map off on MIAS, so its own ``phantom`` point (0.5) is used where it has one."""
+    """``LABEL=BUNDLE`` -> (label, model, facts). A bundle whose default operating point
+    switches the cluster map off (0.1.0) is read at its own ``phantom`` point (0.5)."""
     label, _, where = spec.partition("=")
     probe = load_bundle(where)
     points = [p["name"] for p in probe.manifest.get("operating_points", {}).get("findings", {}).get(CLUSTER, [])]
-    bundle = load_bundle(where, operating_point="phantom") if "phantom" in points else probe
+    off = CLUSTER in probe.manifest.get("operating_point", {}).get("off", ())
+    bundle = load_bundle(where, operating_point="phantom") if off and "phantom" in points else probe
     model = MicrocalcModel.from_bundle(bundle, "cpu")
     facts = {"bundle": where if not os.path.isabs(where) else Path(where).name,
              "version": bundle.identity.version, "weights_sha256": bundle.manifest.get("weights_sha256", "")[:16],
@@ -190,8 +191,9 @@ def _heldout_hybrids(fold: int, copies: int, real_root: str) -> list:
     return out
 
 
-def _preview(sample: Sample, results: dict, path: Path) -> None:
-    """Thumbnail of the image with each bundle's clusters (outline, score) side by side."""
+def _preview(sample: Sample, results: dict, path: Path, thresholds: dict | None = None) -> None:
+    """Thumbnail of the image with each bundle's clusters (outline, score) side by side; with
+    ``thresholds`` (label -> cluster threshold) clusters below it are drawn thin in blue."""
     pixels = sample.image.pixels
     step = max(1, int(np.ceil(pixels.shape[0] / 900)))
     thumb = pixels[::step, ::step]
@@ -202,11 +204,14 @@ def _preview(sample: Sample, results: dict, path: Path) -> None:
         calc = result.calcification >= 0.5
         rr, cc = np.nonzero(calc[::step, ::step])
         ax.scatter(cc, rr, s=1, c="yellow", linewidths=0)
+        t = (thresholds or {}).get(label, 0.0)
         for cl in result.clusters:
             poly = np.vstack([cl.polygon, cl.polygon[:1]]) / step
-            ax.plot(poly[:, 1], poly[:, 0], c="red", lw=1)
-            ax.text(cl.centroid[1] / step, cl.centroid[0] / step, f"{cl.score:.2f}", color="red", fontsize=7)
-        ax.set_title(f"{label}: {len(result.clusters)} clusters", fontsize=9)
+            colour = "red" if cl.score >= t else "deepskyblue"
+            ax.plot(poly[:, 1], poly[:, 0], c=colour, lw=1 if cl.score >= t else 0.5)
+            ax.text(cl.centroid[1] / step, cl.centroid[0] / step, f"{cl.score:.2f}", color=colour, fontsize=7)
+        sent = sum(cl.score >= t for cl in result.clusters)
+        ax.set_title(f"{label}: {len(result.clusters)} clusters, {sent} >= {t:.2f}", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -250,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS / "microcalc_real.json")
+    p.add_argument("--preview-prefix", default="microcalc_real_", help="file name prefix of the PNG previews")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     loaded = [_load(spec) for spec in (args.bundle or DEFAULT_BUNDLES)]
@@ -314,9 +320,13 @@ def main(argv: list[str] | None = None) -> int:
             sample = real[i]
             if len(per_model) < len(models):  # run every bundle and draw the preview once
                 found = {l: m.analyse(sample.image) for l, (m, _) in models.items()}
-                _preview(sample, found, RESULTS / f"microcalc_real_{name}.png")
+                _preview(sample, found, RESULTS / f"{args.preview_prefix}{name}.png",
+                         {l: m.cluster_threshold for l, (m, _) in models.items()})
                 for l, r in found.items():
+                    t = models[l][0].cluster_threshold
                     per_model[l] = {"clusters": len(r.clusters), "scores": [round(c.score, 3) for c in r.clusters],
+                                    "cluster_threshold": t,
+                                    "clusters_at_threshold": int(sum(c.score >= t for c in r.clusters)),
                                     "calcification_pixels_ge_0.5": int((r.calcification >= 0.5).sum()),
                                     "seconds": round(r.timings_s.get("total", 0.0), 1)}
                     files[l].parent.mkdir(parents=True, exist_ok=True)
@@ -325,9 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                 at = result.get("mias", {}).get(l, {}).get("cluster_threshold_at_rate") or {}
                 r["clusters_at_mias_rate"] = {k: (None if t is None else sum(v >= t for v in r["scores"]))
                                               for k, t in at.items()}
-            result["real_png"][name] = {"labels": dict(sample.labels), "preview": f"microcalc_real_{name}.png",
+            result["real_png"][name] = {"labels": dict(sample.labels), "preview": f"{args.preview_prefix}{name}.png",
                                         **per_model}
-            print(f"{name}: " + ", ".join(f"{l} {r['clusters']} clusters" for l, r in per_model.items()))
+            print(f"{name}: " + ", ".join(f"{l} {r['clusters']} clusters ({r.get('clusters_at_threshold', 'n/a')} at "
+                                          f"{r.get('cluster_threshold', 'n/a')})" for l, r in per_model.items()))
     result["timing"] = {"seconds": round(time.time() - t_start, 1), "cpu": platform.processor() or platform.machine(),
                         "torch_threads": args.threads, "note": "0 s for marks read from the cache"}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,7 @@ from dicom_ai.core.findings import ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Mammogram, resize
 from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
 from dicom_ai.networks.engine import OnnxFunction, resolve_engine
+from dicom_ai.networks.microcalc_clusters import ClusterConfig, calibrated, candidate_clusters
 
 __all__ = [
     "MicrocalcConfig",
@@ -560,7 +561,7 @@ class MicrocalcModel:
 
     def __init__(self, detector: PatchCNN, segmentator: PatchCNN, identity: ModelIdentity,
                  thresholds: dict | None = None, device: torch.device | str = "cpu", engine: str = "auto",
-                 candidate_margin: float | None = None):
+                 candidate_margin: float | None = None, clusters: ClusterConfig | None = None):
         if detector.config != segmentator.config:
             raise ModelError("Detector and Segmentator must share one MicrocalcConfig")
         self.config = detector.config
@@ -591,6 +592,9 @@ class MicrocalcModel:
         thresholds = thresholds or {}
         self.calcification_threshold = float(thresholds.get("calcification", self.config.calcification_threshold))
         self.cluster_threshold = float(thresholds.get("calcification_cluster", self.config.cluster_threshold))
+        #: The cluster stage of microcalc >= 0.3 (sized calcifications, cluster model, per
+        #: pixel-size calibration); None: the 0.1/0.2 stage of :meth:`_clusters`.
+        self.clusters = clusters
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, device: torch.device | str = "cpu", engine: str = "auto") -> "MicrocalcModel":
@@ -604,8 +608,10 @@ class MicrocalcModel:
         require_kind(bundle, "microcalc")
         config = MicrocalcConfig.from_dict(bundle.manifest["architecture"])
         nets = load_weights(nn.ModuleDict({role: PatchCNN(config) for role in ROLES}), bundle, "microcalc")
+        clusters = bundle.manifest["architecture"].get("clusters")
         return cls(nets["detector"], nets["segmentator"], bundle.identity,
-                   bundle.manifest.get("thresholds"), device, engine)
+                   bundle.manifest.get("thresholds"), device, engine,
+                   clusters=ClusterConfig.from_dict(clusters) if clusters else None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Both networks' tensors under ``detector.`` and ``segmentator.`` prefixes."""
@@ -646,7 +652,7 @@ class MicrocalcModel:
         # Nearest keeps the networks' own values; an antialiased shrink would dilute
         # 2-pixel calcifications below the operating point.
         prob_src[r0:r1, c0:c1] = resize(prob, (r1 - r0, c1 - c0), mode="nearest")
-        clusters = self._clusters(prob, (sr, sc), (r0, c0))
+        clusters = self._clusters(prob, (sr, sc), (r0, c0), image)
         for cl in sorted(clusters, key=lambda c: c.score):
             inside = fill_polygon(cl.polygon, (rows, cols))
             cluster_src[inside] = np.maximum(cluster_src[inside], cl.score)
@@ -827,9 +833,13 @@ class MicrocalcModel:
         visited = len(tiles) * seg_tile * seg_tile / float(rows * cols)
         return prob, min(visited, 1.0)
 
-    def _clusters(self, prob: np.ndarray, spacing: tuple[float, float], origin: tuple[int, int]) -> list[Cluster]:
-        """Clusters from a working-grid probability map, with polygons on the source grid."""
+    def _clusters(self, prob: np.ndarray, spacing: tuple[float, float], origin: tuple[int, int],
+                  image: np.ndarray | None = None) -> list[Cluster]:
+        """Clusters from a working-grid probability map (and the working-grid ``image``, which
+        the cluster stage of :attr:`clusters` needs), with polygons on the source grid."""
         cfg = self.config
+        if self.clusters is not None and image is not None:
+            return self._scored_clusters(prob, image, spacing, origin)
         comps = _components(prob >= self.calcification_threshold, prob, cfg.min_calcification_px)
         if len(comps) < cfg.cluster_min_count:
             return []
@@ -851,3 +861,24 @@ class MicrocalcModel:
                                     score=float(np.mean(peaks[:3])), count=len(group),
                                     polygon=polygon * scale + offset))
         return clusters
+
+    def _scored_clusters(self, prob: np.ndarray, image: np.ndarray, spacing: tuple[float, float],
+                         origin: tuple[int, int]) -> list[Cluster]:
+        """Clusters of :mod:`~dicom_ai.networks.microcalc_clusters` (score: the cluster model,
+        calibrated for the image's pixel-size class by its finest source spacing)."""
+        cc, px = self.clusters, self.config.pixel_spacing_mm
+        scale = np.array([px / spacing[0], px / spacing[1]])
+        offset = np.array(origin, dtype=np.float64)
+        margin = cc.margin_mm / px + 0.5
+        angles = np.linspace(0, 2 * math.pi, 16, endpoint=False)
+        ring = np.stack([np.cos(angles), np.sin(angles)], 1) * margin
+        out = []
+        for group, _, score in candidate_clusters(prob, image, px, cc):
+            pts = np.concatenate([c.pixels for c in group]).astype(np.float64)
+            hull = _convex_hull(pts)
+            polygon = _convex_hull((hull[:, None, :] + ring[None]).reshape(-1, 2))
+            centroid = np.mean([c.centroid for c in group], axis=0)
+            out.append(Cluster(centroid=tuple(centroid * scale + offset),
+                               score=calibrated(score, min(spacing), cc), count=len(group),
+                               polygon=polygon * scale + offset))
+        return out
