@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from dicom_ai.core.findings import ModelIdentity
+from dicom_ai.networks import microcalc
 from dicom_ai.networks.bundle import load_bundle
 from dicom_ai.networks.microcalc import (CANDIDATE_MARGIN, DetectorEstimate, MicrocalcConfig, MicrocalcModel, PatchCNN,
                                          fire_logit)
@@ -46,10 +47,15 @@ def _cascade(model, image, mask, margin):
     return det, prob, dict(model.last_stats)
 
 
-def test_candidate_cascade_gives_the_dense_marks():
+def test_candidate_cascade_gives_the_dense_marks(monkeypatch):
     """The shipped bundle on a synthetic image with bright dots: with the node's margin the
-    Detector computes a fraction of its patches, and fires on exactly the same ones, so the
-    Segmentator's map is the same; a margin that keeps nothing changes it (the check can fail)."""
+    Detector computes only its candidate patches, and fires on exactly the same ones, so the
+    Segmentator's map is the same; a margin that keeps nothing changes it (the check can fail).
+
+    The shipped networks (microcalc >= 0.2) keep most patches of this image as candidates, where
+    the cascade would fall back to the dense Detector for the whole image; the fallback is
+    switched off here so that the candidate path itself is what is compared."""
+    monkeypatch.setattr(microcalc, "CANDIDATE_DENSE_FRACTION", 1.0)
     model = MicrocalcModel.from_bundle(load_bundle("microcalc"), "cpu")
     rng = np.random.default_rng(5)
     image, _ = synthetic_image(rng, shape=(700, 560), n_dots=40)
@@ -61,7 +67,7 @@ def test_candidate_cascade_gives_the_dense_marks():
     grid_mask = mask[::model.config.detector_stride, ::model.config.detector_stride]
     fired = (det_dense >= thr) & grid_mask  # outside the breast the cascade ignores the Detector
     assert fired.sum() > 20 and (prob_dense >= model.calcification_threshold).sum() > 20
-    assert stats["candidates"] < 0.35 * stats["detector_points"]
+    assert 0 < stats["candidates"] < stats["detector_points"]
     np.testing.assert_array_equal((det_cand >= thr) & grid_mask, fired)
     np.testing.assert_allclose(det_cand[fired], det_dense[fired], atol=1e-5)
     np.testing.assert_array_equal(prob_cand, prob_dense)
