@@ -262,7 +262,9 @@ def main(argv=None) -> int:
             "any_mass_global": old["auc"]["glam_global_prediction"]["any_mass"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    _print(result)
+    table = _table(result)
+    args.out.with_suffix(".md").write_text("```\n" + table + "```\n")
+    print(table, end="")
     print(f"wrote {args.out}")
     return 0
 
@@ -271,8 +273,10 @@ def _cell(b: dict) -> str:
     return f"{b['auc']:.3f} [{b['ci95_images'][0]:.2f},{b['ci95_images'][1]:.2f}] w[{b['ci95_women'][0]:.2f},{b['ci95_women'][1]:.2f}]"
 
 
-def _print(result: dict) -> None:
-    print(f"{'fold / model':34s} {'abnormal vs normal (global)':>36s} {'mass vs normal (global)':>36s} {'peak in mass':>12s}")
+def _table(result: dict) -> str:
+    """The short table of per-fold and pooled AUCs (printed and written beside the JSON as .md)."""
+    lines = []
+    lines.append(f"{'fold / model':34s} {'abnormal vs normal (global)':>36s} {'mass vs normal (global)':>36s} {'peak in mass':>12s}")
     rows = [(f"fold {k}", f) for k, f in result["folds"].items()]
     if "pooled" in result:
         rows.append(("pooled", {"auc": result["pooled"]["tuned"]["auc"],
@@ -282,19 +286,20 @@ def _print(result: dict) -> None:
         for label, block in (("hybrid-tuned", f), ("reference (saw fold)", f["reference"])):
             a = block["auc"]["global"]
             loc = block["localisation"]
-            print(f"{name + ' ' + label:34s} {_cell(a['abnormal_vs_normal']):>36s} {_cell(a['mass_vs_normal']):>36s} "
-                  f"{loc['peak_in_mass'] if loc['peak_in_mass'] is not None else '-':>12}")
+            lines.append(f"{name + ' ' + label:34s} {_cell(a['abnormal_vs_normal']):>36s} {_cell(a['mass_vs_normal']):>36s} "
+                         f"{loc['peak_in_mass'] if loc['peak_in_mass'] is not None else '-':>12}")
         if "held_out_hybrids" in f:
             h = f["held_out_hybrids"]
-            print(f"{name + ' held-out hybrids':34s} AUC inserted vs none {h['auc_inserted_vs_none']:.3f} "
-                  f"[{h['ci95_images'][0]:.2f},{h['ci95_images'][1]:.2f}] ({h['images']} images)")
+            lines.append(f"{name + ' held-out hybrids':34s} AUC inserted vs none {h['auc_inserted_vs_none']:.3f} "
+                         f"[{h['ci95_images'][0]:.2f},{h['ci95_images'][1]:.2f}] ({h['images']} images)")
         if "held_out_hybrids_training_contrast" in f:
             h = f["held_out_hybrids_training_contrast"]
-            print(f"{name + ' same, training contrast':34s} AUC inserted vs none {h['auc_inserted_vs_none']:.3f} "
-                  f"[{h['ci95_images'][0]:.2f},{h['ci95_images'][1]:.2f}] (mass contrast {h['mass_contrast']})")
+            lines.append(f"{name + ' same, training contrast':34s} AUC inserted vs none {h['auc_inserted_vs_none']:.3f} "
+                         f"[{h['ci95_images'][0]:.2f},{h['ci95_images'][1]:.2f}] (mass contrast {h['mass_contrast']})")
     if "earlier_cv_shipped_recipe" in result:
         e = result["earlier_cv_shipped_recipe"]["any_mass_global"]
-        print(f"earlier 5-fold CV (real folds only): any mass {e['auc']:.3f} [{e['ci95'][0]:.2f},{e['ci95'][1]:.2f}]")
+        lines.append(f"earlier 5-fold CV (real folds only): any mass {e['auc']:.3f} [{e['ci95'][0]:.2f},{e['ci95'][1]:.2f}]")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
