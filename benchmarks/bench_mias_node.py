@@ -709,7 +709,8 @@ def _write_manifests(ship, result, ship_name, ship_srcs, default) -> None:
                 findings.setdefault(k, []).append({
                     "name": pn, **({"off": True} if t == OFF else {"threshold": round(t, 6)}),
                     "target": f"node <= {POINTS[pn]:g} false marks per image (mini-MIAS), this map's share"
-                              + (" (off: no signal on validation, or no threshold strict enough: saturated scores)"
+                              + (" (off: adds no lesion on the validation folds at its share of the budget: no "
+                                 "signal, or no threshold strict enough)"
                                  if t == OFF else ""),
                     "sensitivity": per_map.get("sensitivity_mean_over_folds"),
                     "false_marks_per_image": per_map.get("false_marks_per_image"),

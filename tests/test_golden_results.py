@@ -37,6 +37,12 @@ per normal MIAS image stay within 0.5), the U-Net's threshold 0.0971 on its cali
 GLAM is off at every named point (fine-tuned on all of mini-MIAS without fold bundles, so not
 validated on held-out images). The SEGs carry the U-Net's segment only, as before; every
 digest changed (maps, thresholds, Algorithm Parameters, previews).
+
+Regenerated for issue 26 once more (same job, same versions), intentionally: GLAM 0.3.0 (the
+hybrid curriculum: masses inserted into mini-MIAS normals, conspicuous then realistic, plus the
+real images; five-fold held-out image AUC 0.65) replaces 0.2.0-compact+mias. Its maps stay off at
+every named point, so the SEGs are unchanged; its image scores (benign / malignant) and version
+are in the SR and on the previews, so the two SRs and the four previews changed (6 of 23 digests).
 """
 
 from __future__ import annotations
