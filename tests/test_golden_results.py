@@ -38,11 +38,17 @@ GLAM is off at every named point (fine-tuned on all of mini-MIAS without fold bu
 validated on held-out images). The SEGs carry the U-Net's segment only, as before; every
 digest changed (maps, thresholds, Algorithm Parameters, previews).
 
-Regenerated for issue 26 once more (same job, same versions), intentionally: GLAM 0.3.0 (the
-hybrid curriculum: masses inserted into mini-MIAS normals, conspicuous then realistic, plus the
-real images; five-fold held-out image AUC 0.65) replaces 0.2.0-compact+mias. Its maps stay off at
-every named point, so the SEGs are unchanged; its image scores (benign / malignant) and version
-are in the SR and on the previews, so the two SRs and the four previews changed (6 of 23 digests).
+Regenerated for issue 26 (same job, same versions), intentionally: breast mask v4 (film labels and
+markers on the skin line and film-edge strips excluded, chest-wall component, plausibility checks
+with a logged fallback). On this phantom job only two FRACTIONAL SEGs changed (the maps are
+zeroed outside a slightly different mask); the binary SEGs, SRs, GSPS and previews are unchanged.
+
+Regenerated for issue 26 once more (same job, same versions, breast mask v4), intentionally: GLAM
+0.3.0 (the hybrid curriculum: masses inserted into mini-MIAS normals, conspicuous then realistic,
+plus the real images; five-fold held-out image AUC 0.65) replaces 0.2.0-compact+mias. Its maps stay
+off at every named point, so the SEGs are unchanged; its image scores (benign / malignant) and
+version are in the SR and on the previews, so the two SRs and the four previews changed (6 of 23
+digests).
 """
 
 from __future__ import annotations

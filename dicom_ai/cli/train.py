@@ -54,18 +54,11 @@ def _register_glam(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", choices=("compact", "paper"), default="compact",
                    help="network configuration (default: compact, trains on a CPU)")
     p.add_argument("--out", default="models/glam", help="bundle folder to write (default: models/glam)")
-    p.add_argument("--dataset", type=_dataset_spec, action="append", default=None, metavar="NAME[=FOLDER]",
-                   help="a data source, repeatable: any format of open_dataset (e.g. mias=DIR, "
-                        "hybrid:mias-normals=DIR: masses inserted into the normals), or phantom without a folder "
-                        "(generated studies, --train-studies; the default)")
-    p.add_argument("--folds", type=_int_list, default=None,
-                   help="patient-level folds to train on, e.g. 1,2,3,4 (MIAS: mias_folds; a hybrid: its "
-                        "backgrounds'; other layouts: patient_folds over --k-folds); the real views of the other "
-                        "folds give the validation curve. Default: all")
-    p.add_argument("--k-folds", type=int, default=5)
-    p.add_argument("--copies", type=int, default=4,
-                   help="hybrid data sets: inserted-mass images per background (masses only, HYBRID_KINDS)")
-    p.add_argument("--hybrid-seed", type=int, default=0, help="hybrid data sets: seed of the insertion")
+    _add_data_arguments(
+        p, default="phantom without a folder (generated studies, --train-studies)",
+        examples="mias=DIR, hybrid:mias-normals=DIR (masses inserted into the normals)",
+        copies=4, inserted="inserted-mass images per background (masses only, HYBRID_KINDS)",
+        held_out="the real views of the other folds give the validation curve")
     p.add_argument("--mass-contrast", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
                    help="hybrid data sets: range of inserted mass contrast (default InsertionConfig's, fitted to "
                         "the MIAS masses; higher makes masses more conspicuous than real ones)")
@@ -594,6 +587,27 @@ def _dunet_argv_echo(args: argparse.Namespace) -> list[str]:
 DUNET_DATASETS = ("phantom", "mias", "cbis-ddsm", "inbreast", "vindr", "hybrid:mias-normals")
 
 
+def _add_data_arguments(parser: argparse.ArgumentParser, *, default: str | None, examples: str,
+                        copies: int | None, inserted: str, held_out: str) -> None:
+    """The data options every ``train`` sub-command shares: ``--dataset`` (repeatable; required when
+    ``default`` is None), ``--folds``, ``--k-folds`` and, where the model trains on inserted lesions
+    (``copies`` not None), ``--copies`` and ``--hybrid-seed``. One declaration, so that the three
+    models read the same data the same way."""
+    parser.add_argument(
+        "--dataset", type=_dataset_spec, action="append", required=default is None,
+        default=None, metavar="NAME[=FOLDER]",
+        help=f"a data source, repeatable: any format of open_dataset, e.g. {examples}"
+             + (f". Default: {default}" if default else ""))
+    parser.add_argument(
+        "--folds", type=_int_list, default=None,
+        help="patient-level folds to train on, e.g. 1,2,3,4 (MIAS: mias_folds; a hybrid: its backgrounds'; "
+             f"other layouts: patient_folds over --k-folds); {held_out}. Default: all")
+    parser.add_argument("--k-folds", type=int, default=5, help="folds of the layouts without fixed ones")
+    if copies is not None:
+        parser.add_argument("--copies", type=int, default=copies, help=f"hybrid data sets: {inserted}")
+        parser.add_argument("--hybrid-seed", type=int, default=0, help="hybrid data sets: seed of the insertion")
+
+
 def _dataset_spec(text: str) -> tuple[str, str | None]:
     """``NAME`` or ``NAME=FOLDER`` -> (name, folder or None); the name is checked when the
     data set is opened (:func:`~dicom_ai.data.datasets.open_dataset` lists the formats)."""
@@ -627,13 +641,9 @@ def _register_dunet_any(subparsers: argparse._SubParsersAction) -> None:
                     "in --run-dir, --resume continues an interrupted run. Stage 1 writes a checkpoint, stage 2 a "
                     "model bundle whose manifest names the data sources and their licences.")
     p.add_argument("--stage", choices=("pretrain", "segment"), required=True)
-    p.add_argument("--dataset", type=_dataset_spec, action="append", required=True, metavar="NAME[=FOLDER]",
-                   help=f"a data source, repeatable: any format of open_dataset, e.g. {', '.join(DUNET_DATASETS)} "
-                        "(phantom without a folder: generated studies, --phantom-seeds)")
-    p.add_argument("--folds", type=_int_list, default=None,
-                   help="patient-level folds to train on, e.g. 1,2,3,4 (MIAS: mias_folds; other layouts: CRC-32 of "
-                        "the study id mod --k-folds); the rest give the validation curve. Default: all")
-    p.add_argument("--k-folds", type=int, default=5)
+    _add_data_arguments(
+        p, default=None, examples=", ".join(DUNET_DATASETS) + " (phantom without a folder: generated studies, "
+        "--phantom-seeds)", copies=None, inserted="", held_out="the rest give the validation curve")
     p.add_argument("--pixel-size", type=float, nargs="+", default=[0.4],
                    help="working pixel size in mm (stage pretrain may name several: windows of each)")
     p.add_argument("--patch", type=int, default=128, help="training window side in working pixels")
@@ -823,16 +833,11 @@ def _register_microcalc(subparsers: argparse._SubParsersAction) -> None:
                     "curves.png every --block steps in --run-dir, --resume continues an interrupted run; writes a "
                     "model bundle whose manifest names the data sources and their licences.")
     p.add_argument("--out", default="models/microcalc", help="bundle folder to write (default models/microcalc)")
-    p.add_argument("--dataset", type=_dataset_spec, action="append", default=None, metavar="NAME[=FOLDER]",
-                   help="a data source, repeatable: phantom (default; generated studies, --train-seeds) or any format "
-                        "of open_dataset, e.g. hybrid:cbis-ddsm-cases, hybrid:real-png-normals=FOLDER, mias=FOLDER")
-    p.add_argument("--folds", type=_int_list, default=None,
-                   help="patient-level folds to train on, e.g. 1,2,3,4 (MIAS: mias_folds; other layouts: patient_folds "
-                        "with --k-folds); images of the other folds give the held-out patch metrics and curves. "
-                        "Default: every image trains (phantom: --val-seeds are held out)")
-    p.add_argument("--k-folds", type=int, default=5)
-    p.add_argument("--copies", type=int, default=8, help="hybrid:...: hybrids per background image")
-    p.add_argument("--hybrid-seed", type=int, default=0, help="hybrid:...: seed of the inserted clusters")
+    _add_data_arguments(
+        p, default="phantom (generated studies, --train-seeds)",
+        examples="hybrid:cbis-ddsm-cases, hybrid:real-png-normals=FOLDER, mias=FOLDER",
+        copies=8, inserted="hybrids per background image (calcification clusters only)",
+        held_out="images of the other folds give the held-out patch metrics and curves (phantom: --val-seeds)")
     p.add_argument("--degrade-share", type=float, default=0.0,
                    help="share of the data-set images degraded to a coarser pixel size and back (0: none)")
     p.add_argument("--degrade-mm", type=float, nargs=2, default=(0.1, 0.2), metavar=("MIN", "MAX"),
