@@ -103,8 +103,10 @@ crash-storm-distributed: venv debs
 	$(PY) benchmarks/bench_crash_storm.py --distributed
 
 # The shipped GLAM bundle (models/glam): Models-Genesis pretraining of both networks, GLAM from
-# image-level phantom labels, the CAM baseline on the same data, then five-fold mini-MIAS
-# fine-tuning and the all-folds bundle (needs mini-MIAS at MIAS_DIR, see the README).
+# image-level phantom labels, the CAM baseline on the same data, five-fold mini-MIAS fine-tuning
+# and its all-folds bundle (0.2.0), then from it the hybrid curriculum (conspicuous inserted
+# masses, then realistic ones, plus the real folds) per fold and on all folds: 0.3.0 (needs
+# mini-MIAS at MIAS_DIR, see the README).
 MIAS_DIR ?= /work/data/mias
 GLAM_ARGS ?= --train-studies 1200 --val-studies 50 --workers 2 --no-progress
 GLAM_TRAIN ?= --lr 1e-3 --balance sqrt --schedule cosine --warmup-steps 50 --epochs-global 12 --seed 0 --threads 1
@@ -113,7 +115,9 @@ glam-bundle: venv
 	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --epochs-local 2 --epochs-joint 1 --out build/glam-phantom
 	nice $(PY) -m dicom_ai train glam $(GLAM_ARGS) --baseline cam --init build/glam/pretrain.safetensors $(GLAM_TRAIN) --out build/glam-cam
 	nice $(PY) benchmarks/bench_glam_mias.py --mias $(MIAS_DIR) --bundle build/glam-phantom --cam build/glam-cam/cam.safetensors --ship models/glam
-	nice $(PY) benchmarks/bench_mias_node.py --root $(MIAS_DIR) --dunet-folds $(DUNET_RUNS)/dunet-0.8-folds --glam-folds build/glam-mias --write-manifests
+	nice $(PY) benchmarks/bench_glam_hybrid.py --mias $(MIAS_DIR) --bundles build/glam-hybrid --train --train-all --recipe curriculum --folds 0 1 2 3 4 --out benchmarks/results/glam_hybrid_curriculum_folds01234.json
+	$(PY) benchmarks/bench_glam_hybrid.py --ship build/glam-hybrid/all-stage1 build/glam-hybrid/all
+	nice $(PY) benchmarks/bench_mias_node.py --root $(MIAS_DIR) --dunet-folds $(DUNET_RUNS)/dunet-0.8-folds --glam-folds build/glam-hybrid --write-manifests
 	nice $(PY) benchmarks/bench_glam.py --bundle build/glam-phantom --cam build/glam-cam/cam.safetensors --skip-overlays --skip-speed
 	nice $(PY) benchmarks/bench_glam.py --bundle models/glam --skip-quality
 

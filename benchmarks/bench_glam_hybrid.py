@@ -26,17 +26,25 @@ exact commands are in each bundle's manifest): the ``long`` recipe with ``--mass
 1.2`` (masses 3x the fitted contrast: can GLAM learn inserted masses at all?), then that bundle
 as ``--init`` for 12/2/2 epochs at 3e-4 on the realistic hybrids (a curriculum).
 
-Run (after the fold bundles exist, e.g. from ``--train``)::
+Five folds of the curriculum (results/glam_hybrid_curriculum_folds01234.json) gave GLAM 0.3.0:
+``--recipe curriculum`` trains both stages per fold (and with ``--train-all`` on all five folds),
+``--ship STAGE1 STAGE2`` writes the all-folds bundle to models/glam with a manifest naming the
+curriculum, the starting bundle and the five-fold figures (``make glam-bundle``)::
 
-    PYTHONPATH=. nice -n 10 python benchmarks/bench_glam_hybrid.py --bundles /work/data/glam-hybrid --folds 0
+    PYTHONPATH=. nice -n 10 python benchmarks/bench_glam_hybrid.py --bundles build/glam-hybrid --train --train-all \
+        --recipe curriculum --folds 0 1 2 3 4 --out benchmarks/results/glam_hybrid_curriculum_folds01234.json
+    PYTHONPATH=. python benchmarks/bench_glam_hybrid.py --ship build/glam-hybrid/all-stage1 build/glam-hybrid/all
 
-Result: benchmarks/results/glam_hybrid.json and a short table.
+Result: the JSON given by ``--out`` (default benchmarks/results/glam_hybrid.json), the same
+name with .md, and a short table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -57,30 +65,48 @@ from dicom_ai.training.glam import HYBRID_KINDS, dataset_views  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-#: Fine-tuning recipes of ``--train`` (``dicom-ai train glam`` arguments after the data).
+#: Fine-tuning recipes of ``--train`` (``dicom-ai train glam`` arguments after the data; a list of
+#: stages, each stage's ``--init`` being the previous stage's bundle where it says ``PREVIOUS``).
 #: ``short``: the first one (8 global epochs at 3e-4, as bench_glam_mias's stages but longer);
 #: its training loss stalled near the label prior (bce_g 0.75) and it barely told held-out
 #: hybrids apart (AUC 0.59), so ``long`` gives the network the sample count the phantom GLAM
 #: needed before its loss dropped (about 15-20 k views seen) and the phantom recipe's 1e-3.
+#: ``curriculum`` (the shipped 0.3.0 recipe): ``long`` on masses inserted at 3x the fitted
+#: contrast (GLAM learns those), then 12/2/2 epochs at 3e-4 on the realistic hybrids.
+_COMMON = ["--copies", "4", "--beta", "0.1", "--balance", "sqrt", "--schedule", "cosine", "--seed", "0", "--no-progress"]
 RECIPES = {
-    "short": ["--copies", "4", "--init", "glam", "--epochs-global", "8", "--epochs-local", "2", "--epochs-joint", "2",
-              "--lr", "3e-4", "--beta", "0.1", "--balance", "sqrt", "--schedule", "cosine", "--warmup-steps", "20",
-              "--seed", "0", "--no-progress"],
-    "long": ["--copies", "4", "--init", "glam", "--epochs-global", "24", "--epochs-local", "2", "--epochs-joint", "2",
-             "--lr", "1e-3", "--beta", "0.1", "--balance", "sqrt", "--schedule", "cosine", "--warmup-steps", "50",
-             "--seed", "0", "--no-progress"],
+    "short": [["--copies", "4", "--init", "glam", "--epochs-global", "8", "--epochs-local", "2", "--epochs-joint", "2",
+               "--lr", "3e-4", "--beta", "0.1", "--balance", "sqrt", "--schedule", "cosine", "--warmup-steps", "20",
+               "--seed", "0", "--no-progress"]],
+    "long": [["--copies", "4", "--init", "glam", "--epochs-global", "24", "--epochs-local", "2", "--epochs-joint", "2",
+              "--lr", "1e-3", "--beta", "0.1", "--balance", "sqrt", "--schedule", "cosine", "--warmup-steps", "50",
+              "--seed", "0", "--no-progress"]],
+    "curriculum": [[*_COMMON, "--mass-contrast", "0.6", "1.2", "--init", "glam", "--epochs-global", "24",
+                    "--epochs-local", "2", "--epochs-joint", "2", "--lr", "1e-3", "--warmup-steps", "50"],
+                   [*_COMMON, "--init", "PREVIOUS", "--epochs-global", "12", "--epochs-local", "2", "--epochs-joint", "2",
+                    "--lr", "3e-4", "--warmup-steps", "20"]],
 }
 
 
-def train_fold(k: int, mias: Path, out: Path, run_dir: Path, log: Path, recipe: str = "long") -> list[str]:
-    """Fine-tune the fold-k bundle (trained without fold k) with ``RECIPES[recipe]``; returns the command."""
+def train_fold(k: int | None, mias: Path, out: Path, run_dir: Path, log: Path, recipe: str = "long") -> list[list[str]]:
+    """Fine-tune the fold-k bundle (trained without fold k; ``k`` None: on all five folds) with
+    ``RECIPES[recipe]``; earlier stages go to ``<out>-stage<i>``; returns the commands."""
     folds = ",".join(str(f) for f in range(5) if f != k)
-    cmd = [sys.executable, "-m", "dicom_ai", "train", "glam", "--dataset", f"mias={mias}",
-           "--dataset", f"hybrid:mias-normals={mias}", "--folds", folds, *RECIPES[recipe],
-           "--run-dir", str(run_dir), "--resume", "--out", str(out)]
-    with log.open("a") as fh:
-        subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-    return cmd
+    stages = RECIPES[recipe]
+    commands, previous = [], None
+    for i, stage in enumerate(stages, 1):
+        target = out if i == len(stages) else out.parent / f"{out.name}-stage{i}"
+        args = [str(previous) if a == "PREVIOUS" else a for a in stage]
+        stage_run = run_dir if len(stages) == 1 else run_dir.parent / f"{run_dir.name}-stage{i}"
+        cmd = [sys.executable, "-m", "dicom_ai", "train", "glam", "--dataset", f"mias={mias}",
+               "--dataset", f"hybrid:mias-normals={mias}", "--folds", folds, *args,
+               "--run-dir", str(stage_run), "--resume", "--out", str(target)]
+        if not (target / "manifest.json").is_file():
+            with log.open("a") as fh:
+                subprocess.run(cmd, check=True, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+        commands.append(cmd)
+        previous = target
+    return commands
 
 
 def _auc_block(scores: np.ndarray, labels: np.ndarray, women: np.ndarray) -> dict:
@@ -184,16 +210,30 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, nargs="+", default=[0])
     p.add_argument("--reference", default="glam", help="bundle compared on the same images (default models/glam)")
     p.add_argument("--train", action="store_true", help="fine-tune missing fold bundles first (--recipe)")
+    p.add_argument("--train-all", action="store_true",
+                   help="also fine-tune the all-folds bundle (<bundles>/all, stages before the last in all-stage<i>)")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="long", help="the RECIPES entry --train uses")
     p.add_argument("--work-cache", type=Path, default=ROOT / "build" / "glam-work")
     p.add_argument("--no-hybrid-check", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "glam_hybrid.json")
+    p.add_argument("--ship", type=Path, nargs=2, metavar=("STAGE1", "STAGE2"), default=None,
+                   help="instead of evaluating: write the all-folds curriculum bundle STAGE2 (fine-tuned from "
+                        "STAGE1) to --ship-to with a manifest naming the curriculum and the CV figures of --cv")
+    p.add_argument("--ship-to", type=Path, default=ROOT / "models" / "glam")
+    p.add_argument("--ship-version", default="0.3.0")
+    p.add_argument("--cv", type=Path, default=RESULTS / "glam_hybrid_curriculum_folds01234.json",
+                   help="the five-fold result (this bench's JSON) that --ship records")
     args = p.parse_args(argv)
+    if args.ship:
+        ship(*args.ship, cv=args.cv, out=args.ship_to, version=args.ship_version)
+        return 0
     torch.set_num_threads(1)
     t0 = time.time()
     reference = GlamModel.from_bundle(load_bundle(args.reference), "cpu")
     ref_manifest = load_bundle(args.reference).manifest
     per_fold, pooled = {}, {"tuned": [], "reference": [], "abnormal": [], "mass": [], "women": []}
+    if args.train_all:
+        train_fold(None, args.mias, args.bundles / "all", args.bundles / "run-all", args.bundles / "all.log", args.recipe)
     for k in args.folds:
         folder = args.bundles / f"fold{k}"
         if args.train and not (folder / "manifest.json").is_file():
@@ -262,17 +302,97 @@ def main(argv=None) -> int:
             "any_mass_global": old["auc"]["glam_global_prediction"]["any_mass"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    _print(result)
+    table = _table(result)
+    args.out.with_suffix(".md").write_text("```\n" + table + "```\n")
+    print(table, end="")
     print(f"wrote {args.out}")
     return 0
+
+
+def ship(stage1: Path, stage2: Path, cv: Path, out: Path, version: str) -> None:
+    """Write the all-folds curriculum bundle ``stage2`` to ``out``: weights copied byte for byte, the
+    manifest of ``stage2`` with the version, the first (conspicuous) stage, what the run started
+    from (the bundle ``out`` held before) and the five-fold figures of ``cv``."""
+    first = json.loads((stage1 / "manifest.json").read_text())
+    manifest = json.loads((stage2 / "manifest.json").read_text())
+    before = json.loads((out / "manifest.json").read_text())
+    result = json.loads(cv.read_text())
+    if sorted(result["folds"]) != [str(k) for k in range(5)]:
+        raise SystemExit(f"{cv}: needs the five-fold result (folds {sorted(result['folds'])})")
+    for m, folds in ((first, [0, 1, 2, 3, 4]), (manifest, [0, 1, 2, 3, 4])):
+        if m["training"].get("folds") != folds:
+            raise SystemExit(f"{m['name']} {m['version']}: trained on folds {m['training'].get('folds')}, not all five")
+    weights = (stage2 / "weights.safetensors").read_bytes()
+    if hashlib.sha256(weights).hexdigest() != manifest["weights_sha256"]:
+        raise SystemExit(f"{stage2}: weights do not match the manifest's digest")
+
+    def auc(block):
+        return {"auc": block["auc"], "ci95_images": block["ci95_images"], "ci95_women": block["ci95_women"],
+                "positives": block["positives"], "negatives": block["negatives"]}
+
+    pooled = result["pooled"]
+    manifest["version"] = version
+    manifest["intended_use"] = (
+        "research / demonstration, not for clinical use: an image-level mass score (benign / malignant "
+        "channels; the node's image score) with held-out signal on mini-MIAS (5-fold CV, abnormal vs normal "
+        f"{pooled['tuned']['auc']['global']['abnormal_vs_normal']['auc']:.2f}); its maps do not localise masses "
+        "and are off at every named operating point")
+    old_training = {k: v for k, v in before["training"].items() if k not in ("history", "fine_tuning")}
+    manifest["training"]["initialisation"] = {
+        "bundle": f"{before['name']} {before['version']} (models/glam before {version})",
+        "its_training": {**old_training, "fine_tuning": {k: v for k, v in before["training"].get("fine_tuning", {}).items()
+                                                         if k != "history"}},
+        "caveat": "the starting bundle was fine-tuned on all 322 mini-MIAS images (every fold's labels), so the "
+                  "fold bundles of the cross-validation below started from weights that had seen their held-out "
+                  "fold's labels: the CV figures can only be flattered by it (that bundle itself scores "
+                  f"{pooled['reference']['auc']['global']['abnormal_vs_normal']['auc']:.2f} on the same images)"}
+    manifest["training"]["curriculum"] = {
+        "why": "trained on realistic inserted masses directly, GLAM learns neither them nor real masses "
+               "(benchmarks/results/glam_hybrid_{short,long}_fold0.json); conspicuous ones first, then realistic, it does",
+        "stage_1_conspicuous": {"version": first["version"], "command": first["training"]["command"],
+                                "sources": first["training"]["sources"], "stages": first["training"]["stages"],
+                                "lr": first["training"]["lr"], "history": first["training"].get("history")},
+        "stage_2_realistic": "this manifest's command, sources, stages and history (initialised from stage 1)"}
+    manifest["metrics"] = {
+        **manifest.get("metrics", {}),
+        "mini_mias_cross_validation": {
+            "source": "benchmarks/results/glam_hybrid_curriculum_folds01234.json (benchmarks/bench_glam_hybrid.py)",
+            "protocol": "5 patient-level folds (dicom_ai.data.datasets.mias_folds); fold k's bundles trained by the "
+                        "same two commands with --folds = the other four; fold k's 64-66 real images scored at full "
+                        "resolution through GlamModel.run (the node's path); score = global prediction, max of the "
+                        "two channels (the node's image score); 322 images, 161 women pooled",
+            "fold_commands_stage_2": sorted(result["bundles_trained_by"]),
+            "fold_commands_stage_1": "stage_1_conspicuous's command with --folds = the other four folds",
+            "pooled": {"abnormal_vs_normal": auc(pooled["tuned"]["auc"]["global"]["abnormal_vs_normal"]),
+                       "mass_vs_normal": auc(pooled["tuned"]["auc"]["global"]["mass_vs_normal"]),
+                       "local_score_abnormal_vs_normal": auc(pooled["tuned"]["auc"]["local"]["abnormal_vs_normal"]),
+                       "localisation": pooled["tuned"]["localisation"]},
+            "per_fold_abnormal_vs_normal": {k: auc(f["auc"]["global"]["abnormal_vs_normal"])
+                                            for k, f in result["folds"].items()},
+            "per_fold_mass_vs_normal": {k: auc(f["auc"]["global"]["mass_vs_normal"]) for k, f in result["folds"].items()},
+            "held_out_hybrids_auc": {k: f.get("held_out_hybrids", {}).get("auc_inserted_vs_none")
+                                     for k, f in result["folds"].items()},
+            "before": {"bundle": f"{before['name']} {before['version']}",
+                       "same_images_not_held_out": {
+                           "abnormal_vs_normal": auc(pooled["reference"]["auc"]["global"]["abnormal_vs_normal"]),
+                           "mass_vs_normal": auc(pooled["reference"]["auc"]["global"]["mass_vs_normal"])},
+                       "its_recipe_cv": before.get("metrics", {}).get("mini_mias_cross_validation", {})
+                       .get("auc", {}).get("glam_global_prediction")},
+            "note": "figures of the fold bundles; the all-folds weights shipped here hold nothing out"}}
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(stage2 / "weights.safetensors", out / "weights.safetensors")
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {out} ({manifest['name']} {version})")
 
 
 def _cell(b: dict) -> str:
     return f"{b['auc']:.3f} [{b['ci95_images'][0]:.2f},{b['ci95_images'][1]:.2f}] w[{b['ci95_women'][0]:.2f},{b['ci95_women'][1]:.2f}]"
 
 
-def _print(result: dict) -> None:
-    print(f"{'fold / model':34s} {'abnormal vs normal (global)':>36s} {'mass vs normal (global)':>36s} {'peak in mass':>12s}")
+def _table(result: dict) -> str:
+    """The short table of per-fold and pooled AUCs (printed and written beside the JSON as .md)."""
+    lines = []
+    lines.append(f"{'fold / model':34s} {'abnormal vs normal (global)':>36s} {'mass vs normal (global)':>36s} {'peak in mass':>12s}")
     rows = [(f"fold {k}", f) for k, f in result["folds"].items()]
     if "pooled" in result:
         rows.append(("pooled", {"auc": result["pooled"]["tuned"]["auc"],
@@ -282,19 +402,20 @@ def _print(result: dict) -> None:
         for label, block in (("hybrid-tuned", f), ("reference (saw fold)", f["reference"])):
             a = block["auc"]["global"]
             loc = block["localisation"]
-            print(f"{name + ' ' + label:34s} {_cell(a['abnormal_vs_normal']):>36s} {_cell(a['mass_vs_normal']):>36s} "
-                  f"{loc['peak_in_mass'] if loc['peak_in_mass'] is not None else '-':>12}")
+            lines.append(f"{name + ' ' + label:34s} {_cell(a['abnormal_vs_normal']):>36s} {_cell(a['mass_vs_normal']):>36s} "
+                         f"{loc['peak_in_mass'] if loc['peak_in_mass'] is not None else '-':>12}")
         if "held_out_hybrids" in f:
             h = f["held_out_hybrids"]
-            print(f"{name + ' held-out hybrids':34s} AUC inserted vs none {h['auc_inserted_vs_none']:.3f} "
-                  f"[{h['ci95_images'][0]:.2f},{h['ci95_images'][1]:.2f}] ({h['images']} images)")
+            lines.append(f"{name + ' held-out hybrids':34s} AUC inserted vs none {h['auc_inserted_vs_none']:.3f} "
+                         f"[{h['ci95_images'][0]:.2f},{h['ci95_images'][1]:.2f}] ({h['images']} images)")
         if "held_out_hybrids_training_contrast" in f:
             h = f["held_out_hybrids_training_contrast"]
-            print(f"{name + ' same, training contrast':34s} AUC inserted vs none {h['auc_inserted_vs_none']:.3f} "
-                  f"[{h['ci95_images'][0]:.2f},{h['ci95_images'][1]:.2f}] (mass contrast {h['mass_contrast']})")
+            lines.append(f"{name + ' same, training contrast':34s} AUC inserted vs none {h['auc_inserted_vs_none']:.3f} "
+                         f"[{h['ci95_images'][0]:.2f},{h['ci95_images'][1]:.2f}] (mass contrast {h['mass_contrast']})")
     if "earlier_cv_shipped_recipe" in result:
         e = result["earlier_cv_shipped_recipe"]["any_mass_global"]
-        print(f"earlier 5-fold CV (real folds only): any mass {e['auc']:.3f} [{e['ci95'][0]:.2f},{e['ci95'][1]:.2f}]")
+        lines.append(f"earlier 5-fold CV (real folds only): any mass {e['auc']:.3f} [{e['ci95'][0]:.2f},{e['ci95'][1]:.2f}]")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

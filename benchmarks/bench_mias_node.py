@@ -18,10 +18,12 @@ Protocol (everything held out is held out by fold):
   >= t, and no threshold is chosen below that candidate level.
 * Operating points (:func:`choose_thresholds`): for a node-level budget R false marks per image,
   on the validation images each map alone is checked at budget R; a map that finds under 5 % of
-  its lesion type there is switched off (threshold above its highest score); the others share R
-  equally, each at the lowest threshold whose validation false marks per image stay within its
-  share. For held-out fold k the thresholds are chosen on the other four folds; the shipped
-  thresholds are chosen on all five folds.
+  its lesion type there is switched off (threshold above its highest score); the others join
+  one by one (most lesions found alone first) only if the validation lesions found together,
+  sharing R equally, rise with them; the maps on share R equally, each at the lowest threshold
+  whose validation false marks per image stay within its share. For held-out fold k the
+  thresholds are chosen on the other four folds; the shipped thresholds are chosen on all five
+  folds.
 * Merging: marks of different models on one image whose centroids lie within the larger
   mark's equivalent radius (sqrt(area / pi)) and that are of one kind (lesion: malignant or
   benign map; calcification cluster) are one finding, as in the SR.
@@ -176,7 +178,23 @@ def choose_thresholds(tables: dict, idx, budget: float) -> dict[tuple[str, str],
                 break
         return best if best == OFF else max(best, tab.floor)
 
-    useful = [mk for mk, tab in tables.items() if tab.stats(idx, lowest(tab, budget))[1] >= MIN_USEFUL]
+    def found(maps) -> int:
+        """Validation lesions the maps find together when they share the budget equally."""
+        hits = set()
+        for mk in maps:
+            tab = tables[mk]
+            sel = np.isin(tab.img, idx) & (tab.score >= lowest(tab, budget / len(maps))) & (tab.hit >= 0)
+            hits |= {(TYPE_OF[mk[1]], h) for h in tab.hit[sel].tolist()}
+        return len(hits)
+
+    candidates = [mk for mk, tab in tables.items() if tab.stats(idx, lowest(tab, budget))[1] >= MIN_USEFUL]
+    # A map joins only if it adds validation lesions once it takes its share of the budget: a map
+    # that finds a few lesions alone but mostly marks normal tissue (GLAM's maps on MIAS) would
+    # otherwise take budget from one that localises.
+    useful: list = []
+    for mk in sorted(candidates, key=lambda m: -found([m])):
+        if found(useful + [mk]) > found(useful):
+            useful.append(mk)
     out = {mk: OFF for mk in tables}
     for mk in useful:
         out[mk] = lowest(tables[mk], budget / len(useful))
@@ -423,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                         "config per folder; the last is the shipped models/dunet's recipe)")
     p.add_argument("--glam-folds", type=Path, default=None,
                    help="folder with fold0..fold4 GLAM bundles, each fine-tuned on the other folds")
+    p.add_argument("--glam-bundle", type=Path, default=None,
+                   help="with --glam-folds: the all-folds GLAM bundle the node would ship (it runs the shared real "
+                        "images; default models/glam)")
     p.add_argument("--microcalc-folds", type=Path, default=None,
                    help="folder with fold0..fold4 microcalcification bundles, each trained on the other folds")
     p.add_argument("--microcalc-bundle", type=Path, default=None,
@@ -465,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                "reason": f"microcalc {other['version']} ({other_mc}), for comparison: saw no mini-MIAS image, "
                          "every image held out"}
         comparisons.append(("microcalc", src, {"microcalc": marks_of(args, samples, images, "microcalc", src)}))
+    if sources["glam"]["kind"] == FOLDS:
+        # The same configuration with GLAM off (today's shipped one), so GLAM's effect is read in one run.
+        src = {"kind": OFF_LEAK, "path": None, "ship": None,
+               "reason": "for comparison: GLAM kept off (the configuration shipped without GLAM fold bundles)"}
+        comparisons.append(("glam", src, {"glam": None}))
     config_sources = [dict(sources, **{name: src}) for name, src, _ in comparisons] + [sources]
     config_marks = [dict(per_model, **extra) for _, _, extra in comparisons] + [per_model]
     configs = {}
@@ -683,7 +709,8 @@ def _write_manifests(ship, result, ship_name, ship_srcs, default) -> None:
                 findings.setdefault(k, []).append({
                     "name": pn, **({"off": True} if t == OFF else {"threshold": round(t, 6)}),
                     "target": f"node <= {POINTS[pn]:g} false marks per image (mini-MIAS), this map's share"
-                              + (" (off: no signal on validation, or no threshold strict enough: saturated scores)"
+                              + (" (off: adds no lesion on the validation folds at its share of the budget: no "
+                                 "signal, or no threshold strict enough)"
                                  if t == OFF else ""),
                     "sensitivity": per_map.get("sensitivity_mean_over_folds"),
                     "false_marks_per_image": per_map.get("false_marks_per_image"),
