@@ -57,7 +57,8 @@ from dicom_ai.core.findings import ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Mammogram, resize
 from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
 from dicom_ai.networks.engine import OnnxFunction, resolve_engine
-from dicom_ai.networks.microcalc_clusters import ClusterConfig, calibrated, candidate_clusters
+from dicom_ai.networks.microcalc_clusters import (ClusterConfig, calibrated, candidate_clusters, components,
+                                                 convex_hull, group_clusters)
 
 __all__ = [
     "MicrocalcConfig",
@@ -358,99 +359,6 @@ class Cluster:
     score: float
     count: int
     polygon: np.ndarray
-
-
-def _components(binary: np.ndarray, probability: np.ndarray, min_px: int):
-    """Connected components: (centroid rc, peak probability, pixel coords) per component."""
-    if not binary.any():
-        return []
-    # Labelled on the set pixels' bounding box only: a full 0.05 mm grid is ~9 M pixels, the
-    # calcifications a few hundred; components and their order are the same.
-    r_idx, c_idx = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
-    r0, c0 = int(r_idx[0]), int(c_idx[0])
-    box = (slice(r0, int(r_idx[-1]) + 1), slice(c0, int(c_idx[-1]) + 1))
-    image = sitk.GetImageFromArray(binary[box].astype(np.uint8))
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image, True))
-    count = int(labels.max())
-    flat = labels.ravel()
-    nonzero = np.flatnonzero(flat)
-    order = nonzero[np.argsort(flat[nonzero], kind="stable")]
-    bounds = np.searchsorted(flat[order], np.arange(1, count + 2))
-    cols = labels.shape[1]
-    prob_box = probability[box].ravel()
-    comps = []
-    for k in range(count):
-        idx = order[bounds[k]:bounds[k + 1]]
-        if len(idx) < min_px:
-            continue
-        rr, cc = np.divmod(idx, cols)
-        rr, cc = rr + r0, cc + c0
-        comps.append(((float(rr.mean()), float(cc.mean())), float(prob_box[idx].max()),
-                      np.stack([rr, cc], axis=1)))
-    return comps
-
-
-def _convex_hull(points: np.ndarray) -> np.ndarray:
-    """Monotone-chain convex hull of (n, 2) points, counter-clockwise, no repeats."""
-    pts = np.unique(points, axis=0)
-    if len(pts) < 3:
-        return pts
-    def cross(o, a, b):
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-    lower, upper = [], []
-    for p in pts:
-        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    for p in pts[::-1]:
-        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
-
-
-def group_clusters(centroids_mm: np.ndarray, min_count: int = 3, link_mm: float = 5.0) -> list[np.ndarray]:
-    """Single-linkage groups of calcifications: indices of each group of >= ``min_count``
-    calcifications whose chain of neighbours is at most ``link_mm`` apart.
-
-    A 5 mm link keeps three calcifications of a group within about 1 cm^2, the usual cluster
-    definition.
-
-    Parameters
-    ----------
-    centroids_mm
-        (n, 2) calcification centroids as (row, column) in millimetres.
-    min_count
-        Smallest group returned.
-    link_mm
-        Largest distance in mm between two neighbours of a chain (Euclidean, inclusive).
-
-    Returns
-    -------
-    list[numpy.ndarray]
-        Index arrays into ``centroids_mm``, one per group.
-    """
-    n = len(centroids_mm)
-    if n < min_count:
-        return []
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    pts = np.asarray(centroids_mm, dtype=np.float64)
-    for i in range(n - 1):
-        d = np.hypot(*(pts[i + 1:] - pts[i]).T)
-        for j in np.flatnonzero(d <= link_mm) + i + 1:
-            a, b = find(i), find(int(j))
-            if a != b:
-                parent[b] = a
-    roots = np.array([find(i) for i in range(n)])
-    groups = [np.flatnonzero(roots == r) for r in np.unique(roots)]
-    return [g for g in groups if len(g) >= min_count]
 
 
 def fill_polygon(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -840,23 +748,23 @@ class MicrocalcModel:
         cfg = self.config
         if self.clusters is not None and image is not None:
             return self._scored_clusters(prob, image, spacing, origin)
-        comps = _components(prob >= self.calcification_threshold, prob, cfg.min_calcification_px)
+        comps = components(prob, self.calcification_threshold, cfg.min_calcification_px)
         if len(comps) < cfg.cluster_min_count:
             return []
         px = cfg.pixel_spacing_mm
-        centroids_mm = np.array([c[0] for c in comps]) * px
+        centroids_mm = np.array([c.centroid for c in comps]) * px
         scale = np.array([px / spacing[0], px / spacing[1]])  # working px -> source px
         offset = np.array(origin, dtype=np.float64)
         clusters = []
         for group in group_clusters(centroids_mm, cfg.cluster_min_count, cfg.cluster_link_mm):
-            peaks = np.sort([comps[g][1] for g in group])[::-1]
-            pts = np.concatenate([comps[g][2] for g in group]).astype(np.float64)
+            peaks = np.sort([comps[g].peak for g in group])[::-1]
+            pts = np.concatenate([comps[g].pixels for g in group]).astype(np.float64)
             margin = cfg.cluster_margin_mm / px + 0.5
             ring = np.stack([np.cos(np.linspace(0, 2 * math.pi, 16, endpoint=False)),
                              np.sin(np.linspace(0, 2 * math.pi, 16, endpoint=False))], 1) * margin
-            hull = _convex_hull(pts)
-            polygon = _convex_hull((hull[:, None, :] + ring[None]).reshape(-1, 2))
-            centroid = np.mean([comps[g][0] for g in group], axis=0)
+            hull = convex_hull(pts)
+            polygon = convex_hull((hull[:, None, :] + ring[None]).reshape(-1, 2))
+            centroid = np.mean([comps[g].centroid for g in group], axis=0)
             clusters.append(Cluster(centroid=tuple(centroid * scale + offset),
                                     score=float(np.mean(peaks[:3])), count=len(group),
                                     polygon=polygon * scale + offset))
@@ -875,8 +783,8 @@ class MicrocalcModel:
         out = []
         for group, _, score in candidate_clusters(prob, image, px, cc):
             pts = np.concatenate([c.pixels for c in group]).astype(np.float64)
-            hull = _convex_hull(pts)
-            polygon = _convex_hull((hull[:, None, :] + ring[None]).reshape(-1, 2))
+            hull = convex_hull(pts)
+            polygon = convex_hull((hull[:, None, :] + ring[None]).reshape(-1, 2))
             centroid = np.mean([c.centroid for c in group], axis=0)
             out.append(Cluster(centroid=tuple(centroid * scale + offset),
                                score=calibrated(score, min(spacing), cc), count=len(group),

@@ -154,8 +154,9 @@ def components(probability: np.ndarray, threshold: float, min_px: int = 1) -> li
         if len(idx) < min_px:
             continue
         rr, cc = np.divmod(idx, cols)
-        out.append(Calcification((float(rr.mean() + r0), float(cc.mean() + c0)), float(prob_box[idx].max()),
-                                 np.stack([rr + r0, cc + c0], axis=1)))
+        rr, cc = rr + r0, cc + c0
+        out.append(Calcification((float(rr.mean()), float(cc.mean())), float(prob_box[idx].max()),
+                                 np.stack([rr, cc], axis=1)))
     return out
 
 
@@ -195,9 +196,47 @@ def local_contrast(calcs: list[Calcification], image: np.ndarray, background: np
         c.noise = max(float(1.4826 * np.median(np.abs(bg - med))), NOISE_FLOOR)
 
 
-def group_calcifications(centroids_mm: np.ndarray, min_count: int, link_mm: float) -> list[np.ndarray]:
-    """Single-linkage groups (chains of neighbours at most ``link_mm`` apart) of at least
-    ``min_count`` calcifications; index arrays into ``centroids_mm`` ((n, 2) mm)."""
+def convex_hull(points: np.ndarray) -> np.ndarray:
+    """Monotone-chain convex hull of (n, 2) points, counter-clockwise, no repeats."""
+    pts = np.unique(points, axis=0)
+    if len(pts) < 3:
+        return pts
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+    lower, upper = [], []
+    for p in pts:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    for p in pts[::-1]:
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    return np.array(lower[:-1] + upper[:-1], dtype=np.float64)
+
+
+def group_clusters(centroids_mm: np.ndarray, min_count: int = 3, link_mm: float = 5.0) -> list[np.ndarray]:
+    """Single-linkage groups of calcifications: indices of each group of >= ``min_count``
+    calcifications whose chain of neighbours is at most ``link_mm`` apart.
+
+    A 5 mm link keeps three calcifications of a group within about 1 cm^2, the usual cluster
+    definition.
+
+    Parameters
+    ----------
+    centroids_mm
+        (n, 2) calcification centroids as (row, column) in millimetres.
+    min_count
+        Smallest group returned.
+    link_mm
+        Largest distance in mm between two neighbours of a chain (Euclidean, inclusive).
+
+    Returns
+    -------
+    list[numpy.ndarray]
+        Index arrays into ``centroids_mm``, one per group.
+    """
     n = len(centroids_mm)
     if n < min_count:
         return []
@@ -222,23 +261,10 @@ def group_calcifications(centroids_mm: np.ndarray, min_count: int, link_mm: floa
 
 
 def _hull_area(points: np.ndarray) -> float:
-    pts = np.unique(points, axis=0)
-    if len(pts) < 3:
+    """Area of the convex hull of (n, 2) points, in the points' units squared (0 below three)."""
+    h = convex_hull(points)
+    if len(h) < 3:
         return 0.0
-    pts = pts[np.lexsort((pts[:, 1], pts[:, 0]))]
-
-    def cross(o, a, b):
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-    lower, upper = [], []
-    for p in pts:
-        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    for p in pts[::-1]:
-        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    h = np.array(lower[:-1] + upper[:-1])
     return float(0.5 * abs(np.dot(h[:, 0], np.roll(h[:, 1], 1)) - np.dot(h[:, 1], np.roll(h[:, 0], 1))))
 
 
@@ -275,7 +301,7 @@ def candidate_clusters(probability: np.ndarray, image: np.ndarray, spacing_mm: f
              if config.min_diameter_mm <= c.diameter_mm(spacing_mm) <= config.max_diameter_mm]
     if len(calcs) < config.min_count:
         return []
-    groups = group_calcifications(np.array([c.centroid for c in calcs]) * spacing_mm, config.min_count, config.link_mm)
+    groups = group_clusters(np.array([c.centroid for c in calcs]) * spacing_mm, config.min_count, config.link_mm)
     if not groups:
         return []
     members = [calcs[i] for g in groups for i in g]
