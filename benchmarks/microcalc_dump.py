@@ -37,7 +37,6 @@ from bench_microcalc_real import _coarse, _mias_order  # noqa: E402
 
 from dicom_ai.data.datasets import MIASDataset, open_dataset, patient_folds  # noqa: E402
 from dicom_ai.data.evaluate import lesions_of  # noqa: E402
-from dicom_ai.imaging import resize  # noqa: E402
 from dicom_ai.networks.bundle import load_bundle  # noqa: E402
 from dicom_ai.networks.microcalc import MicrocalcModel  # noqa: E402
 from dicom_ai.networks.microcalc_clusters import WINDOW, components  # noqa: E402
@@ -64,13 +63,9 @@ def dump(model: MicrocalcModel, sample, path: Path, group: str, crop: list | Non
         out[f"lesion_{k}"] = les.mask[rr.min():rr.max() + 1, cc.min():cc.max() + 1]
         out[f"lesion_{k}_origin"] = np.array([rr.min(), cc.min()])
     if mask.any():
-        r_idx, c_idx = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        r0, r1, c0, c1 = int(r_idx[0]), int(r_idx[-1]) + 1, int(c_idx[0]), int(c_idx[-1]) + 1
-        sr, sc = (float(s) for s in mg.spacing_mm)
-        work_shape = (max(1, round((r1 - r0) * sr / cfg.pixel_spacing_mm)),
-                      max(1, round((c1 - c0) * sc / cfg.pixel_spacing_mm)))
-        image = resize(mg.pixels[r0:r1, c0:c1], work_shape)
-        work_mask = resize(mask[r0:r1, c0:c1].astype(np.float32), work_shape, mode="nearest") > 0.5
+        image, work_mask, (r0, _, c0, _) = model.working_grid(mg, mask)
+        sr, sc = (float(v) for v in mg.spacing_mm)
+        work_shape = image.shape
         prob, _ = model.dense_cascade(image, work_mask)
         idx = np.flatnonzero(prob.ravel() >= FLOOR)
         comps = components(prob, FLOOR)
