@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 
 from dicom_ai.core.findings import ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import intensity, mammogram_from_array
-from dicom_ai.networks import microcalc
+from dicom_ai.networks.microcalc_clusters import components
 from dicom_ai.networks.bundle import load_bundle
 from dicom_ai.networks.engine import resolve_engine
 from dicom_ai.networks.microcalc import MicrocalcModel
@@ -191,12 +191,12 @@ def test_components_on_the_bounding_box_equal_the_whole_grid():
     probability[rng.integers(40, 260, 60), rng.integers(30, 240, 60)] = rng.uniform(0.5, 1, 60)
     probability = np.maximum(probability, np.roll(probability, 1, 0))
     binary = probability >= 0.5
-    got = microcalc._components(binary, probability, 2)
+    got = components(probability, 0.5, 2)
     expected = _components_full_grid(binary, probability, 2)
     assert len(got) == len(expected) > 5
-    for (cg, pg, xg), (ce, pe, xe) in zip(got, expected):
-        assert cg == ce and pg == pe
-        np.testing.assert_array_equal(xg, xe)
+    for g, (ce, pe, xe) in zip(got, expected):
+        assert g.centroid == ce and g.peak == pe
+        np.testing.assert_array_equal(g.pixels, xe)
 
 
 @pytest.mark.slow
