@@ -17,7 +17,7 @@ peak resident memory per full-size (3328 x 2560) four-view phantom study through
 in its own process. Overlays: the bundle on the four real CC images of shared/data/real.
 
 Run: ``.venv/bin/python benchmarks/bench_glam.py`` (``--skip-speed``, ``--skip-overlays``).
-Results: benchmarks/results/glam.json and benchmarks/results/glam_overlay_*.png.
+Results: benchmarks/results/glam.json; overlays of the shared real images: build/previews/glam_overlay_*.png.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ from dicom_ai.data.metrics import bootstrap_ci, dice, roc_auc, soft_dice  # noqa
 from dicom_ai.training.glam import GlamData, load_phantoms  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+# Pictures of real images (the shared FFDM exams, mini-MIAS) are derived data: their sources may not be
+# committed, so they go to build/ (ignored), never to benchmarks/results.
+PREVIEWS = ROOT / "build" / "previews"
 REAL = Path(os.environ.get("DICOM_AI_REAL_DIR", ROOT.parent / "shared" / "data" / "real"))
 CACHE = ROOT / "build" / "glam-cache"
 TEST_SEED, TEST_STUDIES = 50_000, 100
@@ -325,7 +328,7 @@ def overlays(bundle_dir: str) -> list[dict]:
         out = model.to_output(pred)
         scores, geo = pred.scores, pred.geometry
         maps = {p.finding: p.probability for p in out.maps}
-        out_path = RESULTS / f"glam_overlay_{path.stem}.png"
+        out_path = PREVIEWS / f"glam_overlay_{path.stem}.png"
         _save_overlay(raw, maps, pred, model.config, out_path)
         notes.append({"image": path.name, "score_benign": round(float(scores[0]), 4),
                       "score_malignant": round(float(scores[1]), 4),
@@ -398,6 +401,7 @@ def main(argv=None) -> int:
         print(json.dumps(speed_child(args.speed_child, args.threads)))
         return 0
     RESULTS.mkdir(parents=True, exist_ok=True)
+    PREVIEWS.mkdir(parents=True, exist_ok=True)
     out_path = RESULTS / "glam.json"
 
     def update(key: str, value) -> dict:

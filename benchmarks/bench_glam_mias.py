@@ -20,7 +20,7 @@ the cross-validated figures in its manifest. Overlays: held-out predictions of a
 cases and the four real images of shared/data/real.
 
 Run: ``.venv/bin/python benchmarks/bench_glam_mias.py --mias /work/data/mias``.
-Result: benchmarks/results/glam_mias.json, glam_mias_*.png.
+Result: benchmarks/results/glam_mias.json; overlays: build/previews/glam_mias_*.png.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ from dicom_ai.networks.glam import CamClassifier, Glam, GlamModel  # noqa: E402
 from dicom_ai.training.glam import GlamData, class_weights, train  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+# Pictures of real images (the shared FFDM exams, mini-MIAS) are derived data: their sources may not be
+# committed, so they go to build/ (ignored), never to benchmarks/results.
+PREVIEWS = ROOT / "build" / "previews"
 CLASSES = ("benign", "malignant")
 
 
@@ -230,6 +233,7 @@ def main(argv=None) -> int:
         save_bundle(args.ship, manifest, model.network.state_dict())
         result["shipped_bundle"] = args.ship
     RESULTS.mkdir(parents=True, exist_ok=True)
+    PREVIEWS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "glam_mias.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     _print(result)
@@ -247,7 +251,7 @@ def _overlays(g_all, order, data: GlamData, refs, result: dict, n: int = 4) -> N
         i = order[k]
         m = data.mammograms[i]
         maps = {"benign_lesion": g_all[k]["fused"][0], "malignant_lesion": g_all[k]["fused"][1]}
-        path = RESULTS / f"glam_mias_{refs[i]}.png"
+        path = PREVIEWS / f"glam_mias_{refs[i]}.png"
         _save_overlay_plain(m.pixels, maps, path)
         notes.append({"image": refs[i], "labels": {c: bool(data.labels[i, j]) for j, c in enumerate(CLASSES)},
                       "score": [round(float(v), 4) for v in g_all[k]["score"]], "overlay": str(path.relative_to(ROOT))})

@@ -38,8 +38,8 @@ The default contrast range of :class:`~dicom_ai.data.insertion.InsertionConfig` 
 with (b) on these same 58 outlines (there are no others), so (b) is a calibration check,
 not an independent test; (a) is the test. Run:
 ``.venv/bin/python benchmarks/bench_insertion_realism.py [--copies 3] [--epochs 40]``.
-Results: benchmarks/results/insertion_realism.json, insertion_realism_masses.png,
-insertion_realism_calcifications.png.
+Results: benchmarks/results/insertion_realism.json; pictures (real MIAS crops beside inserted ones):
+build/previews/insertion_realism_masses.png, insertion_realism_calcifications.png.
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ from dicom_ai.data.insertion import InsertionConfig, estimate_source, gaussian_b
 from dicom_ai.data.metrics import bootstrap_ci, roc_auc  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+# Pictures of real images (the shared FFDM exams, mini-MIAS) are derived data: their sources may not be
+# committed, so they go to build/ (ignored), never to benchmarks/results.
+PREVIEWS = ROOT / "build" / "previews"
 PATCH = 48
 SHAPES = {"CIRC": ("round", "oval", "lobulated"), "SPIC": ("spiculated",), "MISC": ("irregular",)}
 
@@ -484,8 +487,9 @@ def main(argv=None) -> int:
     calcs, panels = ({}, []) if args.no_calcifications else calcification_examples(args.seed)
     mias_calcs = {} if args.no_calcifications else mias_clusters(mias, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    _save_mass_png(real, ins, args.out / "insertion_realism_masses.png")
-    _save_calc_png(panels, args.out / "insertion_realism_calcifications.png")
+    PREVIEWS.mkdir(parents=True, exist_ok=True)
+    _save_mass_png(real, ins, PREVIEWS / "insertion_realism_masses.png")
+    _save_calc_png(panels, PREVIEWS / "insertion_realism_calcifications.png")
     result = {
         "benchmark": "insertion_realism",
         "config": {k: v for k, v in config.__dict__.items()},

@@ -17,7 +17,7 @@ one run, at cluster level:
   size, and the same images degraded to 0.2 mm and 8 bits (as a film scan like mini-MIAS);
   cluster FROC and AUC (image with an inserted cluster vs without). A sanity figure only.
 * **the four shared FFDM images** (/work/shared/data/real): clusters found per image and a PNG
-  preview per image (benchmarks/results/microcalc_real_<name>.png) with each bundle's cluster
+  preview per image (build/previews/microcalc_real_<name>.png) with each bundle's cluster
   outlines, to judge by eye (1_R_CC holds a benign finding without an outline; the others are
   normal).
 
@@ -55,6 +55,9 @@ from dicom_ai.networks.bundle import load_bundle
 from dicom_ai.networks.microcalc import MicrocalcModel
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Pictures of real images (the shared FFDM exams, mini-MIAS) are derived data: their sources may not be
+# committed, so they go to build/ (ignored), never to benchmarks/results.
+PREVIEWS = Path(__file__).resolve().parent.parent / "build" / "previews"
 CLUSTER = "calcification_cluster"
 DEFAULT_BUNDLES = ("shipped=microcalc", "real=/work/data/microcalc-real/bundle")
 
@@ -313,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_real:
         real = open_dataset("real-png", args.real)
         result["real_png"] = {}
+        PREVIEWS.mkdir(parents=True, exist_ok=True)
         for i, rec in enumerate(real.records):
             name = Path(rec.path).stem
             files = {l: args.cache / f"{l}-{d}" / "real-png" / f"{name}.json" for l, (_, d) in models.items()}
@@ -320,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             sample = real[i]
             if len(per_model) < len(models):  # run every bundle and draw the preview once
                 found = {l: m.analyse(sample.image) for l, (m, _) in models.items()}
-                _preview(sample, found, RESULTS / f"{args.preview_prefix}{name}.png",
+                _preview(sample, found, PREVIEWS / f"{args.preview_prefix}{name}.png",
                          {l: m.cluster_threshold for l, (m, _) in models.items()})
                 for l, r in found.items():
                     t = models[l][0].cluster_threshold
