@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dunet-folds", type=Path, required=True)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--variants", default="features,patch+features")
+    p.add_argument("--members", type=int, default=3, help="networks per rescorer (RescoreConfig.members)")
+    p.add_argument("--outputs", default="out,out_tta", help="U-Net outputs the stage is tried on")
+    p.add_argument("--hybrid", type=Path, default=None,
+                   help="mass_rescore_dump.py --hybrid-copies arrays: their candidates on inserted masses join the "
+                        "positives of every rescorer whose held-out fold is not the background's")
     p.add_argument("--out", type=Path, default=RESULTS / "mass_rescore.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -163,21 +168,31 @@ def main(argv: list[str] | None = None) -> int:
         print(name, rows[name]["sensitivity"], flush=True)
 
     # Rescore stage on each output.
-    for key in ("out", "out_tta"):
+    hybrid = load(args.hybrid) if args.hybrid else []
+    for d in hybrid:
+        d["out_tta"] = 0.5 * (d["out"] + d["out_ud"])
+    for key in args.outputs.split(","):
         for variant in args.variants.split(","):
-            cfg = RescoreConfig(use_patch="patch" in variant, use_features=True)
+            cfg = RescoreConfig(use_patch="patch" in variant, use_features=True, members=args.members)
             ex = [image_examples(d[key], d["image"].astype(np.float32), d["allowed"], d["masses"], d["any"], cfg)
                   for d in data]
+            hx = []
+            for d in hybrid:  # inserted masses: positives only (the background's own regions are in ex)
+                e = image_examples(d[key], d["image"].astype(np.float32), d["allowed"], d["masses"], d["any"], cfg)
+                pos = e.labels == 1
+                hx.append(type(e)(e.windows[pos], e.features[pos], e.labels[pos], e.shifted[:, pos]))
+            hfold = np.array([int(d["fold"]) for d in hybrid])
             scores: list = [None] * len(data)
             for k in range(5):
-                train = concat_examples([ex[i] for i in range(len(data)) if folds[i] != k])
+                train = concat_examples([ex[i] for i in range(len(data)) if folds[i] != k]
+                                        + [hx[i] for i in range(len(hybrid)) if hfold[i] != k])
                 net = train_rescorer(train, cfg, epochs=args.epochs, seed=k)
                 for i in np.flatnonzero(folds == k):
                     d = data[i]
                     scores[i] = rescore_regions(net, regs[key][i], d[key], d["image"].astype(np.float32), d["allowed"])
                 print(f"{key} {variant} fold {k}: {len(train.labels)} examples ({int(train.labels.sum())} masses) "
                       f"{time.time() - t0:.0f}s", flush=True)
-            name = f"rescore_{variant}" + ("_tta" if key == "out_tta" else "")
+            name = f"rescore_{variant}" + f"_x{args.members}" + ("_tta" if key == "out_tta" else "") + ("_hybrid" if hybrid else "")
             rows[name] = evaluate(images, marks_from(regs[key], scores, 1e-6))
             print(name, rows[name]["sensitivity"], flush=True)
 
@@ -193,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         "leak": "the rescorer of held-out fold k trains on the candidates of the other folds' images, each produced by "
                 "that image's own out-of-fold U-Net, which was trained with fold k's images among others; no fold-k "
                 "label reaches the rescorer directly (same scheme as the per-fold Platt calibration)",
-        "epochs": args.epochs, "seconds": round(time.time() - t0, 1),
+        "hybrid": str(args.hybrid) if args.hybrid else None, "n_hybrid_images": len(hybrid),
+        "epochs": args.epochs, "members": args.members, "seconds": round(time.time() - t0, 1),
         "rows": {n: {k: v for k, v in r.items() if k != "_sent"} for n, r in rows.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from torch import nn
 from dicom_ai.core.errors import ModelError
 from dicom_ai.networks.microcalc_clusters import components
 
-__all__ = ["RescoreConfig", "MassRescoreNet", "Region", "FEATURES", "candidate_regions",
+__all__ = ["RescoreConfig", "RescoreMember", "MassRescoreNet", "Region", "FEATURES", "candidate_regions",
            "region_features", "region_patches", "rescore_regions", "rescored_map"]
 
 #: Region features, in this order (the network standardises them with its stored mean/std).
@@ -39,7 +39,7 @@ class RescoreConfig:
 
     ``window_mm`` is the side of the square window around a region's centroid, sampled at the
     U-Net's working pixel size ``pixel_spacing_mm``; ``channels`` the widths of the three
-    convolution stages; ``use_patch`` / ``use_features`` switch the two inputs (a features-only
+    convolution stages; ``members`` how many networks are averaged; ``use_patch`` / ``use_features`` switch the two inputs (a features-only
     network is a logistic regression with one hidden layer); ``ring_mm`` the width of the ring
     around a region that its contrast is measured against.
     """
@@ -48,6 +48,7 @@ class RescoreConfig:
     window_mm: float = 38.4
     channels: tuple[int, ...] = (8, 16, 32)
     hidden: int = 16
+    members: int = 3
     use_patch: bool = True
     use_features: bool = True
     ring_mm: float = 4.0
@@ -56,6 +57,8 @@ class RescoreConfig:
     def __post_init__(self) -> None:
         if not self.use_patch and not self.use_features:
             raise ModelError("the rescore network needs the patch, the features or both")
+        if self.members < 1:
+            raise ModelError(f"the rescore stage needs at least one member, got {self.members}")
         if self.window_px < 8:
             raise ModelError(f"window_mm {self.window_mm} is under 8 working pixels of {self.pixel_spacing_mm} mm")
 
@@ -77,12 +80,12 @@ class RescoreConfig:
         return cls(**known)
 
 
-class MassRescoreNet(nn.Module):
-    """(N, 2, W, W) windows and (N, len(FEATURES)) features -> (N,) logits.
+class RescoreMember(nn.Module):
+    """One member of :class:`MassRescoreNet`: (N, 2, W, W) windows, (N, F) standardised features -> (N,) logits.
 
-    Three (conv 3x3 -> ReLU -> max-pool 2) stages and a global average give the patch's
-    descriptor; the standardised features join it before one hidden layer. ``feature_mean`` and
-    ``feature_std`` are buffers set from the training candidates, so they travel in the weights.
+    Three (conv 3x3 -> ReLU -> max-pool 2) stages and a global average give the window's
+    descriptor (when ``use_patch``); the features join it (when ``use_features``) before one
+    hidden layer.
     """
 
     def __init__(self, config: RescoreConfig):
@@ -93,19 +96,41 @@ class MassRescoreNet(nn.Module):
         for c in config.channels:
             layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             c_in = c
-        self.patch = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.patch = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()) if config.use_patch else None
         n_in = (c_in if config.use_patch else 0) + (len(FEATURES) if config.use_features else 0)
         self.head = nn.Sequential(nn.Linear(n_in, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 1))
-        self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
-        self.register_buffer("feature_std", torch.ones(len(FEATURES)))
 
     def forward(self, windows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         parts = []
-        if self.config.use_patch:
+        if self.patch is not None:
             parts.append(self.patch(windows))
         if self.config.use_features:
-            parts.append((features - self.feature_mean) / self.feature_std)
+            parts.append(features)
         return self.head(torch.cat(parts, dim=1))[:, 0]
+
+
+class MassRescoreNet(nn.Module):
+    """(N, 2, W, W) windows and (N, len(FEATURES)) raw features -> (N,) logits.
+
+    ``config.members`` independently trained :class:`RescoreMember` networks; the logit is their
+    mean (a small ensemble: with a few dozen positive regions per training set, single networks
+    of different seeds rank the regions differently). ``feature_mean`` and ``feature_std`` are
+    buffers set from the training regions, so the standardisation travels in the weights.
+    """
+
+    def __init__(self, config: RescoreConfig):
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(RescoreMember(config) for _ in range(config.members))
+        self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
+        self.register_buffer("feature_std", torch.ones(len(FEATURES)))
+
+    def forward(self, windows: torch.Tensor, features: torch.Tensor, member: int | None = None) -> torch.Tensor:
+        """Mean logit of all members, or member ``member``'s logit alone (training)."""
+        z = (features - self.feature_mean) / self.feature_std
+        if member is not None:
+            return self.members[member](windows, z)
+        return torch.stack([m(windows, z) for m in self.members]).mean(0)
 
 
 @dataclass
