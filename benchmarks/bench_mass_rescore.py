@@ -35,8 +35,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from PIL import Image as PILImage
 
-from dicom_ai.networks.mass_rescore import RescoreConfig, candidate_regions, rescore_regions
+from dicom_ai.imaging.mammogram import mammogram_from_array, orient
+from dicom_ai.networks.bundle import load_bundle
+from dicom_ai.networks.dunet import DUNetModel, network_grid
+from dicom_ai.networks.pipeline import allowed_region
+from dicom_ai.networks.mass_rescore import FEATURES, RescoreConfig, candidate_regions, combine, rescore_regions
 from dicom_ai.training.dunet_patches import fit_platt
 from dicom_ai.training.mass_rescore import concat_examples, image_examples, train_rescorer
 
@@ -124,17 +129,49 @@ def paired_bootstrap(images, women, sent_a, sent_b, n=2000, seed=0) -> dict:
             "p_not_better": round(float(np.mean(np.asarray(diffs) <= 0)), 4)}
 
 
+def real_views(folder: Path, model: DUNetModel, spacing_mm: float = 0.1) -> list[dict]:
+    """The shared real CC images as bench_mias_node reads them (0.1 mm, laterality from the file name),
+    with the shipped U-Net's raw output, working-grid image and allowed region."""
+    out = []
+    for png in sorted(folder.glob("*.png")):
+        arr = np.asarray(PILImage.open(png)).astype(np.float32)
+        arr = arr / (65535.0 if arr.max() > 255 else 255.0)
+        lat = "L" if "_L_" in png.name else "R"
+        m = mammogram_from_array(arr, lat, "CC", (spacing_mm, spacing_mm))
+        m.faces_left, m.orientation = orient(lat == "R", m.breast_mask)
+        geo, image, _ = network_grid(m, model.config)
+        with torch.no_grad():
+            x = torch.from_numpy(image)[None, None]
+            raw = (x - model.network.reconstruct(x))[0, 0].numpy()
+        allowed = geo.forward(allowed_region(m).astype(np.float32)) > 0.5
+        out.append({"name": png.stem, "out": raw, "image": image, "allowed": allowed,
+                    "regions": candidate_regions(raw, allowed, LEVEL)})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dump", type=Path, required=True)
     p.add_argument("--dunet-folds", type=Path, required=True)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--variants", default="features,patch+features")
+    p.add_argument("--variants", default="features,features+hybrid",
+                   help="comma-separated: features | patch+features, each optionally +hybrid")
+    p.add_argument("--unet-weight", type=float, nargs="+", default=[0.0],
+                   help="RescoreConfig.unet_weight values to score (one row each; the networks are shared)")
+    p.add_argument("--feature-sets", default="all",
+                   help="semicolon-separated feature subsets (comma-separated names of FEATURES) or 'all'")
     p.add_argument("--members", type=int, default=3, help="networks per rescorer (RescoreConfig.members)")
     p.add_argument("--outputs", default="out,out_tta", help="U-Net outputs the stage is tried on")
     p.add_argument("--hybrid", type=Path, default=None,
-                   help="mass_rescore_dump.py --hybrid-copies arrays: their candidates on inserted masses join the "
-                        "positives of every rescorer whose held-out fold is not the background's")
+                   help="mass_rescore_dump.py --hybrid-copies arrays: for a variant named ...+hybrid, their candidates "
+                        "on inserted masses join the positives of every rescorer whose held-out fold is not the "
+                        "background's")
+    p.add_argument("--real", type=Path, default=Path("/work/shared/data/real"),
+                   help="shared real CC images: marks per image at the fp0.25 threshold chosen on all 5 folds, run by "
+                        "--ship (the all-folds U-Net) and, for the rescore rows, a stage trained on all 322 images")
+    p.add_argument("--real-spacing", type=float, nargs="+", default=[0.1, 0.07],
+                   help="pixel size assumed for the real PNGs (bench_mias_node: 0.1 mm; the node's own DICOMs of them: 0.07)")
+    p.add_argument("--ship", type=Path, default=Path("models/dunet"), help="the shipped (all-folds) U-Net bundle")
     p.add_argument("--out", type=Path, default=RESULTS / "mass_rescore.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -164,6 +201,27 @@ def main(argv: list[str] | None = None) -> int:
     rows["unet_tta"] = evaluate(images, marks_from(regs["out_tta"], [platt(tta_cals[im.fold], pk)
                                                                      for im, pk in zip(images, peaks)], 1e-6))
     print(f"baseline + tta {time.time() - t0:.0f}s", flush=True)
+    ship = DUNetModel.from_bundle(load_bundle(args.ship))
+    ship_cal = ship.calibration or (json.loads((args.ship / "manifest.json").read_text())["rescore"]["unet_calibration"])
+    # The real views at each assumed pixel size, one list (spacing recorded per view).
+    real = [dict(v, spacing=sp) for sp in args.real_spacing for v in real_views(args.real, ship, sp)] \
+        if args.real and args.real.is_dir() else []
+    all_idx = list(range(len(data)))
+
+    def real_marks(row_marks, real_scores) -> dict:
+        """Marks per shared real image at the fp0.25 threshold chosen on all five folds, per assumed pixel size."""
+        thr = node.choose_thresholds(node._tables(images, row_marks), all_idx, 0.25)[("dunet", "mass")]
+        out = {"threshold_fp0.25": None if thr == node.OFF else round(float(thr), 4)}
+        for sp in args.real_spacing:
+            per = {v["name"]: int((np.asarray(sc) >= thr).sum()) for v, sc in zip(real, real_scores) if v["spacing"] == sp}
+            out[f"at_{sp:g}_mm"] = {"marks": per, "marks_per_image": round(sum(per.values()) / max(len(per), 1), 3)}
+        return out
+
+    real_unet = [platt(ship_cal, np.array([r.peak for r in v["regions"]])) for v in real]
+    for name, key in (("unet", "out"),):
+        m_ = marks_from(regs[key], [platt(cals[im.fold], np.array([r.peak for r in rg]))
+                                    for im, rg in zip(images, regs[key])], 1e-6)
+        rows[name]["real_fp0.25"] = real_marks(m_, real_unet) if real else None
     for name in ("unet", "unet_tta"):
         print(name, rows[name]["sensitivity"], flush=True)
 
@@ -172,29 +230,43 @@ def main(argv: list[str] | None = None) -> int:
     for d in hybrid:
         d["out_tta"] = 0.5 * (d["out"] + d["out_ud"])
     for key in args.outputs.split(","):
-        for variant in args.variants.split(","):
-            cfg = RescoreConfig(use_patch="patch" in variant, use_features=True, members=args.members)
+        for variant, fset in [(v, f) for v in args.variants.split(",") for f in args.feature_sets.split(";")]:
+            feats_ = FEATURES if fset == "all" else tuple(fset.split(","))
+            cfg = RescoreConfig(use_patch="patch" in variant, use_features=True, members=args.members, features=feats_)
             ex = [image_examples(d[key], d["image"].astype(np.float32), d["allowed"], d["masses"], d["any"], cfg)
                   for d in data]
             hx = []
-            for d in hybrid:  # inserted masses: positives only (the background's own regions are in ex)
+            for d in (hybrid if "hybrid" in variant else []):  # inserted masses: positives only (the background's own regions are in ex)
                 e = image_examples(d[key], d["image"].astype(np.float32), d["allowed"], d["masses"], d["any"], cfg)
                 pos = e.labels == 1
                 hx.append(type(e)(e.windows[pos], e.features[pos], e.labels[pos], e.shifted[:, pos]))
-            hfold = np.array([int(d["fold"]) for d in hybrid])
+            hfold = np.array([int(d["fold"]) for d in hybrid])[:len(hx)]
             scores: list = [None] * len(data)
+            unet_p = [platt(cals[im.fold], np.array([r.peak for r in rg])) for im, rg in zip(images, regs[key])] \
+                if key == "out" else [platt(tta_cals[im.fold], np.array([r.peak for r in rg]))
+                                      for im, rg in zip(images, regs[key])]
             for k in range(5):
                 train = concat_examples([ex[i] for i in range(len(data)) if folds[i] != k]
-                                        + [hx[i] for i in range(len(hybrid)) if hfold[i] != k])
+                                        + [hx[i] for i in range(len(hx)) if hfold[i] != k])
                 net = train_rescorer(train, cfg, epochs=args.epochs, seed=k)
                 for i in np.flatnonzero(folds == k):
                     d = data[i]
                     scores[i] = rescore_regions(net, regs[key][i], d[key], d["image"].astype(np.float32), d["allowed"])
                 print(f"{key} {variant} fold {k}: {len(train.labels)} examples ({int(train.labels.sum())} masses) "
                       f"{time.time() - t0:.0f}s", flush=True)
-            name = f"rescore_{variant}" + f"_x{args.members}" + ("_tta" if key == "out_tta" else "") + ("_hybrid" if hybrid else "")
-            rows[name] = evaluate(images, marks_from(regs[key], scores, 1e-6))
-            print(name, rows[name]["sensitivity"], flush=True)
+            real_stage = []
+            if real and key == "out":
+                net_all = train_rescorer(concat_examples(ex + hx), cfg, epochs=args.epochs, seed=0)
+                real_stage = [rescore_regions(net_all, v["regions"], v["out"], v["image"], v["allowed"]) for v in real]
+            for w in args.unet_weight:
+                name = f"rescore_{variant}" + ("" if fset == "all" else f"[{fset}]") + f"_x{args.members}" + ("_tta" if key == "out_tta" else "") + \
+                    (f"_unet{w:g}" if w else "")
+                m_ = marks_from(regs[key], [combine(s_, u_, w) for s_, u_ in zip(scores, unet_p)], 1e-6)
+                rows[name] = evaluate(images, m_)
+                rows[name]["real_fp0.25"] = real_marks(m_, [combine(s_, u_, w) for s_, u_ in
+                                                            zip(real_stage, real_unet)]) if real_stage else None
+                print(name, "real", rows[name]["real_fp0.25"], flush=True)
+                print(name, rows[name]["sensitivity"], flush=True)
 
     base = rows["unet"]["_sent"]
     for name, row in rows.items():
@@ -209,19 +281,22 @@ def main(argv: list[str] | None = None) -> int:
                 "that image's own out-of-fold U-Net, which was trained with fold k's images among others; no fold-k "
                 "label reaches the rescorer directly (same scheme as the per-fold Platt calibration)",
         "hybrid": str(args.hybrid) if args.hybrid else None, "n_hybrid_images": len(hybrid),
-        "epochs": args.epochs, "members": args.members, "seconds": round(time.time() - t0, 1),
+        "epochs": args.epochs, "members": args.members, "real_spacing_mm": args.real_spacing, "seconds": round(time.time() - t0, 1),
         "rows": {n: {k: v for k, v in r.items() if k != "_sent"} for n, r in rows.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    lines = ["| row | masses @ " + " / ".join(map(str, BUDGETS)) + " FP/img | FP/normal @0.25 | diff @0.5 [CI] | diff @1 [CI] |",
-             "|---|---|---|---|---|"]
+    sps = " / ".join(f"{sp:g}" for sp in args.real_spacing)
+    lines = ["| row | masses @ " + " / ".join(map(str, BUDGETS)) + " FP/img | FP/normal @0.25 | diff @0.5 [CI] | "
+             f"diff @1 [CI] | shared real images: marks/image @0.25 (at {sps} mm) |", "|---|---|---|---|---|---|"]
     for n, r in result["rows"].items():
         pb = r["paired_vs_unet"]
         dd = [f"{pb[pt]['difference']:+.2f} [{pb[pt]['ci95'][0]:+.2f}, {pb[pt]['ci95'][1]:+.2f}]" if pb else "-"
               for pt in ("fp0.5", "fp1")]
         lines.append(f"| {n} | {' / '.join(f'{s:.2f}' for s in r['sensitivity'])} | "
-                     f"{r['false_marks_per_normal_image'][1]:.2f} | {dd[0]} | {dd[1]} |")
+                     f"{r['false_marks_per_normal_image'][1]:.2f} | {dd[0]} | {dd[1]} | "
+                     + (" / ".join(str(r['real_fp0.25'][f'at_{sp:g}_mm']['marks_per_image']) for sp in args.real_spacing)
+                        if r.get('real_fp0.25') else '-') + " |")
     table = "\n".join(lines)
     args.out.with_suffix(".md").write_text(table + "\n")
     print(table)

@@ -15,7 +15,7 @@ from dicom_ai.imaging import mammogram_from_array
 from dicom_ai.networks.bundle import load_bundle, save_bundle
 from dicom_ai.networks.dunet import RESCORE_PREFIX, DiscriminativeUNet, DUNetConfig, DUNetModel, working_grid
 from dicom_ai.networks.pipeline import Pipeline
-from dicom_ai.networks.mass_rescore import (FEATURES, MassRescoreNet, RescoreConfig, candidate_regions,
+from dicom_ai.networks.mass_rescore import (FEATURES, MassRescoreNet, RescoreConfig, candidate_regions, combine,
                                             region_features, region_patches, rescore_regions, rescored_map)
 from dicom_ai.training.dunet_patches import patch_manifest
 from dicom_ai.training.mass_rescore import Examples, attach_rescore, image_examples, train_rescorer
@@ -157,3 +157,18 @@ def test_train_dunet_stage_rescore_writes_a_bundle_from_out_of_fold_candidates(t
     study = generate_study(4, shape=(256, 192))
     findings = Pipeline.from_bundles([str(out)], device="cpu").run([im.dataset for im in study.images])
     assert all(np.isfinite(f.maps[0].probability).all() for f in findings)
+
+
+def test_config_choices_are_checked_and_scores_combine_monotonically():
+    with pytest.raises(ModelError, match="features"):
+        RescoreConfig(features=("peak", "colour"))
+    with pytest.raises(ModelError, match="unet_weight"):
+        RescoreConfig(unet_weight=1.5)
+    cfg = RescoreConfig(features=("peak", "contrast"), use_patch=False, members=1)
+    net = MassRescoreNet(cfg)
+    assert net.members[0].head[0].in_features == 2
+    assert RescoreConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    stage, unet = np.array([0.9, 0.2, 0.5]), np.array([0.1, 0.1, 0.5])
+    assert np.allclose(combine(stage, unet, 0.0), stage)
+    mid = combine(stage, unet, 0.5)  # the geometric mean of the two odds: 0.2 and 0.1 -> odds 1/6 -> 1/7
+    assert mid[0] == pytest.approx(0.5) and mid[1] == pytest.approx(1 / 7, abs=1e-4) and mid[2] == pytest.approx(0.5)

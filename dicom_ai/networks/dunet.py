@@ -34,8 +34,8 @@ from dicom_ai.core.errors import ModelError
 from dicom_ai.core.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Geometry, Mammogram, geometry_for
 from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
-from dicom_ai.networks.mass_rescore import (MassRescoreNet, RescoreConfig, candidate_regions, rescore_regions,
-                                            rescored_map)
+from dicom_ai.networks.mass_rescore import (MassRescoreNet, RescoreConfig, candidate_regions, combine,
+                                            rescore_regions, rescored_map)
 
 __all__ = [
     "DUNetConfig",
@@ -402,13 +402,18 @@ class DUNetModel:
             rescore = load_weights(MassRescoreNet(RescoreConfig.from_dict(entry["config"])),
                                    dataclasses.replace(bundle, state_dict=part), "dunet")
             floor = float(entry["floor"])
+            if rescore.config.unet_weight > 0 and not entry.get("unet_calibration"):
+                raise ModelError(f"bundle {bundle.where}: its rescore stage weighs the U-Net's calibrated score "
+                                 "but the manifest's rescore entry has no unet_calibration")
         elif len(unet_part) != len(bundle.state_dict):
             raise ModelError(f"bundle {bundle.where} holds {RESCORE_PREFIX}* tensors but its manifest has no "
                              "'rescore' entry; re-export the bundle with its rescore configuration")
         finding = str(bundle.manifest.get("finding", "malignant_lesion"))  # what the manifest says it marks
         threshold = float(bundle.manifest["thresholds"].get(finding, 0.5))
+        # With the stage, the U-Net's Platt map only enters through the stage's unet_weight.
+        calibration = (entry or {}).get("unet_calibration") if entry else bundle.manifest.get("calibration")
         return cls(network, bundle.identity, threshold, device, finding=finding,
-                   calibration=bundle.manifest.get("calibration"), rescore=rescore, rescore_floor=floor)
+                   calibration=calibration, rescore=rescore, rescore_floor=floor)
 
     @torch.no_grad()
     def run(self, mammogram: Mammogram) -> dict[str, np.ndarray | float | Geometry]:
@@ -439,6 +444,9 @@ class DUNetModel:
         allowed = geo.forward((mammogram.breast_mask & ~mammogram.pectoral_mask).astype(np.float32)) > 0.5
         regions = candidate_regions(raw, allowed, self.rescore.config.level)
         scores = rescore_regions(self.rescore, regions, raw, image, allowed)
+        if self.rescore.config.unet_weight > 0:
+            peaks = torch.tensor([r.peak for r in regions], dtype=torch.float32)
+            scores = combine(scores, calibrate(peaks, self.calibration).numpy(), self.rescore.config.unet_weight)
         return torch.from_numpy(rescored_map(regions, scores, raw, self.rescore_floor))[None, None].to(output.device)
 
     def predict(self, mammogram: Mammogram) -> ModelOutput:

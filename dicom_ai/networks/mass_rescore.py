@@ -26,7 +26,7 @@ from dicom_ai.core.errors import ModelError
 from dicom_ai.networks.microcalc_clusters import components
 
 __all__ = ["RescoreConfig", "RescoreMember", "MassRescoreNet", "Region", "FEATURES", "candidate_regions",
-           "region_features", "region_patches", "rescore_regions", "rescored_map"]
+           "region_features", "region_patches", "rescore_regions", "combine", "rescored_map"]
 
 #: Region features, in this order (the network standardises them with its stored mean/std).
 FEATURES: tuple[str, ...] = ("peak", "mean_output", "log_area_mm2", "contrast", "density",
@@ -53,10 +53,20 @@ class RescoreConfig:
     use_features: bool = True
     ring_mm: float = 4.0
     level: float = 0.1
+    #: Which of :data:`FEATURES` the network reads (all are computed; the rest are ignored).
+    features: tuple[str, ...] = FEATURES
+    #: Weight of the U-Net's own calibrated score in the region's final score (:func:`combine`):
+    #: 0 = the stage's probability alone; 0.5 = the mean of the two logits.
+    unet_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.use_patch and not self.use_features:
             raise ModelError("the rescore network needs the patch, the features or both")
+        unknown = [f for f in self.features if f not in FEATURES]
+        if unknown or not self.features:
+            raise ModelError(f"rescore features must be some of {FEATURES}, got {list(self.features)}")
+        if not 0.0 <= self.unet_weight <= 1.0:
+            raise ModelError(f"unet_weight must lie in [0, 1], got {self.unet_weight}")
         if self.members < 1:
             raise ModelError(f"the rescore stage needs at least one member, got {self.members}")
         if self.window_px < 8:
@@ -70,6 +80,7 @@ class RescoreConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channels"] = list(self.channels)
+        d["features"] = list(self.features)
         return d
 
     @classmethod
@@ -77,6 +88,8 @@ class RescoreConfig:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         if "channels" in known:
             known["channels"] = tuple(int(c) for c in known["channels"])
+        if "features" in known:
+            known["features"] = tuple(str(f) for f in known["features"])
         return cls(**known)
 
 
@@ -97,7 +110,7 @@ class RescoreMember(nn.Module):
             layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
             c_in = c
         self.patch = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()) if config.use_patch else None
-        n_in = (c_in if config.use_patch else 0) + (len(FEATURES) if config.use_features else 0)
+        n_in = (c_in if config.use_patch else 0) + (len(config.features) if config.use_features else 0)
         self.head = nn.Sequential(nn.Linear(n_in, config.hidden), nn.ReLU(), nn.Linear(config.hidden, 1))
 
     def forward(self, windows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -124,10 +137,12 @@ class MassRescoreNet(nn.Module):
         self.members = nn.ModuleList(RescoreMember(config) for _ in range(config.members))
         self.register_buffer("feature_mean", torch.zeros(len(FEATURES)))
         self.register_buffer("feature_std", torch.ones(len(FEATURES)))
+        self.columns = [FEATURES.index(f) for f in config.features]
 
     def forward(self, windows: torch.Tensor, features: torch.Tensor, member: int | None = None) -> torch.Tensor:
-        """Mean logit of all members, or member ``member``'s logit alone (training)."""
-        z = (features - self.feature_mean) / self.feature_std
+        """Mean logit of all members, or member ``member``'s logit alone (training); ``features`` has
+        every column of :data:`FEATURES`, the network reads ``config.features``."""
+        z = ((features - self.feature_mean) / self.feature_std)[:, self.columns]
         if member is not None:
             return self.members[member](windows, z)
         return torch.stack([m(windows, z) for m in self.members]).mean(0)
@@ -221,6 +236,21 @@ def rescore_regions(net: MassRescoreNet, regions: list[Region], output: np.ndarr
     net.eval()
     logit = 0.5 * (net(win, feats) + net(torch.flip(win, dims=(2,)), feats))
     return torch.sigmoid(logit).numpy().astype(np.float32)
+
+
+def combine(stage: np.ndarray, unet: np.ndarray, unet_weight: float) -> np.ndarray:
+    """Final region scores: ``sigmoid((1 - w) * logit(stage) + w * logit(unet))`` for ``w = unet_weight``.
+
+    ``stage`` are the stage's probabilities, ``unet`` the U-Net's calibrated region scores (its
+    Platt map at the region's peak). Keeping part of the U-Net's score ties the final ranking to
+    the network's own evidence where the region features move off the training images' range.
+    """
+    if unet_weight == 0.0:
+        return np.asarray(stage, dtype=np.float32)
+    eps = 1e-6
+    logit = lambda p: np.log(np.clip(p, eps, 1 - eps)) - np.log(np.clip(1 - p, eps, 1 - eps))  # noqa: E731
+    z = (1.0 - unet_weight) * logit(np.asarray(stage, np.float64)) + unet_weight * logit(np.asarray(unet, np.float64))
+    return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
 
 def rescored_map(regions: list[Region], scores: np.ndarray, output: np.ndarray, floor: float) -> np.ndarray:
