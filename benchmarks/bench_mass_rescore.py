@@ -13,9 +13,17 @@ Rows:
 * ``unet_tta`` : mean of the plain and the up-down-flipped pass (training used up-down flips),
   Platt refitted per held-out fold on the other folds' candidates; left-right flips are not
   label-preserving here (the working grid puts the chest wall at column 0 by design);
-* ``rescore_*`` : :mod:`dicom_ai.networks.mass_rescore` per held-out fold k, trained only on the
-  candidate regions of the other folds' images (each produced by that image's out-of-fold U-Net;
-  leak stated in the JSON), scored on fold k.
+* ``rescore_<variant>_x<members>`` : :mod:`dicom_ai.networks.mass_rescore` per held-out fold k, trained
+  only on the candidate regions of the other folds' images (each produced by that image's
+  out-of-fold U-Net; leak stated in the JSON), scored on fold k; ``features`` or ``patch+features``,
+  ``+hybrid``: with the candidates on masses inserted into the other folds' normals as extra
+  positives (``--hybrid``); ``[a,b,...]``: a feature subset; ``_unet<w>``: the logit mean with the
+  U-Net's own Platt score at weight w (:func:`~dicom_ai.networks.mass_rescore.combine`).
+
+Shared real images (``--real``): marks per image at the fp0.25 threshold chosen on all five folds,
+run by ``--ship`` (today's all-folds U-Net) and, for the rescore rows, a stage trained on all 322
+images; at each ``--real-spacing`` (bench_mias_node reads them at 0.1 mm; the node's DICOMs of them
+are 0.07 mm).
 
 Paired bootstrap over women (2000 draws) of the held-out sensitivity difference at 0.5 and 1
 false marks per image (sent marks fixed, women resampled).
