@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dicom_ai.cli import main
-from dicom_ai.core.errors import ModelError
+from dicom_ai.core.errors import BundleError, ModelError
 from dicom_ai.data import write_study
 from dicom_ai.data.phantom import generate_study
 from dicom_ai.imaging import mammogram_from_array
@@ -130,7 +130,7 @@ def test_the_node_model_runs_the_stage_from_its_bundle(tmp_path):
     assert plain.rescore is None and plain.predict(m).maps[0].probability.max() < 1
     b = load_bundle(out)
     b.manifest = {k: v for k, v in b.manifest.items() if k != "rescore"}
-    with pytest.raises(ModelError, match="no 'rescore' entry"):
+    with pytest.raises(BundleError, match="no 'rescore' entry"):
         DUNetModel.from_bundle(b)
     assert any(k.startswith(RESCORE_PREFIX) for k in b.state_dict)
 

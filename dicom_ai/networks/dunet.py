@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dicom_ai.core.errors import ModelError
+from dicom_ai.core.errors import BundleError, ModelError
 from dicom_ai.core.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Geometry, Mammogram, geometry_for
 from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
@@ -403,15 +403,15 @@ class DUNetModel:
                                    dataclasses.replace(bundle, state_dict=part), "dunet")
             floor = float(entry["floor"])
             if rescore.config.unet_weight > 0 and not entry.get("unet_calibration"):
-                raise ModelError(f"bundle {bundle.where}: its rescore stage weighs the U-Net's calibrated score "
+                raise BundleError(f"bundle {bundle.where}: its rescore stage weighs the U-Net's calibrated score "
                                  "but the manifest's rescore entry has no unet_calibration")
         elif len(unet_part) != len(bundle.state_dict):
-            raise ModelError(f"bundle {bundle.where} holds {RESCORE_PREFIX}* tensors but its manifest has no "
+            raise BundleError(f"bundle {bundle.where} holds {RESCORE_PREFIX}* tensors but its manifest has no "
                              "'rescore' entry; re-export the bundle with its rescore configuration")
         finding = str(bundle.manifest.get("finding", "malignant_lesion"))  # what the manifest says it marks
         threshold = float(bundle.manifest["thresholds"].get(finding, 0.5))
         # With the stage, the U-Net's Platt map only enters through the stage's unet_weight.
-        calibration = (entry or {}).get("unet_calibration") if entry else bundle.manifest.get("calibration")
+        calibration = entry.get("unet_calibration") if entry else bundle.manifest.get("calibration")
         return cls(network, bundle.identity, threshold, device, finding=finding,
                    calibration=calibration, rescore=rescore, rescore_floor=floor)
 
