@@ -640,7 +640,7 @@ def _register_dunet_any(subparsers: argparse._SubParsersAction) -> None:
                     "(mass segmentation, subtraction head); checkpoints, curves.csv and curves.png after every epoch "
                     "in --run-dir, --resume continues an interrupted run. Stage 1 writes a checkpoint, stage 2 a "
                     "model bundle whose manifest names the data sources and their licences.")
-    p.add_argument("--stage", choices=("pretrain", "segment"), required=True)
+    p.add_argument("--stage", choices=("pretrain", "segment", "rescore"), required=True)
     _add_data_arguments(
         p, default=None, examples=", ".join(DUNET_DATASETS) + " (phantom without a folder: generated studies, "
         "--phantom-seeds)", copies=None, inserted="", held_out="the rest give the validation curve")
@@ -670,6 +670,12 @@ def _register_dunet_any(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="dunet")
     p.add_argument("--version", default="0.3.0")
     p.add_argument("--out", required=True, help="stage pretrain: checkpoint .safetensors; segment: bundle folder")
+    # Stage rescore: the false-positive reduction stage (networks/mass_rescore) added to the --init bundle,
+    # trained on the candidate regions of the --folds images, each found by its out-of-fold U-Net of --cv-folds.
+    p.add_argument("--cv-folds", default=None, help="stage rescore: folder of fold0..fold4 U-Net bundles, fold k "
+                   "trained without fold k (each training image's candidates come from the bundle that did not see it)")
+    p.add_argument("--rescore-features-only", action="store_true",
+                   help="stage rescore: region features only, no image window")
     p.set_defaults(handler=_dunet_any)
 
 
@@ -735,6 +741,8 @@ def _dunet_any(args: argparse.Namespace) -> int:
     from dicom_ai.training import dunet_patches
 
     torch.set_num_threads(max(1, args.threads))
+    if args.stage == "rescore":
+        return _dunet_rescore(args)
     device = resolve_device(args.device)
     if args.stage == "segment" and len(args.pixel_size) != 1:
         raise SystemExit("--stage segment trains at one working pixel size; give one --pixel-size")
@@ -793,6 +801,53 @@ def _dunet_any(args: argparse.Namespace) -> int:
         pretraining=pretraining, training=hyper, metrics=metrics, calibration=calibration)
     path = save_bundle(args.out, manifest, network.state_dict())
     print(f"wrote bundle {path} ({len(train_set)} views, {args.epochs} epochs, {seconds} s)")
+    return 0
+
+
+def _dunet_rescore(args: argparse.Namespace) -> int:
+    """``--stage rescore``: train the false-positive reduction stage and write --init plus it as --out."""
+    from dicom_ai.core.errors import DatasetError
+    from dicom_ai.data.datasets import open_dataset
+    from dicom_ai.networks.bundle import load_bundle
+    from dicom_ai.networks.dunet import DUNetModel
+    from dicom_ai.networks.mass_rescore import RescoreConfig
+    from dicom_ai.training.dunet import seed_everything
+    from dicom_ai.training.mass_rescore import attach_rescore, concat_examples, out_of_fold_examples, train_rescorer
+
+    if not args.init or not Path(args.init).is_dir() or not args.cv_folds:
+        raise SystemExit("--stage rescore needs --init (the U-Net bundle to extend) and --cv-folds (its fold bundles)")
+    folds_dir = Path(args.cv_folds)
+    fold_models = {k: DUNetModel.from_bundle(load_bundle(str(folds_dir / f"fold{k}"))) for k in range(args.k_folds)}
+    base = load_bundle(args.init)
+    spacing = float(base.manifest["architecture"].get("pixel_spacing_mm") or 0)
+    if not spacing:
+        raise SystemExit(f"--init {args.init} has no working pixel size; the rescore stage needs a working-grid U-Net")
+    config = RescoreConfig(pixel_spacing_mm=spacing, use_patch=not args.rescore_features_only)
+    train_folds = list(args.folds) if args.folds is not None else list(range(args.k_folds))
+    seed_everything(args.seed)
+    started = time.time()
+    parts, sources = [], []
+    for name, root in args.dataset:
+        try:
+            ds = open_dataset(name, root)
+        except DatasetError as exc:
+            raise SystemExit(str(exc)) from None
+        part = out_of_fold_examples(ds, _fold_function(ds, args.k_folds), fold_models, train_folds, config,
+                                    cache_dir=args.cache_dir, progress=True)
+        parts.append(part)
+        licence = " | ".join(getattr(ds, "licences", []) or [getattr(ds, "licence", "")]) or f"{name}: see its terms"
+        sources.append({"dataset": name, "folds": train_folds, "candidates": int(len(part.labels)),
+                        "on_a_mass": int(part.labels.sum()), "licence": licence})
+    examples = concat_examples(parts)
+    print(f"rescore: {len(examples.labels)} candidate regions, {int(examples.labels.sum())} on a mass",
+          file=sys.stderr, flush=True)
+    net = train_rescorer(examples, config, epochs=args.epochs, seed=args.seed)
+    info = {"command": "dicom-ai train dunet " + " ".join(_dunet_any_echo(args)), "sources": sources,
+            "epochs": args.epochs, "seed": args.seed, "seconds": round(time.time() - started, 1),
+            "candidates_from": f"{folds_dir.name}/fold<k>: each training image's regions found by the U-Net trained "
+                               "without its fold (those U-Nets saw the other folds, the held-out one included)"}
+    path = attach_rescore(args.init, net, args.out, info, version=args.version)
+    print(f"wrote bundle {path} (rescore stage on {len(examples.labels)} regions, {info['seconds']} s)")
     return 0
 
 

@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dicom_ai.core.errors import ModelError
+from dicom_ai.core.errors import BundleError, ModelError
 from dicom_ai.core.findings import ImageScore, ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Geometry, Mammogram, geometry_for
 from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
+from dicom_ai.networks.mass_rescore import (MassRescoreNet, RescoreConfig, candidate_regions, combine,
+                                            rescore_regions, rescored_map)
 
 __all__ = [
     "DUNetConfig",
@@ -48,7 +50,12 @@ __all__ = [
     "working_grid",
     "network_grid",
     "calibrate",
+    "RESCORE_PREFIX",
 ]
+
+#: Tensor-name prefix of the optional false-positive reduction stage in a bundle's weights
+#: (:mod:`dicom_ai.networks.mass_rescore`; manifest entry ``rescore``).
+RESCORE_PREFIX = "rescore."
 
 #: Output heads: ``subtraction`` is the paper's method, ``sigmoid`` the standard baseline.
 HEADS: tuple[str, ...] = ("subtraction", "sigmoid")
@@ -346,11 +353,20 @@ class DUNetModel:
     the breast crop) and the image-level ``malignant`` score, defined as the mean of the
     highest ``score_top_fraction`` (default 0.5 %) of the model-grid probability map. The
     score is a ranking value, not a calibrated probability.
+
+    With a ``rescore`` network (a bundle whose manifest has a ``rescore`` entry), each
+    candidate region (raw output >= the stage's level inside the breast less the pectoral
+    muscle, on the working grid) is scored again from its window and features, and the map
+    carries that score as the region's peak (:func:`~dicom_ai.networks.mass_rescore.rescored_map`);
+    ``rescore_floor`` is then the map's candidate level, 0 outside the regions.
     """
 
     def __init__(self, network: DiscriminativeUNet, identity: ModelIdentity, threshold: float = 0.5,
                  device: torch.device | str = "cpu", finding: str = "malignant_lesion",
-                 calibration: dict | None = None):
+                 calibration: dict | None = None, rescore: MassRescoreNet | None = None,
+                 rescore_floor: float = 1e-4):
+        self.rescore = rescore.eval() if rescore is not None else None
+        self.rescore_floor = float(rescore_floor)
         self.device = torch.device(device)
         #: The manifest's ``calibration`` (:func:`calibrate`), None for the clipped map.
         self.calibration = dict(calibration) if calibration else None
@@ -376,11 +392,28 @@ class DUNetModel:
         """
         require_kind(bundle, "dunet")
         config = DUNetConfig.from_dict(bundle.manifest["architecture"])
-        network = load_weights(DiscriminativeUNet(config), bundle, "dunet")
+        entry = bundle.manifest.get("rescore")
+        unet_part = {k: v for k, v in bundle.state_dict.items() if not k.startswith(RESCORE_PREFIX)}
+        network = load_weights(DiscriminativeUNet(config), dataclasses.replace(bundle, state_dict=unet_part), "dunet")
+        rescore, floor = None, 1e-4
+        if entry:
+            # The stage's tensors are the rest of the same safetensors file, checked as strictly.
+            part = {k[len(RESCORE_PREFIX):]: v for k, v in bundle.state_dict.items() if k.startswith(RESCORE_PREFIX)}
+            rescore = load_weights(MassRescoreNet(RescoreConfig.from_dict(entry["config"])),
+                                   dataclasses.replace(bundle, state_dict=part), "dunet")
+            floor = float(entry["floor"])
+            if rescore.config.unet_weight > 0 and not entry.get("unet_calibration"):
+                raise BundleError(f"bundle {bundle.where}: its rescore stage weighs the U-Net's calibrated score "
+                                 "but the manifest's rescore entry has no unet_calibration")
+        elif len(unet_part) != len(bundle.state_dict):
+            raise BundleError(f"bundle {bundle.where} holds {RESCORE_PREFIX}* tensors but its manifest has no "
+                             "'rescore' entry; re-export the bundle with its rescore configuration")
         finding = str(bundle.manifest.get("finding", "malignant_lesion"))  # what the manifest says it marks
         threshold = float(bundle.manifest["thresholds"].get(finding, 0.5))
+        # With the stage, the U-Net's Platt map only enters through the stage's unet_weight.
+        calibration = entry.get("unet_calibration") if entry else bundle.manifest.get("calibration")
         return cls(network, bundle.identity, threshold, device, finding=finding,
-                   calibration=bundle.manifest.get("calibration"))
+                   calibration=calibration, rescore=rescore, rescore_floor=floor)
 
     @torch.no_grad()
     def run(self, mammogram: Mammogram) -> dict[str, np.ndarray | float | Geometry]:
@@ -389,7 +422,10 @@ class DUNetModel:
         x = torch.from_numpy(image).to(self.device)[None, None]
         reconstruction = self.network.reconstruct(x)
         output = x - reconstruction if self.network.head == "subtraction" else reconstruction
-        prob = calibrate(output, self.calibration)
+        if self.rescore is not None:
+            prob = self._rescored(mammogram, geo, image, output)
+        else:
+            prob = calibrate(output, self.calibration)
         if prob is None:
             prob = self.network.probability(output)
         score = float(top_k_score(prob, self.config.score_top_fraction)[0])
@@ -400,6 +436,18 @@ class DUNetModel:
             "probability": prob[0, 0].float().cpu().numpy(),
             "score": min(max(score, 0.0), 1.0),
         }
+
+    def _rescored(self, mammogram: Mammogram, geo: Geometry, image: np.ndarray, output: torch.Tensor) -> torch.Tensor:
+        """The map of the false-positive reduction stage (class doc), (1, 1, H, W) on the working grid."""
+        raw = output[0, 0].float().cpu().numpy()
+        # Where the node lets a mark be (breast less pectoral muscle), as the stage was trained.
+        allowed = geo.forward((mammogram.breast_mask & ~mammogram.pectoral_mask).astype(np.float32)) > 0.5
+        regions = candidate_regions(raw, allowed, self.rescore.config.level)
+        scores = rescore_regions(self.rescore, regions, raw, image, allowed)
+        if self.rescore.config.unet_weight > 0:
+            peaks = torch.tensor([r.peak for r in regions], dtype=torch.float32)
+            scores = combine(scores, calibrate(peaks, self.calibration).numpy(), self.rescore.config.unet_weight)
+        return torch.from_numpy(rescored_map(regions, scores, raw, self.rescore_floor))[None, None].to(output.device)
 
     def predict(self, mammogram: Mammogram) -> ModelOutput:
         """Malignancy map on the source grid and the image-level malignant score."""
