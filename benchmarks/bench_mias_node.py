@@ -57,6 +57,7 @@ import json
 import hashlib
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -65,14 +66,18 @@ import SimpleITK as sitk
 import torch
 from PIL import Image, ImageDraw
 
-from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset
-from dicom_ai.data.evaluate import FROC_CANDIDATE_THRESHOLD, UNION, ModelMarks, _output_prediction, evaluate_lesions, lesions_of, predict_marks
-from dicom_ai.data.metrics import LESION_FROC_RATES, bootstrap_ci, roc_auc
-from dicom_ai.imaging.mammogram import mammogram_from_array, orient
-from dicom_ai.networks import Pipeline
-from dicom_ai.networks.bundle import MODELS_DIR, load_bundle
-from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast
-from dicom_ai.networks.registry import model_from_bundle
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from microcalc_dump import output_from_dump  # noqa: E402
+
+from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset  # noqa: E402
+from dicom_ai.data.evaluate import FROC_CANDIDATE_THRESHOLD, UNION, ModelMarks, _output_prediction, evaluate_lesions, lesions_of, predict_marks  # noqa: E402
+from dicom_ai.data.metrics import LESION_FROC_RATES, bootstrap_ci, roc_auc  # noqa: E402
+from dicom_ai.imaging.mask import MASK_VERSION  # noqa: E402
+from dicom_ai.imaging.mammogram import mammogram_from_array, orient  # noqa: E402
+from dicom_ai.networks import Pipeline  # noqa: E402
+from dicom_ai.networks.bundle import MODELS_DIR, load_bundle  # noqa: E402
+from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast  # noqa: E402
+from dicom_ai.networks.registry import model_from_bundle  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUNDLES = ("glam", "dunet", "microcalc")
@@ -86,7 +91,7 @@ MIN_USEFUL = 0.05
 #: Today's node figures before issue 26 (benchmarks/results/mias_node.json of commit c8dc25b: U-Net
 #: 0.2.0 128x96 fold models, GLAM fine-tuned per fold (glam-mias), phantom microcalc; default fp1).
 TODAY = {"config": "dunet 0.2.0 128x96 CV folds + GLAM MIAS folds + phantom microcalc 0.1.0, mias_node.json of c8dc25b",
-         "mass": [0.0, 0.0, 0.0, 0.4138, 0.5345, 0.5517], "calcification_cluster": [0.0, 0.0, 0.0],
+         "mass": [0.0, 0.0, 0.0, 0.4138, 0.5345, 0.5517], "calcification_cluster": [0.0] * 6,
          "default": "fp1", "fp_normal_default": 1.1594, "fp_all_default": 1.0683, "auc": [0.5532, 0.4967, 0.605],
          "share": [0.0, 1.0, 0.0], "outside": "0 / 0 of 379", "real_marks_per_image_default": 1.75}
 
@@ -356,6 +361,10 @@ def model_sources(args) -> dict[str, dict]:
             out[name] = {"kind": FOLDS, "path": Path(folds), "ship": ship,
                          "reason": f"fold bundles {Path(folds).name}/fold0..4: each held-out fold run by the bundle "
                                    "trained without it"}
+            if name == "microcalc" and getattr(args, "microcalc_dump", None) is not None:
+                out[name]["reason"] += (f" (its MIAS-dependent choices made without that fold; the networks' outputs "
+                                        f"read from {args.microcalc_dump}, cut to breast mask v{MASK_VERSION}, and "
+                                        "each fold bundle's cluster stage run on them)")
         elif saw_mias(manifest):
             if bundle:
                 raise SystemExit(f"--{name}-bundle {bundle}: its manifest names mini-MIAS in its training; "
@@ -392,10 +401,39 @@ def _cache_for(args, bundle_dir: Path) -> Path | None:
     return args.cache / ("w" + hashlib.sha256(key.encode()).hexdigest()[:12])
 
 
+def dumped_microcalc_marks(args, samples, images, source: dict) -> list[ModelMarks]:
+    """microcalc fold bundles' marks from the networks' dumped working-grid maps
+    (``--microcalc-dump``, benchmarks/microcalc_dump.py): each image through the cluster stage of
+    the fold bundle that did not see it (:func:`microcalc_dump.output_from_dump`, cut to
+    today's breast mask), then the node's breast restriction and mark extraction, as
+    :func:`dicom_ai.data.evaluate.predict_marks` does. The fold bundles must carry the dumped
+    networks (same weights digest as ``--microcalc-dump-source``)."""
+    dumped = json.loads((args.microcalc_dump_source / "manifest.json").read_text())["weights_sha256"]
+    models = {}
+    for k in range(MIAS_FOLDS):
+        folder = source["path"] / f"fold{k}"
+        if json.loads((folder / "manifest.json").read_text())["weights_sha256"] != dumped:
+            raise SystemExit(f"{folder}: its networks are not the dumped ones ({args.microcalc_dump_source}); "
+                             "the dump cannot stand for them")
+        models[k] = candidate_model(folder)
+    out, shifted = [], 0
+    for i, s in enumerate(samples):
+        output, info = output_from_dump(models[images[i].fold], args.microcalc_dump / "mias" / f"{images[i].reference}.npz",
+                                        s.image)
+        shifted += any(info["box_shift_px"])
+        output = restrict_to_breast(output, s.image)
+        out.append(ModelMarks.from_prediction(_output_prediction(output), allowed_region(s.image)))
+    print(f"microcalc marks from dumps: {len(samples)} images, breast box moved since the dump on {shifted}", flush=True)
+    args.dump_box_moved = shifted
+    return out
+
+
 def marks_of(args, samples, images, name: str, source: dict) -> list[ModelMarks] | None:
     """Model ``name``'s marks on every sample from ``source`` (None when it is kept off)."""
     if source["kind"] == OFF_LEAK:
         return None
+    if source["kind"] == FOLDS and name == "microcalc" and args.microcalc_dump is not None:
+        return dumped_microcalc_marks(args, samples, images, source)
     out = []
     if source["kind"] == FOLDS:
         folders = {k: source["path"] / f"fold{k}" for k in range(MIAS_FOLDS)}
@@ -450,6 +488,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                    help="a microcalcification bundle trained with NO mini-MIAS image (every MIAS image held out; "
                         "thresholds still chosen on the other folds); it also runs the real images. Without it "
                         "the shipped models/microcalc is used (if it saw no MIAS image)")
+    p.add_argument("--microcalc-dump", type=Path, default=None,
+                   help="with --microcalc-folds: the microcalc networks' outputs dumped on every MIAS image "
+                        "(benchmarks/microcalc_dump.py, e.g. /work/data/microcalc-real/dump); each fold bundle's "
+                        "cluster stage runs on them instead of the networks (same marks, see output_from_dump)")
+    p.add_argument("--microcalc-dump-source", type=Path, default=Path("/work/data/microcalc-real/bundle"),
+                   help="the bundle whose networks made --microcalc-dump (the fold bundles must carry its weights)")
     p.add_argument("--compare-microcalc", type=Path, default=None,
                    help="another microcalcification bundle that saw no MIAS image, scored as a comparison config "
                         "(default: the shipped models/microcalc when --microcalc-bundle/--microcalc-folds replace it)")
@@ -463,10 +507,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     p.add_argument("--max-normal-fp", type=float, default=0.5,
                    help="auto default: most validation false marks per normal image at the default point")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--previews", type=Path, default=RESULTS.parent.parent / "build" / "mias_node",
+                   help="PNG previews of the shared real images (never under benchmarks/results: not to be committed)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.previews.mkdir(parents=True, exist_ok=True)
     sources = model_sources(args)
     data = MIASDataset(args.root)
     n = len(data) if args.limit is None else min(args.limit, len(data))
@@ -576,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
             out = restrict_to_breast(model.predict(m), m)
             by_model[name] = ModelMarks.from_prediction(_output_prediction(out), allowed_region(m))
         s = sent_marks(by_model, ship[default])
-        path = args.out / f"mias_node_real_{png.stem}.png"
+        path = args.previews / f"mias_node_real_{png.stem}.png"
         _preview(m.pixels, allowed_region(m), s, path, f"{png.stem}: {len(s)} marks at {default}")
         real[png.stem] = {"marks": len(s), "by_model": {k: sum(k in f["models"] for f in s) for k in by_model},
                           "orientation": m.orientation, "preview": path.name}
@@ -584,7 +631,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                                             "every mark counted as a false mark except by-eye hits; run by the "
                                             "shipped bundles of the models on at the default point",
                                     "point": default, "models_run": models_on, "images": real,
+                                    "previews_in": str(args.previews),
                                     "marks_per_image": round(sum(v["marks"] for v in real.values()) / max(len(real), 1), 3)}
+    if getattr(args, "dump_box_moved", None) is not None:
+        result["microcalc_from_dump"] = {
+            "dump": str(args.microcalc_dump), "networks": str(args.microcalc_dump_source),
+            "mask_version_of_dump": 3, "mask_version_now": MASK_VERSION,
+            "images_breast_box_moved": args.dump_box_moved,
+            "how": "benchmarks/microcalc_dump.py output_from_dump: the dumped working-grid map cut to the breast box "
+                   "of today's mask and set to 0 outside it, then each fold bundle's cluster stage; the node's marks "
+                   "checked on a few images in results/microcalc_dump_check.json",
+            "calcification_map": "the per-calcification map is 0 below the dump's floor (0.2), so its candidates "
+                                 "start at 0.2 instead of 0.1"}
     result["seconds"] = round(time.time() - t0, 1)
     (args.out / "mias_node.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "mias_node.md").write_text(_table(result))
@@ -622,7 +680,7 @@ def _table(result: dict) -> str:
     default = result["default_point"]["name"]
     lines = ["# mini-MIAS, what the node sends (5-fold CV, held-out folds pooled)", "",
              f"Default point: **{default}** ({result['default_point']['reason']}).", "",
-             "| marks | mass sens @ 0.125 / 0.25 / 0.5 / 1 / 2 / 4 FP/img | calc-cluster sens @ 0.5 / 1 / 4 | "
+             "| marks | mass sens @ 0.125 / 0.25 / 0.5 / 1 / 2 / 4 FP/img | calc-cluster sens @ 0.125 / 0.25 / 0.5 / 1 / 2 / 4 | "
              "FP/image @ default: normals (all images) | AUC abnormal (image) @ default | share of sent marks "
              "glam / dunet / microcalc | marks outside breast (node mask / independent) |",
              "|---|---|---|---|---|---|---|"]
@@ -635,7 +693,7 @@ def _table(result: dict) -> str:
         rob = b["robustness"][UNION]
         lines.append(f"| baseline (part 1): phantom bundles, threshold mask, thresholds 0.5, no merging, FROC over "
                      f"candidates | {' / '.join(f(mass.get(k)) for k in ('0.125', '0.25', '0.5', '1.0', '2.0', '4.0'))} | "
-                     f"{f(calc.get('0.5'))} / {f(calc['1.0'])} / {f(calc['4.0'])} | "
+                     f"{' / '.join(f(calc.get(k)) for k in ('0.125', '0.25', '0.5', '1.0', '2.0', '4.0'))} | "
                      f"{f(rob['false_marks_per_normal_image'])} (at 0.5) | "
                      f"{f(auc['value'])} [{f(auc['ci95'][0])}, {f(auc['ci95'][1])}] | - | "
                      f"{rob['marks_outside_breast']} / n.a. of {rob['marks_sent']} |")
@@ -649,7 +707,7 @@ def _table(result: dict) -> str:
     for name, c in result["configs"].items():
         fr = c["froc"]
         mass = [fr[k]["sensitivity"]["mass"] for k in ("0.125", "0.25", "0.5", "1.0", "2.0", "4.0")]
-        calc = [fr[k]["sensitivity"]["calcification_cluster"] for k in ("0.5", "1.0", "4.0")]
+        calc = [fr[k]["sensitivity"]["calcification_cluster"] for k in ("0.125", "0.25", "0.5", "1.0", "2.0", "4.0")]
         d = c["points"][default]
         a = c["auc_sent_default"]["abnormal"]
         o = c["outside_breast_default"]
