@@ -18,12 +18,16 @@ Protocol (everything held out is held out by fold):
   >= t, and no threshold is chosen below that candidate level.
 * Operating points (:func:`choose_thresholds`): for a node-level budget R false marks per image,
   on the validation images each map alone is checked at budget R; a map that finds under 5 % of
-  its lesion type there is switched off (threshold above its highest score); the others join
-  one by one (most lesions found alone first) only if the validation lesions found together,
-  sharing R equally, rise with them; the maps on share R equally, each at the lowest threshold
-  whose validation false marks per image stay within its share. For held-out fold k the
-  thresholds are chosen on the other four folds; the shipped thresholds are chosen on all five
-  folds.
+  its lesion type there is switched off (threshold above its highest score). Each map on gets
+  a share of R and sends at the lowest threshold whose validation false marks per image stay
+  within its share. ``--split equal`` (default): the maps join one by one (most lesions found
+  alone first) only if the validation lesions found together, sharing R equally, rise with
+  them, and share R equally. ``--split validation`` (measured in issue 26j and not kept: held
+  out it lost masses and let GLAM's maps on): the shares (eighths of R, every split among the
+  remaining maps) that find the most validation lesions together (ties: fewer maps on, then
+  fewer validation false marks). For
+  held-out fold k the thresholds are chosen on the other four folds; the shipped thresholds
+  are chosen on all five folds.
 * Merging: marks of different models on one image whose centroids lie within the larger
   mark's equivalent radius (sqrt(area / pi)) and that are of one kind (lesion: malignant or
   benign map; calcification cluster) are one finding, as in the SR.
@@ -162,8 +166,23 @@ def _tables(images, marks) -> dict:
     return {mk: _MapTable(images, marks, *mk) for mk in maps}
 
 
-def choose_thresholds(tables: dict, idx, budget: float) -> dict[tuple[str, str], float]:
-    """Per (model, map) threshold for a node budget of ``budget`` false marks per image (module doc)."""
+#: The budget split of ``--split validation`` is chosen in steps of 1/SHARE_STEPS of the budget.
+SHARE_STEPS = 8
+
+
+def _compositions(total: int, parts: int):
+    """Every way to write ``total`` as an ordered sum of ``parts`` non-negative integers."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total, -1, -1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first,) + rest
+
+
+def choose_thresholds(tables: dict, idx, budget: float, split: str = "equal") -> dict[tuple[str, str], float]:
+    """Per (model, map) threshold for a node budget of ``budget`` false marks per image (module
+    doc); ``split``: ``validation`` (shares chosen on the validation images) or ``equal``."""
     idx = np.asarray(list(idx), dtype=int)
 
     def lowest(tab, share):
@@ -193,6 +212,8 @@ def choose_thresholds(tables: dict, idx, budget: float) -> dict[tuple[str, str],
         return len(hits)
 
     candidates = [mk for mk, tab in tables.items() if tab.stats(idx, lowest(tab, budget))[1] >= MIN_USEFUL]
+    if split == "validation":
+        return _split_on_validation(tables, idx, budget, candidates, lowest)
     # A map joins only if it adds validation lesions once it takes its share of the budget: a map
     # that finds a few lesions alone but mostly marks normal tissue (GLAM's maps on MIAS) would
     # otherwise take budget from one that localises.
@@ -203,6 +224,56 @@ def choose_thresholds(tables: dict, idx, budget: float) -> dict[tuple[str, str],
     out = {mk: OFF for mk in tables}
     for mk in useful:
         out[mk] = lowest(tables[mk], budget / len(useful))
+    return out
+
+
+def _split_on_validation(tables: dict, idx: np.ndarray, budget: float, candidates: list, lowest) -> dict:
+    """Thresholds of the budget split (eighths of ``budget`` per map in ``candidates``) that finds
+    the most validation lesions together; ties: fewer maps on, then fewer validation false marks."""
+    level: dict = {}
+    for mk in candidates:
+        tab = tables[mk]
+        sel = np.isin(tab.img, idx)
+        for k in range(1, SHARE_STEPS + 1):
+            t = lowest(tab, budget * k / SHARE_STEPS)
+            on = sel & (tab.score >= t)
+            level[(mk, k)] = (t, {(TYPE_OF[mk[1]], h) for h in tab.hit[on & (tab.hit >= 0)].tolist()},
+                              int((on & tab.false).sum()))
+    best_key, best = None, ()
+    for shares in _compositions(SHARE_STEPS, len(candidates)):
+        on = [(mk, k) for mk, k in zip(candidates, shares) if k and level[(mk, k)][0] != OFF]
+        found = set().union(*(level[o][1] for o in on)) if on else set()
+        key = (len(found), -len(on), -sum(level[o][2] for o in on))
+        if best_key is None or key > best_key:
+            best_key, best = key, on
+    out = {mk: OFF for mk in tables}
+    for mk, k in best:
+        out[mk] = level[(mk, k)][0]
+    return out
+
+
+def by_parts(images, marks, rates: dict[tuple[str, str], float]) -> dict:
+    """Held-out figures of maps sent together, each at the threshold chosen for it ALONE on the
+    validation folds (its own false-mark ``rates`` per image; every other map off): how an
+    operating point chosen per model, not jointly, performs when the node sends all of it."""
+    tables = _tables(images, marks)
+    folds = [[i for i, im in enumerate(images) if im.fold == k] for k in range(MIAS_FOLDS)]
+    sent, per_fold = {}, {}
+    for k, held in enumerate(folds):
+        val = [i for f, ids in enumerate(folds) if f != k for i in ids]
+        thr = {mk: OFF for mk in tables}
+        for mk, rate in rates.items():
+            if mk in tables:
+                thr.update(choose_thresholds({mk: tables[mk]}, val, rate))
+        per_fold[str(k)] = {f"{m}/{key}": (None if t == OFF else t) for (m, key), t in thr.items() if (m, key) in rates}
+        for i in held:
+            sent[i] = sent_marks(marks[i], thr)
+    out = score_sent(images, sent, range(len(images)))
+    total = sum(len(v) for v in sent.values())
+    out["share_of_sent_marks"] = {m: round(sum(m in f["models"] for v in sent.values() for f in v) / max(total, 1), 4)
+                                  for m in BUNDLES}
+    out.update(rates={f"{m}/{k}": r for (m, k), r in rates.items()}, per_fold_thresholds=per_fold,
+               auc=_auc(images, sent))
     return out
 
 
@@ -248,7 +319,7 @@ def score_sent(images, sent, idx) -> dict:
             "n_images": len(idx), "n_normal": n_normal}
 
 
-def cross_validate(images, marks) -> dict:
+def cross_validate(images, marks, split: str = "equal") -> dict:
     """Held-out figures per named point and the node FROC (thresholds chosen per fold)."""
     tables = _tables(images, marks)
     folds = [[i for i, im in enumerate(images) if im.fold == k] for k in range(MIAS_FOLDS)]
@@ -259,7 +330,7 @@ def cross_validate(images, marks) -> dict:
         per_map_held: dict = {}
         for k, held in enumerate(folds):
             val = [i for f, ids in enumerate(folds) if f != k for i in ids]
-            thr = choose_thresholds(tables, val, budget)
+            thr = choose_thresholds(tables, val, budget, split)
             out["per_fold_thresholds"].setdefault(str(budget), {})[str(k)] = {f"{m}/{key}": (None if t == OFF else t) for (m, key), t in thr.items()}
             for i in held:
                 sent[i] = sent_marks(marks[i], thr)
@@ -497,6 +568,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     p.add_argument("--compare-microcalc", type=Path, default=None,
                    help="another microcalcification bundle that saw no MIAS image, scored as a comparison config "
                         "(default: the shipped models/microcalc when --microcalc-bundle/--microcalc-folds replace it)")
+    p.add_argument("--split", choices=["equal", "validation"], default="equal",
+                   help="how the maps on share a point's budget: equally (default), or the split that finds the "
+                        "most validation lesions (measured, overfits: see the module doc)")
+    p.add_argument("--by-parts", nargs="*", default=["dunet/mass=0.25", "microcalc/calcification_cluster=0.125"],
+                   metavar="MODEL/MAP=RATE",
+                   help="also score, held out, these maps sent together, each at the threshold chosen ALONE on the "
+                        "validation folds for its own false-mark rate (default: microcalc 0.3.0's shipped default, "
+                        "the U-Net at the whole fp0.25 budget and the cluster map at half of it)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="first N images only (a dry run; figures not valid)")
     p.add_argument("--no-real", action="store_true", help="skip the four shared real images")
@@ -549,15 +628,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                     "data": {"images": len(images), "normal": int(sum(im.normal for im in images)),
                              "licence": data.licence,
                              "split": "dicom_ai.data.datasets.mias_folds (patient level, fixed 5 folds)"},
+                    "budget_split": args.split,
                     "protocol": __doc__.split("Protocol (everything held out is held out by fold):")[1].split("    nice")[0].strip(),
                     "today": TODAY, "configs": {}}
-    cvs = {name: cross_validate(images, mk) for name, (_, mk) in configs.items()}
+    cvs = {name: cross_validate(images, mk, args.split) for name, (_, mk) in configs.items()}
+    if args.by_parts:
+        rates = {tuple(spec.split("=")[0].split("/", 1)): float(spec.split("=")[1]) for spec in args.by_parts}
+        result["by_parts"] = dict(by_parts(images, list(configs.values())[-1][1], rates),
+                                  config=list(configs)[-1])
     # Shipped thresholds: chosen on all five folds of the shipped (last) config; the default
     # point is chosen on their validation figures (the same images they were chosen on).
     ship_name = list(configs)[-1]
     ship_srcs, ship_marks = configs[ship_name]
     ship_tables = _tables(images, ship_marks)
-    ship = {pn: choose_thresholds(ship_tables, range(len(images)), b) for pn, b in POINTS.items()}
+    ship = {pn: choose_thresholds(ship_tables, range(len(images)), b, args.split) for pn, b in POINTS.items()}
     result["validation_shipped"] = {
         pn: {**score_sent(images, [sent_marks(ship_marks[i], thr) for i in range(len(images))], range(len(images))),
              "maps_on": sum(t != OFF for t in thr.values())} for pn, thr in ship.items()}
@@ -727,6 +811,14 @@ def _table(result: dict) -> str:
                       f"{pn}: {f(v['false_marks_per_normal_image'])} false marks per normal image, "
                       f"{f(v['false_marks_per_image'])} per image, mass {f(v['sensitivity']['mass'])}, "
                       f"{v['maps_on']} map(s) on" for pn, v in val.items())]
+    bp = result.get("by_parts")
+    if bp:
+        lines += ["", "Maps at thresholds chosen per map ALONE (" + ", ".join(f"{k} at {v:g} false marks per image"
+                  for k, v in bp["rates"].items()) + "), sent together, held out: mass "
+                  f"{f(bp['sensitivity']['mass'])}, clusters {f(bp['sensitivity']['calcification_cluster'])}, "
+                  f"{f(bp['false_marks_per_normal_image'])} false marks per normal image "
+                  f"({f(bp['false_marks_per_image'])} per image), AUC {f(bp['auc']['abnormal']['value'])} "
+                  f"[{f(bp['auc']['abnormal']['ci95'][0])}, {f(bp['auc']['abnormal']['ci95'][1])}]."]
     real = result.get("shared_real_images", {})
     if real.get("images"):
         lines += ["", f"Four shared real CC images at {real['point']} (run by the shipped bundles of "
