@@ -269,6 +269,11 @@ def by_parts(images, marks, rates: dict[tuple[str, str], float]) -> dict:
         for i in held:
             sent[i] = sent_marks(marks[i], thr)
     out = score_sent(images, sent, range(len(images)))
+    # The thresholds a node would ship for this pair: each chosen alone on all five folds.
+    every = np.arange(len(images))
+    out["thresholds_all_folds"] = {f"{m}/{key}": (None if t == OFF else t)
+                                   for (m, key), rate in rates.items() if (m, key) in tables
+                                   for t in [choose_thresholds({(m, key): tables[(m, key)]}, every, rate)[(m, key)]]}
     total = sum(len(v) for v in sent.values())
     out["share_of_sent_marks"] = {m: round(sum(m in f["models"] for v in sent.values() for f in v) / max(total, 1), 4)
                                   for m in BUNDLES}
