@@ -18,12 +18,16 @@ Protocol (everything held out is held out by fold):
   >= t, and no threshold is chosen below that candidate level.
 * Operating points (:func:`choose_thresholds`): for a node-level budget R false marks per image,
   on the validation images each map alone is checked at budget R; a map that finds under 5 % of
-  its lesion type there is switched off (threshold above its highest score); the others join
-  one by one (most lesions found alone first) only if the validation lesions found together,
-  sharing R equally, rise with them; the maps on share R equally, each at the lowest threshold
-  whose validation false marks per image stay within its share. For held-out fold k the
-  thresholds are chosen on the other four folds; the shipped thresholds are chosen on all five
-  folds.
+  its lesion type there is switched off (threshold above its highest score). Each map on gets
+  a share of R and sends at the lowest threshold whose validation false marks per image stay
+  within its share. ``--split equal`` (default): the maps join one by one (most lesions found
+  alone first) only if the validation lesions found together, sharing R equally, rise with
+  them, and share R equally. ``--split validation`` (measured in issue 26j and not kept: held
+  out it lost masses and let GLAM's maps on): the shares (eighths of R, every split among the
+  remaining maps) that find the most validation lesions together (ties: fewer maps on, then
+  fewer validation false marks). For
+  held-out fold k the thresholds are chosen on the other four folds; the shipped thresholds
+  are chosen on all five folds.
 * Merging: marks of different models on one image whose centroids lie within the larger
   mark's equivalent radius (sqrt(area / pi)) and that are of one kind (lesion: malignant or
   benign map; calcification cluster) are one finding, as in the SR.
@@ -57,6 +61,7 @@ import json
 import hashlib
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -65,14 +70,18 @@ import SimpleITK as sitk
 import torch
 from PIL import Image, ImageDraw
 
-from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset
-from dicom_ai.data.evaluate import FROC_CANDIDATE_THRESHOLD, UNION, ModelMarks, _output_prediction, evaluate_lesions, lesions_of, predict_marks
-from dicom_ai.data.metrics import LESION_FROC_RATES, bootstrap_ci, roc_auc
-from dicom_ai.imaging.mammogram import mammogram_from_array, orient
-from dicom_ai.networks import Pipeline
-from dicom_ai.networks.bundle import MODELS_DIR, load_bundle
-from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast
-from dicom_ai.networks.registry import model_from_bundle
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from microcalc_dump import output_from_dump  # noqa: E402
+
+from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset  # noqa: E402
+from dicom_ai.data.evaluate import FROC_CANDIDATE_THRESHOLD, UNION, ModelMarks, _output_prediction, evaluate_lesions, lesions_of, predict_marks  # noqa: E402
+from dicom_ai.data.metrics import LESION_FROC_RATES, bootstrap_ci, roc_auc  # noqa: E402
+from dicom_ai.imaging.mask import MASK_VERSION  # noqa: E402
+from dicom_ai.imaging.mammogram import mammogram_from_array, orient  # noqa: E402
+from dicom_ai.networks import Pipeline  # noqa: E402
+from dicom_ai.networks.bundle import MODELS_DIR, load_bundle  # noqa: E402
+from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast  # noqa: E402
+from dicom_ai.networks.registry import model_from_bundle  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUNDLES = ("glam", "dunet", "microcalc")
@@ -86,7 +95,7 @@ MIN_USEFUL = 0.05
 #: Today's node figures before issue 26 (benchmarks/results/mias_node.json of commit c8dc25b: U-Net
 #: 0.2.0 128x96 fold models, GLAM fine-tuned per fold (glam-mias), phantom microcalc; default fp1).
 TODAY = {"config": "dunet 0.2.0 128x96 CV folds + GLAM MIAS folds + phantom microcalc 0.1.0, mias_node.json of c8dc25b",
-         "mass": [0.0, 0.0, 0.0, 0.4138, 0.5345, 0.5517], "calcification_cluster": [0.0, 0.0, 0.0],
+         "mass": [0.0, 0.0, 0.0, 0.4138, 0.5345, 0.5517], "calcification_cluster": [0.0] * 6,
          "default": "fp1", "fp_normal_default": 1.1594, "fp_all_default": 1.0683, "auc": [0.5532, 0.4967, 0.605],
          "share": [0.0, 1.0, 0.0], "outside": "0 / 0 of 379", "real_marks_per_image_default": 1.75}
 
@@ -157,8 +166,23 @@ def _tables(images, marks) -> dict:
     return {mk: _MapTable(images, marks, *mk) for mk in maps}
 
 
-def choose_thresholds(tables: dict, idx, budget: float) -> dict[tuple[str, str], float]:
-    """Per (model, map) threshold for a node budget of ``budget`` false marks per image (module doc)."""
+#: The budget split of ``--split validation`` is chosen in steps of 1/SHARE_STEPS of the budget.
+SHARE_STEPS = 8
+
+
+def _compositions(total: int, parts: int):
+    """Every way to write ``total`` as an ordered sum of ``parts`` non-negative integers."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total, -1, -1):
+        for rest in _compositions(total - first, parts - 1):
+            yield (first,) + rest
+
+
+def choose_thresholds(tables: dict, idx, budget: float, split: str = "equal") -> dict[tuple[str, str], float]:
+    """Per (model, map) threshold for a node budget of ``budget`` false marks per image (module
+    doc); ``split``: ``validation`` (shares chosen on the validation images) or ``equal``."""
     idx = np.asarray(list(idx), dtype=int)
 
     def lowest(tab, share):
@@ -188,6 +212,8 @@ def choose_thresholds(tables: dict, idx, budget: float) -> dict[tuple[str, str],
         return len(hits)
 
     candidates = [mk for mk, tab in tables.items() if tab.stats(idx, lowest(tab, budget))[1] >= MIN_USEFUL]
+    if split == "validation":
+        return _split_on_validation(tables, idx, budget, candidates, lowest)
     # A map joins only if it adds validation lesions once it takes its share of the budget: a map
     # that finds a few lesions alone but mostly marks normal tissue (GLAM's maps on MIAS) would
     # otherwise take budget from one that localises.
@@ -198,6 +224,61 @@ def choose_thresholds(tables: dict, idx, budget: float) -> dict[tuple[str, str],
     out = {mk: OFF for mk in tables}
     for mk in useful:
         out[mk] = lowest(tables[mk], budget / len(useful))
+    return out
+
+
+def _split_on_validation(tables: dict, idx: np.ndarray, budget: float, candidates: list, lowest) -> dict:
+    """Thresholds of the budget split (eighths of ``budget`` per map in ``candidates``) that finds
+    the most validation lesions together; ties: fewer maps on, then fewer validation false marks."""
+    level: dict = {}
+    for mk in candidates:
+        tab = tables[mk]
+        sel = np.isin(tab.img, idx)
+        for k in range(1, SHARE_STEPS + 1):
+            t = lowest(tab, budget * k / SHARE_STEPS)
+            on = sel & (tab.score >= t)
+            level[(mk, k)] = (t, {(TYPE_OF[mk[1]], h) for h in tab.hit[on & (tab.hit >= 0)].tolist()},
+                              int((on & tab.false).sum()))
+    best_key, best = None, ()
+    for shares in _compositions(SHARE_STEPS, len(candidates)):
+        on = [(mk, k) for mk, k in zip(candidates, shares) if k and level[(mk, k)][0] != OFF]
+        found = set().union(*(level[o][1] for o in on)) if on else set()
+        key = (len(found), -len(on), -sum(level[o][2] for o in on))
+        if best_key is None or key > best_key:
+            best_key, best = key, on
+    out = {mk: OFF for mk in tables}
+    for mk, k in best:
+        out[mk] = level[(mk, k)][0]
+    return out
+
+
+def by_parts(images, marks, rates: dict[tuple[str, str], float]) -> dict:
+    """Held-out figures of maps sent together, each at the threshold chosen for it ALONE on the
+    validation folds (its own false-mark ``rates`` per image; every other map off): how an
+    operating point chosen per model, not jointly, performs when the node sends all of it."""
+    tables = _tables(images, marks)
+    folds = [[i for i, im in enumerate(images) if im.fold == k] for k in range(MIAS_FOLDS)]
+    sent, per_fold = {}, {}
+    for k, held in enumerate(folds):
+        val = [i for f, ids in enumerate(folds) if f != k for i in ids]
+        thr = {mk: OFF for mk in tables}
+        for mk, rate in rates.items():
+            if mk in tables:
+                thr.update(choose_thresholds({mk: tables[mk]}, val, rate))
+        per_fold[str(k)] = {f"{m}/{key}": (None if t == OFF else t) for (m, key), t in thr.items() if (m, key) in rates}
+        for i in held:
+            sent[i] = sent_marks(marks[i], thr)
+    out = score_sent(images, sent, range(len(images)))
+    # The thresholds a node would ship for this pair: each chosen alone on all five folds.
+    every = np.arange(len(images))
+    out["thresholds_all_folds"] = {f"{m}/{key}": (None if t == OFF else t)
+                                   for (m, key), rate in rates.items() if (m, key) in tables
+                                   for t in [choose_thresholds({(m, key): tables[(m, key)]}, every, rate)[(m, key)]]}
+    total = sum(len(v) for v in sent.values())
+    out["share_of_sent_marks"] = {m: round(sum(m in f["models"] for v in sent.values() for f in v) / max(total, 1), 4)
+                                  for m in BUNDLES}
+    out.update(rates={f"{m}/{k}": r for (m, k), r in rates.items()}, per_fold_thresholds=per_fold,
+               auc=_auc(images, sent))
     return out
 
 
@@ -243,7 +324,7 @@ def score_sent(images, sent, idx) -> dict:
             "n_images": len(idx), "n_normal": n_normal}
 
 
-def cross_validate(images, marks) -> dict:
+def cross_validate(images, marks, split: str = "equal") -> dict:
     """Held-out figures per named point and the node FROC (thresholds chosen per fold)."""
     tables = _tables(images, marks)
     folds = [[i for i, im in enumerate(images) if im.fold == k] for k in range(MIAS_FOLDS)]
@@ -254,7 +335,7 @@ def cross_validate(images, marks) -> dict:
         per_map_held: dict = {}
         for k, held in enumerate(folds):
             val = [i for f, ids in enumerate(folds) if f != k for i in ids]
-            thr = choose_thresholds(tables, val, budget)
+            thr = choose_thresholds(tables, val, budget, split)
             out["per_fold_thresholds"].setdefault(str(budget), {})[str(k)] = {f"{m}/{key}": (None if t == OFF else t) for (m, key), t in thr.items()}
             for i in held:
                 sent[i] = sent_marks(marks[i], thr)
@@ -356,6 +437,10 @@ def model_sources(args) -> dict[str, dict]:
             out[name] = {"kind": FOLDS, "path": Path(folds), "ship": ship,
                          "reason": f"fold bundles {Path(folds).name}/fold0..4: each held-out fold run by the bundle "
                                    "trained without it"}
+            if name == "microcalc" and getattr(args, "microcalc_dump", None) is not None:
+                out[name]["reason"] += (f" (its MIAS-dependent choices made without that fold; the networks' outputs "
+                                        f"read from {args.microcalc_dump}, cut to breast mask v{MASK_VERSION}, and "
+                                        "each fold bundle's cluster stage run on them)")
         elif saw_mias(manifest):
             if bundle:
                 raise SystemExit(f"--{name}-bundle {bundle}: its manifest names mini-MIAS in its training; "
@@ -392,10 +477,39 @@ def _cache_for(args, bundle_dir: Path) -> Path | None:
     return args.cache / ("w" + hashlib.sha256(key.encode()).hexdigest()[:12])
 
 
+def dumped_microcalc_marks(args, samples, images, source: dict) -> list[ModelMarks]:
+    """microcalc fold bundles' marks from the networks' dumped working-grid maps
+    (``--microcalc-dump``, benchmarks/microcalc_dump.py): each image through the cluster stage of
+    the fold bundle that did not see it (:func:`microcalc_dump.output_from_dump`, cut to
+    today's breast mask), then the node's breast restriction and mark extraction, as
+    :func:`dicom_ai.data.evaluate.predict_marks` does. The fold bundles must carry the dumped
+    networks (same weights digest as ``--microcalc-dump-source``)."""
+    dumped = json.loads((args.microcalc_dump_source / "manifest.json").read_text())["weights_sha256"]
+    models = {}
+    for k in range(MIAS_FOLDS):
+        folder = source["path"] / f"fold{k}"
+        if json.loads((folder / "manifest.json").read_text())["weights_sha256"] != dumped:
+            raise SystemExit(f"{folder}: its networks are not the dumped ones ({args.microcalc_dump_source}); "
+                             "the dump cannot stand for them")
+        models[k] = candidate_model(folder)
+    out, shifted = [], 0
+    for i, s in enumerate(samples):
+        output, info = output_from_dump(models[images[i].fold], args.microcalc_dump / "mias" / f"{images[i].reference}.npz",
+                                        s.image)
+        shifted += any(info["box_shift_px"])
+        output = restrict_to_breast(output, s.image)
+        out.append(ModelMarks.from_prediction(_output_prediction(output), allowed_region(s.image)))
+    print(f"microcalc marks from dumps: {len(samples)} images, breast box moved since the dump on {shifted}", flush=True)
+    args.dump_box_moved = shifted
+    return out
+
+
 def marks_of(args, samples, images, name: str, source: dict) -> list[ModelMarks] | None:
     """Model ``name``'s marks on every sample from ``source`` (None when it is kept off)."""
     if source["kind"] == OFF_LEAK:
         return None
+    if source["kind"] == FOLDS and name == "microcalc" and args.microcalc_dump is not None:
+        return dumped_microcalc_marks(args, samples, images, source)
     out = []
     if source["kind"] == FOLDS:
         folders = {k: source["path"] / f"fold{k}" for k in range(MIAS_FOLDS)}
@@ -450,9 +564,23 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                    help="a microcalcification bundle trained with NO mini-MIAS image (every MIAS image held out; "
                         "thresholds still chosen on the other folds); it also runs the real images. Without it "
                         "the shipped models/microcalc is used (if it saw no MIAS image)")
+    p.add_argument("--microcalc-dump", type=Path, default=None,
+                   help="with --microcalc-folds: the microcalc networks' outputs dumped on every MIAS image "
+                        "(benchmarks/microcalc_dump.py, e.g. /work/data/microcalc-real/dump); each fold bundle's "
+                        "cluster stage runs on them instead of the networks (same marks, see output_from_dump)")
+    p.add_argument("--microcalc-dump-source", type=Path, default=Path("/work/data/microcalc-real/bundle"),
+                   help="the bundle whose networks made --microcalc-dump (the fold bundles must carry its weights)")
     p.add_argument("--compare-microcalc", type=Path, default=None,
                    help="another microcalcification bundle that saw no MIAS image, scored as a comparison config "
                         "(default: the shipped models/microcalc when --microcalc-bundle/--microcalc-folds replace it)")
+    p.add_argument("--split", choices=["equal", "validation"], default="equal",
+                   help="how the maps on share a point's budget: equally (default), or the split that finds the "
+                        "most validation lesions (measured, overfits: see the module doc)")
+    p.add_argument("--by-parts", nargs="*", default=["dunet/mass=0.25", "microcalc/calcification_cluster=0.125"],
+                   metavar="MODEL/MAP=RATE",
+                   help="also score, held out, these maps sent together, each at the threshold chosen ALONE on the "
+                        "validation folds for its own false-mark rate (default: microcalc 0.3.0's shipped default, "
+                        "the U-Net at the whole fp0.25 budget and the cluster map at half of it)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="first N images only (a dry run; figures not valid)")
     p.add_argument("--no-real", action="store_true", help="skip the four shared real images")
@@ -463,10 +591,13 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     p.add_argument("--max-normal-fp", type=float, default=0.5,
                    help="auto default: most validation false marks per normal image at the default point")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--previews", type=Path, default=RESULTS.parent.parent / "build" / "mias_node",
+                   help="PNG previews of the shared real images (never under benchmarks/results: not to be committed)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.previews.mkdir(parents=True, exist_ok=True)
     sources = model_sources(args)
     data = MIASDataset(args.root)
     n = len(data) if args.limit is None else min(args.limit, len(data))
@@ -502,15 +633,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                     "data": {"images": len(images), "normal": int(sum(im.normal for im in images)),
                              "licence": data.licence,
                              "split": "dicom_ai.data.datasets.mias_folds (patient level, fixed 5 folds)"},
+                    "budget_split": args.split,
                     "protocol": __doc__.split("Protocol (everything held out is held out by fold):")[1].split("    nice")[0].strip(),
                     "today": TODAY, "configs": {}}
-    cvs = {name: cross_validate(images, mk) for name, (_, mk) in configs.items()}
+    cvs = {name: cross_validate(images, mk, args.split) for name, (_, mk) in configs.items()}
+    if args.by_parts:
+        rates = {tuple(spec.split("=")[0].split("/", 1)): float(spec.split("=")[1]) for spec in args.by_parts}
+        result["by_parts"] = dict(by_parts(images, list(configs.values())[-1][1], rates),
+                                  config=list(configs)[-1])
     # Shipped thresholds: chosen on all five folds of the shipped (last) config; the default
     # point is chosen on their validation figures (the same images they were chosen on).
     ship_name = list(configs)[-1]
     ship_srcs, ship_marks = configs[ship_name]
     ship_tables = _tables(images, ship_marks)
-    ship = {pn: choose_thresholds(ship_tables, range(len(images)), b) for pn, b in POINTS.items()}
+    ship = {pn: choose_thresholds(ship_tables, range(len(images)), b, args.split) for pn, b in POINTS.items()}
     result["validation_shipped"] = {
         pn: {**score_sent(images, [sent_marks(ship_marks[i], thr) for i in range(len(images))], range(len(images))),
              "maps_on": sum(t != OFF for t in thr.values())} for pn, thr in ship.items()}
@@ -576,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
             out = restrict_to_breast(model.predict(m), m)
             by_model[name] = ModelMarks.from_prediction(_output_prediction(out), allowed_region(m))
         s = sent_marks(by_model, ship[default])
-        path = args.out / f"mias_node_real_{png.stem}.png"
+        path = args.previews / f"mias_node_real_{png.stem}.png"
         _preview(m.pixels, allowed_region(m), s, path, f"{png.stem}: {len(s)} marks at {default}")
         real[png.stem] = {"marks": len(s), "by_model": {k: sum(k in f["models"] for f in s) for k in by_model},
                           "orientation": m.orientation, "preview": path.name}
@@ -584,7 +720,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                                             "every mark counted as a false mark except by-eye hits; run by the "
                                             "shipped bundles of the models on at the default point",
                                     "point": default, "models_run": models_on, "images": real,
+                                    "previews_in": str(args.previews),
                                     "marks_per_image": round(sum(v["marks"] for v in real.values()) / max(len(real), 1), 3)}
+    if getattr(args, "dump_box_moved", None) is not None:
+        result["microcalc_from_dump"] = {
+            "dump": str(args.microcalc_dump), "networks": str(args.microcalc_dump_source),
+            "mask_version_of_dump": 3, "mask_version_now": MASK_VERSION,
+            "images_breast_box_moved": args.dump_box_moved,
+            "how": "benchmarks/microcalc_dump.py output_from_dump: the dumped working-grid map cut to the breast box "
+                   "of today's mask and set to 0 outside it, then each fold bundle's cluster stage; the node's marks "
+                   "checked on a few images in results/microcalc_dump_check.json",
+            "calcification_map": "the per-calcification map is 0 below the dump's floor (0.2), so its candidates "
+                                 "start at 0.2 instead of 0.1"}
     result["seconds"] = round(time.time() - t0, 1)
     (args.out / "mias_node.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "mias_node.md").write_text(_table(result))
@@ -622,7 +769,7 @@ def _table(result: dict) -> str:
     default = result["default_point"]["name"]
     lines = ["# mini-MIAS, what the node sends (5-fold CV, held-out folds pooled)", "",
              f"Default point: **{default}** ({result['default_point']['reason']}).", "",
-             "| marks | mass sens @ 0.125 / 0.25 / 0.5 / 1 / 2 / 4 FP/img | calc-cluster sens @ 0.5 / 1 / 4 | "
+             "| marks | mass sens @ 0.125 / 0.25 / 0.5 / 1 / 2 / 4 FP/img | calc-cluster sens @ 0.125 / 0.25 / 0.5 / 1 / 2 / 4 | "
              "FP/image @ default: normals (all images) | AUC abnormal (image) @ default | share of sent marks "
              "glam / dunet / microcalc | marks outside breast (node mask / independent) |",
              "|---|---|---|---|---|---|---|"]
@@ -635,7 +782,7 @@ def _table(result: dict) -> str:
         rob = b["robustness"][UNION]
         lines.append(f"| baseline (part 1): phantom bundles, threshold mask, thresholds 0.5, no merging, FROC over "
                      f"candidates | {' / '.join(f(mass.get(k)) for k in ('0.125', '0.25', '0.5', '1.0', '2.0', '4.0'))} | "
-                     f"{f(calc.get('0.5'))} / {f(calc['1.0'])} / {f(calc['4.0'])} | "
+                     f"{' / '.join(f(calc.get(k)) for k in ('0.125', '0.25', '0.5', '1.0', '2.0', '4.0'))} | "
                      f"{f(rob['false_marks_per_normal_image'])} (at 0.5) | "
                      f"{f(auc['value'])} [{f(auc['ci95'][0])}, {f(auc['ci95'][1])}] | - | "
                      f"{rob['marks_outside_breast']} / n.a. of {rob['marks_sent']} |")
@@ -649,7 +796,7 @@ def _table(result: dict) -> str:
     for name, c in result["configs"].items():
         fr = c["froc"]
         mass = [fr[k]["sensitivity"]["mass"] for k in ("0.125", "0.25", "0.5", "1.0", "2.0", "4.0")]
-        calc = [fr[k]["sensitivity"]["calcification_cluster"] for k in ("0.5", "1.0", "4.0")]
+        calc = [fr[k]["sensitivity"]["calcification_cluster"] for k in ("0.125", "0.25", "0.5", "1.0", "2.0", "4.0")]
         d = c["points"][default]
         a = c["auc_sent_default"]["abnormal"]
         o = c["outside_breast_default"]
@@ -669,6 +816,14 @@ def _table(result: dict) -> str:
                       f"{pn}: {f(v['false_marks_per_normal_image'])} false marks per normal image, "
                       f"{f(v['false_marks_per_image'])} per image, mass {f(v['sensitivity']['mass'])}, "
                       f"{v['maps_on']} map(s) on" for pn, v in val.items())]
+    bp = result.get("by_parts")
+    if bp:
+        lines += ["", "Maps at thresholds chosen per map ALONE (" + ", ".join(f"{k} at {v:g} false marks per image"
+                  for k, v in bp["rates"].items()) + "), sent together, held out: mass "
+                  f"{f(bp['sensitivity']['mass'])}, clusters {f(bp['sensitivity']['calcification_cluster'])}, "
+                  f"{f(bp['false_marks_per_normal_image'])} false marks per normal image "
+                  f"({f(bp['false_marks_per_image'])} per image), AUC {f(bp['auc']['abnormal']['value'])} "
+                  f"[{f(bp['auc']['abnormal']['ci95'][0])}, {f(bp['auc']['abnormal']['ci95'][1])}]."]
     real = result.get("shared_real_images", {})
     if real.get("images"):
         lines += ["", f"Four shared real CC images at {real['point']} (run by the shipped bundles of "

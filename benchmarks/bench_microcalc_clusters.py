@@ -28,6 +28,11 @@ Data split (patient level; nothing of the test side is used for any fit or choic
   rate sets the named points' thresholds (``fpX``: half of the node's budget X, 5-fold CV
   figures on the patient folds) and the film side of the sharp calibration.
 * ``--write-bundle``: the source bundle's weights with the chosen stage (microcalc 0.3.0).
+* ``--write-fold-bundles DIR``: five variants ``DIR/fold0..fold4`` of that bundle for
+  bench_mias_node.py ``--microcalc-folds``: the same networks and the same cluster model (fitted
+  on side A, no MIAS image), but every part that depends on mini-MIAS (the named points'
+  cluster thresholds and the film side of the sharp calibration) chosen with mini-MIAS fold k
+  (the patient folds of ``MIASDataset.fold_of``, the U-Net fold bundles' folds) held out.
 
 Writes benchmarks/results/microcalc_clusters.json and prints a short table.
 """
@@ -147,6 +152,8 @@ def main(argv=None) -> int:
                    help="the bundle whose networks were dumped (its weights go into --write-bundle)")
     p.add_argument("--write-bundle", type=Path, default=None,
                    help="write the source bundle with the chosen cluster stage and operating points here")
+    p.add_argument("--write-fold-bundles", type=Path, default=None,
+                   help="write fold0..fold4 variants here: MIAS-dependent choices without that mini-MIAS fold")
     p.add_argument("--version", default="0.3.0")
     args = p.parse_args(argv)
     t0 = time.time()
@@ -291,11 +298,11 @@ def main(argv=None) -> int:
     final = ClusterConfig(**{**model.to_dict(), "sharp_calibration": cal})
     result["final"] = {"clusters": final.to_dict(), "points": {}}
 
-    def final_scored(idx):
+    def final_scored(idx, stage: ClusterConfig = final):
         out = []
         for (s, h, n, full), i in zip(scored(model, idx), idx):
             spacing = min(dumps[i].source_spacing)
-            out.append((np.array([calibrated(v, spacing, final) for v in s]), h, n, full))
+            out.append((np.array([calibrated(v, spacing, stage) for v in s]), h, n, full))
         return out
 
     def rate_threshold(items, rate):
@@ -336,6 +343,37 @@ def main(argv=None) -> int:
     if args.write_bundle:
         write_cluster_bundle(args.source_bundle, args.write_bundle, final, args.version, result)
         print(f"wrote bundle {args.write_bundle}")
+    if args.write_fold_bundles:
+        result["fold_bundles"] = {}
+        for k in sorted(set(mias_fold)):
+            # Everything mini-MIAS decides, decided without fold k: the film side of the sharp
+            # calibration and each point's threshold (the cluster model saw no MIAS image).
+            train = [it for it, f in zip(mias_items, mias_fold) if f != k]
+            test = [it for it, f in zip(mias_items, mias_fold) if f == k]
+            false_k = np.concatenate([s[h == -1] for s, h, _, _ in train])
+            stage = ClusterConfig(**{**model.to_dict(),
+                                     "sharp_calibration": spacing_calibration((false_k, len(train)), (false_sh, n_sh))})
+            points = {}
+            for name, rate in (("fp0.25", 0.125), ("fp0.5", 0.25), ("fp1", 0.5), ("fp2", 1.0)):
+                t = rate_threshold(train, rate)
+                point = {"threshold": round(t, 4), "mias_rate_target": rate,
+                         "mias_cv": {"sensitivity": round(sum(len(set(h[(s >= t) & (h >= 0)].tolist())) for s, h, _, _ in test)
+                                                          / max(sum(n for _, _, n, _ in test), 1), 4),
+                                     "false_clusters_per_image": round(sum(int(((s >= t) & (h == -1)).sum())
+                                                                           for s, h, _, _ in test) / len(test), 4),
+                                     "clusters": sum(n for _, _, n, _ in test), "images": len(test),
+                                     "note": f"mini-MIAS fold {k} only (held out of this bundle's choices)"}}
+                for key, idx in b_sets.items():
+                    point[key] = froc(final_scored(idx, stage), {"t": t})["at"]["t"] | {"images": len(idx)}
+                points[name] = point
+            evaluation = {"chosen": best, "final": {"points": points, "mias_froc": froc(train),
+                                                    "B_sharp_froc": froc(final_scored(b_sets["B_sharp_hybrids"], stage))}}
+            out = args.write_fold_bundles / f"fold{k}"
+            write_cluster_bundle(args.source_bundle, out, stage, f"{args.version}-fold{k}", evaluation, mias_held_out=k)
+            result["fold_bundles"][str(k)] = {"path": str(out), "thresholds": {n: p["threshold"] for n, p in points.items()},
+                                              "held_out_fold": {n: p["mias_cv"] for n, p in points.items()},
+                                              "sharp_calibration": stage.sharp_calibration}
+            print(f"wrote fold bundle {out}: thresholds {result['fold_bundles'][str(k)]['thresholds']}", flush=True)
     result["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

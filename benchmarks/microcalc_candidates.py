@@ -22,15 +22,43 @@ SPACING = 0.05
 
 @dataclass
 class Dumped:
+    """One dumped image. The dense maps (:attr:`prob`, :attr:`image`) are rebuilt from the
+    sparse dump on each access and not kept: a dense 0.05 mm map is 20-130 MB, and the benches
+    hold hundreds of dumps."""
+
     key: str
     group: str
-    prob: np.ndarray
-    image: np.ndarray
+    shape: tuple[int, int]  # working grid; (0, 0): no breast
+    prob_idx: np.ndarray
+    prob_val: np.ndarray
+    win_rc: np.ndarray
+    win: np.ndarray
     scale: np.ndarray
     offset: np.ndarray
     lesions: list  # (mask crop, origin)
     labels: tuple
     source_spacing: tuple
+
+    @property
+    def prob(self) -> np.ndarray:
+        """Working-grid probability (float32; 0 below the dump's floor)."""
+        if self.shape == (0, 0):
+            return np.zeros((1, 1), np.float32)
+        prob = np.zeros(self.shape[0] * self.shape[1], np.float32)
+        prob[self.prob_idx] = self.prob_val.astype(np.float32)
+        return prob.reshape(self.shape)
+
+    @property
+    def image(self) -> np.ndarray:
+        """Working-grid image (float32) in the dumped windows, NaN elsewhere."""
+        if self.shape == (0, 0):
+            return np.full((1, 1), np.nan, np.float32)
+        half = WINDOW // 2
+        image = np.full((self.shape[0] + 2 * half, self.shape[1] + 2 * half), np.nan, np.float32)
+        for (r, c), w in zip(self.win_rc, self.win):
+            image[r:r + WINDOW, c:c + WINDOW] = w.astype(np.float32)
+        # The dump's windows were cut from the zero-padded image; outside the image stays NaN.
+        return image[half:half + self.shape[0], half:half + self.shape[1]]
 
 
 def load(path: Path, root: Path) -> Dumped:
@@ -39,20 +67,13 @@ def load(path: Path, root: Path) -> Dumped:
         lesions = [(z[k], z[f"{k}_origin"]) for k in z.files if k.startswith("lesion_") and not k.endswith("origin")]
         key = str(path.relative_to(root).with_suffix(""))
         common = dict(key=key, group=str(z["group"]), lesions=lesions, labels=tuple(str(v) for v in z["labels"]),
-                      source_spacing=tuple(float(v) for v in z["source_spacing"]))
+                      source_spacing=tuple(float(v) for v in z["source_spacing"]), shape=shape)
         if shape == (0, 0):
-            return Dumped(prob=np.zeros((1, 1), np.float32), image=np.full((1, 1), np.nan, np.float32),
-                          scale=np.ones(2), offset=np.zeros(2), **common)
-        prob = np.zeros(shape[0] * shape[1], np.float32)
-        prob[z["prob_idx"]] = z["prob_val"].astype(np.float32)
-        prob = prob.reshape(shape)
-        half = WINDOW // 2
-        image = np.full((shape[0] + 2 * half, shape[1] + 2 * half), np.nan, np.float32)
-        for (r, c), w in zip(z["win_rc"], z["win"]):
-            image[r:r + WINDOW, c:c + WINDOW] = w.astype(np.float32)
-        # The dump's windows were cut from the zero-padded image; outside the image stays NaN.
-        image = image[half:half + shape[0], half:half + shape[1]]
-        return Dumped(prob=prob, image=image, scale=z["scale"], offset=z["offset"], **common)
+            empty = np.zeros(0)
+            return Dumped(prob_idx=empty.astype(np.int64), prob_val=empty, win_rc=np.zeros((0, 2), int),
+                          win=np.zeros((0, WINDOW, WINDOW)), scale=np.ones(2), offset=np.zeros(2), **common)
+        return Dumped(prob_idx=z["prob_idx"], prob_val=z["prob_val"], win_rc=z["win_rc"], win=z["win"],
+                      scale=z["scale"], offset=z["offset"], **common)
 
 
 def hit(d: Dumped, centroid_work: tuple[float, float]) -> int:
@@ -67,7 +88,7 @@ def hit(d: Dumped, centroid_work: tuple[float, float]) -> int:
 
 def candidates(d: Dumped, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features (n, F), scores (n,), lesion index hit or -1 (n,)) of one image's candidate clusters."""
-    found = candidate_clusters(d.prob, d.image, SPACING, config)
+    found = candidate_clusters(d.prob, d.image, SPACING, config)  # dense maps built for this call only
     if not found:
         return np.zeros((0, 10)), np.zeros(0), np.zeros(0, int)
     feats = np.stack([f for _, f, _ in found])

@@ -13,6 +13,10 @@ writes, per image, one ``.npz`` under ``--out`` (outside the repository):
 * ``lesion_<k>``: each located calcification cluster's mask on the source grid (bounding box
   crop + origin), for hit tests; ``labels``: the image labels; ``group``: which set it is.
 
+:func:`output_from_dump` gives what ``MicrocalcModel.predict`` returns on an image from its
+dump, for any bundle with the dumped networks (e.g. the fold variants of the cluster stage
+that bench_mias_node.py scores), without running the networks again.
+
 Sets (``--set``, repeatable): ``real`` (the four shared FFDM images), ``cbis`` (8 CBIS-DDSM
 views), ``mias`` (mini-MIAS: every image with a CALC row, then the others in the bench's fixed
 random order; ``--mias-limit``), ``hyb-train``/``hyb-test`` (clusters inserted into the
@@ -25,6 +29,7 @@ training-fold / held-out-fold backgrounds, insertion seed 0 / 777, native and de
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,11 +39,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_microcalc_real import _coarse, _mias_order  # noqa: E402
+from microcalc_candidates import load  # noqa: E402
 
 from dicom_ai.data.datasets import MIASDataset, open_dataset, patient_folds  # noqa: E402
-from dicom_ai.data.evaluate import lesions_of  # noqa: E402
+from dicom_ai.data.evaluate import ModelMarks, _output_prediction, lesions_of  # noqa: E402
+from dicom_ai.imaging.mask import MASK_VERSION  # noqa: E402
+from dicom_ai.networks.pipeline import allowed_region, restrict_to_breast  # noqa: E402
 from dicom_ai.networks.bundle import load_bundle  # noqa: E402
-from dicom_ai.networks.microcalc import MicrocalcModel  # noqa: E402
+from dicom_ai.core.errors import ModelError  # noqa: E402
+from dicom_ai.core.findings import ModelOutput, ProbabilityMap  # noqa: E402
+from dicom_ai.imaging import Mammogram, resize  # noqa: E402
+from dicom_ai.networks.microcalc import MicrocalcModel, fill_polygon  # noqa: E402
 from dicom_ai.networks.microcalc_clusters import WINDOW, components  # noqa: E402
 
 FLOOR = 0.2
@@ -84,6 +95,70 @@ def dump(model: MicrocalcModel, sample, path: Path, group: str, crop: list | Non
     np.savez_compressed(tmp, **out)
     tmp.replace(path)
     return time.perf_counter() - t0
+
+
+def output_from_dump(model: MicrocalcModel, path: Path, mammogram: Mammogram) -> tuple[ModelOutput, dict]:
+    """What ``model.predict(mammogram)`` returns, from the networks' outputs dumped for the same
+    image (``path``, written by :func:`dump` with the same networks), and how the dump's grid
+    relates to the node's.
+
+    The node runs the networks on the working grid of the bounding box of the image's breast
+    mask (``model.working_grid``). The dump may have been made with another mask (mini-MIAS
+    dumps: breast mask v3; the node now uses v4). At an integer working/source pixel ratio
+    (mini-MIAS: 0.2 mm / 0.05 mm = 4) the working grid of a box inside the dumped box is a
+    sub-array of the dumped grid (bilinear, half-pixel centres), and both networks are
+    patch-wise, so the node's map is the dumped map cut to the new box and set to 0 outside the
+    new mask, except (a) within half a patch (1.2 mm) of the new box's edges, where the node's
+    patches see zero padding instead of image, and (b) at the new mask's edge, where a pixel may
+    have been visited only because the Detector fired on a patch centred outside the new mask.
+    Below the dump's floor (0.2) the calcification map is 0, and the dump holds float16 values.
+    The working image (for the calcifications' contrast) is computed from ``mammogram`` as the
+    node computes it, not read from the dump's windows. The cluster stage is the model's
+    own (``MicrocalcModel._clusters``, as ``analyse`` calls it) with ``model``'s configuration,
+    and the cluster outlines are drawn on the source grid as ``analyse`` draws them.
+
+    Returns the output (maps ``calcification`` and ``calcification_cluster`` on the source
+    grid, at ``model``'s thresholds) and ``{"box_shift_px": source pixels the breast box moved
+    per side (top, bottom, left, right), "clusters": count}``. Raises
+    :class:`~dicom_ai.core.errors.ModelError` when the new box is not inside the dumped one
+    or the pixel ratio is not an integer (the dump cannot stand for the node there).
+    """
+    d = load(path, path.parent)
+    rows, cols = mammogram.shape
+    prob_src = np.zeros((rows, cols), dtype=np.float32)
+    cluster_src = np.zeros((rows, cols), dtype=np.float32)
+    info = {"box_shift_px": [0, 0, 0, 0], "clusters": 0}
+    mask = mammogram.breast_mask
+    if mask.any():
+        if d.shape == (0, 0):
+            raise ModelError(f"{path.name}: the dump has no breast; the node's mask has one")
+        px = model.config.pixel_spacing_mm
+        sr, sc = (float(v) for v in mammogram.spacing_mm)
+        # The node's working image and mask (exact: no network involved); only the networks'
+        # probability comes from the dump.
+        image, work_mask, (r0, r1, c0, c1) = model.working_grid(mammogram, mask)
+        shape = image.shape
+        fr, fc = sr / px, sc / px
+        dr, dc = (r0 - d.offset[0]) * fr, (c0 - d.offset[1]) * fc
+        if (abs(fr - round(fr)) > 1e-9 or abs(fc - round(fc)) > 1e-9 or dr < 0 or dc < 0
+                or dr + shape[0] > d.shape[0] or dc + shape[1] > d.shape[1]):
+            raise ModelError(f"{path.name}: the breast box {r0}:{r1}, {c0}:{c1} is not a whole-pixel part of the "
+                             "dumped working grid")
+        dr, dc = int(round(dr)), int(round(dc))
+        dumped_rows, dumped_cols = d.shape[0] / fr, d.shape[1] / fc
+        info["box_shift_px"] = [r0 - int(d.offset[0]), int(round(d.offset[0] + dumped_rows)) - r1,
+                                c0 - int(d.offset[1]), int(round(d.offset[1] + dumped_cols)) - c1]
+        prob = np.where(work_mask, d.prob[dr:dr + shape[0], dc:dc + shape[1]], 0.0).astype(np.float32)
+        prob_src[r0:r1, c0:c1] = resize(prob, (r1 - r0, c1 - c0), mode="nearest")
+        clusters = model._clusters(prob, (sr, sc), (r0, c0), image)
+        for cl in sorted(clusters, key=lambda c: c.score):
+            inside = fill_polygon(cl.polygon, (rows, cols))
+            cluster_src[inside] = np.maximum(cluster_src[inside], cl.score)
+        info["clusters"] = len(clusters)
+    return ModelOutput(maps=[
+        ProbabilityMap("calcification", prob_src, model.calcification_threshold, model.identity),
+        ProbabilityMap("calcification_cluster", cluster_src, model.cluster_threshold, model.identity),
+    ]), info
 
 
 def crops(sample, half_mm: float = 12.5) -> list[tuple[int, int, int, int]]:
@@ -141,10 +216,51 @@ def items(name: str, args):
                 yield f"{name}/{short}-{i}", f"{name}-{short}-fold{folds[i]}", (lambda i=i, ds=ds: ds[i])
 
 
+def check_node(bundle: str, dump_dir: Path, mias_root: str, references: list[str], out: Path | None) -> dict:
+    """The node's marks on mini-MIAS images (the networks run now, breast mask of today) beside
+    the marks :func:`output_from_dump` makes from the dumped maps, through the same breast
+    restriction and mark extraction (:func:`dicom_ai.data.evaluate.predict_marks`' path)."""
+    model = MicrocalcModel.from_bundle(load_bundle(bundle), "cpu")
+    ds = MIASDataset(mias_root)
+    by_ref = {r.extra["reference"]: i for i, r in enumerate(ds.records)}
+    rows = {}
+    for ref in references:
+        sample = ds[by_ref[ref]]
+        mg = sample.image
+        t0 = time.perf_counter()
+        node = ModelMarks.from_prediction(_output_prediction(restrict_to_breast(model.predict(mg), mg)), allowed_region(mg))
+        seconds = time.perf_counter() - t0
+        dumped, info = output_from_dump(model, dump_dir / "mias" / f"{ref}.npz", mg)
+        offline = ModelMarks.from_prediction(_output_prediction(restrict_to_breast(dumped, mg)), allowed_region(mg))
+        row = {"networks_s": round(seconds, 1), "box_shift_px": info["box_shift_px"]}
+        for key in ("calcification_cluster", "calcification"):
+            a, b = node.candidates[key], offline.candidates[key]
+            row[key] = {"node": len(a), "from_dump": len(b)}
+            if key == "calcification_cluster":
+                row[key]["node_marks"] = [[round(float(v), 3) for v in m] for m in a]
+                row[key]["dump_marks"] = [[round(float(v), 3) for v in m] for m in b]
+                pairs = [(m, min(b, key=lambda x: np.hypot(x[1] - m[1], x[2] - m[2]))) for m in a] if len(b) else []
+                row[key]["max_score_difference"] = (round(max(abs(float(m[0] - x[0])) for m, x in pairs), 4)
+                                                    if pairs else None)
+                row[key]["max_centroid_shift_px"] = (round(max(float(np.hypot(m[1] - x[1], m[2] - x[2]))
+                                                               for m, x in pairs), 2) if pairs else None)
+        rows[ref] = row
+        print(ref, row, flush=True)
+    result = {"check": "node marks (networks run now) vs marks from the dumped maps (output_from_dump)",
+              "bundle": str(bundle), "dump": str(dump_dir), "mask_version": MASK_VERSION, "images": rows}
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", default="/work/data/microcalc-real/bundle")
-    p.add_argument("--set", action="append", required=True)
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--check-node", nargs="+", default=None, metavar="MDB",
+                   help="instead of dumping: the node's marks on these mini-MIAS images (networks run now) beside "
+                        "the marks from their dumps (output_from_dump), written to --check-out")
+    p.add_argument("--check-out", type=Path, default=Path(__file__).resolve().parent / "results" / "microcalc_dump_check.json")
     p.add_argument("--out", type=Path, default=Path("/work/data/microcalc-real/dump"))
     p.add_argument("--real", default="/work/shared/data/real")
     p.add_argument("--mias", default="/work/data/mias")
@@ -155,6 +271,11 @@ def main(argv=None) -> int:
     p.add_argument("--reverse", action="store_true", help="last image first (a second job on the same sets)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.check_node:
+        check_node(args.bundle, args.out, args.mias, args.check_node, args.check_out)
+        return 0
+    if not args.set:
+        p.error("--set is required (or --check-node)")
     model = MicrocalcModel.from_bundle(load_bundle(args.bundle), "cpu")
     k, n = (int(v) for v in args.shard.split("/"))
     todo = [it for name in args.set for it in items(name, args)][k::n]

@@ -1,6 +1,8 @@
 """Cluster stage of microcalc >= 0.3: sized calcifications, cluster features, cluster model,
 per pixel-size calibration, and its use by MicrocalcModel."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -143,3 +145,10 @@ def test_cluster_bundle_keeps_the_weights_and_sets_the_points(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v)
     with pytest.raises(ModelError):
         write_cluster_bundle(tmp_path / "src", tmp_path / "bad", clusters, "0.3.0", evaluation, default="fp0.5")
+    # A cross-validation variant says which mini-MIAS fold its choices left out.
+    write_cluster_bundle(tmp_path / "src", tmp_path / "fold2", clusters, "0.3.0-fold2", evaluation, mias_held_out=2)
+    fold = json.loads((tmp_path / "fold2" / "manifest.json").read_text())
+    assert "fold 2" in fold["training"]["cluster_stage"]["mias_held_out_fold"]
+    assert all("but fold 2" in pt["data"] for pt in fold["operating_points"]["findings"]["calcification_cluster"]
+               if pt["name"] != "phantom")
+    assert "mias_held_out_fold" not in json.loads((tmp_path / "new" / "manifest.json").read_text())["training"]["cluster_stage"]

@@ -114,7 +114,7 @@ def _score_at_rate(scores: np.ndarray, n_images: int, rate: float) -> float:
 
 
 def write_cluster_bundle(source: str | Path, out: str | Path, clusters: ClusterConfig, version: str,
-                         evaluation: dict, default: str = "fp0.25") -> Path:
+                         evaluation: dict, default: str = "fp0.25", mias_held_out: int | None = None) -> Path:
     """Write ``source``'s networks (same weights) with the cluster stage ``clusters`` as a new
     microcalc bundle ``version`` in ``out``.
 
@@ -124,6 +124,11 @@ def write_cluster_bundle(source: str | Path, out: str | Path, clusters: ClusterC
     ``calcification_cluster``; the per-calcification map stays off at every point (a mark per
     speck is no finding). The manifest keeps the source's training data and licences and adds
     how the cluster stage was fitted.
+
+    ``mias_held_out``: the mini-MIAS patient fold (:data:`dicom_ai.data.datasets.MIAS_FOLDS`)
+    this bundle's mini-MIAS choices left out (a fold variant for cross-validation): its points'
+    thresholds and the film side of ``clusters.sharp_calibration`` come from the other folds and
+    each point's ``sensitivity``/``false_marks_per_image`` are measured on that fold alone.
     """
     src = load_bundle(source)
     manifest = json.loads((Path(src.path) / "manifest.json").read_text())
@@ -136,6 +141,11 @@ def write_cluster_bundle(source: str | Path, out: str | Path, clusters: ClusterC
            "fold scored at the threshold chosen on the other four (patient folds); B_*: held-out sharp backgrounds "
            "(the held-out-fold CBIS-DDSM woman's 4 views, FFDM exam 1) never used for any fit or choice, scores "
            "calibrated for sharp images")
+    if mias_held_out is not None:
+        how = (f"cluster threshold: lowest score with at most mias_rate_target false clusters per image on the "
+               f"mini-MIAS images of every patient fold but fold {mias_held_out} (dicom_ai.data.datasets.mias_folds); "
+               f"sensitivity and false marks: fold {mias_held_out} alone at that threshold (held out); B_*: held-out "
+               "sharp backgrounds, never used for any fit or choice, scores calibrated for sharp images")
     cluster_points = [{"name": name, "threshold": p["threshold"],
                        "target": f"<= {p['mias_rate_target']} false clusters per image (mini-MIAS; half the node's budget)",
                        "sensitivity": p["mias_cv"]["sensitivity"], "false_marks_per_image": p["mias_cv"]["false_clusters_per_image"],
@@ -163,6 +173,10 @@ def write_cluster_bundle(source: str | Path, out: str | Path, clusters: ClusterC
         "search": evaluation.get("chosen"),
         "benchmark": "benchmarks/bench_microcalc_clusters.py -> benchmarks/results/microcalc_clusters.json",
     }
+    if mias_held_out is not None:
+        training["cluster_stage"]["mias_held_out_fold"] = (
+            f"mini-MIAS fold {mias_held_out} played no part in this bundle: its thresholds and the film side of the "
+            f"sharp calibration were chosen on the other folds (a cross-validation variant, not for shipping)")
     manifest.update(version=version, architecture=arch, training=training,
                     thresholds={"calcification": 0.5, "calcification_cluster": points[default]["threshold"]},
                     operating_points={"default": default,
