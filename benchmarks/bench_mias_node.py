@@ -581,6 +581,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
                    help="also score, held out, these maps sent together, each at the threshold chosen ALONE on the "
                         "validation folds for its own false-mark rate (default: microcalc 0.3.0's shipped default, "
                         "the U-Net at the whole fp0.25 budget and the cluster map at half of it)")
+    p.add_argument("--default-by-parts", action="store_true",
+                   help="with --write-manifests: the default point sends the --by-parts maps, each at the "
+                        "threshold chosen ALONE on all five folds for its own rate, and carries the held-out "
+                        "--by-parts figures (the joint equal split switches the cluster map off at fp0.25; this "
+                        "keeps every model with signal on at the default within --max-normal-fp)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="first N images only (a dry run; figures not valid)")
     p.add_argument("--no-real", action="store_true", help="skip the four shared real images")
@@ -654,7 +659,23 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         default, why = choose_default(result, ship_name, args.max_normal_fp)
     else:
         default, why = args.default_point, "given on the command line (--default-point)"
-    result["default_point"] = {"name": default, "reason": why, "max_false_marks_per_normal_image": args.max_normal_fp}
+    if args.default_by_parts:
+        if not args.by_parts:
+            p.error("--default-by-parts needs --by-parts")
+        bp = result["by_parts"]
+        if bp["false_marks_per_normal_image"] > args.max_normal_fp:
+            p.error(f"--default-by-parts: held-out false marks per normal image "
+                    f"{bp['false_marks_per_normal_image']:.2f} exceed --max-normal-fp {args.max_normal_fp:g}")
+        # The named point keeps its other maps' joint thresholds; the by-parts maps take their
+        # own (each chosen alone on all five folds, as in held-out scoring, per fold).
+        for spec, t in bp["thresholds_all_folds"].items():
+            ship[default][tuple(spec.split("/", 1))] = OFF if t is None else t
+        why = (f"{default} with each of {', '.join(bp['rates'])} (false marks per image) at its threshold chosen "
+               f"alone on the validation folds (--default-by-parts): held out {bp['false_marks_per_normal_image']:.2f} "
+               f"false marks per normal image (<= {args.max_normal_fp:g}) with every map that has signal on; the "
+               f"joint equal split switches the cluster map off at {default} ({why})")
+    result["default_point"] = {"name": default, "reason": why, "max_false_marks_per_normal_image": args.max_normal_fp,
+                               "by_parts": bool(args.default_by_parts)}
     worst_ref = None
     for name, (srcs, mk) in configs.items():
         cv = cvs[name]
@@ -704,7 +725,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         arr = np.asarray(Image.open(png)).astype(np.float32)
         arr = arr / (65535.0 if arr.max() > 255 else 255.0)
         lat = "L" if "_L_" in png.name else "R"
-        m = mammogram_from_array(arr, lat, "CC", (0.1, 0.1))
+        # 0.07 mm: the 3328 x 2560 detector's nominal pixel, as RealPNGDataset and the node's own
+        # DICOMs of these images use (the PNGs carry none; 0.1 mm before issue 26f noticed it).
+        m = mammogram_from_array(arr, lat, "CC", (0.07, 0.07))
         # The file name's laterality plays the header's part, cross-checked against the pixels.
         m.faces_left, m.orientation = orient(lat == "R", m.breast_mask)
         by_model = {}
@@ -857,13 +880,24 @@ def _write_manifests(ship, result, ship_name, ship_srcs, default) -> None:
                                for pn, b in POINTS.items()]
         for pn, thr in ship.items():
             held = cv["points"][pn]
+            by_parts_here = pn == default and result["default_point"].get("by_parts")
+            if by_parts_here:
+                # Held-out figures of the point as shipped (each by-parts map at its own rate).
+                bp = result["by_parts"]
+                held = {"sensitivity": bp["sensitivity"], "false_marks_per_image": bp["false_marks_per_image"],
+                        "false_marks_per_normal_image": bp["false_marks_per_normal_image"],
+                        "per_map_held_out": {spec: {"sensitivity_mean_over_folds": bp["sensitivity"].get(
+                            spec.split("/", 1)[1])} for spec in bp["rates"]}}
             for (m, k), t in thr.items():
                 if m != manifest["name"]:
                     continue
                 per_map = held["per_map_held_out"].get(f"{m}/{k}", {})
                 findings.setdefault(k, []).append({
                     "name": pn, **({"off": True} if t == OFF else {"threshold": round(t, 6)}),
-                    "target": f"node <= {POINTS[pn]:g} false marks per image (mini-MIAS), this map's share"
+                    "target": (f"this map alone <= {result['by_parts']['rates'][f'{m}/{k}']:g} false marks per image "
+                               f"(mini-MIAS, --default-by-parts)"
+                               if by_parts_here and f"{m}/{k}" in result["by_parts"]["rates"] else
+                               f"node <= {POINTS[pn]:g} false marks per image (mini-MIAS), this map's share")
                               + (" (off: adds no lesion on the validation folds at its share of the budget: no "
                                  "signal, or no threshold strict enough)"
                                  if t == OFF else ""),
