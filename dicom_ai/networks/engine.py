@@ -152,7 +152,9 @@ def cpu_bf16_plan(models: Sequence, precision: str, device: torch.device | str,
     """Which of ``models`` run in bf16 under ``precision`` (``fp32`` or ``bf16``) on ``device``.
 
     Returns the ``id()`` of each model to run in bf16 (its networks are put in channels-last
-    here) and, per model left in fp32 although bf16 was asked for, why. ``accepted`` defaults
+    here; a model with a ``set_precision`` method, the microcalcification cascade, is switched
+    to its gated path ``bf16-gated`` instead) and, per model left in fp32 although bf16 was
+    asked for, why. ``accepted`` defaults
     to :data:`BF16_CPU_ACCEPTED`, ``native`` to :func:`cpu_has_native_bf16`.
     """
     try:
@@ -172,6 +174,11 @@ def cpu_bf16_plan(models: Sequence, precision: str, device: torch.device | str,
         if accepted.get(name) != version:
             fp32[name] = (f"{name} {version} is not measured within the bf16 tolerances and faster "
                           "(benchmarks/bench_cpu_precision.py)")
+        elif callable(getattr(model, "set_precision", None)):
+            # A cascade with its own gated bf16 path (microcalc): bf16 networks, every decision
+            # its marks depend on taken again in float32 by its engine.
+            model.set_precision("bf16-gated")
+            chosen.add(id(model))
         elif getattr(model, "engine", "torch") != "torch" or not model_networks(model):
             fp32[name] = f"{name} does not run its networks in torch here"
         else:
