@@ -5,8 +5,11 @@ shipped bundle as the node builds it (``model_from_bundle`` on the CPU: ONNX Run
 default operating point and at ``phantom``: seconds of each part of ``MicrocalcModel.analyse``
 (working grid, Detector, Segmentator, cluster stage, maps back to the source grid), how many
 512 px Detector tiles hold breast (and of those, how many fire), fired Detector patches, and
-32 px Segmentator tiles visited. The networks' work is the same at both points (their thresholds
+the working-grid pixels the Segmentator computes (its tiles or strips). The networks' work is the same at both points (their thresholds
 are the cascade's own); only the cluster stage's thresholds differ.
+
+Also, per view, the whole cascade with the Segmentator on 32 px tiles (``seg_strip=0``, the
+path before the strips) right after the node's: seconds and whether the maps are bit for bit equal.
 
 Writes benchmarks/results/microcalc_profile.json and prints a table.
 """
@@ -58,13 +61,19 @@ def profile_view(model: MicrocalcModel, mg) -> dict:
     prob, visited = model.dense_cascade(image, work_mask)
     t4 = time.perf_counter()
     det_again = model.last_stats.get("detector_s")
+    # The tiled Segmentator (before the strips) on the same view, for a same-run comparison.
+    t5 = time.perf_counter()
+    tiled, visited_tiles = model.dense_cascade(image, work_mask, seg_strip=0)
+    t6 = time.perf_counter()
     return {"working_shape": list(image.shape), "breast_fraction": round(float(work_mask.mean()), 4),
             "detector_tiles": len(tiles), "detector_tiles_breast": len(breast_tiles),
             "detector_tiles_fired": int(fired_tiles),
             "detector_breast_points": int(grid_mask.sum()), "detector_fired_points": int(fired.sum()),
-            "segmentator_tiles": int(round(visited * rows * cols / 32 / 32)), "segmentator_fraction": round(visited, 4),
+            "segmentator_pixels": int(round(visited * rows * cols)), "segmentator_fraction": round(visited, 4),
             "working_grid_s": t1 - t0, "detector_s": t2 - t1, "cascade_s": t4 - t3,
-            "segmentator_s": (t4 - t3) - (t2 - t1), "_prob": prob, "_image": image, "_box": box,
+            "segmentator_s": (t4 - t3) - (t2 - t1),
+            "tiled_cascade_s": t6 - t5, "tiled_segmentator_pixels": int(round(visited_tiles * rows * cols)),
+            "strips_equal_tiles": bool(np.array_equal(prob, tiled)), "_prob": prob, "_image": image, "_box": box,
             "_det_again": det_again}
 
 
@@ -98,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         v = {k: (round(x, 3) if isinstance(x, float) else x) for k, x in v.items()}
         views.append(v)
         print(json.dumps(v), flush=True)
-    keys = ["working_grid_s", "detector_s", "segmentator_s", "clusters_s[default]", "clusters_s[phantom]"]
+    keys = ["working_grid_s", "detector_s", "segmentator_s", "cascade_s", "tiled_cascade_s", "clusters_s[default]",
+            "clusters_s[phantom]"]
     totals = {k: round(sum(v[k] for v in views), 2) for k in keys}
     result = {"benchmark": "microcalc_profile", "study": {"seed": SEED, "shape": list(SHAPE), "images": len(views)},
               "engine": models[""].engine, "torch_threads": torch.get_num_threads(), "views": views, "totals_s": totals,
@@ -107,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{'view':>4} {'grid s':>7} {'det s':>6} {'seg s':>6} {'clu s d/p':>10} {'det tiles brst/fired/all':>25} "
-          f"{'fired pts':>10} {'seg tiles':>9}")
+          f"{'fired pts':>10} {'seg px':>9}")
     for i, v in enumerate(views):
         print(f"{i:>4} {v['working_grid_s']:>7.2f} {v['detector_s']:>6.2f} {v['segmentator_s']:>6.2f} "
               f"{v['clusters_s[default]']:>4.2f}/{v['clusters_s[phantom]']:<5.2f} "
               f"{v['detector_tiles_breast']:>9}/{v['detector_tiles_fired']}/{v['detector_tiles']:<8} "
-              f"{v['detector_fired_points']:>7}/{v['detector_breast_points']:<7} {v['segmentator_tiles']:>9}")
-    print("totals", totals)
+              f"{v['detector_fired_points']:>7}/{v['detector_breast_points']:<7} {v['segmentator_pixels']:>9}")
+    print("totals", totals, "strips == tiles on every view:", all(v["strips_equal_tiles"] for v in views))
     return 0
 
 
