@@ -8,8 +8,10 @@ default operating point and at ``phantom``: seconds of each part of ``MicrocalcM
 the working-grid pixels the Segmentator computes (its tiles or strips). The networks' work is the same at both points (their thresholds
 are the cascade's own); only the cluster stage's thresholds differ.
 
-Also, per view, the whole cascade with the Segmentator on 32 px tiles (``seg_strip=0``, the
-path before the strips) right after the node's: seconds and whether the maps are bit for bit equal.
+Also, per view, right after the node's path: the whole cascade with the Segmentator on 32 px
+tiles (``seg_strip=0``; its Detector on strips) and the Detector on 512 px tiles (the paths
+before the strips): seconds, and whether maps (Segmentator) and breast points (Detector) are bit
+for bit equal. Tiles before strips = tiled_detector_s + tiled_segmentator_cascade_s - detector_s.
 
 Writes benchmarks/results/microcalc_profile.json and prints a table.
 """
@@ -47,7 +49,7 @@ def profile_view(model: MicrocalcModel, mg) -> dict:
     mask = mg.breast_mask
     image, work_mask, box = model.working_grid(mg, mask)
     t1 = time.perf_counter()
-    det = model.detector_map(image, work_mask)
+    det = model.detector_map(image, work_mask, breast_only=True)
     t2 = time.perf_counter()
     tile = cfg.tile - cfg.tile % s
     rows, cols = image.shape
@@ -61,10 +63,12 @@ def profile_view(model: MicrocalcModel, mg) -> dict:
     prob, visited = model.dense_cascade(image, work_mask)
     t4 = time.perf_counter()
     det_again = model.last_stats.get("detector_s")
-    # The tiled Segmentator (before the strips) on the same view, for a same-run comparison.
+    # The tiled Detector and Segmentator (before the strips) on the same view, for a same-run comparison.
     t5 = time.perf_counter()
     tiled, visited_tiles = model.dense_cascade(image, work_mask, seg_strip=0)
     t6 = time.perf_counter()
+    det_tiles = model.detector_map(image, work_mask)
+    t7 = time.perf_counter()
     return {"working_shape": list(image.shape), "breast_fraction": round(float(work_mask.mean()), 4),
             "detector_tiles": len(tiles), "detector_tiles_breast": len(breast_tiles),
             "detector_tiles_fired": int(fired_tiles),
@@ -72,7 +76,8 @@ def profile_view(model: MicrocalcModel, mg) -> dict:
             "segmentator_pixels": int(round(visited * rows * cols)), "segmentator_fraction": round(visited, 4),
             "working_grid_s": t1 - t0, "detector_s": t2 - t1, "cascade_s": t4 - t3,
             "segmentator_s": (t4 - t3) - (t2 - t1),
-            "tiled_cascade_s": t6 - t5, "tiled_segmentator_pixels": int(round(visited_tiles * rows * cols)),
+            "tiled_segmentator_cascade_s": t6 - t5, "tiled_detector_s": t7 - t6,
+            "detector_strips_equal_tiles": bool(np.array_equal(det[grid_mask], det_tiles[:det.shape[0], :det.shape[1]][grid_mask])), "tiled_segmentator_pixels": int(round(visited_tiles * rows * cols)),
             "strips_equal_tiles": bool(np.array_equal(prob, tiled)), "_prob": prob, "_image": image, "_box": box,
             "_det_again": det_again}
 
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         v = {k: (round(x, 3) if isinstance(x, float) else x) for k, x in v.items()}
         views.append(v)
         print(json.dumps(v), flush=True)
-    keys = ["working_grid_s", "detector_s", "segmentator_s", "cascade_s", "tiled_cascade_s", "clusters_s[default]",
+    keys = ["working_grid_s", "detector_s", "segmentator_s", "cascade_s", "tiled_segmentator_cascade_s", "tiled_detector_s", "clusters_s[default]",
             "clusters_s[phantom]"]
     totals = {k: round(sum(v[k] for v in views), 2) for k in keys}
     result = {"benchmark": "microcalc_profile", "study": {"seed": SEED, "shape": list(SHAPE), "images": len(views)},
@@ -123,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{v['clusters_s[default]']:>4.2f}/{v['clusters_s[phantom]']:<5.2f} "
               f"{v['detector_tiles_breast']:>9}/{v['detector_tiles_fired']}/{v['detector_tiles']:<8} "
               f"{v['detector_fired_points']:>7}/{v['detector_breast_points']:<7} {v['segmentator_pixels']:>9}")
-    print("totals", totals, "strips == tiles on every view:", all(v["strips_equal_tiles"] for v in views))
+    print("totals", totals, "strips == tiles on every view:", all(v["strips_equal_tiles"] for v in views),
+          "Detector strips == tiles on breast points:", all(v["detector_strips_equal_tiles"] for v in views))
     return 0
 
 

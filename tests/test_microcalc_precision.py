@@ -23,7 +23,7 @@ def scene():
 
 
 @pytest.mark.skipif(not engine.onnxruntime_available(), reason="strips are the ONNX Runtime path")
-def test_segmentator_strips_give_the_tiled_map_bit_for_bit(scene):
+def test_strips_give_the_tiled_maps_bit_for_bit(scene):
     image, mask = scene
     model = MicrocalcModel.from_bundle(load_bundle("microcalc"), "cpu", engine="onnxruntime")
     tiled, visited_tiles = model.dense_cascade(image, mask, seg_strip=0)
@@ -35,6 +35,11 @@ def test_segmentator_strips_give_the_tiled_map_bit_for_bit(scene):
     fired = tiled > 0
     short = model._segmentator_strips(image, fired & (np.arange(image.shape[1]) % 64 < 60), 16)[0]
     assert not np.array_equal(short, tiled)
+    # The Detector's strips: the tiles' values on every breast grid point, bit for bit.
+    s = model.config.detector_stride
+    grid = mask[::s, ::s]
+    np.testing.assert_array_equal(model.detector_map(image, mask, breast_only=True)[grid],
+                                  model.detector_map(image, mask)[grid])
     # The torch engine (GPU, or no ONNX Runtime) keeps its tiles: its values are the reference's.
     torch_model = MicrocalcModel.from_bundle(load_bundle("microcalc"), "cpu", engine="torch")
     reference, _ = torch_model.dense_cascade(image, mask, seg_strip=0)
