@@ -631,20 +631,26 @@ class MicrocalcModel:
         rows, cols = mammogram.shape
         if mask is None:
             mask = mammogram.breast_mask
-        prob_src = np.zeros((rows, cols), dtype=np.float32)
-        cluster_src = np.zeros((rows, cols), dtype=np.float32)
         if not mask.any():
-            return MicrocalcResult(prob_src, cluster_src, [], {"total": time.perf_counter() - t0})
+            return MicrocalcResult(np.zeros((rows, cols), dtype=np.float32), np.zeros((rows, cols), dtype=np.float32),
+                                   [], {"total": time.perf_counter() - t0})
         image, work_mask, (r0, r1, c0, c1) = self.working_grid(mammogram, mask)
         work_shape = image.shape
         sr, sc = (float(s) for s in mammogram.spacing_mm)
         t1 = time.perf_counter()
         prob, fired = self.dense_cascade(image, work_mask)
+        del work_mask
         t2 = time.perf_counter()
+        # The cluster stage (the model's memory peak: its labelling of the map) runs before the
+        # source-grid maps exist, and the working image goes before they are made.
+        clusters = self._clusters(prob, (sr, sc), (r0, c0), image)
+        del image
+        prob_src = np.zeros((rows, cols), dtype=np.float32)
         # Nearest keeps the networks' own values; an antialiased shrink would dilute
         # 2-pixel calcifications below the operating point.
         prob_src[r0:r1, c0:c1] = resize(prob, (r1 - r0, c1 - c0), mode="nearest")
-        clusters = self._clusters(prob, (sr, sc), (r0, c0), image)
+        del prob
+        cluster_src = np.zeros((rows, cols), dtype=np.float32)
         for cl in sorted(clusters, key=lambda c: c.score):
             inside = fill_polygon(cl.polygon, (rows, cols))
             cluster_src[inside] = np.maximum(cluster_src[inside], cl.score)
