@@ -60,24 +60,26 @@ def profile_view(model: MicrocalcModel, mg) -> dict:
     fired_tiles = sum(bool(fired[r // s:(r + tile) // s, c // s:(c + tile) // s].any()) for r, c in breast_tiles)
     # The Segmentator: the whole dense_cascade minus its Detector (timed again, same input).
     t3 = time.perf_counter()
-    prob, visited = model.dense_cascade(image, work_mask)
+    prob, fired_fraction = model.dense_cascade(image, work_mask)
     t4 = time.perf_counter()
+    computed = model.last_stats["segmentator_pixels"]
     det_again = model.last_stats.get("detector_s")
     # The tiled Detector and Segmentator (before the strips) on the same view, for a same-run comparison.
     t5 = time.perf_counter()
-    tiled, visited_tiles = model.dense_cascade(image, work_mask, seg_strip=0)
+    tiled, _ = model.dense_cascade(image, work_mask, seg_strip=0)
     t6 = time.perf_counter()
+    computed_tiles = model.last_stats["segmentator_pixels"]
     det_tiles = model.detector_map(image, work_mask)
     t7 = time.perf_counter()
     return {"working_shape": list(image.shape), "breast_fraction": round(float(work_mask.mean()), 4),
             "detector_tiles": len(tiles), "detector_tiles_breast": len(breast_tiles),
             "detector_tiles_fired": int(fired_tiles),
             "detector_breast_points": int(grid_mask.sum()), "detector_fired_points": int(fired.sum()),
-            "segmentator_pixels": int(round(visited * rows * cols)), "segmentator_fraction": round(visited, 4),
+            "segmentator_pixels": int(computed), "fired_breast_fraction": round(fired_fraction, 4),
             "working_grid_s": t1 - t0, "detector_s": t2 - t1, "cascade_s": t4 - t3,
             "segmentator_s": (t4 - t3) - (t2 - t1),
             "tiled_segmentator_cascade_s": t6 - t5, "tiled_detector_s": t7 - t6,
-            "detector_strips_equal_tiles": bool(np.array_equal(det[grid_mask], det_tiles[:det.shape[0], :det.shape[1]][grid_mask])), "tiled_segmentator_pixels": int(round(visited_tiles * rows * cols)),
+            "detector_strips_equal_tiles": bool(np.array_equal(det[grid_mask], det_tiles[:det.shape[0], :det.shape[1]][grid_mask])), "tiled_segmentator_pixels": int(computed_tiles),
             "strips_equal_tiles": bool(np.array_equal(prob, tiled)), "_prob": prob, "_image": image, "_box": box,
             "_det_again": det_again}
 

@@ -888,7 +888,7 @@ class MicrocalcModel:
     def dense_cascade(self, image: np.ndarray, mask: np.ndarray | None = None,
                       seg_tile: int = 32, seg_strip: int | None = None) -> tuple[np.ndarray, float]:
         """MC probability per pixel of ``image`` (0.05 mm grid), and the fraction of the
-        image the Segmentator had to visit.
+        image the Segmentator must cover.
 
         The Segmentator runs on the fired pixels' column runs of ``seg_strip``-row strips (or
         on ``seg_tile``-pixel tiles that overlap a patch where the Detector fired); every other
@@ -914,7 +914,9 @@ class MicrocalcModel:
         Returns
         -------
         tuple[numpy.ndarray, float]
-            float32 (rows, columns) probability, and the visited fraction in [0, 1].
+            float32 (rows, columns) probability, and the fraction of the image the Segmentator
+            must cover (breast pixels within a fired Detector patch), the same for every path
+            and engine; the pixels it computed are ``last_stats["segmentator_pixels"]``.
         """
         previous = torch.get_num_threads()
         if self.precision == "bf16-gated" and self.bf16_threads:
@@ -968,8 +970,8 @@ class MicrocalcModel:
                     prob[tr:tr + h, tc:tc + w] = np.where(fired[tr:tr + h, tc:tc + w], pt[:h, :w], 0.0)
             self.last_stats.update(seg_tiles=len(tiles), seg_fp32_tiles=len(exact) + len(todo),
                                    seg_background_tiles=len(todo))
-        visited = len(tiles) * seg_tile * seg_tile / float(rows * cols)
-        return prob, min(visited, 1.0)
+        self.last_stats["segmentator_pixels"] = len(tiles) * seg_tile * seg_tile
+        return prob, float(fired.mean())
 
     def _segmentator_strips(self, image: np.ndarray, fired: np.ndarray, strip: int) -> tuple[np.ndarray, float]:
         """The Segmentator on ``strip``-row strips of ``image``, each only over the column runs
@@ -997,7 +999,8 @@ class MicrocalcModel:
                 prob[tr:tr + h, c0:c1] = p[:h, :c1 - c0]
                 computed += h * (c1 - c0)
         prob[~fired] = 0.0
-        return prob, computed / float(rows * cols)
+        self.last_stats["segmentator_pixels"] = computed
+        return prob, float(fired.mean())
 
     def _segmentator_bf16_gated(self, x: np.ndarray, tiles: list[tuple[int, int]], fired: np.ndarray,
                                 seg_tile: int, exact: set[tuple[int, int]]) -> np.ndarray:
