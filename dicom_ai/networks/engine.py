@@ -92,11 +92,15 @@ class OnnxFunction:
     ``example`` fixes the rank and channels; batch, rows and columns stay dynamic, so ``fn``
     must not branch on them (the tracer records one path). ``threads`` is ONNX Runtime's
     intra-op thread count (default: every core this process may run on; torch's own count is
-    kept low by the node for its small networks, see ``dicom_ai.node.processing``).
+    kept low by the node for its small networks, see ``dicom_ai.node.processing``). ``arena``:
+    ONNX Runtime's own memory arena (off by default, see below); a function called many times on
+    regions of bounded size (the microcalcification strips) turns it on: in the node's worker every
+    allocation above 128 KiB is a fresh mmap (``release_freed_memory_promptly``), so without the
+    arena each call page-faults all its intermediate buffers anew.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, example: torch.Tensor,
-                 threads: int | None = None):
+                 threads: int | None = None, arena: bool = False):
         buffer = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             # The legacy (TorchScript) exporter warns that it is deprecated; the dynamo one
@@ -115,7 +119,7 @@ class OnnxFunction:
         # Inputs change shape from image to image, so the arena would keep growing to the
         # largest tiles seen and hold that between jobs; plain allocation keeps the worker's
         # resident memory to what the image in hand needs.
-        options.enable_cpu_mem_arena = False
+        options.enable_cpu_mem_arena = arena
         self._session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -441,6 +441,9 @@ CANDIDATE_DENSE_FRACTION = 0.35
 SEG_STRIP = 16
 SEG_STRIP_GAP = 8
 
+#: ONNX Runtime's memory arena for the two networks' sessions (see :class:`OnnxFunction`).
+ONNX_ARENA = True
+
 #: Rows of the Detector's strips (:meth:`MicrocalcModel._detector_strips`): as many rows of
 #: convolution halo per strip as a 512-pixel tile has, without the tile's columns outside the breast.
 DETECTOR_STRIP = 256
@@ -566,7 +569,7 @@ class MicrocalcModel:
             for role, stride in (("detector", self.config.detector_stride), ("segmentator", 1)):
                 net = self.detector if role == "detector" else self.segmentator
                 self._onnx[(role, stride)] = OnnxFunction(
-                    lambda x, net=net, stride=stride: net.dense_body(x, stride), net, example)
+                    lambda x, net=net, stride=stride: net.dense_body(x, stride), net, example, arena=ONNX_ARENA)
         if self.engine == "onnxruntime" and candidate_margin is not None:
             example = torch.zeros(1, 1, 2 * self.config.patch_size, 2 * self.config.patch_size)
             self._onnx[("detector-estimate", self.config.detector_stride)] = OnnxFunction(
