@@ -444,9 +444,12 @@ SEG_STRIP_GAP = 8
 #: ONNX Runtime's memory arena for the two networks' sessions (see :class:`OnnxFunction`).
 ONNX_ARENA = True
 
-#: Rows of the Detector's strips (:meth:`MicrocalcModel._detector_strips`): as many rows of
-#: convolution halo per strip as a 512-pixel tile has, without the tile's columns outside the breast.
+#: Rows and largest width of the Detector's strips (:meth:`MicrocalcModel._detector_strips`), and
+#: the largest width of a Segmentator run: the largest call sets what ONNX Runtime's arena keeps
+#: resident (:data:`ONNX_ARENA`).
 DETECTOR_STRIP = 256
+DETECTOR_STRIP_MAX_WIDTH = 512
+SEG_STRIP_MAX_WIDTH = 256
 
 #: Precisions of :class:`MicrocalcModel` on the CPU: ``fp32`` (the reference) or ``bf16-gated``:
 #: both networks first run in bf16 (:meth:`PatchCNN.dense_body_bf16`), and every decision the
@@ -882,9 +885,13 @@ class MicrocalcModel:
             if not len(columns):
                 continue
             i1 = min(i0 + step, grid.shape[0])
-            j0, j1 = int(columns[0]), int(columns[-1]) + 1
-            region = zero_padded_crop(image, i0 * s - half, (i1 - 1) * s - half + p, j0 * s - half, (j1 - 1) * s - half + p)
-            out[i0:i1, j0:j1] = self.patch_probability("detector", region[None], s)[0]
+            # In pieces of at most DETECTOR_STRIP_MAX_WIDTH pixels: the largest call sets ONNX
+            # Runtime's arena (what stays resident).
+            for j0 in range(int(columns[0]), int(columns[-1]) + 1, DETECTOR_STRIP_MAX_WIDTH // s):
+                j1 = min(j0 + DETECTOR_STRIP_MAX_WIDTH // s, int(columns[-1]) + 1)
+                region = zero_padded_crop(image, i0 * s - half, (i1 - 1) * s - half + p, j0 * s - half,
+                                          (j1 - 1) * s - half + p)
+                out[i0:i1, j0:j1] = self.patch_probability("detector", region[None], s)[0]
         return out
 
     @torch.no_grad()
@@ -996,7 +1003,10 @@ class MicrocalcModel:
                 continue
             breaks = np.flatnonzero(np.diff(columns) > SEG_STRIP_GAP)
             h = min(strip, rows - tr)
-            for c0, c1 in zip(np.r_[columns[0], columns[breaks + 1]], np.r_[columns[breaks], columns[-1]] + 1):
+            runs = [(int(a), int(b)) for a, b in zip(np.r_[columns[0], columns[breaks + 1]], np.r_[columns[breaks], columns[-1]] + 1)]
+            # Long runs in pieces: the largest call sets ONNX Runtime's arena (what stays resident).
+            runs = [(c, min(c + SEG_STRIP_MAX_WIDTH, b)) for a, b in runs for c in range(a, b, SEG_STRIP_MAX_WIDTH)]
+            for c0, c1 in runs:
                 region = zero_padded_crop(image, tr - half, tr + h + half, c0 - half, c1 + half)
                 p = self.patch_probability("segmentator", region[None], 1)[0]
                 prob[tr:tr + h, c0:c1] = p[:h, :c1 - c0]
