@@ -446,10 +446,11 @@ ONNX_ARENA = True
 
 #: Rows and largest width of the Detector's strips (:meth:`MicrocalcModel._detector_strips`), and
 #: the largest width of a Segmentator run: the largest call sets what ONNX Runtime's arena keeps
-#: resident (:data:`ONNX_ARENA`).
-DETECTOR_STRIP = 256
+#: resident (:data:`ONNX_ARENA`). 256 x 512 / 256 left the node's worker at 1041 MB at the all-on
+#: point, 128 x 512 / 128 at 1013 MB (bench_turnaround; target 1024), about 1 s slower per study.
+DETECTOR_STRIP = 128
 DETECTOR_STRIP_MAX_WIDTH = 512
-SEG_STRIP_MAX_WIDTH = 256
+SEG_STRIP_MAX_WIDTH = 128
 
 #: Precisions of :class:`MicrocalcModel` on the CPU: ``fp32`` (the reference) or ``bf16-gated``:
 #: both networks first run in bf16 (:meth:`PatchCNN.dense_body_bf16`), and every decision the
