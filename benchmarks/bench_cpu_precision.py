@@ -7,9 +7,10 @@ For each shipped model, on the four views of a full-size (3328 x 2560) phantom s
   microcalcification patch CNNs in ONNX Runtime, the others in torch). This is the reference.
 * **bf16**: what ``pipeline.precision = "bf16"`` runs for an accepted bundle
   (:func:`dicom_ai.networks.engine.cpu_bf16_plan`): ``torch.autocast("cpu", bfloat16)`` with
-  the networks in channels-last. The microcalcification model must then run its torch engine
-  (autocast does not reach ONNX Runtime), so its bf16 candidate is the torch engine in bf16,
-  compared with the node's ONNX Runtime fp32.
+  the networks in channels-last; the microcalcification cascade instead runs its gated path
+  (``MicrocalcModel.set_precision("bf16-gated")``: both networks in bf16, Detector patches near
+  firing and Segmentator tiles near the floor the marks read again in float32 by ONNX Runtime;
+  margins from ``bench_microcalc_precision.py``).
 
 Per map and image: max |dp|, agreement at the threshold on breast pixels, region counts,
 |d score| (``bench_gpu.compare``), against ``bench_gpu.TOLERANCES``. Times: fp32 and bf16 on the
@@ -46,7 +47,6 @@ from dicom_ai.data.phantom import generate_study  # noqa: E402
 from dicom_ai.imaging import read_mammogram  # noqa: E402
 from dicom_ai.networks import engine  # noqa: E402
 from dicom_ai.networks.bundle import load_bundle  # noqa: E402
-from dicom_ai.networks.microcalc import MicrocalcModel  # noqa: E402
 from dicom_ai.networks.registry import model_from_bundle  # noqa: E402
 from dicom_ai.node.processing import CPU_TORCH_THREADS  # noqa: E402
 
@@ -63,8 +63,10 @@ def candidates(name: str, operating_point: str):
     bundle = load_bundle(name, operating_point=operating_point)
     fp32 = model_from_bundle(bundle, "cpu")
     if name == "microcalc":
-        bf16 = MicrocalcModel.from_bundle(bundle, "cpu", engine="torch")
-        note = f"fp32: engine {fp32.engine}; bf16: engine torch under autocast"
+        # Its own gated path (cpu_bf16_plan calls set_precision("bf16-gated")): bf16 networks in
+        # torch, every decision the marks depend on again in float32 by the node's engine.
+        bf16 = model_from_bundle(bundle, "cpu")
+        note = f"fp32: engine {fp32.engine}; bf16: gated (bf16 torch networks, float32 {bf16.engine} where it decides)"
     else:
         bf16 = model_from_bundle(bundle, "cpu")
         note = "torch under autocast" + (" (glam.py turns autocast off on the CPU: no bf16 effect)"

@@ -150,9 +150,9 @@ def _ts(event: dict) -> float:
 
 
 def run_node(label: str, code: Path, files: list[Path], work: Path, grace: float, operating_point: str = "",
-             device: str = "cpu", timeout: float = 900) -> dict:
-    """Send ``files`` to a node run from source tree ``code`` (``pipeline.operating_point``
-    and ``pipeline.device`` as given); returns the run's figures."""
+             device: str = "cpu", timeout: float = 900, precision: str = "") -> dict:
+    """Send ``files`` to a node run from source tree ``code`` (``pipeline.operating_point``,
+    ``pipeline.device`` and, unless "", ``pipeline.precision`` as given); returns the run's figures."""
     work.mkdir(parents=True)
     pacs_dir = work / "pacs"
     pacs, pacs_port = start_storescp(pacs_dir, ae_title="PACS")
@@ -160,7 +160,8 @@ def run_node(label: str, code: Path, files: list[Path], work: Path, grace: float
     storage = work / "storage"
     config = write_node_config(work / "node.toml", storage, port, [("PACS", pacs_port)],
                                pipeline={"factory": "", "device": device, "previews": True,
-                                         "operating_point": operating_point},
+                                         "operating_point": operating_point,
+                                         **({"precision": precision} if precision else {})},
                                study={"grace_seconds": grace, "idle_seconds": 60.0})
     env = dict(os.environ, PYTHONPATH=str(code))
     # cwd = the code tree, so `python -m dicom_ai` imports that tree's package (and its models/).
@@ -362,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                              "maps off; 'phantom' = every finding on at 0.5)")
     parser.add_argument("--device", default="cpu", help="pipeline.device of the node (cpu, auto, cuda:N)")
     parser.add_argument("--no-floor", action="store_true", help="skip the FLOP count (about a minute)")
+    parser.add_argument("--precision", default="",
+                        help="pipeline.precision of the 'after' node only (fp32 or bf16; default: the config's, fp32)")
     parser.add_argument("--microcalc-bundle", type=Path, default=None,
                         help="run both trees with this microcalc bundle in models/microcalc (copies; e.g. the "
                              "unshipped 0.2.0 bundle); 'phantom' is added as its operating point if it has none")
@@ -386,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             if code is not None:
                 runs[f"{key}/before"] = run_node(f"before ({args.before}), operating point {key}", code, files,
                                                  tmp / f"{key}-before", args.grace, op, args.device)
-            runs[f"{key}/after"] = run_node(f"after (this tree), operating point {key}", after_code, files,
-                                            tmp / f"{key}-after", args.grace, op, args.device)
+            runs[f"{key}/after"] = run_node(f"after (this tree{', ' + args.precision if args.precision else ''}), "
+                                            f"operating point {key}", after_code, files,
+                                            tmp / f"{key}-after", args.grace, op, args.device, precision=args.precision)
             if code is not None:
                 before, after = runs[f"{key}/before"], runs[f"{key}/after"]
                 marks[key] = compare_marks(Path(before["pacs_folder"]), Path(after["pacs_folder"]))
@@ -403,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "study": {"shape": list(SHAPE), "views": 4, "seed": SEED, "spacing_mm": 0.07},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "device": args.device},
+        "precision_after": args.precision or "config default (fp32)",
         "grace_seconds": args.grace,
         "microcalc_bundle": str(args.microcalc_bundle) if args.microcalc_bundle else "models/microcalc (each tree's own)",
         "runs": runs,

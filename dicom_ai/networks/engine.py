@@ -92,11 +92,15 @@ class OnnxFunction:
     ``example`` fixes the rank and channels; batch, rows and columns stay dynamic, so ``fn``
     must not branch on them (the tracer records one path). ``threads`` is ONNX Runtime's
     intra-op thread count (default: every core this process may run on; torch's own count is
-    kept low by the node for its small networks, see ``dicom_ai.node.processing``).
+    kept low by the node for its small networks, see ``dicom_ai.node.processing``). ``arena``:
+    ONNX Runtime's own memory arena (off by default, see below); a function called many times on
+    regions of bounded size (the microcalcification strips) turns it on: in the node's worker every
+    allocation above 128 KiB is a fresh mmap (``release_freed_memory_promptly``), so without the
+    arena each call page-faults all its intermediate buffers anew.
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], owner: nn.Module, example: torch.Tensor,
-                 threads: int | None = None):
+                 threads: int | None = None, arena: bool = False):
         buffer = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             # The legacy (TorchScript) exporter warns that it is deprecated; the dynamo one
@@ -115,7 +119,7 @@ class OnnxFunction:
         # Inputs change shape from image to image, so the arena would keep growing to the
         # largest tiles seen and hold that between jobs; plain allocation keeps the worker's
         # resident memory to what the image in hand needs.
-        options.enable_cpu_mem_arena = False
+        options.enable_cpu_mem_arena = arena
         self._session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -152,7 +156,9 @@ def cpu_bf16_plan(models: Sequence, precision: str, device: torch.device | str,
     """Which of ``models`` run in bf16 under ``precision`` (``fp32`` or ``bf16``) on ``device``.
 
     Returns the ``id()`` of each model to run in bf16 (its networks are put in channels-last
-    here) and, per model left in fp32 although bf16 was asked for, why. ``accepted`` defaults
+    here; a model with a ``set_precision`` method, the microcalcification cascade, is switched
+    to its gated path ``bf16-gated`` instead) and, per model left in fp32 although bf16 was
+    asked for, why. ``accepted`` defaults
     to :data:`BF16_CPU_ACCEPTED`, ``native`` to :func:`cpu_has_native_bf16`.
     """
     try:
@@ -172,6 +178,11 @@ def cpu_bf16_plan(models: Sequence, precision: str, device: torch.device | str,
         if accepted.get(name) != version:
             fp32[name] = (f"{name} {version} is not measured within the bf16 tolerances and faster "
                           "(benchmarks/bench_cpu_precision.py)")
+        elif callable(getattr(model, "set_precision", None)):
+            # A cascade with its own gated bf16 path (microcalc): bf16 networks, every decision
+            # its marks depend on taken again in float32 by its engine.
+            model.set_precision("bf16-gated")
+            chosen.add(id(model))
         elif getattr(model, "engine", "torch") != "torch" or not model_networks(model):
             fp32[name] = f"{name} does not run its networks in torch here"
         else:

@@ -57,7 +57,7 @@ from dicom_ai.core.findings import ModelIdentity, ModelOutput, ProbabilityMap
 from dicom_ai.imaging import Mammogram, resize
 from dicom_ai.networks.bundle import Bundle, load_weights, require_kind
 from dicom_ai.networks.engine import OnnxFunction, resolve_engine
-from dicom_ai.networks.microcalc_clusters import (ClusterConfig, calibrated, candidate_clusters, components,
+from dicom_ai.networks.microcalc_clusters import (WINDOW, ClusterConfig, calibrated, candidate_clusters, components,
                                                  convex_hull, group_clusters)
 
 __all__ = [
@@ -220,6 +220,33 @@ class PatchCNN(nn.Module):
                 x = F.max_pool2d(x, 2, stride=1, dilation=dilation)
                 dilation *= 2
         return x, dilation
+
+    def dense_body_bf16(self, region: torch.Tensor, stride: int) -> torch.Tensor:
+        """:meth:`dense_body` with every layer after the first in bf16 (channels-last), float32
+        logits out. The first convolution (1 -> 8 channels, cheap) stays float32 so the input's
+        grey levels are not rounded to bf16's 8-bit mantissa before any contrast is formed.
+        Ignores any autocast around it (it casts explicitly)."""
+        same = self.config.padding == "same"
+        bf = torch.bfloat16
+        with torch.autocast("cpu", enabled=False):
+            x = (region - self.config.input_mean) / self.config.input_std
+            dilation, reached, convs = 1, 1, iter(self.convs)
+            for op in _PLAN:
+                if op == "conv":
+                    conv = next(convs)
+                    low = conv is not self.convs[0]
+                    x = F.relu(F.conv2d(x, conv.weight.to(bf) if low else conv.weight, conv.bias.to(bf) if low else conv.bias,
+                                        padding=dilation if same else 0, dilation=dilation))
+                    if not low:
+                        x = x.to(bf).contiguous(memory_format=torch.channels_last)
+                elif reached < stride:
+                    x = F.max_pool2d(x, 2, 2)
+                    reached *= 2
+                else:
+                    x = F.max_pool2d(x, 2, stride=1, dilation=dilation)
+                    dilation *= 2
+            x = F.relu(F.conv2d(x, self.fc.weight.to(bf), self.fc.bias.to(bf), dilation=dilation))
+            return F.conv2d(x, self.out.weight.to(bf), self.out.bias.to(bf)).float()
 
     def head_at(self, features: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, dilation: int) -> torch.Tensor:
         """Class-1 probability of the patches at output positions ``(rows[k], cols[k])`` of one
@@ -407,6 +434,66 @@ CANDIDATE_MARGIN = 2.0
 CANDIDATE_DENSE_FRACTION = 0.35
 
 
+#: Rows of the Segmentator's strips (:meth:`MicrocalcModel._segmentator_strips`) and the largest
+#: gap between fired columns of a strip that still shares one run (a run's halo costs about
+#: this much). Chosen by time on the full-size phantom study (16 / 8 against 8, 32 rows and a
+#: 32-column gap; benchmarks/profile_microcalc.py).
+SEG_STRIP = 16
+SEG_STRIP_GAP = 8
+
+#: ONNX Runtime's memory arena for the two networks' sessions (see :class:`OnnxFunction`).
+ONNX_ARENA = True
+
+#: Rows and largest width of the Detector's strips (:meth:`MicrocalcModel._detector_strips`), and
+#: the largest width of a Segmentator run: the largest call sets what ONNX Runtime's arena keeps
+#: resident (:data:`ONNX_ARENA`). 256 x 512 / 256 left the node's worker at 1041 MB at the all-on
+#: point, 128 x 512 / 128 at 1013 MB (bench_turnaround; target 1024), about 1 s slower per study.
+DETECTOR_STRIP = 128
+DETECTOR_STRIP_MAX_WIDTH = 512
+SEG_STRIP_MAX_WIDTH = 128
+
+#: Precisions of :class:`MicrocalcModel` on the CPU: ``fp32`` (the reference) or ``bf16-gated``:
+#: both networks first run in bf16 (:meth:`PatchCNN.dense_body_bf16`), and every decision the
+#: marks depend on is then taken on float32 values of the reference engine (see
+#: :data:`BF16_DETECTOR_MARGIN`, :data:`BF16_SEGMENTATOR_MARGIN`).
+PRECISIONS = ("fp32", "bf16-gated")
+
+#: Detector patches whose bf16 logit difference is within this many logits of firing are
+#: classified again in float32 by the model's engine; the others keep the bf16 decision. The
+#: largest |bf16 - fp32| Detector logit difference on breast patches was 0.30 (a CBIS-DDSM view;
+#: phantoms 0.09-0.15, mini-MIAS 0.11-0.14, shared FFDM 0.16; benchmarks/bench_microcalc_precision.py,
+#: results/microcalc_precision.json, run at margin 0.45), so 1.0 is 3.3 times it. The shipped
+#: Detector's logits sit close to firing (on the phantom study 60 % of breast patches within 1.0),
+#: which is why this path is slower than float32 here (results/cpu_precision.json).
+BF16_DETECTOR_MARGIN = 1.0
+
+#: Near patches are classified again in blocks of this many Detector outputs a side: a block
+#: with more than :data:`BF16_DETECTOR_BLOCK_PATCHES` of them runs densely in float32 (about
+#: that many patches classified alone cost as much as the block), the others patch by patch.
+BF16_DETECTOR_BLOCK = 32
+BF16_DETECTOR_BLOCK_PATCHES = 24
+
+#: Segmentator tiles with a fired pixel whose bf16 logit difference is at or within this many
+#: logits below :attr:`MicrocalcModel.exact_floor` are computed again in float32 (as are the tiles
+#: the cluster stage reads background from): 3.9 times the largest |bf16 - fp32| Segmentator
+#: logit difference on fired pixels, 0.26 (same benchmark).
+BF16_SEGMENTATOR_MARGIN = 1.0
+
+
+def zero_padded_crop(image: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """``image[r0:r1, c0:c1]`` with zeros where the box leaves the image (the values of
+    ``np.pad(image)`` with constant 0, cropped), without a padded copy of the whole image: a
+    view inside, a small copy at the border. Bounds in image pixels, half-open, may be negative."""
+    rows, cols = image.shape
+    if r0 >= 0 and c0 >= 0 and r1 <= rows and c1 <= cols:
+        return image[r0:r1, c0:c1]
+    out = np.zeros((r1 - r0, c1 - c0), dtype=image.dtype)
+    a0, a1, b0, b1 = max(r0, 0), min(r1, rows), max(c0, 0), min(c1, cols)
+    if a0 < a1 and b0 < b1:
+        out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = image[a0:a1, b0:b1]
+    return out
+
+
 def fire_logit(threshold: float) -> float:
     """The logit difference ``logit1 - logit0`` at which a two-class softmax reaches ``threshold``."""
     if threshold <= 0.0:
@@ -486,7 +573,7 @@ class MicrocalcModel:
             for role, stride in (("detector", self.config.detector_stride), ("segmentator", 1)):
                 net = self.detector if role == "detector" else self.segmentator
                 self._onnx[(role, stride)] = OnnxFunction(
-                    lambda x, net=net, stride=stride: net.dense_body(x, stride), net, example)
+                    lambda x, net=net, stride=stride: net.dense_body(x, stride), net, example, arena=ONNX_ARENA)
         if self.engine == "onnxruntime" and candidate_margin is not None:
             example = torch.zeros(1, 1, 2 * self.config.patch_size, 2 * self.config.patch_size)
             self._onnx[("detector-estimate", self.config.detector_stride)] = OnnxFunction(
@@ -497,6 +584,10 @@ class MicrocalcModel:
         self.candidate_margin: float | None = candidate_margin
         #: Figures of the last :meth:`detector_map` / :meth:`dense_cascade` call.
         self.last_stats: dict[str, float] = {}
+        #: One of :data:`PRECISIONS` (:meth:`set_precision`).
+        self.precision = "fp32"
+        #: torch threads while the bf16 networks run (None: leave the process's setting).
+        self.bf16_threads: int | None = None
         thresholds = thresholds or {}
         self.calcification_threshold = float(thresholds.get("calcification", self.config.calcification_threshold))
         self.cluster_threshold = float(thresholds.get("calcification_cluster", self.config.cluster_threshold))
@@ -547,20 +638,26 @@ class MicrocalcModel:
         rows, cols = mammogram.shape
         if mask is None:
             mask = mammogram.breast_mask
-        prob_src = np.zeros((rows, cols), dtype=np.float32)
-        cluster_src = np.zeros((rows, cols), dtype=np.float32)
         if not mask.any():
-            return MicrocalcResult(prob_src, cluster_src, [], {"total": time.perf_counter() - t0})
+            return MicrocalcResult(np.zeros((rows, cols), dtype=np.float32), np.zeros((rows, cols), dtype=np.float32),
+                                   [], {"total": time.perf_counter() - t0})
         image, work_mask, (r0, r1, c0, c1) = self.working_grid(mammogram, mask)
         work_shape = image.shape
         sr, sc = (float(s) for s in mammogram.spacing_mm)
         t1 = time.perf_counter()
         prob, fired = self.dense_cascade(image, work_mask)
+        del work_mask
         t2 = time.perf_counter()
+        # The cluster stage (the model's memory peak: its labelling of the map) runs before the
+        # source-grid maps exist, and the working image goes before they are made.
+        clusters = self._clusters(prob, (sr, sc), (r0, c0), image)
+        del image
+        prob_src = np.zeros((rows, cols), dtype=np.float32)
         # Nearest keeps the networks' own values; an antialiased shrink would dilute
         # 2-pixel calcifications below the operating point.
         prob_src[r0:r1, c0:c1] = resize(prob, (r1 - r0, c1 - c0), mode="nearest")
-        clusters = self._clusters(prob, (sr, sc), (r0, c0), image)
+        del prob
+        cluster_src = np.zeros((rows, cols), dtype=np.float32)
         for cl in sorted(clusters, key=lambda c: c.score):
             inside = fill_polygon(cl.polygon, (rows, cols))
             cluster_src[inside] = np.maximum(cluster_src[inside], cl.score)
@@ -589,13 +686,17 @@ class MicrocalcModel:
 
     # -- the dense cascade on the 0.05 mm working grid ------------------------------------------
 
-    def patch_probability(self, role: str, regions: np.ndarray, stride: int) -> np.ndarray:
+    def patch_probability(self, role: str, regions: np.ndarray, stride: int, logit_diff: bool = False) -> np.ndarray:
         """Class-1 probability ``(N, n_r, n_c)`` of every patch of ``regions`` ``(N, rows, cols)``
-        on the ``stride`` grid (layout of :meth:`PatchCNN.dense_logits`), by this model's engine."""
+        on the ``stride`` grid (layout of :meth:`PatchCNN.dense_logits`), by this model's engine;
+        ``logit_diff``: ``logit1 - logit0`` instead."""
         net = self.detector if role == "detector" else self.segmentator
         if self.engine == "torch":
             with torch.no_grad():
                 x = torch.from_numpy(np.ascontiguousarray(regions, dtype=np.float32))[:, None].to(self.device)
+                if logit_diff:
+                    logits = net.dense_logits(x, stride=stride).float()
+                    return (logits[:, 1] - logits[:, 0]).cpu().numpy()
                 # float(): under bf16 autocast (bench_gpu.py) the logits come back in bf16.
                 return torch.softmax(net.dense_logits(x, stride=stride).float(), 1)[:, 1].cpu().numpy()
         fn = self._onnx.get((role, stride))
@@ -608,8 +709,80 @@ class MicrocalcModel:
             raise ModelError(f"region {rows}x{cols} is smaller than one {p}x{p} patch")
         n_r, n_c = (rows - p) // stride + 1, (cols - p) // stride + 1
         logits = fn(regions[:, None])[:, :, :n_r, :n_c]
+        if logit_diff:
+            return logits[:, 1] - logits[:, 0]
         # Two-class softmax, as torch.softmax computes it for the reference engine.
         return (1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))).astype(np.float32)
+
+    def set_precision(self, precision: str, threads: int | None = None) -> None:
+        """Run the cascade in ``precision`` (one of :data:`PRECISIONS`); ``threads``: torch's
+        thread count while the bf16 networks run (None keeps the process's)."""
+        if precision not in PRECISIONS:
+            raise ModelError(f"microcalc precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision != "fp32" and self.device.type != "cpu":
+            raise ModelError("the gated bf16 path is a CPU path; on a GPU use bf16 autocast (bench_gpu.py)")
+        self.precision, self.bf16_threads = precision, threads
+
+    @property
+    def exact_floor(self) -> float:
+        """Lowest calcification probability whose exact value the outputs depend on everywhere:
+        the map's threshold (its regions) and the cluster stage's component threshold. (The
+        cluster stage also reads "below its background floor" in windows around its
+        calcifications; :meth:`dense_cascade` computes those tiles in float32 too.)"""
+        floors = [self.calcification_threshold]
+        if self.clusters is not None:
+            floors.append(self.clusters.threshold)
+        return min(floors)
+
+    def _bf16_logit_diff(self, role: str, regions: np.ndarray, stride: int) -> np.ndarray:
+        """``logit1 - logit0`` ``(N, n_r, n_c)`` of every patch of ``regions`` by the bf16 body."""
+        net = self.detector if role == "detector" else self.segmentator
+        p = self.config.patch_size
+        n_r, n_c = (regions.shape[-2] - p) // stride + 1, (regions.shape[-1] - p) // stride + 1
+        x = torch.from_numpy(np.ascontiguousarray(regions, dtype=np.float32))[:, None]
+        logits = net.dense_body_bf16(x, stride)[:, :, :n_r, :n_c]
+        return (logits[:, 1] - logits[:, 0]).numpy()
+
+    def _fp32_patches(self, role: str, patches: np.ndarray, stride: int) -> np.ndarray:
+        """Float32 probability of each single patch ``(N, P, P)`` by this model's engine, in
+        chunks (the reference arithmetic on a patch-sized region)."""
+        out = [self.patch_probability(role, patches[k:k + 256], stride)[:, 0, 0] for k in range(0, len(patches), 256)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def _detector_bf16_gated(self, region: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+        """Detector probability of one region's patches (layout of :meth:`patch_probability`):
+        bf16, except that breast patches (``wanted``, top-left aligned) within
+        :data:`BF16_DETECTOR_MARGIN` of firing are classified again in float32, so which of them
+        fire is float32's decision."""
+        s, p = self.config.detector_stride, self.config.patch_size
+        d = self._bf16_logit_diff("detector", region[None], s)[0]
+        near = np.zeros(d.shape, dtype=bool)
+        h, w = min(d.shape[0], wanted.shape[0]), min(d.shape[1], wanted.shape[1])
+        near[:h, :w] = wanted[:h, :w]
+        near &= np.abs(d - fire_logit(self.config.detector_threshold)) <= BF16_DETECTOR_MARGIN
+        out = (1.0 / (1.0 + np.exp(-d))).astype(np.float32)
+        rr, cc = np.nonzero(near)
+        windows = np.lib.stride_tricks.sliding_window_view(region, (p, p))
+        b, alone = BF16_DETECTOR_BLOCK, []
+        with torch.autocast("cpu", enabled=False):
+            for i0 in range(0, d.shape[0], b):
+                for j0 in range(0, d.shape[1], b):
+                    block = near[i0:i0 + b, j0:j0 + b]
+                    count = int(block.sum())
+                    if count > BF16_DETECTOR_BLOCK_PATCHES:
+                        h_b, w_b = block.shape
+                        sub = region[i0 * s:(i0 + h_b - 1) * s + p, j0 * s:(j0 + w_b - 1) * s + p]
+                        out[i0:i0 + h_b, j0:j0 + w_b] = self.patch_probability("detector", sub[None], s)[0][:h_b, :w_b]
+                        self.last_stats["fp32_blocks"] = self.last_stats.get("fp32_blocks", 0) + 1
+                    elif count:
+                        bi, bj = np.nonzero(block)
+                        alone.append((bi + i0, bj + j0))
+            if alone:
+                ai, aj = np.concatenate([a for a, _ in alone]), np.concatenate([b_ for _, b_ in alone])
+                out[ai, aj] = self._fp32_patches("detector", windows[ai * s, aj * s], s)
+        self.last_stats["bf16_points"] = self.last_stats.get("bf16_points", 0) + int(wanted[:h, :w].sum())
+        self.last_stats["fp32_points"] = self.last_stats.get("fp32_points", 0) + len(rr)
+        return out
 
     def features_and_estimate(self, regions: np.ndarray) -> np.ndarray:
         """:class:`DetectorEstimate` of ``regions`` ``(N, rows, cols)`` by this model's engine."""
@@ -652,31 +825,41 @@ class MicrocalcModel:
         return out
 
     @torch.no_grad()
-    def detector_map(self, image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    def detector_map(self, image: np.ndarray, mask: np.ndarray | None = None, breast_only: bool = False) -> np.ndarray:
         """Detector probability on the stride grid: entry (i, j) is the patch centred on pixel
         ``(i*stride, j*stride)`` of ``image``. Tiles without breast pixels are skipped (0).
 
         With :attr:`candidate_margin` set, the candidate pass (:class:`DetectorEstimate`) runs
         first on each tile and the exact fully connected layer only on breast patches where the
         estimate is within the margin of firing; every other entry is 0.
+
+        ``breast_only`` (what the cascade needs): only the entries of breast grid points are
+        the Detector's (bit for bit), others may be 0; with ONNX Runtime on the dense float32
+        path this runs on strips (:meth:`_detector_strips`), less work than tiles.
         """
         cfg, s, half = self.config, self.config.detector_stride, self.config.patch_size // 2
         rows, cols = image.shape
         n_r, n_c = -(-rows // s), -(-cols // s)
-        out = np.zeros((n_r, n_c), dtype=np.float32)
         self.last_stats = {}
+        if (breast_only and mask is not None and self.candidate_margin is None and self.precision == "fp32"
+                and self.engine == "onnxruntime"):
+            return self._detector_strips(image, mask)
+        out = np.zeros((n_r, n_c), dtype=np.float32)
         tile = cfg.tile - cfg.tile % s
-        padded = np.pad(image, ((half, half + tile), (half, half + tile)))
         for tr in range(0, rows, tile):
             for tc in range(0, cols, tile):
                 if mask is not None and not mask[tr:tr + tile, tc:tc + tile].any():
                     continue
-                region = padded[tr:tr + tile + 2 * half, tc:tc + tile + 2 * half]
+                region = zero_padded_crop(image, tr - half, tr + tile + half, tc - half, tc + tile + half)
                 stats = self.last_stats
                 dense = self.candidate_margin is None or (
                     stats.get("candidate_tiles", 0) >= 2
                     and stats.get("candidates", 0) > CANDIDATE_DENSE_FRACTION * stats.get("detector_points", 0))
-                if dense:
+                if self.precision == "bf16-gated":
+                    wanted = (np.ones((-(-min(tile, rows - tr) // s), -(-min(tile, cols - tc) // s)), dtype=bool)
+                              if mask is None else mask[tr:tr + tile:s, tc:tc + tile:s])
+                    p = self._detector_bf16_gated(region, wanted)
+                elif dense:
                     p = self.patch_probability("detector", region[None], s)[0]
                 else:
                     wanted = (np.ones((-(-min(tile, rows - tr) // s), -(-min(tile, cols - tc) // s)), dtype=bool)
@@ -687,14 +870,40 @@ class MicrocalcModel:
                 out[i0:i0 + h, j0:j0 + w] = p[:h, :w]
         return out
 
+    def _detector_strips(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The dense Detector on strips of :data:`DETECTOR_STRIP` rows, each from its first to
+        its last breast grid column: the breast's patches, not whole 512-pixel tiles (on the
+        phantom study about 0.8 of the tiles' patches). Same values there as the tiles: ONNX
+        Runtime's result for a patch does not depend on the region around it (the strips start
+        on the stride grid; tests/test_microcalc_precision.py checks it bit for bit)."""
+        s, half, p = self.config.detector_stride, self.config.patch_size // 2, self.config.patch_size
+        rows, cols = image.shape
+        grid = mask[::s, ::s]
+        out = np.zeros(grid.shape, dtype=np.float32)
+        step = DETECTOR_STRIP // s
+        for i0 in range(0, grid.shape[0], step):
+            columns = np.flatnonzero(grid[i0:i0 + step].any(axis=0))
+            if not len(columns):
+                continue
+            i1 = min(i0 + step, grid.shape[0])
+            # In pieces of at most DETECTOR_STRIP_MAX_WIDTH pixels: the largest call sets ONNX
+            # Runtime's arena (what stays resident).
+            for j0 in range(int(columns[0]), int(columns[-1]) + 1, DETECTOR_STRIP_MAX_WIDTH // s):
+                j1 = min(j0 + DETECTOR_STRIP_MAX_WIDTH // s, int(columns[-1]) + 1)
+                region = zero_padded_crop(image, i0 * s - half, (i1 - 1) * s - half + p, j0 * s - half,
+                                          (j1 - 1) * s - half + p)
+                out[i0:i1, j0:j1] = self.patch_probability("detector", region[None], s)[0]
+        return out
+
     @torch.no_grad()
     def dense_cascade(self, image: np.ndarray, mask: np.ndarray | None = None,
-                      seg_tile: int = 32) -> tuple[np.ndarray, float]:
+                      seg_tile: int = 32, seg_strip: int | None = None) -> tuple[np.ndarray, float]:
         """MC probability per pixel of ``image`` (0.05 mm grid), and the fraction of the
-        image the Segmentator had to visit.
+        image the Segmentator must cover.
 
-        The Segmentator runs on ``seg_tile``-pixel tiles that overlap a patch where the
-        Detector fired; every other pixel is 0.
+        The Segmentator runs on the fired pixels' column runs of ``seg_strip``-row strips (or
+        on ``seg_tile``-pixel tiles that overlap a patch where the Detector fired); every other
+        pixel is 0.
 
         Parameters
         ----------
@@ -704,18 +913,35 @@ class MicrocalcModel:
         mask
             Boolean breast mask on the same grid; pixels outside get 0. None: everywhere.
         seg_tile
-            Side of the Segmentator's tiles in working-grid pixels (speed only: 32 covers the
-            fired patches more tightly than 64; on the phantom study 0.09 of the image instead
-            of 0.15, for the same values).
+            Side of the Segmentator's tiles in working-grid pixels when it runs on tiles
+            (``seg_strip=0`` or the gated bf16 path; speed only: 32 covers the fired patches
+            more tightly than 64; on the phantom study 0.09 of the image instead of 0.15).
+        seg_strip
+            Rows of the Segmentator's strips (:meth:`_segmentator_strips`; None:
+            :data:`SEG_STRIP`, 0: tiles). Same values as tiles bit for bit, less work; ONNX
+            Runtime only (torch's convolutions round differently for other region sizes, by
+            about 1e-7, so the torch engine, the GPU's, keeps its tiles).
 
         Returns
         -------
         tuple[numpy.ndarray, float]
-            float32 (rows, columns) probability, and the visited fraction in [0, 1].
+            float32 (rows, columns) probability, and the fraction of the image the Segmentator
+            must cover (breast pixels within a fired Detector patch), the same for every path
+            and engine; the pixels it computed are ``last_stats["segmentator_pixels"]``.
         """
+        previous = torch.get_num_threads()
+        if self.precision == "bf16-gated" and self.bf16_threads:
+            torch.set_num_threads(self.bf16_threads)
+        try:
+            return self._dense_cascade(image, mask, seg_tile, SEG_STRIP if seg_strip is None else seg_strip)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _dense_cascade(self, image: np.ndarray, mask: np.ndarray | None, seg_tile: int,
+                       seg_strip: int) -> tuple[np.ndarray, float]:
         cfg, s, half = self.config, self.config.detector_stride, self.config.patch_size // 2
         rows, cols = image.shape
-        det = self.detector_map(image, mask)
+        det = self.detector_map(image, mask, breast_only=True)
         if mask is not None:
             grid_mask = mask[::s, ::s][:det.shape[0], :det.shape[1]]
             det = np.where(grid_mask, det, 0.0)
@@ -723,23 +949,105 @@ class MicrocalcModel:
         for i, j in zip(*np.nonzero(det >= cfg.detector_threshold)):
             r, c = i * s, j * s
             fired[max(r - half, 0):r + half + 1, max(c - half, 0):c + half + 1] = True
-        prob = np.zeros((rows, cols), dtype=np.float32)
-        padded = np.pad(image, ((half, half + seg_tile), (half, half + seg_tile)))
         if mask is not None:
             fired &= mask  # outside the breast the map is 0 anyway: no tile for it
+        if self.precision == "fp32" and self.engine == "onnxruntime" and seg_strip:
+            return self._segmentator_strips(image, fired, seg_strip)
+        prob = np.zeros((rows, cols), dtype=np.float32)
+        padded = np.pad(image, ((half, half + seg_tile), (half, half + seg_tile)))
         tiles = [(tr, tc) for tr in range(0, rows, seg_tile) for tc in range(0, cols, seg_tile)
                  if fired[tr:tr + seg_tile, tc:tc + seg_tile].any()]
-        batch = 16
+        batch, gated, exact = 16, self.precision == "bf16-gated", set()
         for k in range(0, len(tiles), batch):
             chunk = tiles[k:k + batch]
             x = np.stack([padded[tr:tr + seg_tile + 2 * half, tc:tc + seg_tile + 2 * half] for tr, tc in chunk])
-            p = self.patch_probability("segmentator", x, 1)
+            p = (self._segmentator_bf16_gated(x, chunk, fired, seg_tile, exact) if gated
+                 else self.patch_probability("segmentator", x, 1))
             for (tr, tc), pt in zip(chunk, p):
                 h, w = min(seg_tile, rows - tr), min(seg_tile, cols - tc)
                 prob[tr:tr + h, tc:tc + w] = pt[:h, :w]
         prob[~fired] = 0.0
-        visited = len(tiles) * seg_tile * seg_tile / float(rows * cols)
-        return prob, min(visited, 1.0)
+        if gated:
+            # The components above the floor are float32's already; the background windows
+            # around them are made float32 too, so the cluster stage reads the reference map.
+            todo = sorted(self._background_tiles(prob, seg_tile).intersection(tiles) - exact)
+            for k in range(0, len(todo), batch):
+                chunk = todo[k:k + batch]
+                x = np.stack([padded[tr:tr + seg_tile + 2 * half, tc:tc + seg_tile + 2 * half] for tr, tc in chunk])
+                with torch.autocast("cpu", enabled=False):
+                    p = self.patch_probability("segmentator", x, 1)
+                for (tr, tc), pt in zip(chunk, p):
+                    h, w = min(seg_tile, rows - tr), min(seg_tile, cols - tc)
+                    prob[tr:tr + h, tc:tc + w] = np.where(fired[tr:tr + h, tc:tc + w], pt[:h, :w], 0.0)
+            self.last_stats.update(seg_tiles=len(tiles), seg_fp32_tiles=len(exact) + len(todo),
+                                   seg_background_tiles=len(todo))
+        self.last_stats["segmentator_pixels"] = len(tiles) * seg_tile * seg_tile
+        return prob, float(fired.mean())
+
+    def _segmentator_strips(self, image: np.ndarray, fired: np.ndarray, strip: int) -> tuple[np.ndarray, float]:
+        """The Segmentator on ``strip``-row strips of ``image``, each only over the column runs
+        that hold fired pixels (runs closer than :data:`SEG_STRIP_GAP` merged); 0 elsewhere.
+
+        Same values as the tiled path: ONNX Runtime's result for an output pixel does not
+        depend on the size of the region around it (tests/test_microcalc_precision.py checks
+        it bit for bit; torch's does, by about 1e-7), and every fired pixel lies in one run. Less work than 32-pixel tiles: the
+        fully connected layer (about 90 % of a pixel's arithmetic) runs on fired columns of each
+        strip, not on whole tiles, and long runs share their convolution halo.
+        """
+        half = self.config.patch_size // 2
+        rows, cols = image.shape
+        prob = np.zeros((rows, cols), dtype=np.float32)
+        computed = 0
+        for tr in range(0, rows, strip):
+            columns = np.flatnonzero(fired[tr:tr + strip].any(axis=0))
+            if not len(columns):
+                continue
+            breaks = np.flatnonzero(np.diff(columns) > SEG_STRIP_GAP)
+            h = min(strip, rows - tr)
+            runs = [(int(a), int(b)) for a, b in zip(np.r_[columns[0], columns[breaks + 1]], np.r_[columns[breaks], columns[-1]] + 1)]
+            # Long runs in pieces: the largest call sets ONNX Runtime's arena (what stays resident).
+            runs = [(c, min(c + SEG_STRIP_MAX_WIDTH, b)) for a, b in runs for c in range(a, b, SEG_STRIP_MAX_WIDTH)]
+            for c0, c1 in runs:
+                region = zero_padded_crop(image, tr - half, tr + h + half, c0 - half, c1 + half)
+                p = self.patch_probability("segmentator", region[None], 1)[0]
+                prob[tr:tr + h, c0:c1] = p[:h, :c1 - c0]
+                computed += h * (c1 - c0)
+        prob[~fired] = 0.0
+        self.last_stats["segmentator_pixels"] = computed
+        return prob, float(fired.mean())
+
+    def _segmentator_bf16_gated(self, x: np.ndarray, tiles: list[tuple[int, int]], fired: np.ndarray,
+                                seg_tile: int, exact: set[tuple[int, int]]) -> np.ndarray:
+        """Segmentator probability of a batch of tiles ``x`` (layout of :meth:`patch_probability`):
+        bf16, except that every tile with a fired pixel at or within
+        :data:`BF16_SEGMENTATOR_MARGIN` logits below :attr:`exact_floor` is computed again in
+        float32 by the model's engine (whole tile, the reference arithmetic) and added to ``exact``."""
+        d = self._bf16_logit_diff("segmentator", x, 1)
+        out = (1.0 / (1.0 + np.exp(-d))).astype(np.float32)
+        floor = fire_logit(self.exact_floor) - BF16_SEGMENTATOR_MARGIN
+        again = []
+        for k, (tr, tc) in enumerate(tiles):
+            f = fired[tr:tr + seg_tile, tc:tc + seg_tile]
+            if (d[k, :f.shape[0], :f.shape[1]][f] >= floor).any():
+                again.append(k)
+                exact.add((tr, tc))
+        if again:
+            with torch.autocast("cpu", enabled=False):
+                out[again] = self.patch_probability("segmentator", x[again], 1)
+        return out
+
+    def _background_tiles(self, prob: np.ndarray, seg_tile: int) -> set[tuple[int, int]]:
+        """Segmentator tiles within the cluster stage's contrast window (:data:`WINDOW`) of a
+        calcification it may group: there it reads which pixels are below its background floor."""
+        if self.clusters is None:
+            return set()
+        half, out = WINDOW // 2, set()
+        for c in components(prob, self.clusters.threshold):
+            r, k = int(round(c.centroid[0])), int(round(c.centroid[1]))
+            for tr in range(max(r - half, 0) // seg_tile * seg_tile, r + half + 1, seg_tile):
+                for tc in range(max(k - half, 0) // seg_tile * seg_tile, k + half + 1, seg_tile):
+                    out.add((tr, tc))
+        return out
 
     def _clusters(self, prob: np.ndarray, spacing: tuple[float, float], origin: tuple[int, int],
                   image: np.ndarray | None = None) -> list[Cluster]:
