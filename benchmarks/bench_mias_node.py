@@ -700,11 +700,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     sent = worst_ref
     falses = sorted(range(len(images)), key=lambda i: -sum(not any(_at(m, f["row"], f["col"]) for m in images[i].any)
                                                             for f in sent[i]))[:4]
-    for old in args.out.glob("mias_node_worst_*.png"):
+    for old in args.previews.glob("mias_node_worst_*.png"):
         old.unlink()
     previews = []
     for i in falses:
-        path = args.out / f"mias_node_worst_{images[i].reference}.png"
+        path = args.previews / f"mias_node_worst_{images[i].reference}.png"
         _preview(samples[i].image.pixels, allowed_region(samples[i].image), sent[i], path,
                  f"{images[i].reference}: {len(sent[i])} marks at {default}")
         previews.append(path.name)
