@@ -198,10 +198,12 @@ class PatchCNN(nn.Module):
         x = F.relu(F.conv2d(x, self.fc.weight, self.fc.bias, dilation=dilation))
         return self.out(self.drop(x))
 
-    def dense_features(self, region: torch.Tensor, stride: int) -> tuple[torch.Tensor, int]:
+    def dense_features(self, region: torch.Tensor, stride: int,
+                       low: torch.dtype | None = None) -> tuple[torch.Tensor, int]:
         """The part of :meth:`dense_body` before the fully connected layer, and that layer's
         dilation: logits (i, j) are ``out(relu(fc(features[:, :, i + dilation*a, j + dilation*b])))``
-        over ``a, b = 0 .. head_size - 1``."""
+        over ``a, b = 0 .. head_size - 1``. ``low`` (e.g. ``torch.bfloat16``): every convolution
+        after the first runs in that dtype, channels-last (:meth:`dense_body_bf16`)."""
         same = self.config.padding == "same"
         # A fixed pointwise affine map keeps dense and patch-wise results identical.
         x = (region - self.config.input_mean) / self.config.input_std
@@ -209,8 +211,12 @@ class PatchCNN(nn.Module):
         for op in _PLAN:
             if op == "conv":
                 conv = next(convs)
-                x = F.relu(F.conv2d(x, conv.weight, conv.bias, padding=dilation if same else 0,
-                                    dilation=dilation))
+                cast = low is not None and conv is not self.convs[0]
+                x = F.relu(F.conv2d(x, conv.weight.to(low) if cast else conv.weight,
+                                    conv.bias.to(low) if cast else conv.bias,
+                                    padding=dilation if same else 0, dilation=dilation))
+                if low is not None and not cast:
+                    x = x.to(low).contiguous(memory_format=torch.channels_last)
             elif reached < stride:
                 x = F.max_pool2d(x, 2, 2)
                 reached *= 2
@@ -226,25 +232,9 @@ class PatchCNN(nn.Module):
         logits out. The first convolution (1 -> 8 channels, cheap) stays float32 so the input's
         grey levels are not rounded to bf16's 8-bit mantissa before any contrast is formed.
         Ignores any autocast around it (it casts explicitly)."""
-        same = self.config.padding == "same"
         bf = torch.bfloat16
         with torch.autocast("cpu", enabled=False):
-            x = (region - self.config.input_mean) / self.config.input_std
-            dilation, reached, convs = 1, 1, iter(self.convs)
-            for op in _PLAN:
-                if op == "conv":
-                    conv = next(convs)
-                    low = conv is not self.convs[0]
-                    x = F.relu(F.conv2d(x, conv.weight.to(bf) if low else conv.weight, conv.bias.to(bf) if low else conv.bias,
-                                        padding=dilation if same else 0, dilation=dilation))
-                    if not low:
-                        x = x.to(bf).contiguous(memory_format=torch.channels_last)
-                elif reached < stride:
-                    x = F.max_pool2d(x, 2, 2)
-                    reached *= 2
-                else:
-                    x = F.max_pool2d(x, 2, stride=1, dilation=dilation)
-                    dilation *= 2
+            x, dilation = self.dense_features(region, stride, low=bf)
             x = F.relu(F.conv2d(x, self.fc.weight.to(bf), self.fc.bias.to(bf), dilation=dilation))
             return F.conv2d(x, self.out.weight.to(bf), self.out.bias.to(bf)).float()
 
