@@ -252,13 +252,15 @@ def _split_on_validation(tables: dict, idx: np.ndarray, budget: float, candidate
     return out
 
 
-def by_parts(images, marks, rates: dict[tuple[str, str], float]) -> dict:
+def by_parts(images, marks, rates: dict[tuple[str, str], float]) -> tuple[dict, dict[int, list]]:
     """Held-out figures of maps sent together, each at the threshold chosen for it ALONE on the
     validation folds (its own false-mark ``rates`` per image; every other map off): how an
-    operating point chosen per model, not jointly, performs when the node sends all of it."""
+    operating point chosen per model, not jointly, performs when the node sends all of it.
+    Returns the figures (with ``per_map_held_out`` as :func:`cross_validate`'s points) and the
+    held-out sent marks per image."""
     tables = _tables(images, marks)
     folds = [[i for i, im in enumerate(images) if im.fold == k] for k in range(MIAS_FOLDS)]
-    sent, per_fold = {}, {}
+    sent, per_fold, per_map_held = {}, {}, {}
     for k, held in enumerate(folds):
         val = [i for f, ids in enumerate(folds) if f != k for i in ids]
         thr = {mk: OFF for mk in tables}
@@ -268,7 +270,11 @@ def by_parts(images, marks, rates: dict[tuple[str, str], float]) -> dict:
         per_fold[str(k)] = {f"{m}/{key}": (None if t == OFF else t) for (m, key), t in thr.items() if (m, key) in rates}
         for i in held:
             sent[i] = sent_marks(marks[i], thr)
+        for (m, key), t in thr.items():
+            fp, sens = tables[(m, key)].stats(np.asarray(held), t)
+            per_map_held.setdefault(f"{m}/{key}", []).append((len(held), fp, sens))
     out = score_sent(images, sent, range(len(images)))
+    out["per_map_held_out"] = _per_map_held_out(per_map_held)
     # The thresholds a node would ship for this pair: each chosen alone on all five folds.
     every = np.arange(len(images))
     out["thresholds_all_folds"] = {f"{m}/{key}": (None if t == OFF else t)
@@ -279,7 +285,7 @@ def by_parts(images, marks, rates: dict[tuple[str, str], float]) -> dict:
                                   for m in BUNDLES}
     out.update(rates={f"{m}/{k}": r for (m, k), r in rates.items()}, per_fold_thresholds=per_fold,
                auc=_auc(images, sent))
-    return out
+    return out, sent
 
 
 def sent_marks(marks: dict[str, ModelMarks], thresholds) -> list[dict]:
@@ -344,16 +350,21 @@ def cross_validate(images, marks, split: str = "equal") -> dict:
                 acc = per_map_held.setdefault(f"{m}/{key}", [])
                 acc.append((len(held), fp, sens))
         result = score_sent(images, sent, range(len(images)))
-        result["per_map_held_out"] = {
-            mk: {"false_marks_per_image": round(sum(n * fp for n, fp, _ in v) / sum(n for n, _, _ in v), 4),
-                 "sensitivity_mean_over_folds": round(float(np.mean([s for _, _, s in v])), 4)}
-            for mk, v in per_map_held.items()}
+        result["per_map_held_out"] = _per_map_held_out(per_map_held)
         out["froc"][str(budget)] = result
         for name, b in POINTS.items():
             if b == budget:
                 out["points"][name] = result
                 out.setdefault("sent", {})[name] = sent
     return out
+
+
+def _per_map_held_out(per_map_held: dict[str, list[tuple[int, float, float]]]) -> dict:
+    """Per map, from (held-out images, false marks per image, sensitivity) of each fold: false
+    marks per image over all held-out images and the mean sensitivity over folds."""
+    return {mk: {"false_marks_per_image": round(sum(n * fp for n, fp, _ in v) / sum(n for n, _, _ in v), 4),
+                 "sensitivity_mean_over_folds": round(float(np.mean([s for _, _, s in v])), 4)}
+            for mk, v in per_map_held.items()}
 
 
 def _auc(images, sent) -> dict:
@@ -644,7 +655,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     cvs = {name: cross_validate(images, mk, args.split) for name, (_, mk) in configs.items()}
     if args.by_parts:
         rates = {tuple(spec.split("=")[0].split("/", 1)): float(spec.split("=")[1]) for spec in args.by_parts}
-        result["by_parts"] = dict(by_parts(images, list(configs.values())[-1][1], rates),
+        by_parts_figures, by_parts_sent = by_parts(images, list(configs.values())[-1][1], rates)
+        result["by_parts"] = dict(by_parts_figures,
                                   config=list(configs)[-1])
     # Shipped thresholds: chosen on all five folds of the shipped (last) config; the default
     # point is chosen on their validation figures (the same images they were chosen on).
@@ -670,6 +682,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
         # own (each chosen alone on all five folds, as in held-out scoring, per fold).
         for spec, t in bp["thresholds_all_folds"].items():
             ship[default][tuple(spec.split("/", 1))] = OFF if t is None else t
+        # The shipped config's held-out record of the point is the by-parts one (its figures,
+        # per-map figures and marks: shares of sent marks, AUC, previews, manifests); the FROC
+        # at the same budget stays the joint rule's.
+        shipped_cv = cvs[list(configs)[-1]]
+        shipped_cv["points"][default] = {k: v for k, v in bp.items() if k in shipped_cv["points"][default]}
+        shipped_cv["sent"][default] = by_parts_sent
+        result["validation_shipped"][default] = {
+            **score_sent(images, [sent_marks(ship_marks[i], ship[default]) for i in range(len(images))],
+                         range(len(images))),
+            "maps_on": sum(t != OFF for t in ship[default].values())}
         why = (f"{default} with each of {', '.join(bp['rates'])} (false marks per image) at its threshold chosen "
                f"alone on the validation folds (--default-by-parts): held out {bp['false_marks_per_normal_image']:.2f} "
                f"false marks per normal image (<= {args.max_normal_fp:g}) with every map that has signal on; the "
@@ -881,13 +903,6 @@ def _write_manifests(ship, result, ship_name, ship_srcs, default) -> None:
         for pn, thr in ship.items():
             held = cv["points"][pn]
             by_parts_here = pn == default and result["default_point"].get("by_parts")
-            if by_parts_here:
-                # Held-out figures of the point as shipped (each by-parts map at its own rate).
-                bp = result["by_parts"]
-                held = {"sensitivity": bp["sensitivity"], "false_marks_per_image": bp["false_marks_per_image"],
-                        "false_marks_per_normal_image": bp["false_marks_per_normal_image"],
-                        "per_map_held_out": {spec: {"sensitivity_mean_over_folds": bp["sensitivity"].get(
-                            spec.split("/", 1)[1])} for spec in bp["rates"]}}
             for (m, k), t in thr.items():
                 if m != manifest["name"]:
                     continue
