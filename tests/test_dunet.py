@@ -288,3 +288,59 @@ def test_phantom_image_set_cache_is_keyed_by_the_generator_code(tmp_path):
     assert folder.name == f"p128x96-m32x32-v2-{generator_version()}"
     again = phantom_image_set([3], (32, 32), (128, 96), tmp_path)
     assert np.array_equal(first.images, again.images) and np.array_equal(first.lesions, again.lesions)
+
+
+def test_test_time_scales_config():
+    cfg = DUNetConfig.compact(input_shape=(32, 32), channels=(4, 8, 8), pixel_spacing_mm=0.8, test_time_scales_mm=(0.7,))
+    assert DUNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # A manifest written before the field existed runs one pass, as it always did.
+    old = {k: v for k, v in cfg.to_dict().items() if k != "test_time_scales_mm"}
+    assert DUNetConfig.from_dict(old).test_time_scales_mm == ()
+    with pytest.raises(ValueError, match="needs pixel_spacing_mm"):
+        DUNetConfig.compact(input_shape=(32, 32), channels=(4, 8, 8), test_time_scales_mm=(0.7,))
+    with pytest.raises(ValueError, match="positive"):
+        DUNetConfig.compact(input_shape=(32, 32), channels=(4, 8, 8), pixel_spacing_mm=0.8, test_time_scales_mm=(0.0,))
+
+
+def test_test_time_scales_average_the_passes_on_the_working_grid():
+    from dicom_ai.networks.dunet import multiscale_output, working_grid
+
+    torch.manual_seed(0)
+    one = DUNetConfig.compact(input_shape=(32, 32), channels=(4, 8, 8), pixel_spacing_mm=0.8)
+    two = DUNetConfig.from_dict(dict(one.to_dict(), test_time_scales_mm=[0.6]))
+    net = DiscriminativeUNet(one).eval()
+    img = _half_disc(rows=160, cols=120)
+    mammo = mammogram_from_array(img, laterality="L", view="CC", spacing_mm=(0.2, 0.2))
+    plain = DUNetModel(net, _identity()).run(mammo)
+    net2 = DiscriminativeUNet(two).eval()
+    net2.load_state_dict(net.state_dict())
+    both = DUNetModel(net2, _identity()).run(mammo)
+    # Independently: the 0.6 mm pass, back to the source grid and onto the 0.8 mm grid.
+    geo, x8, _ = working_grid(mammo, 0.8, one.multiple)
+    g6, x6, _ = working_grid(mammo, 0.6, one.multiple)
+    assert x6.shape[0] > x8.shape[0]  # a finer grid: the breast is more pixels there
+    with torch.no_grad():
+        o8 = net(torch.from_numpy(x8)[None, None])[0, 0].numpy()
+        o6 = net(torch.from_numpy(x6)[None, None])[0, 0].numpy()
+    expect = np.clip((o8 + geo.forward(g6.inverse(o6))) / 2, 0, 1)
+    assert both["probability"].shape == plain["probability"].shape == x8.shape
+    assert np.allclose(both["probability"], expect, atol=1e-5)
+    assert not np.allclose(both["probability"], plain["probability"], atol=1e-3)
+    assert np.allclose(plain["probability"], np.clip(o8, 0, 1), atol=1e-5)
+    # No scales: the output is returned as it is.
+    t = torch.ones(1, 1, 4, 4)
+    assert multiscale_output(net, mammo, geo, t, ()) is t
+
+
+def test_test_time_scales_keep_a_lesion_where_it_is():
+    """With f = 0 every pass is the input itself: the averaged map still reproduces the source."""
+    cfg = DUNetConfig.compact(input_shape=(32, 32), channels=(4, 8, 8), pixel_spacing_mm=0.4, test_time_scales_mm=(0.3, 0.5))
+    net = DiscriminativeUNet(cfg)
+    for p in net.unet.parameters():
+        nn.init.zeros_(p)
+    img = _half_disc(rows=160, cols=120)
+    mammo = mammogram_from_array(img, laterality="L", view="CC", spacing_mm=(0.2, 0.2))
+    (pmap,) = DUNetModel(net, _identity()).predict(mammo).maps
+    lesion = img > 0.8
+    assert pmap.probability[lesion].mean() > 0.75
+    assert pmap.probability[(img > 0) & ~lesion].mean() == pytest.approx(0.5, abs=0.1)

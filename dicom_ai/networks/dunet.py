@@ -50,6 +50,7 @@ __all__ = [
     "working_grid",
     "network_grid",
     "calibrate",
+    "multiscale_output",
     "RESCORE_PREFIX",
 ]
 
@@ -84,6 +85,11 @@ class DUNetConfig:
     #: columns rounded up to a multiple of ``2 ** (levels - 1)`` (:func:`working_grid`), and
     #: ``input_shape`` is only the training patch size: the network is fully convolutional.
     pixel_spacing_mm: float | None = None
+    #: Extra working pixel sizes in mm at which the network also runs at inference (test-time
+    #: scales, :func:`multiscale_output`): the head outputs there, resampled onto the
+    #: ``pixel_spacing_mm`` grid, are averaged with it before calibration. Empty: one pass.
+    #: Needs ``pixel_spacing_mm``.
+    test_time_scales_mm: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -94,6 +100,10 @@ class DUNetConfig:
             raise ModelError(f"top_levels_without_skip must lie in [0, {len(self.channels) - 1}]")
         if self.pixel_spacing_mm is not None and not self.pixel_spacing_mm > 0:
             raise ModelError(f"pixel_spacing_mm must be positive, got {self.pixel_spacing_mm}")
+        if self.test_time_scales_mm and self.pixel_spacing_mm is None:
+            raise ModelError("test_time_scales_mm needs pixel_spacing_mm (a fully convolutional working-grid network)")
+        if any(not float(v) > 0 for v in self.test_time_scales_mm):
+            raise ModelError(f"test_time_scales_mm must be positive, got {self.test_time_scales_mm}")
         step = 2 ** (len(self.channels) - 1)
         if self.input_shape[0] % step or self.input_shape[1] % step:
             raise ModelError(f"input_shape {self.input_shape} must be divisible by {step} "
@@ -115,6 +125,7 @@ class DUNetConfig:
         d = dataclasses.asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["channels"] = list(self.channels)
+        d["test_time_scales_mm"] = list(self.test_time_scales_mm)
         return d
 
     @classmethod
@@ -126,6 +137,8 @@ class DUNetConfig:
             kwargs["input_shape"] = tuple(int(v) for v in kwargs["input_shape"])
         if "channels" in kwargs:
             kwargs["channels"] = tuple(int(v) for v in kwargs["channels"])
+        if "test_time_scales_mm" in kwargs:
+            kwargs["test_time_scales_mm"] = tuple(float(v) for v in kwargs["test_time_scales_mm"] or ())
         if kwargs.get("pixel_spacing_mm") is not None:
             kwargs["pixel_spacing_mm"] = float(kwargs["pixel_spacing_mm"])
         return cls(**kwargs)
@@ -330,6 +343,33 @@ def network_grid(mammogram: Mammogram, config: DUNetConfig) -> tuple[Geometry, n
     return model_grid(mammogram, config.input_shape)
 
 
+@torch.no_grad()
+def multiscale_output(network: DiscriminativeUNet, mammogram: Mammogram, geometry: Geometry, output: torch.Tensor,
+                      scales_mm: tuple[float, ...]) -> torch.Tensor:
+    """The head output averaged over working pixel sizes (test-time scales).
+
+    ``output`` (1, 1, H, W) is the head output on ``geometry``'s grid (the network's
+    :func:`working_grid` at ``config.pixel_spacing_mm``). At each of ``scales_mm`` the network
+    runs on the breast crop resampled to that pixel size; its output goes back to the source
+    grid (0 outside its box) and onto ``geometry``'s grid, both bilinear, and the mean of all
+    passes is returned on ``geometry``'s grid, same shape, dtype and device as ``output``.
+    A mass keeps its size in mm, so at each scale the network sees it at another size in
+    pixels; averaging passes that agree on a finding keeps it and thins out the regions only
+    one scale puts forward.
+    """
+    if not scales_mm:
+        return output
+    device = output.device
+    passes = [output[0, 0].float().cpu().numpy()]
+    for spacing in scales_mm:
+        geo, image, _ = working_grid(mammogram, float(spacing), network.config.multiple)
+        x = torch.from_numpy(image).to(device)[None, None]
+        raw = network(x)[0, 0].float().cpu().numpy()
+        passes.append(geometry.forward(geo.inverse(raw)))
+    mean = np.mean(np.stack(passes), axis=0).astype(np.float32)
+    return torch.from_numpy(mean)[None, None].to(device=device, dtype=output.dtype)
+
+
 def calibrate(output: torch.Tensor, calibration: dict | None) -> torch.Tensor | None:
     """Platt scaling of the subtraction output: ``sigmoid(slope * (x - f(x)) + intercept)``.
 
@@ -422,6 +462,7 @@ class DUNetModel:
         x = torch.from_numpy(image).to(self.device)[None, None]
         reconstruction = self.network.reconstruct(x)
         output = x - reconstruction if self.network.head == "subtraction" else reconstruction
+        output = multiscale_output(self.network, mammogram, geo, output, self.config.test_time_scales_mm)
         if self.rescore is not None:
             prob = self._rescored(mammogram, geo, image, output)
         else:
