@@ -323,8 +323,8 @@ def paired(arrays, mt_a, mt_b, which_b, n: int = 2000, seed: int = 0) -> dict:
     for b in BUDGETS:
         fa, xa, thr_a = held_out(mt_a, folds, b)
         fb, xb, thr_b = held_out(mt_b, folds, b, which_b)
-        hit_a = np.isin(np.arange(len(mt_a.lesion_image)), list(fa))
-        hit_b = np.isin(np.arange(len(mt_a.lesion_image)), list(fb))
+        hit_a = np.isin(np.arange(len(mt_a.lesion_image)), list(fa)).astype(float)
+        hit_b = np.isin(np.arange(len(mt_a.lesion_image)), list(fb)).astype(float)
 
         def false_per_image(mt, thr, which=None):
             per = np.zeros(len(arrays))

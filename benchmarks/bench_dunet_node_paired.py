@@ -1,0 +1,112 @@
+"""Paired comparison of two U-Net fold-bundle sets at the node level (mini-MIAS 5-fold CV).
+
+Both sets' marks are the node's (``bench_mias_node.marks_of``: each image run by the fold bundle
+that did not see it, maps restricted to the breast less pectoral muscle, candidate regions scored
+by their peak; read from ``--cache`` when there); the U-Net alone is sent, at thresholds chosen
+per held-out fold on the other four folds for each false-mark budget (``bench_mias_node``'s
+``cross_validate``, unchanged). Per budget: held-out mass sensitivity and false marks per image of
+each set, the masses found by one set only, and a bootstrap over women (2000 resamples) of the
+difference ``--b`` minus ``--a``.
+
+    nice -n 10 python benchmarks/bench_dunet_node_paired.py --a /work/data/dunet-0.8-folds \\
+        --b /work/data/dunet-0.9-folds --out benchmarks/results/dunet_node_paired.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_mias_node as node  # noqa: E402
+
+from dicom_ai.data.datasets import MIASDataset, mias_woman  # noqa: E402
+from dicom_ai.data.metrics import LESION_FROC_RATES  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def per_lesion(images, sent) -> tuple[np.ndarray, np.ndarray]:
+    """(found per mass in image order, false marks per image) of one set of sent marks."""
+    found, false = [], np.zeros(len(images))
+    for i, im in enumerate(images):
+        for m in im.truth["mass"]:
+            found.append(any(node._at(m, f["row"], f["col"]) for f in sent[i]))
+        false[i] = sum(not any(node._at(m, f["row"], f["col"]) for m in im.any) for f in sent[i])
+    return np.array(found, float), false
+
+
+def sent_per_budget(images, marks) -> dict[float, dict[int, list]]:
+    """Held-out sent marks per budget (thresholds per fold chosen on the other folds)."""
+    tables = node._tables(images, marks)
+    folds = [[i for i, im in enumerate(images) if im.fold == k] for k in range(5)]
+    out = {}
+    for b in LESION_FROC_RATES:
+        sent = {}
+        for k, held in enumerate(folds):
+            val = [i for f, ids in enumerate(folds) if f != k for i in ids]
+            thr = node.choose_thresholds(tables, val, b)
+            for i in held:
+                sent[i] = node.sent_marks(marks[i], thr)
+        out[b] = sent
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, default=Path("/work/data/mias"))
+    p.add_argument("--cache", type=Path, default=Path("/work/data/mias_cache"))
+    p.add_argument("--a", type=Path, required=True, help="fold bundles (fold0..4) of the reference")
+    p.add_argument("--b", type=Path, required=True, help="fold bundles (fold0..4) compared with it")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--out", type=Path, default=RESULTS / "dunet_node_paired.json")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    data = MIASDataset(args.root)
+    samples = [data[i] for i in range(len(data))]
+    images = [node.Image_(s, data.fold_of[s.source.rsplit("/", 1)[-1].split(".")[0]]) for s in samples]
+    women = np.array([mias_woman(im.reference) for im in images])
+    lesion_woman = np.array([women[i] for i, im in enumerate(images) for _ in im.truth["mass"]])
+    res = {}
+    for name, folder in (("a", args.a), ("b", args.b)):
+        src = {"kind": node.FOLDS, "path": folder}
+        marks = node.marks_of(args, samples, images, "dunet", src)
+        res[name] = {b: per_lesion(images, s) for b, s in sent_per_budget(images, [{"dunet": m} for m in marks]).items()}
+    uw = np.unique(women)
+    rng = np.random.default_rng(0)
+    picks = [np.bincount(np.searchsorted(uw, rng.choice(uw, len(uw))), minlength=len(uw)) for _ in range(args.n)]
+    out = {"benchmark": "U-Net fold bundles a vs b, node marks, U-Net alone, mini-MIAS 5-fold CV (paired)",
+           "a": str(args.a), "b": str(args.b), "protocol": __doc__.split("\n\n")[1].strip(), "budgets": {}}
+    for b in LESION_FROC_RATES:
+        (fa, pa), (fb, pb) = res["a"][b], res["b"][b]
+        ds, dp = [], []
+        for cnt in picks:
+            wl, wi = cnt[np.searchsorted(uw, lesion_woman)], cnt[np.searchsorted(uw, women)]
+            ds.append(((fb - fa) * wl).sum() / max(wl.sum(), 1))
+            dp.append(((pb - pa) * wi).sum() / wi.sum())
+        out["budgets"][str(b)] = {
+            "a": {"sensitivity": round(float(fa.mean()), 4), "false_marks_per_image": round(float(pa.mean()), 4)},
+            "b": {"sensitivity": round(float(fb.mean()), 4), "false_marks_per_image": round(float(pb.mean()), 4)},
+            "masses_found_by_b_only": int(((fb == 1) & (fa == 0)).sum()),
+            "masses_found_by_a_only": int(((fa == 1) & (fb == 0)).sum()),
+            "sensitivity_difference_ci95": [round(float(np.quantile(ds, q)), 4) for q in (0.025, 0.975)],
+            "false_marks_difference_ci95": [round(float(np.quantile(dp, q)), 4) for q in (0.025, 0.975)]}
+    out["seconds"] = round(time.time() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print("| budget | a: sens (FP/img) | b: sens (FP/img) | b only / a only | b - a, 95 % CI (bootstrap over women) |")
+    print("|---|---|---|---|---|")
+    for b, v in out["budgets"].items():
+        print(f"| {b} | {v['a']['sensitivity']:.2f} ({v['a']['false_marks_per_image']:.2f}) | {v['b']['sensitivity']:.2f} "
+              f"({v['b']['false_marks_per_image']:.2f}) | {v['masses_found_by_b_only']} / {v['masses_found_by_a_only']} | "
+              f"{v['b']['sensitivity'] - v['a']['sensitivity']:+.2f} {v['sensitivity_difference_ci95']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
