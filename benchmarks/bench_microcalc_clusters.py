@@ -2,7 +2,11 @@
 
 Works on the working-grid calcification maps that benchmarks/microcalc_dump.py wrote for one
 bundle's networks (default: microcalc 0.2.0), so every variant of the cluster stage is scored
-on the same network outputs in one run:
+on the same network outputs in one run. Every candidate cluster is scored exactly as the node
+scores it: on the node's working image and grid (benchmarks/microcalc_exact.py; checked
+against the node's path in results/microcalc_exact_check.json). Before microcalc 0.4.0 the
+features were computed on the 2 mm image windows saved with the dumps, which on film made
+the contrast features and the scores too low (``--windows`` still reads such dumps):
 
 * ``baseline``: the 0.2.0 cluster stage (components >= 3 px at 0.5, 5 mm single linkage,
   >= 3, score = mean of the top three probabilities);
@@ -140,7 +144,10 @@ def auc(pairs, positive) -> dict | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dump", type=Path, default=Path("/work/data/microcalc-real/dump"))
+    p.add_argument("--dump", type=Path, default=Path("/work/data/microcalc-real/dump-exact"),
+                   help="exact dumps (benchmarks/microcalc_exact.py): the node's working image and grid")
+    p.add_argument("--windows", action="store_true",
+                   help="accept dumps without the exact working image (scores from the 2 mm windows; not the node's)")
     p.add_argument("--out", type=Path, default=RESULTS / "microcalc_clusters.json")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     p.add_argument("--diameters", type=float, nargs="+", default=[0.0, 0.1, 0.15])
@@ -154,10 +161,14 @@ def main(argv=None) -> int:
                    help="write the source bundle with the chosen cluster stage and operating points here")
     p.add_argument("--write-fold-bundles", type=Path, default=None,
                    help="write fold0..fold4 variants here: MIAS-dependent choices without that mini-MIAS fold")
-    p.add_argument("--version", default="0.3.0")
+    p.add_argument("--version", default="0.4.0")
     args = p.parse_args(argv)
     t0 = time.time()
     dumps = load_all(args.dump)
+    windowed = [d.key for d in dumps if d.img_idx is None and d.shape != (0, 0)]
+    if windowed and not args.windows:
+        raise SystemExit(f"{len(windowed)} dumps (e.g. {windowed[0]}) hold only 2 mm image windows, not the node's "
+                         "working image: run benchmarks/microcalc_exact.py and pass its --out as --dump (or --windows)")
     print(f"{len(dumps)} dumped images: " + ", ".join(f"{k} {sum(side(d) == k for d in dumps)}" for k in ("A", "B", "mias")))
     cache: dict = {}
 
@@ -237,6 +248,9 @@ def main(argv=None) -> int:
     best_rule = max((r for r in search if r["l2"] is None), key=lambda r: r["objective"])
     print("best", best, "\nbest rule", best_rule)
     result = {"benchmark": "microcalc cluster stage on the dumped 0.2.0 network maps (issue 26 item 3)",
+              "dump": str(args.dump),
+              "scoring": ("2 mm windows saved with the dumps (not the node's working image)" if windowed else
+                          "the node's working image and grid (benchmarks/microcalc_exact.py)"),
               "images": {k: sum(side(d) == k for d in dumps) for k in ("A", "B", "mias")}, "search": search,
               "chosen": best, "chosen_rule": best_rule, "features": list(FEATURES)}
     variants = {"baseline": baseline}
@@ -366,7 +380,7 @@ def main(argv=None) -> int:
                 for key, idx in b_sets.items():
                     point[key] = froc(final_scored(idx, stage), {"t": t})["at"]["t"] | {"images": len(idx)}
                 points[name] = point
-            evaluation = {"chosen": best, "final": {"points": points, "mias_froc": froc(train),
+            evaluation = {"chosen": best, "scoring": result["scoring"], "final": {"points": points, "mias_froc": froc(train),
                                                     "B_sharp_froc": froc(final_scored(b_sets["B_sharp_hybrids"], stage))}}
             out = args.write_fold_bundles / f"fold{k}"
             write_cluster_bundle(args.source_bundle, out, stage, f"{args.version}-fold{k}", evaluation, mias_held_out=k)

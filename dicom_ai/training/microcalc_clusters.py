@@ -170,6 +170,7 @@ def write_cluster_bundle(source: str | Path, out: str | Path, clusters: ClusterC
         "chosen_by": "leave-one-background-out inside the fit side (6 background images, each with its hybrids)",
         "never_used": "mini-MIAS clusters (no fit, no choice; the MIAS rate only sets the thresholds, and the "
                       "sharp calibration maps sharp scores onto the MIAS false-cluster rate)",
+        "features_from": evaluation.get("scoring", "the 2 mm image windows saved with the dumps (microcalc 0.3.0)"),
         "search": evaluation.get("chosen"),
         "benchmark": "benchmarks/bench_microcalc_clusters.py -> benchmarks/results/microcalc_clusters.json",
     }
