@@ -2,7 +2,11 @@
 
 Works on the working-grid calcification maps that benchmarks/microcalc_dump.py wrote for one
 bundle's networks (default: microcalc 0.2.0), so every variant of the cluster stage is scored
-on the same network outputs in one run:
+on the same network outputs in one run. Every candidate cluster is scored exactly as the node
+scores it: on the node's working image and grid (benchmarks/microcalc_exact.py; checked
+against the node's path in results/microcalc_exact_check.json). Before microcalc 0.4.0 the
+features were computed on the 2 mm image windows saved with the dumps, which on film made
+the contrast features and the scores too low (``--windows`` still reads such dumps):
 
 * ``baseline``: the 0.2.0 cluster stage (components >= 3 px at 0.5, 5 mm single linkage,
   >= 3, score = mean of the top three probabilities);
@@ -140,7 +144,10 @@ def auc(pairs, positive) -> dict | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dump", type=Path, default=Path("/work/data/microcalc-real/dump"))
+    p.add_argument("--dump", type=Path, default=Path("/work/data/microcalc-real/dump-exact"),
+                   help="exact dumps (benchmarks/microcalc_exact.py): the node's working image and grid")
+    p.add_argument("--windows", action="store_true",
+                   help="accept dumps without the exact working image (scores from the 2 mm windows; not the node's)")
     p.add_argument("--out", type=Path, default=RESULTS / "microcalc_clusters.json")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.6, 0.7])
     p.add_argument("--diameters", type=float, nargs="+", default=[0.0, 0.1, 0.15])
@@ -154,10 +161,26 @@ def main(argv=None) -> int:
                    help="write the source bundle with the chosen cluster stage and operating points here")
     p.add_argument("--write-fold-bundles", type=Path, default=None,
                    help="write fold0..fold4 variants here: MIAS-dependent choices without that mini-MIAS fold")
-    p.add_argument("--version", default="0.3.0")
+    p.add_argument("--version", default="0.4.0")
+    p.add_argument("--choose-on-mias", action="store_true",
+                   help="choose the cluster definition and model (one row of the search) on mini-MIAS: the row "
+                        "with the highest mean sensitivity at 0.125 / 0.25 / 0.5 false clusters per image (the "
+                        "cluster map's half of the node's fp0.25 / fp0.5 / fp1 budgets) on the mini-MIAS images "
+                        "used for the choice, ties by the fit-side objective; each fold bundle chooses without its "
+                        "held-out fold (nested), the --write-bundle one on all folds. Default: the fit-side "
+                        "(leave-one-background-out) choice, no mini-MIAS image")
+    p.add_argument("--mias-choice-rows", choices=["model", "all"], default="model",
+                   help="with --choose-on-mias: the rows it may pick: 'model' (default) only rows with the cluster "
+                        "model; rows without it (score = mean of the top three calcification probabilities) have no "
+                        "operating range on sharp images (fit-side objective 0.67-0.68 vs 1.07-1.19 with the model; "
+                        "picked on mini-MIAS they sent 1.2 false clusters per held-out sharp image at fp0.5)")
     args = p.parse_args(argv)
     t0 = time.time()
     dumps = load_all(args.dump)
+    windowed = [d.key for d in dumps if d.img_idx is None and d.shape != (0, 0)]
+    if windowed and not args.windows:
+        raise SystemExit(f"{len(windowed)} dumps (e.g. {windowed[0]}) hold only 2 mm image windows, not the node's "
+                         "working image: run benchmarks/microcalc_exact.py and pass its --out as --dump (or --windows)")
     print(f"{len(dumps)} dumped images: " + ", ".join(f"{k} {sum(side(d) == k for d in dumps)}" for k in ("A", "B", "mias")))
     cache: dict = {}
 
@@ -237,6 +260,9 @@ def main(argv=None) -> int:
     best_rule = max((r for r in search if r["l2"] is None), key=lambda r: r["objective"])
     print("best", best, "\nbest rule", best_rule)
     result = {"benchmark": "microcalc cluster stage on the dumped 0.2.0 network maps (issue 26 item 3)",
+              "dump": str(args.dump),
+              "scoring": ("2 mm windows saved with the dumps (not the node's working image)" if windowed else
+                          "the node's working image and grid (benchmarks/microcalc_exact.py)"),
               "images": {k: sum(side(d) == k for d in dumps) for k in ("A", "B", "mias")}, "search": search,
               "chosen": best, "chosen_rule": best_rule, "features": list(FEATURES)}
     variants = {"baseline": baseline}
@@ -291,8 +317,46 @@ def main(argv=None) -> int:
         print("  shared", {k: v2["candidates"] for k, v2 in res["shared_images"].items()})
     # ---- the shipped form: calibration per pixel-size class, operating points by CV on MIAS
     fold_of = MIASDataset(args.mias).fold_of
-    mias_items = scored(model, mias)
     mias_fold = [fold_of[dumps[i].key.split("/")[-1]] for i in mias]
+
+    def build(row: dict):
+        """A search row's model fitted on all of side A, its leave-one-background-out false
+        scores on sharp side-A images (for the sharp calibration) and its mini-MIAS items."""
+        c = ClusterConfig(threshold=row["threshold"], min_diameter_mm=row["min_diameter_mm"],
+                          max_diameter_mm=args.max_diameter, min_count=row["min_count"])
+        m = fit(c, A, row["l2"]) if row["l2"] is not None else c
+        it, fl = lowo_scores(c, row["l2"])
+        fsh = np.concatenate([s_[h == -1] for (s_, h, _, _), f in zip(it, fl) if f])
+        nsh = sum(1 for x, f in zip(it, fl) if f and x[3])
+        return m, fsh, nsh, scored(m, mias)
+
+    built: dict[int, tuple] = {}
+
+    def mias_choice(folds: set[int]) -> int:
+        """Index into ``search`` of the row --choose-on-mias picks on the mini-MIAS images of ``folds``."""
+        best_j, best_key = -1, None
+        for j, row in enumerate(search):
+            if args.mias_choice_rows == "model" and row["l2"] is None:
+                continue
+            if j not in built:
+                built[j] = build(row)
+            items = [it for it, f in zip(built[j][3], mias_fold) if f in folds]
+            sens = froc(items)["sensitivity_at"]
+            key = (round(float(np.mean([sens["0.125"], sens["0.25"], sens["0.5"]])), 6), row["objective"])
+            if best_key is None or key > best_key:
+                best_j, best_key = j, key
+        return best_j
+
+    all_folds = set(mias_fold)
+    if args.choose_on_mias:
+        j = mias_choice(all_folds)
+        model, false_sh, n_sh, _ = built[j]
+        result["mias_choice"] = {"all_folds": search[j], "rule": "highest mean mini-MIAS sensitivity at 0.125/0.25/0.5 "
+                                 "false clusters per image, ties by the fit-side objective", "rows": args.mias_choice_rows,
+                                 "per_fold": {}}
+        result["chosen_fit_side"], result["chosen"], result["chosen_on_mias"] = best, search[j], True
+        print("chosen on mini-MIAS (all folds):", search[j])
+    mias_items = scored(model, mias)
     mias_false = np.concatenate([s[h == -1] for s, h, _, _ in mias_items])
     cal = spacing_calibration((mias_false, len(mias)), (false_sh, n_sh))
     final = ClusterConfig(**{**model.to_dict(), "sharp_calibration": cal})
@@ -300,7 +364,7 @@ def main(argv=None) -> int:
 
     def final_scored(idx, stage: ClusterConfig = final):
         out = []
-        for (s, h, n, full), i in zip(scored(model, idx), idx):
+        for (s, h, n, full), i in zip(scored(ClusterConfig(**{**stage.to_dict(), "sharp_calibration": {}}), idx), idx):
             spacing = min(dumps[i].source_spacing)
             out.append((np.array([calibrated(v, spacing, stage) for v in s]), h, n, full))
         return out
@@ -347,12 +411,19 @@ def main(argv=None) -> int:
         result["fold_bundles"] = {}
         for k in sorted(set(mias_fold)):
             # Everything mini-MIAS decides, decided without fold k: the film side of the sharp
-            # calibration and each point's threshold (the cluster model saw no MIAS image).
-            train = [it for it, f in zip(mias_items, mias_fold) if f != k]
-            test = [it for it, f in zip(mias_items, mias_fold) if f == k]
+            # calibration and each point's threshold (the cluster model saw no MIAS image), and
+            # with --choose-on-mias the search row.
+            model_k, false_sh_k, n_sh_k, items_k = model, false_sh, n_sh, mias_items
+            if args.choose_on_mias:
+                j = mias_choice(all_folds - {k})
+                model_k, false_sh_k, n_sh_k, items_k = built[j]
+                result["mias_choice"]["per_fold"][str(k)] = search[j]
+                print(f"fold {k}: chosen on the other folds: {search[j]}", flush=True)
+            train = [it for it, f in zip(items_k, mias_fold) if f != k]
+            test = [it for it, f in zip(items_k, mias_fold) if f == k]
             false_k = np.concatenate([s[h == -1] for s, h, _, _ in train])
-            stage = ClusterConfig(**{**model.to_dict(),
-                                     "sharp_calibration": spacing_calibration((false_k, len(train)), (false_sh, n_sh))})
+            stage = ClusterConfig(**{**model_k.to_dict(),
+                                     "sharp_calibration": spacing_calibration((false_k, len(train)), (false_sh_k, n_sh_k))})
             points = {}
             for name, rate in (("fp0.25", 0.125), ("fp0.5", 0.25), ("fp1", 0.5), ("fp2", 1.0)):
                 t = rate_threshold(train, rate)
@@ -366,7 +437,8 @@ def main(argv=None) -> int:
                 for key, idx in b_sets.items():
                     point[key] = froc(final_scored(idx, stage), {"t": t})["at"]["t"] | {"images": len(idx)}
                 points[name] = point
-            evaluation = {"chosen": best, "final": {"points": points, "mias_froc": froc(train),
+            evaluation = {"chosen": result["mias_choice"]["per_fold"][str(k)] if args.choose_on_mias else best,
+                          "chosen_on_mias": args.choose_on_mias, "scoring": result["scoring"], "final": {"points": points, "mias_froc": froc(train),
                                                     "B_sharp_froc": froc(final_scored(b_sets["B_sharp_hybrids"], stage))}}
             out = args.write_fold_bundles / f"fold{k}"
             write_cluster_bundle(args.source_bundle, out, stage, f"{args.version}-fold{k}", evaluation, mias_held_out=k)

@@ -38,6 +38,8 @@ class Dumped:
     lesions: list  # (mask crop, origin)
     labels: tuple
     source_spacing: tuple
+    img_idx: np.ndarray | None = None  # exact working image (benchmarks/microcalc_exact.py), sparse
+    img_val: np.ndarray | None = None
 
     @property
     def prob(self) -> np.ndarray:
@@ -50,9 +52,14 @@ class Dumped:
 
     @property
     def image(self) -> np.ndarray:
-        """Working-grid image (float32) in the dumped windows, NaN elsewhere."""
+        """Working-grid image (float32): the node's working image where an exact dump
+        (benchmarks/microcalc_exact.py) stored it, else the dumped windows; NaN elsewhere."""
         if self.shape == (0, 0):
             return np.full((1, 1), np.nan, np.float32)
+        if self.img_idx is not None:
+            image = np.full(self.shape[0] * self.shape[1], np.nan, np.float32)
+            image[self.img_idx] = self.img_val
+            return image.reshape(self.shape)
         half = WINDOW // 2
         image = np.full((self.shape[0] + 2 * half, self.shape[1] + 2 * half), np.nan, np.float32)
         for (r, c), w in zip(self.win_rc, self.win):
@@ -72,8 +79,9 @@ def load(path: Path, root: Path) -> Dumped:
             empty = np.zeros(0)
             return Dumped(prob_idx=empty.astype(np.int64), prob_val=empty, win_rc=np.zeros((0, 2), int),
                           win=np.zeros((0, WINDOW, WINDOW)), scale=np.ones(2), offset=np.zeros(2), **common)
+        exact = {"img_idx": z["img_idx"], "img_val": z["img_val"]} if "img_idx" in z.files else {}
         return Dumped(prob_idx=z["prob_idx"], prob_val=z["prob_val"], win_rc=z["win_rc"], win=z["win"],
-                      scale=z["scale"], offset=z["offset"], **common)
+                      scale=z["scale"], offset=z["offset"], **exact, **common)
 
 
 def hit(d: Dumped, centroid_work: tuple[float, float]) -> int:

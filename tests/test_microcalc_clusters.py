@@ -152,3 +152,8 @@ def test_cluster_bundle_keeps_the_weights_and_sets_the_points(tmp_path):
     assert all("but fold 2" in pt["data"] for pt in fold["operating_points"]["findings"]["calcification_cluster"]
                if pt["name"] != "phantom")
     assert "mias_held_out_fold" not in json.loads((tmp_path / "new" / "manifest.json").read_text())["training"]["cluster_stage"]
+    # The manifest says which image the cluster features were computed on (0.3.0: the dumps'
+    # 2 mm windows, not the node's working image).
+    assert "windows" in json.loads((tmp_path / "new" / "manifest.json").read_text())["training"]["cluster_stage"]["features_from"]
+    write_cluster_bundle(tmp_path / "src", tmp_path / "exact", clusters, "0.4.0", dict(evaluation, scoring="working image"))
+    assert json.loads((tmp_path / "exact" / "manifest.json").read_text())["training"]["cluster_stage"]["features_from"] == "working image"

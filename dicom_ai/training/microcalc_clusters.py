@@ -170,9 +170,18 @@ def write_cluster_bundle(source: str | Path, out: str | Path, clusters: ClusterC
         "chosen_by": "leave-one-background-out inside the fit side (6 background images, each with its hybrids)",
         "never_used": "mini-MIAS clusters (no fit, no choice; the MIAS rate only sets the thresholds, and the "
                       "sharp calibration maps sharp scores onto the MIAS false-cluster rate)",
+        "features_from": evaluation.get("scoring", "the 2 mm image windows saved with the dumps (microcalc 0.3.0)"),
         "search": evaluation.get("chosen"),
         "benchmark": "benchmarks/bench_microcalc_clusters.py -> benchmarks/results/microcalc_clusters.json",
     }
+    if evaluation.get("chosen_on_mias"):
+        training["cluster_stage"]["chosen_by"] = (
+            "the cluster definition and model (one row of the fit side's search; model fitted on the fit side only) "
+            "chosen on mini-MIAS: highest mean sensitivity at 0.125/0.25/0.5 false clusters per image"
+            + ("" if mias_held_out is None else f", on every mini-MIAS fold but fold {mias_held_out}"))
+        training["cluster_stage"]["never_used"] = (
+            "mini-MIAS images for any fit (the MIAS clusters choose among fitted rows and set the thresholds)"
+            + ("" if mias_held_out is None else f"; mini-MIAS fold {mias_held_out} for anything"))
     if mias_held_out is not None:
         training["cluster_stage"]["mias_held_out_fold"] = (
             f"mini-MIAS fold {mias_held_out} played no part in this bundle: its thresholds and the film side of the "
