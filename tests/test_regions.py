@@ -151,3 +151,24 @@ def test_lattice_polygon_fill_equals_matplotlib():
             assert np.array_equal(fast, _matplotlib_polygon_pixels(np.asarray(poly, dtype=np.float64), (h, w)))
             checked += 1
     assert checked > 800
+
+
+def test_traced_contour_fill_without_edge_test_is_the_same_union():
+    """_contour_for fills a region with the row fill of its traced contour alone (edges=False):
+    that contour's edges join 8-neighbours, so the only pixels on an edge are its vertices,
+    which are region pixels; the union with the region is the full polygon_pixels one."""
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(3, 40, 2))
+        comp = rng.random((h, w)) < rng.uniform(0.3, 0.9)
+        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(comp.astype(np.uint8)), True))
+        for lab in range(1, min(int(labels.max()), 3) + 1):
+            mask = labels == lab
+            raw = trace_contour(mask)
+            if len(raw) < 3:
+                continue
+            fast = mask | _lattice_polygon_pixels(raw, mask.shape, edges=False)
+            assert np.array_equal(fast, mask | polygon_pixels(raw, mask.shape))
+            checked += 1
+    assert checked > 300
