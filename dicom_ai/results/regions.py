@@ -431,6 +431,7 @@ def find_regions(
     labels_img = sitk.ConnectedComponent(sitk.GetImageFromArray(crop), True)
     labels_img = sitk.RelabelComponent(labels_img, minimumObjectSize=min_pixels, sortByObjectSize=True)
     stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.ComputePerimeterOff()  # only the bounding boxes are read; the perimeter is its costliest part
     stats.Execute(labels_img)
     labels = sitk.GetArrayViewFromImage(labels_img)
     regions: list[Region] = []
