@@ -149,10 +149,29 @@ class RegionSet:
         written. It equals :func:`find_regions`' thresholded components with their holes
         filled, since a component dropped there lies wholly inside a kept region.
         """
-        out = np.zeros(self.shape, dtype=bool)
+        return self.paint(np.zeros(self.shape, dtype=bool))
+
+    def paint(self, out: np.ndarray) -> np.ndarray:
+        """Set the regions' pixels of ``out`` (``(rows, columns)`` on this grid, any dtype) to 1
+        (True), leaving the others as they are; returns ``out``. The SEG writer paints each
+        segment straight into its frame, without a full-size mask per segment first."""
         for reg in self.regions:
             r0, r1, c0, c1 = reg.bbox
-            out[r0:r1, c0:c1] |= reg.mask
+            out[r0:r1, c0:c1][reg.mask] = 1
+        return out
+
+    def mask_at(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """``mask[np.ix_(rows, columns)]`` without the full-size mask: the union read at the
+        given rows and columns (each nondecreasing, e.g. the pixels a nearest-neighbour
+        downscale reads)."""
+        rows, columns = np.asarray(rows), np.asarray(columns)
+        out = np.zeros((len(rows), len(columns)), dtype=bool)
+        for reg in self.regions:
+            r0, r1, c0, c1 = reg.bbox
+            a, b = np.searchsorted(rows, [r0, r1])
+            c, d = np.searchsorted(columns, [c0, c1])
+            if a < b and c < d:
+                out[a:b, c:d] |= reg.mask[np.ix_(rows[a:b] - r0, columns[c:d] - c0)]
         return out
 
 

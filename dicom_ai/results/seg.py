@@ -112,8 +112,10 @@ def build_segmentation(
     # stacking writes whole planes, and highdicom's checks (its sum over the segment axis) and
     # its per-segment frames read planes instead of every n-th byte. Same values, same object.
     if segmentation_type == "BINARY":
-        # Stacked straight into the output type (no second full-size copy by astype).
-        planes = np.stack([s.regions.mask for s in segments], axis=0, dtype=np.uint8)
+        # Each segment's regions painted straight into its plane (no full-size mask per segment).
+        planes = np.zeros((len(segments), *shape), dtype=np.uint8)
+        for plane, s in zip(planes, segments):
+            s.regions.paint(plane)
     else:
         planes = np.stack([np.clip(s.map.probability, 0.0, 1.0) for s in segments], axis=0, dtype=np.float32)
     pixels = planes.transpose(1, 2, 0)[None]
