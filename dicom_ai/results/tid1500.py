@@ -178,9 +178,17 @@ def build_measurement_report(
             manufacturer_name=manufacturer, model_name=model_name, serial_number=equipment.device_serial_number))
     root = identity.sop_instance_uid
     region_groups: list = []
+    # Content items that are the same in many groups are built once and put in each (a content
+    # item is a data set; highdicom and pydicom put it in a sequence as it is, and it is written
+    # where it is put): the finding site per side, the algorithm per model and threshold, the
+    # source image of the regions per image. About a tenth of the report's time at the all-on point.
+    sites: dict[str, list[hd.sr.FindingSite]] = {}
+    algorithms: dict[tuple[ModelIdentity, float], hd.sr.AlgorithmIdentification] = {}
     for r in results:
         src, seg = r.source, r.segmentation
         lat = str(src.get("ImageLaterality", ""))
+        site = sites.setdefault(lat, _site(lat))
+        source_image = hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID)
         entries = []
         for segment in r.segments:
             regions = sorted(segment.regions.regions, key=lambda g: -g.max_probability)[:max_regions_per_segment]
@@ -197,7 +205,8 @@ def build_measurement_report(
                                               referenced_images=[seg_ref] if seg_ref else None)]
             for member_segment, member in group:
                 prob = finding_codes(member_segment.map.finding).probability
-                algorithm = _algorithm(member_segment.map.model, member_segment.map.threshold)
+                key = (member_segment.map.model, member_segment.map.threshold)
+                algorithm = algorithms.get(key) or algorithms.setdefault(key, _algorithm(*key))
                 measurements += [
                     hd.sr.Measurement(name=prob, value=_percent(member.max_probability), unit=PERCENT,
                                       derivation=codes.SCT.Maximum, algorithm_id=algorithm),
@@ -211,9 +220,9 @@ def build_measurement_report(
                 referenced_region=hd.sr.ImageRegion(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                     graphic_data=np.asarray(region.contour, dtype=np.float32),
-                    source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID)),
+                    source_image=source_image),
                 finding_type=fc.sr_finding,
-                finding_sites=_site(lat),
+                finding_sites=site,
                 measurements=measurements,
             ))
     report = hd.sr.MeasurementReport(
