@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.charset import default_encoding
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -250,7 +251,20 @@ def build_measurement_report(
         device_serial_number=equipment.device_serial_number,
     )
     strip_segment_numbers(sr)
+    _written_as_explicit_little(sr)
     return sr
+
+
+def _written_as_explicit_little(ds: pydicom.Dataset) -> None:
+    """Mark every content item under ``ds`` as a data set in Explicit VR Little Endian (the SR's
+    transfer syntax) in the default character set, so pydicom's writer does not correct
+    ambiguous VRs again in each nested item: it corrects the whole tree once, from the root,
+    then did it again for every item at every depth (about a quarter of the SR's encoding
+    time at the all-on point). Content items hold no ambiguous-VR element anyway; written in
+    another transfer syntax or character set, the items are corrected as before. Same bytes."""
+    for item in ds.get("ContentSequence", []):
+        item.set_original_encoding(False, True, default_encoding)
+        _written_as_explicit_little(item)
 
 
 def referenced_instances(item: pydicom.Dataset) -> set[str]:
