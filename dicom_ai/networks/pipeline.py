@@ -84,21 +84,13 @@ def restrict_to_breast(output: ModelOutput, mammogram: Mammogram, allowed: np.nd
     """
     if allowed is None:
         allowed = allowed_region(mammogram)
-    # Only the allowed region's bounding box can hold a value: the maps are copied, thresholded
-    # and labelled there (the breast leaves a third or more of a mammogram's columns empty).
-    rows, cols = np.flatnonzero(allowed.any(axis=1)), np.flatnonzero(allowed.any(axis=0))
-    inside = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)) if rows.size else None
     maps = []
     for m in output.maps:
-        prob = np.zeros(m.probability.shape, dtype=np.float32)
-        if inside is None:
-            maps.append(ProbabilityMap(m.finding, prob, m.threshold, m.model))
-            continue
         # Zeros, then the map where allowed: the same values as np.where(allowed, map, 0) in
         # float32, at a fraction of its cost on a full-size map.
-        part = prob[inside]
-        np.copyto(part, m.probability[inside], casting="same_kind", where=allowed[inside])
-        binary = part >= m.threshold
+        prob = np.zeros(m.probability.shape, dtype=np.float32)
+        np.copyto(prob, m.probability, casting="same_kind", where=allowed)
+        binary = prob >= m.threshold
         if binary.any():
             # Components of the set pixels' bounding box only (the maps are mostly empty).
             r_idx, c_idx = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
@@ -110,13 +102,12 @@ def restrict_to_breast(output: ModelOutput, mammogram: Mammogram, allowed: np.nd
             rr, cc = np.nonzero(labels)
             lab = labels[rr, cc]
             count = np.bincount(lab, minlength=n + 1)
-            r0, c0 = r0 + inside[0].start, c0 + inside[1].start  # on the whole grid from here
             r_mean = np.bincount(lab, rr + r0, minlength=n + 1) / np.maximum(count, 1)
             c_mean = np.bincount(lab, cc + c0, minlength=n + 1) / np.maximum(count, 1)
             outside = [k for k in range(1, n + 1)
                        if not allowed[int(round(r_mean[k])), int(round(c_mean[k]))]]
             if outside:
-                part[box][np.isin(labels, outside)] = 0.0
+                prob[box][np.isin(labels, outside)] = 0.0
         maps.append(ProbabilityMap(m.finding, prob, m.threshold, m.model))
     return ModelOutput(maps=maps, scores=list(output.scores))
 
