@@ -41,6 +41,14 @@ _events = logging.getLogger("dicom_ai.node.events")
 #: Bundles the node runs when the configuration names none (folders under models/).
 DEFAULT_MODELS: tuple[str, ...] = ("glam", "dunet", "microcalc")
 
+#: Models run first on each image, whatever the configured order (by model name). The
+#: microcalcification cascade's own working set (its 0.05 mm working grid, strips and cluster
+#: labelling: 100-165 MB over the worker's baseline per full-size view) is the worker's peak;
+#: run after the others it sat on top of their restricted full-size maps (three float32 maps,
+#: ~100 MB at the all-on point). The results do not depend on the order: segments are ordered by
+#: finding and model (:func:`~dicom_ai.results.types.order_maps`), scores by model.
+RUN_FIRST: tuple[str, ...] = ("microcalc",)
+
 
 class ImageModel(Protocol):
     """What the pipeline needs of a model.
@@ -126,6 +134,8 @@ class Pipeline:
 
     def __init__(self, models: Sequence[ImageModel]):
         self.models = list(models)
+        #: The order ``run`` runs them in: :data:`RUN_FIRST` first, then the others as given.
+        self.run_order = sorted(self.models, key=lambda m: getattr(m.identity, "name", "") not in RUN_FIRST)
         #: ``id()`` of the models run in bf16 (:func:`~dicom_ai.networks.engine.cpu_bf16_plan`).
         self.bf16: set[int] = set()
         self._model_seconds: dict[str, list[float]] = {}
@@ -178,7 +188,7 @@ class Pipeline:
                 "nipple_towards": "column 0" if mammogram.faces_left else "last column"}})
             allowed = allowed_region(mammogram)
             stages["prepare"] = stages.get("prepare", 0.0) + time.perf_counter() - started
-            for model in self.models:
+            for model in self.run_order:
                 if model in self.skipped:
                     continue
                 started = time.perf_counter()
