@@ -41,13 +41,18 @@ _events = logging.getLogger("dicom_ai.node.events")
 #: Bundles the node runs when the configuration names none (folders under models/).
 DEFAULT_MODELS: tuple[str, ...] = ("glam", "dunet", "microcalc")
 
-#: Models run first on each image, whatever the configured order (by model name). The
-#: microcalcification cascade's own working set (its 0.05 mm working grid, strips and cluster
-#: labelling: 100-165 MB over the worker's baseline per full-size view) is the worker's peak;
-#: run after the others it sat on top of their restricted full-size maps (three float32 maps,
-#: ~100 MB at the all-on point). The results do not depend on the order: segments are ordered by
-#: finding and model (:func:`~dicom_ai.results.types.order_maps`), scores by model.
-RUN_FIRST: tuple[str, ...] = ("microcalc",)
+#: The order the models run in on each image, by model name, whatever the configured order
+#: (models not named here run after these, in the configured order). The microcalcification
+#: cascade's own working set (its 0.05 mm working grid, strips and cluster labelling: 100-165 MB
+#: over the worker's baseline per full-size view) is the worker's peak; run after GLAM and the
+#: U-Net it sat on their three restricted full-size float32 maps (~100 MB at the all-on point),
+#: before the U-Net on GLAM's two only (in-process probe of the all-on job: 1012 -> 992 MB).
+#: GLAM runs before it: run right after the cascade, GLAM took 0.3-0.4 s per image instead of
+#: 0.2 (measured in-process, alternating; cause not established, possibly ONNX Runtime's pool
+#: still spinning), the U-Net no longer than before. The results do not depend on the order:
+#: segments are ordered by finding and model (:func:`~dicom_ai.results.types.order_maps`),
+#: scores by model.
+RUN_ORDER: tuple[str, ...] = ("glam", "microcalc", "dunet")
 
 
 class ImageModel(Protocol):
@@ -134,8 +139,9 @@ class Pipeline:
 
     def __init__(self, models: Sequence[ImageModel]):
         self.models = list(models)
-        #: The order ``run`` runs them in: :data:`RUN_FIRST` first, then the others as given.
-        self.run_order = sorted(self.models, key=lambda m: getattr(m.identity, "name", "") not in RUN_FIRST)
+        #: The order ``run`` runs them in (:data:`RUN_ORDER`; sorted is stable for the others).
+        rank = {name: i for i, name in enumerate(RUN_ORDER)}
+        self.run_order = sorted(self.models, key=lambda m: rank.get(getattr(m.identity, "name", ""), len(rank)))
         #: ``id()`` of the models run in bf16 (:func:`~dicom_ai.networks.engine.cpu_bf16_plan`).
         self.bf16: set[int] = set()
         self._model_seconds: dict[str, list[float]] = {}
