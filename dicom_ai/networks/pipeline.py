@@ -4,7 +4,7 @@ Owns the :class:`ImageModel` protocol, the device choice (:func:`resolve_device`
 :class:`Pipeline`. A model is anything with an ``identity`` and a
 ``predict(Mammogram) -> ModelOutput``; the shipped ones are built from bundles in models/ by
 :func:`~dicom_ai.networks.registry.model_from_bundle` (importable from here too). The
-pipeline decodes each source data set once, runs the models in order, restricts every map
+pipeline decodes each source data set once, runs the models (in :data:`RUN_ORDER`), restricts every map
 to the breast (:func:`restrict_to_breast`: no mark outside the breast mask or on the
 pectoral muscle, by construction), and returns one ``ImageFindings`` per image for the
 writers. Each image's orientation source (header or pixels, :func:`~dicom_ai.imaging.mammogram.orient`)
@@ -135,7 +135,7 @@ def switched_off(model: ImageModel) -> bool:
 
 
 class Pipeline:
-    """Runs a fixed list of models on each image; marks are restricted to the breast."""
+    """Runs a fixed list of models on each image (in :data:`RUN_ORDER`); marks are restricted to the breast."""
 
     def __init__(self, models: Sequence[ImageModel]):
         self.models = list(models)
