@@ -4,7 +4,9 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 
+from dicom_ai.results.preview import _nearest_indices
 from dicom_ai.results.regions import (RegionError, Spacing, _lattice_polygon_pixels, _matplotlib_polygon_pixels,
                                       area_spacing, find_regions, polygon_pixels, simplify_polygon, trace_contour)
 
@@ -151,3 +153,42 @@ def test_lattice_polygon_fill_equals_matplotlib():
             assert np.array_equal(fast, _matplotlib_polygon_pixels(np.asarray(poly, dtype=np.float64), (h, w)))
             checked += 1
     assert checked > 800
+
+
+def test_traced_contour_fill_without_edge_test_is_the_same_union():
+    """_contour_for fills a region with the row fill of its traced contour alone (edges=False):
+    that contour's edges join 8-neighbours, so the only pixels on an edge are its vertices,
+    which are region pixels; the union with the region is the full polygon_pixels one."""
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(3, 40, 2))
+        comp = rng.random((h, w)) < rng.uniform(0.3, 0.9)
+        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(comp.astype(np.uint8)), True))
+        for lab in range(1, min(int(labels.max()), 3) + 1):
+            mask = labels == lab
+            raw = trace_contour(mask)
+            if len(raw) < 3:
+                continue
+            fast = mask | _lattice_polygon_pixels(raw, mask.shape, edges=False)
+            assert np.array_equal(fast, mask | polygon_pixels(raw, mask.shape))
+            checked += 1
+    assert checked > 300
+
+
+def test_paint_and_mask_at_equal_the_full_mask():
+    """RegionSet.paint (the SEG's frames) and mask_at (the preview's NEAREST downscale, read at
+    the indices Pillow picks) give the full-size mask's values without building it."""
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        h, w = (int(v) for v in rng.integers(20, 400, 2))
+        prob = np.zeros((h, w), np.float32)
+        for _ in range(int(rng.integers(0, 15))):
+            r, c, a, b = rng.integers(0, h), rng.integers(0, w), rng.integers(1, 30), rng.integers(1, 30)
+            prob[r:r + a, c:c + b] = rng.uniform(0.5, 1.0)
+        regions = find_regions(prob, 0.5, Spacing(0.1, 0.1, "detector"))
+        full = regions.mask
+        assert np.array_equal(regions.paint(np.zeros((h, w), np.uint8)), full.astype(np.uint8))
+        size = (int(rng.integers(1, w + 1)), int(rng.integers(1, h + 1)))
+        resized = np.array(Image.fromarray(full.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        assert np.array_equal(regions.mask_at(_nearest_indices(h, size[1]), _nearest_indices(w, size[0])), resized)

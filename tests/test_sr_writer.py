@@ -1,12 +1,17 @@
 """TID 1500 SR: dciodvfy for all source kinds, contours inside their SEG segments, PixelMed, dcmqi."""
 
+import copy
+import io
 import json
 
+import highdicom as hd
 import numpy as np
 import pytest
 
+from dicom_ai.core.errors import ResultError
 from dicom_ai.results import analyse_image
-from dicom_ai.results.tid1500 import merge_regions
+from dicom_ai.results.build import _pin_creation
+from dicom_ai.results.tid1500 import comprehensive_3d_sr, merge_regions
 from conformance.validators import dciodvfy, tid1500reader
 
 from _results_sources import (VARIANTS, _items, _name, built, built_small, contour_inside, pixelmed_reports, roundtrip,
@@ -130,3 +135,30 @@ def test_study_without_regions(tmp_path):
     assert not any(_name(i) == "126010" for i in back.ContentSequence)
     texts = [str(i.TextValue) for i in next(i for i in back.ContentSequence if _name(i) == "C0034375").ContentSequence]
     assert "Study: malignant score 4 % (maximum over its images) (glam 1.0.0)" in texts
+
+
+def test_report_object_is_what_highdicoms_constructor_makes():
+    """comprehensive_3d_sr gives the root without its tree to highdicom's constructor and attaches
+    the tree after: the bytes are those of the constructor given the whole tree, sr.content is
+    the whole tree, and a reference outside the evidence is refused as the constructor would."""
+    sources, findings, uids, datasets = built()
+    root = _sr(datasets).content[0]
+    assert len(root.ContentSequence) == len(_sr(datasets).ContentSequence) > 2
+    evidence = list(sources) + [d for d in datasets if d.Modality == "SEG"]
+    kwargs = dict(series_instance_uid="1.2.3.4", series_number=7, sop_instance_uid="1.2.3.5", instance_number=1,
+                  manufacturer="m", is_complete=True, series_description="d", manufacturer_model_name="n",
+                  software_versions="1", device_serial_number="s")
+    objects = [comprehensive_3d_sr(copy.deepcopy(root), evidence, **kwargs),
+               hd.sr.Comprehensive3DSR(evidence=evidence, content=copy.deepcopy(root), **kwargs)]
+    encoded = []
+    for sr in objects:
+        _pin_creation(sr, "20261201120000")
+        buf = io.BytesIO()
+        sr.save_as(buf, enforce_file_format=True)
+        encoded.append(buf.getvalue())
+    assert encoded[0] == encoded[1]
+    assert objects[0].content[0].ContentSequence is objects[0].ContentSequence
+    with pytest.raises(ResultError, match="not among its evidence"):
+        comprehensive_3d_sr(copy.deepcopy(root), evidence[:1], **kwargs)
+    with pytest.raises(ValueError, match="No evidence"):
+        hd.sr.Comprehensive3DSR(evidence=evidence[:1], content=copy.deepcopy(root), **kwargs)

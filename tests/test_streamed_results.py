@@ -14,7 +14,9 @@ import pytest
 
 from dicom_ai.core.errors import ImagingError, ResultError
 from dicom_ai.core.options import ResultOptions
+from dicom_ai.core.findings import ModelIdentity, ModelOutput
 from dicom_ai.core.uids import ResultUIDs
+from dicom_ai.networks.pipeline import Pipeline
 from dicom_ai.node.processing import run_into_builder
 from dicom_ai.results import ResultsBuilder, build_results
 
@@ -144,3 +146,23 @@ def test_the_worker_reads_the_writers_tables_when_it_loads_its_pipeline():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "[0, 0, 0] [1, 1, 1]"
+
+
+def test_pipeline_runs_the_models_in_run_order():
+    """Whatever the configured order, each image runs GLAM, the microcalcification model, then the
+    U-Net (RUN_ORDER: the cascade's peak memory on fewer held maps), other models after them."""
+    ran = []
+
+    class Stub:
+        def __init__(self, name):
+            self.identity = ModelIdentity(name, "1")
+
+        def predict(self, mammogram):
+            ran.append(self.identity.name)
+            return ModelOutput()
+
+    sources, _ = make_study()
+    pipeline = Pipeline([Stub(n) for n in ("dunet", "other", "microcalc", "glam")])
+    pipeline.run(sources[:1])
+    assert ran == ["glam", "microcalc", "dunet", "other"]
+    assert [m.identity.name for m in pipeline.models] == ["dunet", "other", "microcalc", "glam"]

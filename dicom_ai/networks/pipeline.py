@@ -4,7 +4,7 @@ Owns the :class:`ImageModel` protocol, the device choice (:func:`resolve_device`
 :class:`Pipeline`. A model is anything with an ``identity`` and a
 ``predict(Mammogram) -> ModelOutput``; the shipped ones are built from bundles in models/ by
 :func:`~dicom_ai.networks.registry.model_from_bundle` (importable from here too). The
-pipeline decodes each source data set once, runs the models in order, restricts every map
+pipeline decodes each source data set once, runs the models (in :data:`RUN_ORDER`), restricts every map
 to the breast (:func:`restrict_to_breast`: no mark outside the breast mask or on the
 pectoral muscle, by construction), and returns one ``ImageFindings`` per image for the
 writers. Each image's orientation source (header or pixels, :func:`~dicom_ai.imaging.mammogram.orient`)
@@ -40,6 +40,19 @@ _events = logging.getLogger("dicom_ai.node.events")
 
 #: Bundles the node runs when the configuration names none (folders under models/).
 DEFAULT_MODELS: tuple[str, ...] = ("glam", "dunet", "microcalc")
+
+#: The order the models run in on each image, by model name, whatever the configured order
+#: (models not named here run after these, in the configured order). The microcalcification
+#: cascade's own working set (its 0.05 mm working grid, strips and cluster labelling: 100-165 MB
+#: over the worker's baseline per full-size view) is the worker's peak; run after GLAM and the
+#: U-Net it sat on their three restricted full-size float32 maps (~100 MB at the all-on point),
+#: before the U-Net on GLAM's two only (in-process probe of the all-on job: 1012 -> 992 MB).
+#: GLAM runs before it: run right after the cascade, GLAM took 0.3-0.4 s per image instead of
+#: 0.2 (measured in-process, alternating; cause not established, possibly ONNX Runtime's pool
+#: still spinning), the U-Net no longer than before. The results do not depend on the order:
+#: segments are ordered by finding and model (:func:`~dicom_ai.results.types.order_maps`),
+#: scores by model.
+RUN_ORDER: tuple[str, ...] = ("glam", "microcalc", "dunet")
 
 
 class ImageModel(Protocol):
@@ -122,10 +135,13 @@ def switched_off(model: ImageModel) -> bool:
 
 
 class Pipeline:
-    """Runs a fixed list of models on each image; marks are restricted to the breast."""
+    """Runs a fixed list of models on each image (in :data:`RUN_ORDER`); marks are restricted to the breast."""
 
     def __init__(self, models: Sequence[ImageModel]):
         self.models = list(models)
+        #: The order ``run`` runs them in (:data:`RUN_ORDER`; sorted is stable for the others).
+        rank = {name: i for i, name in enumerate(RUN_ORDER)}
+        self.run_order = sorted(self.models, key=lambda m: rank.get(getattr(m.identity, "name", ""), len(rank)))
         #: ``id()`` of the models run in bf16 (:func:`~dicom_ai.networks.engine.cpu_bf16_plan`).
         self.bf16: set[int] = set()
         self._model_seconds: dict[str, list[float]] = {}
@@ -178,7 +194,7 @@ class Pipeline:
                 "nipple_towards": "column 0" if mammogram.faces_left else "last column"}})
             allowed = allowed_region(mammogram)
             stages["prepare"] = stages.get("prepare", 0.0) + time.perf_counter() - started
-            for model in self.models:
+            for model in self.run_order:
                 if model in self.skipped:
                     continue
                 started = time.perf_counter()

@@ -75,10 +75,24 @@ def outline_mask(image: ImageResult, max_regions_per_segment: int, segment: Segm
     for s in ([segment] if segment is not None else image.segments):
         for region in drawn_regions(s, max_regions_per_segment):
             c = np.asarray(region.contour, dtype=np.float64)
-            for a, b in zip(c[:-1], c[1:]):
-                n = max(2, int(np.ceil(np.abs(b - a).max() * 4)) + 1)
-                pts = a + (b - a) * np.linspace(0, 1, n)[:, None]
-                rr = np.clip(np.floor(pts[:, 1]).astype(int), 0, rows - 1)
-                cc = np.clip(np.floor(pts[:, 0]).astype(int), 0, cols - 1)
-                out[rr, cc] = True
+            pts = _edge_samples(c[:-1], c[1:])
+            rr = np.clip(np.floor(pts[:, 1]).astype(int), 0, rows - 1)
+            cc = np.clip(np.floor(pts[:, 0]).astype(int), 0, cols - 1)
+            out[rr, cc] = True
     return out
+
+
+def _edge_samples(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Points along the edges ``a[i] -> b[i]`` (``(n, 2)`` each): per edge ``m = max(2,
+    ceil(4 * longest coordinate step) + 1)`` points ``a + (b - a) * t`` at ``t`` of
+    ``np.linspace(0, 1, m)``, all edges at once. ``t`` is computed as linspace computes it
+    (``k * (1 / (m - 1))``, the last exactly 1), so the points are the same bits."""
+    if not len(a):
+        return np.zeros((0, 2))
+    m = np.maximum(2, np.ceil(np.abs(b - a).max(axis=1) * 4).astype(int) + 1)
+    edge = np.repeat(np.arange(len(a)), m)
+    first = np.cumsum(m) - m
+    k = np.arange(edge.size) - first[edge]
+    t = k * (1.0 / (m - 1))[edge]
+    t[first + m - 1] = 1.0
+    return a[edge] + (b - a)[edge] * t[:, None]

@@ -34,6 +34,14 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return m & ~inner
 
 
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """The source indices Pillow's NEAREST resize from ``n_in`` to ``n_out`` pixels reads along
+    one axis, asked of Pillow itself (it maps each axis on its own), so sampling a mask at them
+    gives exactly the resized mask."""
+    index = Image.fromarray(np.arange(n_in, dtype=np.int32).reshape(1, -1))  # mode "I"
+    return np.asarray(index.resize((n_out, 1), Image.NEAREST)).ravel().astype(np.intp)
+
+
 def render_preview(source: pydicom.Dataset, segments: Sequence[Segment], scores: Sequence[ImageScore] = (),
                    max_side: int = 1024, max_labels: int = 12) -> Image.Image:
     """An RGB PIL image of ``source`` with segment outlines, SR contours and labels.
@@ -57,14 +65,16 @@ def render_preview(source: pydicom.Dataset, segments: Sequence[Segment], scores:
     size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
     base = Image.fromarray((gray * 255).astype(np.uint8)).resize(size, Image.BILINEAR)
     rgb = np.array(base.convert("RGB"))
+    rows_read, columns_read = _nearest_indices(rows, size[1]), _nearest_indices(cols, size[0])
     occurrences: dict[str, int] = {}
     colours = []
     for s in segments:
         n = occurrences.get(s.map.finding, 0)
         occurrences[s.map.finding] = n + 1
         colours.append(display_rgb(s.map.finding, n))
-        if s.regions.mask.any():
-            small = np.array(Image.fromarray(s.regions.mask.astype(np.uint8) * 255).resize(size, Image.NEAREST)) > 0
+        if s.regions.regions:
+            # The pixels a NEAREST resize of the full-size mask would read, read from the regions.
+            small = s.regions.mask_at(rows_read, columns_read)
             edge = _outline(small)
             # Thicken by one pixel so the outline survives the PNG viewer's scaling.
             edge[1:, :] |= edge[:-1, :].copy()

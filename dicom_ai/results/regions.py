@@ -149,10 +149,29 @@ class RegionSet:
         written. It equals :func:`find_regions`' thresholded components with their holes
         filled, since a component dropped there lies wholly inside a kept region.
         """
-        out = np.zeros(self.shape, dtype=bool)
+        return self.paint(np.zeros(self.shape, dtype=bool))
+
+    def paint(self, out: np.ndarray) -> np.ndarray:
+        """Set the regions' pixels of ``out`` (``(rows, columns)`` on this grid, any dtype) to 1
+        (True), leaving the others as they are; returns ``out``. The SEG writer paints each
+        segment straight into its frame, without a full-size mask per segment first."""
         for reg in self.regions:
             r0, r1, c0, c1 = reg.bbox
-            out[r0:r1, c0:c1] |= reg.mask
+            out[r0:r1, c0:c1][reg.mask] = 1
+        return out
+
+    def mask_at(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """``mask[np.ix_(rows, columns)]`` without the full-size mask: the union read at the
+        given rows and columns (each nondecreasing, e.g. the pixels a nearest-neighbour
+        downscale reads)."""
+        rows, columns = np.asarray(rows), np.asarray(columns)
+        out = np.zeros((len(rows), len(columns)), dtype=bool)
+        for reg in self.regions:
+            r0, r1, c0, c1 = reg.bbox
+            a, b = np.searchsorted(rows, [r0, r1])
+            c, d = np.searchsorted(columns, [c0, c1])
+            if a < b and c < d:
+                out[a:b, c:d] |= reg.mask[np.ix_(rows[a:b] - r0, columns[c:d] - c0)]
         return out
 
 
@@ -270,13 +289,17 @@ def _matplotlib_polygon_pixels(pts: np.ndarray, shape: tuple[int, int]) -> np.nd
     return out
 
 
-def _lattice_polygon_pixels(pts: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _lattice_polygon_pixels(pts: np.ndarray, shape: tuple[int, int], edges: bool = True) -> np.ndarray:
     """:func:`polygon_pixels` of a polygon with integer ``(row, col)`` vertices (``(n, 2)``, n >= 3).
 
     matplotlib tests every pixel of the bounding box against every edge, which took seconds for
     a large cluster's traced contour. Here each pixel row is filled between pairs of edge
     crossings (even-odd, edges half-open in rows), and the pixels lying on an edge are added.
     Pixel centres and vertices are integers, so "on an edge" is exact.
+
+    ``edges=False`` leaves the pixels on an edge as the row fill has them: for a caller that
+    sets them anyway (:func:`_contour_for`'s traced contour, whose edges join 8-neighbours, so
+    the only pixels on an edge are its vertices, region pixels all).
     """
     out = np.zeros(shape, dtype=bool)
     r0, c0 = np.maximum(pts.min(axis=0), 0)
@@ -305,6 +328,9 @@ def _lattice_polygon_pixels(pts: np.ndarray, shape: tuple[int, int]) -> np.ndarr
         np.add.at(box, (rows, start), 1)
         np.add.at(box, (rows, stop), -1)
     inside = np.cumsum(box, axis=1)[:, :-1] > 0
+    if not edges:
+        out[r0:r1, c0:c1] = inside
+        return out
     # Pixels on an edge (the lattice points of each segment): matplotlib decides those, as
     # polygon_pixels always has (its offset contours leave out, e.g., the tip of a retraced
     # spike), so the result is the same pixel for pixel; there are about as many as vertices.
@@ -314,7 +340,11 @@ def _lattice_polygon_pixels(pts: np.ndarray, shape: tuple[int, int]) -> np.ndarr
     k = np.arange(edge.size) - np.repeat(np.cumsum(steps + 1) - (steps + 1), steps + 1)
     unit = d[edge] // np.maximum(steps[edge], 1)[:, None]
     on = a[edge] + unit * k[:, None]
-    on = np.unique(on[(on[:, 0] >= r0) & (on[:, 0] < r1) & (on[:, 1] >= c0) & (on[:, 1] < c1)], axis=0)
+    on = on[(on[:, 0] >= r0) & (on[:, 0] < r1) & (on[:, 1] >= c0) & (on[:, 1] < c1)]
+    # The distinct points in (row, column) order, as np.unique(on, axis=0) but by their flat
+    # index in the box (a 1-D sort instead of a sort of row records).
+    flat = np.unique((on[:, 0] - r0) * (c1 - c0) + (on[:, 1] - c0))
+    on = np.column_stack([flat // (c1 - c0) + r0, flat % (c1 - c0) + c0])
     path = MplPath(pts[:, ::-1].astype(np.float64))
     centres = on[:, ::-1].astype(np.float64)
     inside[on[:, 0] - r0, on[:, 1] - c0] = (path.contains_points(centres, radius=1e-6)
@@ -326,7 +356,9 @@ def _lattice_polygon_pixels(pts: np.ndarray, shape: tuple[int, int]) -> np.ndarr
 def _contour_for(mask: np.ndarray, tolerance: float, max_points: int) -> tuple[np.ndarray, np.ndarray]:
     """Trace, fill and simplify one component; returns (filled mask, polygon in (row, col))."""
     raw = trace_contour(mask)
-    filled = mask | polygon_pixels(raw, mask.shape)
+    # The pixels on the traced contour's edges are its vertices (8-neighbours are joined), all
+    # in the mask, so the row fill alone gives the same union as polygon_pixels.
+    filled = mask | (_lattice_polygon_pixels(raw, mask.shape, edges=False) if len(raw) >= 3 else mask)
     best = raw.astype(np.float64)
     if len(raw) <= 4:
         return filled, best
@@ -418,6 +450,7 @@ def find_regions(
     labels_img = sitk.ConnectedComponent(sitk.GetImageFromArray(crop), True)
     labels_img = sitk.RelabelComponent(labels_img, minimumObjectSize=min_pixels, sortByObjectSize=True)
     stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.ComputePerimeterOff()  # only the bounding boxes are read; the perimeter is its costliest part
     stats.Execute(labels_img)
     labels = sitk.GetArrayViewFromImage(labels_img)
     regions: list[Region] = []

@@ -107,11 +107,18 @@ def build_segmentation(
     # frame with n segments must be (1, rows, columns, n).
     if segmentation_type not in ("BINARY", "FRACTIONAL"):
         raise SegWriterError(f"segmentation type must be BINARY or FRACTIONAL, got {segmentation_type!r}")
+    # highdicom wants (1, rows, columns, segments); the array is laid out segment by segment
+    # in memory ((segments, rows, columns) transposed), so each segment's frame is contiguous:
+    # stacking writes whole planes, and highdicom's checks (its sum over the segment axis) and
+    # its per-segment frames read planes instead of every n-th byte. Same values, same object.
     if segmentation_type == "BINARY":
-        # Stacked straight into the output type (no second full-size copy by astype).
-        pixels = np.stack([s.regions.mask for s in segments], axis=-1, dtype=np.uint8)[None]
+        # Each segment's regions painted straight into its plane (no full-size mask per segment).
+        planes = np.zeros((len(segments), *shape), dtype=np.uint8)
+        for plane, s in zip(planes, segments):
+            s.regions.paint(plane)
     else:
-        pixels = np.stack([np.clip(s.map.probability, 0.0, 1.0) for s in segments], axis=-1, dtype=np.float32)[None]
+        planes = np.stack([np.clip(s.map.probability, 0.0, 1.0) for s in segments], axis=0, dtype=np.float32)
+    pixels = planes.transpose(1, 2, 0)[None]
     occurrences: dict[str, int] = {}
     descriptions = []
     for s in segments:

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.charset import default_encoding
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -49,7 +50,7 @@ from dicom_ai.core.views import image_name
 from dicom_ai.results.codes import BREAST, LATERALITY, PERCENT, SQUARE_MM, finding_codes
 from dicom_ai.results.types import ImageResult, ObjectIdentity, Segment
 
-__all__ = ["build_measurement_report", "strip_segment_numbers", "merge_regions", "operating_text", "SCORE_FINDING"]
+__all__ = ["build_measurement_report", "comprehensive_3d_sr", "referenced_instances", "strip_segment_numbers", "merge_regions", "operating_text", "SCORE_FINDING"]
 
 #: Which finding's codes describe an image-level score.
 SCORE_FINDING = {"malignant": "malignant_lesion", "benign": "benign_lesion"}
@@ -178,9 +179,17 @@ def build_measurement_report(
             manufacturer_name=manufacturer, model_name=model_name, serial_number=equipment.device_serial_number))
     root = identity.sop_instance_uid
     region_groups: list = []
+    # Content items that are the same in many groups are built once and put in each (a content
+    # item is a data set; highdicom and pydicom put it in a sequence as it is, and it is written
+    # where it is put): the finding site per side, the algorithm per model and threshold, the
+    # source image of the regions per image. About a tenth of the report's time at the all-on point.
+    sites: dict[str, list[hd.sr.FindingSite]] = {}
+    algorithms: dict[tuple[ModelIdentity, float], hd.sr.AlgorithmIdentification] = {}
     for r in results:
         src, seg = r.source, r.segmentation
         lat = str(src.get("ImageLaterality", ""))
+        site = sites.setdefault(lat, _site(lat))
+        source_image = hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID)
         entries = []
         for segment in r.segments:
             regions = sorted(segment.regions.regions, key=lambda g: -g.max_probability)[:max_regions_per_segment]
@@ -197,7 +206,8 @@ def build_measurement_report(
                                               referenced_images=[seg_ref] if seg_ref else None)]
             for member_segment, member in group:
                 prob = finding_codes(member_segment.map.finding).probability
-                algorithm = _algorithm(member_segment.map.model, member_segment.map.threshold)
+                key = (member_segment.map.model, member_segment.map.threshold)
+                algorithm = algorithms.get(key) or algorithms.setdefault(key, _algorithm(*key))
                 measurements += [
                     hd.sr.Measurement(name=prob, value=_percent(member.max_probability), unit=PERCENT,
                                       derivation=codes.SCT.Maximum, algorithm_id=algorithm),
@@ -211,9 +221,9 @@ def build_measurement_report(
                 referenced_region=hd.sr.ImageRegion(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                     graphic_data=np.asarray(region.contour, dtype=np.float32),
-                    source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID)),
+                    source_image=source_image),
                 finding_type=fc.sr_finding,
-                finding_sites=_site(lat),
+                finding_sites=site,
                 measurements=measurements,
             ))
     report = hd.sr.MeasurementReport(
@@ -231,8 +241,8 @@ def build_measurement_report(
     if evaluations:
         report[0].ContentSequence.append(evaluations)
     evidence = [r.source for r in results] + [r.segmentation for r in results if r.segmentation is not None]
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence, content=report[0], series_instance_uid=identity.series_instance_uid,
+    sr = comprehensive_3d_sr(
+        report[0], evidence, series_instance_uid=identity.series_instance_uid,
         series_number=identity.series_number, sop_instance_uid=identity.sop_instance_uid,
         instance_number=identity.instance_number,
         manufacturer=manufacturer, is_complete=True, is_final=False, is_verified=False,
@@ -241,7 +251,73 @@ def build_measurement_report(
         device_serial_number=equipment.device_serial_number,
     )
     strip_segment_numbers(sr)
+    _written_as_explicit_little(sr)
     return sr
+
+
+def _written_as_explicit_little(ds: pydicom.Dataset) -> None:
+    """Mark every content item under ``ds`` as a data set in Explicit VR Little Endian (the SR's
+    transfer syntax) in the default character set, so pydicom's writer does not correct
+    ambiguous VRs again in each nested item: it corrects the whole tree once, from the root,
+    then did it again for every item at every depth (about a quarter of the SR's encoding
+    time at the all-on point). Content items hold no ambiguous-VR element anyway; written in
+    another transfer syntax or character set, the items are corrected as before. Same bytes."""
+    for item in ds.get("ContentSequence", []):
+        item.set_original_encoding(False, True, default_encoding)
+        _written_as_explicit_little(item)
+
+
+def referenced_instances(item: pydicom.Dataset) -> set[str]:
+    """SOP Instance UIDs the IMAGE and COMPOSITE content items under ``item`` reference (recursive)."""
+    out: set[str] = set()
+    for child in item.get("ContentSequence", []):
+        if child.get("ValueType") in ("IMAGE", "COMPOSITE"):
+            out.add(str(child.ReferencedSOPSequence[0].ReferencedSOPInstanceUID))
+        if "ContentSequence" in child:
+            out |= referenced_instances(child)
+    return out
+
+
+def comprehensive_3d_sr(root: hd.sr.ContainerContentItem, evidence: Sequence[pydicom.Dataset],
+                        **kwargs) -> hd.sr.Comprehensive3DSR:
+    """highdicom's Comprehensive 3D SR of the content tree under ``root`` (its other arguments
+    as ``kwargs``), without the constructor's per-item work on the tree.
+
+    The constructor deep-copies the whole tree, parses the copy back into content items (what
+    ``sr.content`` returns) and searches it for IMAGE and COMPOSITE references to check them
+    against ``evidence``: for the all-on point's 157 measurement groups (about 3300 content
+    items) that was three quarters of the report's time (benchmarks/results/writers_profile_allon.md).
+    None of the attributes it writes depends on the tree below the root (every piece of
+    evidence is recorded, referenced or not), so here it is given the root with an empty
+    Content Sequence and the tree is attached afterwards, the same data element as the
+    constructor would have copied, so the object and its bytes are the same. ``root`` is a
+    highdicom content item already, so ``sr.content`` is ``root`` itself (the constructor's
+    parsed copy of it, and ``from_dataset``'s parse, would cost as much again), and the
+    evidence check is made here.
+
+    Raises
+    ------
+    ResultError
+        A content item references an instance that is not among ``evidence``.
+    """
+    missing = referenced_instances(root) - {str(ds.SOPInstanceUID) for ds in evidence}
+    if missing:
+        raise ResultError(f"the report references {len(missing)} instance(s) that are not among its evidence")
+    tree = root[_CONTENT_SEQUENCE]
+    del root[_CONTENT_SEQUENCE]
+    try:
+        root.ContentSequence = []
+        sr = hd.sr.Comprehensive3DSR(evidence=evidence, content=root, **kwargs)
+    finally:
+        root[_CONTENT_SEQUENCE] = tree
+    sr[_CONTENT_SEQUENCE] = tree
+    # What the constructor sets from its parsed copy (tests/test_sr_writer.py checks that
+    # sr.content is the whole tree, so a highdicom that renamed it would fail there).
+    sr._content = hd.sr.ContentSequence([root], is_root=True)
+    return sr
+
+
+_CONTENT_SEQUENCE = 0x0040A730
 
 
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
