@@ -8,6 +8,13 @@ per held-out fold on the other four folds for each false-mark budget (``bench_mi
 each set, the masses found by one set only, and a bootstrap over women (2000 resamples) of the
 difference ``--b`` minus ``--a``.
 
+With ``--ship-a``/``--ship-b`` (the all-folds bundles each set would ship), the four shared real
+images (``--real``) are run by each as ``bench_mias_node`` runs them (0.07 mm, orientation from the
+file name checked on the pixels, breast restriction) and their U-Net marks counted at each set's
+default point as the node ships it: the U-Net alone at <= ``--default-budget`` false marks per
+image, threshold chosen on all five folds' held-out marks of that set (``choose_thresholds``, as
+``--default-by-parts`` chooses it).
+
     nice -n 10 python benchmarks/bench_dunet_node_paired.py --a /work/data/dunet-0.8-folds \\
         --b /work/data/dunet-0.9-folds --out benchmarks/results/dunet_node_paired.json
 """
@@ -21,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_mias_node as node  # noqa: E402
@@ -57,6 +65,22 @@ def sent_per_budget(images, marks) -> dict[float, dict[int, list]]:
     return out
 
 
+def real_marks(folder: Path, bundle: Path, thresholds) -> dict[str, int]:
+    """U-Net marks per shared real PNG at ``thresholds``, run as bench_mias_node runs them."""
+    model = node.candidate_model(bundle)
+    out = {}
+    for png in sorted(folder.glob("*.png")):
+        arr = np.asarray(Image.open(png)).astype(np.float32)
+        arr = arr / (65535.0 if arr.max() > 255 else 255.0)
+        lat = "L" if "_L_" in png.name else "R"
+        m = node.mammogram_from_array(arr, lat, "CC", (0.07, 0.07))
+        m.faces_left, m.orientation = node.orient(lat == "R", m.breast_mask)
+        output = node.restrict_to_breast(model.predict(m), m)
+        marks = node.ModelMarks.from_prediction(node._output_prediction(output), node.allowed_region(m))
+        out[png.stem] = len(node.sent_marks({"dunet": marks}, thresholds))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path("/work/data/mias"))
@@ -65,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--b", type=Path, required=True, help="fold bundles (fold0..4) compared with it")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--out", type=Path, default=RESULTS / "dunet_node_paired.json")
+    p.add_argument("--ship-a", type=Path, default=None, help="all-folds bundle of set a (runs the shared real images)")
+    p.add_argument("--ship-b", type=Path, default=None, help="all-folds bundle of set b")
+    p.add_argument("--real", type=Path, default=Path("/work/shared/data/real"))
+    p.add_argument("--default-budget", type=float, default=0.25)
     args = p.parse_args(argv)
     t0 = time.time()
     data = MIASDataset(args.root)
@@ -72,11 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     images = [node.Image_(s, data.fold_of[s.source.rsplit("/", 1)[-1].split(".")[0]]) for s in samples]
     women = np.array([mias_woman(im.reference) for im in images])
     lesion_woman = np.array([women[i] for i, im in enumerate(images) for _ in im.truth["mass"]])
-    res = {}
+    res, real = {}, {}
     for name, folder in (("a", args.a), ("b", args.b)):
         src = {"kind": node.FOLDS, "path": folder}
         marks = node.marks_of(args, samples, images, "dunet", src)
         res[name] = {b: per_lesion(images, s) for b, s in sent_per_budget(images, [{"dunet": m} for m in marks]).items()}
+        ship = getattr(args, f"ship_{name}")
+        if ship is not None:
+            tables = node._tables(images, [{"dunet": m} for m in marks])
+            thr = node.choose_thresholds(tables, np.arange(len(images)), args.default_budget)
+            real[name] = {"bundle": str(ship), "threshold": thr[("dunet", "mass")],
+                          "images": real_marks(args.real, ship, thr)}
     uw = np.unique(women)
     rng = np.random.default_rng(0)
     picks = [np.bincount(np.searchsorted(uw, rng.choice(uw, len(uw))), minlength=len(uw)) for _ in range(args.n)]
@@ -96,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             "masses_found_by_a_only": int(((fa == 1) & (fb == 0)).sum()),
             "sensitivity_difference_ci95": [round(float(np.quantile(ds, q)), 4) for q in (0.025, 0.975)],
             "false_marks_difference_ci95": [round(float(np.quantile(dp, q)), 4) for q in (0.025, 0.975)]}
+    if real:
+        for v in real.values():
+            v["marks_per_image"] = round(sum(v["images"].values()) / max(len(v["images"]), 1), 3)
+        out["shared_real_images"] = dict(real, point=f"U-Net alone, <= {args.default_budget:g} false marks per image "
+                                                     "(threshold chosen on all five folds' held-out marks)")
     out["seconds"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
@@ -105,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {b} | {v['a']['sensitivity']:.2f} ({v['a']['false_marks_per_image']:.2f}) | {v['b']['sensitivity']:.2f} "
               f"({v['b']['false_marks_per_image']:.2f}) | {v['masses_found_by_b_only']} / {v['masses_found_by_a_only']} | "
               f"{v['b']['sensitivity'] - v['a']['sensitivity']:+.2f} {v['sensitivity_difference_ci95']} |")
+    for name, v in real.items():
+        print(f"shared real images, {name} ({v['bundle']}, threshold {v['threshold']:.6f}): {v['images']}, "
+              f"{v['marks_per_image']} marks per image")
     return 0
 
 

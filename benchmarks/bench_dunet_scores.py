@@ -76,7 +76,8 @@ def image_arrays(args, data, models) -> list[dict]:
     mass outlines and every located lesion on that grid, fold and woman (cached per image)."""
     args.cache.mkdir(parents=True, exist_ok=True)
     out, t0 = [], time.time()
-    scales = sorted({s for v in SCALE_SETS.values() for s in v} | set(args.export_scales))
+    scales = sorted(set(args.export_scales) if args.export_only
+                    else {s for v in SCALE_SETS.values() for s in v} | set(args.export_scales))
     for i in range(len(data)):
         ref = Path(data.records[i].path).stem
         path = args.cache / f"{ref}.npz"
@@ -362,6 +363,13 @@ def recipe_candidates(d: dict, scales) -> list[tuple[float, bool]]:
     return [(peak, bool(target[region].any())) for peak, region in candidate_regions(raw, LEVEL)]
 
 
+def _cal_input(scales) -> str:
+    if not scales:  # one pass: the shipped recipe's wording
+        return "peak of the unclipped subtraction output x - f(x) over a candidate region"
+    return ("peak of the unclipped subtraction output x - f(x), averaged over the working pixel size and the "
+            f"test-time scales {list(scales)} mm, over a candidate region")
+
+
 def export(args, arrays) -> dict:
     scales = tuple(args.export_scales)
     cands = [recipe_candidates(d, scales) for d in arrays]
@@ -371,14 +379,14 @@ def export(args, arrays) -> dict:
     for k in range(MIAS_FOLDS):
         pool = [c for i in np.flatnonzero(folds != k) for c in cands[i]]
         cal = fit_platt([p for p, _ in pool], [h for _, h in pool])
-        cal["input"] = ("peak of the unclipped subtraction output x - f(x), averaged over the working pixel size and "
-                        f"the test-time scales {list(scales)} mm, over a candidate region")
+        cal["input"] = _cal_input(scales)
         cal["fitted_on"] += (f"; validation folds only: the candidate regions of the other four folds (not fold {k}), "
                              "each scored by its own out-of-fold network (benchmarks/bench_dunet_scores.py)")
         src = args.dunet_folds / f"fold{k}"
         b = load_bundle(str(src))
         manifest = json.loads((src / "manifest.json").read_text())
-        manifest["architecture"]["test_time_scales_mm"] = list(scales)
+        if scales:
+            manifest["architecture"]["test_time_scales_mm"] = list(scales)
         manifest.update(version=f"{args.export_version}-cv-fold{k}", calibration=cal,
                         thresholds={"mass": round(candidate_level(cal), 6)})
         save_bundle(args.export / f"fold{k}", manifest, b.state_dict)
@@ -386,8 +394,7 @@ def export(args, arrays) -> dict:
                                     "threshold": manifest["thresholds"]["mass"]}
     pooled = [c for cs in cands for c in cs]
     cal = fit_platt([p for p, _ in pooled], [h for _, h in pooled])
-    cal["input"] = ("peak of the unclipped subtraction output x - f(x), averaged over the working pixel size and the "
-                    f"test-time scales {list(scales)} mm, over a candidate region")
+    cal["input"] = _cal_input(scales)
     cal["fitted_on"] = (f"{len(pooled)} candidate regions ({sum(h for _, h in pooled)} on a mass) of all "
                         f"{len(arrays)} mini-MIAS images, each scored by the fold network that did not see it "
                         "(pooled held-out candidates of the 5-fold CV, benchmarks/bench_dunet_scores.py --export); "
@@ -396,6 +403,22 @@ def export(args, arrays) -> dict:
     info["calibration_all_folds"] = cal
     print(f"exported fold bundles and calibration.json to {args.export}")
     return info
+
+
+def export_only(args, arrays, folds: np.ndarray, t0: float) -> int:
+    """``--export-only``: the exported scales' held-out working-grid FROC (peak, per-fold Platt on
+    the other folds) and the fold bundles; written to ``--out``."""
+    scales = tuple(args.export_scales)
+    tab = table(arrays, scales)
+    f = froc(map_table(tab, calibrated(tab, ("peak",))), folds, tab["n_lesions"], len(arrays))
+    result = {"benchmark": "U-Net fold bundles exported with a refitted per-fold Platt calibration (working grid)",
+              "fold_bundles": str(args.dunet_folds), "scales": list(scales), "budgets": list(BUDGETS),
+              "held_out_working_grid_froc": f, "export": export(args, arrays), "seconds": round(time.time() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"held out (working grid), masses @ {' / '.join(f'{b:g}' for b in BUDGETS)} FP/img: {_line(f)}")
+    print(f"wrote {args.out} ({result['seconds']:.0f} s)")
+    return 0
 
 
 # --------------------------------------------------------------------------- main
@@ -408,15 +431,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export", type=Path, default=None, help="write fold bundles with --export-scales here")
     p.add_argument("--export-scales", type=float, nargs="*", default=[0.7])
     p.add_argument("--export-version", default="0.3.1")
+    p.add_argument("--export-only", action="store_true",
+                   help="with --export: run only the passes --export-scales needs, skip the diagnosis and variants "
+                        "(held-out working-grid FROC of the exported scales only); for a new set of fold networks")
     p.add_argument("--out", type=Path, default=RESULTS / "dunet_scores.json")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
     data = MIASDataset(args.root)
     models = {k: DUNetModel.from_bundle(load_bundle(str(args.dunet_folds / f"fold{k}"))) for k in range(MIAS_FOLDS)}
+    if args.export_only and args.export is None:
+        raise SystemExit("--export-only needs --export DIR")
     arrays = image_arrays(args, data, models)
     folds = np.array([d["fold"] for d in arrays])
     n_img = len(arrays)
+    if args.export_only:
+        return export_only(args, arrays, folds, t0)
     result: dict = {"benchmark": "U-Net region scores and candidates, mini-MIAS 5-fold CV (issue 26, masses)",
                     "protocol": __doc__.split("\n\n")[1].strip() + " " + __doc__.split("\n\n")[2].strip(),
                     "fold_bundles": str(args.dunet_folds), "budgets": list(BUDGETS)}
