@@ -39,10 +39,9 @@ import bench_dunet_scores as scores  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def load_member(root: Path, folder: Path) -> list[dict]:
+def load_member(data: scores.MIASDataset, folder: Path) -> list[dict]:
     """A member's cached per-image arrays (every image must be cached already)."""
     args = argparse.Namespace(cache=folder, export_only=True, export_scales=[])
-    data = scores.MIASDataset(root)
     missing = [r.path for r in data.records if not (folder / f"{Path(r.path).stem}.npz").is_file()]
     if missing:
         raise SystemExit(f"{folder}: {len(missing)} image(s) not cached; run bench_dunet_scores.py --export-only first")
@@ -59,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     t0 = time.time()
     labels = args.label or [str(m) for m in args.member]
-    members = [load_member(args.root, m) for m in args.member]
+    data = scores.MIASDataset(args.root)
+    members = [load_member(data, m) for m in args.member]
     refs = [d["ref"] for d in members[0]]
     if any([d["ref"] for d in m] != refs for m in members[1:]):
         raise SystemExit("members cover different images")

@@ -133,15 +133,22 @@ def test_regions_of_a_map_do_not_depend_on_where_it_lies_in_a_larger_one():
         assert np.allclose(b.contour - a.contour, [230, 150])
 
 
+def _random_components(rng: np.random.Generator, max_side: int, density: tuple[float, float]) -> np.ndarray:
+    """8-connected component labels of a random binary image, 3 to ``max_side - 1`` pixels a side,
+    its foreground fraction drawn from ``density``."""
+    h, w = (int(v) for v in rng.integers(3, max_side, 2))
+    comp = rng.random((h, w)) < rng.uniform(*density)
+    return sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(comp.astype(np.uint8)), True))
+
+
 def test_lattice_polygon_fill_equals_matplotlib():
     """The scanline fill of whole-pixel polygons (traced contours, their simplifications, random
     self-intersecting ones) gives matplotlib's inside-or-on pixels exactly, spike tips included."""
     rng = np.random.default_rng(7)
     checked = 0
     for _ in range(400):
-        h, w = (int(v) for v in rng.integers(3, 30, 2))
-        comp = rng.random((h, w)) < rng.uniform(0.3, 0.8)
-        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(comp.astype(np.uint8)), True))
+        labels = _random_components(rng, 30, (0.3, 0.8))
+        h, w = labels.shape
         if labels.max() == 0:
             continue
         raw = trace_contour(labels == 1)
@@ -162,9 +169,7 @@ def test_traced_contour_fill_without_edge_test_is_the_same_union():
     rng = np.random.default_rng(11)
     checked = 0
     for _ in range(400):
-        h, w = (int(v) for v in rng.integers(3, 40, 2))
-        comp = rng.random((h, w)) < rng.uniform(0.3, 0.9)
-        labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(comp.astype(np.uint8)), True))
+        labels = _random_components(rng, 40, (0.3, 0.9))
         for lab in range(1, min(int(labels.max()), 3) + 1):
             mask = labels == lab
             raw = trace_contour(mask)

@@ -188,7 +188,9 @@ def build_measurement_report(
     for r in results:
         src, seg = r.source, r.segmentation
         lat = str(src.get("ImageLaterality", ""))
-        site = sites.setdefault(lat, _site(lat))
+        if lat not in sites:
+            sites[lat] = _site(lat)
+        site = sites[lat]
         source_image = hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID)
         entries = []
         for segment in r.segments:
@@ -207,7 +209,9 @@ def build_measurement_report(
             for member_segment, member in group:
                 prob = finding_codes(member_segment.map.finding).probability
                 key = (member_segment.map.model, member_segment.map.threshold)
-                algorithm = algorithms.get(key) or algorithms.setdefault(key, _algorithm(*key))
+                if key not in algorithms:
+                    algorithms[key] = _algorithm(*key)
+                algorithm = algorithms[key]
                 measurements += [
                     hd.sr.Measurement(name=prob, value=_percent(member.max_probability), unit=PERCENT,
                                       derivation=codes.SCT.Maximum, algorithm_id=algorithm),
