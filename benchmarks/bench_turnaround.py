@@ -10,7 +10,9 @@ time from the end of ``storescu`` (the last C-STORE response and the release) to
 Per stage (from the node's JSON log: ``job_started``, the worker's ``job_timing``,
 ``job_finished``, ``delivery_done``): waiting (``study.grace_seconds`` + closing the study +
 the worker's claim), decode (spool read + sandbox), prepare (intensities, masks), each model,
-restrict, each writer (regions, SEG, GSPS, SR), outbox, previews, delivery. Peak memory: the
+restrict, each writer (regions, SEG, GSPS, SR), outbox, previews, delivery; a worker that draws
+the previews after the results are queued reports them as ``previews after the record`` (their
+``previews_written`` event; they overlap the delivery and are not added to the job). Peak memory: the
 highest VmHWM of every process of the node (node, worker, decode sandbox), sampled every 0.1 s.
 
 Model compute floor: the models' FLOPs on the study's four images (counted on the torch
@@ -31,6 +33,7 @@ load average at each run is recorded (other jobs share this machine's two cores)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -186,6 +189,10 @@ def run_node(label: str, code: Path, files: list[Path], work: Path, grace: float
 
         status = wait_for(delivered, timeout, f"{label}: results delivered", interval=0.05)
         load_after = os.getloadavg()
+        # A worker that draws the previews after the results are queued: wait for them too
+        # (they are not part of the turnaround, but of the worker's peak memory).
+        wait_for(lambda: any(k in log.read_text() for k in ('"previews_seconds"', '"previews_written"',
+                                                             '"previews_failed"')), 120, f"{label}: the previews")
         peaks = memory.stop()
         events = _log_events(log)
     finally:
@@ -210,6 +217,9 @@ def run_node(label: str, code: Path, files: list[Path], work: Path, grace: float
     accounted = sum(v for k, v in stages.items() if not k.startswith("waiting"))
     stages["other in the job (pipeline load of images, record)"] = job_seconds - accounted
     stages["delivery (results recorded -> last acknowledged)"] = last_delivery - _ts(first["job_finished"])
+    drawn = first.get("previews_written") or first.get("previews_failed")
+    if drawn is not None:  # drawn after the results were queued, beside the delivery
+        stages["previews after the record (beside the delivery)"] = drawn["seconds"]
     received = sorted(pacs_dir.glob("*.dcm"))
     return {
         "label": label,
@@ -225,6 +235,10 @@ def run_node(label: str, code: Path, files: list[Path], work: Path, grace: float
                      for m in ("SEG", "SR", "PR", "OT")},
         "loadavg_1min": [round(load_before[0], 2), round(load_after[0], 2)],
         "pacs_folder": str(pacs_dir),
+        # The previews carry no result UID (the SEG/SR bytes do, fresh per job), so they can be
+        # compared byte for byte between two nodes given the same study.
+        "preview_sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                           for p in sorted((storage / "previews").rglob("*.png"))},
     }
 
 
@@ -395,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             if code is not None:
                 before, after = runs[f"{key}/before"], runs[f"{key}/after"]
                 marks[key] = compare_marks(Path(before["pacs_folder"]), Path(after["pacs_folder"]))
+                marks[key]["identical_previews"] = (bool(before["preview_sha256"])
+                                                    and before["preview_sha256"] == after["preview_sha256"])
                 speed_up[key] = round(before["turnaround_s"] / after["turnaround_s"], 2)
     floor = None
     if not args.no_floor:
@@ -428,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, m in marks.items():
         segments = sorted({r["segment"] for r in m["segments"]})
         print(f"\n{key}: before/after turnaround {speed_up[key]} x; identical SEG masks {m['identical_masks']}, "
-              f"same region counts {m['same_region_counts']} ({len(m['segments'])} segments: {', '.join(segments)})")
+              f"same region counts {m['same_region_counts']}, identical previews {m['identical_previews']} "
+              f"({len(m['segments'])} segments: {', '.join(segments)})")
     for key, f in (floor or {}).items():
         print(f"\n{key} models: {f['models_measured_s']:.1f} s measured, floor {f['models_floor_s']:.2f} s "
               f"(fp32 matmul {f['matmul_gflops_fp32']} GFLOP/s) -> {f['ratio']} x")

@@ -182,6 +182,86 @@ def test_a_pipeline_that_cannot_load_is_shown_by_status_and_jobs_wait(tmp_path):
         node.stop()
 
 
+def _claimed_job(tmp_path, store):
+    """A two-view study recorded in ``store`` as one claimed job."""
+    from dicom_ai.node.jobstore import Instance
+    from dicom_ai.node.supervisor import make_result_uids
+
+    for path in write_study(tmp_path / "study", views=[("L", "CC"), ("R", "MLO")]):
+        ds = pydicom.dcmread(path)
+        store.record_instance(study_uid=ds.StudyInstanceUID, calling_ae="PACS", size=1, instance=Instance(
+            ds.SOPInstanceUID, ds.SOPClassUID, "1.2.840.10008.1.2.1", ds.ImageLaterality, ds.ViewPosition, str(path)))
+    assert store.close_ready_studies(0.0, 0.0, make_result_uids)
+    return store.claim_job()
+
+
+def test_previews_are_drawn_after_the_results_are_queued(tmp_path, monkeypatch):
+    """The worker records the job and queues its delivery before it draws a preview; the job's
+    note says the previews are not written yet until they are, then only the job's own notes."""
+    from dicom_ai.node import worker
+    from dicom_ai.node.config import load_config
+    from dicom_ai.node.jobstore import JobStore
+    from node_harness import StandInPipeline
+
+    cfg = load_config(write_node_config(tmp_path / "node.toml", tmp_path / "storage", free_port(), [("PACS", 11112)],
+                                        pipeline={"previews": True}))
+    store = JobStore(cfg.storage_dir / "jobs.sqlite")
+    job = _claimed_job(tmp_path, store)
+    seen = {}
+    draw = worker.write_job_previews
+
+    def drawing(built, config, job_id, timings=None):
+        status = store.status()
+        seen.update(job=status["jobs"][0], deliveries=status["deliveries"])
+        return draw(built, config, job_id, timings)
+
+    monkeypatch.setattr(worker, "write_job_previews", drawing)
+    worker.run_claimed_job(job, StandInPipeline(), cfg, store, worker.StorageTrouble(store, tmp_path, 0), lambda: False)
+    assert seen["job"]["state"] == "done" and seen["job"]["results"] == 5
+    assert seen["job"]["error"] == worker.PREVIEWS_PENDING
+    assert [(d["ae_title"], d["state"]) for d in seen["deliveries"]] == [("PACS", "pending")]
+    assert len(list((cfg.storage_dir / "previews" / f"job-{job.id}").glob("*.png"))) == 2
+    assert store.status()["jobs"][0]["error"] is None
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, nothing catches it."""
+
+
+def test_a_worker_stopped_before_the_previews_leaves_a_done_job_that_says_they_are_missing(tmp_path, monkeypatch):
+    """Killed between recording the job and drawing its previews, the worker leaves the job done
+    with its delivery queued (the results do not depend on a preview), and the job's note, in
+    ``status`` and on the status page, says the previews are missing; the node does not run it again."""
+    from dicom_ai.node import worker
+    from dicom_ai.node.config import load_config
+    from dicom_ai.node.http_server import render_status_page
+    from dicom_ai.node.jobstore import JobStore
+    from node_harness import StandInPipeline
+
+    cfg = load_config(write_node_config(tmp_path / "node.toml", tmp_path / "storage", free_port(), [("PACS", 11112)],
+                                        pipeline={"previews": True}))
+    store = JobStore(cfg.storage_dir / "jobs.sqlite")
+    job = _claimed_job(tmp_path, store)
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(worker, "write_job_previews", killed)
+    with pytest.raises(_Killed):
+        worker.run_claimed_job(job, StandInPipeline(), cfg, store, worker.StorageTrouble(store, tmp_path, 0),
+                               lambda: False)
+    # What the node does when it restarts the worker: a done job is not re-queued.
+    assert store.recover(3, count_interruption=False)["jobs_requeued"] == 0
+    status = store.status()
+    assert status["jobs"][0]["state"] == "done" and status["jobs"][0]["error"] == worker.PREVIEWS_PENDING
+    assert [d["state"] for d in status["deliveries"]] == ["pending"] and status["deliveries"][0]["total"] == 5
+    assert store.claim_job() is None
+    assert not (cfg.storage_dir / "previews" / f"job-{job.id}").exists()
+    assert "previews not written yet" in render_status_page(status, "AINODE", {})
+    # A note written meanwhile by someone else (or a job run again) is not overwritten.
+    assert not store.replace_job_note(job, None, "another note")
+
+
 def test_worker_writes_a_durable_outbox_and_previews(tmp_path):
     """One job through the worker in-process: outbox files under the fixed UIDs, one preview PNG
     per image, and re-running the job reproduces the same objects."""

@@ -438,6 +438,8 @@ def test_everything_under_storage_is_private_including_files_of_an_older_version
     try:
         assert storescu(port, write_study(tmp_path / "study")).returncode == 0
         wait_delivered(storage, jobs=1)
+        # The previews are drawn after the results are queued: wait for them too.
+        wait_for(lambda: store_status(storage)["jobs"][0]["error"] is None, 60, "the previews")
     finally:
         node.stop()
         pacs.stop()

@@ -569,6 +569,17 @@ class SqlJobStore:
                                [(job.id, ae, host, port, now, now, now) for ae, host, port in destinations])
         return state
 
+    def replace_job_note(self, job: Job, note: str | None, replaces: str) -> bool:
+        """Replace a finished job's note (``jobs.error``) ``replaces`` by ``note``, e.g. once the
+        worker has written the previews that the note said were not written yet.
+
+        Only a job still ``done`` or ``superseded`` whose note is still ``replaces`` is changed
+        (not one re-queued by ``dicom-ai retry`` or re-run since); returns whether it was.
+        """
+        with self._write() as db:
+            return db.execute("UPDATE jobs SET error = ? WHERE id = ? AND state IN ('done', 'superseded') "
+                              "AND error = ?", (note, job.id, replaces)).rowcount == 1
+
     def fail_job(self, job: Job, error: str, max_attempts: int) -> str:
         """Record a failure of the job itself (it raised): re-queue it, or mark it failed after ``max_attempts``.
 

@@ -1,7 +1,8 @@
 """Processing one job: its images through the model pipeline, its findings into result objects.
 
-The worker process (:mod:`dicom_ai.node.worker`) claims jobs and calls :func:`process_job`;
-``dicom-ai infer`` uses the same functions on files. The result UIDs come from the job (fixed
+The worker process (:mod:`dicom_ai.node.worker`) claims jobs and calls :func:`build_job_results`
+(the result objects, durable in the outbox), records the job, then :func:`write_job_previews`;
+:func:`process_job` does both at once, and ``dicom-ai infer`` uses the same functions on files. The result UIDs come from the job (fixed
 when it was created), so a job that is run again after a crash writes byte-for-byte the same
 objects under the same UIDs. An image the pipeline cannot decode or analyse is skipped and
 named in the job's notes; the rest of the study is processed.
@@ -36,7 +37,7 @@ from dicom_ai.node import logs
 from dicom_ai.node.jobstore import Instance, Job
 from dicom_ai.node.sandbox import DecodeFailed, DecodeSandbox
 from dicom_ai.node.storage import fsync_dir, write_durably
-from dicom_ai.results import ResultsBuilder
+from dicom_ai.results import ResultsBuilder, StudyResults
 from dicom_ai.results.sources import load_standard_tables
 
 PipelineFactory = Callable[[Sequence[str], str], object]
@@ -256,9 +257,56 @@ def result_options(config: NodeConfig, revision: int = 0) -> ResultOptions:
                          sc_series_number=base.sc_series_number + step)
 
 
+@dataclass
+class JobResults:
+    """What :func:`build_job_results` made of a job: its outbox entries ``(sop_instance_uid,
+    sop_class_uid, path)``, its notes, and the study's results (None when there is nothing),
+    which :func:`write_job_previews` draws once the job is recorded."""
+
+    entries: list[tuple[str, str, str]]
+    notes: list[str]
+    results: StudyResults | None = None
+
+
 def process_job(job: Job, pipeline, config: NodeConfig,
                 timings: dict[str, float] | None = None) -> tuple[list[tuple[str, str, str]], list[str]]:
-    """Run one job; returns its outbox entries ``(sop_instance_uid, sop_class_uid, path)`` and notes.
+    """Run one job and write its previews; returns its outbox entries ``(sop_instance_uid,
+    sop_class_uid, path)`` and notes.
+
+    :func:`build_job_results`, then :func:`write_job_previews` (its note, if any, added to the
+    notes). The worker calls the two itself, recording the job and queueing its deliveries in
+    between, so the results never wait for a preview.
+    """
+    timings = {} if timings is None else timings
+    built = build_job_results(job, pipeline, config, timings)
+    note = write_job_previews(built, config, job.id, timings)
+    return built.entries, built.notes + ([note] if note else [])
+
+
+def write_job_previews(built: JobResults, config: NodeConfig, job_id: int,
+                       timings: dict[str, float] | None = None) -> str | None:
+    """Write the job's preview PNGs (``pipeline.previews``) into ``<storage>/previews/job-<id>/``;
+    returns a note when they could not be written (None when written, off, or nothing to draw).
+
+    Previews are best effort: a failure is a note, never a failed job. ``timings["previews"]``
+    gets the seconds spent when previews are on.
+    """
+    if not config.pipeline.previews or built.results is None:
+        return None
+    started = time.perf_counter()
+    try:
+        built.results.write_previews(config.layout.previews_for(job_id))
+        note = None
+    except Exception as exc:  # previews are a convenience for IT, never a reason to fail a job
+        note = f"previews not written: {error_text(exc)}"
+    if timings is not None:
+        timings["previews"] = time.perf_counter() - started
+    return note
+
+
+def build_job_results(job: Job, pipeline, config: NodeConfig,
+                      timings: dict[str, float] | None = None) -> JobResults:
+    """Run one job's images through the pipeline and write its result objects into the outbox.
 
     Parameters
     ----------
@@ -274,12 +322,12 @@ def process_job(job: Job, pipeline, config: NodeConfig,
         If given, filled with wall seconds per stage: ``decode`` (reading the spool and
         decoding in the sandbox), ``pipeline`` (all images through the models), each writer
         of :attr:`~dicom_ai.results.build.StudyResults.seconds` (``regions``, ``seg``,
-        ``gsps``, ``sr``, ...), ``outbox`` (durable writes) and ``previews``.
+        ``gsps``, ``sr``, ...) and ``outbox`` (durable writes).
 
     Every result object is durable in ``<storage>/outbox/job-<id>/`` before this returns;
-    previews are best effort (a failure becomes a note, never a failed job). When no image
-    could be read and decoded and every failure is repeatable (:class:`LeftOut`), there is
-    nothing to make and nothing a retry could change: no entries, and the notes say why.
+    the previews are not written (:func:`write_job_previews`). When no image could be read
+    and decoded and every failure is repeatable (:class:`LeftOut`), there is nothing to make
+    and nothing a retry could change: no entries, and the notes say why.
 
     Raises
     ------
@@ -301,7 +349,7 @@ def process_job(job: Job, pipeline, config: NodeConfig,
             if all(item.repeatable for item in left_out):
                 # Another attempt would read the same bytes and fail the same way: the job ends
                 # here, done with nothing to send, its notes naming each image and why.
-                return [], notes
+                return JobResults([], notes)
             raise ImagingError("no image of the study could be read and decoded: " + "; ".join(notes))
         uids = ResultUIDs.from_json(job.result_uids)
         builder = ResultsBuilder(sources, uids, options=result_options(config, job.revision))
@@ -329,11 +377,7 @@ def process_job(job: Job, pipeline, config: NodeConfig,
         entries.append((str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(target)))
     fsync_dir(outbox.parent)
     timings["outbox"] = clock() - started
-    if config.pipeline.previews:
-        started = clock()
-        try:
-            results.write_previews(layout.previews_for(job.id))
-        except Exception as exc:  # previews are a convenience for IT, never a reason to fail a job
-            notes.append(f"previews not written: {error_text(exc)}")
-        timings["previews"] = clock() - started
-    return entries, notes
+    # The objects are on disk: only what the previews draw is kept (the images' sources and
+    # segments), not the encoded objects (a few MB per SEG) while the job is recorded.
+    results.datasets, results.encoded = [], {}
+    return JobResults(entries, notes, results)

@@ -1,10 +1,13 @@
 """The inference worker: a process of its own that turns queued jobs into result objects.
 
-It claims each job from the job store, has :func:`~dicom_ai.node.processing.process_job` run
-the study's spooled instances through the pipeline and write every result object into the
+It claims each job from the job store, has :func:`~dicom_ai.node.processing.build_job_results`
+run the study's spooled instances through the pipeline and write every result object into the
 durable outbox ``<storage>/outbox/job-<id>/`` (temporary file, fsync, rename, directory
 fsync), and then, in one job-store transaction, records the outbox and queues one delivery per
-destination. The worker exits when the node that started it is gone.
+destination. Only then does it draw the preview PNGs (``pipeline.previews``), so the results
+never wait for them; until they are written the job's note says so (:data:`PREVIEWS_PENDING`),
+and a worker stopped before writing them leaves that note. The worker exits when the node that
+started it is gone.
 
 The same job loop runs in the Celery workers of a multi-host site
 (:mod:`dicom_ai.node.dispatch`, ``dicom-ai worker``). Wherever it runs, a worker first checks
@@ -34,13 +37,21 @@ from dicom_ai.node import audit, logs
 from dicom_ai.node.config import NodeConfig
 from dicom_ai.node.engines import open_jobstore
 from dicom_ai.node.jobstore import Job, SqlJobStore, left_out_images
-from dicom_ai.node.processing import destinations_for, load_pipeline, process_job
+from dicom_ai.node.processing import (JobResults, build_job_results, destinations_for, load_pipeline,
+                                      write_job_previews)
 from dicom_ai.node.storage import PRIVATE_UMASK, is_disk_full, is_storage_error, read_storage_id
 
 #: Longest wait between two tries while the storage cannot be written, in seconds. Each try
 #: after a full disk re-runs the job's inference, so the worker also looks at the free space
 #: every second and tries at once when some came back.
 STORAGE_RETRY_MAX_SECONDS = 30.0
+
+#: A finished job's note while its previews are not written yet: they are drawn after the job
+#: is recorded and its deliveries queued. The worker replaces it (by the job's other notes, or
+#: why the previews failed) once they are written; a worker stopped in between leaves it, so
+#: ``status`` and the status page say the previews are missing while the results are complete.
+PREVIEWS_PENDING = ("previews not written yet (they are drawn after the results are queued; if this stays, "
+                    "the worker stopped before drawing them: the results are complete)")
 
 
 class StorageTrouble:
@@ -260,16 +271,16 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble
     started = time.monotonic()
     logs.event("job_started", job_id=job.id, study_instance_uid=job.study_uid, calling_ae=job.calling_ae,
                images=len(job.instances), attempt=job.attempts)
-    entries = None
+    built: JobResults | None = None
     timings = getattr(pipeline, "take_model_seconds", dict)
     stage_timings = getattr(pipeline, "take_stage_seconds", dict)
     timings()  # what an earlier, failed attempt left
     stage_timings()
     stages: dict[str, float] = {}
-    while entries is None:
+    while built is None:
         try:
             stages.clear()
-            entries, notes = process_job(job, pipeline, config, stages)
+            built = build_job_results(job, pipeline, config, stages)
         except Exception as exc:
             if is_storage_error(exc):
                 _remove_partial_outbox(config, job)
@@ -291,10 +302,12 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble
             logs.event("job_failed", level="ERROR", job_id=job.id, study_instance_uid=job.study_uid, state=state,
                        error=error, trace=traceback.format_exc(limit=3)[-800:])
             return
+    entries, notes = built.entries, built.notes
     # A job with no result objects (every image left out for a reason a retry cannot change)
     # has nothing to deliver.
     destinations = destinations_for(config, job.calling_ae) if entries else []
-    note = "; ".join(notes) or None
+    previews = bool(config.pipeline.previews and built.results is not None)
+    note = "; ".join(notes + ([PREVIEWS_PENDING] if previews else [])) or None
     model_seconds = timings()
     stages.update(stage_timings())
     # Where a job's time went, for an engineer asking why results are late (seconds; models
@@ -323,7 +336,33 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble
     if not destinations and entries:
         logs.event("no_destination", level="WARNING", job_id=job.id, calling_ae=job.calling_ae,
                    hint="the caller is not a configured peer and no [[destinations]] are set")
-    _audit_left_out(job, note, state)
+    _audit_left_out(job, "; ".join(notes) or None, state)
+    if previews and state in ("done", "superseded"):  # a stale job's rerun draws them
+        _write_previews(job, built, config, store, trouble, stopping, note)
+
+
+def _write_previews(job: Job, built: JobResults, config: NodeConfig, store: SqlJobStore, trouble: StorageTrouble,
+                    stopping: Callable[[], bool], pending_note: str) -> None:
+    """Draw a recorded job's previews, then replace its note :data:`PREVIEWS_PENDING` by the
+    job's other notes (and why the previews failed, if they did)."""
+    seconds: dict[str, float] = {}
+    failed = write_job_previews(built, config, job.id, seconds)
+    built.results = None  # the sources' pixels and the segments: no longer needed
+    final = "; ".join(built.notes + ([failed] if failed else [])) or None
+    while True:
+        try:
+            store.replace_job_note(job, final, pending_note)
+            break
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            trouble.failed(exc, "record_previews", job_id=job.id)
+            if stopping():
+                return
+    trouble.succeeded()
+    logs.event("previews_written" if failed is None else "previews_failed", level="INFO" if failed is None else
+               "WARNING", job_id=job.id, seconds=round(seconds.get("previews", 0.0), 3),
+               **({"error": failed} if failed else {}))
 
 
 def _audit_left_out(job: Job, note: str | None, state: str) -> None:
