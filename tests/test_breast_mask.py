@@ -15,7 +15,8 @@ import logging
 import numpy as np
 import pytest
 
-from dicom_ai.imaging.mask import MASK_VERSION, breast_mask, breast_mask_report
+from dicom_ai.imaging.mask import MASK_VERSION, _to_grid, breast_mask, breast_mask_report
+from dicom_ai.imaging.resample import resize
 
 ROWS, COLS = 400, 400
 
@@ -145,3 +146,12 @@ def test_pectoral_muscle_stays_in_the_breast():
     pixels[pect] = 0.9
     mask = breast_mask(pixels)
     assert mask[pect & (xx >= 5) & (yy >= 5)].mean() > 0.98  # the 1 % frame is always background
+
+
+@pytest.mark.parametrize("shape,to", [((3328, 2560), (416, 320)), ((333, 257), (41, 33)), ((41, 33), (333, 257)),
+                                      ((512, 400), (3328, 2560)), ((100, 100), (100, 37)), ((7, 5), (13, 3))])
+def test_nearest_grid_by_repeats_equals_the_float_resize(shape, to):
+    """mask._to_grid (rows and columns repeated or skipped) gives the pixels of the float
+    round trip through resize(..., mode="nearest") it replaces, growing and shrinking."""
+    mask = np.random.default_rng(sum(shape) + sum(to)).random(shape) > 0.6
+    np.testing.assert_array_equal(_to_grid(mask, to), resize(mask.astype(np.float32), to, mode="nearest") > 0.5)

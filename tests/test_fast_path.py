@@ -169,10 +169,31 @@ def test_restrict_to_breast_on_the_bounding_box_equals_the_whole_image():
         blobs = np.maximum(blobs, np.clip(1 - ((r - y) ** 2 + (c - x) ** 2) / rad**2, 0, 1))
     output = ModelOutput(maps=[ProbabilityMap("mass", blobs, 0.3, identity),
                                ProbabilityMap("calcification", np.zeros_like(blobs), 0.5, identity)])
+    kept = [m.probability.copy() for m in output.maps]
     fast = restrict_to_breast(output, mammogram)
-    for got, expected in zip(fast.maps, _restrict_full_grid(output, mammogram)):
-        np.testing.assert_array_equal(got.probability, expected)
+    expected = _restrict_full_grid(output, mammogram)
+    for got, want in zip(fast.maps, expected):
+        np.testing.assert_array_equal(got.probability, want)
     assert fast.maps[0].probability.any()
+    for m, before in zip(output.maps, kept):  # the caller's maps are left as they were
+        np.testing.assert_array_equal(m.probability, before)
+    # In place (the pipeline, which owns the model's fresh maps): the same values, in the
+    # maps' own arrays; two maps on one array are not restricted in it (each has its own
+    # threshold, so its own components to remove).
+    shared = ModelOutput(maps=[ProbabilityMap("mass", blobs.astype(np.float32), 0.3, identity),
+                               ProbabilityMap("calcification", np.zeros(blobs.shape, np.float32), 0.5, identity)])
+    arrays = [m.probability for m in shared.maps]
+    inplace = restrict_to_breast(shared, mammogram, in_place=True)
+    for got, array, want in zip(inplace.maps, arrays, expected):
+        assert got.probability is array
+        np.testing.assert_array_equal(got.probability, want)
+    one = blobs.astype(np.float32)
+    twice = ModelOutput(maps=[ProbabilityMap("mass", one, 0.3, identity), ProbabilityMap("mass", one[:], 0.9, identity)])
+    got = restrict_to_breast(twice, mammogram, in_place=True)
+    np.testing.assert_array_equal(one, blobs.astype(np.float32))
+    np.testing.assert_array_equal(got.maps[0].probability, expected[0])
+    np.testing.assert_array_equal(got.maps[1].probability,
+                                  _restrict_full_grid(ModelOutput(maps=[twice.maps[1]]), mammogram)[0])
 
 
 def _components_full_grid(binary, probability, min_px):

@@ -68,6 +68,9 @@ def normalise_intensities(ds: pydicom.Dataset, stored: np.ndarray | None = None)
             # use and looked up, the same bits at a fraction of the cost for a full-field
             # image (millions of pixels, a few thousand grey levels).
             table = _to_unit(np.arange(lo, hi + 1, dtype=arr.dtype).reshape(1, -1), voi, photometric, False)[0]
+            if lo >= 0 and arr.dtype.itemsize <= 2:
+                # Unsigned values index a table from 0 directly: no full-size array of offsets.
+                return np.concatenate([np.zeros(lo, dtype=table.dtype), table])[arr]
             return table[np.subtract(arr, lo, dtype=np.int32)]
     return _to_unit(arr, voi, photometric, linear)
 

@@ -86,7 +86,8 @@ def allowed_region(mammogram: Mammogram) -> np.ndarray:
     return mammogram.breast_mask & ~mammogram.pectoral_mask
 
 
-def restrict_to_breast(output: ModelOutput, mammogram: Mammogram, allowed: np.ndarray | None = None) -> ModelOutput:
+def restrict_to_breast(output: ModelOutput, mammogram: Mammogram, allowed: np.ndarray | None = None,
+                       in_place: bool = False) -> ModelOutput:
     """``output`` with every map set to 0 outside :func:`allowed_region`, and every region of
     a map at its threshold (8-connected, as the writers find them) whose centroid pixel falls
     outside the region removed, so no mark the node sends lies outside the breast.
@@ -94,26 +95,45 @@ def restrict_to_breast(output: ModelOutput, mammogram: Mammogram, allowed: np.nd
     Why both: zeroing keeps every region pixel inside; a crescent along the skin line can
     still have its centroid outside the breast, and the centroid is what a mark "is".
     ``allowed`` is :func:`allowed_region` when the caller has it already (once per image).
+
+    ``in_place``: a map that is float32 and writeable, and shares no memory with another map of
+    ``output``, is restricted in its own array (the pipeline's, which owns the model's fresh
+    output) instead of a full-size copy; the values are the same either way.
     """
     if allowed is None:
         allowed = allowed_region(mammogram)
+    outside_allowed = None
+    arrays = [m.probability for m in output.maps]
     maps = []
-    for m in output.maps:
-        # Zeros, then the map where allowed: the same values as np.where(allowed, map, 0) in
-        # float32, at a fraction of its cost on a full-size map.
-        prob = np.zeros(m.probability.shape, dtype=np.float32)
-        np.copyto(prob, m.probability, casting="same_kind", where=allowed)
+    for i, m in enumerate(output.maps):
+        source = m.probability
+        if (in_place and source.dtype == np.float32 and source.flags.writeable and source.shape == allowed.shape
+                and not any(np.may_share_memory(source, other) for j, other in enumerate(arrays) if j != i)):
+            if outside_allowed is None:
+                outside_allowed = ~allowed
+            prob = source
+            np.copyto(prob, np.float32(0.0), where=outside_allowed)
+        else:
+            # Zeros, then the map where allowed: the same values as np.where(allowed, map, 0) in
+            # float32, at a fraction of its cost on a full-size map.
+            prob = np.zeros(source.shape, dtype=np.float32)
+            np.copyto(prob, source, casting="same_kind", where=allowed)
         binary = prob >= m.threshold
-        if binary.any():
+        rows = binary.any(axis=1)
+        r_idx = np.flatnonzero(rows)
+        if r_idx.size:
             # Components of the set pixels' bounding box only (the maps are mostly empty).
-            r_idx, c_idx = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
-            r0, c0 = int(r_idx[0]), int(c_idx[0])
-            box = (slice(r0, int(r_idx[-1]) + 1), slice(c0, int(c_idx[-1]) + 1))
-            labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(
-                sitk.GetImageFromArray(binary[box].astype(np.uint8)), True))
-            n = int(labels.max())
-            rr, cc = np.nonzero(labels)
+            r0, r1 = int(r_idx[0]), int(r_idx[-1]) + 1
+            c_idx = np.flatnonzero(binary[r0:r1].any(axis=0))
+            c0 = int(c_idx[0])
+            box = (slice(r0, r1), slice(c0, int(c_idx[-1]) + 1))
+            crop = binary[box]
+            labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(crop.astype(np.uint8)), True))
+            # The set pixels of the box are the labelled ones (nonzero of the boolean crop is
+            # the same pixels, in the same raster order, as nonzero of the labels, and cheaper).
+            rr, cc = np.nonzero(crop)
             lab = labels[rr, cc]
+            n = int(lab.max())
             count = np.bincount(lab, minlength=n + 1)
             r_mean = np.bincount(lab, rr + r0, minlength=n + 1) / np.maximum(count, 1)
             c_mean = np.bincount(lab, cc + c0, minlength=n + 1) / np.maximum(count, 1)
@@ -206,7 +226,7 @@ class Pipeline:
                 off = set(getattr(model.identity, "off", ()))
                 output.maps = [m for m in output.maps if m.finding not in off]
                 started = time.perf_counter()
-                output = restrict_to_breast(output, mammogram, allowed)
+                output = restrict_to_breast(output, mammogram, allowed, in_place=True)  # the model's fresh maps
                 stages["restrict"] = stages.get("restrict", 0.0) + time.perf_counter() - started
                 findings.add(output)
             results.append(findings)
