@@ -391,3 +391,26 @@ def test_postgresql_migrates_once_when_node_and_workers_start_together(postgres_
     assert opened[0].schema_version() == SCHEMA_VERSION
     for s in opened:
         s.close()
+
+
+def test_an_idle_worker_looks_for_queued_jobs_without_the_write_lock(tmp_path):
+    """job_waiting is a read: it answers while another connection holds the write lock (the
+    receiving node recording an image), and says whether claim_job would find a job."""
+    import sqlite3
+
+    from dicom_ai.node.jobstore import Instance, JobStore
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    assert not store.job_waiting()
+    store.record_instance(study_uid="1.2.3", calling_ae="PACS", size=1, instance=Instance(
+        "1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.1.2.1", "L", "CC", str(tmp_path / "x.dcm")))
+    assert store.close_ready_studies(0.0, 0.0, lambda uids: "{}", now=1e12)
+    writer = sqlite3.connect(tmp_path / "jobs.sqlite", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        assert store.job_waiting()
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert store.claim_job() is not None
+    assert not store.job_waiting()

@@ -62,6 +62,11 @@ __all__ = ["DeliveryAgent", "DeliveryThread"]
 
 _FIND = StudyRootQueryRetrieveInformationModelFind
 
+#: The longest the delivery thread waits between two looks for due deliveries, in seconds: a
+#: job's results are queued by the worker (another process), so this is how late their sending
+#: may start. A look is one indexed read of the job store.
+DELIVERY_POLL_SECONDS = 0.05
+
 
 def _ok(status: pydicom.Dataset) -> bool:
     """Success or Warning (PS3.4 Annex B: the peer stored the object, perhaps coerced)."""

@@ -459,6 +459,12 @@ class SqlJobStore:
 
     # -- jobs (worker side) ----------------------------------------------------------------
 
+    def job_waiting(self) -> bool:
+        """Whether a job is queued (a read: no write lock, unlike :meth:`claim_job`), so an idle
+        worker can look often without taking the lock the receiving node writes under."""
+        with self._read() as db:
+            return db.execute("SELECT 1 AS queued FROM jobs WHERE state = 'queued' LIMIT 1").fetchone() is not None
+
     def claim_job(self, job_id: int | None = None, worker: str = "") -> Job | None:
         """Take a queued job (``job_id``, or the oldest) and mark it running under a fresh claim token.
 

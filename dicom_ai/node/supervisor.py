@@ -53,7 +53,7 @@ from dicom_ai.core.research import research_notices
 from dicom_ai.core.uids import ResultUIDs
 from dicom_ai.node import audit, certificates, logs, metrics
 from dicom_ai.node.config import NodeConfig
-from dicom_ai.node.delivery import DeliveryAgent, DeliveryThread
+from dicom_ai.node.delivery import DELIVERY_POLL_SECONDS, DeliveryAgent, DeliveryThread
 from dicom_ai.node.dispatch import Dispatcher, DispatchThread
 from dicom_ai.node.engines import open_jobstore
 from dicom_ai.node.http_server import StatusServer
@@ -156,7 +156,7 @@ class Node:
         self.dispatch = DispatchThread(Dispatcher(config, self.store), poll_seconds) if self.distributed else None
         self._storage_bound = False
         self.scp = StorageSCP(config, self.store)
-        self.delivery = DeliveryThread(DeliveryAgent(config, self.store), poll_seconds)
+        self.delivery = DeliveryThread(DeliveryAgent(config, self.store), min(poll_seconds, DELIVERY_POLL_SECONDS))
         self.worker: subprocess.Popen | None = None
         self._worker_restarts: list[float] = []
         self._stopping = threading.Event()

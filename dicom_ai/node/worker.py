@@ -189,7 +189,7 @@ class Heartbeat:
                 lost = True
 
 
-def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float = 0.2) -> None:
+def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float = 0.05) -> None:
     """Claim and run jobs until the parent process is gone (or SIGTERM).
 
     A full disk or a job store that cannot be written (:func:`~dicom_ai.node.storage.is_storage_error`,
@@ -204,7 +204,9 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
     parent_pid
         The node's process id; the worker returns when its parent is no longer this process.
     poll_seconds
-        Wait between job-store polls when no job is queued, in seconds.
+        Wait between job-store polls when no job is queued, in seconds. A poll is a read
+        (:meth:`~dicom_ai.node.jobstore.SqlJobStore.job_waiting`); only a queued job is claimed,
+        under the write lock, so a short wait costs the receiving node nothing while it writes.
     """
     store = open_jobstore(config)
     identity = worker_identity("local")
@@ -245,7 +247,7 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
             logs.event("worker_orphaned", level="WARNING")
             return
         try:
-            job = store.claim_job(worker=identity)
+            job = store.claim_job(worker=identity) if store.job_waiting() else None
         except Exception as exc:
             if not is_storage_error(exc):
                 raise
