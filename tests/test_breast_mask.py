@@ -155,3 +155,30 @@ def test_nearest_grid_by_repeats_equals_the_float_resize(shape, to):
     round trip through resize(..., mode="nearest") it replaces, growing and shrinking."""
     mask = np.random.default_rng(sum(shape) + sum(to)).random(shape) > 0.6
     np.testing.assert_array_equal(_to_grid(mask, to), resize(mask.astype(np.float32), to, mode="nearest") > 0.5)
+
+
+def test_chest_wall_side_reads_each_rows_first_and_last_mask_column():
+    """chest_wall_side's per-row outermost columns (argmax) are those of a row-by-row search."""
+    from dicom_ai.imaging.mask import chest_wall_side
+
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        rows, cols = rng.integers(20, 120, 2)
+        mask = np.zeros((rows, cols), dtype=bool)
+        for r in range(rows):
+            if rng.random() < 0.9:
+                a, b = sorted(rng.integers(0, cols, 2))
+                mask[r, a:b + 1] = True
+        rr = np.nonzero(mask.any(axis=1))[0]
+        if rr.size < 10:
+            continue
+        rr = rr[int(0.1 * rr.size): int(0.9 * rr.size)]
+        first = np.array([np.nonzero(mask[r])[0][0] for r in rr], dtype=float)
+        last = np.array([np.nonzero(mask[r])[0][-1] for r in rr], dtype=float)
+        spread_l = float(np.subtract(*np.percentile(first, [75, 25]))) + 1.0
+        spread_r = float(np.subtract(*np.percentile(last, [75, 25]))) + 1.0
+        confidence = float(1.0 - min(spread_l, spread_r) / max(spread_l, spread_r))
+        side, got = chest_wall_side(mask)
+        assert got == confidence
+        if confidence >= 0.3:
+            assert side == ("left" if spread_l < spread_r else "right")

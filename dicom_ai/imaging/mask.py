@@ -491,8 +491,10 @@ def chest_wall_side(mask: np.ndarray) -> tuple[str, float]:
     if rr.size < 10:
         return "left", 0.0
     rr = rr[int(0.1 * rr.size): int(0.9 * rr.size)]
-    first = np.array([np.nonzero(mask[r])[0][0] for r in rr], dtype=float)
-    last = np.array([np.nonzero(mask[r])[0][-1] for r in rr], dtype=float)
+    # Every row of rr holds a mask pixel: argmax finds its first (and, reversed, its last).
+    rows = mask[rr]
+    first = np.argmax(rows, axis=1).astype(float)
+    last = (mask.shape[1] - 1 - np.argmax(rows[:, ::-1], axis=1)).astype(float)
     spread_l = float(np.subtract(*np.percentile(first, [75, 25]))) + 1.0
     spread_r = float(np.subtract(*np.percentile(last, [75, 25]))) + 1.0
     confidence = float(1.0 - min(spread_l, spread_r) / max(spread_l, spread_r))
