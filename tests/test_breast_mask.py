@@ -182,3 +182,23 @@ def test_chest_wall_side_reads_each_rows_first_and_last_mask_column():
         assert got == confidence
         if confidence >= 0.3:
             assert side == ("left" if spread_l < spread_r else "right")
+
+
+def test_a_mammograms_masks_share_one_working_copy_and_equal_the_functions():
+    """Mammogram makes the masks' shrunk copy once for both masks: the same masks as
+    breast_mask and pectoral_mask make on their own."""
+    from dicom_ai.data.phantom import generate_study
+    from dicom_ai.imaging import read_mammogram
+    from dicom_ai.imaging.mask import pectoral_mask
+
+    study = generate_study(3, shape=(832, 640), normal=False)
+    found = 0
+    for image in study.images:
+        m = read_mammogram(image.dataset)
+        alone = breast_mask(m.pixels)
+        np.testing.assert_array_equal(m.breast_mask, alone)
+        if "MLO" in m.view:
+            expected = pectoral_mask(m.pixels, alone, m.faces_left)
+            np.testing.assert_array_equal(m.pectoral_mask, expected)
+            found += int(expected.any())
+    assert found  # a pectoral muscle was found on an MLO view

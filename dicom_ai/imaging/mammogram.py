@@ -21,7 +21,7 @@ import pydicom
 from dicom_ai.core.errors import ImagingError
 from dicom_ai.core.views import laterality_of, view_of
 from dicom_ai.imaging.intensity import normalise_intensities
-from dicom_ai.imaging.mask import breast_mask, chest_wall_side, pectoral_mask
+from dicom_ai.imaging.mask import breast_mask, chest_wall_side, pectoral_mask, working_copy
 
 __all__ = ["Mammogram", "read_mammogram", "mammogram_from_array", "faces_left_by_content", "orient",
            "OVERRIDE_CONFIDENCE"]
@@ -54,6 +54,14 @@ class Mammogram:
     orientation: str = "caller"
     _breast_mask: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
     _pectoral_mask: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+    _working: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _working_copy(self) -> np.ndarray:
+        """The masks' shrunk copy of the pixels (:func:`~dicom_ai.imaging.mask.working_copy`),
+        made once for both masks (0.5 MB for a full-size view)."""
+        if self._working is None:
+            self._working = working_copy(self.pixels)
+        return self._working
 
     @property
     def breast_mask(self) -> np.ndarray:
@@ -62,7 +70,7 @@ class Mammogram:
         Every model of a study asks for it; computing it once per image is the point.
         """
         if self._breast_mask is None:
-            self._breast_mask = breast_mask(self.pixels)
+            self._breast_mask = breast_mask(self.pixels, working=self._working_copy())
         return self._breast_mask
 
     @property
@@ -71,7 +79,8 @@ class Mammogram:
         and when no muscle is found), a subset of :attr:`breast_mask`; computed once."""
         if self._pectoral_mask is None:
             if "MLO" in self.view or self.view in ("ML", "LM", "LMO", "SIO"):
-                self._pectoral_mask = pectoral_mask(self.pixels, self.breast_mask, self.faces_left)
+                self._pectoral_mask = pectoral_mask(self.pixels, self.breast_mask, self.faces_left,
+                                                    working=self._working_copy())
             else:
                 self._pectoral_mask = np.zeros(self.pixels.shape, dtype=bool)
         return self._pectoral_mask

@@ -67,7 +67,8 @@ import SimpleITK as sitk
 
 from dicom_ai.imaging.resample import resize
 
-__all__ = ["MASK_VERSION", "MaskReport", "breast_mask", "breast_mask_report", "pectoral_mask", "chest_wall_side"]
+__all__ = ["MASK_VERSION", "MaskReport", "breast_mask", "breast_mask_report", "pectoral_mask", "chest_wall_side",
+           "working_copy"]
 
 #: Bump when the mask method changes: caches of model outputs that depend on it are keyed by it.
 MASK_VERSION = 4
@@ -99,6 +100,13 @@ class MaskReport:
     @property
     def ok(self) -> bool:
         return self.method == "breast"
+
+
+def working_copy(pixels: np.ndarray, max_side: int = 512) -> np.ndarray:
+    """``pixels`` shrunk (antialiased) by a whole factor to at most ``max_side`` pixels per
+    side: the grid :func:`breast_mask` and :func:`pectoral_mask` work on. A caller that needs
+    both masks of one image makes it once and hands it to each (``working``)."""
+    return _working_copy(pixels, max_side)[0]
 
 
 def _working_copy(pixels: np.ndarray, max_side: int) -> tuple[np.ndarray, int]:
@@ -366,7 +374,7 @@ def _to_grid(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def breast_mask_report(pixels: np.ndarray, max_side: int = 512) -> MaskReport:
+def breast_mask_report(pixels: np.ndarray, max_side: int = 512, working: np.ndarray | None = None) -> MaskReport:
     """The breast mask of ``pixels`` with its checks and fallback (module docstring).
 
     Parameters
@@ -376,6 +384,8 @@ def breast_mask_report(pixels: np.ndarray, max_side: int = 512) -> MaskReport:
     max_side
         The mask is computed on a copy shrunk to at most this many pixels per side, then
         brought back (nearest neighbour).
+    working
+        That copy (:func:`working_copy` of ``pixels`` at ``max_side``) when the caller has it.
 
     Returns
     -------
@@ -384,7 +394,7 @@ def breast_mask_report(pixels: np.ndarray, max_side: int = 512) -> MaskReport:
         holds nothing but padding.
     """
     rows, cols = pixels.shape
-    small, _ = _working_copy(pixels, max_side)
+    small = working_copy(pixels, max_side) if working is None else working
     s = sitk.GetArrayFromImage(sitk.Median(sitk.GetImageFromArray(small), [1, 1]))
     pad = s <= float(s.min()) + PAD_TOLERANCE
     if (~pad).sum() < 100:
@@ -427,7 +437,7 @@ def breast_mask_report(pixels: np.ndarray, max_side: int = 512) -> MaskReport:
     return MaskReport(mask, method, problems, share)
 
 
-def breast_mask(pixels: np.ndarray, max_side: int = 512) -> np.ndarray:
+def breast_mask(pixels: np.ndarray, max_side: int = 512, working: np.ndarray | None = None) -> np.ndarray:
     """Boolean breast mask (skin line included) on the grid of ``pixels``.
 
     Parameters
@@ -437,6 +447,8 @@ def breast_mask(pixels: np.ndarray, max_side: int = 512) -> np.ndarray:
     max_side
         The mask is computed on a copy shrunk to at most this many pixels per side, then
         brought back (nearest neighbour).
+    working
+        That copy (:func:`working_copy` of ``pixels`` at ``max_side``) when the caller has it.
 
     Returns
     -------
@@ -444,7 +456,7 @@ def breast_mask(pixels: np.ndarray, max_side: int = 512) -> np.ndarray:
         Boolean ``(rows, columns)``; all False when no breast is found. The steps, checks and
         fallbacks are in the module docstring (:func:`breast_mask_report` says which was used).
     """
-    return breast_mask_report(pixels, max_side).mask
+    return breast_mask_report(pixels, max_side, working).mask
 
 
 def _without_markers(small: np.ndarray, breast: np.ndarray, radius: int) -> np.ndarray:
@@ -506,7 +518,8 @@ def chest_wall_side(mask: np.ndarray) -> tuple[str, float]:
     return ("right" if mask[:, half:].sum() > mask[:, :half].sum() else "left"), confidence
 
 
-def pectoral_mask(pixels: np.ndarray, breast: np.ndarray, faces_left: bool, max_side: int = 512) -> np.ndarray:
+def pectoral_mask(pixels: np.ndarray, breast: np.ndarray, faces_left: bool, max_side: int = 512,
+                  working: np.ndarray | None = None) -> np.ndarray:
     """The pectoral muscle of an MLO view: a triangle at the top chest-wall corner.
 
     Method (canonical orientation, chest wall at column 0; Kwok et al. style line estimate):
@@ -528,6 +541,8 @@ def pectoral_mask(pixels: np.ndarray, breast: np.ndarray, faces_left: bool, max_
         True when the nipple points to column 0 (the chest wall is on the right).
     max_side
         Working size, as for :func:`breast_mask`.
+    working
+        :func:`working_copy` of ``pixels`` at ``max_side`` when the caller has it.
 
     Returns
     -------
@@ -535,7 +550,7 @@ def pectoral_mask(pixels: np.ndarray, breast: np.ndarray, faces_left: bool, max_
         Boolean ``(rows, columns)`` on the stored grid, a subset of ``breast``.
     """
     rows, cols = pixels.shape
-    small, _ = _working_copy(pixels, max_side)
+    small = working_copy(pixels, max_side) if working is None else working
     bm = _to_grid(breast, small.shape)  # = resize(breast, small.shape, mode="nearest") > 0.5
     if faces_left:
         small, bm = small[:, ::-1], bm[:, ::-1]
