@@ -61,6 +61,7 @@ from dicom_ai.data.phantom import generate_study  # noqa: E402
 from dicom_ai.data.phantom_folder import write_study  # noqa: E402
 from dicom_ai.networks.pipeline import Pipeline  # noqa: E402
 from dicom_ai.node.config import load_config  # noqa: E402
+from dicom_ai.node import processing  # noqa: E402
 from dicom_ai.node.processing import result_options, run_into_builder  # noqa: E402
 from dicom_ai.results.build import ResultsBuilder  # noqa: E402
 
@@ -184,6 +185,10 @@ def one_job(files: list[Path], maps: dict, out: Path, real: dict | None = None) 
                              StandIn("dunet", ["mass"], by_model["dunet"], False),
                              StandIn("microcalc", ["calcification", "calcification_cluster"], by_model["microcalc"],
                                      False)])
+    # The worker's process settings that its load_pipeline makes (where this code has them).
+    processing.release_freed_memory_promptly()
+    if hasattr(processing, "SITK_THREADS"):
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(processing.SITK_THREADS)
     sources = [pydicom.dcmread(p) for p in files]
     for ds in sources:
         ds.pixel_array  # decoded before the job, as the sandbox hands them over  # noqa: B018

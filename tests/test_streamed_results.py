@@ -139,13 +139,16 @@ def test_the_worker_reads_the_writers_tables_when_it_loads_its_pipeline():
         "from dicom_ai.node.processing import load_pipeline\n"
         "tables = (get_sop_class_iod_map, get_iod_module_map, get_module_attribute_map)\n"
         "before = [t.cache_info().currsize for t in tables]\n"
+        "import SimpleITK as sitk\n"
         "load_pipeline(load_config(None, {'pipeline.factory': 'node_harness:stand_in_pipeline'}))\n"
+        "print(sitk.ProcessObject.GetGlobalDefaultNumberOfThreads())\n"
         "print(before, [t.cache_info().currsize for t in tables])\n")
     here = Path(__file__).resolve().parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "[0, 0, 0] [1, 1, 1]"
+    assert out.stdout.split("\n")[-3] == "1"  # and its ITK filters run on one thread (SITK_THREADS)
 
 
 def test_pipeline_runs_the_models_in_run_order():
