@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 
 import pydicom
 import pytest
@@ -212,13 +213,15 @@ def test_previews_are_drawn_after_the_results_are_queued(tmp_path, monkeypatch):
 
     def drawing(built, config, job_id, timings=None):
         status = store.status()
-        seen.update(job=status["jobs"][0], deliveries=status["deliveries"])
+        seen.update(job=status["jobs"][0], deliveries=status["deliveries"],
+                    heartbeat=any(t.name == f"heartbeat-{job_id}" and t.is_alive() for t in threading.enumerate()))
         return draw(built, config, job_id, timings)
 
     monkeypatch.setattr(worker, "write_job_previews", drawing)
     worker.run_claimed_job(job, StandInPipeline(), cfg, store, worker.StorageTrouble(store, tmp_path, 0), lambda: False)
     assert seen["job"]["state"] == "done" and seen["job"]["results"] == 5
     assert seen["job"]["error"] == worker.PREVIEWS_PENDING
+    assert not seen["heartbeat"]  # the job is no longer running: no lease renewal (no false "claim lost")
     assert [(d["ae_title"], d["state"]) for d in seen["deliveries"]] == [("PACS", "pending")]
     assert len(list((cfg.storage_dir / "previews" / f"job-{job.id}").glob("*.png"))) == 2
     assert store.status()["jobs"][0]["error"] is None

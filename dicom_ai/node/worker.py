@@ -262,14 +262,18 @@ def serve(config: NodeConfig, parent_pid: int | None = None, poll_seconds: float
 
 def run_claimed_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble: StorageTrouble,
                     stopping: Callable[[], bool]) -> None:
-    """Process one claimed job and record its outcome, renewing its lease while it runs."""
+    """Process one claimed job and record its outcome, renewing its lease while it runs; then
+    draw its previews (the job is no longer running then: no lease to renew)."""
     with Heartbeat(store, job, config.workers.lease_seconds / 3):
-        _run_job(job, pipeline, config, store, trouble, stopping)
+        recorded = _run_job(job, pipeline, config, store, trouble, stopping)
+    if recorded is not None:
+        _write_previews(job, *recorded, config, store, trouble, stopping)
 
 
 def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble: StorageTrouble,
-             stopping: Callable[[], bool]) -> None:
-    """Process one claimed job and record its outcome, waiting out storage errors on the way."""
+             stopping: Callable[[], bool]) -> tuple[JobResults, str] | None:
+    """Process one claimed job and record its outcome, waiting out storage errors on the way;
+    returns what the previews need (the results and the note recorded) when they are to be drawn."""
     started = time.monotonic()
     logs.event("job_started", job_id=job.id, study_instance_uid=job.study_uid, calling_ae=job.calling_ae,
                images=len(job.instances), attempt=job.attempts)
@@ -340,11 +344,12 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble
                    hint="the caller is not a configured peer and no [[destinations]] are set")
     _audit_left_out(job, "; ".join(notes) or None, state)
     if previews and state in ("done", "superseded"):  # a stale job's rerun draws them
-        _write_previews(job, built, config, store, trouble, stopping, note)
+        return built, note
+    return None
 
 
-def _write_previews(job: Job, built: JobResults, config: NodeConfig, store: SqlJobStore, trouble: StorageTrouble,
-                    stopping: Callable[[], bool], pending_note: str) -> None:
+def _write_previews(job: Job, built: JobResults, pending_note: str, config: NodeConfig, store: SqlJobStore,
+                    trouble: StorageTrouble, stopping: Callable[[], bool]) -> None:
     """Draw a recorded job's previews, then replace its note :data:`PREVIEWS_PENDING` by the
     job's other notes (and why the previews failed, if they did)."""
     seconds: dict[str, float] = {}
