@@ -120,18 +120,21 @@ def exact(model: MicrocalcModel, d, sample, crop: bool) -> tuple[dict, dict]:
     # The dumped grid's own box and image (for the check against its windows).
     dr0, dc0 = int(d.offset[0]), int(d.offset[1])
     dr1, dc1 = dr0 + int(round(d.shape[0] * px / sr)), dc0 + int(round(d.shape[1] * px / sc))
-    if (round((dr1 - dr0) * sr / px), round((dc1 - dc0) * sc / px)) != tuple(d.shape):
+    image, work_mask, (r0, r1, c0, c1) = model.working_grid(mg, mask)
+    # A dump made with today's mask (microcalc_dump --hybrids-mask-v3, or any image whose box
+    # did not move) is on the node's grid whatever the pixel ratio: same box, same shape.
+    same_box = (r0, c0) == (dr0, dc0) and tuple(image.shape) == tuple(d.shape)
+    if not same_box and (round((dr1 - dr0) * sr / px), round((dc1 - dc0) * sc / px)) != tuple(d.shape):
         raise SystemExit(f"{d.key}: cannot recover the dumped box from its grid")
-    dump_image = resize(mg.pixels[dr0:dr1, dc0:dc1], d.shape)
+    dump_image = image if same_box else resize(mg.pixels[dr0:dr1, dc0:dc1], d.shape)
     win = d.image
     fin = np.isfinite(win)
     info["window_max_abs_diff"] = float(np.abs(win[fin] - dump_image[fin]).max()) if fin.any() else 0.0
     info["window_pixels"] = int(fin.sum())
-    image, work_mask, (r0, r1, c0, c1) = model.working_grid(mg, mask)
     fr, fc = sr / px, sc / px
     cr, cc = (r0 - dr0) * fr, (c0 - dc0) * fc
-    if (abs(fr - round(fr)) < 1e-9 and abs(fc - round(fc)) < 1e-9 and cr >= 0 and cc >= 0
-            and cr + image.shape[0] <= d.shape[0] and cc + image.shape[1] <= d.shape[1]):
+    if same_box or (abs(fr - round(fr)) < 1e-9 and abs(fc - round(fc)) < 1e-9 and cr >= 0 and cc >= 0
+                    and cr + image.shape[0] <= d.shape[0] and cc + image.shape[1] <= d.shape[1]):
         cr, cc = int(round(cr)), int(round(cc))
         prob = np.where(work_mask, d.prob[cr:cr + image.shape[0], cc:cc + image.shape[1]], 0.0).astype(np.float32)
         offset = (r0, c0)
