@@ -188,14 +188,18 @@ def output_from_dump(model: MicrocalcModel, path: Path, mammogram: Mammogram) ->
         shape = image.shape
         fr, fc = sr / px, sc / px
         dr, dc = (r0 - d.offset[0]) * fr, (c0 - d.offset[1]) * fc
-        if (abs(fr - round(fr)) > 1e-9 or abs(fc - round(fc)) > 1e-9 or dr < 0 or dc < 0
-                or dr + shape[0] > d.shape[0] or dc + shape[1] > d.shape[1]):
+        # A dump made on today's breast box is the node's grid at any pixel ratio (e.g. 0.07 mm
+        # from mini-MIAS's 0.2 mm): same box, same shape.
+        same_box = (r0, c0) == (int(d.offset[0]), int(d.offset[1])) and tuple(shape) == tuple(d.shape)
+        if not same_box and (abs(fr - round(fr)) > 1e-9 or abs(fc - round(fc)) > 1e-9 or dr < 0 or dc < 0
+                             or dr + shape[0] > d.shape[0] or dc + shape[1] > d.shape[1]):
             raise ModelError(f"{path.name}: the breast box {r0}:{r1}, {c0}:{c1} is not a whole-pixel part of the "
                              "dumped working grid")
         dr, dc = int(round(dr)), int(round(dc))
         dumped_rows, dumped_cols = d.shape[0] / fr, d.shape[1] / fc
-        info["box_shift_px"] = [r0 - int(d.offset[0]), int(round(d.offset[0] + dumped_rows)) - r1,
-                                c0 - int(d.offset[1]), int(round(d.offset[1] + dumped_cols)) - c1]
+        info["box_shift_px"] = [0, 0, 0, 0] if same_box else [
+            r0 - int(d.offset[0]), int(round(d.offset[0] + dumped_rows)) - r1,
+            c0 - int(d.offset[1]), int(round(d.offset[1] + dumped_cols)) - c1]
         prob = np.where(work_mask, d.prob[dr:dr + shape[0], dc:dc + shape[1]], 0.0).astype(np.float32)
         prob_src[r0:r1, c0:c1] = resize(prob, (r1 - r0, c1 - c0), mode="nearest")
         clusters = model._clusters(prob, (sr, sc), (r0, c0), image)
