@@ -38,7 +38,7 @@ study = generate_study(1010, shape=(3328, 2560), normal=False)
 mgs = [read_mammogram(im.dataset) for im in study.images]
 for mg in mgs:
     mg.breast_mask
-model = model_from_bundle(load_bundle("microcalc", operating_point=sys.argv[1]), "cpu")
+model = model_from_bundle(load_bundle(sys.argv[2], operating_point=sys.argv[1]), "cpu")
 digest, seconds = hashlib.sha256(), []
 for mg in mgs:
     t = time.perf_counter()
@@ -50,9 +50,9 @@ print(json.dumps({"seconds": seconds, "sha256": digest.hexdigest()}))
 """
 
 
-def run(tree: Path, point: str) -> dict:
+def run(tree: Path, point: str, bundle: str = "microcalc") -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree))
-    out = subprocess.run([sys.executable, "-c", CHILD, point], cwd=tree, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, point, bundle], cwd=tree, env=env, capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--operating-point", default="phantom")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "microcalc_speed.json")
+    parser.add_argument("--after-bundle", default="microcalc",
+                        help="the microcalc bundle this tree runs (a folder; default: its own models/microcalc), "
+                             "e.g. a candidate beside --before's shipped bundle")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     rounds = []
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             order = [("before", before), ("after", REPO)] if r % 2 == 0 else [("after", REPO), ("before", before)]
             row = {"round": r, "first": order[0][0], "loadavg_1min": round(os.getloadavg()[0], 2)}
             for label, tree in order:
-                res = run(tree, args.operating_point)
+                res = run(tree, args.operating_point, args.after_bundle if label == "after" else "microcalc")
                 row[f"{label}_s"] = round(sum(res["seconds"]), 2)
                 row[f"{label}_per_view_s"] = [round(x, 2) for x in res["seconds"]]
                 row[f"{label}_sha256"] = res["sha256"]
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {r} (first {row['first']}, load {row['loadavg_1min']}): before {row['before_s']} s, "
                   f"after {row['after_s']} s, ratio {row['after_over_before']}, same maps {row['same_maps']}", flush=True)
     result = {"benchmark": "microcalc_speed", "before": args.before, "operating_point": args.operating_point,
+              "after_bundle": args.after_bundle,
               "study": {"seed": 1010, "shape": [3328, 2560], "views": 4}, "rounds": rounds,
               "median_after_over_before": statistics.median(r["after_over_before"] for r in rounds),
               "all_same_maps": all(r["same_maps"] for r in rounds),

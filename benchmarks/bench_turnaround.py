@@ -382,7 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--microcalc-bundle", type=Path, default=None,
                         help="run both trees with this microcalc bundle in models/microcalc (copies; e.g. the "
                              "unshipped 0.2.0 bundle); 'phantom' is added as its operating point if it has none")
+    parser.add_argument("--after-microcalc-bundle", type=Path, default=None,
+                        help="run the 'after' tree only with this microcalc bundle in models/microcalc (a copy): "
+                             "today's bundle (--before REV's own) beside a candidate in the same run")
     args = parser.parse_args(argv)
+    if args.microcalc_bundle is not None and args.after_microcalc_bundle is not None:
+        parser.error("give --microcalc-bundle (both trees) or --after-microcalc-bundle (the after tree), not both")
 
     import torch
 
@@ -398,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             if code is not None:
                 with_microcalc_bundle(code, args.microcalc_bundle)
             after_code = with_microcalc_bundle(REPO, args.microcalc_bundle, tmp / "after-code")
+        elif args.after_microcalc_bundle is not None:
+            after_code = with_microcalc_bundle(REPO, args.after_microcalc_bundle, tmp / "after-code")
         for op in args.operating_points.split(","):
             key = op or "default"
             if code is not None:
@@ -425,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "device": args.device},
         "precision_after": args.precision or "config default (fp32)",
         "grace_seconds": args.grace,
-        "microcalc_bundle": str(args.microcalc_bundle) if args.microcalc_bundle else "models/microcalc (each tree's own)",
+        "microcalc_bundle": str(args.microcalc_bundle) if args.microcalc_bundle else
+        f"before: its own models/microcalc; after: {args.after_microcalc_bundle}" if args.after_microcalc_bundle else
+        "models/microcalc (each tree's own)",
         "runs": runs,
         "speed_up_before_over_after": speed_up,
         "marks_before_vs_after": marks,

@@ -17,6 +17,7 @@ import numpy as np
 
 from dicom_ai.networks.microcalc_clusters import WINDOW, ClusterConfig, candidate_clusters
 
+#: Working pixel of the dumps of 0.05 mm bundles (a dump's own is :attr:`Dumped.spacing_mm`).
 SPACING = 0.05
 
 
@@ -40,6 +41,13 @@ class Dumped:
     source_spacing: tuple
     img_idx: np.ndarray | None = None  # exact working image (benchmarks/microcalc_exact.py), sparse
     img_val: np.ndarray | None = None
+
+    @property
+    def spacing_mm(self) -> float:
+        """Working pixel size of the dumped bundle, mm (``scale`` is working -> source pixels)."""
+        if self.shape == (0, 0):
+            return SPACING
+        return round(float(self.scale[0]) * float(self.source_spacing[0]), 6)
 
     @property
     def prob(self) -> np.ndarray:
@@ -96,7 +104,7 @@ def hit(d: Dumped, centroid_work: tuple[float, float]) -> int:
 
 def candidates(d: Dumped, config: ClusterConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features (n, F), scores (n,), lesion index hit or -1 (n,)) of one image's candidate clusters."""
-    found = candidate_clusters(d.prob, d.image, SPACING, config)  # dense maps built for this call only
+    found = candidate_clusters(d.prob, d.image, d.spacing_mm, config)  # dense maps built for this call only
     if not found:
         return np.zeros((0, 10)), np.zeros(0), np.zeros(0, int)
     feats = np.stack([f for _, f, _ in found])

@@ -29,9 +29,12 @@ training-fold / held-out-fold backgrounds, insertion seed 0 / 777, native and de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_microcalc_real import _coarse, _mias_order  # noqa: E402
 from microcalc_candidates import load  # noqa: E402
 
+import dicom_ai.imaging.mammogram as mammogram_module  # noqa: E402
 from dicom_ai.data.datasets import MIASDataset, open_dataset, patient_folds  # noqa: E402
 from dicom_ai.data.evaluate import ModelMarks, _output_prediction, lesions_of  # noqa: E402
 from dicom_ai.imaging.mask import MASK_VERSION  # noqa: E402
@@ -53,6 +57,50 @@ from dicom_ai.networks.microcalc import MicrocalcModel, fill_polygon  # noqa: E4
 from dicom_ai.networks.microcalc_clusters import WINDOW, components  # noqa: E402
 
 FLOOR = 0.2
+#: The commit whose breast mask (MASK_VERSION 3) the dumps' hybrids were made with: the
+#: insertion places lesions inside the breast mask (and off the pectoral muscle), so the
+#: hybrids regenerate as dumped only under that mask.
+MASK_V3_COMMIT = "ce24432"
+
+
+def _mask_v3() -> types.ModuleType:
+    """dicom_ai/imaging/mask.py as of :data:`MASK_V3_COMMIT` (this repository's own history)."""
+    repo = Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "-C", str(repo), "show", f"{MASK_V3_COMMIT}:dicom_ai/imaging/mask.py"],
+                         capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType("mask_v3")
+    exec(compile(src, f"{MASK_V3_COMMIT}:dicom_ai/imaging/mask.py", "exec"), module.__dict__)
+    if module.MASK_VERSION != 3:
+        raise SystemExit(f"{MASK_V3_COMMIT}: mask.py is version {module.MASK_VERSION}, not 3")
+    return module
+
+
+@contextlib.contextmanager
+def masks_of(module: types.ModuleType):
+    """Mammograms made inside compute their breast and pectoral masks with ``module``'s functions."""
+    saved = mammogram_module.breast_mask, mammogram_module.pectoral_mask
+    mammogram_module.breast_mask, mammogram_module.pectoral_mask = module.breast_mask, module.pectoral_mask
+    try:
+        yield
+    finally:
+        mammogram_module.breast_mask, mammogram_module.pectoral_mask = saved
+
+
+def _as_dumped(thunk, v3: types.ModuleType):
+    """``thunk`` (a hybrid sample) made under breast mask v3 (where the insertion placed the
+    reference dumps' lesions), its masks then computed afresh with today's functions (the
+    node's), as microcalc_exact.regenerate makes it; ``with_coarse=True`` also gives the 0.2 mm
+    version (made under v3 as well)."""
+    def made(with_coarse: bool = False):
+        with masks_of(v3):
+            sample = thunk()
+            coarse = _coarse(sample) if with_coarse else None
+        for s in (sample, coarse):
+            if s is not None:
+                s.image._breast_mask = None
+                s.image._pectoral_mask = None
+        return (sample, coarse) if with_coarse else sample
+    return made
 
 
 def dump(model: MicrocalcModel, sample, path: Path, group: str, crop: list | None = None) -> float:
@@ -140,14 +188,18 @@ def output_from_dump(model: MicrocalcModel, path: Path, mammogram: Mammogram) ->
         shape = image.shape
         fr, fc = sr / px, sc / px
         dr, dc = (r0 - d.offset[0]) * fr, (c0 - d.offset[1]) * fc
-        if (abs(fr - round(fr)) > 1e-9 or abs(fc - round(fc)) > 1e-9 or dr < 0 or dc < 0
-                or dr + shape[0] > d.shape[0] or dc + shape[1] > d.shape[1]):
+        # A dump made on today's breast box is the node's grid at any pixel ratio (e.g. 0.07 mm
+        # from mini-MIAS's 0.2 mm): same box, same shape.
+        same_box = (r0, c0) == (int(d.offset[0]), int(d.offset[1])) and tuple(shape) == tuple(d.shape)
+        if not same_box and (abs(fr - round(fr)) > 1e-9 or abs(fc - round(fc)) > 1e-9 or dr < 0 or dc < 0
+                             or dr + shape[0] > d.shape[0] or dc + shape[1] > d.shape[1]):
             raise ModelError(f"{path.name}: the breast box {r0}:{r1}, {c0}:{c1} is not a whole-pixel part of the "
                              "dumped working grid")
         dr, dc = int(round(dr)), int(round(dc))
         dumped_rows, dumped_cols = d.shape[0] / fr, d.shape[1] / fc
-        info["box_shift_px"] = [r0 - int(d.offset[0]), int(round(d.offset[0] + dumped_rows)) - r1,
-                                c0 - int(d.offset[1]), int(round(d.offset[1] + dumped_cols)) - c1]
+        info["box_shift_px"] = [0, 0, 0, 0] if same_box else [
+            r0 - int(d.offset[0]), int(round(d.offset[0] + dumped_rows)) - r1,
+            c0 - int(d.offset[1]), int(round(d.offset[1] + dumped_cols)) - c1]
         prob = np.where(work_mask, d.prob[dr:dr + shape[0], dc:dc + shape[1]], 0.0).astype(np.float32)
         prob_src[r0:r1, c0:c1] = resize(prob, (r1 - r0, c1 - c0), mode="nearest")
         clusters = model._clusters(prob, (sr, sc), (r0, c0), image)
@@ -269,6 +321,10 @@ def main(argv=None) -> int:
     p.add_argument("--pos-copies", type=int, default=8)
     p.add_argument("--shard", default="0/1")
     p.add_argument("--reverse", action="store_true", help="last image first (a second job on the same sets)")
+    p.add_argument("--hybrids-mask-v3", action="store_true",
+                   help="make the hybrids as the reference dumps (/work/data/microcalc-real/dump) made them: lesions "
+                        "placed under breast mask v3, then today's breast mask (the node's), so another bundle's "
+                        "dump holds the same images (paired comparison)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     if args.check_node:
@@ -281,13 +337,15 @@ def main(argv=None) -> int:
     todo = [it for name in args.set for it in items(name, args)][k::n]
     if args.reverse:
         todo = todo[::-1]
+    v3 = _mask_v3() if args.hybrids_mask_v3 else None
     for key, group, thunk in todo:
         path = args.out / f"{key}.npz"
+        if v3 is not None and key.startswith(("hyb-", "pos-")):
+            thunk = _as_dumped(thunk, v3)
         if key.startswith("pos-"):
             if (args.out / f"{key}-0.2mm.npz").is_file():
                 continue
-            sample = thunk()
-            coarse = _coarse(sample)
+            sample, coarse = thunk(with_coarse=True) if v3 is not None else (lambda s: (s, _coarse(s)))(thunk())
             for variant, smp in (("native", sample), ("0.2mm", coarse)):
                 seconds = dump(model, smp, args.out / f"{key}-{variant}.npz", f"{group}-{variant}", crop=crops(smp))
                 print(f"{key}-{variant} {group} {seconds:.1f} s", flush=True)

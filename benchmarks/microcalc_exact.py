@@ -33,9 +33,7 @@ those of the full working image (features equal to 1e-9) at component thresholds
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import subprocess
 import sys
 import time
 import types
@@ -47,9 +45,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_microcalc_real import _coarse  # noqa: E402
 from microcalc_candidates import candidates, load  # noqa: E402
-from microcalc_dump import crops, items, output_from_dump  # noqa: E402
+from microcalc_dump import MASK_V3_COMMIT, _mask_v3, crops, items, masks_of, output_from_dump  # noqa: E402, F401
 
-import dicom_ai.imaging.mammogram as mammogram_module  # noqa: E402
 from dicom_ai.data.datasets import MIASDataset  # noqa: E402
 from dicom_ai.imaging import resize  # noqa: E402
 from dicom_ai.imaging.mask import MASK_VERSION  # noqa: E402
@@ -62,35 +59,8 @@ from dicom_ai.networks.microcalc_clusters import WINDOW, ClusterConfig, candidat
 #: off its own pixels (a curved component), with margin.
 MARGIN = WINDOW // 2 + 30
 FLOOR = 0.2
-#: The commit whose breast mask (MASK_VERSION 3) the dumps' hybrids were made with: the
-#: insertion places lesions inside the breast mask (and off the pectoral muscle), so the
-#: hybrids regenerate as dumped only under that mask.
-MASK_V3_COMMIT = "ce24432"
 CHECK = (ClusterConfig(threshold=0.5, min_diameter_mm=0.1, max_diameter_mm=1.0, min_count=3),
          ClusterConfig(threshold=0.6, min_diameter_mm=0.1, max_diameter_mm=1.0, min_count=3))
-
-
-def _mask_v3() -> types.ModuleType:
-    """dicom_ai/imaging/mask.py as of :data:`MASK_V3_COMMIT` (this repository's own history)."""
-    repo = Path(__file__).resolve().parent.parent
-    src = subprocess.run(["git", "-C", str(repo), "show", f"{MASK_V3_COMMIT}:dicom_ai/imaging/mask.py"],
-                         capture_output=True, text=True, check=True).stdout
-    module = types.ModuleType("mask_v3")
-    exec(compile(src, f"{MASK_V3_COMMIT}:dicom_ai/imaging/mask.py", "exec"), module.__dict__)
-    if module.MASK_VERSION != 3:
-        raise SystemExit(f"{MASK_V3_COMMIT}: mask.py is version {module.MASK_VERSION}, not 3")
-    return module
-
-
-@contextlib.contextmanager
-def masks_of(module: types.ModuleType):
-    """Mammograms made inside compute their breast and pectoral masks with ``module``'s functions."""
-    saved = mammogram_module.breast_mask, mammogram_module.pectoral_mask
-    mammogram_module.breast_mask, mammogram_module.pectoral_mask = module.breast_mask, module.pectoral_mask
-    try:
-        yield
-    finally:
-        mammogram_module.breast_mask, mammogram_module.pectoral_mask = saved
 
 
 def regenerate(thunk, variant: str | None, v3: types.ModuleType, hybrid: bool):
@@ -150,18 +120,21 @@ def exact(model: MicrocalcModel, d, sample, crop: bool) -> tuple[dict, dict]:
     # The dumped grid's own box and image (for the check against its windows).
     dr0, dc0 = int(d.offset[0]), int(d.offset[1])
     dr1, dc1 = dr0 + int(round(d.shape[0] * px / sr)), dc0 + int(round(d.shape[1] * px / sc))
-    if (round((dr1 - dr0) * sr / px), round((dc1 - dc0) * sc / px)) != tuple(d.shape):
+    image, work_mask, (r0, r1, c0, c1) = model.working_grid(mg, mask)
+    # A dump made with today's mask (microcalc_dump --hybrids-mask-v3, or any image whose box
+    # did not move) is on the node's grid whatever the pixel ratio: same box, same shape.
+    same_box = (r0, c0) == (dr0, dc0) and tuple(image.shape) == tuple(d.shape)
+    if not same_box and (round((dr1 - dr0) * sr / px), round((dc1 - dc0) * sc / px)) != tuple(d.shape):
         raise SystemExit(f"{d.key}: cannot recover the dumped box from its grid")
-    dump_image = resize(mg.pixels[dr0:dr1, dc0:dc1], d.shape)
+    dump_image = image if same_box else resize(mg.pixels[dr0:dr1, dc0:dc1], d.shape)
     win = d.image
     fin = np.isfinite(win)
     info["window_max_abs_diff"] = float(np.abs(win[fin] - dump_image[fin]).max()) if fin.any() else 0.0
     info["window_pixels"] = int(fin.sum())
-    image, work_mask, (r0, r1, c0, c1) = model.working_grid(mg, mask)
     fr, fc = sr / px, sc / px
     cr, cc = (r0 - dr0) * fr, (c0 - dc0) * fc
-    if (abs(fr - round(fr)) < 1e-9 and abs(fc - round(fc)) < 1e-9 and cr >= 0 and cc >= 0
-            and cr + image.shape[0] <= d.shape[0] and cc + image.shape[1] <= d.shape[1]):
+    if same_box or (abs(fr - round(fr)) < 1e-9 and abs(fc - round(fc)) < 1e-9 and cr >= 0 and cc >= 0
+                    and cr + image.shape[0] <= d.shape[0] and cc + image.shape[1] <= d.shape[1]):
         cr, cc = int(round(cr)), int(round(cc))
         prob = np.where(work_mask, d.prob[cr:cr + image.shape[0], cc:cc + image.shape[1]], 0.0).astype(np.float32)
         offset = (r0, c0)

@@ -9,16 +9,18 @@ import torch
 from PIL import Image
 
 from dicom_ai.cli import main as cli_main
-from dicom_ai.cli.train import _dataset_spec
+from dicom_ai.cli.train import _dataset_spec, microcalc_config
 from dicom_ai.data.insertion import gaussian_blur
 from dicom_ai.data.phantom import power_law_field
 from dicom_ai.data.sample import MASK_KEYS, Sample
 from dicom_ai.imaging import mammogram_from_array
 from dicom_ai.networks.bundle import load_bundle
 from dicom_ai.networks.microcalc import MicrocalcConfig, MicrocalcModel
+from dicom_ai.networks.microcalc_clusters import WINDOW, contrast_window
 from dicom_ai.training.checkpoint import RunState
-from dicom_ai.training.microcalc import (Degradation, IntensityAugmentation, PatchSet, dataset_patches,
-                                         degrade_resolution, extract_patches, intensity_augment, train_cascade)
+from dicom_ai.training.microcalc import (STRATUM_BOUNDS, Degradation, IntensityAugmentation, PatchSet,
+                                         dataset_patches, degrade_resolution, extract_patches, intensity_augment,
+                                         stratum_limits, train_cascade, working_grid_of)
 
 
 def _speckled(rng, shape=(160, 160), n_dots=10):
@@ -179,3 +181,57 @@ def test_cli_trains_on_a_hybrid_folder_and_resumes(tmp_path, capsys):
     # A finished run resumed trains nothing more and writes the same weights.
     assert cli_main(argv + ["--resume", "--out", str(tmp_path / "b2")]) == 0
     assert load_bundle(tmp_path / "b2").manifest["weights_sha256"] == m["weights_sha256"]
+
+
+def test_working_pixel_size_keeps_the_millimetre_sizes():
+    # 0.05 mm is today's recipe, unchanged; 0.1 mm keeps the same distances in mm.
+    assert stratum_limits(0.05) == {k: STRATUM_BOUNDS[k][1] for k in ("edge", "near", "periphery")}
+    assert stratum_limits(0.1) == {"edge": 1, "near": 4, "periphery": 12}
+    assert contrast_window(0.05) == WINDOW == 41 and contrast_window(0.1) == 21
+    assert microcalc_config(49, "valid", 0.05) == MicrocalcConfig()
+    cfg = microcalc_config(29, "valid", 0.1)
+    assert (cfg.pixel_spacing_mm, cfg.min_calcification_px, cfg.patch_size, cfg.near) == (0.1, 1, 29, 4)
+    assert cfg.cluster_margin_mm == MicrocalcConfig().cluster_margin_mm  # already in mm
+
+
+def test_coarser_working_grid_keeps_small_specks_and_its_own_cache(tmp_path):
+    # Specks of 2 x 2 source pixels at 0.05 mm: a 0.1 mm working grid keeps every one of them.
+    image = np.full((200, 160), 0.4, np.float32)
+    mc = np.zeros(image.shape, bool)
+    for r, c in [(41, 41), (60, 91), (101, 60), (150, 121), (121, 31)]:
+        mc[r:r + 2, c:c + 2] = True
+    image[mc] = 0.8
+    mg = mammogram_from_array(image, "L", "CC", (0.05, 0.05))
+    masks = {key: np.zeros(image.shape, bool) for key in MASK_KEYS}
+    masks["calcification_malignant"] = mc
+    breast = np.ones(image.shape, bool)
+    img_w, mc_w, _ = working_grid_of(mg, masks, breast, 0.1)
+    assert img_w.shape == (100, 80)
+    for r, c in [(41, 41), (60, 91), (101, 60), (150, 121), (121, 31)]:
+        assert mc_w[max(r // 2 - 1, 0):r // 2 + 2, max(c // 2 - 1, 0):c // 2 + 2].any()
+    # Same source at 0.05 mm: unchanged nearest-neighbour mask.
+    np.testing.assert_array_equal(working_grid_of(mg, masks, breast, 0.05)[1], mc)
+    data = _FakeData()
+    fine = dataset_patches(data, "fake", [0], tmp_path, "t1", progress=False)
+    coarse = dataset_patches(data, "fake", [0], tmp_path, "t1", progress=False, spacing_mm=0.1)
+    assert len(list(tmp_path.iterdir())) == 2 and coarse.masks[:, 24, 24].any()
+    assert coarse.masks.sum() < fine.masks.sum()  # the same specks cover fewer 0.1 mm pixels
+
+
+def test_cli_pixel_size_flows_into_the_bundle_and_guards_degradation(tmp_path, capsys):
+    _write_pngs(tmp_path / "site-a")
+    base = ["train", "microcalc", "--dataset", f"hybrid:real-png-normals={tmp_path / 'site-a'}", "--folds", "0,1,2,3",
+            "--copies", "1", "--patch-size", "29", "--steps", "2", "--hard-steps", "0", "--block", "2", "--batch", "8",
+            "--no-progress", "--cache", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run"),
+            "--out", str(tmp_path / "b"), "--pixel-size", "0.1"]
+    with pytest.raises(SystemExit, match="at least the working pixel size"):
+        cli_main(base + ["--degrade-share", "0.5", "--degrade-mm", "0.07", "0.2"])
+    with pytest.raises(SystemExit, match="phantom patches"):
+        cli_main(["train", "microcalc", "--pixel-size", "0.1", "--steps", "1", "--no-progress",
+                  "--out", str(tmp_path / "p")])
+    assert cli_main(base + ["--degrade-share", "0.5", "--degrade-mm", "0.1", "0.2"]) == 0
+    m = load_bundle(tmp_path / "b").manifest
+    assert m["architecture"]["pixel_spacing_mm"] == 0.1 and m["input"]["pixel_spacing_mm"] == 0.1
+    assert m["architecture"]["min_calcification_px"] == 1 and "--pixel-size 0.1" in m["training"]["command"]
+    assert "to 0.1 mm" in m["input"]["resampling"]
+    assert MicrocalcModel.from_bundle(load_bundle(tmp_path / "b"), "cpu").config.pixel_spacing_mm == 0.1

@@ -896,7 +896,11 @@ def _register_microcalc(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--degrade-share", type=float, default=0.0,
                    help="share of the data-set images degraded to a coarser pixel size and back (0: none)")
     p.add_argument("--degrade-mm", type=float, nargs=2, default=(0.1, 0.2), metavar=("MIN", "MAX"),
-                   help="range of the coarse pixel size, mm (default 0.1 0.2)")
+                   help="range of the coarse pixel size, mm (default 0.1 0.2; at least --pixel-size)")
+    p.add_argument("--pixel-size", type=float, default=0.05,
+                   help="working pixel size of both networks, mm (default 0.05); sizes that are millimetres "
+                        "(patch-centre strata, smallest calcification, insertion) follow it, --patch-size stays "
+                        "in working pixels")
     p.add_argument("--intensity-aug", action="store_true",
                    help="random gamma, contrast, brightness and noise per training patch")
     p.add_argument("--mine-images", type=int, default=12,
@@ -928,6 +932,22 @@ def _register_microcalc(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_microcalc)
 
 
+def microcalc_config(patch_size: int, padding: str, pixel_mm: float):
+    """The network config of ``dicom-ai train microcalc`` at a working pixel of ``pixel_mm`` mm.
+
+    ``patch_size`` stays in working pixels (the architecture); the smallest calcification of the
+    map without a cluster stage (``min_calcification_px``, 3 px = 0.0075 mm^2 at 0.05 mm) is an
+    area, so it scales with the pixel area (1 px at 0.1 mm). Cluster margin and link are already
+    in mm; the Detector's stride (4) is the networks' own pooling, not a size.
+    """
+    from dicom_ai.networks.microcalc import MicrocalcConfig
+
+    base = MicrocalcConfig()
+    min_px = max(1, int(round(base.min_calcification_px * (base.pixel_spacing_mm / pixel_mm) ** 2)))
+    return MicrocalcConfig(patch_size=patch_size, padding=padding, pixel_spacing_mm=pixel_mm,
+                           min_calcification_px=min_px)
+
+
 def _microcalc_sources(args: argparse.Namespace, degradation):
     """(training patches, held-out patches, source summaries, mining views factory) of every --dataset."""
     import numpy as np
@@ -940,6 +960,9 @@ def _microcalc_sources(args: argparse.Namespace, degradation):
     train_folds = set(args.folds) if args.folds is not None else None
     for name, root in args.dataset:
         if name == "phantom" and root is None:
+            if args.pixel_size != 0.05:
+                raise SystemExit(f"--pixel-size {args.pixel_size:g}: phantom patches are cut on the 0.05 mm grid only; "
+                                 "train on a --dataset (e.g. hybrid:cbis-ddsm-cases) at other pixel sizes")
             seeds = recipe.select_seeds(seed_list(args.train_seeds), args.cluster_studies, args.normal_studies)
             print(f"training studies (phantom seeds): {seeds}", file=sys.stderr)
             train_sets.append(recipe.load_patches(seeds, args.cache, progress=not args.no_progress))
@@ -964,10 +987,10 @@ def _microcalc_sources(args: argparse.Namespace, degradation):
         val_idx = [i for i in range(len(ds)) if train_folds is not None and folds[i] not in train_folds]
         tag = recipe.data_tag(name, options)
         train_sets.append(recipe.dataset_patches(ds, name, train_idx, args.cache, tag, degradation, args.seed,
-                                                 progress=not args.no_progress))
+                                                 progress=not args.no_progress, spacing_mm=args.pixel_size))
         if val_idx:
             val_sets.append(recipe.dataset_patches(ds, name, val_idx, args.cache, tag, degradation, args.seed + 1,
-                                                   progress=not args.no_progress))
+                                                   progress=not args.no_progress, spacing_mm=args.pixel_size))
         pick = np.unique(np.linspace(0, len(train_idx) - 1, min(args.mine_images, len(train_idx))).round().astype(int))
         mining.append((ds, [train_idx[j] for j in pick]))
         # Planned insertions, not labels: a CBIS background is labelled by its own (unlocated) mass.
@@ -997,7 +1020,10 @@ def _microcalc(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     args.dataset = args.dataset or [("phantom", None)]
-    config = MicrocalcConfig(patch_size=args.patch_size, padding=args.padding)
+    config = microcalc_config(args.patch_size, args.padding, args.pixel_size)
+    if args.degrade_share > 0 and min(args.degrade_mm) < args.pixel_size:
+        raise SystemExit(f"--degrade-mm {args.degrade_mm[0]:g} {args.degrade_mm[1]:g}: the coarse pixel size must be "
+                         f"at least the working pixel size --pixel-size {args.pixel_size:g} mm")
     degradation = recipe.Degradation(args.degrade_share, tuple(args.degrade_mm))
     intensity = recipe.IntensityAugmentation() if args.intensity_aug else None
     train, val, sources, mining = _microcalc_sources(args, degradation)
@@ -1013,7 +1039,8 @@ def _microcalc(args: argparse.Namespace) -> int:
                                                   progress=not args.no_progress)
             else:
                 d, s = recipe.mine_views(detector, segmentator,
-                                         recipe.dataset_views(ds, which, degradation=degradation, seed=args.seed),
+                                         recipe.dataset_views(ds, which, args.pixel_size, degradation=degradation,
+                                                              seed=args.seed),
                                          seed=args.seed, progress=not args.no_progress, total=len(which))
             det_sets.append(d)
             seg_sets.append(s)
@@ -1076,6 +1103,6 @@ def _microcalc_echo(args: argparse.Namespace) -> list[str]:
         out.append(f"--degrade-share {args.degrade_share:g} --degrade-mm {args.degrade_mm[0]:g} {args.degrade_mm[1]:g}")
     if args.intensity_aug:
         out.append("--intensity-aug")
-    for key in ("patch_size", "padding", "steps", "hard_steps", "batch", "lr", "block", "seed", "version"):
+    for key in ("pixel_size", "patch_size", "padding", "steps", "hard_steps", "batch", "lr", "block", "seed", "version"):
         out.append(f"--{key.replace('_', '-')} {getattr(args, key)}")
     return out

@@ -32,7 +32,10 @@ from dicom_ai.core.errors import ModelError
 
 #: Side in working pixels (0.05 mm) of the image window around a calcification used for its
 #: local background and noise (2 mm: wide enough to hold background, narrow enough to be local).
+#: Other working grids use the same 2 mm (:func:`contrast_window`); this is the largest side.
 WINDOW = 41
+#: The contrast window's side in mm.
+WINDOW_MM = 2.0
 #: Smallest local noise (half an 8-bit grey level), so a flat background gives a finite ratio.
 NOISE_FLOOR = 0.5 / 255
 
@@ -160,16 +163,24 @@ def components(probability: np.ndarray, threshold: float, min_px: int = 1) -> li
     return out
 
 
-def local_contrast(calcs: list[Calcification], image: np.ndarray, background: np.ndarray | None = None) -> None:
+def contrast_window(spacing_mm: float = 0.05) -> int:
+    """Side in working pixels of the :data:`WINDOW_MM` contrast window at ``spacing_mm`` mm per
+    pixel (odd; 41 at 0.05 mm, 21 at 0.1 mm), never above :data:`WINDOW`."""
+    return min(2 * int(round(WINDOW_MM / 2 / spacing_mm)) + 1, WINDOW)
+
+
+def local_contrast(calcs: list[Calcification], image: np.ndarray, background: np.ndarray | None = None,
+                   spacing_mm: float = 0.05) -> None:
     """Set each calcification's ``contrast`` (its brightest pixel minus the median of the
-    background in a :data:`WINDOW` window) and ``noise`` (robust standard deviation, 1.4826 *
-    MAD, of that background: the local texture it has to stand out from).
+    background in a :data:`WINDOW_MM` window, :func:`contrast_window` pixels at ``spacing_mm``)
+    and ``noise`` (robust standard deviation, 1.4826 * MAD, of that background: the local
+    texture it has to stand out from).
 
     ``background`` (bool, image shape) marks the pixels that may serve as background (e.g.
     probability below the candidate floor); NaN pixels of ``image`` are never used (the
     offline dumps store the image only around candidates).
     """
-    half = WINDOW // 2
+    half = contrast_window(spacing_mm) // 2
     rows, cols = image.shape
     for c in calcs:
         r, k = int(round(c.centroid[0])), int(round(c.centroid[1]))
@@ -305,7 +316,7 @@ def candidate_clusters(probability: np.ndarray, image: np.ndarray, spacing_mm: f
     if not groups:
         return []
     members = [calcs[i] for g in groups for i in g]
-    local_contrast(members, image, probability < background_floor)
+    local_contrast(members, image, probability < background_floor, spacing_mm)
     out = []
     for g in groups:
         group = [calcs[i] for i in g]

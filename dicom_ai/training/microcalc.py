@@ -57,7 +57,8 @@ from dicom_ai.training.checkpoint import RunState
 from dicom_ai.training.common import INTENDED_USE
 
 __all__ = [
-    "CACHE_PATCH", "STRATA", "STRATUM_BOUNDS", "DEFAULT_PER_STRATUM", "INTENDED_USE",
+    "CACHE_PATCH", "STRATA", "STRATUM_BOUNDS", "STRATUM_LIMITS_MM", "stratum_limits", "MC_SHRINK_FRACTION",
+    "DEFAULT_PER_STRATUM", "INTENDED_USE",
     "PatchSet", "microcalcification_mask", "extract_patches", "cut_patches", "working_grid", "working_grid_of",
     "Degradation", "degrade_resolution", "dataset_views", "dataset_patches", "WorkingView",
     "phantom_image_patches", "mine_hard_negatives", "mine_views", "patch_cache_folder", "phantom_patches",
@@ -70,7 +71,14 @@ CACHE_PATCH = 49
 #: Centre strata by Chebyshev distance (px at 0.05 mm) to the nearest MC pixel.
 STRATA = ("on", "edge", "near", "periphery", "far")
 STRATUM_BOUNDS = {"on": (0, 0), "edge": (1, 2), "near": (3, 8), "periphery": (9, CACHE_PATCH // 2)}
+#: The same strata's outer distances in mm (0.1 / 0.4 / 1.2 mm), so a coarser working grid
+#: draws centres at the same physical distances (:func:`stratum_limits`).
+STRATUM_LIMITS_MM = {"edge": 0.1, "near": 0.4, "periphery": 1.2}
 DEFAULT_PER_STRATUM = {"on": 120, "edge": 80, "near": 80, "periphery": 120, "far": 300}
+
+
+#: Share of a coarser working pixel that must be MC for it to be an MC pixel (see :func:`working_grid_of`).
+MC_SHRINK_FRACTION = 0.25
 
 
 @dataclass
@@ -109,6 +117,17 @@ class PatchSet:
                    np.concatenate([s.source for s in sets]))
 
 
+def stratum_limits(spacing_mm: float = 0.05) -> dict[str, int]:
+    """Outer Chebyshev distance in working pixels of the "edge", "near" and "periphery"
+    strata at ``spacing_mm`` (mm per pixel): 2 / 8 / 24 px at 0.05 mm (:data:`STRATUM_BOUNDS`),
+    1 / 4 / 12 px at 0.1 mm; never beyond the cached patch's half-size."""
+    limits, last = {}, 0
+    for name in ("edge", "near", "periphery"):
+        d = min(max(last + 1, int(round(STRATUM_LIMITS_MM[name] / spacing_mm))), CACHE_PATCH // 2)
+        limits[name] = last = d
+    return limits
+
+
 def microcalcification_mask(masks: dict[str, np.ndarray], spacing_mm: float,
                             max_diameter_mm: float = 1.0) -> np.ndarray:
     """MC ground truth of a phantom image: both calcification masks without the macrocalcifications.
@@ -139,13 +158,13 @@ def microcalcification_mask(masks: dict[str, np.ndarray], spacing_mm: float,
 
 def extract_patches(image: np.ndarray, mc_mask: np.ndarray, breast: np.ndarray,
                     rng: np.random.Generator, per_stratum: dict[str, int] | None = None,
-                    source: int = 0) -> PatchSet:
-    """Cut 49 px patches from one 0.05 mm image at centres drawn per distance stratum.
+                    source: int = 0, spacing_mm: float = 0.05) -> PatchSet:
+    """Cut 49 px patches from one working-grid image at centres drawn per distance stratum.
 
     Parameters
     ----------
     image : numpy.ndarray
-        (rows, columns) float in [0, 1] on the 0.05 mm working grid.
+        (rows, columns) float in [0, 1] on the working grid (``spacing_mm`` per pixel).
     mc_mask : numpy.ndarray
         Boolean microcalcification mask on the same grid.
     breast : numpy.ndarray
@@ -157,6 +176,8 @@ def extract_patches(image: np.ndarray, mc_mask: np.ndarray, breast: np.ndarray,
         with fewer pixels gives them all.
     source : int
         Bookkeeping tag of every patch (phantom seed * 10 + image index).
+    spacing_mm : float
+        Working pixel size, mm: the strata's distances are kept in mm (:func:`stratum_limits`).
 
     Returns
     -------
@@ -164,13 +185,14 @@ def extract_patches(image: np.ndarray, mc_mask: np.ndarray, breast: np.ndarray,
         Patches centred on the drawn pixels; outside the image is zero (as at inference).
     """
     per_stratum = per_stratum or DEFAULT_PER_STRATUM
-    half = CACHE_PATCH // 2
-    within = {d: box_any(mc_mask, d) for d in (0, 2, 8, half)}
+    lim = stratum_limits(spacing_mm)
+    edge, near, half = lim["edge"], lim["near"], lim["periphery"]
+    within = {d: box_any(mc_mask, d) for d in (edge, near, half)}
     pools = {
         "on": mc_mask,
-        "edge": within[2] & ~mc_mask,
-        "near": within[8] & ~within[2],
-        "periphery": within[half] & ~within[8],
+        "edge": within[edge] & ~mc_mask,
+        "near": within[near] & ~within[edge],
+        "periphery": within[half] & ~within[near],
         "far": breast & ~within[half],
     }
     centres = []
@@ -225,7 +247,10 @@ def working_grid_of(mammogram: Mammogram, masks: dict[str, np.ndarray], breast: 
     Returns
     -------
     tuple of numpy.ndarray
-        (image [0, 1], MC mask, breast mask) on the working grid.
+        (image [0, 1], MC mask, breast mask) on the working grid. When the working grid is
+        coarser than the source (e.g. 0.1 mm from a 0.05 mm scan), a working pixel is MC where
+        at least :data:`MC_SHRINK_FRACTION` of it is (nearest neighbour would drop most
+        specks of one or two source pixels); otherwise the mask is resampled nearest.
     """
     mc = microcalcification_mask(masks, mammogram.spacing_mm[0])
     breast = np.asarray(breast, dtype=bool)
@@ -234,7 +259,10 @@ def working_grid_of(mammogram: Mammogram, masks: dict[str, np.ndarray], breast: 
     sr, sc = (float(v) for v in mammogram.spacing_mm)
     shape = (max(1, round((r1 - r0) * sr / spacing_mm)), max(1, round((c1 - c0) * sc / spacing_mm)))
     image = resize(mammogram.pixels[r0:r1, c0:c1], shape)
-    mc_w = resize(mc[r0:r1, c0:c1].astype(np.float32), shape, mode="nearest") > 0.5
+    if spacing_mm > 1.2 * min(sr, sc):
+        mc_w = resize(mc[r0:r1, c0:c1].astype(np.float32), shape) >= MC_SHRINK_FRACTION
+    else:
+        mc_w = resize(mc[r0:r1, c0:c1].astype(np.float32), shape, mode="nearest") > 0.5
     br_w = resize(breast[r0:r1, c0:c1].astype(np.float32), shape, mode="nearest") > 0.5
     return image, mc_w, br_w
 
@@ -329,7 +357,8 @@ def data_tag(name: str, options: dict) -> str:
 
 def dataset_patches(dataset, name: str, indices: Sequence[int], cache_dir: str | Path, tag: str,
                     degradation: Degradation = Degradation(), seed: int = 0,
-                    per_stratum: dict[str, int] | None = None, progress: bool = True) -> PatchSet:
+                    per_stratum: dict[str, int] | None = None, progress: bool = True,
+                    spacing_mm: float = 0.05) -> PatchSet:
     """Patches of images ``indices`` of an adapter, cached per image (``.npy`` as for phantoms).
 
     Parameters
@@ -353,6 +382,8 @@ def dataset_patches(dataset, name: str, indices: Sequence[int], cache_dir: str |
         Patches per centre stratum and image (default :data:`DEFAULT_PER_STRATUM`).
     progress : bool
         Show a progress bar.
+    spacing_mm : float
+        Working pixel size, mm (a grid other than 0.05 mm is part of the cache key).
 
     Returns
     -------
@@ -362,7 +393,9 @@ def dataset_patches(dataset, name: str, indices: Sequence[int], cache_dir: str |
     safe = name.replace(":", "_").replace("/", "_").replace("=", "_")
     deg = json.dumps(asdict(degradation), sort_keys=True)
     strata = "" if per_stratum is None else json.dumps(per_stratum, sort_keys=True)
-    key = hashlib.sha256(f"{deg}|{strata}|{seed}".encode()).hexdigest()[:8]
+    # 0.05 mm keeps its historical key, so the caches of earlier runs stay valid.
+    grid = "" if spacing_mm == 0.05 else f"|{spacing_mm:g}mm"
+    key = hashlib.sha256(f"{deg}|{strata}|{seed}{grid}".encode()).hexdigest()[:8]
     sets = []
     for index in tqdm(indices, desc=f"{name} patches", disable=not progress):
         folder = cache_folder(cache_dir, f"{safe}-{tag}-i{int(index)}-{key}")
@@ -370,9 +403,10 @@ def dataset_patches(dataset, name: str, indices: Sequence[int], cache_dir: str |
             sets.append(PatchSet(np.load(folder / "images.npy").astype(np.float32), np.load(folder / "masks.npy"),
                                  np.load(folder / "source.npy")))
             continue
-        view = next(dataset_views(dataset, [index], degradation=degradation, seed=seed))
+        view = next(dataset_views(dataset, [index], spacing_mm, degradation=degradation, seed=seed))
         rng = np.random.default_rng([int(seed), int(index), 0x9A7])
-        patches = extract_patches(view.image, view.mc, view.breast, rng, per_stratum, source=int(index))
+        patches = extract_patches(view.image, view.mc, view.breast, rng, per_stratum, source=int(index),
+                                  spacing_mm=spacing_mm)
         folder.mkdir(parents=True, exist_ok=True)
         np.save(folder / "images.npy", patches.images.astype(np.float16))
         np.save(folder / "masks.npy", patches.masks)
@@ -1105,7 +1139,8 @@ def microcalc_manifest(config: MicrocalcConfig, *, version: str, data: str, comm
         "family": "Artificial Intelligence",
         "architecture": {"kind": "microcalc", **config.to_dict()},
         "input": {"modality": "MG", "views": ["CC", "MLO"], "pixel_spacing_mm": config.pixel_spacing_mm,
-                  "resampling": "breast bounding box resampled (bilinear) from Imager Pixel Spacing to 0.05 mm",
+                  "resampling": "breast bounding box resampled (bilinear) from Imager Pixel Spacing to "
+                                f"{config.pixel_spacing_mm:g} mm",
                   "intensity": "dicom_ai.preprocess [0, 1], dense tissue bright"},
         "thresholds": {"calcification": config.calcification_threshold,
                        "calcification_cluster": config.cluster_threshold},
