@@ -67,6 +67,12 @@ default point's thresholds were re-chosen by bench_mias_node with microcalc 0.3.
 mini-MIAS image in the node's own marks, not the cluster bench's window scores); the four SEGs and
 two SRs of each encoding changed (11 of 23 digests). The microcalc cascade's strips (issue 28m)
 give the same values bit for bit and moved nothing.
+
+Regenerated for issues 26 and 28 (same job, same versions), intentionally: microcalc 0.4.0 (the
+same recipe and data at a 0.07 mm working pixel, 39 px patches, 0.46x the time per study; cluster
+stage refitted by 0.3.0's recipe, default threshold re-chosen by bench_mias_node) replaces 0.3.0:
+its cluster map changed the four SEGs and two SRs of each encoding (11 of 23 digests). The
+previews drawn after the job is recorded (issue 28) and the writers' cuts moved nothing.
 """
 
 from __future__ import annotations
