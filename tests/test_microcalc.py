@@ -175,7 +175,9 @@ def test_shipped_bundle_loads():
     bundle = load_bundle("microcalc")
     model = MicrocalcModel.from_bundle(bundle, "cpu")
     assert "not for clinical use" in bundle.manifest["intended_use"]
-    assert model.config.patch_size == 49 and model.config.padding == "valid"
+    # 0.4.0: the seed-002 networks at a 0.07 mm working pixel (39 px = 2.7 mm of context).
+    assert model.config.patch_size == 39 and model.config.padding == "valid"
+    assert model.config.pixel_spacing_mm == 0.07
     assert set(bundle.manifest["thresholds"]) == {"calcification", "calcification_cluster"}
 
 

@@ -76,7 +76,9 @@ def test_gated_bf16_takes_every_decision_in_float32(scene, monkeypatch):
     monkeypatch.setattr(microcalc, "BF16_DETECTOR_MARGIN", -1.0)
     monkeypatch.setattr(microcalc, "BF16_SEGMENTATOR_MARGIN", -50.0)
     ungated, _ = model.dense_cascade(image, mask)
-    assert not np.array_equal(ungated[above], ref[above])
+    # The float32 re-checks changed values the marks read (0.4.0's networks on this scene may
+    # keep the pixels above the floor, so the control is the gated map itself).
+    assert not np.array_equal(ungated, low)
     with pytest.raises(Exception, match="precision"):
         model.set_precision("int8")
 
