@@ -295,16 +295,10 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble
                     return  # still claimed: the node's recovery re-queues it
                 continue
             error = f"{type(exc).__name__}: {exc}"
-            while True:
-                try:
-                    state = store.fail_job(job, error, config.pipeline.max_job_attempts)
-                    break
-                except Exception as store_exc:
-                    if not is_storage_error(store_exc):
-                        raise
-                    trouble.failed(store_exc, "record_failure", job_id=job.id)
-                    if stopping():
-                        return  # still claimed: the node's recovery re-queues it
+            state = _record(lambda: store.fail_job(job, error, config.pipeline.max_job_attempts),
+                            "record_failure", job, trouble, stopping)
+            if state is _STOPPED:
+                return  # still claimed: the node's recovery re-queues it
             logs.event("job_failed", level="ERROR", job_id=job.id, study_instance_uid=job.study_uid, state=state,
                        error=error, trace=traceback.format_exc(limit=3)[-800:])
             return
@@ -322,18 +316,12 @@ def _run_job(job: Job, pipeline, config: NodeConfig, store: SqlJobStore, trouble
     logs.event("job_timing", job_id=job.id, images=len(job.instances),
                **{f"{k}_seconds": round(v, 3) for k, v in sorted(stages.items())},
                **{f"model_{k}_seconds": round(sum(v), 3) for k, v in sorted(model_seconds.items())})
-    while True:
-        try:
-            state = store.complete_job(job, entries, destinations, note=note, model_seconds=model_seconds,
-                                       models=model_versions(pipeline, model_seconds))
-            break
-        except Exception as exc:
-            if not is_storage_error(exc):
-                raise
-            # The outbox files are durable; only the record is missing: retry just that.
-            trouble.failed(exc, "record_results", job_id=job.id)
-            if stopping():
-                return
+    # The outbox files are durable; only the record is missing after a storage error: retry just that.
+    state = _record(lambda: store.complete_job(job, entries, destinations, note=note, model_seconds=model_seconds,
+                                               models=model_versions(pipeline, model_seconds)),
+                    "record_results", job, trouble, stopping)
+    if state is _STOPPED:
+        return None
     trouble.succeeded()
     logs.event("job_finished", job_id=job.id, study_instance_uid=job.study_uid, state=state,
                results=len(entries), destinations=",".join(d[0] for d in destinations) or "none",
@@ -356,20 +344,33 @@ def _write_previews(job: Job, built: JobResults, pending_note: str, config: Node
     failed = write_job_previews(built, config, job.id, seconds)
     built.results = None  # the sources' pixels and the segments: no longer needed
     final = "; ".join(built.notes + ([failed] if failed else [])) or None
-    while True:
-        try:
-            store.replace_job_note(job, final, pending_note)
-            break
-        except Exception as exc:
-            if not is_storage_error(exc):
-                raise
-            trouble.failed(exc, "record_previews", job_id=job.id)
-            if stopping():
-                return
+    if _record(lambda: store.replace_job_note(job, final, pending_note), "record_previews", job, trouble,
+               stopping) is _STOPPED:
+        return
     trouble.succeeded()
     logs.event("previews_written" if failed is None else "previews_failed", level="INFO" if failed is None else
                "WARNING", job_id=job.id, seconds=round(seconds.get("previews", 0.0), 3),
                **({"error": failed} if failed else {}))
+
+
+#: What :func:`_record` returns when the worker stopped before the job store took the write.
+_STOPPED = object()
+
+
+def _record(write: Callable[[], object], doing: str, job: Job, trouble: StorageTrouble,
+            stopping: Callable[[], bool]) -> object:
+    """``write()``'s value (a job-store write for ``job``), tried again while it fails with a
+    storage error (:class:`StorageTrouble` reports and backs off, as ``doing``); :data:`_STOPPED`
+    when the worker is stopping before it succeeded. Any other error is raised."""
+    while True:
+        try:
+            return write()
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            trouble.failed(exc, doing, job_id=job.id)
+            if stopping():
+                return _STOPPED
 
 
 def _audit_left_out(job: Job, note: str | None, state: str) -> None:
