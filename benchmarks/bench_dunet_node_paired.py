@@ -33,36 +33,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_mias_node as node  # noqa: E402
 
-from dicom_ai.data.datasets import MIASDataset, mias_woman  # noqa: E402
+from dicom_ai.data.datasets import MIASDataset  # noqa: E402
 from dicom_ai.data.metrics import LESION_FROC_RATES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def per_lesion(images, sent) -> tuple[np.ndarray, np.ndarray]:
-    """(found per mass in image order, false marks per image) of one set of sent marks."""
-    found, false = [], np.zeros(len(images))
-    for i, im in enumerate(images):
-        for m in im.truth["mass"]:
-            found.append(any(node._at(m, f["row"], f["col"]) for f in sent[i]))
-        false[i] = sum(not any(node._at(m, f["row"], f["col"]) for m in im.any) for f in sent[i])
-    return np.array(found, float), false
-
-
-def sent_per_budget(images, marks) -> dict[float, dict[int, list]]:
-    """Held-out sent marks per budget (thresholds per fold chosen on the other folds)."""
-    tables = node._tables(images, marks)
-    folds = [[i for i, im in enumerate(images) if im.fold == k] for k in range(5)]
-    out = {}
-    for b in LESION_FROC_RATES:
-        sent = {}
-        for k, held in enumerate(folds):
-            val = [i for f, ids in enumerate(folds) if f != k for i in ids]
-            thr = node.choose_thresholds(tables, val, b)
-            for i in held:
-                sent[i] = node.sent_marks(marks[i], thr)
-        out[b] = sent
-    return out
 
 
 def real_marks(folder: Path, bundle: Path, thresholds) -> dict[str, int]:
@@ -98,38 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     data = MIASDataset(args.root)
     samples = [data[i] for i in range(len(data))]
     images = [node.Image_(s, data.fold_of[s.source.rsplit("/", 1)[-1].split(".")[0]]) for s in samples]
-    women = np.array([mias_woman(im.reference) for im in images])
-    lesion_woman = np.array([women[i] for i, im in enumerate(images) for _ in im.truth["mass"]])
     res, real = {}, {}
     for name, folder in (("a", args.a), ("b", args.b)):
         src = {"kind": node.FOLDS, "path": folder}
         marks = node.marks_of(args, samples, images, "dunet", src)
-        res[name] = {b: per_lesion(images, s) for b, s in sent_per_budget(images, [{"dunet": m} for m in marks]).items()}
+        res[name] = {b: node.found_and_false(images, node.held_out_sent(images, [{"dunet": m} for m in marks], b), "mass")
+                     for b in LESION_FROC_RATES}
         ship = getattr(args, f"ship_{name}")
         if ship is not None:
             tables = node._tables(images, [{"dunet": m} for m in marks])
             thr = node.choose_thresholds(tables, np.arange(len(images)), args.default_budget)
             real[name] = {"bundle": str(ship), "threshold": thr[("dunet", "mass")],
                           "images": real_marks(args.real, ship, thr)}
-    uw = np.unique(women)
-    rng = np.random.default_rng(0)
-    picks = [np.bincount(np.searchsorted(uw, rng.choice(uw, len(uw))), minlength=len(uw)) for _ in range(args.n)]
     out = {"benchmark": "U-Net fold bundles a vs b, node marks, U-Net alone, mini-MIAS 5-fold CV (paired)",
-           "a": str(args.a), "b": str(args.b), "protocol": __doc__.split("\n\n")[1].strip(), "budgets": {}}
-    for b in LESION_FROC_RATES:
-        (fa, pa), (fb, pb) = res["a"][b], res["b"][b]
-        ds, dp = [], []
-        for cnt in picks:
-            wl, wi = cnt[np.searchsorted(uw, lesion_woman)], cnt[np.searchsorted(uw, women)]
-            ds.append(((fb - fa) * wl).sum() / max(wl.sum(), 1))
-            dp.append(((pb - pa) * wi).sum() / wi.sum())
-        out["budgets"][str(b)] = {
-            "a": {"sensitivity": round(float(fa.mean()), 4), "false_marks_per_image": round(float(pa.mean()), 4)},
-            "b": {"sensitivity": round(float(fb.mean()), 4), "false_marks_per_image": round(float(pb.mean()), 4)},
-            "masses_found_by_b_only": int(((fb == 1) & (fa == 0)).sum()),
-            "masses_found_by_a_only": int(((fa == 1) & (fb == 0)).sum()),
-            "sensitivity_difference_ci95": [round(float(np.quantile(ds, q)), 4) for q in (0.025, 0.975)],
-            "false_marks_difference_ci95": [round(float(np.quantile(dp, q)), 4) for q in (0.025, 0.975)]}
+           "a": str(args.a), "b": str(args.b), "protocol": __doc__.split("\n\n")[1].strip(),
+           "budgets": node.paired_over_women(images, "mass", res["a"], res["b"], args.n, "masses")}
     if real:
         for v in real.values():
             v["marks_per_image"] = round(sum(v["images"].values()) / max(len(v["images"]), 1), 3)

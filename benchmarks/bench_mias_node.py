@@ -73,7 +73,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from microcalc_dump import output_from_dump  # noqa: E402
 
-from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset  # noqa: E402
+from dicom_ai.data.datasets import MIAS_FOLDS, MIASDataset, mias_woman  # noqa: E402
 from dicom_ai.data.evaluate import FROC_CANDIDATE_THRESHOLD, UNION, ModelMarks, _output_prediction, evaluate_lesions, lesions_of, predict_marks  # noqa: E402
 from dicom_ai.data.metrics import LESION_FROC_RATES, bootstrap_ci, roc_auc  # noqa: E402
 from dicom_ai.imaging.mask import MASK_VERSION  # noqa: E402
@@ -307,6 +307,61 @@ def sent_marks(marks: dict[str, ModelMarks], thresholds) -> list[dict]:
         else:
             merged.append(dict(it, models=[it["model"]]))
     return merged
+
+
+def held_out_sent(images, marks, budget: float) -> dict[int, list]:
+    """Held-out sent marks at a node budget of ``budget`` false marks per image: each fold's
+    images at the thresholds :func:`choose_thresholds` picks on the other four folds."""
+    tables = _tables(images, marks)
+    folds = [[i for i, im in enumerate(images) if im.fold == k] for k in range(MIAS_FOLDS)]
+    sent: dict[int, list] = {}
+    for k, held in enumerate(folds):
+        val = [i for f, ids in enumerate(folds) if f != k for i in ids]
+        thr = choose_thresholds(tables, val, budget)
+        for i in held:
+            sent[i] = sent_marks(marks[i], thr)
+    return sent
+
+
+def found_and_false(images, sent, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(found per located lesion of ``kind`` in image order, false marks per image) of one set of
+    sent marks; a mark of any map counts."""
+    found, false = [], np.zeros(len(images))
+    for i, im in enumerate(images):
+        for m in im.truth[kind]:
+            found.append(any(_at(m, f["row"], f["col"]) for f in sent[i]))
+        false[i] = sum(not any(_at(m, f["row"], f["col"]) for m in im.any) for f in sent[i])
+    return np.array(found, float), false
+
+
+def paired_over_women(images, kind: str, a: dict, b: dict, n: int, label: str, seed: int = 0) -> dict[str, dict]:
+    """b minus a per budget, both given as :func:`found_and_false` per budget on the same
+    ``images``: each side's sensitivity and false marks per image (all, normals), the ``label``
+    lesions found by one side only, and 95 % intervals of the differences from ``n`` resamples
+    of the women (a woman's lesions and images are drawn together)."""
+    women = np.array([mias_woman(im.reference) for im in images])
+    lesion_woman = np.array([women[i] for i, im in enumerate(images) for _ in im.truth[kind]])
+    uw = np.unique(women)
+    rng = np.random.default_rng(seed)
+    picks = [np.bincount(np.searchsorted(uw, rng.choice(uw, len(uw))), minlength=len(uw)) for _ in range(n)]
+    normal = np.array([im.normal for im in images])
+    out = {}
+    for budget in a:
+        (fa, pa), (fb, pb) = a[budget], b[budget]
+        ds, dp = [], []
+        for cnt in picks:
+            wl, wi = cnt[np.searchsorted(uw, lesion_woman)], cnt[np.searchsorted(uw, women)]
+            ds.append(((fb - fa) * wl).sum() / max(wl.sum(), 1))
+            dp.append(((pb - pa) * wi).sum() / wi.sum())
+        side = {name: {"sensitivity": round(float(f.mean()), 4), "false_marks_per_image": round(float(p_.mean()), 4),
+                       "false_marks_per_normal_image": round(float(p_[normal].mean()), 4)}
+                for name, (f, p_) in (("a", (fa, pa)), ("b", (fb, pb)))}
+        out[str(budget)] = dict(side, **{
+            f"{label}_found_by_b_only": int(((fb == 1) & (fa == 0)).sum()),
+            f"{label}_found_by_a_only": int(((fa == 1) & (fb == 0)).sum()),
+            "sensitivity_difference_ci95": [round(float(np.quantile(ds, q)), 4) for q in (0.025, 0.975)],
+            "false_marks_difference_ci95": [round(float(np.quantile(dp, q)), 4) for q in (0.025, 0.975)]})
+    return out
 
 
 def score_sent(images, sent, idx) -> dict:

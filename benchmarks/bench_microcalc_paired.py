@@ -93,57 +93,17 @@ def cluster_marks(marks: list[ModelMarks]) -> list[dict[str, ModelMarks]]:
                                      thresholds={CLUSTER: m.thresholds.get(CLUSTER, 0.5)})} for m in marks]
 
 
-def per_cluster(images, sent) -> tuple[np.ndarray, np.ndarray]:
-    """(found per located cluster in image order, false marks per image) of one set of sent marks."""
-    found, false = [], np.zeros(len(images))
-    for i, im in enumerate(images):
-        for m in im.truth[CLUSTER]:
-            found.append(any(node._at(m, f["row"], f["col"]) for f in sent[i]))
-        false[i] = sum(not any(node._at(m, f["row"], f["col"]) for m in im.any) for f in sent[i])
-    return np.array(found, float), false
-
-
 def mias_paired(args, samples, images) -> dict:
-    women = np.array([mias_woman(im.reference) for im in images])
-    lesion_woman = np.array([women[i] for i, im in enumerate(images) for _ in im.truth[CLUSTER]])
-    folds = [[i for i, im in enumerate(images) if im.fold == k] for k in range(5)]
     res = {}
     for name in ("a", "b"):
         ns = SimpleNamespace(microcalc_dump=getattr(args, f"{name}_dump"), microcalc_dump_source=getattr(args, f"{name}_source"))
         marks = cluster_marks(node.dumped_microcalc_marks(ns, samples, images, {"kind": node.FOLDS,
                                                                               "path": getattr(args, f"{name}_folds")}))
-        tables = node._tables(images, marks)
-        res[name] = {}
-        for budget in LESION_FROC_RATES:
-            sent = {}
-            for k, held in enumerate(folds):
-                val = [i for f, ids in enumerate(folds) if f != k for i in ids]
-                thr = node.choose_thresholds(tables, val, budget)
-                for i in held:
-                    sent[i] = node.sent_marks(marks[i], thr)
-            res[name][budget] = per_cluster(images, sent)
-    uw = np.unique(women)
-    rng = np.random.default_rng(0)
-    picks = [np.bincount(np.searchsorted(uw, rng.choice(uw, len(uw))), minlength=len(uw)) for _ in range(args.n)]
-    normal = np.array([im.normal for im in images])
-    out = {}
-    for budget in LESION_FROC_RATES:
-        (fa, pa), (fb, pb) = res["a"][budget], res["b"][budget]
-        ds, dp = [], []
-        for cnt in picks:
-            wl, wi = cnt[np.searchsorted(uw, lesion_woman)], cnt[np.searchsorted(uw, women)]
-            ds.append(((fb - fa) * wl).sum() / max(wl.sum(), 1))
-            dp.append(((pb - pa) * wi).sum() / wi.sum())
-        out[str(budget)] = {
-            "a": {"sensitivity": round(float(fa.mean()), 4), "false_marks_per_image": round(float(pa.mean()), 4),
-                  "false_marks_per_normal_image": round(float(pa[normal].mean()), 4)},
-            "b": {"sensitivity": round(float(fb.mean()), 4), "false_marks_per_image": round(float(pb.mean()), 4),
-                  "false_marks_per_normal_image": round(float(pb[normal].mean()), 4)},
-            "clusters_found_by_b_only": int(((fb == 1) & (fa == 0)).sum()),
-            "clusters_found_by_a_only": int(((fa == 1) & (fb == 0)).sum()),
-            "sensitivity_difference_ci95": [round(float(np.quantile(ds, q)), 4) for q in (0.025, 0.975)],
-            "false_marks_difference_ci95": [round(float(np.quantile(dp, q)), 4) for q in (0.025, 0.975)]}
-    return {"clusters": int(len(lesion_woman)), "images": len(images), "women": int(len(uw)), "budgets": out}
+        res[name] = {budget: node.found_and_false(images, node.held_out_sent(images, marks, budget), CLUSTER)
+                     for budget in LESION_FROC_RATES}
+    return {"clusters": sum(len(im.truth[CLUSTER]) for im in images), "images": len(images),
+            "women": len({mias_woman(im.reference) for im in images}),
+            "budgets": node.paired_over_women(images, CLUSTER, res["a"], res["b"], args.n, "clusters")}
 
 
 def main(argv: list[str] | None = None) -> int:
